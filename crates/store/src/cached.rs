@@ -1,0 +1,200 @@
+//! [`CachedMetaStore`]: a MetaStore wrapper that answers repeated manifest, tag and blob-link
+//! lookups from memory. Only found values are cached; every write through the wrapper
+//! invalidates what it changes.
+//!
+//! A lookup that misses reads the inner store and fills the cache only if no write happened
+//! meanwhile (a generation counter, checked and bumped under one lock), so a slow reader
+//! can never put back a value a concurrent write just replaced. The cache is per process:
+//! with several nodes on one shared MetaStore, this wrapper must not be used as is.
+
+use std::io;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
+use tessera_spec::{Digest, RepoName, Tag};
+
+use crate::{ManifestRecord, MetaStore, Page, UploadId};
+
+/// Rough fixed cost of an entry beyond its payload (keys, node overhead).
+const ENTRY_OVERHEAD: u64 = 256;
+
+#[derive(Clone)]
+struct ByPayload;
+
+impl Weighter<(RepoName, Digest), ManifestRecord> for ByPayload {
+    fn weight(&self, _: &(RepoName, Digest), v: &ManifestRecord) -> u64 {
+        v.bytes.len() as u64 + v.annotations_json.as_ref().map_or(0, |a| a.len() as u64) + ENTRY_OVERHEAD
+    }
+}
+
+pub struct CachedMetaStore<M> {
+    inner: M,
+    manifests: Cache<(RepoName, Digest), ManifestRecord, ByPayload>,
+    tags: Cache<(RepoName, Tag), Digest>,
+    links: Cache<(RepoName, Digest), u64>,
+    /// Bumped by every invalidation; guards fills (see the module docs).
+    generation: Mutex<u64>,
+}
+
+impl<M: MetaStore> CachedMetaStore<M> {
+    /// Wraps `inner`, keeping about `bytes` of cached metadata.
+    pub fn new(inner: M, bytes: u64) -> Self {
+        let manifest_bytes = bytes / 4 * 3;
+        let small_items = ((bytes / 8) / ENTRY_OVERHEAD).max(16) as usize;
+        CachedMetaStore {
+            inner,
+            manifests: Cache::with_weighter((manifest_bytes / 4096).max(16) as usize, manifest_bytes.max(1), ByPayload),
+            tags: Cache::new(small_items),
+            links: Cache::new(small_items),
+            generation: Mutex::new(0),
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        *self.generation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fill<K, V, W>(&self, cache: &Cache<K, V, W>, seen: u64, key: K, value: &V)
+    where
+        K: Eq + std::hash::Hash + Clone,
+        V: Clone,
+        W: Weighter<K, V> + Clone,
+    {
+        let generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        if *generation == seen {
+            cache.insert(key, value.clone());
+        }
+    }
+
+    fn invalidate(&self, f: impl FnOnce()) {
+        let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        *generation += 1;
+        f();
+    }
+}
+
+#[async_trait]
+impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<u64>> {
+        let key = (repo.clone(), digest.clone());
+        if let Some(size) = self.links.get(&key) {
+            return Ok(Some(size));
+        }
+        let seen = self.generation();
+        let found = self.inner.blob_link(repo, digest).await?;
+        if let Some(size) = &found {
+            self.fill(&self.links, seen, key, size);
+        }
+        Ok(found)
+    }
+
+    async fn blob_known(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        self.inner.blob_known(digest).await
+    }
+
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()> {
+        self.inner.link_blob(repo, digest, size).await
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
+        let removed = self.inner.unlink_blob(repo, digest).await?;
+        self.invalidate(|| {
+            self.links.remove(&(repo.clone(), digest.clone()));
+        });
+        Ok(removed)
+    }
+
+    async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()> {
+        self.inner.put_manifest(repo, manifest, tag).await?;
+        if let Some(tag) = tag {
+            self.invalidate(|| {
+                self.tags.remove(&(repo.clone(), tag.clone()));
+            });
+        }
+        Ok(())
+    }
+
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>> {
+        let key = (repo.clone(), digest.clone());
+        if let Some(m) = self.manifests.get(&key) {
+            return Ok(Some(m));
+        }
+        let seen = self.generation();
+        let found = self.inner.get_manifest(repo, digest).await?;
+        if let Some(m) = &found {
+            self.fill(&self.manifests, seen, key, m);
+        }
+        Ok(found)
+    }
+
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>> {
+        let key = (repo.clone(), tag.clone());
+        if let Some(d) = self.tags.get(&key) {
+            return Ok(Some(d));
+        }
+        let seen = self.generation();
+        let found = self.inner.resolve_tag(repo, tag).await?;
+        if let Some(d) = &found {
+            self.fill(&self.tags, seen, key, d);
+        }
+        Ok(found)
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>> {
+        let removed = self.inner.delete_manifest(repo, digest).await?;
+        self.invalidate(|| {
+            self.manifests.remove(&(repo.clone(), digest.clone()));
+            for tag in removed.iter().flatten() {
+                self.tags.remove(&(repo.clone(), tag.clone()));
+            }
+        });
+        Ok(removed)
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool> {
+        let removed = self.inner.delete_tag(repo, tag).await?;
+        self.invalidate(|| {
+            self.tags.remove(&(repo.clone(), tag.clone()));
+        });
+        Ok(removed)
+    }
+
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>> {
+        self.inner.list_tags(repo, last, limit).await
+    }
+
+    async fn catalog(&self, last: Option<&str>, limit: usize) -> io::Result<Page> {
+        self.inner.catalog(last, limit).await
+    }
+
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>> {
+        self.inner.referrers(repo, subject).await
+    }
+
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> io::Result<()> {
+        self.inner.create_upload(id, repo).await
+    }
+
+    async fn upload_repo(&self, id: &UploadId) -> io::Result<Option<RepoName>> {
+        self.inner.upload_repo(id).await
+    }
+
+    async fn delete_upload(&self, id: &UploadId) -> io::Result<()> {
+        self.inner.delete_upload(id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SqliteMetaStore;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CachedMetaStore::new(SqliteMetaStore::open(&dir.path().join("meta.sqlite")).unwrap(), 1 << 20);
+        crate::conformance::meta_store(&store).await;
+    }
+}

@@ -1,0 +1,167 @@
+//! Storage contracts and their embedded backends.
+//!
+//! [`BlobStore`] keeps bytes by digest plus an area for upload sessions; [`MetaStore`] keeps
+//! everything else (repositories, blob links, manifests, tags, upload records) and changes
+//! it only in whole transactions. Neither knows HTTP. Every backend runs the same
+//! [`conformance`] suite.
+
+pub mod cached;
+pub mod conformance;
+pub mod fs;
+pub mod sqlite;
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+use tessera_spec::{Digest, RepoName, Tag};
+
+pub use cached::CachedMetaStore;
+pub use fs::FsBlobStore;
+pub use sqlite::SqliteMetaStore;
+
+/// A stream of bytes, as received from a client or read from a store.
+pub type ByteStream<'a> = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'a>>;
+
+/// An upload session id: 32 lowercase hex characters. Checked on parse, so it is safe as a
+/// storage key and no client-chosen string ever becomes a path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UploadId(String);
+
+impl UploadId {
+    pub fn random() -> Self {
+        UploadId(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for UploadId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(UploadId(s.to_string()))
+        } else {
+            Err(())
+        }
+    }
+}
+
+impl fmt::Display for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A readable blob (or part of one): its length and its bytes.
+pub struct BlobRead {
+    pub len: u64,
+    pub body: ByteStream<'static>,
+}
+
+/// Why appending to an upload stopped.
+#[derive(Debug)]
+pub enum AppendError {
+    /// The incoming stream failed (client went away, limit exceeded). What arrived before
+    /// the failure is kept: the upload can be resumed from its reported size.
+    Source(io::Error),
+    /// The store could not write (disk full, I/O error).
+    Storage(io::Error),
+}
+
+/// Bytes by digest, and the scratch area of upload sessions.
+///
+/// Contract: a blob is visible under a digest only after [`BlobStore::upload_commit`] has
+/// moved fully written, durable bytes there; committing a digest that already exists keeps
+/// the existing copy (create-only), so concurrent pushes of one blob end with one copy.
+/// The store trusts the caller to have verified the digest.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Size of the blob, if present.
+    async fn stat(&self, digest: &Digest) -> io::Result<Option<u64>>;
+    /// Reads `[start, end]` (inclusive) of the blob, or all of it.
+    async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>>;
+    /// Removes the blob's bytes. Returns whether it existed.
+    async fn delete(&self, digest: &Digest) -> io::Result<bool>;
+
+    /// Starts an empty upload session.
+    async fn upload_create(&self, id: &UploadId) -> io::Result<()>;
+    /// Bytes received so far by the session, or `None` if it does not exist.
+    async fn upload_size(&self, id: &UploadId) -> io::Result<Option<u64>>;
+    /// Appends everything `data` yields, durably, and returns the new size.
+    async fn upload_append(&self, id: &UploadId, data: ByteStream<'_>) -> Result<u64, AppendError>;
+    /// Reads back what the session holds (used to rebuild hash state after a restart).
+    async fn upload_read(&self, id: &UploadId) -> io::Result<ByteStream<'static>>;
+    /// Makes the session's bytes the blob `digest` and ends the session.
+    async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> io::Result<()>;
+    /// Ends the session and drops its bytes. Missing sessions are fine.
+    async fn upload_delete(&self, id: &UploadId) -> io::Result<()>;
+    /// All sessions with their last-modified time.
+    async fn upload_list(&self) -> io::Result<Vec<(UploadId, SystemTime)>>;
+}
+
+/// A manifest as stored: exact bytes plus what queries need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    pub subject: Option<Digest>,
+    pub artifact_type: Option<String>,
+    /// The manifest's own annotations as a JSON object (carried into referrer descriptors).
+    pub annotations_json: Option<String>,
+}
+
+/// One page of a listing, and whether more follows it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Page {
+    pub items: Vec<String>,
+    pub more: bool,
+}
+
+/// Metadata: repositories, blob links, manifests, tags, referrers and upload records.
+///
+/// Contract: every write is one transaction; readers never see half of one. A blob is
+/// visible in a repository only through a link. Repositories come into being with their
+/// first link, manifest or upload.
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// Size of `digest` if it is linked into `repo`.
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<u64>>;
+    /// Size of `digest` if any repository links it.
+    async fn blob_known(&self, digest: &Digest) -> io::Result<Option<u64>>;
+    /// Links a blob of `size` bytes into `repo` (idempotent).
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()>;
+    /// Removes the link; returns whether there was one.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool>;
+
+    /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
+    /// transaction.
+    async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()>;
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>>;
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>>;
+    /// Deletes a manifest and every tag pointing at it. Returns the removed tags, or `None`
+    /// if there was no such manifest.
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>>;
+    /// Removes one tag; returns whether it existed.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool>;
+    /// Tags in lexical order after `last`, at most `limit`; `None` if the repository is unknown.
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>>;
+    /// Repository names in lexical order after `last`, at most `limit`.
+    async fn catalog(&self, last: Option<&str>, limit: usize) -> io::Result<Page>;
+    /// Manifests in `repo` whose subject is `subject`, oldest first.
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>>;
+
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> io::Result<()>;
+    /// The repository an upload session belongs to.
+    async fn upload_repo(&self, id: &UploadId) -> io::Result<Option<RepoName>>;
+    async fn delete_upload(&self, id: &UploadId) -> io::Result<()>;
+}

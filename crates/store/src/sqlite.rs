@@ -1,0 +1,394 @@
+//! The SQLite [`MetaStore`]: one file (`meta.sqlite`) in WAL mode, one writer connection and
+//! a few readers, so reads never wait behind a write. Every call runs on the blocking pool.
+
+use std::io;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::sync::Arc;
+use tessera_spec::{Digest, RepoName, Tag};
+
+use crate::{ManifestRecord, MetaStore, Page, UploadId};
+
+/// Schema version kept in `PRAGMA user_version`; each step of `MIGRATIONS` raises it by one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE repos (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE blob_links (
+    repo INTEGER NOT NULL REFERENCES repos(id),
+    digest TEXT NOT NULL REFERENCES blobs(digest),
+    PRIMARY KEY (repo, digest)
+) WITHOUT ROWID;
+CREATE INDEX blob_links_by_digest ON blob_links(digest);
+CREATE TABLE manifests (
+    seq INTEGER PRIMARY KEY,
+    repo INTEGER NOT NULL REFERENCES repos(id),
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    bytes BLOB NOT NULL,
+    subject TEXT,
+    artifact_type TEXT,
+    annotations TEXT,
+    created INTEGER NOT NULL,
+    UNIQUE (repo, digest)
+);
+CREATE INDEX manifests_by_subject ON manifests(repo, subject) WHERE subject IS NOT NULL;
+CREATE TABLE tags (
+    repo INTEGER NOT NULL REFERENCES repos(id),
+    tag TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (repo, tag)
+) WITHOUT ROWID;
+CREATE INDEX tags_by_digest ON tags(repo, digest);
+CREATE TABLE uploads (
+    id TEXT PRIMARY KEY,
+    repo INTEGER NOT NULL REFERENCES repos(id),
+    created INTEGER NOT NULL
+) WITHOUT ROWID;
+"#];
+
+const READERS: usize = 4;
+
+pub struct SqliteMetaStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+fn db_err(e: rusqlite::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // FULL: a 201 for a manifest must survive power loss, not only a process crash.
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let version = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+    if version > MIGRATIONS.len() {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "metadata schema version {version} is newer than this build ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn parse_digest(s: String) -> rusqlite::Result<Digest> {
+    s.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn repo_id(conn: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached("SELECT id FROM repos WHERE name = ?1")?.query_row([repo], |r| r.get(0)).optional()
+}
+
+fn ensure_repo(conn: &Connection, repo: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("INSERT INTO repos(name) VALUES (?1) ON CONFLICT(name) DO NOTHING")?.execute([repo])?;
+    conn.prepare_cached("SELECT id FROM repos WHERE name = ?1")?.query_row([repo], |r| r.get(0))
+}
+
+fn manifest_row(r: &rusqlite::Row) -> rusqlite::Result<ManifestRecord> {
+    Ok(ManifestRecord {
+        digest: parse_digest(r.get(0)?)?,
+        media_type: r.get(1)?,
+        bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+        subject: r.get::<_, Option<String>>(3)?.map(parse_digest).transpose()?,
+        artifact_type: r.get(4)?,
+        annotations_json: r.get(5)?,
+    })
+}
+
+fn page(mut items: Vec<String>, limit: usize) -> Page {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    Page { items, more }
+}
+
+impl SqliteMetaStore {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let mut writer = Connection::open(path).map_err(db_err)?;
+        configure(&writer).map_err(db_err)?;
+        migrate(&mut writer).map_err(db_err)?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let c = Connection::open(path)?;
+                configure(&c)?;
+                Ok(Mutex::new(c))
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_err)?;
+        Ok(SqliteMetaStore { inner: Arc::new(Inner { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) }) })
+    }
+
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static) -> io::Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len();
+            let conn = inner.readers[i].lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(db_err)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Runs `f` as one transaction on the writer connection.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl MetaStore for SqliteMetaStore {
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<u64>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT b.size FROM blob_links l JOIN repos r ON r.id = l.repo JOIN blobs b ON b.digest = l.digest
+                 WHERE r.name = ?1 AND l.digest = ?2",
+            )?
+            .query_row(params![repo, digest], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|o| o.map(|s| s as u64))
+        })
+        .await
+    }
+
+    async fn blob_known(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        let digest = digest.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT b.size FROM blobs b WHERE b.digest = ?1 AND EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest)",
+            )?
+            .query_row([digest], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|o| o.map(|s| s as u64))
+        })
+        .await
+    }
+
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |tx| {
+            let id = ensure_repo(tx, &repo)?;
+            tx.prepare_cached("INSERT INTO blobs(digest, size) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
+                .execute(params![digest, size as i64])?;
+            tx.prepare_cached("INSERT INTO blob_links(repo, digest) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
+                .execute(params![id, digest])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |tx| {
+            let Some(id) = repo_id(tx, &repo)? else { return Ok(false) };
+            Ok(tx.prepare_cached("DELETE FROM blob_links WHERE repo = ?1 AND digest = ?2")?.execute(params![id, digest])? > 0)
+        })
+        .await
+    }
+
+    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()> {
+        let (repo, m, tag) = (repo.to_string(), m.clone(), tag.map(|t| t.to_string()));
+        self.write(move |tx| {
+            let id = ensure_repo(tx, &repo)?;
+            let digest = m.digest.to_string();
+            tx.prepare_cached(
+                "INSERT INTO manifests(repo, digest, media_type, bytes, subject, artifact_type, annotations, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(repo, digest) DO NOTHING",
+            )?
+            .execute(params![
+                id,
+                digest,
+                m.media_type,
+                &m.bytes[..],
+                m.subject.as_ref().map(|d| d.to_string()),
+                m.artifact_type,
+                m.annotations_json,
+                now()
+            ])?;
+            if let Some(tag) = tag {
+                tx.prepare_cached(
+                    "INSERT INTO tags(repo, tag, digest) VALUES (?1, ?2, ?3) ON CONFLICT(repo, tag) DO UPDATE SET digest = excluded.digest",
+                )?
+                .execute(params![id, tag, digest])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT m.digest, m.media_type, m.bytes, m.subject, m.artifact_type, m.annotations
+                 FROM manifests m JOIN repos r ON r.id = m.repo WHERE r.name = ?1 AND m.digest = ?2",
+            )?
+            .query_row(params![repo, digest], manifest_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>> {
+        let (repo, tag) = (repo.to_string(), tag.to_string());
+        self.read(move |c| {
+            c.prepare_cached("SELECT t.digest FROM tags t JOIN repos r ON r.id = t.repo WHERE r.name = ?1 AND t.tag = ?2")?
+                .query_row(params![repo, tag], |r| parse_digest(r.get(0)?))
+                .optional()
+        })
+        .await
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |tx| {
+            let Some(id) = repo_id(tx, &repo)? else { return Ok(None) };
+            if tx.prepare_cached("DELETE FROM manifests WHERE repo = ?1 AND digest = ?2")?.execute(params![id, digest])? == 0 {
+                return Ok(None);
+            }
+            let tags = tx
+                .prepare_cached("DELETE FROM tags WHERE repo = ?1 AND digest = ?2 RETURNING tag")?
+                .query_map(params![id, digest], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(tags.into_iter().filter_map(|t| t.parse().ok()).collect()))
+        })
+        .await
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool> {
+        let (repo, tag) = (repo.to_string(), tag.to_string());
+        self.write(move |tx| {
+            let Some(id) = repo_id(tx, &repo)? else { return Ok(false) };
+            Ok(tx.prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2")?.execute(params![id, tag])? > 0)
+        })
+        .await
+    }
+
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>> {
+        let (repo, last) = (repo.to_string(), last.unwrap_or("").to_string());
+        self.read(move |c| {
+            let Some(id) = repo_id(c, &repo)? else { return Ok(None) };
+            let items = c
+                .prepare_cached("SELECT tag FROM tags WHERE repo = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3")?
+                .query_map(params![id, last, limit.saturating_add(1) as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(Some(page(items, limit)))
+        })
+        .await
+    }
+
+    async fn catalog(&self, last: Option<&str>, limit: usize) -> io::Result<Page> {
+        let last = last.unwrap_or("").to_string();
+        self.read(move |c| {
+            let items = c
+                .prepare_cached("SELECT name FROM repos WHERE name > ?1 ORDER BY name LIMIT ?2")?
+                .query_map(params![last, limit.saturating_add(1) as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(page(items, limit))
+        })
+        .await
+    }
+
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>> {
+        let (repo, subject) = (repo.to_string(), subject.to_string());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT m.digest, m.media_type, m.bytes, m.subject, m.artifact_type, m.annotations
+                 FROM manifests m JOIN repos r ON r.id = m.repo WHERE r.name = ?1 AND m.subject = ?2 ORDER BY m.seq",
+            )?
+            .query_map(params![repo, subject], manifest_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> io::Result<()> {
+        let (id, repo) = (id.to_string(), repo.to_string());
+        self.write(move |tx| {
+            let rid = ensure_repo(tx, &repo)?;
+            tx.prepare_cached("INSERT INTO uploads(id, repo, created) VALUES (?1, ?2, ?3)")?.execute(params![id, rid, now()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upload_repo(&self, id: &UploadId) -> io::Result<Option<RepoName>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT r.name FROM uploads u JOIN repos r ON r.id = u.repo WHERE u.id = ?1")?
+                .query_row([id], |r| r.get::<_, String>(0))
+                .optional()
+                .map(|o| o.and_then(|n| n.parse().ok()))
+        })
+        .await
+    }
+
+    async fn delete_upload(&self, id: &UploadId) -> io::Result<()> {
+        let id = id.to_string();
+        self.write(move |tx| tx.prepare_cached("DELETE FROM uploads WHERE id = ?1")?.execute([id]).map(|_| ())).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteMetaStore::open(&dir.path().join("meta.sqlite")).unwrap();
+        crate::conformance::meta_store(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.sqlite");
+        let repo: RepoName = "a/b".parse().unwrap();
+        let d = Digest::sha256_of(b"x");
+        {
+            let s = SqliteMetaStore::open(&path).unwrap();
+            s.link_blob(&repo, &d, 1).await.unwrap();
+        }
+        let s = SqliteMetaStore::open(&path).unwrap();
+        assert_eq!(s.blob_link(&repo, &d).await.unwrap(), Some(1));
+    }
+}
