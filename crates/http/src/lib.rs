@@ -1,1 +1,66 @@
+//! HTTP for Tessera: the axum application ([`app`]), request dispatch over the typed
+//! [`endpoint::Endpoint`], OCI responses, and the listener ([`server`]) with TLS.
 
+pub mod endpoint;
+mod handlers;
+mod response;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tessera_registry::Registry;
+
+pub use response::ApiError;
+
+/// Everything a request handler can reach. Built once by the binary (or a test).
+pub struct AppState {
+    pub registry: Registry,
+}
+
+/// The client's socket address, put into request extensions by [`server`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// The application: every request goes through one dispatcher; every response carries the
+/// API version header and is logged as one line.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new().fallback(handlers::dispatch).with_state(state).layer(middleware::from_fn(access_log))
+}
+
+async fn access_log(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let client = req.extensions().get::<ClientAddr>().map(|c| c.0.to_string()).unwrap_or_else(|| "-".into());
+    let agent = req
+        .headers()
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .chars()
+        .take(80)
+        .collect::<String>();
+    let mut response = next.run(req).await;
+    response
+        .headers_mut()
+        .insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    let length = response
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    tracing::info!(
+        target: "access",
+        "{client} \"{method} {uri}\" {} {length} {:.1}ms \"{agent}\"",
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    response
+}

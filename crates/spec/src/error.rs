@@ -23,6 +23,8 @@ pub enum ErrorCode {
     TooManyRequests,
     /// The request path names no endpoint of the API.
     NotFound,
+    /// `n` of a tags or catalog listing is not a number.
+    PaginationNumberInvalid,
     /// A `Range` on a blob read that does not fit the blob.
     RangeNotSatisfiable,
     /// A chunk whose `Content-Range` does not start where the upload stands.
@@ -54,6 +56,7 @@ impl ErrorCode {
             Unsupported => ("UNSUPPORTED", 405),
             TooManyRequests => ("TOOMANYREQUESTS", 429),
             NotFound => ("NOT_FOUND", 404),
+            PaginationNumberInvalid => ("PAGINATION_NUMBER_INVALID", 400),
             RangeNotSatisfiable => ("RANGE_INVALID", 416),
             UploadRangeInvalid => ("BLOB_UPLOAD_INVALID", 416),
             TooLarge => ("SIZE_INVALID", 413),

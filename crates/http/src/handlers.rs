@@ -1,0 +1,250 @@
+//! Request handling: parse the endpoint once, call the registry, shape the OCI response.
+
+use std::io;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::TryStreamExt;
+use serde_json::json;
+use tessera_registry::UploadStart;
+use tessera_spec::{ByteRange, ErrorCode, OciError, RepoName};
+use tessera_store::{Page, UploadId};
+
+use crate::endpoint::{self, Endpoint, Paging};
+use crate::{ApiError, AppState};
+
+pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    match handle(&state, req).await {
+        Ok(r) => r,
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+fn unsupported_method() -> OciError {
+    OciError::new(ErrorCode::Unsupported, "method not allowed on this endpoint")
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
+}
+
+/// All `Accept` headers joined, as clients may send the list split over several.
+fn accept(headers: &HeaderMap) -> Option<String> {
+    let all: Vec<&str> = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
+    (!all.is_empty()).then(|| all.join(","))
+}
+
+fn byte_stream(body: Body) -> impl futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send {
+    body.into_data_stream().map_err(io::Error::other)
+}
+
+fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Response {
+    let mut builder = Response::builder().status(status);
+    for (name, value) in headers {
+        builder = builder.header(*name, value);
+    }
+    builder.body(body).unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
+}
+
+fn upload_location(name: &RepoName, id: &UploadId) -> String {
+    format!("/v2/{name}/blobs/uploads/{id}")
+}
+
+fn session_headers(name: &RepoName, id: &UploadId, offset: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("location", upload_location(name, id)),
+        ("range", tessera_registry::uploads::range_header(offset)),
+        ("docker-upload-uuid", id.to_string()),
+        ("content-length", "0".into()),
+    ]
+}
+
+fn blob_created(name: &RepoName, digest: &tessera_spec::Digest) -> Response {
+    response(
+        StatusCode::CREATED,
+        &[
+            ("location", format!("/v2/{name}/blobs/{digest}")),
+            ("docker-content-digest", digest.to_string()),
+            ("content-length", "0".into()),
+        ],
+        Body::empty(),
+    )
+}
+
+fn listing(path: &str, key: &str, extra: Option<(&str, &str)>, paging: &Paging, page: Page) -> Response {
+    let mut headers = vec![("content-type", "application/json".to_string())];
+    if page.more
+        && let Some(last) = page.items.last()
+    {
+        let n = paging.n.unwrap_or(tessera_registry::MAX_PAGE);
+        let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
+        headers.push(("link", format!("<{path}?n={n}&last={last}>; rel=\"next\"")));
+    }
+    let mut body = json!({ key: page.items });
+    if let Some((k, v)) = extra {
+        body[k] = json!(v);
+    }
+    response(StatusCode::OK, &headers, Body::from(body.to_string()))
+}
+
+async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
+    let (parts, body) = req.into_parts();
+    let endpoint = endpoint::parse(parts.uri.path(), parts.uri.query())?;
+    let registry = &state.registry;
+    let headers = &parts.headers;
+    let method = &parts.method;
+    match endpoint {
+        Endpoint::Base => match *method {
+            Method::GET | Method::HEAD => Ok(response(StatusCode::OK, &[("content-type", "application/json".into())], Body::from("{}"))),
+            _ => Err(unsupported_method()),
+        },
+        Endpoint::Catalog(paging) => {
+            if *method != Method::GET {
+                return Err(unsupported_method());
+            }
+            let page = registry.catalog(paging.n, paging.last.as_deref()).await?;
+            Ok(listing("/v2/_catalog", "repositories", None, &paging, page))
+        }
+        Endpoint::Tags { name, paging } => {
+            if *method != Method::GET {
+                return Err(unsupported_method());
+            }
+            let page = registry.tags(&name, paging.n, paging.last.as_deref()).await?;
+            Ok(listing(&format!("/v2/{name}/tags/list"), "tags", Some(("name", name.as_str())), &paging, page))
+        }
+        Endpoint::Manifest { name, reference } => match *method {
+            Method::GET | Method::HEAD => {
+                let m = registry.manifest_get(&name, &reference, accept(headers).as_deref()).await?;
+                let headers = [
+                    ("content-type", m.media_type.clone()),
+                    ("content-length", m.bytes.len().to_string()),
+                    ("docker-content-digest", m.digest.to_string()),
+                    ("etag", format!("\"{}\"", m.digest)),
+                ];
+                let body = if *method == Method::HEAD { Body::empty() } else { Body::from(m.bytes) };
+                Ok(response(StatusCode::OK, &headers, body))
+            }
+            Method::PUT => {
+                let limit = registry.settings().manifest_max_bytes;
+                if content_length(headers).is_some_and(|l| l > limit) {
+                    return Err(registry.manifest_too_large());
+                }
+                let bytes = axum::body::to_bytes(body, limit as usize).await.map_err(|e| {
+                    if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+                        registry.manifest_too_large()
+                    } else {
+                        OciError::new(ErrorCode::ManifestInvalid, "manifest body could not be read")
+                    }
+                })?;
+                let put = registry.manifest_put(&name, &reference, header_str(headers, header::CONTENT_TYPE), bytes).await?;
+                let mut out = vec![
+                    ("location", format!("/v2/{name}/manifests/{}", put.digest)),
+                    ("docker-content-digest", put.digest.to_string()),
+                    ("content-length", "0".into()),
+                ];
+                if let Some(subject) = put.subject {
+                    out.push(("oci-subject", subject.to_string()));
+                }
+                Ok(response(StatusCode::CREATED, &out, Body::empty()))
+            }
+            Method::DELETE => {
+                registry.manifest_delete(&name, &reference).await?;
+                Ok(StatusCode::ACCEPTED.into_response())
+            }
+            _ => Err(unsupported_method()),
+        },
+        Endpoint::Blob { name, digest } => match *method {
+            Method::HEAD => {
+                let size = registry.blob_size(&name, &digest).await?;
+                let headers = [
+                    ("content-length", size.to_string()),
+                    ("content-type", "application/octet-stream".into()),
+                    ("docker-content-digest", digest.to_string()),
+                    ("accept-ranges", "bytes".into()),
+                ];
+                Ok(response(StatusCode::OK, &headers, Body::empty()))
+            }
+            Method::GET => {
+                let answer = registry.blob_get(&name, &digest, header_str(headers, header::RANGE)).await?;
+                let mut out = vec![
+                    ("content-length", answer.read.len.to_string()),
+                    ("content-type", "application/octet-stream".into()),
+                    ("docker-content-digest", digest.to_string()),
+                    ("accept-ranges", "bytes".into()),
+                    ("etag", format!("\"{digest}\"")),
+                ];
+                let status = match answer.range {
+                    Some(ByteRange { start, end }) => {
+                        out.push(("content-range", format!("bytes {start}-{end}/{}", answer.size)));
+                        StatusCode::PARTIAL_CONTENT
+                    }
+                    None => StatusCode::OK,
+                };
+                Ok(response(status, &out, Body::from_stream(answer.read.body)))
+            }
+            Method::DELETE => {
+                registry.blob_delete(&name, &digest).await?;
+                Ok(StatusCode::ACCEPTED.into_response())
+            }
+            _ => Err(unsupported_method()),
+        },
+        Endpoint::UploadStart { name, digest, mount, from } => {
+            if *method != Method::POST {
+                return Err(unsupported_method());
+            }
+            if let Some(digest) = digest {
+                registry.upload_monolithic(&name, &digest, byte_stream(body)).await?;
+                return Ok(blob_created(&name, &digest));
+            }
+            match registry.upload_start(&name, mount.as_ref().map(|m| (m, from.as_ref()))).await? {
+                UploadStart::Created(digest) => Ok(blob_created(&name, &digest)),
+                UploadStart::Session(id) => Ok(response(StatusCode::ACCEPTED, &session_headers(&name, &id, 0), Body::empty())),
+            }
+        }
+        Endpoint::Upload { name, id, digest } => {
+            let content_range = header_str(headers, header::CONTENT_RANGE).map(ByteRange::from_content_range).transpose()?;
+            match *method {
+                Method::GET => {
+                    let offset = registry.upload_status(&name, &id).await?;
+                    Ok(response(StatusCode::NO_CONTENT, &session_headers(&name, &id, offset), Body::empty()))
+                }
+                Method::PATCH => {
+                    let offset = registry.upload_patch(&name, &id, content_range, content_length(headers), byte_stream(body)).await?;
+                    Ok(response(StatusCode::ACCEPTED, &session_headers(&name, &id, offset), Body::empty()))
+                }
+                Method::PUT => {
+                    let digest = digest.ok_or_else(|| OciError::new(ErrorCode::DigestInvalid, "the digest query parameter is required to close an upload"))?;
+                    let length = content_length(headers).or_else(|| {
+                        use axum::body::HttpBody as _;
+                        body.size_hint().exact()
+                    });
+                    registry.upload_finish(&name, &id, &digest, content_range, length, byte_stream(body)).await?;
+                    Ok(blob_created(&name, &digest))
+                }
+                Method::DELETE => {
+                    registry.upload_cancel(&name, &id).await?;
+                    Ok(StatusCode::NO_CONTENT.into_response())
+                }
+                _ => Err(unsupported_method()),
+            }
+        }
+        Endpoint::Referrers { name, digest, artifact_type } => {
+            if *method != Method::GET {
+                return Err(unsupported_method());
+            }
+            let r = registry.referrers(&name, &digest, artifact_type.as_deref()).await?;
+            let mut out = vec![("content-type", tessera_spec::manifest::media::OCI_INDEX.to_string())];
+            if r.filtered {
+                out.push(("oci-filters-applied", "artifactType".into()));
+            }
+            Ok(response(StatusCode::OK, &out, Body::from(r.index)))
+        }
+    }
+}

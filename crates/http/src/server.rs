@@ -1,0 +1,149 @@
+//! The listener: accepts TCP connections, speaks HTTPS (rustls) or plain HTTP/1.1 and h2c,
+//! and shuts down gracefully.
+//!
+//! A plain-HTTP listener answers a TLS ClientHello at once with an HTTP 400 and closes:
+//! skopeo and podman try HTTPS first, and a prompt HTTP answer is what lets them report
+//! "server gave HTTP response to HTTPS client" and fall back, instead of hanging.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tower::ServiceExt;
+
+use crate::ClientAddr;
+
+/// How long a client may take to send its request head (slow-loris guard).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long in-flight requests get to finish after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+const HTTP_TO_TLS_CLIENT: &[u8] =
+    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nThis registry speaks plain HTTP; use http:// (or --tls-verify=false).\n";
+
+pub struct ServerOptions {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Largest request head in bytes; larger ones get 431.
+    pub header_max_bytes: usize,
+}
+
+/// Builds a rustls server configuration (TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN) from
+/// PEM files.
+pub fn load_tls(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerConfig>> {
+    let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| io::Error::other(format!("{what} {}: {e}", path.display()));
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("cannot read certificate", cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("cannot parse certificate", cert, &e))?;
+    if certs.is_empty() {
+        return Err(io::Error::other(format!("no certificate in {}", cert.display())));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("cannot read private key", key, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| io::Error::other(format!("certificate and key do not fit together: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(listener: TcpListener, app: Router, options: ServerOptions, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(options.header_max_bytes.max(8192));
+    builder.http2().max_header_list_size(options.header_max_bytes.min(u32::MAX as usize) as u32);
+    let builder = Arc::new(builder);
+    let acceptor = options.tls.map(TlsAcceptor::from);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper::service::service_fn({
+            let app = app.clone();
+            move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            }
+        });
+        let builder = builder.clone();
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            match acceptor {
+                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%peer, "connection ended: {e}");
+                        }
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+                None => {
+                    let mut stream = stream;
+                    if answers_tls_probe(&mut stream, peer).await {
+                        return;
+                    }
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; stopping anyway"),
+    }
+    Ok(())
+}
+
+/// On a plain listener, answers a client that opens with a TLS handshake. Returns whether it did.
+async fn answers_tls_probe(stream: &mut TcpStream, peer: SocketAddr) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {
+            tracing::info!(%peer, "TLS client on the plain HTTP listener; answered with HTTP 400");
+            let _ = stream.write_all(HTTP_TO_TLS_CLIENT).await;
+            let _ = stream.shutdown().await;
+            true
+        }
+        Ok(Ok(_)) => false,
+        _ => true,
+    }
+}

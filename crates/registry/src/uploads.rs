@@ -1,0 +1,271 @@
+//! Upload sessions: POST/PATCH/PUT/GET/DELETE on `/blobs/uploads/`. Bytes are hashed while
+//! they stream to the store; the digest is checked before the blob becomes visible.
+//!
+//! The running hash lives in memory beside the session lock. After a restart (or on a node
+//! that did not see the earlier chunks) it is rebuilt by reading the session's bytes back,
+//! so a session is fully described by what the stores hold: its record and its bytes.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use serde_json::json;
+use tessera_spec::{Algorithm, ByteRange, Digest, Digester, ErrorCode, OciError, RepoName};
+use tessera_store::{AppendError, ByteStream, UploadId};
+
+use crate::{Registry, UploadStart, internal};
+
+/// The hash of a session's first `offset` bytes.
+pub struct UploadState {
+    offset: u64,
+    digester: Digester,
+}
+
+fn upload_unknown() -> OciError {
+    OciError::new(ErrorCode::BlobUploadUnknown, "blob upload unknown to registry")
+}
+
+/// The `Range` header value for a session holding `offset` bytes (Distribution's form:
+/// `0-0` when empty).
+pub fn range_header(offset: u64) -> String {
+    format!("0-{}", offset.saturating_sub(1))
+}
+
+impl Registry {
+    fn session_lock(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<Option<UploadState>>> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.entry(id.clone()).or_default().clone()
+    }
+
+    fn forget_session(&self, id: &UploadId) {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    /// Checks that `id` is an open session of `repo` and returns its size.
+    async fn session_size(&self, repo: &RepoName, id: &UploadId) -> Result<u64, OciError> {
+        let owner = self.meta.upload_repo(id).await.map_err(|e| internal("upload lookup", e))?;
+        if owner.as_ref() != Some(repo) {
+            return Err(upload_unknown());
+        }
+        self.blobs.upload_size(id).await.map_err(|e| internal("upload size", e))?.ok_or_else(upload_unknown)
+    }
+
+    /// Opens a session for `repo`, or mounts `mount` if it can (see [`Registry::mount`]).
+    pub async fn upload_start(&self, repo: &RepoName, mount: Option<(&Digest, Option<&RepoName>)>) -> Result<UploadStart, OciError> {
+        if let Some((digest, from)) = mount
+            && self.mount(repo, digest, from).await?.is_some()
+        {
+            return Ok(UploadStart::Created(digest.clone()));
+        }
+        let id = UploadId::random();
+        self.blobs.upload_create(&id).await.map_err(|e| internal("upload create", e))?;
+        if let Err(e) = self.meta.create_upload(&id, repo).await {
+            let _ = self.blobs.upload_delete(&id).await;
+            return Err(internal("upload record", e));
+        }
+        Ok(UploadStart::Session(id))
+    }
+
+    /// A whole blob in one request (`POST ?digest=`). Nothing is left behind on failure.
+    pub async fn upload_monolithic<S>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<(), OciError>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Send,
+    {
+        let id = UploadId::random();
+        self.blobs.upload_create(&id).await.map_err(|e| internal("upload create", e))?;
+        let mut state = None;
+        let result = async {
+            self.append(&id, &mut state, 0, body).await?;
+            self.commit(repo, &id, digest, &mut state).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = self.blobs.upload_delete(&id).await;
+        }
+        result
+    }
+
+    /// Bytes received so far.
+    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64, OciError> {
+        let lock = self.session_lock(id);
+        let _state = lock.lock().await;
+        self.session_size(repo, id).await
+    }
+
+    /// Appends a chunk. `content_range`, when sent, must start where the session stands.
+    pub async fn upload_patch<S>(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        content_range: Option<ByteRange>,
+        content_length: Option<u64>,
+        body: S,
+    ) -> Result<u64, OciError>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Send,
+    {
+        let lock = self.session_lock(id);
+        let mut state = lock.lock().await;
+        let size = self.session_size(repo, id).await?;
+        check_chunk(size, content_range, content_length)?;
+        self.append(id, &mut state, size, body).await
+    }
+
+    /// Ends a session: appends an optional last chunk, verifies `digest` over everything
+    /// received and makes the blob visible in `repo`. A wrong digest discards the session.
+    pub async fn upload_finish<S>(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        content_range: Option<ByteRange>,
+        content_length: Option<u64>,
+        body: S,
+    ) -> Result<(), OciError>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Send,
+    {
+        let lock = self.session_lock(id);
+        let mut state = lock.lock().await;
+        let size = self.session_size(repo, id).await?;
+        if content_length != Some(0) {
+            check_chunk(size, content_range, content_length)?;
+            self.append(id, &mut state, size, body).await?;
+        }
+        let result = self.commit(repo, id, digest, &mut state).await;
+        match &result {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::DigestInvalid || e.code == ErrorCode::TooLarge => {
+                self.discard(id).await;
+            }
+            Err(_) => {}
+        }
+        drop(state);
+        if result.is_ok() {
+            self.forget_session(id);
+        }
+        result
+    }
+
+    pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId) -> Result<(), OciError> {
+        let lock = self.session_lock(id);
+        let _state = lock.lock().await;
+        self.session_size(repo, id).await?;
+        self.discard(id).await;
+        self.forget_session(id);
+        Ok(())
+    }
+
+    async fn discard(&self, id: &UploadId) {
+        if let Err(e) = self.blobs.upload_delete(id).await {
+            tracing::warn!(upload = %id, "cannot remove upload bytes: {e}");
+        }
+        if let Err(e) = self.meta.delete_upload(id).await {
+            tracing::warn!(upload = %id, "cannot remove upload record: {e}");
+        }
+    }
+
+    /// Streams `body` into the session (which holds `size` bytes), hashing as it goes.
+    async fn append<S>(&self, id: &UploadId, state: &mut Option<UploadState>, size: u64, body: S) -> Result<u64, OciError>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Send,
+    {
+        let mut digester = match state.take() {
+            Some(s) if s.offset == size => s.digester,
+            _ => self.rehash(id, Algorithm::Sha256).await?,
+        };
+        let limit = self.settings.blob_max_bytes;
+        let mut received = size;
+        let mut over_limit = false;
+        let hashed: ByteStream = Box::pin(body.map(|chunk| {
+            let chunk = chunk?;
+            received += chunk.len() as u64;
+            if limit > 0 && received > limit {
+                over_limit = true;
+                return Err(io::Error::other("blob size limit exceeded"));
+            }
+            digester.update(&chunk);
+            Ok(chunk)
+        }));
+        match self.blobs.upload_append(id, hashed).await {
+            Ok(new_size) => {
+                *state = Some(UploadState { offset: new_size, digester });
+                Ok(new_size)
+            }
+            Err(AppendError::Source(e)) if over_limit => {
+                tracing::info!(upload = %id, "upload refused: {e}");
+                Err(OciError::new(ErrorCode::TooLarge, format!("blob larger than the {limit} byte limit")))
+            }
+            Err(AppendError::Source(e)) => {
+                tracing::info!(upload = %id, "upload body ended early: {e}");
+                Err(OciError::new(ErrorCode::BlobUploadInvalid, "upload body ended before its declared end; resume from the reported offset"))
+            }
+            Err(AppendError::Storage(e)) => Err(internal("upload append", e)),
+        }
+    }
+
+    /// Rebuilds the hash of a session from its stored bytes.
+    async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<Digester, OciError> {
+        let stream = self.blobs.upload_read(id).await.map_err(|e| internal("upload read", e))?;
+        stream
+            .try_fold(Digester::new(algorithm), |mut d, chunk| async move {
+                d.update(&chunk);
+                Ok(d)
+            })
+            .await
+            .map_err(|e| internal("upload rehash", e))
+    }
+
+    async fn commit(&self, repo: &RepoName, id: &UploadId, digest: &Digest, state: &mut Option<UploadState>) -> Result<(), OciError> {
+        let size = self.blobs.upload_size(id).await.map_err(|e| internal("upload size", e))?.ok_or_else(upload_unknown)?;
+        let actual = match state.as_ref() {
+            Some(s) if s.offset == size && s.digester.algorithm() == digest.algorithm() => s.digester.peek(),
+            _ => self.rehash(id, digest.algorithm()).await?.finish(),
+        };
+        if &actual != digest {
+            return Err(OciError::new(ErrorCode::DigestInvalid, "uploaded content does not match the digest")
+                .with_detail(json!({ "expected": digest.to_string(), "actual": actual.to_string() })));
+        }
+        self.blobs.upload_commit(id, digest).await.map_err(|e| internal("upload commit", e))?;
+        *state = None;
+        self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("blob link", e))?;
+        if let Err(e) = self.meta.delete_upload(id).await {
+            tracing::warn!(upload = %id, "cannot remove finished upload record: {e}");
+        }
+        Ok(())
+    }
+
+    /// Removes sessions whose bytes have no record (a monolithic upload cut off by a crash)
+    /// or that were untouched for longer than `expiry`. Run at start-up.
+    pub async fn sweep_uploads(&self, expiry: Duration) -> io::Result<usize> {
+        let mut removed = 0;
+        let now = SystemTime::now();
+        for (id, modified) in self.blobs.upload_list().await? {
+            let orphan = self.meta.upload_repo(&id).await?.is_none();
+            let stale = now.duration_since(modified).is_ok_and(|age| age > expiry);
+            if orphan || stale {
+                self.blobs.upload_delete(&id).await?;
+                self.meta.delete_upload(&id).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A chunk must start where the session stands, and its range and length must agree.
+fn check_chunk(size: u64, content_range: Option<ByteRange>, content_length: Option<u64>) -> Result<(), OciError> {
+    let Some(range) = content_range else { return Ok(()) };
+    if range.start != size {
+        return Err(OciError::new(ErrorCode::UploadRangeInvalid, format!("chunk starts at {} but the upload holds {size} bytes", range.start))
+            .with_header("range", range_header(size)));
+    }
+    if let Some(len) = content_length
+        && len != range.len()
+    {
+        return Err(OciError::new(ErrorCode::SizeInvalid, "Content-Length does not match Content-Range"));
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! Assembly: the one place that turns a [`Config`] into stores, a registry, an HTTP app and a
+//! running listener. `main` and the tests both come through here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tessera_config::Config;
+use tessera_http::AppState;
+use tessera_http::server::{ServerOptions, load_tls};
+use tessera_registry::{Registry, Settings};
+use tessera_store::{CachedMetaStore, FsBlobStore, SqliteMetaStore};
+
+/// Opens the embedded default stores under `config.data` and builds the application state.
+pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
+    let data = &config.data;
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
+    let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
+    let meta = SqliteMetaStore::open(&data.join("meta.sqlite")).with_context(|| format!("cannot open metadata in {}", data.display()))?;
+    let meta = CachedMetaStore::new(meta, config.cache.metadata_bytes);
+    let settings = Settings {
+        manifest_max_bytes: config.limits.manifest_max_bytes,
+        blob_max_bytes: config.limits.blob_max_bytes,
+        delete_enabled: config.storage.delete_enabled,
+    };
+    let registry = Registry::new(Arc::new(blobs), Arc::new(meta), settings);
+    let swept = registry.sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs)).await.context("cannot sweep upload sessions")?;
+    if swept > 0 {
+        tracing::info!("removed {swept} abandoned upload session(s)");
+    }
+    Ok(AppState { registry })
+}
+
+/// Runs the server until `shutdown` resolves.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls = match &config.tls {
+        Some(t) => Some(load_tls(&t.cert, &t.key)?),
+        None => None,
+    };
+    let state = open_state(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(
+        "tessera {} listening on {scheme}://{addr}, data in {} (filesystem blobs, SQLite metadata)",
+        env!("CARGO_PKG_VERSION"),
+        config.data.display()
+    );
+    let app = tessera_http::app(Arc::new(state));
+    tessera_http::server::serve(listener, app, ServerOptions { tls, header_max_bytes: config.limits.header_max_bytes }, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
