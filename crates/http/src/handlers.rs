@@ -24,7 +24,10 @@ pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -
 }
 
 fn unsupported_method() -> OciError {
-    OciError::new(ErrorCode::Unsupported, "method not allowed on this endpoint")
+    OciError::new(
+        ErrorCode::Unsupported,
+        "method not allowed on this endpoint",
+    )
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
@@ -37,7 +40,11 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// All `Accept` headers joined, as clients may send the list split over several.
 fn accept(headers: &HeaderMap) -> Option<String> {
-    let all: Vec<&str> = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
+    let all: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
     (!all.is_empty()).then(|| all.join(","))
 }
 
@@ -50,7 +57,9 @@ fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Respo
     for (name, value) in headers {
         builder = builder.header(*name, value);
     }
-    builder.body(body).unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
+    builder
+        .body(body)
+        .unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
 }
 
 fn upload_location(name: &RepoName, id: &UploadId) -> String {
@@ -78,7 +87,13 @@ fn blob_created(name: &RepoName, digest: &tessera_spec::Digest) -> Response {
     )
 }
 
-fn listing(path: &str, key: &str, extra: Option<(&str, &str)>, paging: &Paging, page: Page) -> Response {
+fn listing(
+    path: &str,
+    key: &str,
+    extra: Option<(&str, &str)>,
+    paging: &Paging,
+    page: Page,
+) -> Response {
     let mut headers = vec![("content-type", "application/json".to_string())];
     if page.more
         && let Some(last) = page.items.last()
@@ -102,7 +117,11 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
     let method = &parts.method;
     match endpoint {
         Endpoint::Base => match *method {
-            Method::GET | Method::HEAD => Ok(response(StatusCode::OK, &[("content-type", "application/json".into())], Body::from("{}"))),
+            Method::GET | Method::HEAD => Ok(response(
+                StatusCode::OK,
+                &[("content-type", "application/json".into())],
+                Body::from("{}"),
+            )),
             _ => Err(unsupported_method()),
         },
         Endpoint::Catalog(paging) => {
@@ -116,19 +135,33 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let page = registry.tags(&name, paging.n, paging.last.as_deref()).await?;
-            Ok(listing(&format!("/v2/{name}/tags/list"), "tags", Some(("name", name.as_str())), &paging, page))
+            let page = registry
+                .tags(&name, paging.n, paging.last.as_deref())
+                .await?;
+            Ok(listing(
+                &format!("/v2/{name}/tags/list"),
+                "tags",
+                Some(("name", name.as_str())),
+                &paging,
+                page,
+            ))
         }
         Endpoint::Manifest { name, reference } => match *method {
             Method::GET | Method::HEAD => {
-                let m = registry.manifest_get(&name, &reference, accept(headers).as_deref()).await?;
+                let m = registry
+                    .manifest_get(&name, &reference, accept(headers).as_deref())
+                    .await?;
                 let headers = [
                     ("content-type", m.media_type.clone()),
                     ("content-length", m.bytes.len().to_string()),
                     ("docker-content-digest", m.digest.to_string()),
                     ("etag", format!("\"{}\"", m.digest)),
                 ];
-                let body = if *method == Method::HEAD { Body::empty() } else { Body::from(m.bytes) };
+                let body = if *method == Method::HEAD {
+                    Body::empty()
+                } else {
+                    Body::from(m.bytes)
+                };
                 Ok(response(StatusCode::OK, &headers, body))
             }
             Method::PUT => {
@@ -136,14 +169,28 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                 if content_length(headers).is_some_and(|l| l > limit) {
                     return Err(registry.manifest_too_large());
                 }
-                let bytes = axum::body::to_bytes(body, limit as usize).await.map_err(|e| {
-                    if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
-                        registry.manifest_too_large()
-                    } else {
-                        OciError::new(ErrorCode::ManifestInvalid, "manifest body could not be read")
-                    }
-                })?;
-                let put = registry.manifest_put(&name, &reference, header_str(headers, header::CONTENT_TYPE), bytes).await?;
+                let bytes = axum::body::to_bytes(body, limit as usize)
+                    .await
+                    .map_err(|e| {
+                        if std::error::Error::source(&e)
+                            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                        {
+                            registry.manifest_too_large()
+                        } else {
+                            OciError::new(
+                                ErrorCode::ManifestInvalid,
+                                "manifest body could not be read",
+                            )
+                        }
+                    })?;
+                let put = registry
+                    .manifest_put(
+                        &name,
+                        &reference,
+                        header_str(headers, header::CONTENT_TYPE),
+                        bytes,
+                    )
+                    .await?;
                 let mut out = vec![
                     ("location", format!("/v2/{name}/manifests/{}", put.digest)),
                     ("docker-content-digest", put.digest.to_string()),
@@ -172,7 +219,9 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                 Ok(response(StatusCode::OK, &headers, Body::empty()))
             }
             Method::GET => {
-                let answer = registry.blob_get(&name, &digest, header_str(headers, header::RANGE)).await?;
+                let answer = registry
+                    .blob_get(&name, &digest, header_str(headers, header::RANGE))
+                    .await?;
                 let mut out = vec![
                     ("content-length", answer.read.len.to_string()),
                     ("content-type", "application/octet-stream".into()),
@@ -182,7 +231,10 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                 ];
                 let status = match answer.range {
                     Some(ByteRange { start, end }) => {
-                        out.push(("content-range", format!("bytes {start}-{end}/{}", answer.size)));
+                        out.push((
+                            "content-range",
+                            format!("bytes {start}-{end}/{}", answer.size),
+                        ));
                         StatusCode::PARTIAL_CONTENT
                     }
                     None => StatusCode::OK,
@@ -195,37 +247,85 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
             }
             _ => Err(unsupported_method()),
         },
-        Endpoint::UploadStart { name, digest, mount, from } => {
+        Endpoint::UploadStart {
+            name,
+            digest,
+            mount,
+            from,
+        } => {
             if *method != Method::POST {
                 return Err(unsupported_method());
             }
             if let Some(digest) = digest {
-                registry.upload_monolithic(&name, &digest, byte_stream(body)).await?;
+                registry
+                    .upload_monolithic(&name, &digest, byte_stream(body))
+                    .await?;
                 return Ok(blob_created(&name, &digest));
             }
-            match registry.upload_start(&name, mount.as_ref().map(|m| (m, from.as_ref()))).await? {
+            match registry
+                .upload_start(&name, mount.as_ref().map(|m| (m, from.as_ref())))
+                .await?
+            {
                 UploadStart::Created(digest) => Ok(blob_created(&name, &digest)),
-                UploadStart::Session(id) => Ok(response(StatusCode::ACCEPTED, &session_headers(&name, &id, 0), Body::empty())),
+                UploadStart::Session(id) => Ok(response(
+                    StatusCode::ACCEPTED,
+                    &session_headers(&name, &id, 0),
+                    Body::empty(),
+                )),
             }
         }
         Endpoint::Upload { name, id, digest } => {
-            let content_range = header_str(headers, header::CONTENT_RANGE).map(ByteRange::from_content_range).transpose()?;
+            let content_range = header_str(headers, header::CONTENT_RANGE)
+                .map(ByteRange::from_content_range)
+                .transpose()?;
             match *method {
                 Method::GET => {
                     let offset = registry.upload_status(&name, &id).await?;
-                    Ok(response(StatusCode::NO_CONTENT, &session_headers(&name, &id, offset), Body::empty()))
+                    Ok(response(
+                        StatusCode::NO_CONTENT,
+                        &session_headers(&name, &id, offset),
+                        Body::empty(),
+                    ))
                 }
                 Method::PATCH => {
-                    let offset = registry.upload_patch(&name, &id, content_range, content_length(headers), byte_stream(body)).await?;
-                    Ok(response(StatusCode::ACCEPTED, &session_headers(&name, &id, offset), Body::empty()))
+                    let offset = registry
+                        .upload_patch(
+                            &name,
+                            &id,
+                            content_range,
+                            content_length(headers),
+                            byte_stream(body),
+                        )
+                        .await?;
+                    Ok(response(
+                        StatusCode::ACCEPTED,
+                        &session_headers(&name, &id, offset),
+                        Body::empty(),
+                    ))
                 }
                 Method::PUT => {
-                    let digest = digest.ok_or_else(|| OciError::new(ErrorCode::DigestInvalid, "the digest query parameter is required to close an upload"))?;
+                    let Some(digest) = digest else {
+                        // An unknown session is reported as such before the missing digest.
+                        registry.upload_status(&name, &id).await?;
+                        return Err(OciError::new(
+                            ErrorCode::DigestInvalid,
+                            "the digest query parameter is required to close an upload",
+                        ));
+                    };
                     let length = content_length(headers).or_else(|| {
                         use axum::body::HttpBody as _;
                         body.size_hint().exact()
                     });
-                    registry.upload_finish(&name, &id, &digest, content_range, length, byte_stream(body)).await?;
+                    registry
+                        .upload_finish(
+                            &name,
+                            &id,
+                            &digest,
+                            content_range,
+                            length,
+                            byte_stream(body),
+                        )
+                        .await?;
                     Ok(blob_created(&name, &digest))
                 }
                 Method::DELETE => {
@@ -235,12 +335,21 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                 _ => Err(unsupported_method()),
             }
         }
-        Endpoint::Referrers { name, digest, artifact_type } => {
+        Endpoint::Referrers {
+            name,
+            digest,
+            artifact_type,
+        } => {
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let r = registry.referrers(&name, &digest, artifact_type.as_deref()).await?;
-            let mut out = vec![("content-type", tessera_spec::manifest::media::OCI_INDEX.to_string())];
+            let r = registry
+                .referrers(&name, &digest, artifact_type.as_deref())
+                .await?;
+            let mut out = vec![(
+                "content-type",
+                tessera_spec::manifest::media::OCI_INDEX.to_string(),
+            )];
             if r.filtered {
                 out.push(("oci-filters-applied", "artifactType".into()));
             }

@@ -44,34 +44,49 @@ pub struct ServerOptions {
 /// Builds a rustls server configuration (TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN) from
 /// PEM files.
 pub fn load_tls(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerConfig>> {
-    let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| io::Error::other(format!("{what} {}: {e}", path.display()));
+    let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        io::Error::other(format!("{what} {}: {e}", path.display()))
+    };
     let certs = CertificateDer::pem_file_iter(cert)
         .map_err(|e| bad("cannot read certificate", cert, &e))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad("cannot parse certificate", cert, &e))?;
     if certs.is_empty() {
-        return Err(io::Error::other(format!("no certificate in {}", cert.display())));
+        return Err(io::Error::other(format!(
+            "no certificate in {}",
+            cert.display()
+        )));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("cannot read private key", key, &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(io::Error::other)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| io::Error::other(format!("certificate and key do not fit together: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| bad("cannot read private key", key, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(io::Error::other)?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| io::Error::other(format!("certificate and key do not fit together: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
-pub async fn serve(listener: TcpListener, app: Router, options: ServerOptions, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(options.header_max_bytes.max(8192));
-    builder.http2().max_header_list_size(options.header_max_bytes.min(u32::MAX as usize) as u32);
+    builder
+        .http2()
+        .max_header_list_size(options.header_max_bytes.min(u32::MAX as usize) as u32);
     let builder = Arc::new(builder);
     let acceptor = options.tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
@@ -102,22 +117,26 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServerOptions, s
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             match acceptor {
-                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(%peer, "connection ended: {e}");
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(%peer, "connection ended: {e}");
+                            }
                         }
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+                }
                 None => {
                     let mut stream = stream;
                     if answers_tls_probe(&mut stream, peer).await {
                         return;
                     }
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, "connection ended: {e}");
                     }

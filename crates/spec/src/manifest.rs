@@ -15,7 +15,8 @@ pub mod media {
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
     pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
-    pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    pub const DOCKER_SCHEMA1_SIGNED: &str =
+        "application/vnd.docker.distribution.manifest.v1+prettyjws";
     pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
     /// Every manifest media type this registry stores and serves.
@@ -122,12 +123,14 @@ fn declared_type(content_type: Option<&str>) -> Option<&str> {
 impl ParsedManifest {
     /// Parses and validates manifest `bytes` pushed with `content_type`.
     pub fn parse(content_type: Option<&str>, bytes: &[u8]) -> Result<ParsedManifest, OciError> {
-        let raw: RawManifest =
-            serde_json::from_slice(bytes).map_err(|e| invalid(format!("manifest is not valid JSON for its schema: {e}")))?;
+        let raw: RawManifest = serde_json::from_slice(bytes)
+            .map_err(|e| invalid(format!("manifest is not valid JSON for its schema: {e}")))?;
         let header = declared_type(content_type);
         let media_type = match (header, raw.media_type.as_deref()) {
             (Some(h), Some(b)) if h != b => {
-                return Err(invalid(format!("Content-Type {h} differs from the manifest's mediaType {b}")));
+                return Err(invalid(format!(
+                    "Content-Type {h} differs from the manifest's mediaType {b}"
+                )));
             }
             (Some(h), _) => h.to_string(),
             (None, Some(b)) => b.to_string(),
@@ -138,9 +141,15 @@ impl ParsedManifest {
             media::OCI_MANIFEST | media::DOCKER_MANIFEST => ManifestKind::Image,
             media::OCI_INDEX | media::DOCKER_LIST => ManifestKind::Index,
             media::DOCKER_SCHEMA1 | media::DOCKER_SCHEMA1_SIGNED => {
-                return Err(invalid("Docker schema 1 manifests are not supported; push schema 2 or OCI"));
+                return Err(invalid(
+                    "Docker schema 1 manifests are not supported; push schema 2 or OCI",
+                ));
             }
-            other => return Err(invalid(format!("unsupported manifest media type {other:?}"))),
+            other => {
+                return Err(invalid(format!(
+                    "unsupported manifest media type {other:?}"
+                )));
+            }
         };
         if raw.schema_version != 2 {
             return Err(invalid("schemaVersion must be 2"));
@@ -149,7 +158,11 @@ impl ParsedManifest {
         let annotations = raw.annotations.unwrap_or_default();
         match kind {
             ManifestKind::Image => {
-                let config = descriptor(raw.config.ok_or_else(|| invalid("image manifest without config"))?, "config")?;
+                let config = descriptor(
+                    raw.config
+                        .ok_or_else(|| invalid("image manifest without config"))?,
+                    "config",
+                )?;
                 let layers = raw
                     .layers
                     .ok_or_else(|| invalid("image manifest without layers"))?
@@ -159,7 +172,9 @@ impl ParsedManifest {
                 if raw.manifests.is_some() {
                     return Err(invalid("image manifest must not have manifests"));
                 }
-                let artifact_type = raw.artifact_type.or_else(|| Some(config.media_type.clone()));
+                let artifact_type = raw
+                    .artifact_type
+                    .or_else(|| Some(config.media_type.clone()));
                 Ok(ParsedManifest {
                     media_type,
                     kind,
@@ -198,7 +213,9 @@ impl ParsedManifest {
     /// Blobs this manifest needs present in the repository: config and layers, except
     /// layers that name their own `urls` (non-distributable layers live elsewhere).
     pub fn required_blobs(&self) -> impl Iterator<Item = &Descriptor> {
-        self.config.iter().chain(self.layers.iter().filter(|d| d.urls.is_empty()))
+        self.config
+            .iter()
+            .chain(self.layers.iter().filter(|d| d.urls.is_empty()))
     }
 }
 
@@ -224,7 +241,10 @@ mod tests {
         let m = ParsedManifest::parse(Some(media::OCI_MANIFEST), image().as_bytes()).unwrap();
         assert_eq!(m.kind, ManifestKind::Image);
         assert_eq!(m.required_blobs().count(), 2);
-        assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
+        assert_eq!(
+            m.artifact_type.as_deref(),
+            Some("application/vnd.oci.image.config.v1+json")
+        );
         assert_eq!(m.annotations["a"], "b");
     }
 
@@ -232,7 +252,10 @@ mod tests {
     fn content_type_must_agree() {
         let e = ParsedManifest::parse(Some(media::OCI_INDEX), image().as_bytes()).unwrap_err();
         assert_eq!(e.code, ErrorCode::ManifestInvalid);
-        assert!(ParsedManifest::parse(Some("application/json; charset=utf-8"), image().as_bytes()).is_ok());
+        assert!(
+            ParsedManifest::parse(Some("application/json; charset=utf-8"), image().as_bytes())
+                .is_ok()
+        );
     }
 
     #[test]
@@ -253,7 +276,10 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        let dup = format!(r#"{{"schemaVersion":2,"schemaVersion":2,"config":{{"mediaType":"a","digest":"{}","size":1}},"layers":[]}}"#, d(1));
+        let dup = format!(
+            r#"{{"schemaVersion":2,"schemaVersion":2,"config":{{"mediaType":"a","digest":"{}","size":1}},"layers":[]}}"#,
+            d(1)
+        );
         for bad in [
             "".to_string(),
             "{".to_string(),

@@ -66,12 +66,18 @@ impl FromStr for RepoName {
 
     fn from_str(s: &str) -> Result<Self, OciError> {
         if s.len() > MAX_NAME_LEN {
-            return Err(OciError::new(ErrorCode::NameInvalid, format!("repository name longer than {MAX_NAME_LEN} characters")));
+            return Err(OciError::new(
+                ErrorCode::NameInvalid,
+                format!("repository name longer than {MAX_NAME_LEN} characters"),
+            ));
         }
         if s.split('/').all(valid_component) {
             Ok(RepoName(s.to_string()))
         } else {
-            Err(OciError::new(ErrorCode::NameInvalid, "invalid repository name").with_detail(serde_json::json!({ "name": s })))
+            Err(
+                OciError::new(ErrorCode::NameInvalid, "invalid repository name")
+                    .with_detail(serde_json::json!({ "name": s })),
+            )
         }
     }
 }
@@ -100,11 +106,14 @@ impl FromStr for Tag {
         let ok = !b.is_empty()
             && b.len() <= 128
             && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-            && b[1..].iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+            && b[1..]
+                .iter()
+                .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
         if ok {
             Ok(Tag(s.to_string()))
         } else {
-            Err(OciError::new(ErrorCode::TagInvalid, "invalid tag").with_detail(serde_json::json!({ "tag": s })))
+            Err(OciError::new(ErrorCode::TagInvalid, "invalid tag")
+                .with_detail(serde_json::json!({ "tag": s })))
         }
     }
 }
@@ -149,7 +158,14 @@ mod tests {
 
     #[test]
     fn accepts_spec_names() {
-        for ok in ["a", "library/ubuntu", "a0/b-c/d.e/f_g/h__i", "x---y", "cool/stuff/x", "a/b/c/d/e/f"] {
+        for ok in [
+            "a",
+            "library/ubuntu",
+            "a0/b-c/d.e/f_g/h__i",
+            "x---y",
+            "cool/stuff/x",
+            "a/b/c/d/e/f",
+        ] {
             assert!(ok.parse::<RepoName>().is_ok(), "{ok}");
         }
     }
@@ -158,8 +174,27 @@ mod tests {
     fn rejects_bad_names() {
         let long = "a".repeat(256);
         for bad in [
-            "", "A", "a/", "/a", "a//b", "..", "a/../b", "%2e%2e", "a/%2e%2e/b", "-a", "a-", "a.", "a..b",
-            "a___b", "a_-b", "a/.b", "a b", "a\0b", "ä", long.as_str(), "a\\b",
+            "",
+            "A",
+            "a/",
+            "/a",
+            "a//b",
+            "..",
+            "a/../b",
+            "%2e%2e",
+            "a/%2e%2e/b",
+            "-a",
+            "a-",
+            "a.",
+            "a..b",
+            "a___b",
+            "a_-b",
+            "a/.b",
+            "a b",
+            "a\0b",
+            "ä",
+            long.as_str(),
+            "a\\b",
         ] {
             let e = bad.parse::<RepoName>().unwrap_err();
             assert_eq!(e.code, ErrorCode::NameInvalid, "{bad:?}");
@@ -172,7 +207,11 @@ mod tests {
         assert!("_x.Y-1".parse::<Tag>().is_ok());
         assert!("a".repeat(128).parse::<Tag>().is_ok());
         for bad in ["", ".a", "-a", "a/b", "a:b", "a%2f", &"a".repeat(129)] {
-            assert_eq!(bad.parse::<Tag>().unwrap_err().code, ErrorCode::TagInvalid, "{bad}");
+            assert_eq!(
+                bad.parse::<Tag>().unwrap_err().code,
+                ErrorCode::TagInvalid,
+                "{bad}"
+            );
         }
     }
 
@@ -181,6 +220,9 @@ mod tests {
         assert!(matches!("v1".parse::<Reference>(), Ok(Reference::Tag(_))));
         let d = Digest::sha256_of(b"x").to_string();
         assert!(matches!(d.parse::<Reference>(), Ok(Reference::Digest(_))));
-        assert_eq!("sha256:nothex".parse::<Reference>().unwrap_err().code, ErrorCode::DigestInvalid);
+        assert_eq!(
+            "sha256:nothex".parse::<Reference>().unwrap_err().code,
+            ErrorCode::DigestInvalid
+        );
     }
 }

@@ -24,10 +24,15 @@ impl ByteRange {
     /// Several ranges are refused: blobs are served as one part only.
     pub fn from_header(header: Option<&str>, size: u64) -> Result<Option<ByteRange>, OciError> {
         let Some(h) = header else { return Ok(None) };
-        let Some(spec) = h.trim().strip_prefix("bytes=") else { return Ok(None) };
+        let Some(spec) = h.trim().strip_prefix("bytes=") else {
+            return Ok(None);
+        };
         let unsatisfiable = || {
-            OciError::new(ErrorCode::RangeNotSatisfiable, "requested range not satisfiable")
-                .with_header("content-range", format!("bytes */{size}"))
+            OciError::new(
+                ErrorCode::RangeNotSatisfiable,
+                "requested range not satisfiable",
+            )
+            .with_header("content-range", format!("bytes */{size}"))
         };
         if spec.contains(',') {
             return Err(unsatisfiable());
@@ -45,14 +50,20 @@ impl ByteRange {
             if n == 0 || size == 0 {
                 return Err(unsatisfiable());
             }
-            ByteRange { start: size.saturating_sub(n), end: size - 1 }
+            ByteRange {
+                start: size.saturating_sub(n),
+                end: size - 1,
+            }
         } else {
             let start = num(a)?;
             let end = if b.is_empty() { u64::MAX } else { num(b)? };
             if start >= size || end < start {
                 return Err(unsatisfiable());
             }
-            ByteRange { start, end: end.min(size - 1) }
+            ByteRange {
+                start,
+                end: end.min(size - 1),
+            }
         };
         Ok(Some(range))
     }
@@ -84,7 +95,9 @@ mod tests {
     use super::*;
 
     fn r(h: &str, size: u64) -> Result<Option<(u64, u64)>, ErrorCode> {
-        ByteRange::from_header(Some(h), size).map(|o| o.map(|r| (r.start, r.end))).map_err(|e| e.code)
+        ByteRange::from_header(Some(h), size)
+            .map(|o| o.map(|r| (r.start, r.end)))
+            .map_err(|e| e.code)
     }
 
     #[test]
@@ -95,19 +108,37 @@ mod tests {
         assert_eq!(r("bytes=-10", 100), Ok(Some((90, 99))));
         assert_eq!(r("bytes=-1000", 100), Ok(Some((0, 99))));
         assert_eq!(r("items=0-1", 100), Ok(None));
-        for bad in ["bytes=100-", "bytes=5-4", "bytes=-0", "bytes=0-1,3-4", "bytes=a-b", "bytes=-", "bytes=-5-6",
-            "bytes=99999999999999999999999-", "bytes=--1"] {
+        for bad in [
+            "bytes=100-",
+            "bytes=5-4",
+            "bytes=-0",
+            "bytes=0-1,3-4",
+            "bytes=a-b",
+            "bytes=-",
+            "bytes=-5-6",
+            "bytes=99999999999999999999999-",
+            "bytes=--1",
+        ] {
             assert_eq!(r(bad, 100), Err(ErrorCode::RangeNotSatisfiable), "{bad}");
         }
         assert_eq!(r("bytes=0-", 0), Err(ErrorCode::RangeNotSatisfiable));
         let e = ByteRange::from_header(Some("bytes=200-"), 100).unwrap_err();
-        assert_eq!(e.headers, vec![("content-range", "bytes */100".to_string())]);
+        assert_eq!(
+            e.headers,
+            vec![("content-range", "bytes */100".to_string())]
+        );
     }
 
     #[test]
     fn upload_content_range() {
-        assert_eq!(ByteRange::from_content_range("0-99").unwrap(), ByteRange { start: 0, end: 99 });
-        assert_eq!(ByteRange::from_content_range("bytes 10-19/*").unwrap(), ByteRange { start: 10, end: 19 });
+        assert_eq!(
+            ByteRange::from_content_range("0-99").unwrap(),
+            ByteRange { start: 0, end: 99 }
+        );
+        assert_eq!(
+            ByteRange::from_content_range("bytes 10-19/*").unwrap(),
+            ByteRange { start: 10, end: 19 }
+        );
         for bad in ["", "5", "9-5", "-1-4", "a-b", "1-", "-"] {
             assert!(ByteRange::from_content_range(bad).is_err(), "{bad}");
         }

@@ -14,9 +14,12 @@ use tessera_store::{CachedMetaStore, FsBlobStore, SqliteMetaStore};
 /// Opens the embedded default stores under `config.data` and builds the application state.
 pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     let data = &config.data;
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
-    let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
-    let meta = SqliteMetaStore::open(&data.join("meta.sqlite")).with_context(|| format!("cannot open metadata in {}", data.display()))?;
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("cannot create data directory {}", data.display()))?;
+    let blobs = FsBlobStore::open(data)
+        .with_context(|| format!("cannot open blob store in {}", data.display()))?;
+    let meta = SqliteMetaStore::open(&data.join("meta.sqlite"))
+        .with_context(|| format!("cannot open metadata in {}", data.display()))?;
     let meta = CachedMetaStore::new(meta, config.cache.metadata_bytes);
     let settings = Settings {
         manifest_max_bytes: config.limits.manifest_max_bytes,
@@ -24,7 +27,10 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         delete_enabled: config.storage.delete_enabled,
     };
     let registry = Registry::new(Arc::new(blobs), Arc::new(meta), settings);
-    let swept = registry.sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs)).await.context("cannot sweep upload sessions")?;
+    let swept = registry
+        .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs))
+        .await
+        .context("cannot sweep upload sessions")?;
     if swept > 0 {
         tracing::info!("removed {swept} abandoned upload session(s)");
     }
@@ -38,7 +44,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         None => None,
     };
     let state = open_state(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
@@ -47,7 +55,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         config.data.display()
     );
     let app = tessera_http::app(Arc::new(state));
-    tessera_http::server::serve(listener, app, ServerOptions { tls, header_max_bytes: config.limits.header_max_bytes }, shutdown).await?;
+    tessera_http::server::serve(
+        listener,
+        app,
+        ServerOptions {
+            tls,
+            header_max_bytes: config.limits.header_max_bytes,
+        },
+        shutdown,
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
