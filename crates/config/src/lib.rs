@@ -9,10 +9,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid configuration in {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -82,42 +79,28 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            manifest_max_bytes: 4 * 1024 * 1024,
-            header_max_bytes: 64 * 1024,
-            blob_max_bytes: 0,
-        }
+        Limits { manifest_max_bytes: 4 * 1024 * 1024, header_max_bytes: 64 * 1024, blob_max_bytes: 0 }
     }
 }
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage {
-            delete_enabled: true,
-            upload_expiry_secs: 7 * 24 * 3600,
-        }
+        Storage { delete_enabled: true, upload_expiry_secs: 7 * 24 * 3600 }
     }
 }
 
 impl Default for Cache {
     fn default() -> Self {
-        Cache {
-            metadata_bytes: 64 * 1024 * 1024,
-        }
+        Cache { metadata_bytes: 64 * 1024 * 1024 }
     }
 }
 
 impl Config {
     /// Reads and validates a TOML file. Errors name the file, line and reason.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {

@@ -21,31 +21,15 @@ pub enum Endpoint {
     /// `/v2/<name>/tags/list`
     Tags { name: RepoName, paging: Paging },
     /// `/v2/<name>/manifests/<reference>`
-    Manifest {
-        name: RepoName,
-        reference: Reference,
-    },
+    Manifest { name: RepoName, reference: Reference },
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/blobs/uploads/` with its optional `digest`, `mount`, `from`.
-    UploadStart {
-        name: RepoName,
-        digest: Option<Digest>,
-        mount: Option<Digest>,
-        from: Option<RepoName>,
-    },
+    UploadStart { name: RepoName, digest: Option<Digest>, mount: Option<Digest>, from: Option<RepoName> },
     /// `/v2/<name>/blobs/uploads/<id>` with the `digest` that closes it.
-    Upload {
-        name: RepoName,
-        id: UploadId,
-        digest: Option<Digest>,
-    },
+    Upload { name: RepoName, id: UploadId, digest: Option<Digest> },
     /// `/v2/<name>/referrers/<digest>` with an optional `artifactType` filter.
-    Referrers {
-        name: RepoName,
-        digest: Digest,
-        artifact_type: Option<String>,
-    },
+    Referrers { name: RepoName, digest: Digest, artifact_type: Option<String> },
 }
 
 fn not_found() -> OciError {
@@ -56,18 +40,11 @@ struct Query(Vec<(String, String)>);
 
 impl Query {
     fn parse(q: Option<&str>) -> Query {
-        Query(
-            form_urlencoded::parse(q.unwrap_or("").as_bytes())
-                .into_owned()
-                .collect(),
-        )
+        Query(form_urlencoded::parse(q.unwrap_or("").as_bytes()).into_owned().collect())
     }
 
     fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     fn digest(&self, key: &str) -> Result<Option<Digest>, OciError> {
@@ -78,18 +55,11 @@ impl Query {
         let n = self
             .get("n")
             .map(|n| {
-                n.parse::<usize>().map_err(|_| {
-                    OciError::new(
-                        ErrorCode::PaginationNumberInvalid,
-                        "n must be a non-negative integer",
-                    )
-                })
+                n.parse::<usize>()
+                    .map_err(|_| OciError::new(ErrorCode::PaginationNumberInvalid, "n must be a non-negative integer"))
             })
             .transpose()?;
-        Ok(Paging {
-            n,
-            last: self.get("last").map(str::to_string),
-        })
+        Ok(Paging { n, last: self.get("last").map(str::to_string) })
     }
 }
 
@@ -108,21 +78,14 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
     let segments: Vec<&str> = rest.split('/').collect();
     let name = |n: usize| -> Result<RepoName, OciError> {
         if n == 0 {
-            return Err(OciError::new(
-                ErrorCode::NameInvalid,
-                "missing repository name",
-            ));
+            return Err(OciError::new(ErrorCode::NameInvalid, "missing repository name"));
         }
         segments[..n].join("/").parse()
     };
     let k = segments.len();
     match segments.as_slice() {
         [.., "blobs", "uploads", ""] | [.., "blobs", "uploads"] => {
-            let n = if segments[k - 1].is_empty() {
-                k - 3
-            } else {
-                k - 2
-            };
+            let n = if segments[k - 1].is_empty() { k - 3 } else { k - 2 };
             Ok(Endpoint::UploadStart {
                 name: name(n)?,
                 digest: q.digest("digest")?,
@@ -134,35 +97,19 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
         }
         [.., "blobs", "uploads", id] => {
             let name = name(k - 3)?;
-            let id = id.parse().map_err(|()| {
-                OciError::new(
-                    ErrorCode::BlobUploadUnknown,
-                    "blob upload unknown to registry",
-                )
-            })?;
-            Ok(Endpoint::Upload {
-                name,
-                id,
-                digest: q.digest("digest")?,
-            })
+            let id = id
+                .parse()
+                .map_err(|()| OciError::new(ErrorCode::BlobUploadUnknown, "blob upload unknown to registry"))?;
+            Ok(Endpoint::Upload { name, id, digest: q.digest("digest")? })
         }
-        [.., "tags", "list"] => Ok(Endpoint::Tags {
-            name: name(k - 2)?,
-            paging: q.paging()?,
-        }),
+        [.., "tags", "list"] => Ok(Endpoint::Tags { name: name(k - 2)?, paging: q.paging()? }),
         [.., "manifests", reference] => {
             let name = name(k - 2)?;
-            Ok(Endpoint::Manifest {
-                name,
-                reference: reference.parse()?,
-            })
+            Ok(Endpoint::Manifest { name, reference: reference.parse()? })
         }
         [.., "blobs", digest] => {
             let name = name(k - 2)?;
-            Ok(Endpoint::Blob {
-                name,
-                digest: digest.parse()?,
-            })
+            Ok(Endpoint::Blob { name, digest: digest.parse()? })
         }
         [.., "referrers", digest] => {
             let name = name(k - 2)?;
@@ -190,32 +137,19 @@ mod tests {
         assert_eq!(parse("/v2", None).unwrap(), Endpoint::Base);
         assert_eq!(
             parse("/v2/_catalog", Some("n=5&last=a")).unwrap(),
-            Endpoint::Catalog(Paging {
-                n: Some(5),
-                last: Some("a".into())
-            })
+            Endpoint::Catalog(Paging { n: Some(5), last: Some("a".into()) })
         );
         let name: RepoName = "a/blobs/b".parse().unwrap();
         assert_eq!(
             parse("/v2/a/blobs/b/manifests/v1", None).unwrap(),
-            Endpoint::Manifest {
-                name: name.clone(),
-                reference: "v1".parse().unwrap()
-            }
+            Endpoint::Manifest { name: name.clone(), reference: "v1".parse().unwrap() }
         );
         assert_eq!(
             parse(&format!("/v2/a/blobs/b/blobs/{}", d()), None).unwrap(),
-            Endpoint::Blob {
-                name: name.clone(),
-                digest: d()
-            }
+            Endpoint::Blob { name: name.clone(), digest: d() }
         );
         assert_eq!(
-            parse(
-                "/v2/a/blobs/b/blobs/uploads/",
-                Some(&format!("mount={}&from=x%2Fy", d()))
-            )
-            .unwrap(),
+            parse("/v2/a/blobs/b/blobs/uploads/", Some(&format!("mount={}&from=x%2Fy", d()))).unwrap(),
             Endpoint::UploadStart {
                 name: name.clone(),
                 digest: None,
@@ -225,33 +159,15 @@ mod tests {
         );
         let id = "0123456789abcdef0123456789abcdef";
         assert_eq!(
-            parse(
-                &format!("/v2/a/blobs/b/blobs/uploads/{id}"),
-                Some(&format!("digest={}", d()))
-            )
-            .unwrap(),
-            Endpoint::Upload {
-                name: name.clone(),
-                id: id.parse().unwrap(),
-                digest: Some(d())
-            }
+            parse(&format!("/v2/a/blobs/b/blobs/uploads/{id}"), Some(&format!("digest={}", d()))).unwrap(),
+            Endpoint::Upload { name: name.clone(), id: id.parse().unwrap(), digest: Some(d()) }
         );
         assert_eq!(
             parse("/v2/a/tags/list", Some("n=0")).unwrap(),
-            Endpoint::Tags {
-                name: "a".parse().unwrap(),
-                paging: Paging {
-                    n: Some(0),
-                    last: None
-                }
-            }
+            Endpoint::Tags { name: "a".parse().unwrap(), paging: Paging { n: Some(0), last: None } }
         );
         assert_eq!(
-            parse(
-                &format!("/v2/a/referrers/{}", d()),
-                Some("artifactType=application%2Fx")
-            )
-            .unwrap(),
+            parse(&format!("/v2/a/referrers/{}", d()), Some("artifactType=application%2Fx")).unwrap(),
             Endpoint::Referrers {
                 name: "a".parse().unwrap(),
                 digest: d(),
@@ -268,29 +184,12 @@ mod tests {
         assert_eq!(code("/v2//etc/passwd/manifests/x"), ErrorCode::NameInvalid);
         assert_eq!(code("/v2/manifests/x"), ErrorCode::NameInvalid);
         assert_eq!(code("/v2/a/manifests/..%2f"), ErrorCode::TagInvalid);
-        assert_eq!(
-            code("/v2/a/blobs/sha256:..%2f..%2f"),
-            ErrorCode::DigestInvalid
-        );
-        assert_eq!(
-            code("/v2/a/blobs/uploads/..%2f..%2fx"),
-            ErrorCode::BlobUploadUnknown
-        );
-        assert_eq!(
-            code("/v2/a/blobs/uploads/../../meta.sqlite"),
-            ErrorCode::NotFound
-        );
+        assert_eq!(code("/v2/a/blobs/sha256:..%2f..%2f"), ErrorCode::DigestInvalid);
+        assert_eq!(code("/v2/a/blobs/uploads/..%2f..%2fx"), ErrorCode::BlobUploadUnknown);
+        assert_eq!(code("/v2/a/blobs/uploads/../../meta.sqlite"), ErrorCode::NotFound);
         assert_eq!(code("/v3/"), ErrorCode::NotFound);
         assert_eq!(code("/v2/a"), ErrorCode::NotFound);
-        assert_eq!(
-            parse("/v2/a/tags/list", Some("n=-1")).unwrap_err().code,
-            ErrorCode::PaginationNumberInvalid
-        );
-        assert_eq!(
-            parse("/v2/a/blobs/uploads/", Some("digest=md5:00"))
-                .unwrap_err()
-                .code,
-            ErrorCode::DigestInvalid
-        );
+        assert_eq!(parse("/v2/a/tags/list", Some("n=-1")).unwrap_err().code, ErrorCode::PaginationNumberInvalid);
+        assert_eq!(parse("/v2/a/blobs/uploads/", Some("digest=md5:00")).unwrap_err().code, ErrorCode::DigestInvalid);
     }
 }

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::json;
 use tessera_registry::UploadStart;
 use tessera_spec::{ByteRange, ErrorCode, OciError, RepoName};
@@ -24,10 +24,7 @@ pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -
 }
 
 fn unsupported_method() -> OciError {
-    OciError::new(
-        ErrorCode::Unsupported,
-        "method not allowed on this endpoint",
-    )
+    OciError::new(ErrorCode::Unsupported, "method not allowed on this endpoint")
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
@@ -40,11 +37,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// All `Accept` headers joined, as clients may send the list split over several.
 fn accept(headers: &HeaderMap) -> Option<String> {
-    let all: Vec<&str> = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+    let all: Vec<&str> = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
     (!all.is_empty()).then(|| all.join(","))
 }
 
@@ -52,14 +45,26 @@ fn byte_stream(body: Body) -> impl futures_util::Stream<Item = io::Result<bytes:
     body.into_data_stream().map_err(io::Error::other)
 }
 
+/// Reads and drops what is left of a refused request body (up to a bound), so the client
+/// finishes sending and reads our error instead of a reset connection.
+async fn discard(body: Body) {
+    const DISCARD_MAX: usize = 16 * 1024 * 1024;
+    let mut seen = 0;
+    let mut stream = body.into_data_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        seen += chunk.len();
+        if seen > DISCARD_MAX {
+            break;
+        }
+    }
+}
+
 fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Response {
     let mut builder = Response::builder().status(status);
     for (name, value) in headers {
         builder = builder.header(*name, value);
     }
-    builder
-        .body(body)
-        .unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
+    builder.body(body).unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
 }
 
 fn upload_location(name: &RepoName, id: &UploadId) -> String {
@@ -87,13 +92,7 @@ fn blob_created(name: &RepoName, digest: &tessera_spec::Digest) -> Response {
     )
 }
 
-fn listing(
-    path: &str,
-    key: &str,
-    extra: Option<(&str, &str)>,
-    paging: &Paging,
-    page: Page,
-) -> Response {
+fn listing(path: &str, key: &str, extra: Option<(&str, &str)>, paging: &Paging, page: Page) -> Response {
     let mut headers = vec![("content-type", "application/json".to_string())];
     if page.more
         && let Some(last) = page.items.last()
@@ -117,11 +116,9 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
     let method = &parts.method;
     match endpoint {
         Endpoint::Base => match *method {
-            Method::GET | Method::HEAD => Ok(response(
-                StatusCode::OK,
-                &[("content-type", "application/json".into())],
-                Body::from("{}"),
-            )),
+            Method::GET | Method::HEAD => {
+                Ok(response(StatusCode::OK, &[("content-type", "application/json".into())], Body::from("{}")))
+            }
             _ => Err(unsupported_method()),
         },
         Endpoint::Catalog(paging) => {
@@ -135,62 +132,41 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let page = registry
-                .tags(&name, paging.n, paging.last.as_deref())
-                .await?;
-            Ok(listing(
-                &format!("/v2/{name}/tags/list"),
-                "tags",
-                Some(("name", name.as_str())),
-                &paging,
-                page,
-            ))
+            let page = registry.tags(&name, paging.n, paging.last.as_deref()).await?;
+            Ok(listing(&format!("/v2/{name}/tags/list"), "tags", Some(("name", name.as_str())), &paging, page))
         }
         Endpoint::Manifest { name, reference } => match *method {
             Method::GET | Method::HEAD => {
-                let m = registry
-                    .manifest_get(&name, &reference, accept(headers).as_deref())
-                    .await?;
+                let m = registry.manifest_get(&name, &reference, accept(headers).as_deref()).await?;
                 let headers = [
                     ("content-type", m.media_type.clone()),
                     ("content-length", m.bytes.len().to_string()),
                     ("docker-content-digest", m.digest.to_string()),
                     ("etag", format!("\"{}\"", m.digest)),
                 ];
-                let body = if *method == Method::HEAD {
-                    Body::empty()
-                } else {
-                    Body::from(m.bytes)
-                };
+                let body = if *method == Method::HEAD { Body::empty() } else { Body::from(m.bytes) };
                 Ok(response(StatusCode::OK, &headers, body))
             }
             Method::PUT => {
                 let limit = registry.settings().manifest_max_bytes;
                 if content_length(headers).is_some_and(|l| l > limit) {
+                    discard(body).await;
                     return Err(registry.manifest_too_large());
                 }
-                let bytes = axum::body::to_bytes(body, limit as usize)
-                    .await
-                    .map_err(|e| {
-                        if std::error::Error::source(&e)
-                            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                        {
-                            registry.manifest_too_large()
-                        } else {
-                            OciError::new(
-                                ErrorCode::ManifestInvalid,
-                                "manifest body could not be read",
-                            )
-                        }
-                    })?;
-                let put = registry
-                    .manifest_put(
-                        &name,
-                        &reference,
-                        header_str(headers, header::CONTENT_TYPE),
-                        bytes,
-                    )
-                    .await?;
+                let mut stream = body.into_data_stream();
+                let mut bytes = bytes::BytesMut::new();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk
+                        .map_err(|_| OciError::new(ErrorCode::ManifestInvalid, "manifest body could not be read"))?;
+                    if (bytes.len() + chunk.len()) as u64 > limit {
+                        discard(Body::from_stream(stream)).await;
+                        return Err(registry.manifest_too_large());
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                let bytes = bytes.freeze();
+                let put =
+                    registry.manifest_put(&name, &reference, header_str(headers, header::CONTENT_TYPE), bytes).await?;
                 let mut out = vec![
                     ("location", format!("/v2/{name}/manifests/{}", put.digest)),
                     ("docker-content-digest", put.digest.to_string()),
@@ -219,9 +195,7 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                 Ok(response(StatusCode::OK, &headers, Body::empty()))
             }
             Method::GET => {
-                let answer = registry
-                    .blob_get(&name, &digest, header_str(headers, header::RANGE))
-                    .await?;
+                let answer = registry.blob_get(&name, &digest, header_str(headers, header::RANGE)).await?;
                 let mut out = vec![
                     ("content-length", answer.read.len.to_string()),
                     ("content-type", "application/octet-stream".into()),
@@ -231,10 +205,7 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                 ];
                 let status = match answer.range {
                     Some(ByteRange { start, end }) => {
-                        out.push((
-                            "content-range",
-                            format!("bytes {start}-{end}/{}", answer.size),
-                        ));
+                        out.push(("content-range", format!("bytes {start}-{end}/{}", answer.size)));
                         StatusCode::PARTIAL_CONTENT
                     }
                     None => StatusCode::OK,
@@ -247,61 +218,34 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
             }
             _ => Err(unsupported_method()),
         },
-        Endpoint::UploadStart {
-            name,
-            digest,
-            mount,
-            from,
-        } => {
+        Endpoint::UploadStart { name, digest, mount, from } => {
             if *method != Method::POST {
                 return Err(unsupported_method());
             }
             if let Some(digest) = digest {
-                registry
-                    .upload_monolithic(&name, &digest, byte_stream(body))
-                    .await?;
+                registry.upload_monolithic(&name, &digest, byte_stream(body)).await?;
                 return Ok(blob_created(&name, &digest));
             }
-            match registry
-                .upload_start(&name, mount.as_ref().map(|m| (m, from.as_ref())))
-                .await?
-            {
+            match registry.upload_start(&name, mount.as_ref().map(|m| (m, from.as_ref()))).await? {
                 UploadStart::Created(digest) => Ok(blob_created(&name, &digest)),
-                UploadStart::Session(id) => Ok(response(
-                    StatusCode::ACCEPTED,
-                    &session_headers(&name, &id, 0),
-                    Body::empty(),
-                )),
+                UploadStart::Session(id) => {
+                    Ok(response(StatusCode::ACCEPTED, &session_headers(&name, &id, 0), Body::empty()))
+                }
             }
         }
         Endpoint::Upload { name, id, digest } => {
-            let content_range = header_str(headers, header::CONTENT_RANGE)
-                .map(ByteRange::from_content_range)
-                .transpose()?;
+            let content_range =
+                header_str(headers, header::CONTENT_RANGE).map(ByteRange::from_content_range).transpose()?;
             match *method {
                 Method::GET => {
                     let offset = registry.upload_status(&name, &id).await?;
-                    Ok(response(
-                        StatusCode::NO_CONTENT,
-                        &session_headers(&name, &id, offset),
-                        Body::empty(),
-                    ))
+                    Ok(response(StatusCode::NO_CONTENT, &session_headers(&name, &id, offset), Body::empty()))
                 }
                 Method::PATCH => {
                     let offset = registry
-                        .upload_patch(
-                            &name,
-                            &id,
-                            content_range,
-                            content_length(headers),
-                            byte_stream(body),
-                        )
+                        .upload_patch(&name, &id, content_range, content_length(headers), byte_stream(body))
                         .await?;
-                    Ok(response(
-                        StatusCode::ACCEPTED,
-                        &session_headers(&name, &id, offset),
-                        Body::empty(),
-                    ))
+                    Ok(response(StatusCode::ACCEPTED, &session_headers(&name, &id, offset), Body::empty()))
                 }
                 Method::PUT => {
                     let Some(digest) = digest else {
@@ -316,16 +260,7 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                         use axum::body::HttpBody as _;
                         body.size_hint().exact()
                     });
-                    registry
-                        .upload_finish(
-                            &name,
-                            &id,
-                            &digest,
-                            content_range,
-                            length,
-                            byte_stream(body),
-                        )
-                        .await?;
+                    registry.upload_finish(&name, &id, &digest, content_range, length, byte_stream(body)).await?;
                     Ok(blob_created(&name, &digest))
                 }
                 Method::DELETE => {
@@ -335,21 +270,12 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                 _ => Err(unsupported_method()),
             }
         }
-        Endpoint::Referrers {
-            name,
-            digest,
-            artifact_type,
-        } => {
+        Endpoint::Referrers { name, digest, artifact_type } => {
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let r = registry
-                .referrers(&name, &digest, artifact_type.as_deref())
-                .await?;
-            let mut out = vec![(
-                "content-type",
-                tessera_spec::manifest::media::OCI_INDEX.to_string(),
-            )];
+            let r = registry.referrers(&name, &digest, artifact_type.as_deref()).await?;
+            let mut out = vec![("content-type", tessera_spec::manifest::media::OCI_INDEX.to_string())];
             if r.filtered {
                 out.push(("oci-filters-applied", "artifactType".into()));
             }

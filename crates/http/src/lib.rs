@@ -30,21 +30,14 @@ pub struct ClientAddr(pub std::net::SocketAddr);
 /// The application: every request goes through one dispatcher; every response carries the
 /// API version header and is logged as one line.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .fallback(handlers::dispatch)
-        .with_state(state)
-        .layer(middleware::from_fn(access_log))
+    Router::new().fallback(handlers::dispatch).with_state(state).layer(middleware::from_fn(access_log))
 }
 
 async fn access_log(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let client = req
-        .extensions()
-        .get::<ClientAddr>()
-        .map(|c| c.0.to_string())
-        .unwrap_or_else(|| "-".into());
+    let client = req.extensions().get::<ClientAddr>().map(|c| c.0.to_string()).unwrap_or_else(|| "-".into());
     let agent = req
         .headers()
         .get(axum::http::header::USER_AGENT)
@@ -54,10 +47,7 @@ async fn access_log(req: Request, next: Next) -> Response {
         .take(80)
         .collect::<String>();
     let mut response = next.run(req).await;
-    response.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    response.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     let length = response
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

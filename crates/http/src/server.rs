@@ -52,21 +52,15 @@ pub fn load_tls(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerConfig>
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad("cannot parse certificate", cert, &e))?;
     if certs.is_empty() {
-        return Err(io::Error::other(format!(
-            "no certificate in {}",
-            cert.display()
-        )));
+        return Err(io::Error::other(format!("no certificate in {}", cert.display())));
     }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| bad("cannot read private key", key, &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(io::Error::other)?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| io::Error::other(format!("certificate and key do not fit together: {e}")))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("cannot read private key", key, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| io::Error::other(format!("certificate and key do not fit together: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -84,9 +78,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(options.header_max_bytes.max(8192));
-    builder
-        .http2()
-        .max_header_list_size(options.header_max_bytes.min(u32::MAX as usize) as u32);
+    builder.http2().max_header_list_size(options.header_max_bytes.min(u32::MAX as usize) as u32);
     let builder = Arc::new(builder);
     let acceptor = options.tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
@@ -117,26 +109,22 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             match acceptor {
-                Some(acceptor) => {
-                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let conn =
-                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                                tracing::debug!(%peer, "connection ended: {e}");
-                            }
+                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%peer, "connection ended: {e}");
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                }
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
                 None => {
                     let mut stream = stream;
                     if answers_tls_probe(&mut stream, peer).await {
                         return;
                     }
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, "connection ended: {e}");
                     }

@@ -28,11 +28,7 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            manifest_max_bytes: 4 * 1024 * 1024,
-            blob_max_bytes: 0,
-            delete_enabled: true,
-        }
+        Settings { manifest_max_bytes: 4 * 1024 * 1024, blob_max_bytes: 0, delete_enabled: true }
     }
 }
 
@@ -78,8 +74,7 @@ pub struct Referrers {
 pub(crate) fn internal(context: &str, e: io::Error) -> OciError {
     if e.kind() == io::ErrorKind::StorageFull {
         tracing::error!("{context}: storage full: {e}");
-        return OciError::new(ErrorCode::Unavailable, "storage is full")
-            .with_header("retry-after", "60");
+        return OciError::new(ErrorCode::Unavailable, "storage is full").with_header("retry-after", "60");
     }
     tracing::error!("{context}: {e}");
     OciError::internal()
@@ -96,10 +91,7 @@ fn manifest_unknown(reference: &Reference) -> OciError {
 }
 
 fn deletes_disabled() -> OciError {
-    OciError::new(
-        ErrorCode::Unsupported,
-        "deletes are disabled on this registry",
-    )
+    OciError::new(ErrorCode::Unsupported, "deletes are disabled on this registry")
 }
 
 /// Whether an `Accept` header admits `media_type`. No header, or a wildcard, admits all.
@@ -115,12 +107,7 @@ fn accepts(accept: Option<&str>, media_type: &str) -> bool {
 
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, settings: Settings) -> Self {
-        Registry {
-            blobs,
-            meta,
-            settings,
-            sessions: Mutex::new(HashMap::new()),
-        }
+        Registry { blobs, meta, settings, sessions: Mutex::new(HashMap::new()) }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -163,12 +150,7 @@ impl Registry {
         }
         // Only the link goes: the bytes may be linked elsewhere, and reclaiming unlinked
         // bytes safely (against a push that just found them) is garbage collection's job.
-        if self
-            .meta
-            .unlink_blob(repo, digest)
-            .await
-            .map_err(|e| internal("blob unlink", e))?
-        {
+        if self.meta.unlink_blob(repo, digest).await.map_err(|e| internal("blob unlink", e))? {
             Ok(())
         } else {
             Err(blob_unknown(digest))
@@ -189,19 +171,10 @@ impl Registry {
         }
         .map_err(|e| internal("mount lookup", e))?;
         let Some(size) = known else { return Ok(None) };
-        if self
-            .blobs
-            .stat(digest)
-            .await
-            .map_err(|e| internal("mount stat", e))?
-            .is_none()
-        {
+        if self.blobs.stat(digest).await.map_err(|e| internal("mount stat", e))?.is_none() {
             return Ok(None);
         }
-        self.meta
-            .link_blob(repo, digest, size)
-            .await
-            .map_err(|e| internal("mount link", e))?;
+        self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("mount link", e))?;
         Ok(Some(size))
     }
 
@@ -232,10 +205,7 @@ impl Registry {
         if matches!(reference, Reference::Tag(_)) && is_index && !accepts(accept, &m.media_type) {
             return Err(OciError::new(
                 ErrorCode::ManifestUnknown,
-                format!(
-                    "the tag names a {}, which the request's Accept header does not allow",
-                    m.media_type
-                ),
+                format!("the tag names a {}, which the request's Accept header does not allow", m.media_type),
             ));
         }
         Ok(m)
@@ -262,29 +232,20 @@ impl Registry {
                         ErrorCode::DigestInvalid,
                         "manifest content does not match the digest in the URL",
                     )
-                    .with_detail(
-                        json!({ "expected": d.to_string(), "actual": actual.to_string() }),
-                    ));
+                    .with_detail(json!({ "expected": d.to_string(), "actual": actual.to_string() })));
                 }
                 (actual, None)
             }
             Reference::Tag(t) => (Digest::sha256_of(&body), Some(t)),
         };
         for d in parsed.required_blobs() {
-            let size = self
-                .meta
-                .blob_link(repo, &d.digest)
-                .await
-                .map_err(|e| internal("manifest blob check", e))?;
+            let size = self.meta.blob_link(repo, &d.digest).await.map_err(|e| internal("manifest blob check", e))?;
             check_reference(d, size, "blob")?;
         }
         if parsed.kind == ManifestKind::Index {
             for d in &parsed.manifests {
-                let child = self
-                    .meta
-                    .get_manifest(repo, &d.digest)
-                    .await
-                    .map_err(|e| internal("manifest child check", e))?;
+                let child =
+                    self.meta.get_manifest(repo, &d.digest).await.map_err(|e| internal("manifest child check", e))?;
                 check_reference(d, child.map(|c| c.bytes.len() as u64), "manifest")?;
             }
         }
@@ -297,77 +258,41 @@ impl Registry {
             annotations_json: (!parsed.annotations.is_empty())
                 .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
         };
-        self.meta
-            .put_manifest(repo, &record, tag)
-            .await
-            .map_err(|e| internal("manifest put", e))?;
-        Ok(ManifestPut {
-            digest,
-            subject: record.subject,
-        })
+        self.meta.put_manifest(repo, &record, tag).await.map_err(|e| internal("manifest put", e))?;
+        Ok(ManifestPut { digest, subject: record.subject })
     }
 
     pub fn manifest_too_large(&self) -> OciError {
         OciError::new(
             ErrorCode::TooLarge,
-            format!(
-                "manifest larger than the {} byte limit",
-                self.settings.manifest_max_bytes
-            ),
+            format!("manifest larger than the {} byte limit", self.settings.manifest_max_bytes),
         )
     }
 
     /// Deletes a manifest (by digest, with its tags) or a tag (by tag).
-    pub async fn manifest_delete(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-    ) -> Result<(), OciError> {
+    pub async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<(), OciError> {
         if !self.settings.delete_enabled {
             return Err(deletes_disabled());
         }
         let found = match reference {
-            Reference::Digest(d) => self
-                .meta
-                .delete_manifest(repo, d)
-                .await
-                .map(|o| o.is_some()),
+            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await.map(|o| o.is_some()),
             Reference::Tag(t) => self.meta.delete_tag(repo, t).await,
         }
         .map_err(|e| internal("manifest delete", e))?;
-        if found {
-            Ok(())
-        } else {
-            Err(manifest_unknown(reference))
-        }
+        if found { Ok(()) } else { Err(manifest_unknown(reference)) }
     }
 
-    pub async fn tags(
-        &self,
-        repo: &RepoName,
-        n: Option<usize>,
-        last: Option<&str>,
-    ) -> Result<Page, OciError> {
+    pub async fn tags(&self, repo: &RepoName, n: Option<usize>, last: Option<&str>) -> Result<Page, OciError> {
         let limit = n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
-        self.meta
-            .list_tags(repo, last, limit)
-            .await
-            .map_err(|e| internal("tags list", e))?
-            .ok_or_else(|| {
-                OciError::new(
-                    ErrorCode::NameUnknown,
-                    "repository name not known to registry",
-                )
+        self.meta.list_tags(repo, last, limit).await.map_err(|e| internal("tags list", e))?.ok_or_else(|| {
+            OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")
                 .with_detail(json!({ "name": repo.to_string() }))
-            })
+        })
     }
 
     pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page, OciError> {
         let limit = n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
-        self.meta
-            .catalog(last, limit)
-            .await
-            .map_err(|e| internal("catalog", e))
+        self.meta.catalog(last, limit).await.map_err(|e| internal("catalog", e))
     }
 
     /// The referrers of `subject` in `repo` as an OCI image index (empty if none).
@@ -377,11 +302,7 @@ impl Registry {
         subject: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Referrers, OciError> {
-        let found = self
-            .meta
-            .referrers(repo, subject)
-            .await
-            .map_err(|e| internal("referrers", e))?;
+        let found = self.meta.referrers(repo, subject).await.map_err(|e| internal("referrers", e))?;
         let manifests: Vec<serde_json::Value> = found
             .iter()
             .filter(|m| artifact_type.is_none() || m.artifact_type.as_deref() == artifact_type)
@@ -390,27 +311,21 @@ impl Registry {
                 if let Some(t) = &m.artifact_type {
                     d["artifactType"] = json!(t);
                 }
-                if let Some(a) = m.annotations_json.as_deref().and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok()) {
+                if let Some(a) =
+                    m.annotations_json.as_deref().and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok())
+                {
                     d["annotations"] = a;
                 }
                 d
             })
             .collect();
-        let index =
-            json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests });
-        Ok(Referrers {
-            index: Bytes::from(index.to_string()),
-            filtered: artifact_type.is_some(),
-        })
+        let index = json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests });
+        Ok(Referrers { index: Bytes::from(index.to_string()), filtered: artifact_type.is_some() })
     }
 }
 
 /// A descriptor's target must exist (`found` is its stored size) with the declared size.
-fn check_reference(
-    d: &tessera_spec::Descriptor,
-    found: Option<u64>,
-    what: &str,
-) -> Result<(), OciError> {
+fn check_reference(d: &tessera_spec::Descriptor, found: Option<u64>, what: &str) -> Result<(), OciError> {
     match found {
         None => Err(OciError::new(
             ErrorCode::ManifestBlobUnknown,

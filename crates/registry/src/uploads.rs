@@ -24,10 +24,7 @@ pub struct UploadState {
 }
 
 fn upload_unknown() -> OciError {
-    OciError::new(
-        ErrorCode::BlobUploadUnknown,
-        "blob upload unknown to registry",
-    )
+    OciError::new(ErrorCode::BlobUploadUnknown, "blob upload unknown to registry")
 }
 
 /// The `Range` header value for a session holding `offset` bytes (Distribution's form:
@@ -43,27 +40,16 @@ impl Registry {
     }
 
     fn forget_session(&self, id: &UploadId) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
     /// Checks that `id` is an open session of `repo` and returns its size.
     async fn session_size(&self, repo: &RepoName, id: &UploadId) -> Result<u64, OciError> {
-        let owner = self
-            .meta
-            .upload_repo(id)
-            .await
-            .map_err(|e| internal("upload lookup", e))?;
+        let owner = self.meta.upload_repo(id).await.map_err(|e| internal("upload lookup", e))?;
         if owner.as_ref() != Some(repo) {
             return Err(upload_unknown());
         }
-        self.blobs
-            .upload_size(id)
-            .await
-            .map_err(|e| internal("upload size", e))?
-            .ok_or_else(upload_unknown)
+        self.blobs.upload_size(id).await.map_err(|e| internal("upload size", e))?.ok_or_else(upload_unknown)
     }
 
     /// Opens a session for `repo`, or mounts `mount` if it can (see [`Registry::mount`]).
@@ -78,10 +64,7 @@ impl Registry {
             return Ok(UploadStart::Created(digest.clone()));
         }
         let id = UploadId::random();
-        self.blobs
-            .upload_create(&id)
-            .await
-            .map_err(|e| internal("upload create", e))?;
+        self.blobs.upload_create(&id).await.map_err(|e| internal("upload create", e))?;
         if let Err(e) = self.meta.create_upload(&id, repo).await {
             let _ = self.blobs.upload_delete(&id).await;
             return Err(internal("upload record", e));
@@ -90,20 +73,12 @@ impl Registry {
     }
 
     /// A whole blob in one request (`POST ?digest=`). Nothing is left behind on failure.
-    pub async fn upload_monolithic<S>(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        body: S,
-    ) -> Result<(), OciError>
+    pub async fn upload_monolithic<S>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<(), OciError>
     where
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
         let id = UploadId::random();
-        self.blobs
-            .upload_create(&id)
-            .await
-            .map_err(|e| internal("upload create", e))?;
+        self.blobs.upload_create(&id).await.map_err(|e| internal("upload create", e))?;
         let mut state = None;
         let result = async {
             self.append(&id, &mut state, 0, body).await?;
@@ -226,18 +201,12 @@ impl Registry {
         }));
         match self.blobs.upload_append(id, hashed).await {
             Ok(new_size) => {
-                *state = Some(UploadState {
-                    offset: new_size,
-                    digester,
-                });
+                *state = Some(UploadState { offset: new_size, digester });
                 Ok(new_size)
             }
             Err(AppendError::Source(e)) if over_limit => {
                 tracing::info!(upload = %id, "upload refused: {e}");
-                Err(OciError::new(
-                    ErrorCode::TooLarge,
-                    format!("blob larger than the {limit} byte limit"),
-                ))
+                Err(OciError::new(ErrorCode::TooLarge, format!("blob larger than the {limit} byte limit")))
             }
             Err(AppendError::Source(e)) => {
                 tracing::info!(upload = %id, "upload body ended early: {e}");
@@ -252,11 +221,7 @@ impl Registry {
 
     /// Rebuilds the hash of a session from its stored bytes.
     async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<Digester, OciError> {
-        let stream = self
-            .blobs
-            .upload_read(id)
-            .await
-            .map_err(|e| internal("upload read", e))?;
+        let stream = self.blobs.upload_read(id).await.map_err(|e| internal("upload read", e))?;
         stream
             .try_fold(Digester::new(algorithm), |mut d, chunk| async move {
                 d.update(&chunk);
@@ -273,34 +238,19 @@ impl Registry {
         digest: &Digest,
         state: &mut Option<UploadState>,
     ) -> Result<(), OciError> {
-        let size = self
-            .blobs
-            .upload_size(id)
-            .await
-            .map_err(|e| internal("upload size", e))?
-            .ok_or_else(upload_unknown)?;
+        let size =
+            self.blobs.upload_size(id).await.map_err(|e| internal("upload size", e))?.ok_or_else(upload_unknown)?;
         let actual = match state.as_ref() {
-            Some(s) if s.offset == size && s.digester.algorithm() == digest.algorithm() => {
-                s.digester.peek()
-            }
+            Some(s) if s.offset == size && s.digester.algorithm() == digest.algorithm() => s.digester.peek(),
             _ => self.rehash(id, digest.algorithm()).await?.finish(),
         };
         if &actual != digest {
-            return Err(OciError::new(
-                ErrorCode::DigestInvalid,
-                "uploaded content does not match the digest",
-            )
-            .with_detail(json!({ "expected": digest.to_string(), "actual": actual.to_string() })));
+            return Err(OciError::new(ErrorCode::DigestInvalid, "uploaded content does not match the digest")
+                .with_detail(json!({ "expected": digest.to_string(), "actual": actual.to_string() })));
         }
-        self.blobs
-            .upload_commit(id, digest)
-            .await
-            .map_err(|e| internal("upload commit", e))?;
+        self.blobs.upload_commit(id, digest).await.map_err(|e| internal("upload commit", e))?;
         *state = None;
-        self.meta
-            .link_blob(repo, digest, size)
-            .await
-            .map_err(|e| internal("blob link", e))?;
+        self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("blob link", e))?;
         if let Err(e) = self.meta.delete_upload(id).await {
             tracing::warn!(upload = %id, "cannot remove finished upload record: {e}");
         }
@@ -326,31 +276,21 @@ impl Registry {
 }
 
 /// A chunk must start where the session stands, and its range and length must agree.
-fn check_chunk(
-    size: u64,
-    content_range: Option<ByteRange>,
-    content_length: Option<u64>,
-) -> Result<(), OciError> {
+fn check_chunk(size: u64, content_range: Option<ByteRange>, content_length: Option<u64>) -> Result<(), OciError> {
     let Some(range) = content_range else {
         return Ok(());
     };
     if range.start != size {
         return Err(OciError::new(
             ErrorCode::UploadRangeInvalid,
-            format!(
-                "chunk starts at {} but the upload holds {size} bytes",
-                range.start
-            ),
+            format!("chunk starts at {} but the upload holds {size} bytes", range.start),
         )
         .with_header("range", range_header(size)));
     }
     if let Some(len) = content_length
         && len != range.len()
     {
-        return Err(OciError::new(
-            ErrorCode::SizeInvalid,
-            "Content-Length does not match Content-Range",
-        ));
+        return Err(OciError::new(ErrorCode::SizeInvalid, "Content-Length does not match Content-Range"));
     }
     Ok(())
 }

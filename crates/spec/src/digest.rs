@@ -68,30 +68,20 @@ impl fmt::Display for Digest {
 }
 
 fn is_algorithm_component(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 impl FromStr for Digest {
     type Err = OciError;
 
     fn from_str(s: &str) -> Result<Self, OciError> {
-        let invalid =
-            |why: &str| OciError::new(ErrorCode::DigestInvalid, format!("invalid digest: {why}"));
+        let invalid = |why: &str| OciError::new(ErrorCode::DigestInvalid, format!("invalid digest: {why}"));
         let (alg, hex) = s.split_once(':').ok_or_else(|| invalid("missing ':'"))?;
         // The grammar from the image spec: algorithm-component (separator algorithm-component)*
-        if alg
-            .split(['+', '.', '_', '-'])
-            .any(|c| !is_algorithm_component(c))
-        {
+        if alg.split(['+', '.', '_', '-']).any(|c| !is_algorithm_component(c)) {
             return Err(invalid("malformed algorithm"));
         }
-        if hex.is_empty()
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b))
-        {
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b)) {
             return Err(invalid("malformed encoded part"));
         }
         let algorithm = match alg {
@@ -100,23 +90,14 @@ impl FromStr for Digest {
             _ => {
                 return Err(OciError::new(
                     ErrorCode::DigestInvalid,
-                    format!(
-                        "unsupported digest algorithm {alg:?}; sha256 and sha512 are supported"
-                    ),
+                    format!("unsupported digest algorithm {alg:?}; sha256 and sha512 are supported"),
                 ));
             }
         };
-        if hex.len() != algorithm.hex_len()
-            || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(invalid(
-                "encoded part must be lowercase hex of the algorithm's length",
-            ));
+        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(invalid("encoded part must be lowercase hex of the algorithm's length"));
         }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_string(),
-        })
+        Ok(Digest { algorithm, hex: hex.to_string() })
     }
 }
 

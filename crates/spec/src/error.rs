@@ -86,12 +86,7 @@ pub struct OciError {
 
 impl OciError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        OciError {
-            code,
-            message: message.into(),
-            detail: None,
-            headers: Vec::new(),
-        }
+        OciError { code, message: message.into(), detail: None, headers: Vec::new() }
     }
 
     pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
@@ -133,8 +128,7 @@ mod tests {
 
     #[test]
     fn body_has_spec_shape() {
-        let e = OciError::new(ErrorCode::BlobUnknown, "no such blob")
-            .with_detail(serde_json::json!({"digest": "x"}));
+        let e = OciError::new(ErrorCode::BlobUnknown, "no such blob").with_detail(serde_json::json!({"digest": "x"}));
         let b = e.body();
         assert_eq!(b["errors"][0]["code"], "BLOB_UNKNOWN");
         assert_eq!(b["errors"][0]["message"], "no such blob");

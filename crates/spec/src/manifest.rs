@@ -15,8 +15,7 @@ pub mod media {
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
     pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
-    pub const DOCKER_SCHEMA1_SIGNED: &str =
-        "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
     pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
     /// Every manifest media type this registry stores and serves.
@@ -95,10 +94,7 @@ fn invalid(msg: impl Into<String>) -> OciError {
 }
 
 fn descriptor(raw: RawDescriptor, field: &str) -> Result<Descriptor, OciError> {
-    let digest: Digest = raw
-        .digest
-        .parse()
-        .map_err(|e: OciError| invalid(format!("{field}: {}", e.message)))?;
+    let digest: Digest = raw.digest.parse().map_err(|e: OciError| invalid(format!("{field}: {}", e.message)))?;
     let size = u64::try_from(raw.size).map_err(|_| invalid(format!("{field}: negative size")))?;
     if raw.media_type.is_empty() {
         return Err(invalid(format!("{field}: empty mediaType")));
@@ -128,9 +124,7 @@ impl ParsedManifest {
         let header = declared_type(content_type);
         let media_type = match (header, raw.media_type.as_deref()) {
             (Some(h), Some(b)) if h != b => {
-                return Err(invalid(format!(
-                    "Content-Type {h} differs from the manifest's mediaType {b}"
-                )));
+                return Err(invalid(format!("Content-Type {h} differs from the manifest's mediaType {b}")));
             }
             (Some(h), _) => h.to_string(),
             (None, Some(b)) => b.to_string(),
@@ -141,14 +135,10 @@ impl ParsedManifest {
             media::OCI_MANIFEST | media::DOCKER_MANIFEST => ManifestKind::Image,
             media::OCI_INDEX | media::DOCKER_LIST => ManifestKind::Index,
             media::DOCKER_SCHEMA1 | media::DOCKER_SCHEMA1_SIGNED => {
-                return Err(invalid(
-                    "Docker schema 1 manifests are not supported; push schema 2 or OCI",
-                ));
+                return Err(invalid("Docker schema 1 manifests are not supported; push schema 2 or OCI"));
             }
             other => {
-                return Err(invalid(format!(
-                    "unsupported manifest media type {other:?}"
-                )));
+                return Err(invalid(format!("unsupported manifest media type {other:?}")));
             }
         };
         if raw.schema_version != 2 {
@@ -158,11 +148,7 @@ impl ParsedManifest {
         let annotations = raw.annotations.unwrap_or_default();
         match kind {
             ManifestKind::Image => {
-                let config = descriptor(
-                    raw.config
-                        .ok_or_else(|| invalid("image manifest without config"))?,
-                    "config",
-                )?;
+                let config = descriptor(raw.config.ok_or_else(|| invalid("image manifest without config"))?, "config")?;
                 let layers = raw
                     .layers
                     .ok_or_else(|| invalid("image manifest without layers"))?
@@ -172,9 +158,7 @@ impl ParsedManifest {
                 if raw.manifests.is_some() {
                     return Err(invalid("image manifest must not have manifests"));
                 }
-                let artifact_type = raw
-                    .artifact_type
-                    .or_else(|| Some(config.media_type.clone()));
+                let artifact_type = raw.artifact_type.or_else(|| Some(config.media_type.clone()));
                 Ok(ParsedManifest {
                     media_type,
                     kind,
@@ -213,9 +197,7 @@ impl ParsedManifest {
     /// Blobs this manifest needs present in the repository: config and layers, except
     /// layers that name their own `urls` (non-distributable layers live elsewhere).
     pub fn required_blobs(&self) -> impl Iterator<Item = &Descriptor> {
-        self.config
-            .iter()
-            .chain(self.layers.iter().filter(|d| d.urls.is_empty()))
+        self.config.iter().chain(self.layers.iter().filter(|d| d.urls.is_empty()))
     }
 }
 
@@ -241,10 +223,7 @@ mod tests {
         let m = ParsedManifest::parse(Some(media::OCI_MANIFEST), image().as_bytes()).unwrap();
         assert_eq!(m.kind, ManifestKind::Image);
         assert_eq!(m.required_blobs().count(), 2);
-        assert_eq!(
-            m.artifact_type.as_deref(),
-            Some("application/vnd.oci.image.config.v1+json")
-        );
+        assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
         assert_eq!(m.annotations["a"], "b");
     }
 
@@ -252,10 +231,7 @@ mod tests {
     fn content_type_must_agree() {
         let e = ParsedManifest::parse(Some(media::OCI_INDEX), image().as_bytes()).unwrap_err();
         assert_eq!(e.code, ErrorCode::ManifestInvalid);
-        assert!(
-            ParsedManifest::parse(Some("application/json; charset=utf-8"), image().as_bytes())
-                .is_ok()
-        );
+        assert!(ParsedManifest::parse(Some("application/json; charset=utf-8"), image().as_bytes()).is_ok());
     }
 
     #[test]

@@ -74,10 +74,8 @@ impl FromStr for RepoName {
         if s.split('/').all(valid_component) {
             Ok(RepoName(s.to_string()))
         } else {
-            Err(
-                OciError::new(ErrorCode::NameInvalid, "invalid repository name")
-                    .with_detail(serde_json::json!({ "name": s })),
-            )
+            Err(OciError::new(ErrorCode::NameInvalid, "invalid repository name")
+                .with_detail(serde_json::json!({ "name": s })))
         }
     }
 }
@@ -106,14 +104,11 @@ impl FromStr for Tag {
         let ok = !b.is_empty()
             && b.len() <= 128
             && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-            && b[1..]
-                .iter()
-                .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+            && b[1..].iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
         if ok {
             Ok(Tag(s.to_string()))
         } else {
-            Err(OciError::new(ErrorCode::TagInvalid, "invalid tag")
-                .with_detail(serde_json::json!({ "tag": s })))
+            Err(OciError::new(ErrorCode::TagInvalid, "invalid tag").with_detail(serde_json::json!({ "tag": s })))
         }
     }
 }
@@ -135,11 +130,7 @@ impl FromStr for Reference {
     type Err = OciError;
 
     fn from_str(s: &str) -> Result<Self, OciError> {
-        if s.contains(':') {
-            s.parse().map(Reference::Digest)
-        } else {
-            s.parse().map(Reference::Tag)
-        }
+        if s.contains(':') { s.parse().map(Reference::Digest) } else { s.parse().map(Reference::Tag) }
     }
 }
 
@@ -158,14 +149,7 @@ mod tests {
 
     #[test]
     fn accepts_spec_names() {
-        for ok in [
-            "a",
-            "library/ubuntu",
-            "a0/b-c/d.e/f_g/h__i",
-            "x---y",
-            "cool/stuff/x",
-            "a/b/c/d/e/f",
-        ] {
+        for ok in ["a", "library/ubuntu", "a0/b-c/d.e/f_g/h__i", "x---y", "cool/stuff/x", "a/b/c/d/e/f"] {
             assert!(ok.parse::<RepoName>().is_ok(), "{ok}");
         }
     }
@@ -207,11 +191,7 @@ mod tests {
         assert!("_x.Y-1".parse::<Tag>().is_ok());
         assert!("a".repeat(128).parse::<Tag>().is_ok());
         for bad in ["", ".a", "-a", "a/b", "a:b", "a%2f", &"a".repeat(129)] {
-            assert_eq!(
-                bad.parse::<Tag>().unwrap_err().code,
-                ErrorCode::TagInvalid,
-                "{bad}"
-            );
+            assert_eq!(bad.parse::<Tag>().unwrap_err().code, ErrorCode::TagInvalid, "{bad}");
         }
     }
 
@@ -220,9 +200,6 @@ mod tests {
         assert!(matches!("v1".parse::<Reference>(), Ok(Reference::Tag(_))));
         let d = Digest::sha256_of(b"x").to_string();
         assert!(matches!(d.parse::<Reference>(), Ok(Reference::Digest(_))));
-        assert_eq!(
-            "sha256:nothex".parse::<Reference>().unwrap_err().code,
-            ErrorCode::DigestInvalid
-        );
+        assert_eq!("sha256:nothex".parse::<Reference>().unwrap_err().code, ErrorCode::DigestInvalid);
     }
 }

@@ -28,11 +28,8 @@ impl ByteRange {
             return Ok(None);
         };
         let unsatisfiable = || {
-            OciError::new(
-                ErrorCode::RangeNotSatisfiable,
-                "requested range not satisfiable",
-            )
-            .with_header("content-range", format!("bytes */{size}"))
+            OciError::new(ErrorCode::RangeNotSatisfiable, "requested range not satisfiable")
+                .with_header("content-range", format!("bytes */{size}"))
         };
         if spec.contains(',') {
             return Err(unsatisfiable());
@@ -50,20 +47,14 @@ impl ByteRange {
             if n == 0 || size == 0 {
                 return Err(unsatisfiable());
             }
-            ByteRange {
-                start: size.saturating_sub(n),
-                end: size - 1,
-            }
+            ByteRange { start: size.saturating_sub(n), end: size - 1 }
         } else {
             let start = num(a)?;
             let end = if b.is_empty() { u64::MAX } else { num(b)? };
             if start >= size || end < start {
                 return Err(unsatisfiable());
             }
-            ByteRange {
-                start,
-                end: end.min(size - 1),
-            }
+            ByteRange { start, end: end.min(size - 1) }
         };
         Ok(Some(range))
     }
@@ -95,9 +86,7 @@ mod tests {
     use super::*;
 
     fn r(h: &str, size: u64) -> Result<Option<(u64, u64)>, ErrorCode> {
-        ByteRange::from_header(Some(h), size)
-            .map(|o| o.map(|r| (r.start, r.end)))
-            .map_err(|e| e.code)
+        ByteRange::from_header(Some(h), size).map(|o| o.map(|r| (r.start, r.end))).map_err(|e| e.code)
     }
 
     #[test]
@@ -123,22 +112,13 @@ mod tests {
         }
         assert_eq!(r("bytes=0-", 0), Err(ErrorCode::RangeNotSatisfiable));
         let e = ByteRange::from_header(Some("bytes=200-"), 100).unwrap_err();
-        assert_eq!(
-            e.headers,
-            vec![("content-range", "bytes */100".to_string())]
-        );
+        assert_eq!(e.headers, vec![("content-range", "bytes */100".to_string())]);
     }
 
     #[test]
     fn upload_content_range() {
-        assert_eq!(
-            ByteRange::from_content_range("0-99").unwrap(),
-            ByteRange { start: 0, end: 99 }
-        );
-        assert_eq!(
-            ByteRange::from_content_range("bytes 10-19/*").unwrap(),
-            ByteRange { start: 10, end: 19 }
-        );
+        assert_eq!(ByteRange::from_content_range("0-99").unwrap(), ByteRange { start: 0, end: 99 });
+        assert_eq!(ByteRange::from_content_range("bytes 10-19/*").unwrap(), ByteRange { start: 10, end: 19 });
         for bad in ["", "5", "9-5", "-1-4", "a-b", "1-", "-"] {
             assert!(ByteRange::from_content_range(bad).is_err(), "{bad}");
         }

@@ -25,9 +25,7 @@ struct ByPayload;
 
 impl Weighter<(RepoName, Digest), ManifestRecord> for ByPayload {
     fn weight(&self, _: &(RepoName, Digest), v: &ManifestRecord) -> u64 {
-        v.bytes.len() as u64
-            + v.annotations_json.as_ref().map_or(0, |a| a.len() as u64)
-            + ENTRY_OVERHEAD
+        v.bytes.len() as u64 + v.annotations_json.as_ref().map_or(0, |a| a.len() as u64) + ENTRY_OVERHEAD
     }
 }
 
@@ -47,11 +45,7 @@ impl<M: MetaStore> CachedMetaStore<M> {
         let small_items = ((bytes / 8) / ENTRY_OVERHEAD).max(16) as usize;
         CachedMetaStore {
             inner,
-            manifests: Cache::with_weighter(
-                (manifest_bytes / 4096).max(16) as usize,
-                manifest_bytes.max(1),
-                ByPayload,
-            ),
+            manifests: Cache::with_weighter((manifest_bytes / 4096).max(16) as usize, manifest_bytes.max(1), ByPayload),
             tags: Cache::new(small_items),
             links: Cache::new(small_items),
             generation: Mutex::new(0),
@@ -112,12 +106,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(removed)
     }
 
-    async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        manifest: &ManifestRecord,
-        tag: Option<&Tag>,
-    ) -> io::Result<()> {
+    async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()> {
         self.inner.put_manifest(repo, manifest, tag).await?;
         if let Some(tag) = tag {
             self.invalidate(|| {
@@ -127,11 +116,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(())
     }
 
-    async fn get_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> io::Result<Option<ManifestRecord>> {
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>> {
         let key = (repo.clone(), digest.clone());
         if let Some(m) = self.manifests.get(&key) {
             return Ok(Some(m));
@@ -157,11 +142,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(found)
     }
 
-    async fn delete_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> io::Result<Option<Vec<Tag>>> {
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>> {
         let removed = self.inner.delete_manifest(repo, digest).await?;
         self.invalidate(|| {
             self.manifests.remove(&(repo.clone(), digest.clone()));
@@ -180,12 +161,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(removed)
     }
 
-    async fn list_tags(
-        &self,
-        repo: &RepoName,
-        last: Option<&str>,
-        limit: usize,
-    ) -> io::Result<Option<Page>> {
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>> {
         self.inner.list_tags(repo, last, limit).await
     }
 
@@ -193,11 +169,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         self.inner.catalog(last, limit).await
     }
 
-    async fn referrers(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-    ) -> io::Result<Vec<ManifestRecord>> {
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>> {
         self.inner.referrers(repo, subject).await
     }
 
@@ -222,10 +194,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CachedMetaStore::new(
-            SqliteMetaStore::open(&dir.path().join("meta.sqlite")).unwrap(),
-            1 << 20,
-        );
+        let store = CachedMetaStore::new(SqliteMetaStore::open(&dir.path().join("meta.sqlite")).unwrap(), 1 << 20);
         crate::conformance::meta_store(&store).await;
     }
 }

@@ -11,9 +11,7 @@ use tessera_spec::{Digest, RepoName, Tag};
 use crate::{AppendError, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadId};
 
 fn chunks(parts: Vec<Vec<u8>>) -> ByteStream<'static> {
-    Box::pin(futures_util::stream::iter(
-        parts.into_iter().map(|p| Ok(Bytes::from(p))),
-    ))
+    Box::pin(futures_util::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from(p)))))
 }
 
 async fn collect(s: ByteStream<'_>) -> Vec<u8> {
@@ -29,11 +27,7 @@ async fn collect(s: ByteStream<'_>) -> Vec<u8> {
 pub async fn blob_store(store: &dyn BlobStore) {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let digest = Digest::sha256_of(&data);
-    assert_eq!(
-        store.stat(&digest).await.unwrap(),
-        None,
-        "empty store has no blob"
-    );
+    assert_eq!(store.stat(&digest).await.unwrap(), None, "empty store has no blob");
     assert!(store.read(&digest, None).await.unwrap().is_none());
 
     // Chunked appends accumulate; the reported size is what was written.
@@ -42,86 +36,40 @@ pub async fn blob_store(store: &dyn BlobStore) {
     assert_eq!(store.upload_size(&id).await.unwrap(), Some(0));
     let (a, b) = data.split_at(1_234_567);
     assert_eq!(
-        store
-            .upload_append(&id, chunks(vec![a[..10].to_vec(), a[10..].to_vec()]))
-            .await
-            .unwrap(),
+        store.upload_append(&id, chunks(vec![a[..10].to_vec(), a[10..].to_vec()])).await.unwrap(),
         a.len() as u64
     );
-    assert_eq!(
-        store
-            .upload_append(&id, chunks(vec![b.to_vec()]))
-            .await
-            .unwrap(),
-        data.len() as u64
-    );
-    assert_eq!(
-        collect(store.upload_read(&id).await.unwrap()).await,
-        data,
-        "upload_read returns what was appended"
-    );
-    assert_eq!(
-        store.stat(&digest).await.unwrap(),
-        None,
-        "nothing visible before commit"
-    );
+    assert_eq!(store.upload_append(&id, chunks(vec![b.to_vec()])).await.unwrap(), data.len() as u64);
+    assert_eq!(collect(store.upload_read(&id).await.unwrap()).await, data, "upload_read returns what was appended");
+    assert_eq!(store.stat(&digest).await.unwrap(), None, "nothing visible before commit");
     store.upload_commit(&id, &digest).await.unwrap();
-    assert_eq!(
-        store.upload_size(&id).await.unwrap(),
-        None,
-        "commit ends the session"
-    );
+    assert_eq!(store.upload_size(&id).await.unwrap(), None, "commit ends the session");
     assert_eq!(store.stat(&digest).await.unwrap(), Some(data.len() as u64));
 
     // Whole and ranged reads.
     let whole = store.read(&digest, None).await.unwrap().unwrap();
     assert_eq!(whole.len, data.len() as u64);
     assert_eq!(collect(whole.body).await, data);
-    let part = store
-        .read(&digest, Some((1_000_000, 2_500_000)))
-        .await
-        .unwrap()
-        .unwrap();
+    let part = store.read(&digest, Some((1_000_000, 2_500_000))).await.unwrap().unwrap();
     assert_eq!(part.len, 1_500_001);
     assert_eq!(collect(part.body).await, &data[1_000_000..=2_500_000]);
-    let tail = store
-        .read(&digest, Some((2_999_990, u64::MAX)))
-        .await
-        .unwrap()
-        .unwrap();
+    let tail = store.read(&digest, Some((2_999_990, u64::MAX))).await.unwrap().unwrap();
     assert_eq!(collect(tail.body).await, &data[2_999_990..]);
-    assert!(
-        store
-            .read(&digest, Some((3_000_000, 3_000_001)))
-            .await
-            .is_err(),
-        "range past the end is refused"
-    );
+    assert!(store.read(&digest, Some((3_000_000, 3_000_001))).await.is_err(), "range past the end is refused");
 
     // A second commit of the same digest keeps one copy and succeeds.
     let again = UploadId::random();
     store.upload_create(&again).await.unwrap();
-    store
-        .upload_append(&again, chunks(vec![data.clone()]))
-        .await
-        .unwrap();
+    store.upload_append(&again, chunks(vec![data.clone()])).await.unwrap();
     store.upload_commit(&again, &digest).await.unwrap();
-    assert_eq!(
-        collect(store.read(&digest, None).await.unwrap().unwrap().body).await,
-        data
-    );
+    assert_eq!(collect(store.read(&digest, None).await.unwrap().unwrap().body).await, data);
 
     // A failing source keeps what arrived before the failure.
     let broken = UploadId::random();
     store.upload_create(&broken).await.unwrap();
     let failing: ByteStream = Box::pin(
-        futures_util::stream::iter(vec![
-            Ok(Bytes::from_static(b"hello")),
-            Err(io::Error::other("client went away")),
-        ])
-        .chain(futures_util::stream::iter(vec![Ok(Bytes::from_static(
-            b"never",
-        ))])),
+        futures_util::stream::iter(vec![Ok(Bytes::from_static(b"hello")), Err(io::Error::other("client went away"))])
+            .chain(futures_util::stream::iter(vec![Ok(Bytes::from_static(b"never"))])),
     );
     match store.upload_append(&broken, failing).await {
         Err(AppendError::Source(_)) => {}
@@ -129,10 +77,7 @@ pub async fn blob_store(store: &dyn BlobStore) {
     }
     assert_eq!(store.upload_size(&broken).await.unwrap(), Some(5));
     let listed = store.upload_list().await.unwrap();
-    assert!(
-        listed.iter().any(|(i, _)| *i == broken),
-        "open sessions are listed"
-    );
+    assert!(listed.iter().any(|(i, _)| *i == broken), "open sessions are listed");
     store.upload_delete(&broken).await.unwrap();
     store.upload_delete(&broken).await.unwrap();
     assert_eq!(store.upload_size(&broken).await.unwrap(), None);
@@ -174,71 +119,31 @@ pub async fn meta_store(store: &dyn MetaStore) {
     store.link_blob(&repo, &blob, 4).await.unwrap();
     store.link_blob(&repo, &blob, 4).await.unwrap();
     assert_eq!(store.blob_link(&repo, &blob).await.unwrap(), Some(4));
-    assert_eq!(
-        store.blob_link(&other, &blob).await.unwrap(),
-        None,
-        "a link in one repository is not seen in another"
-    );
+    assert_eq!(store.blob_link(&other, &blob).await.unwrap(), None, "a link in one repository is not seen in another");
     assert_eq!(store.blob_known(&blob).await.unwrap(), Some(4));
 
     // Manifests, tags, tag moves.
     let m1 = manifest(1, None);
     let m2 = manifest(2, None);
     let v1: Tag = "v1".parse().unwrap();
-    assert_eq!(
-        store.list_tags(&other, None, 10).await.unwrap(),
-        None,
-        "unknown repository"
-    );
+    assert_eq!(store.list_tags(&other, None, 10).await.unwrap(), None, "unknown repository");
     store.put_manifest(&repo, &m1, Some(&v1)).await.unwrap();
-    assert_eq!(
-        store.get_manifest(&repo, &m1.digest).await.unwrap(),
-        Some(m1.clone())
-    );
+    assert_eq!(store.get_manifest(&repo, &m1.digest).await.unwrap(), Some(m1.clone()));
     assert_eq!(store.get_manifest(&other, &m1.digest).await.unwrap(), None);
-    assert_eq!(
-        store.resolve_tag(&repo, &v1).await.unwrap(),
-        Some(m1.digest.clone())
-    );
+    assert_eq!(store.resolve_tag(&repo, &v1).await.unwrap(), Some(m1.digest.clone()));
     store.put_manifest(&repo, &m2, Some(&v1)).await.unwrap();
-    assert_eq!(
-        store.resolve_tag(&repo, &v1).await.unwrap(),
-        Some(m2.digest.clone()),
-        "a tag moves"
-    );
+    assert_eq!(store.resolve_tag(&repo, &v1).await.unwrap(), Some(m2.digest.clone()), "a tag moves");
     store.put_manifest(&repo, &m1, None).await.unwrap();
-    assert_eq!(
-        store
-            .get_manifest(&repo, &m1.digest)
-            .await
-            .unwrap()
-            .unwrap()
-            .bytes,
-        m1.bytes,
-        "exact bytes kept"
-    );
+    assert_eq!(store.get_manifest(&repo, &m1.digest).await.unwrap().unwrap().bytes, m1.bytes, "exact bytes kept");
 
     // Tag listing is lexical and paginated.
     for t in ["b", "a", "c", "a1"] {
-        store
-            .put_manifest(&repo, &m1, Some(&t.parse().unwrap()))
-            .await
-            .unwrap();
+        store.put_manifest(&repo, &m1, Some(&t.parse().unwrap())).await.unwrap();
     }
     let p = store.list_tags(&repo, None, 2).await.unwrap().unwrap();
-    assert_eq!(
-        (p.items, p.more),
-        (vec!["a".to_string(), "a1".into()], true)
-    );
-    let p = store
-        .list_tags(&repo, Some("a1"), 10)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (p.items, p.more),
-        (vec!["b".to_string(), "c".into(), "v1".into()], false)
-    );
+    assert_eq!((p.items, p.more), (vec!["a".to_string(), "a1".into()], true));
+    let p = store.list_tags(&repo, Some("a1"), 10).await.unwrap().unwrap();
+    assert_eq!((p.items, p.more), (vec!["b".to_string(), "c".into(), "v1".into()], false));
     let p = store.list_tags(&repo, None, 0).await.unwrap().unwrap();
     assert!(p.items.is_empty() && p.more);
 
@@ -253,64 +158,29 @@ pub async fn meta_store(store: &dyn MetaStore) {
     let r1 = manifest(10, Some(&m1.digest));
     let r2 = manifest(11, Some(&m1.digest));
     store.put_manifest(&repo, &r1, None).await.unwrap();
-    store
-        .put_manifest(&repo, &r2, Some(&"sig".parse().unwrap()))
-        .await
-        .unwrap();
-    store
-        .put_manifest(&other, &manifest(12, Some(&m1.digest)), None)
-        .await
-        .unwrap();
+    store.put_manifest(&repo, &r2, Some(&"sig".parse().unwrap())).await.unwrap();
+    store.put_manifest(&other, &manifest(12, Some(&m1.digest)), None).await.unwrap();
     let refs = store.referrers(&repo, &m1.digest).await.unwrap();
-    assert_eq!(
-        refs.iter().map(|m| m.digest.clone()).collect::<Vec<_>>(),
-        vec![r1.digest.clone(), r2.digest.clone()]
-    );
+    assert_eq!(refs.iter().map(|m| m.digest.clone()).collect::<Vec<_>>(), vec![r1.digest.clone(), r2.digest.clone()]);
     assert_eq!(refs[0].annotations_json.as_deref(), Some("{\"n\":\"10\"}"));
 
     // Deleting a manifest removes the tags on it; deleting a tag leaves the manifest.
-    let mut removed = store
-        .delete_manifest(&repo, &m1.digest)
-        .await
-        .unwrap()
-        .unwrap();
+    let mut removed = store.delete_manifest(&repo, &m1.digest).await.unwrap().unwrap();
     removed.sort();
-    assert_eq!(
-        removed.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-        ["a", "a1", "b", "c"]
-    );
+    assert_eq!(removed.iter().map(|t| t.to_string()).collect::<Vec<_>>(), ["a", "a1", "b", "c"]);
     assert_eq!(store.get_manifest(&repo, &m1.digest).await.unwrap(), None);
-    assert_eq!(
-        store
-            .resolve_tag(&repo, &"a".parse().unwrap())
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        store.delete_manifest(&repo, &m1.digest).await.unwrap(),
-        None
-    );
+    assert_eq!(store.resolve_tag(&repo, &"a".parse().unwrap()).await.unwrap(), None);
+    assert_eq!(store.delete_manifest(&repo, &m1.digest).await.unwrap(), None);
     assert!(store.delete_tag(&repo, &v1).await.unwrap());
     assert!(!store.delete_tag(&repo, &v1).await.unwrap());
     assert_eq!(store.resolve_tag(&repo, &v1).await.unwrap(), None);
-    assert!(
-        store
-            .get_manifest(&repo, &m2.digest)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(store.get_manifest(&repo, &m2.digest).await.unwrap().is_some());
 
     // Unlinking.
     assert!(store.unlink_blob(&repo, &blob).await.unwrap());
     assert!(!store.unlink_blob(&repo, &blob).await.unwrap());
     assert_eq!(store.blob_link(&repo, &blob).await.unwrap(), None);
-    assert_eq!(
-        store.blob_known(&blob).await.unwrap(),
-        Some(4),
-        "still linked elsewhere"
-    );
+    assert_eq!(store.blob_known(&blob).await.unwrap(), Some(4), "still linked elsewhere");
 
     // Upload records.
     let id = UploadId::random();

@@ -76,9 +76,7 @@ fn stream_file(file: File, start: u64, len: u64) -> ByteStream<'static> {
             file.read_exact_at(&mut buf, start)?;
             Ok(Bytes::from(buf))
         };
-        return Box::pin(futures_util::stream::once(
-            async move { blocking(read).await },
-        ));
+        return Box::pin(futures_util::stream::once(async move { blocking(read).await }));
     }
     let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(2);
     tokio::task::spawn_blocking(move || {
@@ -126,11 +124,7 @@ impl FsBlobStore {
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.root
-            .join("blobs")
-            .join(digest.algorithm().as_str())
-            .join(&hex[..2])
-            .join(hex)
+        self.root.join("blobs").join(digest.algorithm().as_str()).join(&hex[..2]).join(hex)
     }
 
     fn upload_dir(&self, id: &UploadId) -> PathBuf {
@@ -149,11 +143,7 @@ impl BlobStore for FsBlobStore {
         blocking(move || not_found_as_none(fs::metadata(path).map(|m| m.len()))).await
     }
 
-    async fn read(
-        &self,
-        digest: &Digest,
-        range: Option<(u64, u64)>,
-    ) -> io::Result<Option<BlobRead>> {
+    async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
         let path = self.blob_path(digest);
         let opened = blocking(move || {
             not_found_as_none(File::open(path).and_then(|f| {
@@ -166,21 +156,13 @@ impl BlobStore for FsBlobStore {
             return Ok(None);
         };
         let (start, len) = match range {
-            Some((start, end)) if start < size && end >= start => {
-                (start, end.min(size - 1) - start + 1)
-            }
+            Some((start, end)) if start < size && end >= start => (start, end.min(size - 1) - start + 1),
             Some(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "range outside the blob",
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "range outside the blob"));
             }
             None => (0, size),
         };
-        Ok(Some(BlobRead {
-            len,
-            body: stream_file(file, start, len),
-        }))
+        Ok(Some(BlobRead { len, body: stream_file(file, start, len) }))
     }
 
     async fn delete(&self, digest: &Digest) -> io::Result<bool> {
@@ -203,15 +185,9 @@ impl BlobStore for FsBlobStore {
         blocking(move || not_found_as_none(fs::metadata(path).map(|m| m.len()))).await
     }
 
-    async fn upload_append(
-        &self,
-        id: &UploadId,
-        mut data: ByteStream<'_>,
-    ) -> Result<u64, AppendError> {
+    async fn upload_append(&self, id: &UploadId, mut data: ByteStream<'_>) -> Result<u64, AppendError> {
         let path = self.upload_data(id);
-        let file = blocking(move || OpenOptions::new().append(true).open(path))
-            .await
-            .map_err(AppendError::Storage)?;
+        let file = blocking(move || OpenOptions::new().append(true).open(path)).await.map_err(AppendError::Storage)?;
         // One writer thread per append: the network side fills the next buffer while the
         // previous one is written, and no buffer is copied twice.
         let (tx, mut rx) = mpsc::channel::<Bytes>(2);
@@ -245,9 +221,7 @@ impl BlobStore for FsBlobStore {
             let _ = tx.send(buf.freeze()).await;
         }
         drop(tx);
-        let written = writer
-            .await
-            .map_err(|e| AppendError::Storage(io::Error::other(e)))?;
+        let written = writer.await.map_err(|e| AppendError::Storage(io::Error::other(e)))?;
         match (written, source_error) {
             (Err(e), _) => Err(AppendError::Storage(e)),
             (Ok(_), Some(e)) => Err(AppendError::Source(e)),
@@ -272,9 +246,7 @@ impl BlobStore for FsBlobStore {
         blocking(move || {
             let data = dir.join("data");
             File::open(&data)?.sync_all()?;
-            let shard = target
-                .parent()
-                .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+            let shard = target.parent().ok_or_else(|| io::Error::other("blob path has no parent"))?;
             create_dir_durable(shard)?;
             match fs::hard_link(&data, &target) {
                 Ok(()) => sync_dir(shard)?,
@@ -298,11 +270,7 @@ impl BlobStore for FsBlobStore {
             let mut out = Vec::new();
             for entry in fs::read_dir(dir)? {
                 let entry = entry?;
-                let Some(id) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<UploadId>().ok())
-                else {
+                let Some(id) = entry.file_name().to_str().and_then(|s| s.parse::<UploadId>().ok()) else {
                     continue;
                 };
                 let modified = fs::metadata(entry.path().join("data"))
@@ -340,17 +308,11 @@ mod tests {
         let store = FsBlobStore::open(dir.path()).unwrap();
         let id = UploadId::random();
         store.upload_create(&id).await.unwrap();
-        let data: ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(
-            b"abc",
-        ))]));
+        let data: ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(b"abc"))]));
         store.upload_append(&id, data).await.unwrap();
         let d = Digest::sha256_of(b"abc");
         store.upload_commit(&id, &d).await.unwrap();
-        let path = dir
-            .path()
-            .join("blobs/sha256")
-            .join(&d.hex()[..2])
-            .join(d.hex());
+        let path = dir.path().join("blobs/sha256").join(&d.hex()[..2]).join(d.hex());
         assert_eq!(fs::read(&path).unwrap(), b"abc");
         assert!(!dir.path().join("uploads").join(id.as_str()).exists());
     }

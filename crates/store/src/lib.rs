@@ -88,11 +88,7 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Size of the blob, if present.
     async fn stat(&self, digest: &Digest) -> io::Result<Option<u64>>;
     /// Reads `[start, end]` (inclusive) of the blob, or all of it.
-    async fn read(
-        &self,
-        digest: &Digest,
-        range: Option<(u64, u64)>,
-    ) -> io::Result<Option<BlobRead>>;
+    async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>>;
     /// Removes the blob's bytes. Returns whether it existed.
     async fn delete(&self, digest: &Digest) -> io::Result<bool>;
 
@@ -149,39 +145,20 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
     /// transaction.
-    async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        manifest: &ManifestRecord,
-        tag: Option<&Tag>,
-    ) -> io::Result<()>;
-    async fn get_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> io::Result<Option<ManifestRecord>>;
+    async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()>;
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>>;
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>>;
     /// Deletes a manifest and every tag pointing at it. Returns the removed tags, or `None`
     /// if there was no such manifest.
-    async fn delete_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> io::Result<Option<Vec<Tag>>>;
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>>;
     /// Removes one tag; returns whether it existed.
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool>;
     /// Tags in lexical order after `last`, at most `limit`; `None` if the repository is unknown.
-    async fn list_tags(
-        &self,
-        repo: &RepoName,
-        last: Option<&str>,
-        limit: usize,
-    ) -> io::Result<Option<Page>>;
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>>;
     /// Repository names in lexical order after `last`, at most `limit`.
     async fn catalog(&self, last: Option<&str>, limit: usize) -> io::Result<Page>;
     /// Manifests in `repo` whose subject is `subject`, oldest first.
-    async fn referrers(&self, repo: &RepoName, subject: &Digest)
-    -> io::Result<Vec<ManifestRecord>>;
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>>;
 
     async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> io::Result<()>;
     /// The repository an upload session belongs to.

@@ -93,29 +93,20 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 fn parse_digest(s: String) -> rusqlite::Result<Digest> {
-    s.parse().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+    s.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn repo_id(conn: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
-    conn.prepare_cached("SELECT id FROM repos WHERE name = ?1")?
-        .query_row([repo], |r| r.get(0))
-        .optional()
+    conn.prepare_cached("SELECT id FROM repos WHERE name = ?1")?.query_row([repo], |r| r.get(0)).optional()
 }
 
 fn ensure_repo(conn: &Connection, repo: &str) -> rusqlite::Result<i64> {
-    conn.prepare_cached("INSERT INTO repos(name) VALUES (?1) ON CONFLICT(name) DO NOTHING")?
-        .execute([repo])?;
-    conn.prepare_cached("SELECT id FROM repos WHERE name = ?1")?
-        .query_row([repo], |r| r.get(0))
+    conn.prepare_cached("INSERT INTO repos(name) VALUES (?1) ON CONFLICT(name) DO NOTHING")?.execute([repo])?;
+    conn.prepare_cached("SELECT id FROM repos WHERE name = ?1")?.query_row([repo], |r| r.get(0))
 }
 
 fn manifest_row(r: &rusqlite::Row) -> rusqlite::Result<ManifestRecord> {
@@ -123,10 +114,7 @@ fn manifest_row(r: &rusqlite::Row) -> rusqlite::Result<ManifestRecord> {
         digest: parse_digest(r.get(0)?)?,
         media_type: r.get(1)?,
         bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-        subject: r
-            .get::<_, Option<String>>(3)?
-            .map(parse_digest)
-            .transpose()?,
+        subject: r.get::<_, Option<String>>(3)?.map(parse_digest).transpose()?,
         artifact_type: r.get(4)?,
         annotations_json: r.get(5)?,
     })
@@ -153,11 +141,7 @@ impl SqliteMetaStore {
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db_err)?;
         Ok(SqliteMetaStore {
-            inner: Arc::new(Inner {
-                writer: Mutex::new(writer),
-                readers,
-                next_reader: AtomicUsize::new(0),
-            }),
+            inner: Arc::new(Inner { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) }),
         })
     }
 
@@ -227,14 +211,10 @@ impl MetaStore for SqliteMetaStore {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |tx| {
             let id = ensure_repo(tx, &repo)?;
-            tx.prepare_cached(
-                "INSERT INTO blobs(digest, size) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            )?
-            .execute(params![digest, size as i64])?;
-            tx.prepare_cached(
-                "INSERT INTO blob_links(repo, digest) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            )?
-            .execute(params![id, digest])?;
+            tx.prepare_cached("INSERT INTO blobs(digest, size) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
+                .execute(params![digest, size as i64])?;
+            tx.prepare_cached("INSERT INTO blob_links(repo, digest) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
+                .execute(params![id, digest])?;
             Ok(())
         })
         .await
@@ -254,12 +234,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        m: &ManifestRecord,
-        tag: Option<&Tag>,
-    ) -> io::Result<()> {
+    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()> {
         let (repo, m, tag) = (repo.to_string(), m.clone(), tag.map(|t| t.to_string()));
         self.write(move |tx| {
             let id = ensure_repo(tx, &repo)?;
@@ -289,11 +264,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn get_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> io::Result<Option<ManifestRecord>> {
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.read(move |c| {
             c.prepare_cached(
@@ -309,18 +280,16 @@ impl MetaStore for SqliteMetaStore {
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>> {
         let (repo, tag) = (repo.to_string(), tag.to_string());
         self.read(move |c| {
-            c.prepare_cached("SELECT t.digest FROM tags t JOIN repos r ON r.id = t.repo WHERE r.name = ?1 AND t.tag = ?2")?
-                .query_row(params![repo, tag], |r| parse_digest(r.get(0)?))
-                .optional()
+            c.prepare_cached(
+                "SELECT t.digest FROM tags t JOIN repos r ON r.id = t.repo WHERE r.name = ?1 AND t.tag = ?2",
+            )?
+            .query_row(params![repo, tag], |r| parse_digest(r.get(0)?))
+            .optional()
         })
         .await
     }
 
-    async fn delete_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> io::Result<Option<Vec<Tag>>> {
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |tx| {
             let Some(id) = repo_id(tx, &repo)? else {
@@ -337,9 +306,7 @@ impl MetaStore for SqliteMetaStore {
                 .prepare_cached("DELETE FROM tags WHERE repo = ?1 AND digest = ?2 RETURNING tag")?
                 .query_map(params![id, digest], |r| r.get::<_, String>(0))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Some(
-                tags.into_iter().filter_map(|t| t.parse().ok()).collect(),
-            ))
+            Ok(Some(tags.into_iter().filter_map(|t| t.parse().ok()).collect()))
         })
         .await
     }
@@ -350,32 +317,20 @@ impl MetaStore for SqliteMetaStore {
             let Some(id) = repo_id(tx, &repo)? else {
                 return Ok(false);
             };
-            Ok(tx
-                .prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2")?
-                .execute(params![id, tag])?
-                > 0)
+            Ok(tx.prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2")?.execute(params![id, tag])? > 0)
         })
         .await
     }
 
-    async fn list_tags(
-        &self,
-        repo: &RepoName,
-        last: Option<&str>,
-        limit: usize,
-    ) -> io::Result<Option<Page>> {
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>> {
         let (repo, last) = (repo.to_string(), last.unwrap_or("").to_string());
         self.read(move |c| {
             let Some(id) = repo_id(c, &repo)? else {
                 return Ok(None);
             };
             let items = c
-                .prepare_cached(
-                    "SELECT tag FROM tags WHERE repo = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3",
-                )?
-                .query_map(params![id, last, limit.saturating_add(1) as i64], |r| {
-                    r.get(0)
-                })?
+                .prepare_cached("SELECT tag FROM tags WHERE repo = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3")?
+                .query_map(params![id, last, limit.saturating_add(1) as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok(Some(page(items, limit)))
         })
@@ -394,11 +349,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn referrers(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-    ) -> io::Result<Vec<ManifestRecord>> {
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>> {
         let (repo, subject) = (repo.to_string(), subject.to_string());
         self.read(move |c| {
             c.prepare_cached(
@@ -415,8 +366,11 @@ impl MetaStore for SqliteMetaStore {
         let (id, repo) = (id.to_string(), repo.to_string());
         self.write(move |tx| {
             let rid = ensure_repo(tx, &repo)?;
-            tx.prepare_cached("INSERT INTO uploads(id, repo, created) VALUES (?1, ?2, ?3)")?
-                .execute(params![id, rid, now()])?;
+            tx.prepare_cached("INSERT INTO uploads(id, repo, created) VALUES (?1, ?2, ?3)")?.execute(params![
+                id,
+                rid,
+                now()
+            ])?;
             Ok(())
         })
         .await
@@ -425,24 +379,17 @@ impl MetaStore for SqliteMetaStore {
     async fn upload_repo(&self, id: &UploadId) -> io::Result<Option<RepoName>> {
         let id = id.to_string();
         self.read(move |c| {
-            c.prepare_cached(
-                "SELECT r.name FROM uploads u JOIN repos r ON r.id = u.repo WHERE u.id = ?1",
-            )?
-            .query_row([id], |r| r.get::<_, String>(0))
-            .optional()
-            .map(|o| o.and_then(|n| n.parse().ok()))
+            c.prepare_cached("SELECT r.name FROM uploads u JOIN repos r ON r.id = u.repo WHERE u.id = ?1")?
+                .query_row([id], |r| r.get::<_, String>(0))
+                .optional()
+                .map(|o| o.and_then(|n| n.parse().ok()))
         })
         .await
     }
 
     async fn delete_upload(&self, id: &UploadId) -> io::Result<()> {
         let id = id.to_string();
-        self.write(move |tx| {
-            tx.prepare_cached("DELETE FROM uploads WHERE id = ?1")?
-                .execute([id])
-                .map(|_| ())
-        })
-        .await
+        self.write(move |tx| tx.prepare_cached("DELETE FROM uploads WHERE id = ?1")?.execute([id]).map(|_| ())).await
     }
 }
 

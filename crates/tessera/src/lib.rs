@@ -14,10 +14,8 @@ use tessera_store::{CachedMetaStore, FsBlobStore, SqliteMetaStore};
 /// Opens the embedded default stores under `config.data` and builds the application state.
 pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     let data = &config.data;
-    std::fs::create_dir_all(data)
-        .with_context(|| format!("cannot create data directory {}", data.display()))?;
-    let blobs = FsBlobStore::open(data)
-        .with_context(|| format!("cannot open blob store in {}", data.display()))?;
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
+    let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
     let meta = SqliteMetaStore::open(&data.join("meta.sqlite"))
         .with_context(|| format!("cannot open metadata in {}", data.display()))?;
     let meta = CachedMetaStore::new(meta, config.cache.metadata_bytes);
@@ -58,10 +56,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     tessera_http::server::serve(
         listener,
         app,
-        ServerOptions {
-            tls,
-            header_max_bytes: config.limits.header_max_bytes,
-        },
+        ServerOptions { tls, header_max_bytes: config.limits.header_max_bytes },
         shutdown,
     )
     .await?;

@@ -16,10 +16,7 @@ fn start() -> (Server, Api) {
 }
 
 fn h<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+    headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
 #[tokio::test]
@@ -27,10 +24,7 @@ async fn base_endpoint_answers_with_api_version() {
     let (_s, api) = start();
     let r = api.get("/v2/").await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        h(r.headers(), "docker-distribution-api-version"),
-        "registry/2.0"
-    );
+    assert_eq!(h(r.headers(), "docker-distribution-api-version"), "registry/2.0");
     let r = api.get("/v2").await.unwrap();
     assert_eq!(r.status(), 200);
 }
@@ -41,33 +35,16 @@ async fn pushed_image_pulls_back_byte_for_byte() {
     let image = Image::random(3, 100_000);
     let digest = api.push_image("lib/app", "v1", &image).await.unwrap();
 
-    let r = api
-        .http
-        .get(api.url("/v2/lib/app/manifests/v1"))
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.get(api.url("/v2/lib/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(h(r.headers(), "content-type"), OCI_MANIFEST);
     assert_eq!(h(r.headers(), "docker-content-digest"), digest.to_string());
-    assert_eq!(
-        h(r.headers(), "content-length"),
-        image.manifest.len().to_string()
-    );
+    assert_eq!(h(r.headers(), "content-length"), image.manifest.len().to_string());
     assert_eq!(r.bytes().await.unwrap(), image.manifest);
 
-    let r = api
-        .http
-        .head(api.url(&format!("/v2/lib/app/manifests/{digest}")))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.head(api.url(&format!("/v2/lib/app/manifests/{digest}"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        h(r.headers(), "content-length"),
-        image.manifest.len().to_string()
-    );
+    assert_eq!(h(r.headers(), "content-length"), image.manifest.len().to_string());
     assert_eq!(h(r.headers(), "docker-content-digest"), digest.to_string());
     assert!(r.bytes().await.unwrap().is_empty());
 
@@ -77,12 +54,7 @@ async fn pushed_image_pulls_back_byte_for_byte() {
         assert_eq!(r.status(), 200);
         assert_eq!(h(r.headers(), "docker-content-digest"), d.to_string());
         assert_eq!(r.bytes().await.unwrap(), &blob[..]);
-        let r = api
-            .http
-            .head(api.url(&format!("/v2/lib/app/blobs/{d}")))
-            .send()
-            .await
-            .unwrap();
+        let r = api.http.head(api.url(&format!("/v2/lib/app/blobs/{d}"))).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(h(r.headers(), "content-length"), blob.len().to_string());
     }
@@ -97,22 +69,14 @@ async fn unknown_things_are_404_with_their_code() {
     let r = api.get("/v2/a/b/manifests/nope").await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
-    let r = api
-        .get(&format!("/v2/a/b/manifests/{missing}"))
-        .await
-        .unwrap();
+    let r = api.get(&format!("/v2/a/b/manifests/{missing}")).await.unwrap();
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
     let r = api.get("/v2/no/such/manifests/v1").await.unwrap();
     assert_eq!(r.status(), 404);
     let r = api.get(&format!("/v2/a/b/blobs/{missing}")).await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
-    let r = api
-        .http
-        .head(api.url(&format!("/v2/a/b/blobs/{missing}")))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.head(api.url(&format!("/v2/a/b/blobs/{missing}"))).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -120,13 +84,7 @@ async fn unknown_things_are_404_with_their_code() {
 async fn blobs_are_visible_only_in_repositories_that_link_them() {
     let (_s, api) = start();
     let d = api.push_blob("team/one", b"private layer").await.unwrap();
-    assert_eq!(
-        api.get(&format!("/v2/team/one/blobs/{d}"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(api.get(&format!("/v2/team/one/blobs/{d}")).await.unwrap().status(), 200);
     let r = api.get(&format!("/v2/team/two/blobs/{d}")).await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
@@ -138,49 +96,19 @@ async fn range_reads() {
     let data = random_bytes(1_000_000, 7);
     let d = api.push_blob("r/x", &data).await.unwrap();
     let url = api.url(&format!("/v2/r/x/blobs/{d}"));
-    let r = api
-        .http
-        .get(&url)
-        .header("range", "bytes=10-19")
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.get(&url).header("range", "bytes=10-19").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(h(r.headers(), "content-range"), "bytes 10-19/1000000");
     assert_eq!(r.bytes().await.unwrap(), &data[10..20]);
-    let r = api
-        .http
-        .get(&url)
-        .header("range", "bytes=999000-")
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.get(&url).header("range", "bytes=999000-").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap(), &data[999_000..]);
-    let r = api
-        .http
-        .get(&url)
-        .header("range", "bytes=-5")
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.get(&url).header("range", "bytes=-5").send().await.unwrap();
     assert_eq!(r.bytes().await.unwrap(), &data[999_995..]);
-    let r = api
-        .http
-        .get(&url)
-        .header("range", "bytes=1000000-")
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.get(&url).header("range", "bytes=1000000-").send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(h(r.headers(), "content-range"), "bytes */1000000");
-    let r = api
-        .http
-        .get(&url)
-        .header("range", "bytes=5-1")
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.get(&url).header("range", "bytes=5-1").send().await.unwrap();
     assert_eq!(r.status(), 416);
 }
 
@@ -189,35 +117,16 @@ async fn post_then_put_upload() {
     let (_s, api) = start();
     let data = random_bytes(300_000, 1);
     let d = Digest::sha256_of(&data);
-    let r = api
-        .http
-        .post(api.url("/v2/p/q/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url("/v2/p/q/blobs/uploads/")).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let location = h(r.headers(), "location").to_string();
     assert!(location.starts_with("/v2/p/q/blobs/uploads/"), "{location}");
     assert!(!h(r.headers(), "docker-upload-uuid").is_empty());
-    let r = api
-        .http
-        .put(api.url(&format!("{location}?digest={d}")))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.put(api.url(&format!("{location}?digest={d}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(h(r.headers(), "location"), format!("/v2/p/q/blobs/{d}"));
     assert_eq!(h(r.headers(), "docker-content-digest"), d.to_string());
-    assert_eq!(
-        api.get(&format!("/v2/p/q/blobs/{d}"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        data
-    );
+    assert_eq!(api.get(&format!("/v2/p/q/blobs/{d}")).await.unwrap().bytes().await.unwrap(), data);
 }
 
 #[tokio::test]
@@ -225,12 +134,7 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
     let (_s, api) = start();
     let data = random_bytes(3_000_000, 2);
     let d = Digest::sha256_of(&data);
-    let r = api
-        .http
-        .post(api.url("/v2/c/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url("/v2/c/blobs/uploads/")).send().await.unwrap();
     let mut location = h(r.headers(), "location").to_string();
     let id = h(r.headers(), "docker-upload-uuid").to_string();
 
@@ -254,14 +158,7 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
     location = h(r.headers(), "location").to_string();
 
     // A chunk that does not start at the current offset: 416 and the offset in Range.
-    let r = api
-        .http
-        .patch(api.url(&location))
-        .header("content-range", "5-9")
-        .body(vec![0u8; 5])
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.patch(api.url(&location)).header("content-range", "5-9").body(vec![0u8; 5]).send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(h(r.headers(), "range"), "0-999999");
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
@@ -292,15 +189,7 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        api.get(&format!("/v2/c/blobs/{d}"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        data
-    );
+    assert_eq!(api.get(&format!("/v2/c/blobs/{d}")).await.unwrap().bytes().await.unwrap(), data);
     let r = api.http.get(api.url(&location)).send().await.unwrap();
     assert_eq!(r.status(), 404, "a finished upload is gone");
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
@@ -310,30 +199,14 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
 async fn chunks_without_content_range_append() {
     let (_s, api) = start();
     let data = random_bytes(200_000, 3);
-    let r = api
-        .http
-        .post(api.url("/v2/c/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url("/v2/c/blobs/uploads/")).send().await.unwrap();
     let location = h(r.headers(), "location").to_string();
     for part in data.chunks(64_000) {
-        let r = api
-            .http
-            .patch(api.url(&location))
-            .body(part.to_vec())
-            .send()
-            .await
-            .unwrap();
+        let r = api.http.patch(api.url(&location)).body(part.to_vec()).send().await.unwrap();
         assert_eq!(r.status(), 202);
     }
     let d = Digest::sha256_of(&data);
-    let r = api
-        .http
-        .put(api.url(&format!("{location}?digest={d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.put(api.url(&format!("{location}?digest={d}"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
 }
 
@@ -350,46 +223,17 @@ async fn wrong_digest_is_refused_and_leaves_nothing() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    assert_eq!(
-        api.get(&format!("/v2/w/blobs/{wrong}"))
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(api.get(&format!("/v2/w/blobs/{wrong}")).await.unwrap().status(), 404);
 
-    let r = api
-        .http
-        .post(api.url("/v2/w/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url("/v2/w/blobs/uploads/")).send().await.unwrap();
     let location = h(r.headers(), "location").to_string();
-    let r = api
-        .http
-        .put(api.url(&format!("{location}?digest={wrong}")))
-        .body("other bytes")
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.put(api.url(&format!("{location}?digest={wrong}"))).body("other bytes").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    assert_eq!(
-        api.http
-            .get(api.url(&location))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404,
-        "the failed session is discarded"
-    );
+    assert_eq!(api.http.get(api.url(&location)).send().await.unwrap().status(), 404, "the failed session is discarded");
     let uploads = std::fs::read_dir(s.data.join("uploads")).unwrap().count();
     assert_eq!(uploads, 0, "no upload bytes left behind");
-    assert!(
-        walk_files(&s.data.join("blobs")).is_empty(),
-        "no blob stored"
-    );
+    assert!(walk_files(&s.data.join("blobs")).is_empty(), "no blob stored");
 
     let r = api.http.put(api.url(&location)).send().await.unwrap();
     assert_eq!(r.status(), 404, "closing a discarded session");
@@ -413,40 +257,20 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test]
 async fn put_without_digest_and_unknown_sessions() {
     let (_s, api) = start();
-    let r = api
-        .http
-        .post(api.url("/v2/u/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
     let location = h(r.headers(), "location").to_string();
-    let r = api
-        .http
-        .put(api.url(&location))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.put(api.url(&location)).body("x").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
 
-    let r = api
-        .get("/v2/u/blobs/uploads/0123456789abcdef0123456789abcdef")
-        .await
-        .unwrap();
+    let r = api.get("/v2/u/blobs/uploads/0123456789abcdef0123456789abcdef").await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     let r = api.get("/v2/u/blobs/uploads/not-an-id").await.unwrap();
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     // A session belongs to the repository it was opened in.
     let other = location.replace("/v2/u/", "/v2/other/");
-    let r = api
-        .http
-        .patch(api.url(&other))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.patch(api.url(&other)).body("x").send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
 }
@@ -454,19 +278,9 @@ async fn put_without_digest_and_unknown_sessions() {
 #[tokio::test]
 async fn cancel_upload() {
     let (_s, api) = start();
-    let r = api
-        .http
-        .post(api.url("/v2/x/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url("/v2/x/blobs/uploads/")).send().await.unwrap();
     let location = h(r.headers(), "location").to_string();
-    api.http
-        .patch(api.url(&location))
-        .body("abc")
-        .send()
-        .await
-        .unwrap();
+    api.http.patch(api.url(&location)).body("abc").send().await.unwrap();
     let r = api.http.delete(api.url(&location)).send().await.unwrap();
     assert_eq!(r.status(), 204);
     let r = api.http.get(api.url(&location)).send().await.unwrap();
@@ -478,69 +292,30 @@ async fn cancel_upload() {
 #[tokio::test]
 async fn cross_repository_mount() {
     let (_s, api) = start();
-    let d = api
-        .push_blob("src/repo", b"shared base layer")
-        .await
-        .unwrap();
-    let r = api
-        .http
-        .post(api.url(&format!(
-            "/v2/dst/repo/blobs/uploads/?mount={d}&from=src/repo"
-        )))
-        .send()
-        .await
-        .unwrap();
+    let d = api.push_blob("src/repo", b"shared base layer").await.unwrap();
+    let r =
+        api.http.post(api.url(&format!("/v2/dst/repo/blobs/uploads/?mount={d}&from=src/repo"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        h(r.headers(), "location"),
-        format!("/v2/dst/repo/blobs/{d}")
-    );
+    assert_eq!(h(r.headers(), "location"), format!("/v2/dst/repo/blobs/{d}"));
     assert_eq!(h(r.headers(), "docker-content-digest"), d.to_string());
     assert_eq!(
-        api.get(&format!("/v2/dst/repo/blobs/{d}"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
+        api.get(&format!("/v2/dst/repo/blobs/{d}")).await.unwrap().bytes().await.unwrap(),
         &b"shared base layer"[..]
     );
 
     // Not mountable from a repository that lacks it: an ordinary session instead.
-    let r = api
-        .http
-        .post(api.url(&format!(
-            "/v2/dst/two/blobs/uploads/?mount={d}&from=no/such"
-        )))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url(&format!("/v2/dst/two/blobs/uploads/?mount={d}&from=no/such"))).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let location = h(r.headers(), "location").to_string();
-    let r = api
-        .http
-        .put(api.url(&format!("{location}?digest={d}")))
-        .body(&b"shared base layer"[..])
-        .send()
-        .await
-        .unwrap();
+    let r =
+        api.http.put(api.url(&format!("{location}?digest={d}"))).body(&b"shared base layer"[..]).send().await.unwrap();
     assert_eq!(r.status(), 201);
 
     // Without `from`, a blob the registry already has is mounted.
-    let r = api
-        .http
-        .post(api.url(&format!("/v2/dst/three/blobs/uploads/?mount={d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url(&format!("/v2/dst/three/blobs/uploads/?mount={d}"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let unknown = Digest::sha256_of(b"never pushed");
-    let r = api
-        .http
-        .post(api.url(&format!("/v2/dst/four/blobs/uploads/?mount={unknown}")))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.post(api.url(&format!("/v2/dst/four/blobs/uploads/?mount={unknown}"))).send().await.unwrap();
     assert_eq!(r.status(), 202);
 }
 
@@ -549,23 +324,10 @@ async fn sha512_blobs_and_manifests() {
     let (_s, api) = start();
     let data = random_bytes(50_000, 9);
     let d = Digest::of(Algorithm::Sha512, &data);
-    let r = api
-        .http
-        .post(api.url(&format!("/v2/s/blobs/uploads/?digest={d}")))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r =
+        api.http.post(api.url(&format!("/v2/s/blobs/uploads/?digest={d}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        api.get(&format!("/v2/s/blobs/{d}"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        data
-    );
+    assert_eq!(api.get(&format!("/v2/s/blobs/{d}")).await.unwrap().bytes().await.unwrap(), data);
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": d.to_string(), "size": data.len()},
@@ -573,21 +335,10 @@ async fn sha512_blobs_and_manifests() {
     }))
     .unwrap();
     let md = Digest::of(Algorithm::Sha512, &manifest);
-    let r = api
-        .push_manifest("s", &md.to_string(), OCI_MANIFEST, &manifest)
-        .await
-        .unwrap();
+    let r = api.push_manifest("s", &md.to_string(), OCI_MANIFEST, &manifest).await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(h(r.headers(), "docker-content-digest"), md.to_string());
-    assert_eq!(
-        api.get(&format!("/v2/s/manifests/{md}"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        manifest
-    );
+    assert_eq!(api.get(&format!("/v2/s/manifests/{md}")).await.unwrap().bytes().await.unwrap(), manifest);
     let r = api
         .http
         .post(api.url("/v2/s/blobs/uploads/?digest=md5:d41d8cd98f00b204e9800998ecf8427e"))
@@ -605,56 +356,27 @@ async fn manifests_must_reference_known_content() {
     let image = Image::random(2, 1000);
     // Only the config is pushed: the layers are missing.
     api.push_blob("m/x", &image.config).await.unwrap();
-    let r = api
-        .push_manifest("m/x", "v1", OCI_MANIFEST, &image.manifest)
-        .await
-        .unwrap();
+    let r = api.push_manifest("m/x", "v1", OCI_MANIFEST, &image.manifest).await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
-    assert_eq!(
-        api.get("/v2/m/x/manifests/v1").await.unwrap().status(),
-        404,
-        "nothing stored"
-    );
+    assert_eq!(api.get("/v2/m/x/manifests/v1").await.unwrap().status(), 404, "nothing stored");
 
     // A manifest by digest must hash to that digest.
     for l in &image.layers {
         api.push_blob("m/x", l).await.unwrap();
     }
     let wrong = Digest::sha256_of(b"other");
-    let r = api
-        .push_manifest("m/x", &wrong.to_string(), OCI_MANIFEST, &image.manifest)
-        .await
-        .unwrap();
+    let r = api.push_manifest("m/x", &wrong.to_string(), OCI_MANIFEST, &image.manifest).await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    let r = api
-        .push_manifest(
-            "m/x",
-            &image.digest().to_string(),
-            OCI_MANIFEST,
-            &image.manifest,
-        )
-        .await
-        .unwrap();
+    let r = api.push_manifest("m/x", &image.digest().to_string(), OCI_MANIFEST, &image.manifest).await.unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        h(r.headers(), "location"),
-        format!("/v2/m/x/manifests/{}", image.digest())
-    );
+    assert_eq!(h(r.headers(), "location"), format!("/v2/m/x/manifests/{}", image.digest()));
 
     // A descriptor whose size disagrees with the blob.
     let mut m: serde_json::Value = serde_json::from_slice(&image.manifest).unwrap();
     m["layers"][0]["size"] = json!(1);
-    let r = api
-        .push_manifest(
-            "m/x",
-            "bad-size",
-            OCI_MANIFEST,
-            &serde_json::to_vec(&m).unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = api.push_manifest("m/x", "bad-size", OCI_MANIFEST, &serde_json::to_vec(&m).unwrap()).await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "SIZE_INVALID");
 }
@@ -675,10 +397,7 @@ async fn push_index(
         })).collect::<Vec<_>>(),
     }))
     .unwrap();
-    let r = api
-        .push_manifest(name, tag, media_type, &index)
-        .await
-        .unwrap();
+    let r = api.push_manifest(name, tag, media_type, &index).await.unwrap();
     (r.status(), index)
 }
 
@@ -691,8 +410,7 @@ async fn image_index_needs_its_children_and_respects_accept() {
     let (status, _) = push_index(&api, "multi", "latest", &[&a, &b], OCI_INDEX, OCI_MANIFEST).await;
     assert_eq!(status, 400, "child b is missing");
     api.push_image("multi", "arm64", &b).await.unwrap();
-    let (status, index) =
-        push_index(&api, "multi", "latest", &[&a, &b], OCI_INDEX, OCI_MANIFEST).await;
+    let (status, index) = push_index(&api, "multi", "latest", &[&a, &b], OCI_INDEX, OCI_MANIFEST).await;
     assert_eq!(status, 201);
 
     let r = api
@@ -705,25 +423,10 @@ async fn image_index_needs_its_children_and_respects_accept() {
     assert_eq!(r.status(), 200);
     assert_eq!(h(r.headers(), "content-type"), OCI_INDEX);
     assert_eq!(r.bytes().await.unwrap(), index);
-    let r = api
-        .http
-        .get(api.url("/v2/multi/manifests/latest"))
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        404,
-        "a client that cannot read an index is not handed one"
-    );
+    let r = api.http.get(api.url("/v2/multi/manifests/latest")).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(r.status(), 404, "a client that cannot read an index is not handed one");
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
-    let r = api
-        .http
-        .get(api.url("/v2/multi/manifests/latest"))
-        .send()
-        .await
-        .unwrap();
+    let r = api.http.get(api.url("/v2/multi/manifests/latest")).send().await.unwrap();
     assert_eq!(r.status(), 200, "no Accept means anything");
 }
 
@@ -739,32 +442,14 @@ async fn docker_schema2_manifest_and_list() {
     m["config"]["mediaType"] = json!("application/vnd.docker.container.image.v1+json");
     m["layers"][0]["mediaType"] = json!("application/vnd.docker.image.rootfs.diff.tar.gzip");
     let bytes = serde_json::to_vec_pretty(&m).unwrap();
-    let r = api
-        .push_manifest(
-            "d/s2",
-            "v1",
-            "application/vnd.docker.distribution.manifest.v2+json",
-            &bytes,
-        )
-        .await
-        .unwrap();
+    let r =
+        api.push_manifest("d/s2", "v1", "application/vnd.docker.distribution.manifest.v2+json", &bytes).await.unwrap();
     assert_eq!(r.status(), 201);
     let r = api.get("/v2/d/s2/manifests/v1").await.unwrap();
-    assert_eq!(
-        h(r.headers(), "content-type"),
-        "application/vnd.docker.distribution.manifest.v2+json"
-    );
-    assert_eq!(
-        r.bytes().await.unwrap(),
-        bytes,
-        "pretty-printed bytes kept exactly"
-    );
+    assert_eq!(h(r.headers(), "content-type"), "application/vnd.docker.distribution.manifest.v2+json");
+    assert_eq!(r.bytes().await.unwrap(), bytes, "pretty-printed bytes kept exactly");
 
-    let child = Image {
-        config: image.config.clone(),
-        layers: image.layers.clone(),
-        manifest: bytes.clone(),
-    };
+    let child = Image { config: image.config.clone(), layers: image.layers.clone(), manifest: bytes.clone() };
     let (status, _) = push_index(
         &api,
         "d/s2",
@@ -776,10 +461,7 @@ async fn docker_schema2_manifest_and_list() {
     .await;
     assert_eq!(status, 201);
     let r = api.get("/v2/d/s2/manifests/list").await.unwrap();
-    assert_eq!(
-        h(r.headers(), "content-type"),
-        "application/vnd.docker.distribution.manifest.list.v2+json"
-    );
+    assert_eq!(h(r.headers(), "content-type"), "application/vnd.docker.distribution.manifest.list.v2+json");
 }
 
 #[tokio::test]
@@ -788,26 +470,17 @@ async fn artifacts_with_subject_and_referrers() {
     let image = Image::random(1, 100);
     let subject = api.push_image("art", "v1", &image).await.unwrap();
 
-    let r = api
-        .get(&format!("/v2/art/referrers/{subject}"))
-        .await
-        .unwrap();
+    let r = api.get(&format!("/v2/art/referrers/{subject}")).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(h(r.headers(), "content-type"), OCI_INDEX);
     let index: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(
-        index["manifests"],
-        json!([]),
-        "no referrers yet: an empty index"
-    );
+    assert_eq!(index["manifests"], json!([]), "no referrers yet: an empty index");
 
     let empty = api.push_blob("art", b"{}").await.unwrap();
     let sig = api.push_blob("art", b"signature bytes").await.unwrap();
     let mut referrer_digests = Vec::new();
-    for (artifact_type, note) in [
-        ("application/vnd.example.sig", "first"),
-        ("application/vnd.example.sbom", "second"),
-    ] {
+    for (artifact_type, note) in [("application/vnd.example.sig", "first"), ("application/vnd.example.sbom", "second")]
+    {
         let m = serde_json::to_vec(&json!({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
             "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.to_string(), "size": 2},
@@ -817,19 +490,13 @@ async fn artifacts_with_subject_and_referrers() {
         }))
         .unwrap();
         let d = Digest::sha256_of(&m);
-        let r = api
-            .push_manifest("art", &d.to_string(), OCI_MANIFEST, &m)
-            .await
-            .unwrap();
+        let r = api.push_manifest("art", &d.to_string(), OCI_MANIFEST, &m).await.unwrap();
         assert_eq!(r.status(), 201);
         assert_eq!(h(r.headers(), "oci-subject"), subject.to_string());
         referrer_digests.push((d, m.len()));
     }
 
-    let r = api
-        .get(&format!("/v2/art/referrers/{subject}"))
-        .await
-        .unwrap();
+    let r = api.get(&format!("/v2/art/referrers/{subject}")).await.unwrap();
     assert!(r.headers().get("oci-filters-applied").is_none());
     let index: serde_json::Value = r.json().await.unwrap();
     let manifests = index["manifests"].as_array().unwrap();
@@ -840,12 +507,7 @@ async fn artifacts_with_subject_and_referrers() {
     assert_eq!(manifests[0]["annotations"]["note"], "first");
     assert_eq!(manifests[0]["mediaType"], OCI_MANIFEST);
 
-    let r = api
-        .get(&format!(
-            "/v2/art/referrers/{subject}?artifactType=application/vnd.example.sbom"
-        ))
-        .await
-        .unwrap();
+    let r = api.get(&format!("/v2/art/referrers/{subject}?artifactType=application/vnd.example.sbom")).await.unwrap();
     assert_eq!(h(r.headers(), "oci-filters-applied"), "artifactType");
     let index: serde_json::Value = r.json().await.unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
@@ -860,18 +522,9 @@ async fn artifacts_with_subject_and_referrers() {
         "subject": {"mediaType": OCI_MANIFEST, "digest": ghost.to_string(), "size": 1},
     }))
     .unwrap();
-    let r = api
-        .push_manifest("art", "ghost-sig", OCI_MANIFEST, &m)
-        .await
-        .unwrap();
+    let r = api.push_manifest("art", "ghost-sig", OCI_MANIFEST, &m).await.unwrap();
     assert_eq!(r.status(), 201);
-    let index: serde_json::Value = api
-        .get(&format!("/v2/art/referrers/{ghost}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let index: serde_json::Value = api.get(&format!("/v2/art/referrers/{ghost}")).await.unwrap().json().await.unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
     let r = api.get("/v2/art/referrers/sha256:abc").await.unwrap();
     assert_eq!(r.status(), 400);

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 use tessera_spec::Digest;
 
-pub use tempfile::TempDir;
+pub use tempfile::{TempDir, tempdir};
 
 /// A running `tessera serve` with its own data directory, killed on drop.
 pub struct Server {
@@ -34,15 +34,7 @@ impl Server {
         let log = dir.path().join("server.log");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (child, addr) = spawn(Path::new(bin), &data, &log, "127.0.0.1:0", &extra)?;
-        Ok(Server {
-            addr,
-            data,
-            log,
-            bin: bin.into(),
-            extra,
-            child,
-            _dir: Some(dir),
-        })
+        Ok(Server { addr, data, log, bin: bin.into(), extra, child, _dir: Some(dir) })
     }
 
     /// `host:port`, as clients write registry references.
@@ -63,13 +55,7 @@ impl Server {
     /// Starts the binary again on the same port and data directory.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        let (child, addr) = spawn(
-            &self.bin,
-            &self.data,
-            &self.log,
-            &self.addr.to_string(),
-            &self.extra,
-        )?;
+        let (child, addr) = spawn(&self.bin, &self.data, &self.log, &self.addr.to_string(), &self.extra)?;
         self.child = child;
         self.addr = addr;
         Ok(())
@@ -86,13 +72,7 @@ impl Drop for Server {
     }
 }
 
-fn spawn(
-    bin: &Path,
-    data: &Path,
-    log: &Path,
-    listen: &str,
-    extra: &[String],
-) -> Result<(Child, SocketAddr)> {
+fn spawn(bin: &Path, data: &Path, log: &Path, listen: &str, extra: &[String]) -> Result<(Child, SocketAddr)> {
     let mut child = Command::new(bin)
         .arg("serve")
         .arg("--listen")
@@ -107,37 +87,23 @@ fn spawn(
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     let stderr = child.stderr.take().context("no stderr")?;
-    let mut log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
+    let mut log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = writeln!(log_file, "{line}");
             if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest
-                    .split(',')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start_matches("http://")
-                    .trim_start_matches("https://");
+                let addr =
+                    rest.split(',').next().unwrap_or("").trim_start_matches("http://").trim_start_matches("https://");
                 let _ = tx.send(addr.to_string());
             }
         }
     });
     match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(addr) => Ok((
-            child,
-            addr.parse()
-                .with_context(|| format!("bad address in startup line: {addr}"))?,
-        )),
+        Ok(addr) => Ok((child, addr.parse().with_context(|| format!("bad address in startup line: {addr}"))?)),
         Err(_) => {
             let _ = child.kill();
-            bail!(
-                "server did not start; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
+            bail!("server did not start; log:\n{}", std::fs::read_to_string(log).unwrap_or_default())
         }
     }
 }
@@ -160,10 +126,8 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 pub fn fresh_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     t ^ (COUNTER.fetch_add(1, Ordering::Relaxed) << 48) ^ std::process::id() as u64
 }
 
@@ -176,8 +140,7 @@ pub fn random_layer(size: usize, seed: u64) -> Vec<u8> {
     header.set_mode(0o644);
     header.set_mtime(0);
     header.set_cksum();
-    tar.append_data(&mut header, format!("file-{seed:x}"), &data[..])
-        .expect("tar in memory");
+    tar.append_data(&mut header, format!("file-{seed:x}"), &data[..]).expect("tar in memory");
     let tar = tar.into_inner().expect("tar in memory");
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).expect("gzip in memory");
@@ -195,15 +158,12 @@ impl Image {
     /// An OCI image (linux/amd64) with `layers` random layers of about `layer_size` bytes.
     pub fn random(layers: usize, layer_size: usize) -> Image {
         let seed = fresh_seed();
-        let layers: Vec<Vec<u8>> = (0..layers)
-            .map(|i| random_layer(layer_size, seed.wrapping_add(i as u64)))
-            .collect();
+        let layers: Vec<Vec<u8>> = (0..layers).map(|i| random_layer(layer_size, seed.wrapping_add(i as u64))).collect();
         let diff_ids: Vec<String> = layers
             .iter()
             .map(|l| {
                 let mut tar = Vec::new();
-                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&l[..]), &mut tar)
-                    .expect("own gzip");
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&l[..]), &mut tar).expect("own gzip");
                 Digest::sha256_of(&tar).to_string()
             })
             .collect();
@@ -225,11 +185,7 @@ impl Image {
             })).collect::<Vec<_>>(),
         }))
         .expect("json");
-        Image {
-            config,
-            layers,
-            manifest,
-        }
+        Image { config, layers, manifest }
     }
 
     pub fn digest(&self) -> Digest {
@@ -274,10 +230,7 @@ impl Api {
     pub fn new(server: &Server) -> Api {
         Api {
             base: format!("http://{}", server.addr),
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(4)
-                .build()
-                .expect("client"),
+            http: reqwest::Client::builder().pool_max_idle_per_host(4).build().expect("client"),
         }
     }
 
@@ -321,14 +274,7 @@ impl Api {
         for b in image.blobs() {
             self.push_blob(name, b).await?;
         }
-        let r = self
-            .push_manifest(
-                name,
-                tag,
-                "application/vnd.oci.image.manifest.v1+json",
-                &image.manifest,
-            )
-            .await?;
+        let r = self.push_manifest(name, tag, "application/vnd.oci.image.manifest.v1+json", &image.manifest).await?;
         if r.status() != 201 {
             bail!("push manifest: {} {}", r.status(), r.text().await?);
         }
@@ -349,11 +295,8 @@ pub async fn error_code(r: reqwest::Response) -> String {
 /// Whether a client program is installed. When `TESSERA_REQUIRE_CLIENTS` is set (CI sets
 /// it), a missing program is a failure, so a client test can never pass by not running.
 pub fn have_tool(program: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {program}")).output().is_ok_and(|o| o.status.success());
     if !found {
         if std::env::var_os("TESSERA_REQUIRE_CLIENTS").is_some() {
             panic!("{program} is required (TESSERA_REQUIRE_CLIENTS is set) but not installed");
@@ -365,9 +308,7 @@ pub fn have_tool(program: &str) -> bool {
 
 /// Runs a command, failing with its output if it does not succeed. Returns stdout.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
