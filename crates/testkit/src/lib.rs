@@ -29,8 +29,13 @@ pub struct Server {
 impl Server {
     /// Starts `bin serve` on 127.0.0.1 (a free port), with a fresh data directory and `extra` args.
     pub fn start(bin: &str, extra: &[&str]) -> Result<Server> {
+        Self::start_in(bin, None, extra)
+    }
+
+    /// Like [`Server::start`], keeping data in `data` instead of a fresh directory.
+    pub fn start_in(bin: &str, data: Option<&Path>, extra: &[&str]) -> Result<Server> {
         let dir = tempfile::Builder::new().prefix("tsr").tempdir()?;
-        let data = dir.path().join("data");
+        let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let log = dir.path().join("server.log");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (child, addr) = spawn(Path::new(bin), &data, &log, "127.0.0.1:0", &extra)?;
