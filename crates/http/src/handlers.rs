@@ -27,7 +27,7 @@ fn unsupported_method() -> OciError {
     OciError::new(ErrorCode::Unsupported, "method not allowed on this endpoint")
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
