@@ -25,6 +25,12 @@ const SMALL_READ: u64 = 256 * 1024;
 /// (a thread hop, a syscall) is noise next to copying the bytes.
 const CHUNK: usize = 1024 * 1024;
 
+/// A blob opened for reading: small ones already read, larger ones to stream from an offset.
+enum Opened {
+    Whole(Bytes),
+    Stream(File, u64),
+}
+
 pub struct FsBlobStore {
     root: PathBuf,
 }
@@ -145,24 +151,30 @@ impl BlobStore for FsBlobStore {
 
     async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
         let path = self.blob_path(digest);
+        // Open, size and (for small blobs) read in one trip to the blocking pool.
         let opened = blocking(move || {
-            not_found_as_none(File::open(path).and_then(|f| {
-                let size = f.metadata()?.len();
-                Ok((f, size))
-            }))
+            let Some(file) = not_found_as_none(File::open(path))? else { return Ok(None) };
+            let size = file.metadata()?.len();
+            let (start, len) = match range {
+                Some((start, end)) if start < size && end >= start => (start, end.min(size - 1) - start + 1),
+                Some(_) => return Err(io::Error::new(io::ErrorKind::InvalidInput, "range outside the blob")),
+                None => (0, size),
+            };
+            if len <= SMALL_READ {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, start)?;
+                return Ok(Some((len, Opened::Whole(Bytes::from(buf)))));
+            }
+            Ok(Some((len, Opened::Stream(file, start))))
         })
         .await?;
-        let Some((file, size)) = opened else {
-            return Ok(None);
-        };
-        let (start, len) = match range {
-            Some((start, end)) if start < size && end >= start => (start, end.min(size - 1) - start + 1),
-            Some(_) => {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, "range outside the blob"));
-            }
-            None => (0, size),
-        };
-        Ok(Some(BlobRead { len, body: stream_file(file, start, len) }))
+        Ok(opened.map(|(len, content)| {
+            let body: ByteStream<'static> = match content {
+                Opened::Whole(bytes) => Box::pin(futures_util::stream::once(std::future::ready(Ok(bytes)))),
+                Opened::Stream(file, start) => stream_file(file, start, len),
+            };
+            BlobRead { len, body }
+        }))
     }
 
     async fn delete(&self, digest: &Digest) -> io::Result<bool> {

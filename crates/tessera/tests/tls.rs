@@ -38,10 +38,15 @@ fn https_is_served_and_verified() {
     let s = tls_server(dir.path());
     assert!(s.log_text().contains("listening on https://"));
     let url = format!("https://{}/v2/", s.addr);
-    let out = run(Command::new("curl").args(["-sS", "-i", "--cacert"]).arg(dir.path().join("ca.crt")).arg(&url)).unwrap();
+    let out =
+        run(Command::new("curl").args(["-sS", "-i", "--cacert"]).arg(dir.path().join("ca.crt")).arg(&url)).unwrap();
     assert!(out.starts_with("HTTP/2 200") || out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.to_lowercase().contains("docker-distribution-api-version: registry/2.0"), "{out}");
-    let out = run(Command::new("curl").args(["-sS", "-o", "/dev/null", "-w", "%{http_version}", "--http1.1", "--cacert"]).arg(dir.path().join("ca.crt")).arg(&url)).unwrap();
+    let out = run(Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_version}", "--http1.1", "--cacert"])
+        .arg(dir.path().join("ca.crt"))
+        .arg(&url))
+    .unwrap();
     assert_eq!(out, "1.1");
     // An unknown certificate is refused by the client; TLS 1.1 is refused by us.
     assert!(Command::new("curl").args(["-sS", &url]).output().unwrap().status.code() != Some(0));
