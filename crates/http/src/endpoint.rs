@@ -193,3 +193,22 @@ mod tests {
         assert_eq!(parse("/v2/a/blobs/uploads/", Some("digest=md5:00")).unwrap_err().code, ErrorCode::DigestInvalid);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn arbitrary_targets_never_panic(path in "/v2/[a-z0-9/._%:-]{0,200}", query in proptest::option::of(".{0,100}")) {
+            let _ = super::parse(&path, query.as_deref());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(path in ".{0,200}") {
+            let _ = super::parse(&path, Some(&path));
+        }
+    }
+}

@@ -2,6 +2,8 @@
 //! ephemeral loopback port, make random OCI images, drive the HTTP API, and find the real
 //! client programs (skopeo, podman, ctr, dockerd, python oras).
 
+pub mod clients;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
