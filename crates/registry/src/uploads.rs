@@ -17,6 +17,8 @@ use tessera_store::{AppendError, ByteStream, UploadId};
 
 use crate::{Registry, UploadStart, internal};
 
+type SessionGuard = tokio::sync::OwnedMutexGuard<Option<UploadState>>;
+
 /// The hash of a session's first `offset` bytes.
 pub struct UploadState {
     offset: u64,
@@ -43,13 +45,27 @@ impl Registry {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
-    /// Checks that `id` is an open session of `repo` and returns its size.
-    async fn session_size(&self, repo: &RepoName, id: &UploadId) -> Result<u64, OciError> {
+    /// Locks the session `id` of `repo` for one request and returns its size. An id that
+    /// names no session leaves no lock entry behind, so probing random ids costs no memory.
+    async fn open_session(&self, repo: &RepoName, id: &UploadId) -> Result<(SessionGuard, u64), OciError> {
+        let guard = self.session_lock(id).lock_owned().await;
         let owner = self.meta.upload_repo(id).await.map_err(|e| internal("upload lookup", e))?;
-        if owner.as_ref() != Some(repo) {
-            return Err(upload_unknown());
+        let size = match &owner {
+            Some(owner) if owner == repo => self.blobs.upload_size(id).await.map_err(|e| internal("upload size", e))?,
+            _ => None,
+        };
+        match size {
+            Some(size) => Ok((guard, size)),
+            None => {
+                drop(guard);
+                // Only an id that names no session at all is forgotten: a session of another
+                // repository keeps its lock, or its requests could stop being serialised.
+                if owner.is_none() {
+                    self.forget_session(id);
+                }
+                Err(upload_unknown())
+            }
         }
-        self.blobs.upload_size(id).await.map_err(|e| internal("upload size", e))?.ok_or_else(upload_unknown)
     }
 
     /// Opens a session for `repo`, or mounts `mount` if it can (see [`Registry::mount`]).
@@ -93,9 +109,7 @@ impl Registry {
 
     /// Bytes received so far.
     pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64, OciError> {
-        let lock = self.session_lock(id);
-        let _state = lock.lock().await;
-        self.session_size(repo, id).await
+        self.open_session(repo, id).await.map(|(_, size)| size)
     }
 
     /// Appends a chunk. `content_range`, when sent, must start where the session stands.
@@ -110,9 +124,7 @@ impl Registry {
     where
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
-        let lock = self.session_lock(id);
-        let mut state = lock.lock().await;
-        let size = self.session_size(repo, id).await?;
+        let (mut state, size) = self.open_session(repo, id).await?;
         check_chunk(size, content_range, content_length)?;
         self.append(id, &mut state, size, body).await
     }
@@ -131,9 +143,7 @@ impl Registry {
     where
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
-        let lock = self.session_lock(id);
-        let mut state = lock.lock().await;
-        let size = self.session_size(repo, id).await?;
+        let (mut state, size) = self.open_session(repo, id).await?;
         if content_length != Some(0) {
             check_chunk(size, content_range, content_length)?;
             self.append(id, &mut state, size, body).await?;
@@ -154,10 +164,9 @@ impl Registry {
     }
 
     pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId) -> Result<(), OciError> {
-        let lock = self.session_lock(id);
-        let _state = lock.lock().await;
-        self.session_size(repo, id).await?;
+        let (state, _) = self.open_session(repo, id).await?;
         self.discard(id).await;
+        drop(state);
         self.forget_session(id);
         Ok(())
     }
@@ -293,4 +302,46 @@ fn check_chunk(size: u64, content_range: Option<ByteRange>, content_length: Opti
         return Err(OciError::new(ErrorCode::SizeInvalid, "Content-Length does not match Content-Range"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Settings;
+    use tessera_store::{FsBlobStore, SqliteMetaStore};
+
+    fn registry(dir: &std::path::Path) -> Registry {
+        Registry::new(
+            Arc::new(FsBlobStore::open(dir).unwrap()),
+            Arc::new(SqliteMetaStore::open(&dir.join("meta.sqlite")).unwrap()),
+            Settings::default(),
+        )
+    }
+
+    fn sessions(r: &Registry) -> usize {
+        r.sessions.lock().unwrap().len()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn probing_unknown_sessions_keeps_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        let repo: RepoName = "a".parse().unwrap();
+        for _ in 0..100 {
+            let e = r.upload_status(&repo, &UploadId::random()).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::BlobUploadUnknown);
+        }
+        assert_eq!(sessions(&r), 0);
+
+        // A real session keeps its state, also when asked for under another repository.
+        let UploadStart::Session(id) = r.upload_start(&repo, None).await.unwrap() else { panic!("expected a session") };
+        let body = futures_util::stream::iter(vec![Ok(Bytes::from_static(b"abc"))]);
+        assert_eq!(r.upload_patch(&repo, &id, None, Some(3), body).await.unwrap(), 3);
+        let other: RepoName = "b".parse().unwrap();
+        assert_eq!(r.upload_status(&other, &id).await.unwrap_err().code, ErrorCode::BlobUploadUnknown);
+        assert_eq!(sessions(&r), 1);
+        let d = Digest::sha256_of(b"abc");
+        r.upload_finish(&repo, &id, &d, None, Some(0), futures_util::stream::empty()).await.unwrap();
+        assert_eq!(sessions(&r), 0, "a finished session is forgotten");
+    }
 }
