@@ -1,0 +1,258 @@
+//! Helpers for driving real container clients and their daemons (skopeo, podman, containerd,
+//! dockerd, python oras) against a [`crate::Server`] on loopback: a loopback guard for their
+//! environment, short temp dirs (unix socket paths must stay < 108 bytes), a daemon guard that
+//! stops its process on drop, a wait-until-ready loop, and a parser for the server's access log.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+
+/// Proxy settings that make any attempt to reach a non-loopback host fail fast
+/// (`proxyconnect tcp: dial tcp 127.0.0.1:9: connection refused`) instead of going to the
+/// internet. Set on every client and daemon command; both spellings, since Go reads the upper
+/// case and python `requests` prefers the lower case.
+pub const LOOPBACK_GUARD: [(&str, &str); 6] = [
+    ("HTTPS_PROXY", "http://127.0.0.1:9"),
+    ("HTTP_PROXY", "http://127.0.0.1:9"),
+    ("NO_PROXY", "127.0.0.1,localhost"),
+    ("https_proxy", "http://127.0.0.1:9"),
+    ("http_proxy", "http://127.0.0.1:9"),
+    ("no_proxy", "127.0.0.1,localhost"),
+];
+
+/// Applies [`LOOPBACK_GUARD`] to `cmd` and gives it no stdin.
+pub fn guard(cmd: &mut Command) -> &mut Command {
+    cmd.envs(LOOPBACK_GUARD).env_remove("ALL_PROXY").env_remove("all_proxy").stdin(Stdio::null())
+}
+
+/// `Command::new(program)` with the loopback guard applied.
+pub fn guarded(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    guard(&mut cmd);
+    cmd
+}
+
+/// A temp dir directly under /tmp with a short, lowercase name (`/tmp/<prefix><8 hex>`): unix
+/// sockets created inside stay well below the 108-byte path limit, and podman, which names an
+/// image pulled from `oci:DIR` after DIR, accepts the path as a repository name.
+pub fn short_tempdir(prefix: &str) -> Result<TempDir> {
+    let mut last = None;
+    for _ in 0..100 {
+        let seed = crate::fresh_seed();
+        let name = format!("{prefix}{:08x}", (seed ^ (seed >> 29) ^ (seed >> 48)) as u32);
+        match tempfile::Builder::new().prefix(&name).rand_bytes(0).tempdir_in("/tmp") {
+            Ok(dir) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map(Into::into).unwrap_or_else(|| anyhow::anyhow!("no temp dir")))
+}
+
+/// Polls `check` until it returns `Ok(true)`, failing when `timeout` passes or when `check`
+/// returns an error (for "the daemon died, stop waiting").
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if check().with_context(|| format!("while waiting until {what}"))? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting until {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Runs a command, failing with its output if it does not succeed. Returns stdout as bytes
+/// (for binary output such as `ctr content get`).
+pub fn output(cmd: &mut Command) -> Result<Vec<u8>> {
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// A background daemon (containerd, dockerd) started by a test. Dropping it stops it:
+/// SIGTERM, a grace period, then SIGKILL to its process group; then any mounts left under
+/// the paths given to [`Daemon::unmount_on_stop`] are removed.
+pub struct Daemon {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    unmount: Vec<PathBuf>,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` in its own process group, with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Daemon> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        Ok(Daemon { name: name.into(), child, log: log.into(), unmount: Vec::new(), status: None })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// After the daemon stopped, unmount everything mounted at or below `path` (best effort).
+    pub fn unmount_on_stop(&mut self, path: &Path) {
+        self.unmount.push(path.into());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// An error if the daemon has exited (with its log), for use inside [`wait_until`].
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.exited() {
+            bail!("{} exited early ({status}); log:\n{}", self.name, self.log_text());
+        }
+        Ok(())
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Stops the daemon: SIGTERM, up to `grace` to exit, then SIGKILL to its process group.
+    /// Returns its exit status, and whether it stopped within the grace period.
+    pub fn stop(&mut self, grace: Duration) -> (Option<ExitStatus>, bool) {
+        let mut clean = true;
+        if self.exited().is_none() {
+            signal("-TERM", &self.pid().to_string());
+            let deadline = Instant::now() + grace;
+            while self.exited().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if self.exited().is_none() {
+                clean = false;
+                eprintln!("{} did not stop within {grace:?} of SIGTERM; killing it", self.name);
+                signal("-KILL", &format!("-{}", self.pid()));
+                let _ = self.child.kill();
+                self.status = self.child.wait().ok();
+            }
+        }
+        for path in std::mem::take(&mut self.unmount) {
+            unmount_under(&path);
+        }
+        (self.status, clean)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(30));
+    }
+}
+
+fn signal(sig: &str, target: &str) {
+    let _ = Command::new("kill").args([sig, "--", target]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// Unmounts every mount point at or below `path`, deepest first (best effort, lazily).
+pub fn unmount_under(path: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = path.to_string_lossy().into_owned();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.dedup();
+    for p in points {
+        let _ = Command::new("umount").args(["-R", "-l", &p]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// A python interpreter that can `import module`: the one named by `env_var` if set (it must
+/// work then), else `python3`. `None` (skip) when there is none, but when
+/// `TESSERA_REQUIRE_CLIENTS` is set that is a failure, as in [`crate::have_tool`].
+pub fn python_with_module(module: &str, env_var: &str) -> Option<PathBuf> {
+    let imports = |python: &Path| {
+        Command::new(python)
+            .args(["-c", &format!("import {module}")])
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if let Some(python) = std::env::var_os(env_var).filter(|v| !v.is_empty()) {
+        let python = PathBuf::from(python);
+        assert!(imports(&python), "{env_var}={} cannot import {module}", python.display());
+        return Some(python);
+    }
+    let python = PathBuf::from("python3");
+    if imports(&python) {
+        return Some(python);
+    }
+    if std::env::var_os("TESSERA_REQUIRE_CLIENTS").is_some() {
+        panic!(
+            "python module {module} is required (TESSERA_REQUIRE_CLIENTS is set) but neither \
+             {env_var} nor python3 can import it"
+        );
+    }
+    eprintln!("SKIPPED: python module {module} is not installed (set {env_var} to a venv's python)");
+    None
+}
+
+/// Decompresses a gzip stream (a pushed layer) to compare its content with a diff ID.
+pub fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).context("not gzip")?;
+    Ok(out)
+}
+
+/// One request line of the server's access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub method: String,
+    /// Path and query, as the client sent them.
+    pub target: String,
+    pub status: u16,
+}
+
+/// The requests in a server log (`… "METHOD TARGET" STATUS LENGTH TIMEms "AGENT"` lines).
+pub fn access_log(text: &str) -> Vec<Access> {
+    text.lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(" \"")?;
+            let (request, rest) = rest.split_once('"')?;
+            let (method, target) = request.split_once(' ')?;
+            let status = rest.split_whitespace().next()?.parse().ok()?;
+            Some(Access { method: method.into(), target: target.into(), status })
+        })
+        .collect()
+}
