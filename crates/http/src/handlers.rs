@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, TryStreamExt};
 use serde_json::json;
@@ -17,9 +17,18 @@ use crate::endpoint::{self, Endpoint, Paging};
 use crate::{ApiError, AppState};
 
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let sends_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
     match handle(&state, req).await {
         Ok(r) => r,
-        Err(e) => ApiError(e).into_response(),
+        Err(e) => {
+            let mut response = ApiError(e).into_response();
+            // A refused upload may leave part of its body unread, and the connection cannot be
+            // reused after that: say so, or the client's next request races the close.
+            if sends_body {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! it only in whole transactions. Neither knows HTTP. Every backend runs the same
 //! [`conformance`] suite.
 
+pub mod blob_cache;
 pub mod cached;
 pub mod conformance;
 pub mod fs;
@@ -21,6 +22,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tessera_spec::{Digest, RepoName, Tag};
 
+pub use blob_cache::CachedBlobStore;
 pub use cached::CachedMetaStore;
 pub use fs::FsBlobStore;
 pub use sqlite::SqliteMetaStore;

@@ -9,7 +9,7 @@ use tessera_config::Config;
 use tessera_http::AppState;
 use tessera_http::server::{ServerOptions, load_tls};
 use tessera_registry::{Registry, Settings};
-use tessera_store::{CachedMetaStore, FsBlobStore, SqliteMetaStore};
+use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, SqliteMetaStore};
 
 /// Opens the embedded default stores under `config.data` and builds the application state.
 pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
@@ -24,7 +24,12 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         blob_max_bytes: config.limits.blob_max_bytes,
         delete_enabled: config.storage.delete_enabled,
     };
-    let registry = Registry::new(Arc::new(blobs), Arc::new(meta), settings);
+    let blobs: Arc<dyn BlobStore> = if config.cache.blob_bytes > 0 {
+        Arc::new(CachedBlobStore::new(blobs, config.cache.blob_bytes, config.cache.blob_max_item_bytes))
+    } else {
+        Arc::new(blobs)
+    };
+    let registry = Registry::new(blobs, Arc::new(meta), settings);
     let swept = registry
         .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs))
         .await

@@ -211,6 +211,7 @@ async fn a_full_disk_is_a_clear_error_and_loses_nothing() {
         .unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.headers()["connection"], "close", "the half-read connection is not offered for reuse");
     assert_eq!(error_code(r).await, "UNAVAILABLE");
     assert_eq!(api.get(&format!("/v2/full/blobs/{big_digest}")).await.unwrap().status(), 404);
     assert!(files_under(&data_dir.join("uploads")).is_empty(), "the failed upload's bytes were removed");

@@ -1,0 +1,587 @@
+//! The benchmark harness: Tessera against Distribution (`docker-registry`) and nginx serving
+//! the same blob files, on loopback, in one run. Prints one table with Tessera's ratio to
+//! each, and optionally writes it as JSON. See BENCHMARKS.md.
+
+mod load;
+mod servers;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use serde::Serialize;
+use tessera_spec::{Digest, Digester};
+use tessera_testkit::random_bytes;
+
+use crate::load::{RssSampler, Wrk};
+use crate::servers::{Nginx, Registry};
+
+#[derive(Parser)]
+#[command(about = "Benchmark Tessera against Distribution and nginx on loopback")]
+struct Args {
+    /// The tessera binary to measure (a release build).
+    #[arg(long, default_value = "target/release/tessera")]
+    tessera: PathBuf,
+    /// The Distribution binary.
+    #[arg(long, default_value = "/usr/bin/docker-registry")]
+    distribution: PathBuf,
+    /// Seconds of load per request-rate case.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// A quick run with small sizes and 1 s cases: checks the harness, not the numbers.
+    #[arg(long)]
+    smoke: bool,
+    /// Also write the table as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// Sizes of one run.
+struct Scale {
+    seconds: u64,
+    big_blob: usize,
+    push_blob: usize,
+    chunk: usize,
+    rss_push: u64,
+    small_images: usize,
+    many: usize,
+}
+
+impl Scale {
+    fn of(args: &Args) -> Scale {
+        if args.smoke {
+            Scale {
+                seconds: 1,
+                big_blob: 8 << 20,
+                push_blob: 32 << 20,
+                chunk: 8 << 20,
+                rss_push: 128 << 20,
+                small_images: 20,
+                many: 200,
+            }
+        } else {
+            Scale {
+                seconds: args.seconds,
+                big_blob: 64 << 20,
+                push_blob: 256 << 20,
+                chunk: 8 << 20,
+                rss_push: 2 << 30,
+                small_images: 100,
+                many: 10_000,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Better {
+    Higher,
+    Lower,
+}
+
+/// One row of the table.
+#[derive(Serialize)]
+struct Figure {
+    case: String,
+    unit: &'static str,
+    better: Better,
+    tessera: f64,
+    distribution: Option<f64>,
+    nginx: Option<f64>,
+}
+
+impl Figure {
+    /// Tessera's advantage: above 1 means Tessera is better, whichever way the unit points.
+    fn ratio(&self, other: Option<f64>) -> Option<f64> {
+        let o = other?;
+        if o == 0.0 || self.tessera == 0.0 {
+            return None;
+        }
+        Some(match self.better {
+            Better::Higher => self.tessera / o,
+            Better::Lower => o / self.tessera,
+        })
+    }
+}
+
+struct Table(Vec<Figure>);
+
+impl Table {
+    fn add(
+        &mut self,
+        case: impl Into<String>,
+        unit: &'static str,
+        better: Better,
+        t: f64,
+        d: Option<f64>,
+        n: Option<f64>,
+    ) {
+        let f = Figure { case: case.into(), unit, better, tessera: t, distribution: d, nginx: n };
+        eprintln!("  {:<48} tessera {:>10} distribution {:>10} nginx {:>10}", f.case, fmt(t), opt(d), opt(n));
+        self.0.push(f);
+    }
+
+    fn print(&self) {
+        println!();
+        println!(
+            "| {:<50} | {:>12} | {:>12} | {:>12} | {:>9} | {:>9} |",
+            "case", "Tessera", "Distribution", "nginx", "T vs D", "T vs nginx"
+        );
+        println!("|{:-<52}|{:->14}|{:->14}|{:->14}|{:->11}|{:->11}|", "", "", "", "", "", "");
+        for f in &self.0 {
+            let ratio = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
+            println!(
+                "| {:<50} | {:>12} | {:>12} | {:>12} | {:>9} | {:>9} |",
+                format!("{} ({})", f.case, f.unit),
+                fmt(f.tessera),
+                opt(f.distribution),
+                opt(f.nginx),
+                ratio(f.ratio(f.distribution)),
+                ratio(f.ratio(f.nginx)),
+            );
+        }
+        println!();
+        println!("Ratios are Tessera's advantage: above 1× Tessera is better (faster, more requests, less memory).");
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), fmt)
+}
+
+/// The content every server gets: one image with a 4 KiB and a large layer.
+struct Content {
+    config: Bytes,
+    small: Bytes,
+    big: Bytes,
+    manifest: Bytes,
+}
+
+impl Content {
+    fn generate(big: usize) -> Content {
+        let config = Bytes::from(r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#);
+        let small = Bytes::from(random_bytes(4096, 1));
+        let big = Bytes::from(random_bytes(big, 2));
+        let desc = |media: &str, b: &Bytes| serde_json::json!({"mediaType": media, "digest": Digest::sha256_of(b).to_string(), "size": b.len()});
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": desc("application/vnd.oci.image.config.v1+json", &config),
+            "layers": [desc("application/vnd.oci.image.layer.v1.tar+gzip", &small), desc("application/vnd.oci.image.layer.v1.tar+gzip", &big)],
+        }))
+        .expect("json");
+        Content { config, small, big, manifest: Bytes::from(manifest) }
+    }
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// A registry client for the push cases (the same code drives both registries).
+#[derive(Clone)]
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(base: &str) -> Client {
+        Client {
+            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
+            base: base.to_string(),
+        }
+    }
+
+    async fn start_upload(&self, name: &str) -> Result<String> {
+        let r = self.http.post(format!("{}/v2/{name}/blobs/uploads/", self.base)).send().await?;
+        if r.status() != 202 {
+            bail!("POST upload: {}", r.status());
+        }
+        let location = r.headers().get("location").context("no Location")?.to_str()?.to_string();
+        Ok(self.absolute(&location))
+    }
+
+    fn absolute(&self, location: &str) -> String {
+        if location.starts_with("http") { location.to_string() } else { format!("{}{location}", self.base) }
+    }
+
+    fn with_digest(location: &str, digest: &Digest) -> String {
+        let sep = if location.contains('?') { '&' } else { '?' };
+        format!("{location}{sep}digest={digest}")
+    }
+
+    /// POST, then PUT with the whole body and its digest.
+    async fn push_monolithic(&self, name: &str, blob: Bytes) -> Result<()> {
+        let digest = Digest::sha256_of(&blob);
+        let location = self.start_upload(name).await?;
+        let r = self.http.put(Self::with_digest(&location, &digest)).body(blob).send().await?;
+        if r.status() != 201 {
+            bail!("PUT blob: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// POST, PATCHes of `chunk` bytes each (the same buffer repeated to reach `total`), PUT.
+    async fn push_chunked(&self, name: &str, chunk: &Bytes, total: u64) -> Result<()> {
+        let mut location = self.start_upload(name).await?;
+        let mut digester = Digester::new(tessera_spec::Algorithm::Sha256);
+        let mut offset = 0u64;
+        while offset < total {
+            let part = chunk.slice(..chunk.len().min((total - offset) as usize));
+            digester.update(&part);
+            let end = offset + part.len() as u64 - 1;
+            let r = self
+                .http
+                .patch(&location)
+                .header("content-type", "application/octet-stream")
+                .header("content-range", format!("{offset}-{end}"))
+                .body(part.clone())
+                .send()
+                .await?;
+            if r.status() != 202 {
+                bail!("PATCH: {}", r.status());
+            }
+            location = self.absolute(r.headers().get("location").context("no Location")?.to_str()?);
+            offset = end + 1;
+        }
+        let r = self.http.put(Self::with_digest(&location, &digester.finish())).send().await?;
+        if r.status() != 201 {
+            bail!("PUT close: {}", r.status());
+        }
+        Ok(())
+    }
+
+    async fn mount(&self, name: &str, digest: &Digest, from: &str) -> Result<()> {
+        let r =
+            self.http.post(format!("{}/v2/{name}/blobs/uploads/?mount={digest}&from={from}", self.base)).send().await?;
+        if r.status() != 201 {
+            bail!("mount: {}", r.status());
+        }
+        Ok(())
+    }
+
+    async fn put_manifest(&self, name: &str, reference: &str, manifest: &Bytes) -> Result<()> {
+        let r = self
+            .http
+            .put(format!("{}/v2/{name}/manifests/{reference}", self.base))
+            .header("content-type", OCI_MANIFEST)
+            .body(manifest.clone())
+            .send()
+            .await?;
+        if r.status() != 201 {
+            bail!("PUT manifest: {} {}", r.status(), r.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    async fn push_image(&self, name: &str, tag: &str, blobs: &[&Bytes], manifest: &Bytes) -> Result<()> {
+        for b in blobs {
+            self.push_monolithic(name, (*b).clone()).await?;
+        }
+        self.put_manifest(name, tag, manifest).await
+    }
+}
+
+/// Runs `jobs` futures produced by `make(i)`, `width` at a time.
+async fn concurrently<F, Fut>(jobs: usize, width: usize, make: F) -> Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    use futures_util::StreamExt;
+    let mut results = futures_util::stream::iter((0..jobs).map(make)).buffer_unordered(width);
+    while let Some(r) = results.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+fn require(program: &str, package: &str) -> Result<()> {
+    let found =
+        std::process::Command::new("sh").arg("-c").arg(format!("command -v {program}")).output()?.status.success();
+    if !found {
+        bail!("{program} not found; install the Debian package {package} (bench/run does)");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let scale = Scale::of(&args);
+    require("wrk", "wrk")?;
+    require("nginx", "nginx-light")?;
+    if !args.distribution.exists() {
+        bail!("{} not found; install the Debian package docker-registry", args.distribution.display());
+    }
+    if !args.tessera.exists() {
+        bail!("{} not found; build it with cargo build --release -p tessera", args.tessera.display());
+    }
+    let dir = tempfile_dir()?;
+    let root = dir.path();
+    eprintln!("== generating content");
+    let content = Content::generate(scale.big_blob);
+    let mut table = Table(Vec::new());
+
+    eprintln!("== start-up to first 200 on /v2/ (median of 5)");
+    let t_start = servers::median_startup(|i| Registry::tessera(&args.tessera, &root.join(format!("start-t{i}"))), 5)?;
+    let d_start =
+        servers::median_startup(|i| Registry::distribution(&args.distribution, &root.join(format!("start-d{i}"))), 5)?;
+    table.add("start-up to first 200 on /v2/", "ms", Better::Lower, t_start, Some(d_start), None);
+
+    let tessera = Registry::tessera(&args.tessera, &root.join("tessera"))?;
+    let distribution = Registry::distribution(&args.distribution, &root.join("distribution"))?;
+    let t = Client::new(&tessera.base());
+    let d = Client::new(&distribution.base());
+
+    eprintln!("== pushing the same image into both");
+    for c in [&t, &d] {
+        c.push_image("bench/app", "v1", &[&content.config, &content.small, &content.big], &content.manifest).await?;
+    }
+    let nginx = Nginx::start(root, &tessera.data, &content)?;
+    let manifest_digest = Digest::sha256_of(&content.manifest);
+    let small_digest = Digest::sha256_of(&content.small);
+    let big_digest = Digest::sha256_of(&content.big);
+
+    eprintln!("== request rates");
+    let wrk = Wrk { seconds: scale.seconds };
+    let t_rss = RssSampler::start(tessera.pid());
+    let d_rss = RssSampler::start(distribution.pid());
+    let tag_path = "/v2/bench/app/manifests/v1";
+    let (tr, dr, nr) = (
+        wrk.get(&tessera.url(tag_path), 32, Some(ACCEPT), false)?,
+        wrk.get(&distribution.url(tag_path), 32, Some(ACCEPT), false)?,
+        wrk.get(&nginx.url("/manifest.json"), 32, None, false)?,
+    );
+    table.add("manifest GET by tag, 32 connections", "req/s", Better::Higher, tr.rps, Some(dr.rps), Some(nr.rps));
+    table.add(
+        "manifest GET by tag, 32 connections: p99",
+        "ms",
+        Better::Lower,
+        tr.p99_ms,
+        Some(dr.p99_ms),
+        Some(nr.p99_ms),
+    );
+    let digest_path = format!("/v2/bench/app/manifests/{manifest_digest}");
+    let (tr, dr, nr) = (
+        load::head_rate(tessera.addr, &digest_path, 32, scale.seconds).await?,
+        load::head_rate(distribution.addr, &digest_path, 32, scale.seconds).await?,
+        load::head_rate(nginx.addr, "/manifest.json", 32, scale.seconds).await?,
+    );
+    table.add("manifest HEAD by digest, 32 connections", "req/s", Better::Higher, tr, Some(dr), Some(nr));
+    let small_path = format!("/v2/bench/app/blobs/{small_digest}");
+    let (tr, dr, nr) = (
+        wrk.get(&tessera.url(&small_path), 32, None, false)?,
+        wrk.get(&distribution.url(&small_path), 32, None, false)?,
+        wrk.get(&nginx.url("/small.blob"), 32, None, false)?,
+    );
+    table.add("4 KiB blob GET, 32 connections", "req/s", Better::Higher, tr.rps, Some(dr.rps), Some(nr.rps));
+    let big_path = format!("/v2/bench/app/blobs/{big_digest}");
+    let (tr, dr, nr) = (
+        wrk.get(&tessera.url(&big_path), 4, None, false)?,
+        wrk.get(&distribution.url(&big_path), 4, None, false)?,
+        wrk.get(&nginx.url("/big.blob"), 4, None, false)?,
+    );
+    let size_name = if scale.big_blob >= 1 << 20 {
+        format!("{} MiB", scale.big_blob >> 20)
+    } else {
+        format!("{} B", scale.big_blob)
+    };
+    table.add(
+        format!("{size_name} blob GET, 4 connections"),
+        "GB/s",
+        Better::Higher,
+        tr.gbps,
+        Some(dr.gbps),
+        Some(nr.gbps),
+    );
+    let (t_peak, d_peak) = (t_rss.stop(), d_rss.stop());
+    table.add("peak RSS during the GET load", "MiB", Better::Lower, t_peak, Some(d_peak), None);
+
+    eprintln!("== pushes");
+    let push_blob = Bytes::from(random_bytes(scale.push_blob, 3));
+    let mb = scale.push_blob >> 20;
+    let tt = timed(t.push_monolithic("bench/mono", push_blob.clone())).await?;
+    let dt = timed(d.push_monolithic("bench/mono", push_blob.clone())).await?;
+    table.add(format!("monolithic push {mb} MiB (POST + PUT)"), "s", Better::Lower, tt, Some(dt), None);
+    let chunk = push_blob.slice(..scale.chunk);
+    let chunked_blob = Bytes::from(random_bytes(scale.push_blob, 4));
+    let tt = timed(push_chunked_exact(&t, "bench/chunked", &chunked_blob, scale.chunk)).await?;
+    let dt = timed(push_chunked_exact(&d, "bench/chunked", &chunked_blob, scale.chunk)).await?;
+    table.add(
+        format!("chunked push {mb} MiB in {} MiB PATCHes", scale.chunk >> 20),
+        "s",
+        Better::Lower,
+        tt,
+        Some(dt),
+        None,
+    );
+
+    let images: Vec<(Bytes, Bytes, Bytes)> = (0..scale.small_images).map(|i| small_image(i as u64)).collect();
+    let mut times = Vec::new();
+    for c in [&t, &d] {
+        let started = Instant::now();
+        concurrently(images.len(), 8, |i| {
+            let (config, layer, manifest) = images[i].clone();
+            let c = c.clone();
+            async move { c.push_image(&format!("bench/small{i}"), "v1", &[&config, &layer], &manifest).await }
+        })
+        .await?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    table.add(
+        format!("{} small images pushed by 8 clients", scale.small_images),
+        "s",
+        Better::Lower,
+        times[0],
+        Some(times[1]),
+        None,
+    );
+
+    eprintln!("== RSS across a {} MiB push", scale.rss_push >> 20);
+    let mut growth = Vec::new();
+    let mut peaks = Vec::new();
+    for (c, reg) in [(&t, &tessera), (&d, &distribution)] {
+        let before = load::rss_mib(reg.pid()).unwrap_or(0.0);
+        let sampler = RssSampler::start(reg.pid());
+        c.push_chunked("bench/huge", &chunk, scale.rss_push).await?;
+        let peak = sampler.stop();
+        peaks.push(peak);
+        growth.push(peak - before);
+    }
+    table.add(
+        format!("peak RSS during a {} MiB push", scale.rss_push >> 20),
+        "MiB",
+        Better::Lower,
+        peaks[0],
+        Some(peaks[1]),
+        None,
+    );
+    table.add(
+        format!("RSS growth during a {} MiB push", scale.rss_push >> 20),
+        "MiB",
+        Better::Lower,
+        growth[0].max(0.01),
+        Some(growth[1].max(0.01)),
+        None,
+    );
+
+    eprintln!("== tags list of {} tags, catalog of {} repositories", scale.many, scale.many);
+    let empty = Bytes::from_static(b"{}");
+    let empty_digest = Digest::sha256_of(&empty);
+    let artifact = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.bench",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty_digest.to_string(), "size": 2},
+            "layers": [],
+        }))
+        .expect("json"),
+    );
+    for c in [&t, &d] {
+        c.push_image("bench/tags", "t0", &[&empty], &artifact).await?;
+        concurrently(scale.many, 8, |i| {
+            let c = c.clone();
+            let artifact = artifact.clone();
+            async move { c.put_manifest("bench/tags", &format!("t{i:05}"), &artifact).await }
+        })
+        .await?;
+        concurrently(scale.many, 8, |i| {
+            let c = c.clone();
+            let artifact = artifact.clone();
+            let empty_digest = empty_digest.clone();
+            async move {
+                let name = format!("many/r{i:05}");
+                c.mount(&name, &empty_digest, "bench/tags").await?;
+                c.put_manifest(&name, "v1", &artifact).await
+            }
+        })
+        .await?;
+    }
+    let (tr, dr) = (
+        wrk.get(&tessera.url("/v2/bench/tags/tags/list"), 8, None, false)?,
+        wrk.get(&distribution.url("/v2/bench/tags/tags/list"), 8, None, false)?,
+    );
+    table.add(format!("tags list of {} tags", scale.many), "req/s", Better::Higher, tr.rps, Some(dr.rps), None);
+    // Distribution caps a catalog page at 1000 entries; both are asked for that page size.
+    let (tr, dr) = (
+        wrk.get(&tessera.url("/v2/_catalog?n=1000"), 8, None, false)?,
+        wrk.get(&distribution.url("/v2/_catalog?n=1000"), 8, None, false)?,
+    );
+    table.add(
+        format!("catalog page of 1000 (of {}+ repositories)", scale.many),
+        "req/s",
+        Better::Higher,
+        tr.rps,
+        Some(dr.rps),
+        None,
+    );
+
+    drop(nginx);
+    table.print();
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&table.0)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn push_chunked_exact(c: &Client, name: &str, blob: &Bytes, chunk: usize) -> Result<()> {
+    let mut location = c.start_upload(name).await?;
+    let mut offset = 0usize;
+    while offset < blob.len() {
+        let end = (offset + chunk).min(blob.len());
+        let r = c
+            .http
+            .patch(&location)
+            .header("content-type", "application/octet-stream")
+            .header("content-range", format!("{offset}-{}", end - 1))
+            .body(blob.slice(offset..end))
+            .send()
+            .await?;
+        if r.status() != 202 {
+            bail!("PATCH: {}", r.status());
+        }
+        location = c.absolute(r.headers().get("location").context("no Location")?.to_str()?);
+        offset = end;
+    }
+    let r = c.http.put(Client::with_digest(&location, &Digest::sha256_of(blob))).send().await?;
+    if r.status() != 201 {
+        bail!("PUT close: {}", r.status());
+    }
+    Ok(())
+}
+
+fn small_image(seed: u64) -> (Bytes, Bytes, Bytes) {
+    let config = Bytes::from(format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#));
+    let layer = Bytes::from(random_bytes(64 * 1024, 1000 + seed));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::sha256_of(&config).to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": Digest::sha256_of(&layer).to_string(), "size": layer.len()}],
+    }))
+    .expect("json");
+    (config, layer, Bytes::from(manifest))
+}
+
+async fn timed(f: impl Future<Output = Result<()>>) -> Result<f64> {
+    let started = Instant::now();
+    f.await?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn tempfile_dir() -> Result<tessera_testkit::TempDir> {
+    Ok(tessera_testkit::tempdir()?)
+}
