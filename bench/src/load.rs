@@ -82,9 +82,15 @@ impl Wrk {
 /// HEAD requests at `addr` over `connections` keep-alive connections for `seconds`.
 /// wrk cannot measure HEAD (it waits for a body the Content-Length announces), so this
 /// case has its own small generator; all three servers are measured with it.
-pub async fn head_rate(addr: std::net::SocketAddr, path: &str, connections: usize, seconds: u64) -> Result<f64> {
+pub async fn head_rate(
+    addr: std::net::SocketAddr,
+    path: &str,
+    accept: &str,
+    connections: usize,
+    seconds: u64,
+) -> Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!("HEAD {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes();
+    let request = format!("HEAD {path} HTTP/1.1\r\nHost: bench\r\nAccept: {accept}\r\n\r\n").into_bytes();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for _ in 0..connections {

@@ -377,9 +377,9 @@ async fn main() -> Result<()> {
     );
     let digest_path = format!("/v2/bench/app/manifests/{manifest_digest}");
     let (tr, dr, nr) = (
-        load::head_rate(tessera.addr, &digest_path, 32, scale.seconds).await?,
-        load::head_rate(distribution.addr, &digest_path, 32, scale.seconds).await?,
-        load::head_rate(nginx.addr, "/manifest.json", 32, scale.seconds).await?,
+        load::head_rate(tessera.addr, &digest_path, ACCEPT, 32, scale.seconds).await?,
+        load::head_rate(distribution.addr, &digest_path, ACCEPT, 32, scale.seconds).await?,
+        load::head_rate(nginx.addr, "/manifest.json", ACCEPT, 32, scale.seconds).await?,
     );
     table.add("manifest HEAD by digest, 32 connections", "req/s", Better::Higher, tr, Some(dr), Some(nr));
     let small_path = format!("/v2/bench/app/blobs/{small_digest}");
