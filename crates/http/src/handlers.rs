@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use serde_json::json;
 use tessera_registry::UploadStart;
 use tessera_spec::{ByteRange, ErrorCode, OciError, RepoName};
@@ -17,19 +18,30 @@ use crate::endpoint::{self, Endpoint, Paging};
 use crate::{ApiError, AppState};
 
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let sends_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
-    match handle(&state, req).await {
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    match handle(&state, &parts, &mut body).await {
         Ok(r) => r,
         Err(e) => {
             let mut response = ApiError(e).into_response();
-            // A refused upload may leave part of its body unread, and the connection cannot be
-            // reused after that: say so, or the client's next request races the close.
-            if sends_body {
+            // An unread body is drained so the client reads this answer, not a reset. A body
+            // the handler gave up on midway cannot be drained: the connection is closed
+            // instead, said so, or the client's next request would race the close.
+            let drained = match body.take() {
+                Some(unread) => discard(unread).await,
+                None => !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH),
+            };
+            if !drained {
                 response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             response
         }
     }
+}
+
+/// The request body, for the one handler step that reads it.
+fn take(body: &mut Option<Body>) -> Body {
+    body.take().unwrap_or_default()
 }
 
 fn unsupported_method() -> OciError {
@@ -50,22 +62,32 @@ fn accept(headers: &HeaderMap) -> Option<String> {
     (!all.is_empty()).then(|| all.join(","))
 }
 
-fn byte_stream(body: Body) -> impl futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send {
-    body.into_data_stream().map_err(io::Error::other)
+/// The request body as a byte stream, taken from its slot only when first polled: a request
+/// refused before its body is read leaves the body for [`dispatch`] to drain.
+fn byte_stream(body: &mut Option<Body>) -> impl futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send + '_ {
+    let mut stream = None;
+    futures_util::stream::poll_fn(move |cx| {
+        let s = stream.get_or_insert_with(|| take(body).into_data_stream());
+        s.poll_next_unpin(cx).map(|item| item.map(|r| r.map_err(io::Error::other)))
+    })
 }
 
-/// Reads and drops what is left of a refused request body (up to a bound), so the client
-/// finishes sending and reads our error instead of a reset connection.
-async fn discard(body: Body) {
+/// Reads and drops what is left of a refused request body, up to a bound. Returns whether
+/// the body ended (so the connection can carry another request).
+async fn discard(body: Body) -> bool {
     const DISCARD_MAX: usize = 16 * 1024 * 1024;
     let mut seen = 0;
     let mut stream = body.into_data_stream();
-    while let Some(Ok(chunk)) = stream.next().await {
-        seen += chunk.len();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => seen += chunk.len(),
+            Err(_) => return false,
+        }
         if seen > DISCARD_MAX {
-            break;
+            return false;
         }
     }
+    true
 }
 
 fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Response {
@@ -117,9 +139,15 @@ fn listing(path: &str, key: &str, extra: Option<(&str, &str)>, paging: &Paging, 
     response(StatusCode::OK, &headers, Body::from(body.to_string()))
 }
 
-async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
-    let (parts, body) = req.into_parts();
-    let endpoint = endpoint::parse(parts.uri.path(), parts.uri.query())?;
+async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Result<Response, OciError> {
+    let endpoint = endpoint::parse(parts.uri.path(), parts.uri.query()).map_err(|e| {
+        // A tag that cannot exist is simply not found, except where a client tries to create it.
+        if e.code == ErrorCode::TagInvalid && parts.method != Method::PUT {
+            OciError::new(ErrorCode::ManifestUnknown, "manifest unknown")
+        } else {
+            e
+        }
+    })?;
     let registry = &state.registry;
     let headers = &parts.headers;
     let method = &parts.method;
@@ -159,10 +187,10 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
             Method::PUT => {
                 let limit = registry.settings().manifest_max_bytes;
                 if content_length(headers).is_some_and(|l| l > limit) {
-                    discard(body).await;
+                    discard(take(body)).await;
                     return Err(registry.manifest_too_large());
                 }
-                let mut stream = body.into_data_stream();
+                let mut stream = take(body).into_data_stream();
                 let mut bytes = bytes::BytesMut::new();
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk
@@ -267,7 +295,7 @@ async fn handle(state: &AppState, req: Request) -> Result<Response, OciError> {
                     };
                     let length = content_length(headers).or_else(|| {
                         use axum::body::HttpBody as _;
-                        body.size_hint().exact()
+                        body.as_ref().and_then(|b| b.size_hint().exact())
                     });
                     registry.upload_finish(&name, &id, &digest, content_range, length, byte_stream(body)).await?;
                     Ok(blob_created(&name, &digest))

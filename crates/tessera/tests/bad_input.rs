@@ -74,9 +74,13 @@ async fn hostile_names_references_and_digests() {
         ("/v2/Good/manifests/v1".into(), "GET", 400, "NAME_INVALID"),
         ("/v2/good%2frepo/manifests/v1".into(), "GET", 400, "NAME_INVALID"),
         (format!("/v2/{}/manifests/v1", "a".repeat(300)), "GET", 400, "NAME_INVALID"),
-        ("/v2/good/repo/manifests/..%2f..%2fmeta.sqlite".into(), "GET", 400, "TAG_INVALID"),
+        // A tag that cannot exist is not found (as Distribution and the conformance suite
+        // have it); only creating one is refused as invalid.
+        ("/v2/good/repo/manifests/..%2f..%2fmeta.sqlite".into(), "GET", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/good/repo/manifests/.INVALID_MANIFEST_NAME".into(), "HEAD", 404, ""),
+        ("/v2/good/repo/manifests/..%2fx".into(), "PUT", 400, "TAG_INVALID"),
         ("/v2/good/repo/manifests/-bad".into(), "PUT", 400, "TAG_INVALID"),
-        (format!("/v2/good/repo/manifests/{}", "t".repeat(129)), "GET", 400, "TAG_INVALID"),
+        (format!("/v2/good/repo/manifests/{}", "t".repeat(129)), "PUT", 400, "TAG_INVALID"),
         ("/v2/good/repo/blobs/sha256:%2e%2e".into(), "GET", 400, "DIGEST_INVALID"),
         ("/v2/good/repo/blobs/md5:d41d8cd98f00b204e9800998ecf8427e".into(), "GET", 400, "DIGEST_INVALID"),
         (format!("/v2/good/repo/blobs/{}", d.to_string().to_uppercase()), "GET", 400, "DIGEST_INVALID"),
@@ -100,6 +104,9 @@ async fn hostile_names_references_and_digests() {
             .await
             .unwrap();
         assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        if method == "HEAD" {
+            continue;
+        }
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body["errors"][0]["code"], code, "{method} {path}");
         assert!(body["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()));
@@ -288,4 +295,37 @@ async fn blob_size_limit() {
     assert_eq!(api.get(&format!("/v2/big/blobs/{d}")).await.unwrap().status(), 404);
     assert!(snapshot(&s.data).is_empty(), "nothing left behind");
     assert_eq!(api.push_blob("big", &data[..1000]).await.unwrap(), Digest::sha256_of(&data[..1000]));
+}
+
+#[test]
+fn a_refused_chunk_is_drained_and_the_connection_stays_usable() {
+    let (s, _api) = start(&[]);
+    let mut tcp = TcpStream::connect(s.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut exchange = |request: &[u8]| -> String {
+        tcp.write_all(request).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed");
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let answer = exchange(b"POST /v2/keep/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    let location = answer.lines().find_map(|l| l.strip_prefix("location: ")).unwrap().trim().to_string();
+    let body = vec![7u8; 200_000];
+    let mut request = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Range: 100-199999\r\nContent-Length: {}\r\n\r\n",
+        body.len() - 100
+    )
+    .into_bytes();
+    request.extend_from_slice(&body[100..]);
+    let answer = exchange(&request);
+    assert!(answer.starts_with("HTTP/1.1 416"), "{answer}");
+    assert!(!answer.to_lowercase().contains("connection: close"), "{answer}");
+    let answer = exchange(format!("GET {location} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 204"), "same connection still serves: {answer}");
+    assert!(answer.contains("range: 0-0"), "{answer}");
 }
