@@ -34,6 +34,11 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 async fn access_log(req: Request, next: Next) -> Response {
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        let mut response = next.run(req).await;
+        response.headers_mut().insert("docker-distribution-api-version", API_VERSION);
+        return response;
+    }
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -47,7 +52,7 @@ async fn access_log(req: Request, next: Next) -> Response {
         .take(80)
         .collect::<String>();
     let mut response = next.run(req).await;
-    response.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    response.headers_mut().insert("docker-distribution-api-version", API_VERSION);
     let length = response
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -62,3 +67,5 @@ async fn access_log(req: Request, next: Next) -> Response {
     );
     response
 }
+
+const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
