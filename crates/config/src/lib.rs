@@ -26,6 +26,102 @@ pub struct Config {
     pub limits: Limits,
     pub storage: Storage,
     pub cache: Cache,
+    /// Other registries this one can pull through or redirect to (`[[upstream]]`).
+    #[serde(rename = "upstream")]
+    pub upstreams: Vec<Upstream>,
+    /// The routing table (`[[route]]`), first match wins. Requests no route matches go to
+    /// the hosted repositories.
+    #[serde(rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+/// Another registry, reached over HTTP(S).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Name used by routes (`to = "name"` or `to = "name:path"`).
+    pub name: String,
+    /// Base URL, e.g. `https://registry-1.docker.io`. `http://` only when written so.
+    pub url: String,
+    /// Registry names this upstream answers for: a request with `?ns=` equal to one of them
+    /// (containerd's mirror parameter) is routed here when no route matched first.
+    #[serde(default)]
+    pub authority: Vec<String>,
+    /// Credentials for the upstream (HTTP basic, or for its token service).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Extra PEM CA bundle trusted for this upstream, besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Docker Hub's rule: a one-component name `x` means `library/x`. Defaults to on when
+    /// `authority` includes `docker.io`.
+    pub library_rule: Option<bool>,
+    /// Seconds an upstream request may take before it counts as failed.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub cache: UpstreamCache,
+}
+
+fn default_upstream_timeout() -> u64 {
+    30
+}
+
+/// How manifests fetched from an upstream are cached.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamCache {
+    /// Seconds a manifest fetched by tag is served without asking the upstream again; after
+    /// that it is revalidated with a HEAD (which does not count against Docker Hub's limit).
+    pub tag_ttl_secs: u64,
+    /// Serve the cached copy when the upstream is down, times out, or answers 5xx or 429.
+    pub serve_stale: bool,
+    /// The oldest validation a stale answer may rest on, in seconds.
+    pub max_stale_secs: u64,
+    /// Seconds a "not found" from the upstream is remembered.
+    pub negative_ttl_secs: u64,
+}
+
+impl Default for UpstreamCache {
+    fn default() -> Self {
+        UpstreamCache { tag_ttl_secs: 300, serve_stale: true, max_stale_secs: 7 * 24 * 3600, negative_ttl_secs: 30 }
+    }
+}
+
+/// A route's target: `"hosted"`, `"upstream"`, `"upstream:path/prefix"`, or a list of
+/// those (a group, tried in order).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Target {
+    One(String),
+    Group(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Pull through: fetch, verify, keep, and serve from the cache afterwards.
+    #[default]
+    Cache,
+    /// Redirect only: answer with a 307 to the upstream; no bytes pass through here.
+    Redirect,
+}
+
+/// One row of the routing table. Every given matcher must match; none given matches all.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Virtual host: the request's `Host` (without port), case-insensitive.
+    pub host: Option<String>,
+    /// The `ns` query parameter containerd sends as a mirror (e.g. `docker.io`).
+    pub authority: Option<String>,
+    /// Repository-name prefix, matched by whole components; it is removed from the name
+    /// before the target's path is prepended (`cool/stuff/x` -> `flavio/x`).
+    pub prefix: Option<String>,
+    pub to: Target,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Allow pushes (only to `hosted`). Default: true for a hosted target, else false.
+    pub push: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -77,6 +173,8 @@ impl Default for Config {
             limits: Limits::default(),
             storage: Storage::default(),
             cache: Cache::default(),
+            upstreams: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }
@@ -120,6 +218,37 @@ impl Config {
         if self.limits.manifest_max_bytes == 0 {
             return Err("limits.manifest_max_bytes must be positive".into());
         }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.upstreams {
+            if u.name.is_empty() || u.name == "hosted" || u.name.contains(':') {
+                return Err(format!("upstream name {:?} is not usable (empty, \"hosted\" or with ':')", u.name));
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(format!("upstream {:?} is defined twice", u.name));
+            }
+            if !(u.url.starts_with("https://") || u.url.starts_with("http://")) {
+                return Err(format!("upstream {:?}: url must start with https:// or http://", u.name));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let members = match &r.to {
+                Target::One(t) => vec![t.as_str()],
+                Target::Group(g) if g.is_empty() => return Err(format!("route {}: empty group", i + 1)),
+                Target::Group(g) => g.iter().map(String::as_str).collect(),
+            };
+            for m in &members {
+                let upstream = m.split(':').next().unwrap_or("");
+                if *m != "hosted" && !names.contains(upstream) {
+                    return Err(format!("route {}: target {m:?} is neither \"hosted\" nor a defined upstream", i + 1));
+                }
+            }
+            if r.push == Some(true) && !members.contains(&"hosted") {
+                return Err(format!("route {}: push is only possible to hosted", i + 1));
+            }
+            if r.mode == Mode::Redirect && members.contains(&"hosted") {
+                return Err(format!("route {}: mode = \"redirect\" needs upstream targets only", i + 1));
+            }
+        }
         Ok(())
     }
 }
@@ -154,6 +283,47 @@ delete_enabled = false
         assert_eq!(c.limits.manifest_max_bytes, 1024);
         assert_eq!(c.limits.header_max_bytes, 64 * 1024);
         assert_eq!(c.tls.unwrap().cert, PathBuf::from("c.pem"));
+    }
+
+    #[test]
+    fn routing_table_parses_and_validates() {
+        let c = Config::from_toml(
+            r#"
+[[upstream]]
+name = "dockerhub"
+url = "https://registry-1.docker.io"
+authority = ["docker.io"]
+cache = { tag_ttl_secs = 60 }
+
+[[upstream]]
+name = "quay"
+url = "https://quay.io"
+
+[[route]]
+prefix = "cool/stuff"
+to = "dockerhub:flavio"
+mode = "redirect"
+
+[[route]]
+to = ["hosted", "dockerhub", "quay"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.upstreams[0].cache.tag_ttl_secs, 60);
+        assert!(c.upstreams[0].cache.serve_stale);
+        assert_eq!(c.routes[0].mode, Mode::Redirect);
+        assert_eq!(c.routes[1].to, Target::Group(vec!["hosted".into(), "dockerhub".into(), "quay".into()]));
+        for bad in [
+            "[[route]]\nto = \"nowhere\"\n",
+            "[[upstream]]\nname = \"a\"\nurl = \"ftp://x\"\n",
+            "[[upstream]]\nname = \"a\"\nurl = \"https://x\"\n[[upstream]]\nname = \"a\"\nurl = \"https://y\"\n",
+            "[[upstream]]\nname = \"a\"\nurl = \"https://x\"\n[[route]]\nto = \"a\"\npush = true\n",
+            "[[route]]\nto = \"hosted\"\nmode = \"redirect\"\n",
+            "[[route]]\nto = []\n",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,283 @@
+//! A client for one upstream registry: its base URL, TLS trust, credentials, and the Docker
+//! token flow (401 challenge -> token from the realm for the scope -> retry), with tokens
+//! cached until they expire. Upstream credentials never leave this module's requests.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use tessera_config::UpstreamCache;
+use tessera_spec::RepoName;
+
+/// Why an upstream request produced no usable answer.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Could not connect, timed out, or the connection broke.
+    Unreachable(String),
+    /// The upstream's token service refused or failed.
+    Auth(String),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Unreachable(e) => write!(f, "upstream unreachable: {e}"),
+            UpstreamError::Auth(e) => write!(f, "upstream authentication failed: {e}"),
+        }
+    }
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq)]
+pub struct Challenge {
+    pub scheme: String,
+    pub params: HashMap<String, String>,
+}
+
+/// Parses `Scheme k="v", k2=v2`. Unknown or malformed parts are skipped, never panicked on.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    if scheme.is_empty() {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        if key.is_empty() {
+            break;
+        }
+        if chars.next() != Some('=') {
+            continue;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect::<String>().trim().to_string();
+        }
+        params.insert(key.trim().to_ascii_lowercase(), value);
+    }
+    Some(Challenge { scheme: scheme.to_ascii_lowercase(), params })
+}
+
+struct Token {
+    value: String,
+    expires: Instant,
+}
+
+pub struct Upstream {
+    name: String,
+    base: String,
+    authorities: Vec<String>,
+    library_rule: bool,
+    credentials: Option<(String, String)>,
+    cache: UpstreamCache,
+    http: reqwest::Client,
+    /// Bearer tokens by scope.
+    tokens: Mutex<HashMap<String, Token>>,
+    /// Whether the upstream asked for Basic auth (then it is sent up front).
+    basic: std::sync::atomic::AtomicBool,
+}
+
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for cert in certs {
+            roots
+                .add(cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+impl Upstream {
+    pub fn new(config: &tessera_config::Upstream) -> Result<Upstream, String> {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_config(config.ca_file.as_deref())?)
+            .connect_timeout(Duration::from_secs(config.timeout_secs.min(30)))
+            .read_timeout(Duration::from_secs(config.timeout_secs))
+            .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("upstream {}: {e}", config.name))?;
+        let credentials = match (&config.username, &config.password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            _ => None,
+        };
+        Ok(Upstream {
+            name: config.name.clone(),
+            base: config.url.trim_end_matches('/').to_string(),
+            authorities: config.authority.clone(),
+            library_rule: config.library_rule.unwrap_or(config.authority.iter().any(|a| a == "docker.io")),
+            credentials,
+            cache: config.cache.clone(),
+            http,
+            tokens: Mutex::new(HashMap::new()),
+            basic: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn answers_for(&self, authority: &str) -> bool {
+        self.authorities.iter().any(|a| a == authority)
+    }
+
+    pub fn library_rule(&self) -> bool {
+        self.library_rule
+    }
+
+    pub fn cache_settings(&self) -> &UpstreamCache {
+        &self.cache
+    }
+
+    /// The upstream URL of an API path (`/v2/...`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<String> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.get(scope).filter(|t| t.expires > Instant::now()).map(|t| t.value.clone())
+    }
+
+    fn authorization(&self, scope: &str) -> Option<HeaderValue> {
+        if let Some(token) = self.cached_token(scope) {
+            return HeaderValue::from_str(&format!("Bearer {token}")).ok();
+        }
+        if self.basic.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.basic_header();
+        }
+        None
+    }
+
+    fn basic_header(&self) -> Option<HeaderValue> {
+        use base64::Engine as _;
+        let (u, p) = self.credentials.as_ref()?;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        HeaderValue::from_str(&format!("Basic {encoded}")).ok()
+    }
+
+    /// Sends a pull request for `name` to `path` (`/v2/...`), answering one auth challenge.
+    pub async fn send(
+        &self,
+        method: Method,
+        name: &RepoName,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let scope = format!("repository:{name}:pull");
+        let attempt = |auth: Option<HeaderValue>| {
+            let mut req = self.http.request(method.clone(), self.url(path)).headers(headers.clone());
+            if let Some(a) = auth {
+                req = req.header(AUTHORIZATION, a);
+            }
+            req.send()
+        };
+        let unreachable = |e: reqwest::Error| UpstreamError::Unreachable(e.to_string());
+        let response = attempt(self.authorization(&scope)).await.map_err(unreachable)?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        let Some(challenge) =
+            response.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge)
+        else {
+            return Ok(response);
+        };
+        let auth = match challenge.scheme.as_str() {
+            "basic" if self.credentials.is_some() => {
+                self.basic.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.basic_header()
+            }
+            "bearer" => Some(self.fetch_token(&challenge, &scope).await?),
+            _ => return Ok(response),
+        };
+        attempt(auth).await.map_err(unreachable)
+    }
+
+    async fn fetch_token(&self, challenge: &Challenge, scope: &str) -> Result<HeaderValue, UpstreamError> {
+        let realm =
+            challenge.params.get("realm").ok_or_else(|| UpstreamError::Auth("challenge without realm".into()))?;
+        if !(realm.starts_with("https://") || realm.starts_with("http://")) {
+            return Err(UpstreamError::Auth("token realm is not an http(s) URL".into()));
+        }
+        let mut query = vec![("scope", scope.to_string())];
+        if let Some(service) = challenge.params.get("service") {
+            query.push(("service", service.clone()));
+        }
+        let mut req = self.http.get(realm).query(&query);
+        if let Some((u, p)) = &self.credentials {
+            req = req.basic_auth(u, Some(p));
+        }
+        let response = req.send().await.map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(UpstreamError::Auth(format!("token service answered {}", response.status())));
+        }
+        let body: serde_json::Value = response.json().await.map_err(|e| UpstreamError::Auth(e.to_string()))?;
+        let token = body["token"]
+            .as_str()
+            .or_else(|| body["access_token"].as_str())
+            .ok_or_else(|| UpstreamError::Auth("token response without a token".into()))?
+            .to_string();
+        // Spec: expires_in defaults to 60 s. Refresh a little early.
+        let lifetime = body["expires_in"].as_u64().unwrap_or(60).saturating_sub(5).max(1);
+        let header = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| UpstreamError::Auth("unusable token".into()))?;
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(scope.to_string(), Token { value: token, expires: Instant::now() + Duration::from_secs(lifetime) });
+        Ok(header)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        let c = parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#).unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "https://auth.docker.io/token");
+        assert_eq!(c.params["service"], "registry.docker.io");
+        assert_eq!(c.params["scope"], "repository:library/alpine:pull");
+        let c = parse_challenge(r#"Basic realm="Registry Realm""#).unwrap();
+        assert_eq!((c.scheme.as_str(), c.params["realm"].as_str()), ("basic", "Registry Realm"));
+        let c = parse_challenge(r#"Bearer realm="a\"b", error=invalid_token"#).unwrap();
+        assert_eq!(c.params["realm"], "a\"b");
+        assert_eq!(c.params["error"], "invalid_token");
+        for junk in ["", "   ", "Bearer ,,,", "Bearer =x", "Bearer realm", "Bearer realm=\"unterminated", "\u{0}"] {
+            let _ = parse_challenge(junk);
+        }
+        assert!(parse_challenge("").is_none());
+    }
+}
