@@ -200,7 +200,11 @@ struct Client {
 impl Client {
     fn new(base: &str) -> Client {
         Client {
-            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
+            http: {
+                // The workspace builds reqwest with rustls and no default provider.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client")
+            },
             base: base.to_string(),
         }
     }

@@ -15,6 +15,7 @@ use tessera_spec::{ByteRange, ErrorCode, OciError, RepoName};
 use tessera_store::{Page, UploadId};
 
 use crate::endpoint::{self, Endpoint, Paging};
+use crate::routed::{self, Found, Route};
 use crate::{ApiError, AppState};
 
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
@@ -98,6 +99,14 @@ fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Respo
     builder.body(body).unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
 }
 
+fn redirect(url: &str) -> Response {
+    response(
+        StatusCode::TEMPORARY_REDIRECT,
+        &[("location", url.to_string()), ("content-length", "0".into())],
+        Body::empty(),
+    )
+}
+
 fn upload_location(name: &RepoName, id: &UploadId) -> String {
     format!("/v2/{name}/blobs/uploads/{id}")
 }
@@ -169,12 +178,22 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let page = registry.tags(&name, paging.n, paging.last.as_deref()).await?;
-            Ok(listing(&format!("/v2/{name}/tags/list"), "tags", Some(("name", name.as_str())), &paging, page))
+            let route = Route::new(state, parts, &name)?;
+            match route.tags(&name, paging.n, paging.last.as_deref()).await? {
+                Found::Here((items, more)) => {
+                    let page = Page { items, more };
+                    Ok(listing(&format!("/v2/{name}/tags/list"), "tags", Some(("name", name.as_str())), &paging, page))
+                }
+                Found::Redirect(url) => Ok(redirect(&url)),
+            }
         }
         Endpoint::Manifest { name, reference } => match *method {
             Method::GET | Method::HEAD => {
-                let m = registry.manifest_get(&name, &reference, accept(headers).as_deref()).await?;
+                let route = Route::new(state, parts, &name)?;
+                let (m, stale) = match route.manifest(&reference, accept(headers).as_deref()).await? {
+                    Found::Here(found) => found,
+                    Found::Redirect(url) => return Ok(redirect(&url)),
+                };
                 let headers = [
                     ("content-type", m.media_type.clone()),
                     ("content-length", m.bytes.len().to_string()),
@@ -182,9 +201,15 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                     ("etag", format!("\"{}\"", m.digest)),
                 ];
                 let body = if *method == Method::HEAD { Body::empty() } else { Body::from(m.bytes) };
-                Ok(response(StatusCode::OK, &headers, body))
+                let mut r = response(StatusCode::OK, &headers, body);
+                if stale {
+                    routed::stale_headers(r.headers_mut());
+                }
+                Ok(r)
             }
             Method::PUT => {
+                let route = Route::new(state, parts, &name)?;
+                let name = route.writable()?;
                 let limit = registry.settings().manifest_max_bytes;
                 if content_length(headers).is_some_and(|l| l > limit) {
                     discard(take(body)).await;
@@ -203,7 +228,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 }
                 let bytes = bytes.freeze();
                 let put =
-                    registry.manifest_put(&name, &reference, header_str(headers, header::CONTENT_TYPE), bytes).await?;
+                    registry.manifest_put(name, &reference, header_str(headers, header::CONTENT_TYPE), bytes).await?;
                 let mut out = vec![
                     ("location", format!("/v2/{name}/manifests/{}", put.digest)),
                     ("docker-content-digest", put.digest.to_string()),
@@ -215,14 +240,18 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 Ok(response(StatusCode::CREATED, &out, Body::empty()))
             }
             Method::DELETE => {
-                registry.manifest_delete(&name, &reference).await?;
+                let route = Route::new(state, parts, &name)?;
+                registry.manifest_delete(route.writable()?, &reference).await?;
                 Ok(StatusCode::ACCEPTED.into_response())
             }
             _ => Err(unsupported_method()),
         },
         Endpoint::Blob { name, digest } => match *method {
             Method::HEAD => {
-                let size = registry.blob_size(&name, &digest).await?;
+                let size = match Route::new(state, parts, &name)?.blob_size(&digest).await? {
+                    Found::Here(size) => size,
+                    Found::Redirect(url) => return Ok(redirect(&url)),
+                };
                 let headers = [
                     ("content-length", size.to_string()),
                     ("content-type", "application/octet-stream".into()),
@@ -232,7 +261,11 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 Ok(response(StatusCode::OK, &headers, Body::empty()))
             }
             Method::GET => {
-                let answer = registry.blob_get(&name, &digest, header_str(headers, header::RANGE)).await?;
+                let answer =
+                    match Route::new(state, parts, &name)?.blob(&digest, header_str(headers, header::RANGE)).await? {
+                        Found::Here(answer) => answer,
+                        Found::Redirect(url) => return Ok(redirect(&url)),
+                    };
                 let mut out = vec![
                     ("content-length", answer.read.len.to_string()),
                     ("content-type", "application/octet-stream".into()),
@@ -250,7 +283,8 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 Ok(response(status, &out, Body::from_stream(answer.read.body)))
             }
             Method::DELETE => {
-                registry.blob_delete(&name, &digest).await?;
+                let route = Route::new(state, parts, &name)?;
+                registry.blob_delete(route.writable()?, &digest).await?;
                 Ok(StatusCode::ACCEPTED.into_response())
             }
             _ => Err(unsupported_method()),
@@ -259,18 +293,22 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             if *method != Method::POST {
                 return Err(unsupported_method());
             }
+            let route = Route::new(state, parts, &name)?;
+            let name = route.writable()?;
             if let Some(digest) = digest {
-                registry.upload_monolithic(&name, &digest, byte_stream(body)).await?;
-                return Ok(blob_created(&name, &digest));
+                registry.upload_monolithic(name, &digest, byte_stream(body)).await?;
+                return Ok(blob_created(name, &digest));
             }
-            match registry.upload_start(&name, mount.as_ref().map(|m| (m, from.as_ref()))).await? {
-                UploadStart::Created(digest) => Ok(blob_created(&name, &digest)),
+            match registry.upload_start(name, mount.as_ref().map(|m| (m, from.as_ref()))).await? {
+                UploadStart::Created(digest) => Ok(blob_created(name, &digest)),
                 UploadStart::Session(id) => {
-                    Ok(response(StatusCode::ACCEPTED, &session_headers(&name, &id, 0), Body::empty()))
+                    Ok(response(StatusCode::ACCEPTED, &session_headers(name, &id, 0), Body::empty()))
                 }
             }
         }
         Endpoint::Upload { name, id, digest } => {
+            let route = Route::new(state, parts, &name)?;
+            let name = route.writable()?.clone();
             let content_range =
                 header_str(headers, header::CONTENT_RANGE).map(ByteRange::from_content_range).transpose()?;
             match *method {
@@ -311,7 +349,14 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let r = registry.referrers(&name, &digest, artifact_type.as_deref()).await?;
+            let route = Route::new(state, parts, &name)?;
+            // Referrers are answered for hosted content; a route without a hosted member has
+            // none to report yet (an empty index, never a 404, as the spec requires).
+            let hosted = route.hosted_name().cloned();
+            let r = match hosted {
+                Some(hosted) => registry.referrers(&hosted, &digest, artifact_type.as_deref()).await?,
+                None => tessera_registry::Referrers::empty(artifact_type.is_some()),
+            };
             let mut out = vec![("content-type", tessera_spec::manifest::media::OCI_INDEX.to_string())];
             if r.filtered {
                 out.push(("oci-filters-applied", "artifactType".into()));

@@ -4,6 +4,7 @@
 pub mod endpoint;
 mod handlers;
 mod response;
+mod routed;
 pub mod server;
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub use response::ApiError;
 /// Everything a request handler can reach. Built once by the binary (or a test).
 pub struct AppState {
     pub registry: Registry,
+    /// The routing table and the caches of its upstreams.
+    pub federation: tessera_federation::Federation,
 }
 
 /// The client's socket address, put into request extensions by [`server`].

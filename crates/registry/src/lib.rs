@@ -70,6 +70,17 @@ pub struct Referrers {
     pub filtered: bool,
 }
 
+impl Referrers {
+    /// An index listing no referrers.
+    pub fn empty(filtered: bool) -> Referrers {
+        Referrers { index: referrers_index(Vec::new()), filtered }
+    }
+}
+
+fn referrers_index(manifests: Vec<serde_json::Value>) -> Bytes {
+    Bytes::from(json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests }).to_string())
+}
+
 /// Logs an internal failure and turns it into the client-safe error.
 pub(crate) fn internal(context: &str, e: io::Error) -> OciError {
     if e.kind() == io::ErrorKind::StorageFull {
@@ -319,8 +330,7 @@ impl Registry {
                 d
             })
             .collect();
-        let index = json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests });
-        Ok(Referrers { index: Bytes::from(index.to_string()), filtered: artifact_type.is_some() })
+        Ok(Referrers { index: referrers_index(manifests), filtered: artifact_type.is_some() })
     }
 }
 

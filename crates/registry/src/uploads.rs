@@ -230,7 +230,7 @@ impl Registry {
 
     /// Rebuilds the hash of a session from its stored bytes.
     async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<Digester, OciError> {
-        let stream = self.blobs.upload_read(id).await.map_err(|e| internal("upload read", e))?;
+        let stream = self.blobs.upload_read(id, 0).await.map_err(|e| internal("upload read", e))?;
         stream
             .try_fold(Digester::new(algorithm), |mut d, chunk| async move {
                 d.update(&chunk);

@@ -99,8 +99,8 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
         self.inner.upload_append(id, data).await
     }
 
-    async fn upload_read(&self, id: &UploadId) -> io::Result<ByteStream<'static>> {
-        self.inner.upload_read(id).await
+    async fn upload_read(&self, id: &UploadId, start: u64) -> io::Result<ByteStream<'static>> {
+        self.inner.upload_read(id, start).await
     }
 
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> io::Result<()> {

@@ -40,7 +40,13 @@ pub async fn blob_store(store: &dyn BlobStore) {
         a.len() as u64
     );
     assert_eq!(store.upload_append(&id, chunks(vec![b.to_vec()])).await.unwrap(), data.len() as u64);
-    assert_eq!(collect(store.upload_read(&id).await.unwrap()).await, data, "upload_read returns what was appended");
+    assert_eq!(collect(store.upload_read(&id, 0).await.unwrap()).await, data, "upload_read returns what was appended");
+    assert_eq!(
+        collect(store.upload_read(&id, 1_000_000).await.unwrap()).await,
+        &data[1_000_000..],
+        "and from an offset"
+    );
+    assert!(collect(store.upload_read(&id, 5_000_000).await.unwrap()).await.is_empty(), "past the end: nothing");
     assert_eq!(store.stat(&digest).await.unwrap(), None, "nothing visible before commit");
     store.upload_commit(&id, &digest).await.unwrap();
     assert_eq!(store.upload_size(&id).await.unwrap(), None, "commit ends the session");

@@ -279,7 +279,7 @@ impl BlobStore for FsBlobStore {
         }
     }
 
-    async fn upload_read(&self, id: &UploadId) -> io::Result<ByteStream<'static>> {
+    async fn upload_read(&self, id: &UploadId, start: u64) -> io::Result<ByteStream<'static>> {
         let path = self.upload_data(id);
         let (file, size) = blocking(move || {
             let f = File::open(path)?;
@@ -287,7 +287,7 @@ impl BlobStore for FsBlobStore {
             Ok((f, size))
         })
         .await?;
-        Ok(stream_file(file, 0, size))
+        Ok(stream_file(file, start.min(size), size.saturating_sub(start)))
     }
 
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> io::Result<()> {

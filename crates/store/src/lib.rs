@@ -100,8 +100,9 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn upload_size(&self, id: &UploadId) -> io::Result<Option<u64>>;
     /// Appends everything `data` yields, durably, and returns the new size.
     async fn upload_append(&self, id: &UploadId, data: ByteStream<'_>) -> Result<u64, AppendError>;
-    /// Reads back what the session holds (used to rebuild hash state after a restart).
-    async fn upload_read(&self, id: &UploadId) -> io::Result<ByteStream<'static>>;
+    /// Reads back what the session holds from byte `start` to its size when called (used
+    /// to rebuild hash state after a restart, and to follow a cache fill as it grows).
+    async fn upload_read(&self, id: &UploadId, start: u64) -> io::Result<ByteStream<'static>>;
     /// Makes the session's bytes the blob `digest` and ends the session.
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> io::Result<()>;
     /// Ends the session and drops its bytes. Missing sessions are fine.

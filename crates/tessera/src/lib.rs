@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tessera_config::Config;
+use tessera_federation::{Federation, RoutingTable, Upstream};
 use tessera_http::AppState;
 use tessera_http::server::{ServerOptions, load_tls};
 use tessera_registry::{Registry, Settings};
-use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, SqliteMetaStore};
+use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, SqliteMetaStore};
 
 /// Opens the embedded default stores under `config.data` and builds the application state.
 pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
@@ -29,7 +30,8 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     } else {
         Arc::new(blobs)
     };
-    let registry = Registry::new(blobs, Arc::new(meta), settings);
+    let registry = Registry::new(blobs.clone(), Arc::new(meta), settings);
+    let federation = open_federation(config, blobs)?;
     let swept = registry
         .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs))
         .await
@@ -37,7 +39,26 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     if swept > 0 {
         tracing::info!("removed {swept} abandoned upload session(s)");
     }
-    Ok(AppState { registry })
+    Ok(AppState { registry, federation })
+}
+
+/// The routing table, an upstream client per `[[upstream]]`, and each upstream's cache
+/// metadata in `<data>/cache/<name>.sqlite` (its blobs share the one blob store).
+fn open_federation(config: &Config, blobs: Arc<dyn BlobStore>) -> anyhow::Result<Federation> {
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| Upstream::new(u).map(Arc::new).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let table = RoutingTable::new(config, upstreams).map_err(anyhow::Error::msg)?;
+    let cache_dir = config.data.join("cache");
+    let metadata_bytes = config.cache.metadata_bytes;
+    Federation::new(table, blobs, |name| {
+        std::fs::create_dir_all(&cache_dir)?;
+        let meta = SqliteMetaStore::open(&cache_dir.join(format!("{name}.sqlite")))?;
+        Ok(Arc::new(CachedMetaStore::new(meta, metadata_bytes / 4)) as Arc<dyn MetaStore>)
+    })
+    .context("cannot open the upstream caches")
 }
 
 /// Runs the server until `shutdown` resolves.

@@ -235,10 +235,7 @@ pub struct Api {
 
 impl Api {
     pub fn new(server: &Server) -> Api {
-        Api {
-            base: format!("http://{}", server.addr),
-            http: reqwest::Client::builder().pool_max_idle_per_host(4).build().expect("client"),
-        }
+        Api { base: format!("http://{}", server.addr), http: http_client() }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -291,6 +288,13 @@ impl Api {
     pub async fn get(&self, path: &str) -> Result<reqwest::Response> {
         Ok(self.http.get(self.url(path)).send().await?)
     }
+}
+
+/// An HTTP client for tests. The workspace builds reqwest with rustls but no default crypto
+/// provider (the server picks ring explicitly), so tests install ring as the default first.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().pool_max_idle_per_host(4).build().expect("client")
 }
 
 /// The OCI error code of a response body, for assertions.

@@ -1,0 +1,568 @@
+//! The pull-through cache of one upstream.
+//!
+//! - Manifests by digest and blobs are immutable: once fetched and verified they are kept.
+//! - A manifest by tag is served from the cache for `tag_ttl_secs`, then revalidated with a
+//!   HEAD (compare `Docker-Content-Digest`); when the upstream fails (unreachable, 5xx, 429)
+//!   the cached copy is served, marked stale, for up to `max_stale_secs`.
+//! - "Not found" answers are remembered for `negative_ttl_secs`.
+//! - A blob is fetched once however many clients ask at the same time (single flight): the
+//!   fetch writes into an upload session while hashing; every client streams from that
+//!   session as it grows, and the last byte is held back until the digest has verified. A
+//!   blob that fails verification is never committed, and its readers see an error.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+use tessera_registry::BlobAnswer;
+use tessera_spec::manifest::media;
+use tessera_spec::{ByteRange, Digest, Digester, ErrorCode, OciError, ParsedManifest, Reference, RepoName, Tag};
+use tessera_store::{BlobRead, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadId};
+use tokio::sync::watch;
+
+use crate::upstream::{Upstream, UpstreamError};
+
+/// A manifest answered through the cache.
+pub struct Fetched {
+    pub manifest: ManifestRecord,
+    /// Served from the cache because the upstream could not be asked.
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug)]
+struct FillState {
+    upload: UploadId,
+    size: Option<u64>,
+    /// `Some(Ok)` once committed, `Some(Err)` once failed.
+    done: Option<Result<(), String>>,
+}
+
+pub struct PullThrough {
+    upstream: Arc<Upstream>,
+    meta: Arc<dyn MetaStore>,
+    blobs: Arc<dyn BlobStore>,
+    /// When each cached tag was last confirmed by the upstream.
+    checked: Mutex<HashMap<(RepoName, Tag), Instant>>,
+    /// Recent "not found" answers.
+    missing: Mutex<HashMap<(RepoName, String), Instant>>,
+    fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+}
+
+fn manifest_accept() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&media::ALL.join(", ")) {
+        h.insert(ACCEPT, v);
+    }
+    h
+}
+
+fn unavailable(upstream: &Upstream, why: impl std::fmt::Display) -> OciError {
+    tracing::warn!(upstream = upstream.name(), "{why}");
+    OciError::new(ErrorCode::Unavailable, format!("upstream {} is not available", upstream.name()))
+        .with_header("retry-after", "10")
+}
+
+/// The status of an upstream answer, sorted by what the cache does with it.
+enum Answer {
+    Ok(reqwest::Response),
+    NotFound,
+    /// Unreachable, 5xx or 429: serve stale if we can.
+    Failing(OciError),
+}
+
+impl PullThrough {
+    pub fn new(upstream: Arc<Upstream>, meta: Arc<dyn MetaStore>, blobs: Arc<dyn BlobStore>) -> Self {
+        PullThrough {
+            upstream,
+            meta,
+            blobs,
+            checked: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+            fills: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    async fn ask(&self, method: Method, name: &RepoName, path: &str, headers: HeaderMap) -> Answer {
+        match self.upstream.send(method, name, path, headers).await {
+            Err(UpstreamError::Unreachable(e)) => Answer::Failing(unavailable(&self.upstream, e)),
+            Err(e @ UpstreamError::Auth(_)) => Answer::Failing(unavailable(&self.upstream, e)),
+            Ok(r) if r.status().is_success() => Answer::Ok(r),
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => Answer::NotFound,
+            Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
+                let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).unwrap_or("60").to_string();
+                tracing::warn!(upstream = self.upstream.name(), "rate limited; retry after {retry}");
+                Answer::Failing(
+                    OciError::new(ErrorCode::TooManyRequests, "upstream rate limit").with_header("retry-after", retry),
+                )
+            }
+            Ok(r) => Answer::Failing(unavailable(&self.upstream, format!("{path} answered {}", r.status()))),
+        }
+    }
+
+    fn recently_missing(&self, name: &RepoName, reference: &str) -> bool {
+        let ttl = Duration::from_secs(self.upstream.cache_settings().negative_ttl_secs);
+        let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (name.clone(), reference.to_string());
+        match missing.get(&key) {
+            Some(at) if at.elapsed() < ttl => true,
+            Some(_) => {
+                missing.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_missing(&self, name: &RepoName, reference: &str) {
+        self.missing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((name.clone(), reference.to_string()), Instant::now());
+    }
+
+    /// A manifest, from the cache or the upstream (see the module docs for the rules).
+    pub async fn manifest(&self, name: &RepoName, reference: &Reference) -> Result<Fetched, OciError> {
+        let not_found = || OciError::new(ErrorCode::ManifestUnknown, "manifest unknown");
+        let store_err = |e: io::Error| {
+            tracing::error!("cache metadata: {e}");
+            OciError::internal()
+        };
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(m) = self.meta.get_manifest(name, d).await.map_err(store_err)? {
+                    return Ok(Fetched { manifest: m, stale: false });
+                }
+                if self.recently_missing(name, &d.to_string()) {
+                    return Err(not_found());
+                }
+                let m = self.fetch_manifest(name, &d.to_string(), Some(d)).await?.ok_or_else(not_found)?;
+                self.meta.put_manifest(name, &m, None).await.map_err(store_err)?;
+                Ok(Fetched { manifest: m, stale: false })
+            }
+            Reference::Tag(t) => {
+                let cached = match self.meta.resolve_tag(name, t).await.map_err(store_err)? {
+                    Some(d) => self.meta.get_manifest(name, &d).await.map_err(store_err)?,
+                    None => None,
+                };
+                let key = (name.clone(), t.clone());
+                let checked = self.checked.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+                let settings = self.upstream.cache_settings();
+                if let (Some(m), Some(at)) = (&cached, checked)
+                    && at.elapsed() < Duration::from_secs(settings.tag_ttl_secs)
+                {
+                    return Ok(Fetched { manifest: m.clone(), stale: false });
+                }
+                if cached.is_none() && self.recently_missing(name, t.as_str()) {
+                    return Err(not_found());
+                }
+                let path = format!("/v2/{name}/manifests/{t}");
+                let fresh = match self.ask(Method::HEAD, name, &path, manifest_accept()).await {
+                    Answer::Ok(r) => {
+                        let upstream_digest = r
+                            .headers()
+                            .get("docker-content-digest")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<Digest>().ok());
+                        match (&cached, upstream_digest) {
+                            (Some(m), Some(d)) if m.digest == d => Ok(m.clone()),
+                            (_, Some(d)) => match self.meta.get_manifest(name, &d).await.map_err(store_err)? {
+                                Some(m) => Ok(m),
+                                None => {
+                                    self.fetch_manifest(name, &d.to_string(), Some(&d)).await?.ok_or_else(not_found)
+                                }
+                            },
+                            (_, None) => self.fetch_manifest(name, t.as_str(), None).await?.ok_or_else(not_found),
+                        }
+                    }
+                    Answer::NotFound => {
+                        self.remember_missing(name, t.as_str());
+                        if cached.is_some() {
+                            let _ = self.meta.delete_tag(name, t).await;
+                        }
+                        Err(not_found())
+                    }
+                    Answer::Failing(e) => {
+                        let age_ok =
+                            checked.is_none_or(|at| at.elapsed() < Duration::from_secs(settings.max_stale_secs));
+                        match cached {
+                            Some(m) if settings.serve_stale && age_ok => {
+                                tracing::warn!(upstream = self.upstream.name(), %name, tag = %t, "serving a stale manifest: {}", e.message);
+                                return Ok(Fetched { manifest: m, stale: true });
+                            }
+                            _ => Err(e),
+                        }
+                    }
+                };
+                let m = fresh?;
+                self.meta.put_manifest(name, &m, Some(t)).await.map_err(store_err)?;
+                self.checked.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Instant::now());
+                Ok(Fetched { manifest: m, stale: false })
+            }
+        }
+    }
+
+    /// GETs a manifest and verifies it against `expected` (or computes its digest).
+    async fn fetch_manifest(
+        &self,
+        name: &RepoName,
+        reference: &str,
+        expected: Option<&Digest>,
+    ) -> Result<Option<ManifestRecord>, OciError> {
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let response = match self.ask(Method::GET, name, &path, manifest_accept()).await {
+            Answer::Ok(r) => r,
+            Answer::NotFound => {
+                self.remember_missing(name, reference);
+                return Ok(None);
+            }
+            Answer::Failing(e) => return Err(e),
+        };
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let bytes = read_limited(response, 4 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
+        let digest = match expected {
+            Some(d) => {
+                let actual = Digest::of(d.algorithm(), &bytes);
+                if &actual != d {
+                    tracing::error!(upstream = self.upstream.name(), %name, expected = %d, %actual, "upstream manifest does not match its digest; not cached");
+                    return Err(unavailable(&self.upstream, "upstream sent a manifest that does not match its digest"));
+                }
+                actual
+            }
+            None => Digest::sha256_of(&bytes),
+        };
+        let parsed = ParsedManifest::parse(content_type.as_deref(), &bytes)
+            .map_err(|e| unavailable(&self.upstream, format!("upstream manifest unusable: {}", e.message)))?;
+        Ok(Some(ManifestRecord {
+            digest,
+            media_type: parsed.media_type.clone(),
+            bytes,
+            subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
+            artifact_type: parsed.artifact_type.clone(),
+            annotations_json: (!parsed.annotations.is_empty())
+                .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
+        }))
+    }
+
+    /// Size of a blob, from the cache or a HEAD upstream.
+    pub async fn blob_size(&self, name: &RepoName, digest: &Digest) -> Result<u64, OciError> {
+        if let Some(size) = self.meta.blob_link(name, digest).await.map_err(|_| OciError::internal())? {
+            return Ok(size);
+        }
+        let unknown = || OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry");
+        match self.ask(Method::HEAD, name, &format!("/v2/{name}/blobs/{digest}"), HeaderMap::new()).await {
+            Answer::Ok(r) => r
+                .content_length()
+                .filter(|l| *l > 0)
+                .or_else(|| {
+                    r.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+                })
+                .ok_or_else(|| unavailable(&self.upstream, "blob HEAD without a length")),
+            Answer::NotFound => Err(unknown()),
+            Answer::Failing(e) => Err(e),
+        }
+    }
+
+    /// A blob, from the cache or streamed from a (shared) upstream fetch.
+    pub async fn blob(&self, name: &RepoName, digest: &Digest, range: Option<&str>) -> Result<BlobAnswer, OciError> {
+        let internal = |e: io::Error| {
+            tracing::error!("cache: {e}");
+            OciError::internal()
+        };
+        if let Some(size) = self.meta.blob_link(name, digest).await.map_err(internal)? {
+            return self.stored(digest, size, range).await;
+        }
+        if self.recently_missing(name, &digest.to_string()) {
+            return Err(OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"));
+        }
+        // Bytes are content-addressed and were verified when stored: one copy serves every
+        // repository that turns out to need it.
+        if let Some(size) = self.blobs.stat(digest).await.map_err(internal)? {
+            self.meta.link_blob(name, digest, size).await.map_err(internal)?;
+            return self.stored(digest, size, range).await;
+        }
+        let mut rx = self.join_fill(name, digest).await?;
+        // Wait until the size is known (the upstream answered) or the fill ended.
+        let state = loop {
+            let s = rx.borrow_and_update().clone();
+            if s.size.is_some() || s.done.is_some() {
+                break s;
+            }
+            if rx.changed().await.is_err() {
+                return Err(unavailable(&self.upstream, "blob fetch ended unexpectedly"));
+            }
+        };
+        match (&state.done, state.size) {
+            (Some(Err(e)), _) if e == "not found" => {
+                Err(OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
+            }
+            (Some(Err(e)), _) => Err(unavailable(&self.upstream, e)),
+            (Some(Ok(())), _) => {
+                let size = self.blobs.stat(digest).await.map_err(internal)?.ok_or_else(OciError::internal)?;
+                self.stored(digest, size, range).await
+            }
+            (None, Some(size)) => {
+                let range = ByteRange::from_header(range, size)?;
+                let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
+                let len = if size == 0 { 0 } else { end - start + 1 };
+                let body = follow(self.blobs.clone(), digest.clone(), rx, start, start + len, size);
+                Ok(BlobAnswer { size, range, read: BlobRead { len, body } })
+            }
+            (None, None) => Err(OciError::internal()),
+        }
+    }
+
+    async fn stored(&self, digest: &Digest, size: u64, range: Option<&str>) -> Result<BlobAnswer, OciError> {
+        let range = ByteRange::from_header(range, size)?;
+        let read = self
+            .blobs
+            .read(digest, range.map(|r| (r.start, r.end)))
+            .await
+            .map_err(|_| OciError::internal())?
+            .ok_or_else(|| OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"))?;
+        Ok(BlobAnswer { size, range, read })
+    }
+
+    /// Joins the fetch of `digest` in progress, or starts one.
+    async fn join_fill(&self, name: &RepoName, digest: &Digest) -> Result<watch::Receiver<FillState>, OciError> {
+        let upload = UploadId::random();
+        let tx = {
+            let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(rx) = fills.get(digest) {
+                return Ok(rx.clone());
+            }
+            let (tx, rx) = watch::channel(FillState { upload: upload.clone(), size: None, done: None });
+            fills.insert(digest.clone(), rx);
+            tx
+        };
+        let fill = Fill {
+            upstream: self.upstream.clone(),
+            meta: self.meta.clone(),
+            blobs: self.blobs.clone(),
+            fills: self.fills.clone(),
+            name: name.clone(),
+            digest: digest.clone(),
+            upload,
+        };
+        let rx = tx.subscribe();
+        // Detached: a client that goes away does not stop the fetch others wait on.
+        tokio::spawn(fill.run(tx));
+        Ok(rx)
+    }
+
+    /// Tags of a repository from the upstream; the cached tags when it cannot answer.
+    pub async fn tags(&self, name: &RepoName, query: &str) -> Result<(serde_json::Value, Option<String>), OciError> {
+        let path = format!("/v2/{name}/tags/list{query}");
+        match self.ask(Method::GET, name, &path, HeaderMap::new()).await {
+            Answer::Ok(r) => {
+                let link = r.headers().get("link").and_then(|v| v.to_str().ok()).map(str::to_string);
+                let body = read_limited(r, 16 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
+                let value: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| unavailable(&self.upstream, format!("tags list: {e}")))?;
+                Ok((value["tags"].clone(), link))
+            }
+            Answer::NotFound => Err(OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")),
+            Answer::Failing(e) => {
+                let page = self
+                    .meta
+                    .list_tags(name, None, tessera_registry::MAX_PAGE)
+                    .await
+                    .map_err(|_| OciError::internal())?;
+                match page {
+                    Some(p) if self.upstream.cache_settings().serve_stale => Ok((serde_json::json!(p.items), None)),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// Reads a response body of at most `limit` bytes.
+async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("upstream answer larger than {limit} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
+/// One upstream blob fetch.
+struct Fill {
+    upstream: Arc<Upstream>,
+    meta: Arc<dyn MetaStore>,
+    blobs: Arc<dyn BlobStore>,
+    fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+    name: RepoName,
+    digest: Digest,
+    upload: UploadId,
+}
+
+impl Fill {
+    async fn run(self, tx: watch::Sender<FillState>) {
+        let result = self.fetch(&tx).await;
+        if let Err(e) = &result {
+            if e != "not found" {
+                tracing::error!(upstream = self.upstream.name(), name = %self.name, digest = %self.digest, "blob fetch failed: {e}");
+            }
+            let _ = self.blobs.upload_delete(&self.upload).await;
+        }
+        self.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
+        tx.send_modify(|s| s.done = Some(result));
+    }
+
+    async fn fetch(&self, tx: &watch::Sender<FillState>) -> Result<(), String> {
+        self.blobs.upload_create(&self.upload).await.map_err(|e| e.to_string())?;
+        let path = format!("/v2/{}/blobs/{}", self.name, self.digest);
+        let response =
+            self.upstream.send(Method::GET, &self.name, &path, HeaderMap::new()).await.map_err(|e| e.to_string())?;
+        match response.status() {
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND => return Err("not found".into()),
+            s => return Err(format!("upstream answered {s}")),
+        }
+        let expected_size = response.content_length();
+        if expected_size.is_some() {
+            tx.send_modify(|s| s.size = expected_size);
+        }
+        let mut digester = Digester::new(self.digest.algorithm());
+        let mut received = 0u64;
+        let tx_progress = tx.clone();
+        let stream: ByteStream = Box::pin(response.bytes_stream().map(|chunk| {
+            let chunk = chunk.map_err(io::Error::other)?;
+            digester.update(&chunk);
+            received += chunk.len() as u64;
+            // Wake followers: new bytes are on their way to the session file.
+            tx_progress.send_modify(|_| {});
+            Ok(chunk)
+        }));
+        let size = self.blobs.upload_append(&self.upload, stream).await.map_err(|e| format!("{e:?}"))?;
+        let actual = digester.finish();
+        if actual != self.digest {
+            return Err(format!("upstream blob does not match its digest (got {actual}); not cached"));
+        }
+        if expected_size.is_some_and(|e| e != size) {
+            return Err(format!("upstream blob has {size} bytes, it announced {expected_size:?}"));
+        }
+        self.blobs.upload_commit(&self.upload, &self.digest).await.map_err(|e| e.to_string())?;
+        self.meta.link_blob(&self.name, &self.digest, size).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// Streams `[start, end)` of a blob being fetched: from the fill's session file while it
+/// grows, then from the committed blob. The final byte waits for the digest to verify.
+fn follow(
+    blobs: Arc<dyn BlobStore>,
+    digest: Digest,
+    rx: watch::Receiver<FillState>,
+    start: u64,
+    end: u64,
+    size: u64,
+) -> ByteStream<'static> {
+    struct Cursor {
+        blobs: Arc<dyn BlobStore>,
+        digest: Digest,
+        rx: watch::Receiver<FillState>,
+        offset: u64,
+        end: u64,
+        size: u64,
+        pending: Option<ByteStream<'static>>,
+        finished: bool,
+    }
+    let cursor = Cursor { blobs, digest, rx, offset: start, end, size, pending: None, finished: start >= end };
+    Box::pin(futures_util::stream::unfold(cursor, |mut c| async move {
+        loop {
+            if c.finished {
+                return None;
+            }
+            if let Some(pending) = c.pending.as_mut() {
+                match pending.next().await {
+                    Some(Ok(chunk)) => {
+                        let room = (c.end - c.offset) as usize;
+                        let chunk = if chunk.len() > room { chunk.slice(..room) } else { chunk };
+                        if chunk.is_empty() {
+                            c.pending = None;
+                            continue;
+                        }
+                        c.offset += chunk.len() as u64;
+                        if c.offset >= c.end {
+                            c.finished = true;
+                        }
+                        return Some((Ok(chunk), c));
+                    }
+                    Some(Err(e)) => {
+                        c.finished = true;
+                        return Some((Err(e), c));
+                    }
+                    None => {
+                        c.pending = None;
+                        continue;
+                    }
+                }
+            }
+            let state = c.rx.borrow_and_update().clone();
+            match state.done {
+                Some(Ok(())) => match c.blobs.read(&c.digest, Some((c.offset, c.end - 1))).await {
+                    Ok(Some(read)) => {
+                        c.pending = Some(read.body);
+                        continue;
+                    }
+                    Ok(None) => {
+                        c.finished = true;
+                        return Some((Err(io::Error::other("cached blob vanished")), c));
+                    }
+                    Err(e) => {
+                        c.finished = true;
+                        return Some((Err(e), c));
+                    }
+                },
+                Some(Err(e)) => {
+                    c.finished = true;
+                    return Some((Err(io::Error::other(e)), c));
+                }
+                None => {}
+            }
+            // Bytes the session file holds now, short of the last byte of the blob.
+            let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
+            let limit = on_disk.min(c.end).min(c.size.saturating_sub(1));
+            if limit > c.offset
+                && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
+            {
+                let take = limit - c.offset;
+                c.pending = Some(Box::pin(stream.scan(take, |left, item| {
+                    let out = match item {
+                        Ok(_) if *left == 0 => return std::future::ready(None),
+                        Ok(chunk) => {
+                            let n = (chunk.len() as u64).min(*left);
+                            *left -= n;
+                            Ok(chunk.slice(..n as usize))
+                        }
+                        Err(e) => Err(e),
+                    };
+                    std::future::ready(Some(out))
+                })));
+                continue;
+            }
+            if c.rx.changed().await.is_err() {
+                // The fill ended and its sender is gone: look at the final state once more.
+                if c.rx.borrow().done.is_none() {
+                    c.finished = true;
+                    return Some((Err(io::Error::other("blob fetch ended unexpectedly")), c));
+                }
+            }
+        }
+    }))
+}

@@ -1,0 +1,200 @@
+//! Requests after routing: each name is resolved through the routing table, and reads try
+//! the route's members in order (hosted, or an upstream through its cache, or a redirect).
+//! Writes go only to a hosted member of a route that allows pushes.
+
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use tessera_config::Mode;
+use tessera_federation::{Member, Resolved};
+use tessera_registry::BlobAnswer;
+use tessera_spec::{Digest, ErrorCode, OciError, Reference, RepoName};
+use tessera_store::ManifestRecord;
+
+use crate::AppState;
+
+/// An answer from a member, or a redirect to where the client should fetch it.
+pub(crate) enum Found<T> {
+    Here(T),
+    Redirect(String),
+}
+
+pub(crate) struct Route<'a> {
+    state: &'a AppState,
+    resolved: Resolved,
+}
+
+fn is_not_found(e: &OciError) -> bool {
+    matches!(e.code, ErrorCode::ManifestUnknown | ErrorCode::BlobUnknown | ErrorCode::NameUnknown)
+}
+
+fn host(parts: &Parts) -> Option<&str> {
+    parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| parts.uri.host())
+}
+
+/// The `ns` query parameter containerd adds when it uses us as a mirror.
+fn authority(parts: &Parts) -> Option<String> {
+    let query = parts.uri.query()?;
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "ns").map(|(_, v)| v.into_owned())
+}
+
+impl<'a> Route<'a> {
+    pub(crate) fn new(state: &'a AppState, parts: &Parts, name: &RepoName) -> Result<Route<'a>, OciError> {
+        let resolved = state.federation.table.resolve(host(parts), authority(parts).as_deref(), name)?;
+        Ok(Route { state, resolved })
+    }
+
+    /// The hosted name a write goes to, if this route takes writes.
+    pub(crate) fn writable(&self) -> Result<&RepoName, OciError> {
+        match self.resolved.members.first() {
+            Some((Member::Hosted, name)) if self.resolved.push => Ok(name),
+            _ => Err(OciError::new(
+                ErrorCode::Unsupported,
+                "this repository is served from another registry and is read-only here",
+            )),
+        }
+    }
+
+    /// Tries each member in turn until one has the content. In redirect mode, answers with
+    /// the first upstream's URL for `path(name)` instead.
+    async fn first<T, F, Fut>(&self, path: impl Fn(&RepoName) -> String, mut each: F) -> Result<Found<T>, OciError>
+    where
+        F: FnMut(&'a AppState, &Member, &RepoName) -> Fut,
+        Fut: Future<Output = Result<T, OciError>>,
+    {
+        if self.resolved.mode == Mode::Redirect
+            && let Some((Member::Upstream { upstream, .. }, name)) = self.resolved.members.first()
+        {
+            return Ok(Found::Redirect(upstream.url(&path(name))));
+        }
+        let mut last = None;
+        for (member, name) in &self.resolved.members {
+            match each(self.state, member, name).await {
+                Ok(v) => return Ok(Found::Here(v)),
+                Err(e) if is_not_found(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")))
+    }
+
+    /// A manifest and whether it is a stale cached copy.
+    pub(crate) async fn manifest(
+        &self,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Found<(ManifestRecord, bool)>, OciError> {
+        self.first(
+            |n| format!("/v2/{n}/manifests/{reference}"),
+            |state, member, name| {
+                let (member, name, reference, accept) =
+                    (member.clone(), name.clone(), reference.clone(), accept.map(str::to_string));
+                async move {
+                    match member {
+                        Member::Hosted => {
+                            state.registry.manifest_get(&name, &reference, accept.as_deref()).await.map(|m| (m, false))
+                        }
+                        Member::Upstream { upstream, .. } => {
+                            let cache = state.federation.cache(&upstream).ok_or_else(OciError::internal)?;
+                            cache.manifest(&name, &reference).await.map(|f| (f.manifest, f.stale))
+                        }
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    pub(crate) async fn blob_size(&self, digest: &Digest) -> Result<Found<u64>, OciError> {
+        self.first(
+            |n| format!("/v2/{n}/blobs/{digest}"),
+            |state, member, name| {
+                let (member, name, digest) = (member.clone(), name.clone(), digest.clone());
+                async move {
+                    match member {
+                        Member::Hosted => state.registry.blob_size(&name, &digest).await,
+                        Member::Upstream { upstream, .. } => {
+                            state
+                                .federation
+                                .cache(&upstream)
+                                .ok_or_else(OciError::internal)?
+                                .blob_size(&name, &digest)
+                                .await
+                        }
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    pub(crate) async fn blob(&self, digest: &Digest, range: Option<&str>) -> Result<Found<BlobAnswer>, OciError> {
+        self.first(
+            |n| format!("/v2/{n}/blobs/{digest}"),
+            |state, member, name| {
+                let (member, name, digest, range) =
+                    (member.clone(), name.clone(), digest.clone(), range.map(str::to_string));
+                async move {
+                    match member {
+                        Member::Hosted => state.registry.blob_get(&name, &digest, range.as_deref()).await,
+                        Member::Upstream { upstream, .. } => {
+                            let cache = state.federation.cache(&upstream).ok_or_else(OciError::internal)?;
+                            cache.blob(&name, &digest, range.as_deref()).await
+                        }
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Tags from the first member that knows the repository, as (tags, upstream Link).
+    pub(crate) async fn tags(
+        &self,
+        client_name: &RepoName,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Found<(Vec<String>, bool)>, OciError> {
+        let query = match (n, last) {
+            (Some(n), Some(l)) => format!("?n={n}&last={l}"),
+            (Some(n), None) => format!("?n={n}"),
+            (None, Some(l)) => format!("?last={l}"),
+            (None, None) => String::new(),
+        };
+        let _ = client_name;
+        self.first(
+            |name| format!("/v2/{name}/tags/list{query}"),
+            |state, member, name| {
+                let (member, name, last, query) =
+                    (member.clone(), name.clone(), last.map(str::to_string), query.clone());
+                async move {
+                    match member {
+                        Member::Hosted => {
+                            state.registry.tags(&name, n, last.as_deref()).await.map(|p| (p.items, p.more))
+                        }
+                        Member::Upstream { upstream, .. } => {
+                            let cache = state.federation.cache(&upstream).ok_or_else(OciError::internal)?;
+                            let (tags, link) = cache.tags(&name, &query).await?;
+                            let tags = tags
+                                .as_array()
+                                .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+                                .unwrap_or_default();
+                            Ok((tags, link.is_some()))
+                        }
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Whether the hosted repository is what answers this route first (referrers and other
+    /// hosted-only queries use it).
+    pub(crate) fn hosted_name(&self) -> Option<&RepoName> {
+        self.resolved.members.iter().find_map(|(m, n)| matches!(m, Member::Hosted).then_some(n))
+    }
+}
+
+/// Headers that say an answer came from the cache while the upstream could not be asked.
+pub(crate) fn stale_headers(headers: &mut HeaderMap) {
+    headers.insert(header::WARNING, header::HeaderValue::from_static("110 tessera \"Response is Stale\""));
+}
