@@ -439,53 +439,8 @@ async fn ctr_pushes_with_cross_repo_mount_and_pulls_back() {
     let (server, api) = start();
     let host = server.host();
     let dir = short_tempdir("tcd").unwrap();
-    let d = p(dir.path());
-    let config_file = dir.path().join("containerd.toml");
-    std::fs::write(
-        &config_file,
-        format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{d}/ctd.sock"
-[ttrpc]
-  address = "{d}/ctd.sock.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-"#
-        ),
-    )
-    .unwrap();
-    let sock = format!("{d}/ctd.sock");
-    let mut daemon = Daemon::spawn(
-        "containerd",
-        guarded("containerd").arg("--config").arg(&config_file),
-        &dir.path().join("containerd.log"),
-    )
-    .unwrap();
-    daemon.unmount_on_stop(dir.path());
-    let ready = Instant::now();
-    wait_until("containerd answers", Duration::from_secs(30), || {
-        daemon.check_alive()?;
-        Ok(guarded("ctr").args(["-a", &sock, "version"]).output().is_ok_and(|o| o.status.success()))
-    })
-    .unwrap();
-    eprintln!("containerd ready in {:.2}s", ready.elapsed().as_secs_f64());
-
-    // Unpacking needs a snapshotter: overlayfs where the kernel allows it, else native.
-    let plugins = run(guarded("ctr").args(["-a", &sock, "plugins", "ls"])).unwrap();
-    let overlay_ok = plugins.lines().any(|l| {
-        let c: Vec<&str> = l.split_whitespace().collect();
-        c.len() >= 4 && c[0] == "io.containerd.snapshotter.v1" && c[1] == "overlayfs" && c[3] == "ok"
-    });
-    let snapshotter = if overlay_ok { "overlayfs" } else { "native" };
-    let ctr = |args: &[&str]| {
-        run(guarded("ctr").args(["-a", &sock]).env("CONTAINERD_SNAPSHOTTER", snapshotter).args(args)).unwrap()
-    };
+    let containerd = tessera_testkit::clients::Containerd::start(dir.path()).unwrap();
+    let ctr = |args: &[&str]| containerd.ctr(args).unwrap();
     let stored = || ctr(&["content", "ls", "-q"]);
 
     let image = Image::random(3, 200_000);
@@ -538,15 +493,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     assert_log(&server, mark, "every blob of x/c fetched", |log| {
         blobs.iter().all(|d| served_blob_get(log, "x/c", &d.to_string()))
     });
-    let content_get = |d: &str| output(guarded("ctr").args(["-a", &sock, "content", "get", d])).unwrap();
+    let content_get = |d: &str| output(guarded("ctr").args(["-a", &containerd.sock, "content", "get", d])).unwrap();
     assert_eq!(content_get(&digest), image.manifest);
     for blob in image.blobs() {
         assert_eq!(&content_get(&Digest::sha256_of(blob).to_string()), blob);
     }
 
-    let (status, clean) = daemon.stop(Duration::from_secs(30));
-    eprintln!("containerd stopped: {status:?}, clean: {clean}");
-    eprintln!("ctr test ({snapshotter}): {:.1}s", t0.elapsed().as_secs_f64());
+    drop(containerd);
+    eprintln!("ctr test: {:.1}s", t0.elapsed().as_secs_f64());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -256,3 +256,60 @@ pub fn access_log(text: &str) -> Vec<Access> {
         })
         .collect()
 }
+
+/// A containerd started in `dir` with its own root, state and socket, and the snapshotter
+/// this kernel supports (overlayfs, else native). Stopped when dropped.
+pub struct Containerd {
+    pub sock: String,
+    snapshotter: &'static str,
+    // Declared last: dropped (stopped) after the fields above are no longer needed.
+    _daemon: Daemon,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> Result<Containerd> {
+        let d = dir.display().to_string();
+        let config_file = dir.join("containerd.toml");
+        std::fs::write(
+            &config_file,
+            format!(
+                r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{d}/ctd.sock"
+[ttrpc]
+  address = "{d}/ctd.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#
+            ),
+        )?;
+        let sock = format!("{d}/ctd.sock");
+        let mut daemon = Daemon::spawn(
+            "containerd",
+            guarded("containerd").arg("--config").arg(&config_file),
+            &dir.join("containerd.log"),
+        )?;
+        daemon.unmount_on_stop(dir);
+        wait_until("containerd answers", Duration::from_secs(30), || {
+            daemon.check_alive()?;
+            Ok(guarded("ctr").args(["-a", &sock, "version"]).output().is_ok_and(|o| o.status.success()))
+        })?;
+        let plugins = crate::run(guarded("ctr").args(["-a", &sock, "plugins", "ls"]))?;
+        let overlay_ok = plugins.lines().any(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            c.len() >= 4 && c[0] == "io.containerd.snapshotter.v1" && c[1] == "overlayfs" && c[3] == "ok"
+        });
+        let snapshotter = if overlay_ok { "overlayfs" } else { "native" };
+        Ok(Containerd { sock, snapshotter, _daemon: daemon })
+    }
+
+    /// Runs `ctr` against this daemon; returns its stdout.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        crate::run(guarded("ctr").args(["-a", &self.sock]).env("CONTAINERD_SNAPSHOTTER", self.snapshotter).args(args))
+    }
+}

@@ -242,7 +242,8 @@ impl Api {
         format!("{}{}", self.base, path)
     }
 
-    /// Pushes a blob monolithically; returns its digest.
+    /// Pushes a blob in one request (`POST ?digest=`), or with POST then PUT where the
+    /// registry opens a session instead (Distribution does); returns its digest.
     pub async fn push_blob(&self, name: &str, bytes: &[u8]) -> Result<Digest> {
         let d = Digest::sha256_of(bytes);
         let r = self
@@ -251,6 +252,14 @@ impl Api {
             .body(bytes.to_vec())
             .send()
             .await?;
+        let r = if r.status() == 202 {
+            let location = r.headers().get("location").context("202 without Location")?.to_str()?.to_string();
+            let location = if location.starts_with("http") { location } else { self.url(&location) };
+            let sep = if location.contains('?') { '&' } else { '?' };
+            self.http.put(format!("{location}{sep}digest={d}")).body(bytes.to_vec()).send().await?
+        } else {
+            r
+        };
         if r.status() != 201 {
             bail!("push blob: {} {}", r.status(), r.text().await?);
         }

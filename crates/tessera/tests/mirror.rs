@@ -1,0 +1,359 @@
+//! The routing table and the pull-through cache, with real upstream registries on loopback:
+//! a second Tessera and Distribution (`docker-registry`).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_spec::Digest;
+use tessera_testkit::{Api, Image, Server, error_code, have_tool};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Starts a Tessera whose config is `toml` (written to a file in `dir`).
+fn with_config(dir: &Path, toml: &str) -> Server {
+    let path = dir.join("tessera.toml");
+    std::fs::write(&path, toml).unwrap();
+    Server::start(BIN, &["--config", path.to_str().unwrap()]).unwrap()
+}
+
+fn mirror_of(upstream: &Server, extra: &str) -> String {
+    format!(
+        r#"
+[[upstream]]
+name = "up"
+url = "http://{}"
+cache = {{ tag_ttl_secs = 0 }}
+
+[[route]]
+prefix = "mirror/up"
+to = "up"
+{extra}
+"#,
+        upstream.host()
+    )
+}
+
+/// Lines of a server's access log for requests whose path contains `needle`.
+fn requests(server: &Server, needle: &str) -> Vec<String> {
+    server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("\"GET ") || l.contains("\"HEAD "))
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn pulls_through_and_serves_from_cache_when_the_upstream_is_gone() {
+    let mut upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(2, 100_000);
+    Api::new(&upstream).push_image("lib/app", "v1", &image).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let api = Api::new(&mirror);
+
+    let r = api
+        .http
+        .get(api.url("/v2/mirror/up/lib/app/manifests/v1"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], image.digest().to_string().as_str());
+    assert!(r.headers().get("warning").is_none());
+    assert_eq!(r.bytes().await.unwrap(), image.manifest);
+    for b in image.blobs() {
+        let r = api.get(&format!("/v2/mirror/up/lib/app/blobs/{}", Digest::sha256_of(b))).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap(), &b[..]);
+    }
+    // Names outside the route stay hosted: nothing there.
+    assert_eq!(api.get("/v2/lib/app/manifests/v1").await.unwrap().status(), 404);
+
+    upstream.kill();
+    let r = api.get("/v2/mirror/up/lib/app/manifests/v1").await.unwrap();
+    assert_eq!(r.status(), 200, "stale-if-error");
+    assert!(r.headers().get("warning").is_some_and(|w| w.to_str().unwrap().contains("Stale")));
+    assert_eq!(r.bytes().await.unwrap(), image.manifest);
+    let r = api.get(&format!("/v2/mirror/up/lib/app/manifests/{}", image.digest())).await.unwrap();
+    assert_eq!(r.status(), 200, "by digest: immutable, no upstream needed");
+    for b in image.blobs() {
+        let r = api.get(&format!("/v2/mirror/up/lib/app/blobs/{}", Digest::sha256_of(b))).await.unwrap();
+        assert_eq!(r.bytes().await.unwrap(), &b[..]);
+    }
+    // Something never fetched cannot be served: a clear 503, not a hang.
+    let r = api.get("/v2/mirror/up/lib/other/manifests/v1").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn a_moved_tag_is_seen_after_revalidation_and_404s_pass_through() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let up = Api::new(&upstream);
+    let (a, b) = (Image::random(1, 1000), Image::random(1, 1000));
+    up.push_image("lib/app", "v1", &a).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let api = Api::new(&mirror);
+    let r = api.get("/v2/mirror/up/lib/app/manifests/v1").await.unwrap();
+    assert_eq!(r.headers()["docker-content-digest"], a.digest().to_string().as_str());
+    up.push_image("lib/app", "v1", &b).await.unwrap();
+    let r = api.get("/v2/mirror/up/lib/app/manifests/v1").await.unwrap();
+    assert_eq!(r.headers()["docker-content-digest"], b.digest().to_string().as_str(), "TTL 0: every pull revalidates");
+    let r = api.get("/v2/mirror/up/lib/app/manifests/nope").await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    let r = api.get(&format!("/v2/mirror/up/lib/app/blobs/{}", Digest::sha256_of(b"nope"))).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let tags: serde_json::Value = api.get("/v2/mirror/up/lib/app/tags/list").await.unwrap().json().await.unwrap();
+    assert_eq!(tags["name"], "mirror/up/lib/app");
+    assert_eq!(tags["tags"], serde_json::json!(["v1"]));
+    // Revalidation is a HEAD: only the changed manifest was fetched with GET by digest.
+    let heads = upstream.log_text().lines().filter(|l| l.contains("\"HEAD /v2/lib/app/manifests/v1")).count();
+    assert!(heads >= 2, "{heads} HEADs");
+}
+
+#[tokio::test]
+async fn concurrent_cold_pulls_make_one_upstream_get_per_blob() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 8_000_000);
+    Api::new(&upstream).push_image("big/app", "v1", &image).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let api = Api::new(&mirror);
+    let layer = &image.layers[0];
+    let d = Digest::sha256_of(layer);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let api = api.clone();
+        let d = d.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = api.get(&format!("/v2/mirror/up/big/app/blobs/{d}")).await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), &layer[..], "every client gets the verified bytes");
+    }
+    let gets = requests(&upstream, &format!("\"GET /v2/big/app/blobs/{d}"));
+    assert_eq!(gets.len(), 1, "exactly one upstream GET: {gets:?}");
+    // Ranges are served from the cached copy.
+    let r = api
+        .http
+        .get(api.url(&format!("/v2/mirror/up/big/app/blobs/{d}")))
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), &layer[100..200]);
+}
+
+#[tokio::test]
+async fn a_corrupted_upstream_blob_is_an_error_and_never_cached() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 600_000);
+    Api::new(&upstream).push_image("bad/app", "v1", &image).await.unwrap();
+    let d = Digest::sha256_of(&image.layers[0]);
+    // Flip one byte of the upstream's stored copy (it serves files as they are).
+    let path = upstream.data.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let api = Api::new(&mirror);
+    for _ in 0..2 {
+        // Either an error status, or a transfer that breaks before its end: never the
+        // complete unverified blob.
+        let r = api.get(&format!("/v2/mirror/up/bad/app/blobs/{d}")).await.unwrap();
+        if r.status() == 200 {
+            if let Ok(b) = r.bytes().await {
+                assert_ne!(b, image.layers[0]);
+            }
+        } else {
+            assert_eq!(r.status(), 503);
+        }
+        assert!(b_not_cached(&mirror, &d), "nothing committed");
+    }
+    assert!(mirror.log_text().contains("does not match its digest"));
+}
+
+fn b_not_cached(server: &Server, d: &Digest) -> bool {
+    !server.data.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex()).exists()
+}
+
+#[tokio::test]
+async fn redirect_routes_and_read_only_mirrors() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 100);
+    Api::new(&upstream).push_image("flavio/x", "v1", &image).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[[upstream]]
+name = "up"
+url = "http://{}"
+
+[[route]]
+prefix = "cool/stuff"
+to = "up:flavio"
+mode = "redirect"
+"#,
+        upstream.host()
+    );
+    let mirror = with_config(dir.path(), &toml);
+    let no_redirects = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = no_redirects.get(format!("http://{}/v2/cool/stuff/x/manifests/v1", mirror.host())).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], format!("http://{}/v2/flavio/x/manifests/v1", upstream.host()).as_str());
+    let d = Digest::sha256_of(&image.layers[0]);
+    let r = no_redirects.get(format!("http://{}/v2/cool/stuff/x/blobs/{d}", mirror.host())).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    // Followed, the redirect yields the upstream's bytes; nothing passed through the mirror.
+    let api = Api::new(&mirror);
+    assert_eq!(api.get("/v2/cool/stuff/x/manifests/v1").await.unwrap().bytes().await.unwrap(), image.manifest);
+    assert!(!mirror.data.join("cache/up.sqlite").exists() || b_not_cached(&mirror, &d));
+    // Pushing into a mirrored name is refused.
+    let r = api.http.post(api.url("/v2/cool/stuff/x/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(error_code(r).await, "UNSUPPORTED");
+    let r = api.push_manifest("cool/stuff/x", "v2", OCI_MANIFEST, &image.manifest).await.unwrap();
+    assert_eq!(r.status(), 405);
+}
+
+#[tokio::test]
+async fn a_group_answers_from_hosted_first_then_the_upstream() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let (theirs, ours) = (Image::random(1, 100), Image::random(1, 100));
+    Api::new(&upstream).push_image("team/app", "v1", &theirs).await.unwrap();
+    Api::new(&upstream).push_image("team/app", "shared", &theirs).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[[upstream]]
+name = "up"
+url = "http://{}"
+
+[[route]]
+prefix = "team"
+to = ["hosted", "up:team"]
+push = true
+"#,
+        upstream.host()
+    );
+    let server = with_config(dir.path(), &toml);
+    let api = Api::new(&server);
+    api.push_image("team/app", "shared", &ours).await.unwrap();
+    let r = api.get("/v2/team/app/manifests/shared").await.unwrap();
+    assert_eq!(r.headers()["docker-content-digest"], ours.digest().to_string().as_str(), "hosted first");
+    let r = api.get("/v2/team/app/manifests/v1").await.unwrap();
+    assert_eq!(r.headers()["docker-content-digest"], theirs.digest().to_string().as_str(), "then the upstream");
+}
+
+/// Distribution from Debian's package, on a free port, with its own storage.
+struct Distribution {
+    child: Child,
+    addr: String,
+    _dir: tessera_testkit::TempDir,
+}
+
+impl Distribution {
+    fn start() -> Distribution {
+        let dir = tessera_testkit::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: \"{addr}\"}}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "Distribution did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Distribution { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn containerd_pulls_two_registries_through_one_tessera_by_ns() {
+    if !have_tool("/usr/bin/docker-registry") || !have_tool("ctr") || !have_tool("containerd") {
+        return;
+    }
+    // "docker.io" is a second Tessera, "quay.io" is Distribution.
+    let hub = Server::start(BIN, &[]).unwrap();
+    let quay = Distribution::start();
+    let (a, b) = (Image::random(2, 50_000), Image::random(1, 50_000));
+    Api::new(&hub).push_image("library/alpine", "v1", &a).await.unwrap();
+    let quay_api = Api { base: format!("http://{}", quay.addr), http: tessera_testkit::http_client() };
+    quay_api.push_image("team/tool", "v1", &b).await.unwrap();
+
+    let dir = tessera_testkit::clients::short_tempdir("tmr").unwrap();
+    let toml = format!(
+        r#"
+[[upstream]]
+name = "hub"
+url = "http://{}"
+authority = ["docker.io"]
+
+[[upstream]]
+name = "quay"
+url = "http://{}"
+authority = ["quay.io"]
+"#,
+        hub.host(),
+        quay.addr
+    );
+    let mirror = with_config(dir.path(), &toml);
+    let ctd = tessera_testkit::clients::Containerd::start(dir.path()).unwrap();
+    for registry in ["docker.io", "quay.io"] {
+        let hosts = dir.path().join("hosts").join(registry);
+        std::fs::create_dir_all(&hosts).unwrap();
+        std::fs::write(
+            hosts.join("hosts.toml"),
+            format!(
+                "server = \"https://{registry}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                mirror.host()
+            ),
+        )
+        .unwrap();
+    }
+    let hosts_dir = dir.path().join("hosts");
+    for (reference, image) in [("docker.io/library/alpine:v1", &a), ("quay.io/team/tool:v1", &b)] {
+        let out = ctd.ctr(&["images", "pull", "--hosts-dir", hosts_dir.to_str().unwrap(), reference]).unwrap();
+        assert!(out.contains("done") || out.contains("elapsed"), "{out}");
+        let listed = ctd.ctr(&["images", "ls"]).unwrap();
+        assert!(listed.contains(&image.digest().to_string()), "{reference} pulled with its digest:\n{listed}");
+    }
+    let log = mirror.log_text();
+    assert!(log.contains("/v2/library/alpine/manifests/v1?ns=docker.io"), "{log}");
+    assert!(log.contains("/v2/team/tool/manifests/v1?ns=quay.io"), "{log}");
+    assert!(requests(&hub, "/v2/library/alpine/blobs/").len() >= 2, "docker.io content came from the hub upstream");
+}
