@@ -89,3 +89,73 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Explains, without a running server, how `reference` (`NAME`, `NAME:TAG`, `NAME@DIGEST`)
+/// is routed under `config`: the matching route, and for each member where the manifest
+/// and blobs would come from.
+pub fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, reference: &str) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    use tessera_config::Mode;
+    use tessera_federation::Member;
+
+    let (name, tail) = match reference.split_once('@') {
+        Some((n, d)) => (n, format!("@{d}")),
+        None => match reference.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+            Some((n, t)) => (n, format!(":{t}")),
+            None => (reference, ":latest".to_string()),
+        },
+    };
+    let repo: tessera_spec::RepoName =
+        name.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| Upstream::new(u).map(Arc::new).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let table = RoutingTable::new(config, upstreams).map_err(anyhow::Error::msg)?;
+    let resolved = table.resolve(host, ns, &repo).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let reference_path = |n: &tessera_spec::RepoName| match tail.strip_prefix('@') {
+        Some(d) => format!("/v2/{n}/manifests/{d}"),
+        None => format!("/v2/{n}/manifests/{}", &tail[1..]),
+    };
+    let mut out = String::new();
+    match resolved.route {
+        Some(i) => writeln!(out, "{name}{tail}: route {i} of the configuration")?,
+        None if matches!(resolved.members.first(), Some((Member::Upstream { .. }, _))) => writeln!(
+            out,
+            "{name}{tail}: no route matched; the upstream declaring authority {:?} answers",
+            ns.unwrap_or("")
+        )?,
+        None => writeln!(out, "{name}{tail}: no route matched; hosted")?,
+    }
+    writeln!(out, "  pushes: {}", if resolved.push { "accepted (hosted)" } else { "refused (read-only)" })?;
+    for (i, (member, n)) in resolved.members.iter().enumerate() {
+        let step = if resolved.members.len() > 1 { format!("  {}. ", i + 1) } else { "  ".to_string() };
+        match member {
+            Member::Hosted => {
+                writeln!(out, "{step}hosted repository {n}: manifest and blobs from this server's stores")?;
+            }
+            Member::Upstream { upstream, .. } => {
+                let c = upstream.cache_settings();
+                match resolved.mode {
+                    Mode::Redirect => writeln!(
+                        out,
+                        "{step}upstream {} as {n}: redirect (307) to {} and to {} for blobs; no bytes pass through",
+                        upstream.name(),
+                        upstream.url(&reference_path(n)),
+                        upstream.url(&format!("/v2/{n}/blobs/<digest>"))
+                    )?,
+                    Mode::Cache => writeln!(
+                        out,
+                        "{step}upstream {} as {n}: pulled through the cache from {} (tags revalidated after {} s{}); blobs fetched once, verified, then served from this server",
+                        upstream.name(),
+                        upstream.url(&reference_path(n)),
+                        c.tag_ttl_secs,
+                        if c.serve_stale { ", served stale when the upstream fails" } else { "" }
+                    )?,
+                }
+            }
+        }
+    }
+    Ok(out)
+}

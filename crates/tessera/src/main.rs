@@ -16,6 +16,23 @@ struct Cli {
 enum Command {
     /// Run the registry. With no flags: http://127.0.0.1:5000, data in ./tessera-data.
     Serve(ServeArgs),
+    /// Show which route a name takes and where its manifest and blobs would come from.
+    Explain(ExplainArgs),
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// TOML configuration file whose routing table to use (none: everything is hosted).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The virtual host the client would use (its Host header).
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// The authority containerd would send as ?ns= (e.g. docker.io).
+    #[arg(long, value_name = "REGISTRY")]
+    ns: Option<String>,
+    /// NAME, NAME:TAG or NAME@DIGEST, as the client would request it.
+    reference: String,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +102,15 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.config()?;
             runtime.block_on(tessera::serve(config, shutdown_signal()))
+        }
+        Command::Explain(args) => {
+            let config = match &args.config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::default(),
+            };
+            let text = tessera::explain(&config, args.host.as_deref(), args.ns.as_deref(), &args.reference)?;
+            print!("{text}");
+            Ok(())
         }
     }
 }

@@ -1,0 +1,75 @@
+//! `tessera explain`: the route and sources of a name, without a running server.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+const CONFIG: &str = r#"
+[[upstream]]
+name = "dockerhub"
+url = "https://registry-1.docker.io"
+authority = ["docker.io"]
+
+[[upstream]]
+name = "quay"
+url = "https://quay.io"
+authority = ["quay.io"]
+
+[[route]]
+prefix = "cool/stuff"
+to = "dockerhub:flavio"
+mode = "redirect"
+
+[[route]]
+prefix = "all"
+to = ["hosted", "dockerhub", "quay:team"]
+push = true
+"#;
+
+fn explain(args: &[&str]) -> String {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let out = Command::new(BIN).arg("explain").arg("--config").arg(&config).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn explains_redirects_caches_groups_and_authorities() {
+    let out = explain(&["cool/stuff/x:v2"]);
+    assert!(out.contains("route 1"), "{out}");
+    assert!(out.contains("redirect (307) to https://registry-1.docker.io/v2/flavio/x/manifests/v2"), "{out}");
+    assert!(out.contains("refused (read-only)"), "{out}");
+
+    let out = explain(&["all/app:v1"]);
+    assert!(out.contains("route 2"), "{out}");
+    assert!(out.contains("1. hosted repository all/app"), "{out}");
+    assert!(out.contains("2. upstream dockerhub as library/app"), "{out}");
+    assert!(out.contains("3. upstream quay as team/app"), "{out}");
+    assert!(out.contains("accepted (hosted)"), "{out}");
+
+    let out = explain(&[
+        "--ns",
+        "quay.io",
+        "org/tool@sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+    ]);
+    assert!(out.contains("upstream quay as org/tool"), "{out}");
+    assert!(out.contains("/v2/org/tool/manifests/sha256:2cf24dba"), "{out}");
+
+    let out = explain(&["mine/app"]);
+    assert!(out.contains("no route matched; hosted"), "{out}");
+}
+
+#[test]
+fn refuses_bad_names_and_configs() {
+    let out = Command::new(BIN).args(["explain", "../etc"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid repository name"));
+    let dir = tessera_testkit::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[[route]]\nto = \"nowhere\"\n").unwrap();
+    let out = Command::new(BIN).arg("explain").arg("--config").arg(&config).arg("a").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"));
+}
