@@ -4,14 +4,15 @@
 //! /work/shared/CLIENTS.md. A missing client skips its test, unless TESSERA_REQUIRE_CLIENTS
 //! is set (CI), which makes it a failure.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tessera_spec::Digest;
 use tessera_testkit::clients::{
-    Access, Daemon, access_log, guarded, gunzip, output, python_with_module, short_tempdir, unmount_under, wait_until,
+    Access, ContainersFiles, DOCKER, Dockerd, Podman, access_log, guarded, gunzip, output, python_with_module,
+    short_tempdir, wait_until,
 };
 use tessera_testkit::{Api, Image, Server, have_tool, random_bytes, run};
 
@@ -19,8 +20,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// The packaged docker CLI (a newer /usr/local/bin/docker may shadow it on PATH).
-const DOCKER: &str = "/usr/bin/docker";
 
 fn start() -> (Server, Api) {
     let server = Server::start(BIN, &[]).expect("server starts");
@@ -134,38 +133,9 @@ fn mounted(log: &[Access], name: &str, hex: &str) -> bool {
     })
 }
 
-/// Files shared by the containers/image clients (skopeo, podman): an accept-anything
-/// signature policy, a registries.conf marking the server insecure (plain HTTP), and an
-/// empty auth file, all in `dir`, so nothing in /etc or $HOME is needed.
-struct ContainersFiles {
-    policy: PathBuf,
-    registries: PathBuf,
-    auth: PathBuf,
-}
-
+/// The containers/image files (policy, auth, a registries.conf marking `host` insecure) in `dir`.
 fn containers_files(dir: &Path, host: &str) -> ContainersFiles {
-    let policy = dir.join("policy.json");
-    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
-    let registries = dir.join("registries.conf");
-    std::fs::write(
-        &registries,
-        format!("unqualified-search-registries = []\n\n[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    )
-    .unwrap();
-    // podman insists that REGISTRY_AUTH_FILE exists.
-    let auth = dir.join("auth.json");
-    std::fs::write(&auth, r#"{"auths":{}}"#).unwrap();
-    ContainersFiles { policy, registries, auth }
-}
-
-impl ContainersFiles {
-    fn apply<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
-        cmd.env("CONTAINERS_REGISTRIES_CONF", &self.registries).env("REGISTRY_AUTH_FILE", &self.auth)
-    }
-
-    fn skopeo(&self, args: &[&str]) -> String {
-        run(self.apply(&mut guarded("skopeo")).arg("--policy").arg(&self.policy).args(args)).unwrap()
-    }
+    ContainersFiles::new(dir, host).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -264,63 +234,6 @@ async fn skopeo_copies_an_oci_layout_in_and_out_unchanged() {
 // ---------------------------------------------------------------------------------------
 // podman
 
-/// Podman with its own storage and configuration in `dir`. Dropped before `dir` is removed,
-/// it undoes the private bind mount the overlay driver leaves on `storage/overlay`.
-struct Podman {
-    dir: PathBuf,
-    files: ContainersFiles,
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        unmount_under(&self.dir);
-    }
-}
-
-impl Podman {
-    /// Isolated podman configuration in `dir` (storage, engine, registries, policy via HOME).
-    fn new(dir: &Path, host: &str) -> Podman {
-        let files = containers_files(dir, host);
-        let d = p(dir);
-        std::fs::write(
-            dir.join("containers.conf"),
-            format!(
-                "[engine]\ntmp_dir = \"{d}/ptmp\"\nevents_logger = \"file\"\n\
-                 image_copy_tmp_dir = \"{d}/ptmp\"\ncgroup_manager = \"cgroupfs\"\n"
-            ),
-        )
-        .unwrap();
-        // containers/image looks for $HOME/.config/containers/policy.json before /etc.
-        let user = dir.join("home/.config/containers");
-        std::fs::create_dir_all(&user).unwrap();
-        std::fs::copy(&files.policy, user.join("policy.json")).unwrap();
-        std::fs::create_dir_all(dir.join("ptmp")).unwrap();
-        Podman { dir: dir.into(), files }
-    }
-
-    fn set_driver(&self, driver: &str) {
-        let d = p(&self.dir);
-        std::fs::write(
-            self.dir.join("storage.conf"),
-            format!("[storage]\ndriver = \"{driver}\"\ngraphroot = \"{d}/storage-{driver}\"\nrunroot = \"{d}/run-{driver}\"\n"),
-        )
-        .unwrap();
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = guarded("podman");
-        self.files.apply(&mut cmd);
-        cmd.env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
-            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .env("HOME", self.dir.join("home"));
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> String {
-        run(self.cmd().args(args)).unwrap()
-    }
-}
-
 #[tokio::test]
 async fn podman_pushes_and_pulls_back_by_tag_and_by_digest() {
     if !have_tool("podman") {
@@ -330,22 +243,14 @@ async fn podman_pushes_and_pulls_back_by_tag_and_by_digest() {
     let (server, api) = start();
     let host = server.host();
     let dir = short_tempdir("tpm").unwrap();
-    let podman = Podman::new(dir.path(), &host);
+    let podman = Podman::new(dir.path(), containers_files(dir.path(), &host)).unwrap();
     let image = Image::random(3, 200_000);
     let src = dir.path().join("img");
     image.write_layout(&src, "v1").unwrap();
     let image_id = Digest::sha256_of(&image.config).hex().to_string();
 
     // Native overlay where the kernel allows it, else vfs.
-    podman.set_driver("overlay");
-    let driver = match run(podman.cmd().args(["info", "--format", "{{.Store.GraphDriverName}}"])) {
-        Ok(d) => d.trim().to_string(),
-        Err(e) => {
-            eprintln!("podman: overlay storage unusable, using vfs: {e:#}");
-            podman.set_driver("vfs");
-            podman.run(&["info", "--format", "{{.Store.GraphDriverName}}"]).trim().to_string()
-        }
-    };
+    let driver = podman.use_working_driver().unwrap();
     eprintln!("podman storage driver: {driver}");
 
     let pulled = podman.run(&["pull", "-q", &format!("oci:{}:v1", p(&src))]);
@@ -506,49 +411,6 @@ async fn ctr_pushes_with_cross_repo_mount_and_pulls_back() {
 // ---------------------------------------------------------------------------------------
 // dockerd + docker CLI
 
-/// Starts dockerd with everything under `dir`; `Err` if it dies or does not answer in 60 s.
-fn start_dockerd(dir: &Path, driver: &str) -> anyhow::Result<Daemon> {
-    let sock = format!("unix://{}/docker.sock", p(dir));
-    let daemon_json = dir.join("daemon.json");
-    std::fs::write(&daemon_json, "{}")?;
-    let data = dir.join(format!("data-{driver}"));
-    let mut daemon = Daemon::spawn(
-        "dockerd",
-        guarded("dockerd")
-            .arg("--config-file")
-            .arg(&daemon_json)
-            .arg("--data-root")
-            .arg(&data)
-            .arg("--exec-root")
-            .arg(dir.join("x"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .args(["-H", &sock])
-            .args([
-                "--bridge=none",
-                "--iptables=false",
-                "--ip6tables=false",
-                "--ip-masq=false",
-                "--storage-driver",
-                driver,
-            ]),
-        &dir.join(format!("dockerd-{driver}.log")),
-    )?;
-    daemon.unmount_on_stop(&data);
-    daemon.unmount_on_stop(&dir.join("x"));
-    wait_until("docker version answers", Duration::from_secs(60), || {
-        daemon.check_alive()?;
-        Ok(docker_cmd(dir).arg("version").output().is_ok_and(|o| o.status.success()))
-    })?;
-    Ok(daemon)
-}
-
-fn docker_cmd(dir: &Path) -> Command {
-    let mut cmd = guarded(DOCKER);
-    cmd.env("DOCKER_HOST", format!("unix://{}/docker.sock", p(dir))).env("DOCKER_CONFIG", dir.join("cli"));
-    cmd
-}
-
 #[tokio::test]
 async fn docker_pushes_schema2_and_pulls_back() {
     if !(have_tool("dockerd") && have_tool(DOCKER) && have_tool("skopeo")) {
@@ -568,16 +430,9 @@ async fn docker_pushes_schema2_and_pulls_back() {
     let archive = dir.path().join("d.tar");
     files.skopeo(&["copy", &format!("oci:{}:v1", p(&src)), &format!("docker-archive:{}:{name_d}", p(&archive))]);
 
-    let ready = Instant::now();
-    let (daemon, driver) = match start_dockerd(dir.path(), "overlay2") {
-        Ok(d) => (d, "overlay2"),
-        Err(e) => {
-            eprintln!("dockerd with overlay2 failed, trying vfs: {e:#}");
-            (start_dockerd(dir.path(), "vfs").unwrap(), "vfs")
-        }
-    };
-    eprintln!("dockerd ({driver}) ready in {:.2}s", ready.elapsed().as_secs_f64());
-    let docker = |args: &[&str]| run(docker_cmd(dir.path()).args(args)).unwrap();
+    let mut dockerd = Dockerd::start(dir.path(), "{}").unwrap();
+    let driver = dockerd.driver;
+    let docker = |args: &[&str]| dockerd.run(args);
 
     let loaded = docker(&["load", "-i", &p(&archive)]);
     assert!(loaded.contains(&format!("Loaded image: {name_d}")), "{loaded}");
@@ -625,8 +480,7 @@ async fn docker_pushes_schema2_and_pulls_back() {
         layers.iter().all(|d| served_blob_get(log, "x/d", d))
     });
 
-    let mut daemon = daemon;
-    let (status, clean) = daemon.stop(Duration::from_secs(30));
+    let (status, clean) = dockerd.stop(Duration::from_secs(30));
     eprintln!("dockerd stopped: {status:?}, clean: {clean}");
     eprintln!("docker test ({driver}): {:.1}s", t0.elapsed().as_secs_f64());
 }

@@ -6,6 +6,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_spec::Digest;
+use tessera_testkit::clients::{
+    Access, ContainersFiles, DOCKER, Dockerd, Podman, access_log, short_tempdir, wait_until,
+};
 use tessera_testkit::{Api, Image, Server, error_code, have_tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
@@ -356,4 +359,122 @@ authority = ["quay.io"]
     assert!(log.contains("/v2/library/alpine/manifests/v1?ns=docker.io"), "{log}");
     assert!(log.contains("/v2/team/tool/manifests/v1?ns=quay.io"), "{log}");
     assert!(requests(&hub, "/v2/library/alpine/blobs/").len() >= 2, "docker.io content came from the hub upstream");
+}
+
+/// A Tessera standing in for Docker Hub, holding `library/alpine:v1`; returns it, the image
+/// and the manifest digest it serves for the tag.
+async fn fake_hub() -> (Server, Image, String) {
+    let hub = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(2, 50_000);
+    let api = Api::new(&hub);
+    api.push_image("library/alpine", "v1", &image).await.unwrap();
+    let r =
+        api.http.get(api.url("/v2/library/alpine/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let served = r.headers()["docker-content-digest"].to_str().unwrap().to_string();
+    assert_eq!(served, image.digest().to_string());
+    (hub, image, served)
+}
+
+/// The hub as the upstream `hub`, answering for docker.io (so its library/ rule applies).
+fn hub_upstream(hub: &Server) -> String {
+    format!("[[upstream]]\nname = \"hub\"\nurl = \"http://{}\"\nauthority = [\"docker.io\"]\n", hub.host())
+}
+
+/// Waits (the access log is written by a thread) until `server`'s requests after byte `mark`
+/// of its log satisfy `check`.
+fn assert_requests(server: &Server, mark: usize, what: &str, check: impl Fn(&[Access]) -> bool) {
+    let since = || server.log_text().get(mark..).unwrap_or("").to_string();
+    if wait_until(what, Duration::from_secs(5), || Ok(check(&access_log(&since())))).is_err() {
+        panic!("server log does not show {what}:\n{}", since());
+    }
+}
+
+fn answered(log: &[Access], method: &str, target: &str) -> bool {
+    log.iter().any(|a| a.method == method && a.target == target && a.status == 200)
+}
+
+/// The config and layer digests of `image`.
+fn blob_digests(image: &Image) -> Vec<String> {
+    std::iter::once(&image.config).chain(&image.layers).map(|b| Digest::sha256_of(b).to_string()).collect()
+}
+
+#[tokio::test]
+async fn dockerd_pulls_docker_hub_names_through_the_mirror() {
+    if !have_tool("dockerd") || !have_tool(DOCKER) {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = short_tempdir("tmd").unwrap();
+    let (hub, image, digest) = fake_hub().await;
+    let hub_mark = hub.log_text().len();
+    let mirror = with_config(dir.path(), &format!("{}\n[[route]]\nto = \"hub\"\n", hub_upstream(&hub)));
+    // The guard on dockerd makes a mirror miss fail instead of reaching registry-1.docker.io.
+    let mut dockerd =
+        Dockerd::start(dir.path(), &format!(r#"{{"registry-mirrors": ["http://{}"]}}"#, mirror.host())).unwrap();
+
+    let out = dockerd.run(&["pull", "alpine:v1"]);
+    assert!(out.contains(&format!("Digest: {digest}")), "{out}");
+    let config = Digest::sha256_of(&image.config).to_string();
+    assert_eq!(dockerd.run(&["image", "inspect", "-f", "{{.Id}}", "alpine:v1"]).trim(), config);
+    let repo_digests: Vec<String> =
+        serde_json::from_str(&dockerd.run(&["image", "inspect", "-f", "{{json .RepoDigests}}", "alpine:v1"])).unwrap();
+    assert_eq!(repo_digests, [format!("alpine@{digest}")], "the manifest kept as the hub serves it");
+
+    let blobs = blob_digests(&image);
+    assert_requests(&mirror, 0, "the mirror serving library/alpine's manifest and blobs", |log| {
+        (answered(log, "GET", &format!("/v2/library/alpine/manifests/{digest}"))
+            || answered(log, "GET", "/v2/library/alpine/manifests/v1"))
+            && blobs.iter().all(|d| answered(log, "GET", &format!("/v2/library/alpine/blobs/{d}")))
+    });
+    assert_requests(&hub, hub_mark, "the hub asked for library/alpine", |log| {
+        log.iter().any(|a| a.target == "/v2/library/alpine/manifests/v1" && a.status == 200)
+            && blobs.iter().all(|d| answered(log, "GET", &format!("/v2/library/alpine/blobs/{d}")))
+    });
+
+    let (status, clean) = dockerd.stop(Duration::from_secs(30));
+    eprintln!("dockerd stopped: {status:?}, clean: {clean}");
+    eprintln!("dockerd mirror test ({}): {:.1}s", dockerd.driver, t0.elapsed().as_secs_f64());
+}
+
+#[tokio::test]
+async fn podman_pulls_through_a_registries_conf_mirror() {
+    if !have_tool("podman") {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = short_tempdir("tmp").unwrap();
+    let (hub, image, digest) = fake_hub().await;
+    let hub_mark = hub.log_text().len();
+    let mirror =
+        with_config(dir.path(), &format!("{}\n[[route]]\nprefix = \"mirror/dh\"\nto = \"hub\"\n", hub_upstream(&hub)));
+    let conf = format!(
+        "unqualified-search-registries = []\n\n[[registry]]\nprefix = \"docker.io/library\"\n\
+         location = \"docker.io/library\"\n[[registry.mirror]]\nlocation = \"{}/mirror/dh\"\ninsecure = true\n",
+        mirror.host()
+    );
+    let files = ContainersFiles::with_registries_conf(dir.path(), &conf).unwrap();
+    let podman = Podman::new(dir.path(), files).unwrap();
+    let driver = podman.use_working_driver().unwrap();
+
+    let name = "docker.io/library/alpine:v1";
+    let pulled = podman.run(&["pull", "-q", name]);
+    assert_eq!(pulled.trim(), Digest::sha256_of(&image.config).hex());
+    let inspect: serde_json::Value = serde_json::from_str(&podman.run(&["image", "inspect", name])).unwrap();
+    assert_eq!(inspect[0]["Digest"].as_str(), Some(digest.as_str()));
+    let want = serde_json::json!(format!("docker.io/library/alpine@{digest}"));
+    assert!(inspect[0]["RepoDigests"].as_array().unwrap().contains(&want), "{}", inspect[0]["RepoDigests"]);
+
+    let blobs = blob_digests(&image);
+    assert_requests(&mirror, 0, "the mirror serving mirror/dh/alpine", |log| {
+        answered(log, "GET", "/v2/mirror/dh/alpine/manifests/v1")
+            && blobs.iter().all(|d| answered(log, "GET", &format!("/v2/mirror/dh/alpine/blobs/{d}")))
+    });
+    // `alpine` on an upstream answering for docker.io is `library/alpine`.
+    assert_requests(&hub, hub_mark, "the hub asked for library/alpine", |log| {
+        log.iter().any(|a| a.target == "/v2/library/alpine/manifests/v1" && a.status == 200)
+            && blobs.iter().all(|d| answered(log, "GET", &format!("/v2/library/alpine/blobs/{d}")))
+    });
+    drop(podman);
+    eprintln!("podman mirror test ({driver}): {:.1}s", t0.elapsed().as_secs_f64());
 }

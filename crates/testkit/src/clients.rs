@@ -313,3 +313,206 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         crate::run(guarded("ctr").args(["-a", &self.sock]).env("CONTAINERD_SNAPSHOTTER", self.snapshotter).args(args))
     }
 }
+
+/// The packaged docker CLI (a newer /usr/local/bin/docker may shadow it on PATH).
+pub const DOCKER: &str = "/usr/bin/docker";
+
+/// Files shared by the containers/image clients (skopeo, podman): an accept-anything
+/// signature policy, a registries.conf, and an empty auth file, all in one dir, so nothing
+/// in /etc or $HOME is needed.
+pub struct ContainersFiles {
+    pub policy: PathBuf,
+    pub registries: PathBuf,
+    pub auth: PathBuf,
+}
+
+impl ContainersFiles {
+    /// The files in `dir`, with a registries.conf marking `host` insecure (plain HTTP).
+    pub fn new(dir: &Path, host: &str) -> Result<ContainersFiles> {
+        let conf =
+            format!("unqualified-search-registries = []\n\n[[registry]]\nlocation = \"{host}\"\ninsecure = true\n");
+        ContainersFiles::with_registries_conf(dir, &conf)
+    }
+
+    /// The files in `dir`, with `registries_conf` as the registries.conf.
+    pub fn with_registries_conf(dir: &Path, registries_conf: &str) -> Result<ContainersFiles> {
+        let policy = dir.join("policy.json");
+        std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#)?;
+        let registries = dir.join("registries.conf");
+        std::fs::write(&registries, registries_conf)?;
+        // podman insists that REGISTRY_AUTH_FILE exists.
+        let auth = dir.join("auth.json");
+        std::fs::write(&auth, r#"{"auths":{}}"#)?;
+        Ok(ContainersFiles { policy, registries, auth })
+    }
+
+    pub fn apply<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.env("CONTAINERS_REGISTRIES_CONF", &self.registries).env("REGISTRY_AUTH_FILE", &self.auth)
+    }
+
+    /// Runs skopeo with these files; returns its stdout. Panics with its output if it fails.
+    pub fn skopeo(&self, args: &[&str]) -> String {
+        crate::run(self.apply(&mut guarded("skopeo")).arg("--policy").arg(&self.policy).args(args)).unwrap()
+    }
+}
+
+/// Podman with its own storage and configuration in `dir`. Dropped before `dir` is removed,
+/// it undoes the private bind mount the overlay driver leaves on `storage/overlay`.
+pub struct Podman {
+    dir: PathBuf,
+    pub files: ContainersFiles,
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        unmount_under(&self.dir);
+    }
+}
+
+impl Podman {
+    /// Isolated podman configuration in `dir` (storage, engine, registries, policy via HOME);
+    /// `files` are the registries.conf, policy and auth file to use.
+    pub fn new(dir: &Path, files: ContainersFiles) -> Result<Podman> {
+        let d = dir.display();
+        std::fs::write(
+            dir.join("containers.conf"),
+            format!(
+                "[engine]\ntmp_dir = \"{d}/ptmp\"\nevents_logger = \"file\"\n\
+                 image_copy_tmp_dir = \"{d}/ptmp\"\ncgroup_manager = \"cgroupfs\"\n"
+            ),
+        )?;
+        // containers/image looks for $HOME/.config/containers/policy.json before /etc.
+        let user = dir.join("home/.config/containers");
+        std::fs::create_dir_all(&user)?;
+        std::fs::copy(&files.policy, user.join("policy.json"))?;
+        std::fs::create_dir_all(dir.join("ptmp"))?;
+        Ok(Podman { dir: dir.into(), files })
+    }
+
+    /// Writes a storage.conf for `driver` (storage and run dirs in the podman dir).
+    pub fn set_driver(&self, driver: &str) -> Result<()> {
+        let d = self.dir.display();
+        std::fs::write(
+            self.dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"{driver}\"\ngraphroot = \"{d}/storage-{driver}\"\nrunroot = \"{d}/run-{driver}\"\n"
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Native overlay where the kernel allows it, else vfs. Returns the driver in use.
+    pub fn use_working_driver(&self) -> Result<String> {
+        self.set_driver("overlay")?;
+        let driver = match crate::run(self.cmd().args(["info", "--format", "{{.Store.GraphDriverName}}"])) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("podman: overlay storage unusable, using vfs: {e:#}");
+                self.set_driver("vfs")?;
+                crate::run(self.cmd().args(["info", "--format", "{{.Store.GraphDriverName}}"]))?
+            }
+        };
+        Ok(driver.trim().to_string())
+    }
+
+    /// A guarded `podman` command with this configuration.
+    pub fn cmd(&self) -> Command {
+        let mut cmd = guarded("podman");
+        self.files.apply(&mut cmd);
+        cmd.env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .env("HOME", self.dir.join("home"));
+        cmd
+    }
+
+    /// Runs podman; returns its stdout. Panics with its output if it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        crate::run(self.cmd().args(args)).unwrap()
+    }
+}
+
+/// A dockerd with everything under its dir (data, exec root, socket, CLI config), started
+/// with overlay2 storage, else vfs. Stopped when dropped, its mounts removed.
+pub struct Dockerd {
+    dir: PathBuf,
+    pub driver: &'static str,
+    daemon: Daemon,
+}
+
+impl Dockerd {
+    /// Starts dockerd in `dir` with `daemon_json` as its config file (e.g. `{}`).
+    pub fn start(dir: &Path, daemon_json: &str) -> Result<Dockerd> {
+        let config = dir.join("daemon.json");
+        std::fs::write(&config, daemon_json)?;
+        let ready = Instant::now();
+        let (daemon, driver) = match Dockerd::spawn(dir, &config, "overlay2") {
+            Ok(d) => (d, "overlay2"),
+            Err(e) => {
+                eprintln!("dockerd with overlay2 failed, trying vfs: {e:#}");
+                (Dockerd::spawn(dir, &config, "vfs")?, "vfs")
+            }
+        };
+        eprintln!("dockerd ({driver}) ready in {:.2}s", ready.elapsed().as_secs_f64());
+        Ok(Dockerd { dir: dir.into(), driver, daemon })
+    }
+
+    /// Starts dockerd with `driver`; `Err` if it dies or does not answer in 60 s.
+    fn spawn(dir: &Path, config: &Path, driver: &str) -> Result<Daemon> {
+        let sock = format!("unix://{}/docker.sock", dir.display());
+        let data = dir.join(format!("data-{driver}"));
+        let mut daemon = Daemon::spawn(
+            "dockerd",
+            guarded("dockerd")
+                .arg("--config-file")
+                .arg(config)
+                .arg("--data-root")
+                .arg(&data)
+                .arg("--exec-root")
+                .arg(dir.join("x"))
+                .arg("--pidfile")
+                .arg(dir.join("dockerd.pid"))
+                .args(["-H", &sock])
+                .args([
+                    "--bridge=none",
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--ip-masq=false",
+                    "--storage-driver",
+                    driver,
+                ]),
+            &dir.join(format!("dockerd-{driver}.log")),
+        )?;
+        daemon.unmount_on_stop(&data);
+        daemon.unmount_on_stop(&dir.join("x"));
+        wait_until("docker version answers", Duration::from_secs(60), || {
+            daemon.check_alive()?;
+            Ok(docker_cmd(dir).arg("version").output().is_ok_and(|o| o.status.success()))
+        })?;
+        Ok(daemon)
+    }
+
+    /// A guarded docker CLI command talking to this daemon.
+    pub fn cmd(&self) -> Command {
+        docker_cmd(&self.dir)
+    }
+
+    /// Runs the docker CLI; returns its stdout. Panics with its output if it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        crate::run(self.cmd().args(args)).unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.daemon.log_text()
+    }
+
+    /// Stops dockerd (see [`Daemon::stop`]).
+    pub fn stop(&mut self, grace: Duration) -> (Option<ExitStatus>, bool) {
+        self.daemon.stop(grace)
+    }
+}
+
+fn docker_cmd(dir: &Path) -> Command {
+    let mut cmd = guarded(DOCKER);
+    cmd.env("DOCKER_HOST", format!("unix://{}/docker.sock", dir.display())).env("DOCKER_CONFIG", dir.join("cli"));
+    cmd
+}
