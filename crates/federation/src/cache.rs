@@ -95,6 +95,10 @@ impl PullThrough {
         match self.upstream.send(method, name, path, headers).await {
             Err(UpstreamError::Unreachable(e)) => Answer::Failing(unavailable(&self.upstream, e)),
             Err(e @ UpstreamError::Auth(_)) => Answer::Failing(unavailable(&self.upstream, e)),
+            Err(UpstreamError::RateLimited(wait)) => Answer::Failing(
+                OciError::new(ErrorCode::TooManyRequests, "upstream rate limit")
+                    .with_header("retry-after", wait.as_secs().max(1).to_string()),
+            ),
             Ok(r) if r.status().is_success() => Answer::Ok(r),
             Ok(r) if r.status() == StatusCode::NOT_FOUND => Answer::NotFound,
             Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
@@ -382,6 +386,40 @@ impl PullThrough {
                 }
             }
         }
+    }
+}
+
+impl PullThrough {
+    /// The upstream's referrers of `subject`, filtered by `artifact_type` here if the
+    /// upstream did not. An upstream without the referrers API has none to report.
+    pub async fn referrers(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<tessera_registry::Referrers, OciError> {
+        let mut path = format!("/v2/{name}/referrers/{subject}");
+        if let Some(t) = artifact_type {
+            path.push_str("?artifactType=");
+            path.extend(form_urlencoded::byte_serialize(t.as_bytes()));
+        }
+        let response = match self.ask(Method::GET, name, &path, HeaderMap::new()).await {
+            Answer::Ok(r) => r,
+            Answer::NotFound => return Ok(tessera_registry::Referrers::empty(artifact_type.is_some())),
+            Answer::Failing(e) => return Err(e),
+        };
+        let upstream_filtered = response.headers().contains_key("oci-filters-applied");
+        let body = read_limited(response, 4 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
+        let index: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| unavailable(&self.upstream, format!("referrers answer: {e}")))?;
+        let manifests: Vec<serde_json::Value> = index["manifests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| upstream_filtered || artifact_type.is_none_or(|t| m["artifactType"].as_str() == Some(t)))
+            .collect();
+        Ok(tessera_registry::Referrers::of(manifests, artifact_type.is_some()))
     }
 }
 

@@ -18,6 +18,8 @@ pub enum UpstreamError {
     Unreachable(String),
     /// The upstream's token service refused or failed.
     Auth(String),
+    /// The upstream answered 429 recently; it is not asked again before this much time.
+    RateLimited(Duration),
 }
 
 impl std::fmt::Display for UpstreamError {
@@ -25,6 +27,7 @@ impl std::fmt::Display for UpstreamError {
         match self {
             UpstreamError::Unreachable(e) => write!(f, "upstream unreachable: {e}"),
             UpstreamError::Auth(e) => write!(f, "upstream authentication failed: {e}"),
+            UpstreamError::RateLimited(d) => write!(f, "upstream rate limit; asking again in {} s", d.as_secs()),
         }
     }
 }
@@ -91,6 +94,14 @@ pub struct Upstream {
     tokens: Mutex<HashMap<String, Token>>,
     /// Whether the upstream asked for Basic auth (then it is sent up front).
     basic: std::sync::atomic::AtomicBool,
+    /// After a 429: not before this instant (its `Retry-After` is respected).
+    quiet_until: Mutex<Option<Instant>>,
+}
+
+/// Seconds from a `Retry-After` header (delta-seconds form; an HTTP date or nothing: 60).
+fn retry_after(headers: &HeaderMap) -> Duration {
+    let secs = headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    Duration::from_secs(secs.unwrap_or(60).min(3600))
 }
 
 fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
@@ -140,6 +151,7 @@ impl Upstream {
             http,
             tokens: Mutex::new(HashMap::new()),
             basic: std::sync::atomic::AtomicBool::new(false),
+            quiet_until: Mutex::new(None),
         })
     }
 
@@ -203,10 +215,37 @@ impl Upstream {
             req.send()
         };
         let unreachable = |e: reqwest::Error| UpstreamError::Unreachable(e.to_string());
-        let response = attempt(self.authorization(&scope)).await.map_err(unreachable)?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(response);
+        if let Some(until) = *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) {
+            let now = Instant::now();
+            if until > now {
+                return Err(UpstreamError::RateLimited(until - now));
+            }
         }
+        let response = attempt(self.authorization(&scope)).await.map_err(unreachable)?;
+        let response = if response.status() == StatusCode::UNAUTHORIZED {
+            self.answer_challenge(response, &scope, attempt).await?
+        } else {
+            response
+        };
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            let wait = retry_after(response.headers());
+            *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+        }
+        Ok(response)
+    }
+
+    /// Answers a 401 challenge (basic or the token flow) and repeats the request once.
+    async fn answer_challenge<F, Fut>(
+        &self,
+        response: reqwest::Response,
+        scope: &str,
+        attempt: F,
+    ) -> Result<reqwest::Response, UpstreamError>
+    where
+        F: Fn(Option<HeaderValue>) -> Fut,
+        Fut: Future<Output = Result<reqwest::Response, reqwest::Error>>,
+    {
+        let unreachable = |e: reqwest::Error| UpstreamError::Unreachable(e.to_string());
         let Some(challenge) =
             response.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge)
         else {
@@ -217,7 +256,7 @@ impl Upstream {
                 self.basic.store(true, std::sync::atomic::Ordering::Relaxed);
                 self.basic_header()
             }
-            "bearer" => Some(self.fetch_token(&challenge, &scope).await?),
+            "bearer" => Some(self.fetch_token(&challenge, scope).await?),
             _ => return Ok(response),
         };
         attempt(auth).await.map_err(unreachable)

@@ -349,13 +349,9 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let route = Route::new(state, parts, &name)?;
-            // Referrers are answered for hosted content; a route without a hosted member has
-            // none to report yet (an empty index, never a 404, as the spec requires).
-            let hosted = route.hosted_name().cloned();
-            let r = match hosted {
-                Some(hosted) => registry.referrers(&hosted, &digest, artifact_type.as_deref()).await?,
-                None => tessera_registry::Referrers::empty(artifact_type.is_some()),
+            let r = match Route::new(state, parts, &name)?.referrers(&digest, artifact_type.as_deref()).await? {
+                Found::Here(r) => r,
+                Found::Redirect(url) => return Ok(redirect(&url)),
             };
             let mut out = vec![("content-type", tessera_spec::manifest::media::OCI_INDEX.to_string())];
             if r.filtered {

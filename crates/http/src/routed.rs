@@ -6,7 +6,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use tessera_config::Mode;
 use tessera_federation::{Member, Resolved};
-use tessera_registry::BlobAnswer;
+use tessera_registry::{BlobAnswer, Referrers};
 use tessera_spec::{Digest, ErrorCode, OciError, Reference, RepoName};
 use tessera_store::ManifestRecord;
 
@@ -187,10 +187,27 @@ impl<'a> Route<'a> {
         .await
     }
 
-    /// Whether the hosted repository is what answers this route first (referrers and other
-    /// hosted-only queries use it).
-    pub(crate) fn hosted_name(&self) -> Option<&RepoName> {
-        self.resolved.members.iter().find_map(|(m, n)| matches!(m, Member::Hosted).then_some(n))
+    /// Referrers from the first member: hosted answers from its own manifests, an upstream
+    /// from its referrers API.
+    pub(crate) async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Found<Referrers>, OciError> {
+        let query = artifact_type
+            .map(|t| format!("?artifactType={}", form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>()))
+            .unwrap_or_default();
+        let (member, name) = self.resolved.members.first().ok_or_else(OciError::internal)?;
+        match member {
+            Member::Hosted => self.state.registry.referrers(name, subject, artifact_type).await.map(Found::Here),
+            Member::Upstream { upstream, .. } if self.resolved.mode == Mode::Redirect => {
+                Ok(Found::Redirect(upstream.url(&format!("/v2/{name}/referrers/{subject}{query}"))))
+            }
+            Member::Upstream { upstream, .. } => {
+                let cache = self.state.federation.cache(upstream).ok_or_else(OciError::internal)?;
+                cache.referrers(name, subject, artifact_type).await.map(Found::Here)
+            }
+        }
     }
 }
 

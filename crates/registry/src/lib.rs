@@ -73,7 +73,12 @@ pub struct Referrers {
 impl Referrers {
     /// An index listing no referrers.
     pub fn empty(filtered: bool) -> Referrers {
-        Referrers { index: referrers_index(Vec::new()), filtered }
+        Self::of(Vec::new(), filtered)
+    }
+
+    /// An index listing these descriptors.
+    pub fn of(descriptors: Vec<serde_json::Value>, filtered: bool) -> Referrers {
+        Referrers { index: referrers_index(descriptors), filtered }
     }
 }
 

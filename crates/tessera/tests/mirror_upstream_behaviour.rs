@@ -1,0 +1,222 @@
+//! How the pull-through cache treats what upstreams say: rate limits, referrers, and
+//! credentials (Distribution behind htpasswd basic auth).
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::json;
+use tessera_spec::Digest;
+use tessera_testkit::{Api, Image, Server, error_code};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn with_config(dir: &Path, toml: &str) -> Server {
+    let path = dir.join("tessera.toml");
+    std::fs::write(&path, toml).unwrap();
+    Server::start(BIN, &["--config", path.to_str().unwrap()]).unwrap()
+}
+
+/// An upstream that answers every request with 429 and `Retry-After: 30`, counting them.
+fn rate_limited_upstream() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            seen.fetch_add(1, Ordering::SeqCst);
+            let _ = s.write_all(
+                b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn a_rate_limited_upstream_is_left_alone_for_its_retry_after() {
+    let (addr, requests) = rate_limited_upstream();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(
+        dir.path(),
+        &format!("[[upstream]]\nname = \"up\"\nurl = \"http://{addr}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n"),
+    );
+    let api = Api::new(&mirror);
+    for _ in 0..3 {
+        let r = api.get("/v2/m/lib/app/manifests/v1").await.unwrap();
+        assert_eq!(r.status(), 429);
+        let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=30).contains(&retry), "{retry}");
+        assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "asked once, then left alone until Retry-After");
+}
+
+#[tokio::test]
+async fn referrers_pass_through_with_filtering() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let up = Api::new(&upstream);
+    let image = Image::random(1, 100);
+    let subject = up.push_image("lib/app", "v1", &image).await.unwrap();
+    let empty = up.push_blob("lib/app", b"{}").await.unwrap();
+    for (t, tag) in [("application/vnd.example.sig", "sig"), ("application/vnd.example.sbom", "sbom")] {
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": t,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.to_string(), "size": 2},
+            "layers": [],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject.to_string(), "size": image.manifest.len()},
+        }))
+        .unwrap();
+        assert_eq!(up.push_manifest("lib/app", tag, OCI_MANIFEST, &m).await.unwrap().status(), 201);
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(
+        dir.path(),
+        &format!(
+            "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n",
+            upstream.host()
+        ),
+    );
+    let api = Api::new(&mirror);
+    let r = api.get(&format!("/v2/m/lib/app/referrers/{subject}")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let index: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
+    let r =
+        api.get(&format!("/v2/m/lib/app/referrers/{subject}?artifactType=application/vnd.example.sbom")).await.unwrap();
+    assert_eq!(r.headers()["oci-filters-applied"], "artifactType");
+    let index: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(index["manifests"][0]["artifactType"], "application/vnd.example.sbom");
+    // A subject nobody refers to: an empty index, never a 404.
+    let r = api.get(&format!("/v2/m/lib/app/referrers/{}", Digest::sha256_of(b"x"))).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Distribution from Debian's package requiring a login (htpasswd, bcrypt).
+struct LockedDistribution {
+    child: std::process::Child,
+    addr: String,
+    _dir: tessera_testkit::TempDir,
+}
+
+impl LockedDistribution {
+    fn start(user: &str, password: &str) -> LockedDistribution {
+        let dir = tessera_testkit::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, format!("{user}:{}\n", bcrypt::hash(password, 5).unwrap())).unwrap();
+        let config = dir.path().join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: info}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: \"{addr}\"}}\nauth:\n  htpasswd: {{realm: test-realm, path: {}}}\n",
+                dir.path().join("data").display(),
+                htpasswd.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = std::process::Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "Distribution did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        LockedDistribution { child, addr, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for LockedDistribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn pulls_through_an_upstream_that_requires_a_login() {
+    if !tessera_testkit::have_tool("/usr/bin/docker-registry") {
+        return;
+    }
+    let upstream = LockedDistribution::start("puller", "s3cret pass");
+    let image = Image::random(1, 20_000);
+    // Seed it with an authenticated client.
+    let http = tessera_testkit::http_client();
+    let base = format!("http://{}", upstream.addr);
+    assert_eq!(http.get(format!("{base}/v2/")).send().await.unwrap().status(), 401, "the upstream is locked");
+    for blob in image.blobs() {
+        let d = Digest::sha256_of(blob);
+        let r = http
+            .post(format!("{base}/v2/private/app/blobs/uploads/"))
+            .basic_auth("puller", Some("s3cret pass"))
+            .send()
+            .await
+            .unwrap();
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let r = http
+            .put(format!("{location}{sep}digest={d}"))
+            .basic_auth("puller", Some("s3cret pass"))
+            .body(blob.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let r = http
+        .put(format!("{base}/v2/private/app/manifests/v1"))
+        .basic_auth("puller", Some("s3cret pass"))
+        .header("content-type", OCI_MANIFEST)
+        .body(image.manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    let dir = tessera_testkit::tempdir().unwrap();
+    let toml = |password: &str| {
+        format!(
+            "[[upstream]]\nname = \"locked\"\nurl = \"http://{}\"\nusername = \"puller\"\npassword = \"{password}\"\n\n[[route]]\nprefix = \"m\"\nto = \"locked\"\n",
+            upstream.addr
+        )
+    };
+    let mirror = with_config(dir.path(), &toml("s3cret pass"));
+    let api = Api::new(&mirror);
+    let r =
+        api.http.get(api.url("/v2/m/private/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), image.manifest);
+    for b in image.blobs() {
+        let r = api.get(&format!("/v2/m/private/app/blobs/{}", Digest::sha256_of(b))).await.unwrap();
+        assert_eq!(r.bytes().await.unwrap(), &b[..]);
+    }
+    // The client never saw a challenge or the upstream's credentials.
+    assert!(!mirror.log_text().contains("s3cret"));
+
+    // Wrong credentials: a clear failure, not the upstream's 401 handed to our client.
+    let dir2 = tessera_testkit::tempdir().unwrap();
+    let wrong = with_config(dir2.path(), &toml("wrong"));
+    let r = Api::new(&wrong).get("/v2/m/private/app/manifests/v1").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("www-authenticate").is_none());
+    assert!(upstream.log().contains("puller"), "the upstream saw our login");
+}
