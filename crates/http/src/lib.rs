@@ -22,8 +22,8 @@ pub use response::ApiError;
 /// Everything a request handler can reach. Built once by the binary (or a test).
 pub struct AppState {
     pub registry: Registry,
-    /// The routing table and the caches of its upstreams.
-    pub federation: tessera_federation::Federation,
+    /// The routing table and the caches of its upstreams; swapped whole on a reload.
+    pub federation: arc_swap::ArcSwap<tessera_federation::Federation>,
 }
 
 /// The client's socket address, put into request extensions by [`server`].

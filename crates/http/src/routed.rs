@@ -4,8 +4,10 @@
 
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
+use std::sync::Arc;
 use tessera_config::Mode;
-use tessera_federation::{Member, Resolved};
+
+use tessera_federation::{Federation, Member, Resolved};
 use tessera_registry::{BlobAnswer, Referrers};
 use tessera_spec::{Digest, ErrorCode, OciError, Reference, RepoName};
 use tessera_store::ManifestRecord;
@@ -20,6 +22,9 @@ pub(crate) enum Found<T> {
 
 pub(crate) struct Route<'a> {
     state: &'a AppState,
+    /// The routing table this request was resolved with (a reload swaps in a new one for
+    /// later requests; this one keeps the table it started with).
+    federation: Arc<Federation>,
     resolved: Resolved,
 }
 
@@ -39,8 +44,9 @@ fn authority(parts: &Parts) -> Option<String> {
 
 impl<'a> Route<'a> {
     pub(crate) fn new(state: &'a AppState, parts: &Parts, name: &RepoName) -> Result<Route<'a>, OciError> {
-        let resolved = state.federation.table.resolve(host(parts), authority(parts).as_deref(), name)?;
-        Ok(Route { state, resolved })
+        let federation = state.federation.load_full();
+        let resolved = federation.table.resolve(host(parts), authority(parts).as_deref(), name)?;
+        Ok(Route { state, federation, resolved })
     }
 
     /// The hosted name a write goes to, if this route takes writes.
@@ -88,13 +94,14 @@ impl<'a> Route<'a> {
             |state, member, name| {
                 let (member, name, reference, accept) =
                     (member.clone(), name.clone(), reference.clone(), accept.map(str::to_string));
+                let fed = self.federation.clone();
                 async move {
                     match member {
                         Member::Hosted => {
                             state.registry.manifest_get(&name, &reference, accept.as_deref()).await.map(|m| (m, false))
                         }
                         Member::Upstream { upstream, .. } => {
-                            let cache = state.federation.cache(&upstream).ok_or_else(OciError::internal)?;
+                            let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
                             cache.manifest(&name, &reference).await.map(|f| (f.manifest, f.stale))
                         }
                     }
@@ -109,16 +116,12 @@ impl<'a> Route<'a> {
             |n| format!("/v2/{n}/blobs/{digest}"),
             |state, member, name| {
                 let (member, name, digest) = (member.clone(), name.clone(), digest.clone());
+                let fed = self.federation.clone();
                 async move {
                     match member {
                         Member::Hosted => state.registry.blob_size(&name, &digest).await,
                         Member::Upstream { upstream, .. } => {
-                            state
-                                .federation
-                                .cache(&upstream)
-                                .ok_or_else(OciError::internal)?
-                                .blob_size(&name, &digest)
-                                .await
+                            fed.cache(&upstream).ok_or_else(OciError::internal)?.blob_size(&name, &digest).await
                         }
                     }
                 }
@@ -133,11 +136,12 @@ impl<'a> Route<'a> {
             |state, member, name| {
                 let (member, name, digest, range) =
                     (member.clone(), name.clone(), digest.clone(), range.map(str::to_string));
+                let fed = self.federation.clone();
                 async move {
                     match member {
                         Member::Hosted => state.registry.blob_get(&name, &digest, range.as_deref()).await,
                         Member::Upstream { upstream, .. } => {
-                            let cache = state.federation.cache(&upstream).ok_or_else(OciError::internal)?;
+                            let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
                             cache.blob(&name, &digest, range.as_deref()).await
                         }
                     }
@@ -166,13 +170,14 @@ impl<'a> Route<'a> {
             |state, member, name| {
                 let (member, name, last, query) =
                     (member.clone(), name.clone(), last.map(str::to_string), query.clone());
+                let fed = self.federation.clone();
                 async move {
                     match member {
                         Member::Hosted => {
                             state.registry.tags(&name, n, last.as_deref()).await.map(|p| (p.items, p.more))
                         }
                         Member::Upstream { upstream, .. } => {
-                            let cache = state.federation.cache(&upstream).ok_or_else(OciError::internal)?;
+                            let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
                             let (tags, link) = cache.tags(&name, &query).await?;
                             let tags = tags
                                 .as_array()
@@ -204,7 +209,7 @@ impl<'a> Route<'a> {
                 Ok(Found::Redirect(upstream.url(&format!("/v2/{name}/referrers/{subject}{query}"))))
             }
             Member::Upstream { upstream, .. } => {
-                let cache = self.state.federation.cache(upstream).ok_or_else(OciError::internal)?;
+                let cache = self.federation.cache(upstream).ok_or_else(OciError::internal)?;
                 cache.referrers(name, subject, artifact_type).await.map(Found::Here)
             }
         }

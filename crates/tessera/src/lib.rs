@@ -12,8 +12,9 @@ use tessera_http::server::{ServerOptions, load_tls};
 use tessera_registry::{Registry, Settings};
 use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, SqliteMetaStore};
 
-/// Opens the embedded default stores under `config.data` and builds the application state.
-pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
+/// Opens the embedded default stores under `config.data` and builds the application state,
+/// returning the blob store too (a configuration reload builds new upstream caches on it).
+pub async fn open_state(config: &Config) -> anyhow::Result<(AppState, Arc<dyn BlobStore>)> {
     let data = &config.data;
     std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
     let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
@@ -31,7 +32,7 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         Arc::new(blobs)
     };
     let registry = Registry::new(blobs.clone(), Arc::new(meta), settings);
-    let federation = open_federation(config, blobs)?;
+    let federation = open_federation(config, blobs.clone())?;
     let swept = registry
         .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs))
         .await
@@ -39,7 +40,38 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     if swept > 0 {
         tracing::info!("removed {swept} abandoned upload session(s)");
     }
-    Ok(AppState { registry, federation })
+    Ok((AppState { registry, federation: arc_swap::ArcSwap::from_pointee(federation) }, blobs))
+}
+
+async fn reload_on_hangup(state: Arc<AppState>, running: Config, path: std::path::PathBuf, blobs: Arc<dyn BlobStore>) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGHUP; configuration reload is off: {e}");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let reloaded = Config::from_file(&path).map_err(anyhow::Error::from).and_then(|new| {
+            // Only the routing table is live; listener, data and limits need a restart.
+            let mut effective = running.clone();
+            effective.upstreams = new.upstreams;
+            effective.routes = new.routes;
+            open_federation(&effective, blobs.clone()).map(|f| (f, effective))
+        });
+        match reloaded {
+            Ok((federation, effective)) => {
+                state.federation.store(Arc::new(federation));
+                tracing::info!(
+                    "configuration reloaded from {}: {} upstream(s), {} route(s)",
+                    path.display(),
+                    effective.upstreams.len(),
+                    effective.routes.len()
+                );
+            }
+            Err(e) => tracing::error!("configuration not reloaded; the previous routing table keeps serving: {e:#}"),
+        }
+    }
 }
 
 /// The routing table, an upstream client per `[[upstream]]`, and each upstream's cache
@@ -61,13 +93,24 @@ fn open_federation(config: &Config, blobs: Arc<dyn BlobStore>) -> anyhow::Result
     .context("cannot open the upstream caches")
 }
 
-/// Runs the server until `shutdown` resolves.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Runs the server until `shutdown` resolves. With `reload_from`, SIGHUP re-reads that file
+/// and swaps in its routing table (upstreams and routes); requests in flight finish on the
+/// table they started with, and an invalid file is refused with its reason while the old
+/// table keeps serving.
+pub async fn serve(
+    config: Config,
+    reload_from: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let tls = match &config.tls {
         Some(t) => Some(load_tls(&t.cert, &t.key)?),
         None => None,
     };
-    let state = open_state(&config).await?;
+    let (state, blobs) = open_state(&config).await?;
+    let state = Arc::new(state);
+    if let Some(path) = reload_from {
+        tokio::spawn(reload_on_hangup(state.clone(), config.clone(), path, blobs));
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -78,7 +121,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         env!("CARGO_PKG_VERSION"),
         config.data.display()
     );
-    let app = tessera_http::app(Arc::new(state));
+    let app = tessera_http::app(state);
     tessera_http::server::serve(
         listener,
         app,

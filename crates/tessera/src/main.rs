@@ -100,8 +100,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => {
+            let reload_from = args.config.clone();
             let config = args.config()?;
-            runtime.block_on(tessera::serve(config, shutdown_signal()))
+            runtime.block_on(tessera::serve(config, reload_from, shutdown_signal()))
         }
         Command::Explain(args) => {
             let config = match &args.config {

@@ -53,6 +53,27 @@ impl Server {
         format!("http://{}{}", self.addr, path)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGHUP (configuration reload).
+    pub fn hangup(&self) {
+        let _ = Command::new("kill").arg("-HUP").arg(self.pid().to_string()).status();
+    }
+
+    /// Waits until the log contains `needle` (for events the server reports only there).
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Kills the process at once (SIGKILL): nothing gets to clean up.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
