@@ -1,6 +1,8 @@
 //! The typed configuration: what `tessera serve` reads from `--config FILE` (TOML), with the
 //! zero-config defaults. Every field is documented in `docs/config.md`; keep the two in step.
 
+pub mod collage;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -33,6 +35,17 @@ pub struct Config {
     /// the hosted repositories.
     #[serde(rename = "route")]
     pub routes: Vec<Route>,
+    /// Where requests no route matches go: `hosted` (the default) or `none` (not found).
+    pub fallback: Fallback,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    #[default]
+    Hosted,
+    /// Only routed names exist (a read-only front such as a Collage configuration).
+    None,
 }
 
 /// Another registry, reached over HTTP(S).
@@ -175,6 +188,7 @@ impl Default for Config {
             cache: Cache::default(),
             upstreams: Vec::new(),
             routes: Vec::new(),
+            fallback: Fallback::Hosted,
         }
     }
 }
@@ -209,6 +223,16 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Replaces the routing table with a Collage configuration's (see [`collage`]).
+    pub fn with_collage(mut self, json: &str, mode: Mode) -> Result<Config, String> {
+        let (upstreams, routes, fallback) = collage::from_collage(json, mode)?;
+        self.upstreams = upstreams;
+        self.routes = routes;
+        self.fallback = fallback;
+        self.validate()?;
+        Ok(self)
     }
 
     fn validate(&self) -> Result<(), String> {

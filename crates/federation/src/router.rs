@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tessera_config::{Config, Mode, Target};
+use tessera_config::{Config, Fallback, Mode, Target};
 use tessera_spec::{ErrorCode, OciError, RepoName};
 
 use crate::upstream::Upstream;
@@ -37,6 +37,7 @@ struct CompiledRoute {
 pub struct RoutingTable {
     routes: Vec<CompiledRoute>,
     upstreams: Vec<Arc<Upstream>>,
+    fallback: Fallback,
 }
 
 fn strip_port(host: &str) -> &str {
@@ -88,7 +89,7 @@ impl RoutingTable {
                 push,
             });
         }
-        Ok(RoutingTable { routes, upstreams })
+        Ok(RoutingTable { routes, upstreams, fallback: config.fallback })
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
@@ -128,7 +129,15 @@ impl RoutingTable {
             let n = member_name(&member, name, name.as_str())?;
             return Ok(Resolved { members: vec![(member, n)], mode: Mode::Cache, push: false, route: None });
         }
-        Ok(Resolved { members: vec![(Member::Hosted, name.clone())], mode: Mode::Cache, push: true, route: None })
+        match self.fallback {
+            Fallback::Hosted => Ok(Resolved {
+                members: vec![(Member::Hosted, name.clone())],
+                mode: Mode::Cache,
+                push: true,
+                route: None,
+            }),
+            Fallback::None => Err(OciError::new(ErrorCode::NameUnknown, "no route serves this repository name")),
+        }
     }
 }
 

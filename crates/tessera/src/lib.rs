@@ -43,7 +43,7 @@ pub async fn open_state(config: &Config) -> anyhow::Result<(AppState, Arc<dyn Bl
     Ok((AppState { registry, federation: arc_swap::ArcSwap::from_pointee(federation) }, blobs))
 }
 
-async fn reload_on_hangup(state: Arc<AppState>, running: Config, path: std::path::PathBuf, blobs: Arc<dyn BlobStore>) {
+async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload, blobs: Arc<dyn BlobStore>) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
@@ -52,19 +52,19 @@ async fn reload_on_hangup(state: Arc<AppState>, running: Config, path: std::path
         }
     };
     while hangups.recv().await.is_some() {
-        let reloaded = Config::from_file(&path).map_err(anyhow::Error::from).and_then(|new| {
+        let reloaded = reload().and_then(|new| {
             // Only the routing table is live; listener, data and limits need a restart.
             let mut effective = running.clone();
             effective.upstreams = new.upstreams;
             effective.routes = new.routes;
+            effective.fallback = new.fallback;
             open_federation(&effective, blobs.clone()).map(|f| (f, effective))
         });
         match reloaded {
             Ok((federation, effective)) => {
                 state.federation.store(Arc::new(federation));
                 tracing::info!(
-                    "configuration reloaded from {}: {} upstream(s), {} route(s)",
-                    path.display(),
+                    "configuration reloaded: {} upstream(s), {} route(s)",
                     effective.upstreams.len(),
                     effective.routes.len()
                 );
@@ -93,23 +93,22 @@ fn open_federation(config: &Config, blobs: Arc<dyn BlobStore>) -> anyhow::Result
     .context("cannot open the upstream caches")
 }
 
-/// Runs the server until `shutdown` resolves. With `reload_from`, SIGHUP re-reads that file
-/// and swaps in its routing table (upstreams and routes); requests in flight finish on the
-/// table they started with, and an invalid file is refused with its reason while the old
-/// table keeps serving.
-pub async fn serve(
-    config: Config,
-    reload_from: Option<std::path::PathBuf>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+/// Produces the configuration again from its sources, for a reload.
+pub type Reload = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
+
+/// Runs the server until `shutdown` resolves. With `reload`, SIGHUP builds the configuration
+/// again and swaps in its routing table (upstreams, routes, fallback); requests in flight
+/// finish on the table they started with, and an invalid configuration is refused with its
+/// reason while the old table keeps serving.
+pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let tls = match &config.tls {
         Some(t) => Some(load_tls(&t.cert, &t.key)?),
         None => None,
     };
     let (state, blobs) = open_state(&config).await?;
     let state = Arc::new(state);
-    if let Some(path) = reload_from {
-        tokio::spawn(reload_on_hangup(state.clone(), config.clone(), path, blobs));
+    if let Some(reload) = reload {
+        tokio::spawn(reload_on_hangup(state.clone(), config.clone(), reload, blobs));
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

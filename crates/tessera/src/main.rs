@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use tessera_config::{Config, TlsConfig};
+use tessera_config::{Config, Mode, TlsConfig};
 
 /// Tessera: a federating OCI container registry.
 #[derive(Parser)]
@@ -52,22 +52,37 @@ struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// A Collage configuration (JSON `mappings` and `vhosts`) as the routing table: its
+    /// mounts answered with redirects, as Collage does, and nothing else served.
+    #[arg(long, value_name = "FILE")]
+    collage: Option<PathBuf>,
+    /// With --collage: serve the mounts through the pull-through cache instead of redirecting.
+    #[arg(long, requires = "collage")]
+    cache: bool,
 }
 
 impl ServeArgs {
-    fn config(self) -> anyhow::Result<Config> {
+    /// The configuration these flags describe: the file (if any), the Collage mounts (if
+    /// any) as its routing table, then the flags. Called again on every reload.
+    fn config(&self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
+        if let Some(path) = &self.collage {
+            let json =
+                std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            let mode = if self.cache { Mode::Cache } else { Mode::Redirect };
+            config = config.with_collage(&json, mode).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         if let Some(listen) = self.listen {
             config.listen = listen;
         }
-        if let Some(data) = self.data {
-            config.data = data;
+        if let Some(data) = &self.data {
+            config.data = data.clone();
         }
-        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
-            config.tls = Some(TlsConfig { cert, key });
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls = Some(TlsConfig { cert: cert.clone(), key: key.clone() });
         }
         Ok(config)
     }
@@ -100,9 +115,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => {
-            let reload_from = args.config.clone();
             let config = args.config()?;
-            runtime.block_on(tessera::serve(config, reload_from, shutdown_signal()))
+            let reload: Option<tessera::Reload> = (args.config.is_some() || args.collage.is_some())
+                .then(|| Box::new(move || args.config()) as tessera::Reload);
+            runtime.block_on(tessera::serve(config, reload, shutdown_signal()))
         }
         Command::Explain(args) => {
             let config = match &args.config {
