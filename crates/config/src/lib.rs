@@ -92,11 +92,20 @@ pub struct UpstreamCache {
     pub max_stale_secs: u64,
     /// Seconds a "not found" from the upstream is remembered.
     pub negative_ttl_secs: u64,
+    /// Bytes of blobs kept for this upstream; least recently used blobs are evicted past
+    /// it. 0: no bound.
+    pub max_bytes: u64,
 }
 
 impl Default for UpstreamCache {
     fn default() -> Self {
-        UpstreamCache { tag_ttl_secs: 300, serve_stale: true, max_stale_secs: 7 * 24 * 3600, negative_ttl_secs: 30 }
+        UpstreamCache {
+            tag_ttl_secs: 300,
+            serve_stale: true,
+            max_stale_secs: 7 * 24 * 3600,
+            negative_ttl_secs: 30,
+            max_bytes: 0,
+        }
     }
 }
 

@@ -42,6 +42,48 @@ struct FillState {
     done: Option<Result<(), String>>,
 }
 
+/// Which cached blobs were used least recently, and how many bytes they hold.
+#[derive(Default)]
+struct Lru {
+    by_digest: HashMap<Digest, (u64, u64)>,
+    by_use: std::collections::BTreeMap<u64, Digest>,
+    clock: u64,
+    total: u64,
+}
+
+impl Lru {
+    fn touch(&mut self, digest: &Digest, size: u64) {
+        self.clock += 1;
+        if let Some((old_size, tick)) = self.by_digest.insert(digest.clone(), (size, self.clock)) {
+            self.by_use.remove(&tick);
+            self.total -= old_size;
+        }
+        self.by_use.insert(self.clock, digest.clone());
+        self.total += size;
+    }
+
+    /// Takes least recently used blobs out until at most `max` bytes remain, sparing `keep`.
+    fn evict(&mut self, max: u64, keep: &Digest) -> Vec<Digest> {
+        let mut victims = Vec::new();
+        let mut spared = None;
+        while self.total > max {
+            let Some((tick, digest)) = self.by_use.pop_first() else { break };
+            if &digest == keep {
+                spared = Some((tick, digest));
+                continue;
+            }
+            if let Some((size, _)) = self.by_digest.remove(&digest) {
+                self.total -= size;
+            }
+            victims.push(digest);
+        }
+        if let Some((tick, digest)) = spared {
+            self.by_use.insert(tick, digest);
+        }
+        victims
+    }
+}
+
 pub struct PullThrough {
     upstream: Arc<Upstream>,
     meta: Arc<dyn MetaStore>,
@@ -51,6 +93,7 @@ pub struct PullThrough {
     /// Recent "not found" answers.
     missing: Mutex<HashMap<(RepoName, String), Instant>>,
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+    lru: Arc<Mutex<Lru>>,
 }
 
 fn manifest_accept() -> HeaderMap {
@@ -76,15 +119,40 @@ enum Answer {
 }
 
 impl PullThrough {
-    pub fn new(upstream: Arc<Upstream>, meta: Arc<dyn MetaStore>, blobs: Arc<dyn BlobStore>) -> Self {
-        PullThrough {
+    /// A cache over `meta` and `blobs`, which belong to this upstream alone: eviction
+    /// deletes bytes from `blobs`. Blobs already held are ranked by when they were stored.
+    /// At start-up (`sweep`), upload sessions left by fetches a crash cut short are removed;
+    /// not on a reload, where fetches of the previous table may still be writing them.
+    pub async fn open(
+        upstream: Arc<Upstream>,
+        meta: Arc<dyn MetaStore>,
+        blobs: Arc<dyn BlobStore>,
+        sweep: bool,
+    ) -> io::Result<Self> {
+        if sweep {
+            for (id, _) in blobs.upload_list().await? {
+                blobs.upload_delete(&id).await?;
+            }
+        }
+        let mut held = blobs.list().await?;
+        held.sort_by_key(|b| b.stored);
+        let mut lru = Lru::default();
+        for b in &held {
+            lru.touch(&b.digest, b.size);
+        }
+        let cache = PullThrough {
             upstream,
             meta,
             blobs,
             checked: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
             fills: Arc::new(Mutex::new(HashMap::new())),
+            lru: Arc::new(Mutex::new(lru)),
+        };
+        if let Some(newest) = held.last() {
+            evict(&cache.upstream, &cache.lru, &cache.blobs, &newest.digest).await;
         }
+        Ok(cache)
     }
 
     pub fn upstream(&self) -> &Arc<Upstream> {
@@ -281,17 +349,22 @@ impl PullThrough {
             tracing::error!("cache: {e}");
             OciError::internal()
         };
-        if let Some(size) = self.meta.blob_link(name, digest).await.map_err(internal)? {
-            return self.stored(digest, size, range).await;
+        // A link says the upstream has it; the bytes may have been evicted since.
+        if let Some(size) = self.meta.blob_link(name, digest).await.map_err(internal)?
+            && let Some(answer) = self.stored(digest, size, range).await?
+        {
+            return Ok(answer);
         }
         if self.recently_missing(name, &digest.to_string()) {
             return Err(OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"));
         }
         // Bytes are content-addressed and were verified when stored: one copy serves every
         // repository that turns out to need it.
-        if let Some(size) = self.blobs.stat(digest).await.map_err(internal)? {
+        if let Some(size) = self.blobs.stat(digest).await.map_err(internal)?
+            && let Some(answer) = self.stored(digest, size, range).await?
+        {
             self.meta.link_blob(name, digest, size).await.map_err(internal)?;
-            return self.stored(digest, size, range).await;
+            return Ok(answer);
         }
         let mut rx = self.join_fill(name, digest).await?;
         // Wait until the size is known (the upstream answered) or the fill ended.
@@ -311,7 +384,7 @@ impl PullThrough {
             (Some(Err(e)), _) => Err(unavailable(&self.upstream, e)),
             (Some(Ok(())), _) => {
                 let size = self.blobs.stat(digest).await.map_err(internal)?.ok_or_else(OciError::internal)?;
-                self.stored(digest, size, range).await
+                self.stored(digest, size, range).await?.ok_or_else(OciError::internal)
             }
             (None, Some(size)) => {
                 let range = ByteRange::from_header(range, size)?;
@@ -324,15 +397,16 @@ impl PullThrough {
         }
     }
 
-    async fn stored(&self, digest: &Digest, size: u64, range: Option<&str>) -> Result<BlobAnswer, OciError> {
+    /// The cached bytes, if still held (and marks them used).
+    async fn stored(&self, digest: &Digest, size: u64, range: Option<&str>) -> Result<Option<BlobAnswer>, OciError> {
         let range = ByteRange::from_header(range, size)?;
-        let read = self
-            .blobs
-            .read(digest, range.map(|r| (r.start, r.end)))
-            .await
-            .map_err(|_| OciError::internal())?
-            .ok_or_else(|| OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"))?;
-        Ok(BlobAnswer { size, range, read })
+        let Some(read) =
+            self.blobs.read(digest, range.map(|r| (r.start, r.end))).await.map_err(|_| OciError::internal())?
+        else {
+            return Ok(None);
+        };
+        self.lru.lock().unwrap_or_else(|p| p.into_inner()).touch(digest, size);
+        Ok(Some(BlobAnswer { size, range, read }))
     }
 
     /// Joins the fetch of `digest` in progress, or starts one.
@@ -352,6 +426,7 @@ impl PullThrough {
             meta: self.meta.clone(),
             blobs: self.blobs.clone(),
             fills: self.fills.clone(),
+            lru: self.lru.clone(),
             name: name.clone(),
             digest: digest.clone(),
             upload,
@@ -423,6 +498,23 @@ impl PullThrough {
     }
 }
 
+/// Deletes least recently used blobs until the cache fits its bound (`keep` excepted: it is
+/// being served right now). Links stay: they record what the upstream has, and a blob whose
+/// bytes were evicted is fetched again when next asked for.
+async fn evict(upstream: &Upstream, lru: &Mutex<Lru>, blobs: &Arc<dyn BlobStore>, keep: &Digest) {
+    let max = upstream.cache_settings().max_bytes;
+    if max == 0 {
+        return;
+    }
+    let victims = lru.lock().unwrap_or_else(|p| p.into_inner()).evict(max, keep);
+    for digest in victims {
+        match blobs.delete(&digest).await {
+            Ok(_) => tracing::info!(upstream = upstream.name(), %digest, "evicted from the cache"),
+            Err(e) => tracing::warn!(upstream = upstream.name(), %digest, "cannot evict: {e}"),
+        }
+    }
+}
+
 /// Reads a response body of at most `limit` bytes.
 async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
     let mut out = bytes::BytesMut::new();
@@ -443,6 +535,7 @@ struct Fill {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+    lru: Arc<Mutex<Lru>>,
     name: RepoName,
     digest: Digest,
     upload: UploadId,
@@ -496,6 +589,8 @@ impl Fill {
         }
         self.blobs.upload_commit(&self.upload, &self.digest).await.map_err(|e| e.to_string())?;
         self.meta.link_blob(&self.name, &self.digest, size).await.map_err(|e| e.to_string())?;
+        self.lru.lock().unwrap_or_else(|p| p.into_inner()).touch(&self.digest, size);
+        evict(&self.upstream, &self.lru, &self.blobs, &self.digest).await;
         Ok(())
     }
 }
@@ -603,4 +698,25 @@ fn follow(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_evicts_least_recently_used_first_and_spares_what_is_being_served() {
+        let d = |s: &str| Digest::sha256_of(s.as_bytes());
+        let mut lru = Lru::default();
+        for name in ["a", "b", "c"] {
+            lru.touch(&d(name), 10);
+        }
+        lru.touch(&d("a"), 10);
+        // Order of use is now b, c, a; c is being served and must stay.
+        let victims = lru.evict(10, &d("c"));
+        assert_eq!(victims, vec![d("b"), d("a")]);
+        assert_eq!(lru.total, 10);
+        assert!(lru.by_digest.contains_key(&d("c")));
+        assert!(lru.evict(10, &d("c")).is_empty(), "within the bound: nothing more");
+    }
 }

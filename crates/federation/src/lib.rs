@@ -16,25 +16,43 @@ use tessera_store::{BlobStore, MetaStore};
 /// The routing table with a pull-through cache for each upstream.
 pub struct Federation {
     pub table: RoutingTable,
-    caches: HashMap<String, PullThrough>,
+    caches: HashMap<String, Arc<PullThrough>>,
 }
 
 impl Federation {
-    /// `cache_meta(name)` opens the cache metadata of the upstream called `name`.
-    pub fn new(
-        table: RoutingTable,
-        blobs: Arc<dyn BlobStore>,
-        mut cache_meta: impl FnMut(&str) -> std::io::Result<Arc<dyn MetaStore>>,
-    ) -> std::io::Result<Federation> {
+    /// Builds the table from `config`. Upstreams whose configuration is unchanged from
+    /// `previous` (a reload) keep their client and cache, with tokens, fetches in flight and
+    /// recency; others get `open_cache(name)`, their own stores (metadata, blobs).
+    pub async fn new(
+        config: &tessera_config::Config,
+        previous: Option<&Federation>,
+        mut open_cache: impl FnMut(&str) -> std::io::Result<(Arc<dyn MetaStore>, Arc<dyn BlobStore>)>,
+    ) -> Result<Federation, String> {
+        let mut upstreams = Vec::new();
         let mut caches = HashMap::new();
-        for u in table.upstreams() {
-            caches.insert(u.name().to_string(), PullThrough::new(u.clone(), cache_meta(u.name())?, blobs.clone()));
+        for u in &config.upstreams {
+            let kept = previous.and_then(|p| p.caches.get(&u.name)).filter(|c| c.upstream().config() == u);
+            let cache = match kept {
+                Some(cache) => cache.clone(),
+                None => {
+                    let upstream = Arc::new(Upstream::new(u)?);
+                    let (meta, blobs) =
+                        open_cache(&u.name).map_err(|e| format!("cache of upstream {}: {e}", u.name))?;
+                    let cache = PullThrough::open(upstream, meta, blobs, previous.is_none())
+                        .await
+                        .map_err(|e| format!("cache of upstream {}: {e}", u.name))?;
+                    Arc::new(cache)
+                }
+            };
+            upstreams.push(cache.upstream().clone());
+            caches.insert(u.name.clone(), cache);
         }
+        let table = RoutingTable::new(config, upstreams)?;
         Ok(Federation { table, caches })
     }
 
     /// The cache of an upstream of this table.
     pub fn cache(&self, upstream: &Upstream) -> Option<&PullThrough> {
-        self.caches.get(upstream.name())
+        self.caches.get(upstream.name()).map(|c| c.as_ref())
     }
 }

@@ -83,6 +83,7 @@ struct Token {
 }
 
 pub struct Upstream {
+    config: tessera_config::Upstream,
     name: String,
     base: String,
     authorities: Vec<String>,
@@ -142,6 +143,7 @@ impl Upstream {
             _ => None,
         };
         Ok(Upstream {
+            config: config.clone(),
             name: config.name.clone(),
             base: config.url.trim_end_matches('/').to_string(),
             authorities: config.authority.clone(),
@@ -157,6 +159,11 @@ impl Upstream {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The configuration this client was built from.
+    pub fn config(&self) -> &tessera_config::Upstream {
+        &self.config
     }
 
     pub fn answers_for(&self, authority: &str) -> bool {

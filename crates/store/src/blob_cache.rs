@@ -12,7 +12,7 @@ use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 use tessera_spec::Digest;
 
-use crate::{AppendError, BlobRead, BlobStore, ByteStream, UploadId};
+use crate::{AppendError, BlobRead, BlobStore, ByteStream, StoredBlob, UploadId};
 
 #[derive(Clone)]
 struct ByLength;
@@ -85,6 +85,10 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
         let existed = self.inner.delete(digest).await?;
         self.cache.remove(digest);
         Ok(existed)
+    }
+
+    async fn list(&self) -> io::Result<Vec<StoredBlob>> {
+        self.inner.list().await
     }
 
     async fn upload_create(&self, id: &UploadId) -> io::Result<()> {

@@ -51,6 +51,9 @@ pub async fn blob_store(store: &dyn BlobStore) {
     store.upload_commit(&id, &digest).await.unwrap();
     assert_eq!(store.upload_size(&id).await.unwrap(), None, "commit ends the session");
     assert_eq!(store.stat(&digest).await.unwrap(), Some(data.len() as u64));
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "list shows committed blobs only");
+    assert_eq!((listed[0].digest.clone(), listed[0].size), (digest.clone(), data.len() as u64));
 
     // Whole and ranged reads.
     let whole = store.read(&digest, None).await.unwrap().unwrap();
@@ -99,6 +102,7 @@ pub async fn blob_store(store: &dyn BlobStore) {
     assert!(store.delete(&digest).await.unwrap());
     assert!(!store.delete(&digest).await.unwrap());
     assert_eq!(store.stat(&digest).await.unwrap(), None);
+    assert!(store.list().await.unwrap().iter().all(|b| b.digest != digest), "a deleted blob is not listed");
 }
 
 fn manifest(n: u8, subject: Option<&Digest>) -> ManifestRecord {

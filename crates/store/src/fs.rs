@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use tessera_spec::Digest;
 use tokio::sync::mpsc;
 
-use crate::{AppendError, BlobRead, BlobStore, ByteStream, UploadId};
+use crate::{AppendError, BlobRead, BlobStore, ByteStream, StoredBlob, UploadId};
 
 /// Written at the root; a later release that changes the layout bumps it and migrates.
 const LAYOUT_FILE: &str = "tessera-blobs-layout";
@@ -216,6 +216,36 @@ impl BlobStore for FsBlobStore {
     async fn delete(&self, digest: &Digest) -> io::Result<bool> {
         let path = self.blob_path(digest);
         blocking(move || not_found_as_none(fs::remove_file(path)).map(|o| o.is_some())).await
+    }
+
+    async fn list(&self) -> io::Result<Vec<StoredBlob>> {
+        let root = self.root.join("blobs");
+        blocking(move || {
+            let mut out = Vec::new();
+            for algorithm in fs::read_dir(&root)? {
+                let algorithm = algorithm?;
+                let Some(alg) = algorithm.file_name().to_str().map(str::to_string) else { continue };
+                for shard in fs::read_dir(algorithm.path())? {
+                    for blob in fs::read_dir(shard?.path())? {
+                        let blob = blob?;
+                        let name = blob.file_name();
+                        // Only files named by a valid digest count; anything else is not ours.
+                        let Some(digest) = name.to_str().and_then(|hex| format!("{alg}:{hex}").parse::<Digest>().ok())
+                        else {
+                            continue;
+                        };
+                        let meta = blob.metadata()?;
+                        out.push(StoredBlob {
+                            digest,
+                            size: meta.len(),
+                            stored: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn upload_create(&self, id: &UploadId) -> io::Result<()> {

@@ -63,6 +63,14 @@ impl fmt::Display for UploadId {
     }
 }
 
+/// A blob as [`BlobStore::list`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBlob {
+    pub digest: Digest,
+    pub size: u64,
+    pub stored: SystemTime,
+}
+
 /// A readable blob (or part of one): its length and its bytes.
 pub struct BlobRead {
     pub len: u64,
@@ -93,6 +101,8 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>>;
     /// Removes the blob's bytes. Returns whether it existed.
     async fn delete(&self, digest: &Digest) -> io::Result<bool>;
+    /// Every blob held, with its size and when it was stored.
+    async fn list(&self) -> io::Result<Vec<StoredBlob>>;
 
     /// Starts an empty upload session.
     async fn upload_create(&self, id: &UploadId) -> io::Result<()>;

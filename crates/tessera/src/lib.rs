@@ -12,9 +12,8 @@ use tessera_http::server::{ServerOptions, load_tls};
 use tessera_registry::{Registry, Settings};
 use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, SqliteMetaStore};
 
-/// Opens the embedded default stores under `config.data` and builds the application state,
-/// returning the blob store too (a configuration reload builds new upstream caches on it).
-pub async fn open_state(config: &Config) -> anyhow::Result<(AppState, Arc<dyn BlobStore>)> {
+/// Opens the embedded default stores under `config.data` and builds the application state.
+pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     let data = &config.data;
     std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
     let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
@@ -31,8 +30,8 @@ pub async fn open_state(config: &Config) -> anyhow::Result<(AppState, Arc<dyn Bl
     } else {
         Arc::new(blobs)
     };
-    let registry = Registry::new(blobs.clone(), Arc::new(meta), settings);
-    let federation = open_federation(config, blobs.clone())?;
+    let registry = Registry::new(blobs, Arc::new(meta), settings);
+    let federation = open_federation(config, None).await?;
     let swept = registry
         .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs))
         .await
@@ -40,10 +39,10 @@ pub async fn open_state(config: &Config) -> anyhow::Result<(AppState, Arc<dyn Bl
     if swept > 0 {
         tracing::info!("removed {swept} abandoned upload session(s)");
     }
-    Ok((AppState { registry, federation: arc_swap::ArcSwap::from_pointee(federation) }, blobs))
+    Ok(AppState { registry, federation: arc_swap::ArcSwap::from_pointee(federation) })
 }
 
-async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload, blobs: Arc<dyn BlobStore>) {
+async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
@@ -58,8 +57,12 @@ async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload,
             effective.upstreams = new.upstreams;
             effective.routes = new.routes;
             effective.fallback = new.fallback;
-            open_federation(&effective, blobs.clone()).map(|f| (f, effective))
+            Ok(effective)
         });
+        let reloaded = match reloaded {
+            Ok(effective) => open_federation(&effective, Some(&state.federation.load())).await.map(|f| (f, effective)),
+            Err(e) => Err(e),
+        };
         match reloaded {
             Ok((federation, effective)) => {
                 state.federation.store(Arc::new(federation));
@@ -74,23 +77,22 @@ async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload,
     }
 }
 
-/// The routing table, an upstream client per `[[upstream]]`, and each upstream's cache
-/// metadata in `<data>/cache/<name>.sqlite` (its blobs share the one blob store).
-fn open_federation(config: &Config, blobs: Arc<dyn BlobStore>) -> anyhow::Result<Federation> {
-    let upstreams = config
-        .upstreams
-        .iter()
-        .map(|u| Upstream::new(u).map(Arc::new).map_err(anyhow::Error::msg))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let table = RoutingTable::new(config, upstreams).map_err(anyhow::Error::msg)?;
+/// The routing table, an upstream client per `[[upstream]]`, and each upstream's cache in
+/// `<data>/cache/<name>/` (its own blob store and metadata, so eviction touches nothing else).
+async fn open_federation(config: &Config, previous: Option<&Federation>) -> anyhow::Result<Federation> {
     let cache_dir = config.data.join("cache");
     let metadata_bytes = config.cache.metadata_bytes;
-    Federation::new(table, blobs, |name| {
-        std::fs::create_dir_all(&cache_dir)?;
-        let meta = SqliteMetaStore::open(&cache_dir.join(format!("{name}.sqlite")))?;
-        Ok(Arc::new(CachedMetaStore::new(meta, metadata_bytes / 4)) as Arc<dyn MetaStore>)
+    Federation::new(config, previous, |name| {
+        let dir = cache_dir.join(name);
+        let blobs = FsBlobStore::open(&dir)?;
+        let meta = SqliteMetaStore::open(&dir.join("meta.sqlite"))?;
+        Ok((
+            Arc::new(CachedMetaStore::new(meta, metadata_bytes / 4)) as Arc<dyn MetaStore>,
+            Arc::new(blobs) as Arc<dyn BlobStore>,
+        ))
     })
-    .context("cannot open the upstream caches")
+    .await
+    .map_err(anyhow::Error::msg)
 }
 
 /// Produces the configuration again from its sources, for a reload.
@@ -105,10 +107,10 @@ pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future
         Some(t) => Some(load_tls(&t.cert, &t.key)?),
         None => None,
     };
-    let (state, blobs) = open_state(&config).await?;
+    let state = open_state(&config).await?;
     let state = Arc::new(state);
     if let Some(reload) = reload {
-        tokio::spawn(reload_on_hangup(state.clone(), config.clone(), reload, blobs));
+        tokio::spawn(reload_on_hangup(state.clone(), config.clone(), reload));
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

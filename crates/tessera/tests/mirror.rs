@@ -74,6 +74,7 @@ async fn pulls_through_and_serves_from_cache_when_the_upstream_is_gone() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.bytes().await.unwrap(), &b[..]);
     }
+    assert!(image.blobs().all(|b| cached(&mirror, &Digest::sha256_of(b))), "blobs kept in the upstream's cache");
     // Names outside the route stay hosted: nothing there.
     assert_eq!(api.get("/v2/lib/app/manifests/v1").await.unwrap().status(), 404);
 
@@ -184,13 +185,14 @@ async fn a_corrupted_upstream_blob_is_an_error_and_never_cached() {
         } else {
             assert_eq!(r.status(), 503);
         }
-        assert!(b_not_cached(&mirror, &d), "nothing committed");
+        assert!(!cached(&mirror, &d), "nothing committed");
     }
     assert!(mirror.log_text().contains("does not match its digest"));
 }
 
-fn b_not_cached(server: &Server, d: &Digest) -> bool {
-    !server.data.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex()).exists()
+/// Whether the mirror's cache of upstream `up` holds the bytes of `d`.
+fn cached(server: &Server, d: &Digest) -> bool {
+    server.data.join("cache/up/blobs/sha256").join(&d.hex()[..2]).join(d.hex()).exists()
 }
 
 #[tokio::test]
@@ -223,7 +225,7 @@ mode = "redirect"
     // Followed, the redirect yields the upstream's bytes; nothing passed through the mirror.
     let api = Api::new(&mirror);
     assert_eq!(api.get("/v2/cool/stuff/x/manifests/v1").await.unwrap().bytes().await.unwrap(), image.manifest);
-    assert!(!mirror.data.join("cache/up.sqlite").exists() || b_not_cached(&mirror, &d));
+    assert!(!cached(&mirror, &d), "redirect mode keeps nothing");
     // Pushing into a mirrored name is refused.
     let r = api.http.post(api.url("/v2/cool/stuff/x/blobs/uploads/")).send().await.unwrap();
     assert_eq!(r.status(), 405);
@@ -477,4 +479,36 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
     });
     drop(podman);
     eprintln!("podman mirror test ({driver}): {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+#[tokio::test]
+async fn the_cache_keeps_to_its_size_bound_evicting_least_recently_used() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(4, 1_000_000);
+    Api::new(&upstream).push_image("lru/app", "v1", &image).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    // Room for about two and a half layers.
+    let toml = mirror_of(&upstream, "")
+        .replace("cache = { tag_ttl_secs = 0 }", "cache = { tag_ttl_secs = 0, max_bytes = 2600000 }");
+    let mirror = with_config(dir.path(), &toml);
+    let api = Api::new(&mirror);
+    let layers: Vec<Digest> = image.layers.iter().map(|l| Digest::sha256_of(l)).collect();
+    let pull = |d: &Digest| {
+        let api = api.clone();
+        let path = format!("/v2/mirror/up/lru/app/blobs/{d}");
+        async move { api.get(&path).await.unwrap().bytes().await.unwrap() }
+    };
+    pull(&layers[0]).await;
+    pull(&layers[1]).await;
+    pull(&layers[0]).await; // layer 0 is now more recently used than layer 1
+    pull(&layers[2]).await; // over the bound: layer 1 goes
+    assert!(cached(&mirror, &layers[0]) && cached(&mirror, &layers[2]), "recently used stay");
+    assert!(!cached(&mirror, &layers[1]), "least recently used is evicted");
+    let held: u64 = layers.iter().filter(|d| cached(&mirror, d)).count() as u64 * 1_000_000;
+    assert!(held <= 2_600_000, "within the bound");
+    // An evicted blob is fetched again when asked for, and still verified.
+    assert_eq!(pull(&layers[1]).await, &image.layers[1][..]);
+    let gets = requests(&upstream, &format!("\"GET /v2/lru/app/blobs/{}", layers[1]));
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert!(mirror.log_text().contains("evicted from the cache"));
 }
