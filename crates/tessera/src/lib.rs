@@ -51,18 +51,17 @@ async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload)
         }
     };
     while hangups.recv().await.is_some() {
-        let reloaded = reload().and_then(|new| {
+        let reloaded = async {
+            let new = reload()?;
             // Only the routing table is live; listener, data and limits need a restart.
             let mut effective = running.clone();
             effective.upstreams = new.upstreams;
             effective.routes = new.routes;
             effective.fallback = new.fallback;
-            Ok(effective)
-        });
-        let reloaded = match reloaded {
-            Ok(effective) => open_federation(&effective, Some(&state.federation.load())).await.map(|f| (f, effective)),
-            Err(e) => Err(e),
-        };
+            let federation = open_federation(&effective, Some(&state.federation.load())).await?;
+            anyhow::Ok((federation, effective))
+        }
+        .await;
         match reloaded {
             Ok((federation, effective)) => {
                 state.federation.store(Arc::new(federation));
