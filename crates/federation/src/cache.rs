@@ -22,7 +22,7 @@ use reqwest::{Method, StatusCode};
 use tessera_registry::BlobAnswer;
 use tessera_spec::manifest::media;
 use tessera_spec::{ByteRange, Digest, Digester, ErrorCode, OciError, ParsedManifest, Reference, RepoName, Tag};
-use tessera_store::{BlobRead, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadId};
+use tessera_store::{AppendError, BlobRead, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadId};
 use tokio::sync::watch;
 
 use crate::upstream::{Upstream, UpstreamError};
@@ -529,6 +529,9 @@ async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes
     Ok(out.freeze())
 }
 
+/// How many times one blob transfer is resumed with `Range` after breaking.
+const MAX_RESUMES: u32 = 3;
+
 /// One upstream blob fetch.
 struct Fill {
     upstream: Arc<Upstream>,
@@ -557,29 +560,67 @@ impl Fill {
     async fn fetch(&self, tx: &watch::Sender<FillState>) -> Result<(), String> {
         self.blobs.upload_create(&self.upload).await.map_err(|e| e.to_string())?;
         let path = format!("/v2/{}/blobs/{}", self.name, self.digest);
-        let response =
-            self.upstream.send(Method::GET, &self.name, &path, HeaderMap::new()).await.map_err(|e| e.to_string())?;
-        match response.status() {
-            s if s.is_success() => {}
-            StatusCode::NOT_FOUND => return Err("not found".into()),
-            s => return Err(format!("upstream answered {s}")),
-        }
-        let expected_size = response.content_length();
-        if expected_size.is_some() {
-            tx.send_modify(|s| s.size = expected_size);
-        }
         let mut digester = Digester::new(self.digest.algorithm());
         let mut received = 0u64;
-        let tx_progress = tx.clone();
-        let stream: ByteStream = Box::pin(response.bytes_stream().map(|chunk| {
-            let chunk = chunk.map_err(io::Error::other)?;
-            digester.update(&chunk);
-            received += chunk.len() as u64;
-            // Wake followers: new bytes are on their way to the session file.
-            tx_progress.send_modify(|_| {});
-            Ok(chunk)
-        }));
-        let size = self.blobs.upload_append(&self.upload, stream).await.map_err(|e| format!("{e:?}"))?;
+        let mut expected_size = None;
+        let mut resumes = 0;
+        let size = loop {
+            // After a broken transfer, ask only for the rest.
+            let mut headers = HeaderMap::new();
+            if received > 0
+                && let Ok(v) = HeaderValue::from_str(&format!("bytes={received}-"))
+            {
+                headers.insert(reqwest::header::RANGE, v);
+            }
+            let response =
+                self.upstream.send(Method::GET, &self.name, &path, headers).await.map_err(|e| e.to_string())?;
+            match response.status() {
+                StatusCode::OK if received == 0 => {
+                    expected_size = response.content_length();
+                    if expected_size.is_some() {
+                        tx.send_modify(|s| s.size = expected_size);
+                    }
+                }
+                StatusCode::PARTIAL_CONTENT if received > 0 => {
+                    let starts_here = response
+                        .headers()
+                        .get(reqwest::header::CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with(&format!("bytes {received}-")));
+                    if !starts_here {
+                        return Err("upstream answered the resumption with another range".into());
+                    }
+                }
+                StatusCode::NOT_FOUND => return Err("not found".into()),
+                s if received > 0 => return Err(format!("upstream cannot resume the transfer ({s})")),
+                s => return Err(format!("upstream answered {s}")),
+            }
+            let tx_progress = tx.clone();
+            let counted = &mut received;
+            let hasher = &mut digester;
+            let stream: ByteStream = Box::pin(response.bytes_stream().map(move |chunk| {
+                let chunk = chunk.map_err(io::Error::other)?;
+                hasher.update(&chunk);
+                *counted += chunk.len() as u64;
+                // Wake followers: new bytes are on their way to the session file.
+                tx_progress.send_modify(|_| {});
+                Ok(chunk)
+            }));
+            match self.blobs.upload_append(&self.upload, stream).await {
+                Ok(size) => break size,
+                Err(AppendError::Source(e)) if resumes < MAX_RESUMES => {
+                    // What arrived is on disk (the store keeps a failed stream's bytes); the
+                    // hash covers exactly that, so the transfer can continue where it broke.
+                    let on_disk = self.blobs.upload_size(&self.upload).await.map_err(|e| e.to_string())?;
+                    if on_disk != Some(received) {
+                        return Err(format!("transfer broke ({e}) and cannot be resumed"));
+                    }
+                    resumes += 1;
+                    tracing::warn!(upstream = self.upstream.name(), digest = %self.digest, "transfer broke at {received} bytes ({e}); resuming");
+                }
+                Err(e) => return Err(format!("{e:?}")),
+            }
+        };
         let actual = digester.finish();
         if actual != self.digest {
             return Err(format!("upstream blob does not match its digest (got {actual}); not cached"));

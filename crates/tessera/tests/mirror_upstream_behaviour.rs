@@ -220,3 +220,85 @@ async fn pulls_through_an_upstream_that_requires_a_login() {
     assert!(r.headers().get("www-authenticate").is_none());
     assert!(upstream.log().contains("puller"), "the upstream saw our login");
 }
+
+/// A TCP proxy to `target` that cuts the first answer to a blob GET without `Range` after
+/// `cut` bytes, and passes everything else through (one request per connection).
+fn cutting_proxy(target: String, cut: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let cut_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let target = target.clone();
+            let cut_done = cut_done.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let request_line = text.lines().next().unwrap_or("").to_string();
+                let ranged = text.to_ascii_lowercase().contains("\r\nrange:");
+                let forwarded: String = text
+                    .split("\r\n")
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty())
+                    .map(|l| format!("{l}\r\n"))
+                    .collect::<String>()
+                    + "Connection: close\r\n\r\n";
+                let Ok(mut upstream) = std::net::TcpStream::connect(&target) else { return };
+                let _ = upstream.write_all(forwarded.as_bytes());
+                let cut_this = request_line.starts_with("GET ")
+                    && request_line.contains("/blobs/")
+                    && !ranged
+                    && !cut_done.swap(true, Ordering::SeqCst);
+                let mut sent = 0usize;
+                let mut buf = [0u8; 16384];
+                loop {
+                    let n = upstream.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    let n = if cut_this { n.min(cut.saturating_sub(sent)) } else { n };
+                    if client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                    if cut_this && sent >= cut {
+                        break;
+                    }
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_broken_upstream_transfer_is_resumed_with_range() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 3_000_000);
+    Api::new(&upstream).push_image("big/app", "v1", &image).await.unwrap();
+    let proxy = cutting_proxy(upstream.host(), 1_000_000);
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(
+        dir.path(),
+        &format!("[[upstream]]\nname = \"up\"\nurl = \"http://{proxy}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n"),
+    );
+    let api = Api::new(&mirror);
+    let d = Digest::sha256_of(&image.layers[0]);
+    let r = api.get(&format!("/v2/m/big/app/blobs/{d}")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), &image.layers[0][..], "the whole blob, verified");
+    assert!(mirror.log_text().contains("resuming"), "{}", mirror.log_text());
+    let log = upstream.log_text();
+    assert!(
+        log.lines().any(|l| l.contains(&format!("/v2/big/app/blobs/{d}")) && l.contains("\" 206 ")),
+        "the rest came with Range: {log}"
+    );
+}
