@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -89,7 +89,9 @@ pub struct PullThrough {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
     /// When each cached tag was last confirmed by the upstream.
-    checked: Mutex<HashMap<(RepoName, Tag), Instant>>,
+    /// When each cached tag was last confirmed by the upstream (also persisted in `meta`,
+    /// so a restart keeps the bound on how stale an answer may be).
+    checked: Mutex<HashMap<(RepoName, Tag), SystemTime>>,
     /// Recent "not found" answers.
     missing: Mutex<HashMap<(RepoName, String), Instant>>,
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
@@ -226,10 +228,16 @@ impl PullThrough {
                     None => None,
                 };
                 let key = (name.clone(), t.clone());
-                let checked = self.checked.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+                let remembered = self.checked.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+                let checked = match remembered {
+                    Some(at) => Some(at),
+                    None if cached.is_some() => self.meta.tag_checked(name, t).await.map_err(store_err)?,
+                    None => None,
+                };
+                let age = |at: SystemTime| SystemTime::now().duration_since(at).unwrap_or_default();
                 let settings = self.upstream.cache_settings();
                 if let (Some(m), Some(at)) = (&cached, checked)
-                    && at.elapsed() < Duration::from_secs(settings.tag_ttl_secs)
+                    && age(at) < Duration::from_secs(settings.tag_ttl_secs)
                 {
                     return Ok(Fetched { manifest: m.clone(), stale: false });
                 }
@@ -263,8 +271,7 @@ impl PullThrough {
                         Err(not_found())
                     }
                     Answer::Failing(e) => {
-                        let age_ok =
-                            checked.is_none_or(|at| at.elapsed() < Duration::from_secs(settings.max_stale_secs));
+                        let age_ok = checked.is_some_and(|at| age(at) < Duration::from_secs(settings.max_stale_secs));
                         match cached {
                             Some(m) if settings.serve_stale && age_ok => {
                                 tracing::warn!(upstream = self.upstream.name(), %name, tag = %t, "serving a stale manifest: {}", e.message);
@@ -276,7 +283,9 @@ impl PullThrough {
                 };
                 let m = fresh?;
                 self.meta.put_manifest(name, &m, Some(t)).await.map_err(store_err)?;
-                self.checked.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Instant::now());
+                let now = SystemTime::now();
+                self.meta.set_tag_checked(name, t, now).await.map_err(store_err)?;
+                self.checked.lock().unwrap_or_else(|p| p.into_inner()).insert(key, now);
                 Ok(Fetched { manifest: m, stale: false })
             }
         }

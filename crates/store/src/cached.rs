@@ -161,6 +161,14 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(removed)
     }
 
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: std::time::SystemTime) -> io::Result<()> {
+        self.inner.set_tag_checked(repo, tag, at).await
+    }
+
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<std::time::SystemTime>> {
+        self.inner.tag_checked(repo, tag).await
+    }
+
     async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>> {
         self.inner.list_tags(repo, last, limit).await
     }

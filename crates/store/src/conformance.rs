@@ -146,6 +146,14 @@ pub async fn meta_store(store: &dyn MetaStore) {
     store.put_manifest(&repo, &m1, None).await.unwrap();
     assert_eq!(store.get_manifest(&repo, &m1.digest).await.unwrap().unwrap().bytes, m1.bytes, "exact bytes kept");
 
+    // Check times of tags, to the millisecond; unknown tags have none.
+    assert_eq!(store.tag_checked(&repo, &v1).await.unwrap(), None);
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+    store.set_tag_checked(&repo, &v1, at).await.unwrap();
+    assert_eq!(store.tag_checked(&repo, &v1).await.unwrap(), Some(at));
+    store.set_tag_checked(&repo, &"nope".parse().unwrap(), at).await.unwrap();
+    assert_eq!(store.tag_checked(&repo, &"nope".parse().unwrap()).await.unwrap(), None);
+
     // Tag listing is lexical and paginated.
     for t in ["b", "a", "c", "a1"] {
         store.put_manifest(&repo, &m1, Some(&t.parse().unwrap())).await.unwrap();

@@ -166,6 +166,11 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>>;
     /// Removes one tag; returns whether it existed.
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool>;
+    /// Records when an existing tag was last confirmed by its source (caches use this to
+    /// bound how stale an answer may be, across restarts).
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> io::Result<()>;
+    /// When the tag was last confirmed, if it exists and ever was.
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<SystemTime>>;
     /// Tags in lexical order after `last`, at most `limit`; `None` if the repository is unknown.
     async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>>;
     /// Repository names in lexical order after `last`, at most `limit`.

@@ -16,7 +16,8 @@ use tessera_spec::{Digest, RepoName, Tag};
 use crate::{ManifestRecord, MetaStore, Page, UploadId};
 
 /// Schema version kept in `PRAGMA user_version`; each step of `MIGRATIONS` raises it by one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE repos (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE blob_links (
@@ -50,7 +51,11 @@ CREATE TABLE uploads (
     repo INTEGER NOT NULL REFERENCES repos(id),
     created INTEGER NOT NULL
 ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+ALTER TABLE tags ADD COLUMN checked_ms INTEGER;
+"#,
+];
 
 const READERS: usize = 4;
 
@@ -318,6 +323,32 @@ impl MetaStore for SqliteMetaStore {
                 return Ok(false);
             };
             Ok(tx.prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2")?.execute(params![id, tag])? > 0)
+        })
+        .await
+    }
+
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> io::Result<()> {
+        let (repo, tag) = (repo.to_string(), tag.to_string());
+        let ms = at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        self.write(move |tx| {
+            let Some(id) = repo_id(tx, &repo)? else { return Ok(()) };
+            tx.prepare_cached("UPDATE tags SET checked_ms = ?3 WHERE repo = ?1 AND tag = ?2")?
+                .execute(params![id, tag, ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<SystemTime>> {
+        let (repo, tag) = (repo.to_string(), tag.to_string());
+        self.read(move |c| {
+            let ms: Option<Option<i64>> = c
+                .prepare_cached(
+                    "SELECT t.checked_ms FROM tags t JOIN repos r ON r.id = t.repo WHERE r.name = ?1 AND t.tag = ?2",
+                )?
+                .query_row(params![repo, tag], |r| r.get(0))
+                .optional()?;
+            Ok(ms.flatten().map(|ms| UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)))
         })
         .await
     }

@@ -302,3 +302,35 @@ async fn a_broken_upstream_transfer_is_resumed_with_range() {
         "the rest came with Range: {log}"
     );
 }
+
+#[tokio::test]
+async fn the_stale_bound_holds_across_a_restart() {
+    let mut upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 1000);
+    Api::new(&upstream).push_image("lib/app", "v1", &image).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let host = upstream.host();
+    let toml = |max_stale: u64| {
+        format!(
+            "[[upstream]]\nname = \"up\"\nurl = \"http://{host}\"\ncache = {{ tag_ttl_secs = 0, max_stale_secs = {max_stale} }}\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n"
+        )
+    };
+    let config = dir.path().join("tessera.toml");
+    std::fs::write(&config, toml(3600)).unwrap();
+    let mut mirror = Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap();
+    assert_eq!(Api::new(&mirror).get("/v2/m/lib/app/manifests/v1").await.unwrap().status(), 200);
+    upstream.kill();
+
+    // Restarted, with the upstream gone: the last confirmation was recorded, so the cached
+    // tag is served stale within the bound...
+    mirror.restart().unwrap();
+    let r = Api::new(&mirror).get("/v2/m/lib/app/manifests/v1").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("warning"));
+    // ...and refused past it.
+    std::fs::write(&config, toml(1)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    mirror.restart().unwrap();
+    let r = Api::new(&mirror).get("/v2/m/lib/app/manifests/v1").await.unwrap();
+    assert_eq!(r.status(), 503, "older than max_stale_secs");
+}
