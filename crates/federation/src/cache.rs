@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,6 +41,23 @@ struct FillState {
     size: Option<u64>,
     /// `Some(Ok)` once committed, `Some(Err)` once failed.
     done: Option<Result<(), String>>,
+}
+
+/// Counters of one upstream's cache, exported at `/metrics`.
+#[derive(Default)]
+pub struct CacheStats {
+    pub manifests_fetched: AtomicU64,
+    pub blobs_fetched: AtomicU64,
+    pub blob_bytes_fetched: AtomicU64,
+    pub stale_served: AtomicU64,
+    pub digest_mismatches: AtomicU64,
+    pub fetch_failures: AtomicU64,
+    pub evictions: AtomicU64,
+    pub rate_limited: AtomicU64,
+}
+
+fn count(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Which cached blobs were used least recently, and how many bytes they hold.
@@ -96,6 +114,7 @@ pub struct PullThrough {
     missing: Mutex<HashMap<(RepoName, String), Instant>>,
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
     lru: Arc<Mutex<Lru>>,
+    stats: Arc<CacheStats>,
 }
 
 fn manifest_accept() -> HeaderMap {
@@ -150,9 +169,10 @@ impl PullThrough {
             missing: Mutex::new(HashMap::new()),
             fills: Arc::new(Mutex::new(HashMap::new())),
             lru: Arc::new(Mutex::new(lru)),
+            stats: Arc::new(CacheStats::default()),
         };
         if let Some(newest) = held.last() {
-            evict(&cache.upstream, &cache.lru, &cache.blobs, &newest.digest).await;
+            evict(&cache.upstream, &cache.lru, &cache.blobs, &cache.stats, &newest.digest).await;
         }
         Ok(cache)
     }
@@ -161,19 +181,27 @@ impl PullThrough {
         &self.upstream
     }
 
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
     async fn ask(&self, method: Method, name: &RepoName, path: &str, headers: HeaderMap) -> Answer {
         match self.upstream.send(method, name, path, headers).await {
             Err(UpstreamError::Unreachable(e)) => Answer::Failing(unavailable(&self.upstream, e)),
             Err(e @ UpstreamError::Auth(_)) => Answer::Failing(unavailable(&self.upstream, e)),
-            Err(UpstreamError::RateLimited(wait)) => Answer::Failing(
-                OciError::new(ErrorCode::TooManyRequests, "upstream rate limit")
-                    .with_header("retry-after", wait.as_secs().max(1).to_string()),
-            ),
+            Err(UpstreamError::RateLimited(wait)) => {
+                count(&self.stats.rate_limited, 1);
+                Answer::Failing(
+                    OciError::new(ErrorCode::TooManyRequests, "upstream rate limit")
+                        .with_header("retry-after", wait.as_secs().max(1).to_string()),
+                )
+            }
             Ok(r) if r.status().is_success() => Answer::Ok(r),
             Ok(r) if r.status() == StatusCode::NOT_FOUND => Answer::NotFound,
             Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
                 let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).unwrap_or("60").to_string();
                 tracing::warn!(upstream = self.upstream.name(), "rate limited; retry after {retry}");
+                count(&self.stats.rate_limited, 1);
                 Answer::Failing(
                     OciError::new(ErrorCode::TooManyRequests, "upstream rate limit").with_header("retry-after", retry),
                 )
@@ -275,6 +303,7 @@ impl PullThrough {
                         match cached {
                             Some(m) if settings.serve_stale && age_ok => {
                                 tracing::warn!(upstream = self.upstream.name(), %name, tag = %t, "serving a stale manifest: {}", e.message);
+                                count(&self.stats.stale_served, 1);
                                 return Ok(Fetched { manifest: m, stale: true });
                             }
                             _ => Err(e),
@@ -314,12 +343,14 @@ impl PullThrough {
                 let actual = Digest::of(d.algorithm(), &bytes);
                 if &actual != d {
                     tracing::error!(upstream = self.upstream.name(), %name, expected = %d, %actual, "upstream manifest does not match its digest; not cached");
+                    count(&self.stats.digest_mismatches, 1);
                     return Err(unavailable(&self.upstream, "upstream sent a manifest that does not match its digest"));
                 }
                 actual
             }
             None => Digest::sha256_of(&bytes),
         };
+        count(&self.stats.manifests_fetched, 1);
         let parsed = ParsedManifest::parse(content_type.as_deref(), &bytes)
             .map_err(|e| unavailable(&self.upstream, format!("upstream manifest unusable: {}", e.message)))?;
         Ok(Some(ManifestRecord {
@@ -436,6 +467,7 @@ impl PullThrough {
             blobs: self.blobs.clone(),
             fills: self.fills.clone(),
             lru: self.lru.clone(),
+            stats: self.stats.clone(),
             name: name.clone(),
             digest: digest.clone(),
             upload,
@@ -510,7 +542,7 @@ impl PullThrough {
 /// Deletes least recently used blobs until the cache fits its bound (`keep` excepted: it is
 /// being served right now). Links stay: they record what the upstream has, and a blob whose
 /// bytes were evicted is fetched again when next asked for.
-async fn evict(upstream: &Upstream, lru: &Mutex<Lru>, blobs: &Arc<dyn BlobStore>, keep: &Digest) {
+async fn evict(upstream: &Upstream, lru: &Mutex<Lru>, blobs: &Arc<dyn BlobStore>, stats: &CacheStats, keep: &Digest) {
     let max = upstream.cache_settings().max_bytes;
     if max == 0 {
         return;
@@ -518,7 +550,10 @@ async fn evict(upstream: &Upstream, lru: &Mutex<Lru>, blobs: &Arc<dyn BlobStore>
     let victims = lru.lock().unwrap_or_else(|p| p.into_inner()).evict(max, keep);
     for digest in victims {
         match blobs.delete(&digest).await {
-            Ok(_) => tracing::info!(upstream = upstream.name(), %digest, "evicted from the cache"),
+            Ok(_) => {
+                count(&stats.evictions, 1);
+                tracing::info!(upstream = upstream.name(), %digest, "evicted from the cache")
+            }
             Err(e) => tracing::warn!(upstream = upstream.name(), %digest, "cannot evict: {e}"),
         }
     }
@@ -548,6 +583,7 @@ struct Fill {
     blobs: Arc<dyn BlobStore>,
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
     lru: Arc<Mutex<Lru>>,
+    stats: Arc<CacheStats>,
     name: RepoName,
     digest: Digest,
     upload: UploadId,
@@ -559,6 +595,7 @@ impl Fill {
         if let Err(e) = &result {
             if e != "not found" {
                 tracing::error!(upstream = self.upstream.name(), name = %self.name, digest = %self.digest, "blob fetch failed: {e}");
+                count(&self.stats.fetch_failures, 1);
             }
             let _ = self.blobs.upload_delete(&self.upload).await;
         }
@@ -632,6 +669,7 @@ impl Fill {
         };
         let actual = digester.finish();
         if actual != self.digest {
+            count(&self.stats.digest_mismatches, 1);
             return Err(format!("upstream blob does not match its digest (got {actual}); not cached"));
         }
         if expected_size.is_some_and(|e| e != size) {
@@ -640,7 +678,9 @@ impl Fill {
         self.blobs.upload_commit(&self.upload, &self.digest).await.map_err(|e| e.to_string())?;
         self.meta.link_blob(&self.name, &self.digest, size).await.map_err(|e| e.to_string())?;
         self.lru.lock().unwrap_or_else(|p| p.into_inner()).touch(&self.digest, size);
-        evict(&self.upstream, &self.lru, &self.blobs, &self.digest).await;
+        evict(&self.upstream, &self.lru, &self.blobs, &self.stats, &self.digest).await;
+        count(&self.stats.blobs_fetched, 1);
+        count(&self.stats.blob_bytes_fetched, size);
         Ok(())
     }
 }

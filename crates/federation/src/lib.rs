@@ -4,7 +4,7 @@ pub mod cache;
 pub mod router;
 pub mod upstream;
 
-pub use cache::{Fetched, PullThrough};
+pub use cache::{CacheStats, Fetched, PullThrough};
 pub use router::{Member, Resolved, RoutingTable};
 pub use upstream::Upstream;
 
@@ -54,5 +54,10 @@ impl Federation {
     /// The cache of an upstream of this table.
     pub fn cache(&self, upstream: &Upstream) -> Option<&PullThrough> {
         self.caches.get(upstream.name()).map(|c| c.as_ref())
+    }
+
+    /// Every upstream cache, by upstream name.
+    pub fn caches(&self) -> impl Iterator<Item = (&str, &PullThrough)> {
+        self.caches.iter().map(|(n, c)| (n.as_str(), c.as_ref()))
     }
 }

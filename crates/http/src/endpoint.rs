@@ -16,6 +16,8 @@ pub struct Paging {
 pub enum Endpoint {
     /// `/v2/`
     Base,
+    /// `/metrics` (Prometheus text format; not part of the distribution API)
+    Metrics,
     /// `/v2/_catalog`
     Catalog(Paging),
     /// `/v2/<name>/tags/list`
@@ -66,6 +68,9 @@ impl Query {
 /// Parses a request target. `path` is the raw (still percent-encoded) path: names are
 /// matched against the spec grammar as sent, so encoded traversal never decodes into one.
 pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
+    if path == "/metrics" {
+        return Ok(Endpoint::Metrics);
+    }
     let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
     if rest.is_empty() || rest == "/" {
         return Ok(Endpoint::Base);

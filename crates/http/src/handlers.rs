@@ -167,6 +167,13 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             }
             _ => Err(unsupported_method()),
         },
+        Endpoint::Metrics => match *method {
+            Method::GET => {
+                let text = state.metrics.render(&state.federation.load());
+                Ok(response(StatusCode::OK, &[("content-type", "text/plain; version=0.0.4".into())], Body::from(text)))
+            }
+            _ => Err(unsupported_method()),
+        },
         Endpoint::Catalog(paging) => {
             if *method != Method::GET {
                 return Err(unsupported_method());

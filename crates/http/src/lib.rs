@@ -3,6 +3,7 @@
 
 pub mod endpoint;
 mod handlers;
+mod metrics;
 mod response;
 mod routed;
 pub mod server;
@@ -24,7 +25,10 @@ pub struct AppState {
     pub registry: Registry,
     /// The routing table and the caches of its upstreams; swapped whole on a reload.
     pub federation: arc_swap::ArcSwap<tessera_federation::Federation>,
+    pub metrics: metrics::Metrics,
 }
+
+pub use metrics::Metrics;
 
 /// The client's socket address, put into request extensions by [`server`].
 #[derive(Debug, Clone, Copy)]
@@ -33,13 +37,21 @@ pub struct ClientAddr(pub std::net::SocketAddr);
 /// The application: every request goes through one dispatcher; every response carries the
 /// API version header and is logged as one line.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new().fallback(handlers::dispatch).with_state(state).layer(middleware::from_fn(access_log))
+    Router::new()
+        .fallback(handlers::dispatch)
+        .with_state(state.clone())
+        .layer(middleware::from_fn_with_state(state, access_log))
 }
 
-async fn access_log(req: Request, next: Next) -> Response {
+async fn access_log(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         let mut response = next.run(req).await;
         response.headers_mut().insert("docker-distribution-api-version", API_VERSION);
+        state.metrics.answered(response.status().as_u16());
         return response;
     }
     let started = Instant::now();
@@ -56,6 +68,7 @@ async fn access_log(req: Request, next: Next) -> Response {
         .collect::<String>();
     let mut response = next.run(req).await;
     response.headers_mut().insert("docker-distribution-api-version", API_VERSION);
+    state.metrics.answered(response.status().as_u16());
     let length = response
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

@@ -39,7 +39,7 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     if swept > 0 {
         tracing::info!("removed {swept} abandoned upload session(s)");
     }
-    Ok(AppState { registry, federation: arc_swap::ArcSwap::from_pointee(federation) })
+    Ok(AppState { registry, federation: arc_swap::ArcSwap::from_pointee(federation), metrics: Default::default() })
 }
 
 async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload) {

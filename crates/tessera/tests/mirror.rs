@@ -83,6 +83,10 @@ async fn pulls_through_and_serves_from_cache_when_the_upstream_is_gone() {
     assert_eq!(r.status(), 200, "stale-if-error");
     assert!(r.headers().get("warning").is_some_and(|w| w.to_str().unwrap().contains("Stale")));
     assert_eq!(r.bytes().await.unwrap(), image.manifest);
+    let metrics = api.get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tessera_cache_stale_served_total{upstream=\"up\"} 1"), "{metrics}");
+    assert!(metrics.contains("tessera_cache_blobs_fetched_total{upstream=\"up\"} 3"), "{metrics}");
+    assert!(metrics.contains("tessera_http_requests_total{class=\"2xx\"}"), "{metrics}");
     let r = api.get(&format!("/v2/mirror/up/lib/app/manifests/{}", image.digest())).await.unwrap();
     assert_eq!(r.status(), 200, "by digest: immutable, no upstream needed");
     for b in image.blobs() {
@@ -188,6 +192,9 @@ async fn a_corrupted_upstream_blob_is_an_error_and_never_cached() {
         assert!(!cached(&mirror, &d), "nothing committed");
     }
     assert!(mirror.log_text().contains("does not match its digest"));
+    let metrics = api.get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("tessera_cache_digest_mismatches_total{upstream=\"up\"} 0"), "counted: {metrics}");
+    assert!(metrics.contains("tessera_cache_blobs_fetched_total{upstream=\"up\"} 0"), "nothing kept: {metrics}");
 }
 
 /// Whether the mirror's cache of upstream `up` holds the bytes of `d`.

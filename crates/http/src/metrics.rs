@@ -1,0 +1,64 @@
+//! Counters in Prometheus' text format at `GET /metrics`: requests by status class, and
+//! for each upstream cache its fetches, stale answers, digest mismatches and evictions.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tessera_federation::Federation;
+
+/// Request counters of this process.
+#[derive(Default)]
+pub struct Metrics {
+    /// Answers by status class: index 0 is 1xx, 4 is 5xx.
+    by_class: [AtomicU64; 5],
+}
+
+impl Metrics {
+    pub(crate) fn answered(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The exposition text for these counters and `federation`'s caches.
+    pub(crate) fn render(&self, federation: &Federation) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP tessera_http_requests_total Requests answered, by status class.");
+        let _ = writeln!(out, "# TYPE tessera_http_requests_total counter");
+        for (i, c) in self.by_class.iter().enumerate() {
+            let _ = writeln!(out, "tessera_http_requests_total{{class=\"{}xx\"}} {}", i + 1, c.load(Ordering::Relaxed));
+        }
+        let mut caches: Vec<_> = federation.caches().collect();
+        caches.sort_by_key(|(name, _)| *name);
+        let families: [(&str, &str, fn(&tessera_federation::CacheStats) -> &AtomicU64); 8] = [
+            ("tessera_cache_manifests_fetched_total", "Manifests fetched from the upstream.", |s| &s.manifests_fetched),
+            ("tessera_cache_blobs_fetched_total", "Blobs fetched from the upstream, verified and kept.", |s| {
+                &s.blobs_fetched
+            }),
+            ("tessera_cache_blob_bytes_fetched_total", "Bytes of blobs fetched from the upstream.", |s| {
+                &s.blob_bytes_fetched
+            }),
+            ("tessera_cache_stale_served_total", "Cached manifests served because the upstream failed.", |s| {
+                &s.stale_served
+            }),
+            (
+                "tessera_cache_digest_mismatches_total",
+                "Upstream content that did not match its digest (never kept).",
+                |s| &s.digest_mismatches,
+            ),
+            ("tessera_cache_fetch_failures_total", "Blob fetches that failed.", |s| &s.fetch_failures),
+            ("tessera_cache_evictions_total", "Blobs evicted to keep the cache within its bound.", |s| &s.evictions),
+            ("tessera_cache_rate_limited_total", "Upstream 429 answers and requests held back by them.", |s| {
+                &s.rate_limited
+            }),
+        ];
+        for (name, help, field) in families {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (upstream, cache) in &caches {
+                let _ =
+                    writeln!(out, "{name}{{upstream=\"{upstream}\"}} {}", field(cache.stats()).load(Ordering::Relaxed));
+            }
+        }
+        out
+    }
+}
