@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tessera_federation::Federation;
 
+/// Picks one counter out of a cache's stats.
+type CounterOf = fn(&tessera_federation::CacheStats) -> &AtomicU64;
+
 /// Request counters of this process.
 #[derive(Default)]
 pub struct Metrics {
@@ -29,7 +32,7 @@ impl Metrics {
         }
         let mut caches: Vec<_> = federation.caches().collect();
         caches.sort_by_key(|(name, _)| *name);
-        let families: [(&str, &str, fn(&tessera_federation::CacheStats) -> &AtomicU64); 8] = [
+        let families: [(&str, &str, CounterOf); 8] = [
             ("tessera_cache_manifests_fetched_total", "Manifests fetched from the upstream.", |s| &s.manifests_fetched),
             ("tessera_cache_blobs_fetched_total", "Blobs fetched from the upstream, verified and kept.", |s| {
                 &s.blobs_fetched
