@@ -519,3 +519,94 @@ async fn the_cache_keeps_to_its_size_bound_evicting_least_recently_used() {
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert!(mirror.log_text().contains("evicted from the cache"));
 }
+
+/// `skopeo copy` of `reference` out of the mirror into an OCI layout; its stderr on failure.
+fn skopeo_pull(reference: &str, out: &Path) -> Result<String, String> {
+    let result = tessera_testkit::clients::guarded("skopeo")
+        .args(["--insecure-policy", "copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci:{}:v1", out.display()))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if result.status.success() {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("index.json")).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        Ok(index["manifests"][0]["digest"].as_str().unwrap_or("").to_string())
+    } else {
+        Err(String::from_utf8_lossy(&result.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn skopeo_pulls_from_the_cache_after_the_upstream_dies() {
+    if !have_tool("skopeo") {
+        return;
+    }
+    let mut upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(2, 100_000);
+    Api::new(&upstream).push_image("lib/app", "v1", &image).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let reference = format!("{}/mirror/up/lib/app:v1", mirror.host());
+    assert_eq!(skopeo_pull(&reference, &dir.path().join("first")).unwrap(), image.digest().to_string());
+    upstream.kill();
+    assert_eq!(
+        skopeo_pull(&reference, &dir.path().join("second")).unwrap(),
+        image.digest().to_string(),
+        "served from the cache"
+    );
+    for b in image.layers.iter() {
+        let d = Digest::sha256_of(b);
+        assert_eq!(&std::fs::read(dir.path().join("second/blobs/sha256").join(d.hex())).unwrap(), b);
+    }
+}
+
+#[tokio::test]
+async fn twenty_concurrent_skopeo_pulls_make_one_upstream_get_per_blob() {
+    if !have_tool("skopeo") {
+        return;
+    }
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(3, 2_000_000);
+    Api::new(&upstream).push_image("hot/app", "v1", &image).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let reference = format!("{}/mirror/up/hot/app:v1", mirror.host());
+    let pulls: Vec<_> = (0..20)
+        .map(|i| {
+            let reference = reference.clone();
+            let out = dir.path().join(format!("out{i}"));
+            std::thread::spawn(move || skopeo_pull(&reference, &out))
+        })
+        .collect();
+    for p in pulls {
+        assert_eq!(p.join().unwrap().unwrap(), image.digest().to_string());
+    }
+    for b in image.blobs() {
+        let d = Digest::sha256_of(b);
+        let gets = requests(&upstream, &format!("\"GET /v2/hot/app/blobs/{d}"));
+        assert_eq!(gets.len(), 1, "one upstream GET for {d}: {gets:?}");
+    }
+}
+
+#[tokio::test]
+async fn skopeo_fails_on_a_corrupted_upstream_blob_and_nothing_is_kept() {
+    if !have_tool("skopeo") {
+        return;
+    }
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 500_000);
+    Api::new(&upstream).push_image("bad/app", "v1", &image).await.unwrap();
+    let d = Digest::sha256_of(&image.layers[0]);
+    let path = upstream.data.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4242] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let err = skopeo_pull(&format!("{}/mirror/up/bad/app:v1", mirror.host()), &dir.path().join("out")).unwrap_err();
+    assert!(!err.is_empty());
+    assert!(!cached(&mirror, &d), "the corrupted blob was not kept");
+    assert!(mirror.log_text().contains("does not match its digest"));
+}
