@@ -455,6 +455,46 @@ async fn main() -> Result<()> {
         None,
     );
 
+    // A pull is a GET whose bytes the client verifies as they arrive, as every client does.
+    eprintln!("== pulls through the cache: Tessera in front of Distribution");
+    let mirror = Registry::tessera_with(
+        &args.tessera,
+        &root.join("mirror"),
+        Some(&format!(
+            "[[upstream]]\nname = \"dist\"\nurl = \"{}\"\n\n[[route]]\nprefix = \"m\"\nto = \"dist\"\n",
+            distribution.base()
+        )),
+    )?;
+    let mono = Digest::sha256_of(&push_blob);
+    let direct_path = format!("/v2/bench/mono/blobs/{mono}");
+    timed_pull(&d.http, &distribution.url(&direct_path), &mono).await?; // page cache warm, as for every later read
+    let direct = timed_pull(&d.http, &distribution.url(&direct_path), &mono).await?;
+    let before = load::rss_mib(mirror.pid()).unwrap_or(0.0);
+    let sampler = RssSampler::start(mirror.pid());
+    let cold = timed_pull(&t.http, &mirror.url(&format!("/v2/m/bench/mono/blobs/{mono}")), &mono).await?;
+    let cold_peak = sampler.stop();
+    let warm = timed_pull(&t.http, &mirror.url(&format!("/v2/m/bench/mono/blobs/{mono}")), &mono).await?;
+    let hosted = timed_pull(&t.http, &tessera.url(&direct_path), &mono).await?;
+    table.add(
+        format!("cold {mb} MiB blob pull through the cache (vs direct from Distribution)"),
+        "s",
+        Better::Lower,
+        cold,
+        Some(direct),
+        None,
+    );
+    table.add(format!("warm {mb} MiB blob pull through the cache"), "s", Better::Lower, warm, None, None);
+    table.add(format!("hosted {mb} MiB blob pull"), "s", Better::Lower, hosted, None, None);
+    table.add(
+        format!("RSS growth during a cold {mb} MiB pull through the cache"),
+        "MiB",
+        Better::Lower,
+        (cold_peak - before).max(0.01),
+        None,
+        None,
+    );
+    drop(mirror);
+
     eprintln!("== RSS across a {} MiB push", scale.rss_push >> 20);
     let mut growth = Vec::new();
     let mut peaks = Vec::new();
@@ -578,6 +618,26 @@ fn small_image(seed: u64) -> (Bytes, Bytes, Bytes) {
     }))
     .expect("json");
     (config, layer, Bytes::from(manifest))
+}
+
+/// Seconds to pull a blob as a client does: GET `url`, hashing the body as it arrives, and
+/// check it against `digest`.
+async fn timed_pull(http: &reqwest::Client, url: &str, digest: &Digest) -> Result<f64> {
+    use futures_util::StreamExt;
+    let started = Instant::now();
+    let response = http.get(url).send().await?;
+    if response.status() != 200 {
+        bail!("GET {url}: {}", response.status());
+    }
+    let mut digester = Digester::new(digest.algorithm());
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        digester.update(&chunk?);
+    }
+    if &digester.finish() != digest {
+        bail!("GET {url}: wrong bytes");
+    }
+    Ok(started.elapsed().as_secs_f64())
 }
 
 async fn timed(f: impl Future<Output = Result<()>>) -> Result<f64> {

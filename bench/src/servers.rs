@@ -58,11 +58,21 @@ pub struct Registry {
 impl Registry {
     /// Tessera on its embedded default, access log off (as Distribution's is here).
     pub fn tessera(bin: &Path, dir: &Path) -> Result<Registry> {
+        Self::tessera_with(bin, dir, None)
+    }
+
+    /// Tessera with a configuration file holding `toml`.
+    pub fn tessera_with(bin: &Path, dir: &Path, toml: Option<&str>) -> Result<Registry> {
         std::fs::create_dir_all(dir)?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let data = dir.join("data");
         let mut cmd = Command::new(bin);
         cmd.arg("serve").arg("--listen").arg(addr.to_string()).arg("--data").arg(&data).env("RUST_LOG", "warn");
+        if let Some(toml) = toml {
+            let config = dir.join("tessera.toml");
+            std::fs::write(&config, toml)?;
+            cmd.arg("--config").arg(config);
+        }
         let (child, startup) = spawn_ready(cmd, addr, "/v2/", &dir.join("log"))?;
         Ok(Registry { child, addr, data, startup })
     }

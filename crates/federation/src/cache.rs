@@ -39,9 +39,14 @@ pub struct Fetched {
 struct FillState {
     upload: UploadId,
     size: Option<u64>,
+    /// Every byte is in the session and matches the digest: readers may send the last byte.
+    verified: bool,
     /// `Some(Ok)` once committed, `Some(Err)` once failed.
     done: Option<Result<(), String>>,
 }
+
+/// Readers of a fill are woken about this often (in bytes received), not per chunk.
+const WAKE_EVERY: u64 = 1024 * 1024;
 
 /// Counters of one upstream's cache, exported at `/metrics`.
 #[derive(Default)]
@@ -457,7 +462,8 @@ impl PullThrough {
             if let Some(rx) = fills.get(digest) {
                 return Ok(rx.clone());
             }
-            let (tx, rx) = watch::channel(FillState { upload: upload.clone(), size: None, done: None });
+            let (tx, rx) =
+                watch::channel(FillState { upload: upload.clone(), size: None, verified: false, done: None });
             fills.insert(digest.clone(), rx);
             tx
         };
@@ -604,6 +610,13 @@ impl Fill {
     }
 
     async fn fetch(&self, tx: &watch::Sender<FillState>) -> Result<(), String> {
+        // A fetch that finished between this request's look at the cache and its start of a
+        // new one left the blob here already.
+        if let Some(size) = self.blobs.stat(&self.digest).await.map_err(|e| e.to_string())? {
+            self.meta.link_blob(&self.name, &self.digest, size).await.map_err(|e| e.to_string())?;
+            tx.send_modify(|s| s.verified = true);
+            return Ok(());
+        }
         self.blobs.upload_create(&self.upload).await.map_err(|e| e.to_string())?;
         let path = format!("/v2/{}/blobs/{}", self.name, self.digest);
         let mut digester = Digester::new(self.digest.algorithm());
@@ -644,15 +657,21 @@ impl Fill {
             let tx_progress = tx.clone();
             let counted = &mut received;
             let hasher = &mut digester;
+            let mut unannounced = 0u64;
             let stream: ByteStream = Box::pin(response.bytes_stream().map(move |chunk| {
                 let chunk = chunk.map_err(io::Error::other)?;
                 hasher.update(&chunk);
                 *counted += chunk.len() as u64;
-                // Wake followers: new bytes are on their way to the session file.
-                tx_progress.send_modify(|_| {});
+                unannounced += chunk.len() as u64;
+                if unannounced >= WAKE_EVERY {
+                    // Wake readers: about a buffer's worth more is on its way to the file.
+                    unannounced = 0;
+                    tx_progress.send_modify(|_| {});
+                }
                 Ok(chunk)
             }));
-            match self.blobs.upload_append(&self.upload, stream).await {
+            // Not durable yet: the commit makes it so, and readers need not wait for that.
+            match self.blobs.upload_append(&self.upload, stream, false).await {
                 Ok(size) => break size,
                 Err(AppendError::Source(e)) if resumes < MAX_RESUMES => {
                     // What arrived is on disk (the store keeps a failed stream's bytes); the
@@ -675,6 +694,7 @@ impl Fill {
         if expected_size.is_some_and(|e| e != size) {
             return Err(format!("upstream blob has {size} bytes, it announced {expected_size:?}"));
         }
+        tx.send_modify(|s| s.verified = true);
         self.blobs.upload_commit(&self.upload, &self.digest).await.map_err(|e| e.to_string())?;
         self.meta.link_blob(&self.name, &self.digest, size).await.map_err(|e| e.to_string())?;
         self.lru.lock().unwrap_or_else(|p| p.into_inner()).touch(&self.digest, size);
@@ -758,9 +778,10 @@ fn follow(
                 }
                 None => {}
             }
-            // Bytes the session file holds now, short of the last byte of the blob.
+            // Bytes the session file holds now; the last byte of the blob only once verified.
             let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
-            let limit = on_disk.min(c.end).min(c.size.saturating_sub(1));
+            let unverified_limit = if state.verified { c.size } else { c.size.saturating_sub(1) };
+            let limit = on_disk.min(c.end).min(unverified_limit);
             if limit > c.offset
                 && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
             {

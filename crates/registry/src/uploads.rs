@@ -208,7 +208,7 @@ impl Registry {
             digester.update(&chunk);
             Ok(chunk)
         }));
-        match self.blobs.upload_append(id, hashed).await {
+        match self.blobs.upload_append(id, hashed, true).await {
             Ok(new_size) => {
                 *state = Some(UploadState { offset: new_size, digester });
                 Ok(new_size)

@@ -99,8 +99,8 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
         self.inner.upload_size(id).await
     }
 
-    async fn upload_append(&self, id: &UploadId, data: ByteStream<'_>) -> Result<u64, AppendError> {
-        self.inner.upload_append(id, data).await
+    async fn upload_append(&self, id: &UploadId, data: ByteStream<'_>, durable: bool) -> Result<u64, AppendError> {
+        self.inner.upload_append(id, data, durable).await
     }
 
     async fn upload_read(&self, id: &UploadId, start: u64) -> io::Result<ByteStream<'static>> {
@@ -139,7 +139,7 @@ mod tests {
         let fs = FsBlobStore::open(dir.path()).unwrap();
         let id = UploadId::random();
         fs.upload_create(&id).await.unwrap();
-        fs.upload_append(&id, Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(b"0123456789"))])))
+        fs.upload_append(&id, Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(b"0123456789"))])), true)
             .await
             .unwrap();
         let d = Digest::sha256_of(b"0123456789");

@@ -36,10 +36,11 @@ pub async fn blob_store(store: &dyn BlobStore) {
     assert_eq!(store.upload_size(&id).await.unwrap(), Some(0));
     let (a, b) = data.split_at(1_234_567);
     assert_eq!(
-        store.upload_append(&id, chunks(vec![a[..10].to_vec(), a[10..].to_vec()])).await.unwrap(),
+        store.upload_append(&id, chunks(vec![a[..10].to_vec(), a[10..].to_vec()]), true).await.unwrap(),
         a.len() as u64
     );
-    assert_eq!(store.upload_append(&id, chunks(vec![b.to_vec()])).await.unwrap(), data.len() as u64);
+    // Not durable yet: readable all the same, and made durable by the commit.
+    assert_eq!(store.upload_append(&id, chunks(vec![b.to_vec()]), false).await.unwrap(), data.len() as u64);
     assert_eq!(collect(store.upload_read(&id, 0).await.unwrap()).await, data, "upload_read returns what was appended");
     assert_eq!(
         collect(store.upload_read(&id, 1_000_000).await.unwrap()).await,
@@ -69,7 +70,7 @@ pub async fn blob_store(store: &dyn BlobStore) {
     // A second commit of the same digest keeps one copy and succeeds.
     let again = UploadId::random();
     store.upload_create(&again).await.unwrap();
-    store.upload_append(&again, chunks(vec![data.clone()])).await.unwrap();
+    store.upload_append(&again, chunks(vec![data.clone()]), true).await.unwrap();
     store.upload_commit(&again, &digest).await.unwrap();
     assert_eq!(collect(store.read(&digest, None).await.unwrap().unwrap().body).await, data);
 
@@ -80,7 +81,7 @@ pub async fn blob_store(store: &dyn BlobStore) {
         futures_util::stream::iter(vec![Ok(Bytes::from_static(b"hello")), Err(io::Error::other("client went away"))])
             .chain(futures_util::stream::iter(vec![Ok(Bytes::from_static(b"never"))])),
     );
-    match store.upload_append(&broken, failing).await {
+    match store.upload_append(&broken, failing, true).await {
         Err(AppendError::Source(_)) => {}
         other => panic!("expected a source error, got {other:?}"),
     }

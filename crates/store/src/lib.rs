@@ -108,8 +108,10 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn upload_create(&self, id: &UploadId) -> io::Result<()>;
     /// Bytes received so far by the session, or `None` if it does not exist.
     async fn upload_size(&self, id: &UploadId) -> io::Result<Option<u64>>;
-    /// Appends everything `data` yields, durably, and returns the new size.
-    async fn upload_append(&self, id: &UploadId, data: ByteStream<'_>) -> Result<u64, AppendError>;
+    /// Appends everything `data` yields and returns the new size. With `durable`, the bytes
+    /// are on stable storage when it returns (an upload chunk the client is told was
+    /// received); without, only readable (a cache fill, made durable by its commit).
+    async fn upload_append(&self, id: &UploadId, data: ByteStream<'_>, durable: bool) -> Result<u64, AppendError>;
     /// Reads back what the session holds from byte `start` to its size when called (used
     /// to rebuild hash state after a restart, and to follow a cache fill as it grows).
     async fn upload_read(&self, id: &UploadId, start: u64) -> io::Result<ByteStream<'static>>;

@@ -74,7 +74,7 @@ async fn pulls_through_and_serves_from_cache_when_the_upstream_is_gone() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.bytes().await.unwrap(), &b[..]);
     }
-    assert!(image.blobs().all(|b| cached(&mirror, &Digest::sha256_of(b))), "blobs kept in the upstream's cache");
+    assert!(image.blobs().all(|b| wait_cached(&mirror, &Digest::sha256_of(b))), "blobs kept in the upstream's cache");
     // Names outside the route stay hosted: nothing there.
     assert_eq!(api.get("/v2/lib/app/manifests/v1").await.unwrap().status(), 404);
 
@@ -200,6 +200,19 @@ async fn a_corrupted_upstream_blob_is_an_error_and_never_cached() {
 /// Whether the mirror's cache of upstream `up` holds the bytes of `d`.
 fn cached(server: &Server, d: &Digest) -> bool {
     server.data.join("cache/up/blobs/sha256").join(&d.hex()[..2]).join(d.hex()).exists()
+}
+
+/// Waits for the cache to hold `d`: clients get the verified bytes before the commit (and
+/// its fsync) finishes, so the file may appear a moment after a pull returns.
+fn wait_cached(server: &Server, d: &Digest) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cached(server, d) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 #[tokio::test]
@@ -506,15 +519,19 @@ async fn the_cache_keeps_to_its_size_bound_evicting_least_recently_used() {
         async move { api.get(&path).await.unwrap().bytes().await.unwrap() }
     };
     pull(&layers[0]).await;
+    assert!(wait_cached(&mirror, &layers[0]));
     pull(&layers[1]).await;
+    assert!(wait_cached(&mirror, &layers[1]));
     pull(&layers[0]).await; // layer 0 is now more recently used than layer 1
     pull(&layers[2]).await; // over the bound: layer 1 goes
-    assert!(cached(&mirror, &layers[0]) && cached(&mirror, &layers[2]), "recently used stay");
+    assert!(wait_cached(&mirror, &layers[2]));
+    assert!(cached(&mirror, &layers[0]), "recently used stay");
     assert!(!cached(&mirror, &layers[1]), "least recently used is evicted");
     let held: u64 = layers.iter().filter(|d| cached(&mirror, d)).count() as u64 * 1_000_000;
     assert!(held <= 2_600_000, "within the bound");
     // An evicted blob is fetched again when asked for, and still verified.
     assert_eq!(pull(&layers[1]).await, &image.layers[1][..]);
+    assert!(wait_cached(&mirror, &layers[1]));
     let gets = requests(&upstream, &format!("\"GET /v2/lru/app/blobs/{}", layers[1]));
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert!(mirror.log_text().contains("evicted from the cache"));
