@@ -269,6 +269,23 @@ impl Upstream {
         attempt(auth).await.map_err(unreachable)
     }
 
+    /// GETs a manifest as any supported media type: status, Content-Type and body.
+    pub async fn get_manifest(
+        &self,
+        name: &RepoName,
+        reference: &str,
+    ) -> Result<(u16, Option<String>, bytes::Bytes), UpstreamError> {
+        let mut accept = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&tessera_spec::manifest::media::ALL.join(", ")) {
+            accept.insert(reqwest::header::ACCEPT, v);
+        }
+        let response = self.send(Method::GET, name, &format!("/v2/{name}/manifests/{reference}"), accept).await?;
+        let status = response.status().as_u16();
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let body = response.bytes().await.map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        Ok((status, content_type, body))
+    }
+
     async fn fetch_token(&self, challenge: &Challenge, scope: &str) -> Result<HeaderValue, UpstreamError> {
         let realm =
             challenge.params.get("realm").ok_or_else(|| UpstreamError::Auth("challenge without realm".into()))?;

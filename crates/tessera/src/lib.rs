@@ -141,22 +141,7 @@ pub fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, reference:
     use tessera_config::Mode;
     use tessera_federation::Member;
 
-    let (name, tail) = match reference.split_once('@') {
-        Some((n, d)) => (n, format!("@{d}")),
-        None => match reference.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
-            Some((n, t)) => (n, format!(":{t}")),
-            None => (reference, ":latest".to_string()),
-        },
-    };
-    let repo: tessera_spec::RepoName =
-        name.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
-    let upstreams = config
-        .upstreams
-        .iter()
-        .map(|u| Upstream::new(u).map(Arc::new).map_err(anyhow::Error::msg))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let table = RoutingTable::new(config, upstreams).map_err(anyhow::Error::msg)?;
-    let resolved = table.resolve(host, ns, &repo).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let (name, tail, resolved) = resolve_for_explain(config, host, ns, reference)?;
     let reference_path = |n: &tessera_spec::RepoName| match tail.strip_prefix('@') {
         Some(d) => format!("/v2/{n}/manifests/{d}"),
         None => format!("/v2/{n}/manifests/{}", &tail[1..]),
@@ -199,6 +184,92 @@ pub fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, reference:
                 }
             }
         }
+    }
+    Ok(out)
+}
+
+/// Splits `NAME[:TAG|@DIGEST]` and resolves the name through `config`'s routing table.
+fn resolve_for_explain(
+    config: &Config,
+    host: Option<&str>,
+    ns: Option<&str>,
+    reference: &str,
+) -> anyhow::Result<(String, String, tessera_federation::Resolved)> {
+    let (name, tail) = match reference.split_once('@') {
+        Some((n, d)) => (n, format!("@{d}")),
+        None => match reference.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+            Some((n, t)) => (n, format!(":{t}")),
+            None => (reference, ":latest".to_string()),
+        },
+    };
+    let repo: tessera_spec::RepoName =
+        name.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| Upstream::new(u).map(Arc::new).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let table = RoutingTable::new(config, upstreams).map_err(anyhow::Error::msg)?;
+    let resolved = table.resolve(host, ns, &repo).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    Ok((name.to_string(), tail, resolved))
+}
+
+/// Asks each upstream member which manifest it answers `reference` with, and lists what
+/// that manifest needs (child manifests of an index; config and layers of an image).
+pub async fn explain_live(
+    config: &Config,
+    host: Option<&str>,
+    ns: Option<&str>,
+    reference: &str,
+) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    use tessera_federation::Member;
+    use tessera_spec::ParsedManifest;
+
+    let (_, tail, resolved) = resolve_for_explain(config, host, ns, reference)?;
+    let reference = tail.trim_start_matches([':', '@']);
+    let mut out = String::from("  live:\n");
+    for (member, name) in &resolved.members {
+        let Member::Upstream { upstream, .. } = member else {
+            writeln!(out, "    hosted {name}: not asked (explain reads no stores; ask the running server)")?;
+            continue;
+        };
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let (status, content_type, bytes) = match upstream.get_manifest(name, reference).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                writeln!(out, "    upstream {} ({}): {e}", upstream.name(), upstream.url(&path))?;
+                continue;
+            }
+        };
+        if !(200..300).contains(&status) {
+            writeln!(out, "    upstream {} answers {status} for {}", upstream.name(), upstream.url(&path))?;
+            continue;
+        }
+        let digest = tessera_spec::Digest::sha256_of(&bytes);
+        let parsed =
+            ParsedManifest::parse(content_type.as_deref(), &bytes).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        writeln!(
+            out,
+            "    upstream {} answers {digest} ({}, {} bytes)",
+            upstream.name(),
+            parsed.media_type,
+            bytes.len()
+        )?;
+        let source = match resolved.mode {
+            tessera_config::Mode::Redirect => format!("redirect to {}", upstream.name()),
+            tessera_config::Mode::Cache => format!("from {} through the cache", upstream.name()),
+        };
+        for m in &parsed.manifests {
+            writeln!(out, "      manifest {} {} bytes ({source})", m.digest, m.size)?;
+        }
+        for (kind, d) in parsed.config.iter().map(|c| ("config", c)).chain(parsed.layers.iter().map(|l| ("layer", l))) {
+            let from =
+                if d.urls.is_empty() { source.clone() } else { format!("foreign layer at {}", d.urls.join(", ")) };
+            writeln!(out, "      {kind} {} {} bytes ({from})", d.digest, d.size)?;
+        }
+        // The first member that answers is the one a pull would use.
+        break;
     }
     Ok(out)
 }

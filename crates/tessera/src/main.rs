@@ -31,6 +31,9 @@ struct ExplainArgs {
     /// The authority containerd would send as ?ns= (e.g. docker.io).
     #[arg(long, value_name = "REGISTRY")]
     ns: Option<String>,
+    /// Also ask the upstreams: which manifest they answer with and which blobs it needs.
+    #[arg(long)]
+    live: bool,
     /// NAME, NAME:TAG or NAME@DIGEST, as the client would request it.
     reference: String,
 }
@@ -125,7 +128,15 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => Config::from_file(path)?,
                 None => Config::default(),
             };
-            let text = tessera::explain(&config, args.host.as_deref(), args.ns.as_deref(), &args.reference)?;
+            let mut text = tessera::explain(&config, args.host.as_deref(), args.ns.as_deref(), &args.reference)?;
+            if args.live {
+                text += &runtime.block_on(tessera::explain_live(
+                    &config,
+                    args.host.as_deref(),
+                    args.ns.as_deref(),
+                    &args.reference,
+                ))?;
+            }
             print!("{text}");
             Ok(())
         }

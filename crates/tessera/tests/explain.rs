@@ -73,3 +73,39 @@ fn refuses_bad_names_and_configs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"));
 }
+
+#[tokio::test]
+async fn live_explain_asks_the_upstream() {
+    let upstream = tessera_testkit::Server::start(BIN, &[]).unwrap();
+    let image = tessera_testkit::Image::random(2, 1000);
+    tessera_testkit::Api::new(&upstream).push_image("flavio/x", "v1", &image).await.unwrap();
+    let dir = tessera_testkit::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(
+        &config,
+        format!("[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"cool/stuff\"\nto = \"up:flavio\"\n", upstream.host()),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("explain")
+        .arg("--config")
+        .arg(&config)
+        .args(["--live", "cool/stuff/x:v1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("upstream up answers {}", image.digest())), "{text}");
+    for b in image.blobs() {
+        let d = tessera_spec::Digest::sha256_of(b);
+        assert!(text.contains(&format!("{d} {} bytes (from up through the cache)", b.len())), "{text}");
+    }
+    let out = Command::new(BIN)
+        .arg("explain")
+        .arg("--config")
+        .arg(&config)
+        .args(["--live", "cool/stuff/none:v1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("answers 404"));
+}
