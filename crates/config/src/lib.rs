@@ -37,6 +37,35 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Where requests no route matches go: `hosted` (the default) or `none` (not found).
     pub fallback: Fallback,
+    /// Authentication; absent: no login asked (the open default, for loopback use).
+    pub auth: Option<AuthConfig>,
+    /// Who may pull, push and delete under each name prefix (`[[access]]`), longest prefix
+    /// first. Names no rule covers: any logged-in user may do anything, anonymous nothing.
+    pub access: Vec<AccessRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// htpasswd file (bcrypt hashes: `htpasswd -B`) with the users who can log in.
+    pub htpasswd: PathBuf,
+    /// The realm named in Basic challenges.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+}
+
+fn default_realm() -> String {
+    "tessera".into()
+}
+
+/// One `[[access]]` rule. Members: user names, `*` (any logged-in user), `anonymous`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessRule {
+    pub prefix: String,
+    pub pull: Vec<String>,
+    pub push: Vec<String>,
+    pub delete: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -198,6 +227,8 @@ impl Default for Config {
             upstreams: Vec::new(),
             routes: Vec::new(),
             fallback: Fallback::Hosted,
+            auth: None,
+            access: Vec::new(),
         }
     }
 }

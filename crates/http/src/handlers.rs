@@ -160,6 +160,14 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
     let registry = &state.registry;
     let headers = &parts.headers;
     let method = &parts.method;
+    let identity = match &state.auth {
+        Some(auth) => {
+            let who = auth.identify(parts)?;
+            auth.authorize(&who, method, &endpoint)?;
+            Some(who)
+        }
+        None => None,
+    };
     match endpoint {
         Endpoint::Base => match *method {
             Method::GET | Method::HEAD => {
@@ -306,6 +314,13 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 registry.upload_monolithic(name, &digest, byte_stream(body)).await?;
                 return Ok(blob_created(name, &digest));
             }
+            // Mounting reads the source repository: only from one the client may pull, and
+            // without `from` (any repository) only when no login policy applies.
+            let from = match (&state.auth, &identity, from) {
+                (Some(auth), Some(who), Some(from)) => Some(from).filter(|f| auth.may_pull(who, f)),
+                (_, _, from) => from,
+            };
+            let mount = mount.filter(|_| state.auth.is_none() || from.is_some());
             match registry.upload_start(name, mount.as_ref().map(|m| (m, from.as_ref()))).await? {
                 UploadStart::Created(digest) => Ok(blob_created(name, &digest)),
                 UploadStart::Session(id) => {

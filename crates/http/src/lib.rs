@@ -1,6 +1,7 @@
 //! HTTP for Tessera: the axum application ([`app`]), request dispatch over the typed
 //! [`endpoint::Endpoint`], OCI responses, and the listener ([`server`]) with TLS.
 
+pub mod auth;
 pub mod endpoint;
 mod handlers;
 mod metrics;
@@ -26,6 +27,8 @@ pub struct AppState {
     /// The routing table and the caches of its upstreams; swapped whole on a reload.
     pub federation: arc_swap::ArcSwap<tessera_federation::Federation>,
     pub metrics: metrics::Metrics,
+    /// Login and access policy; `None` when no login is asked.
+    pub auth: Option<auth::Auth>,
 }
 
 pub use metrics::Metrics;

@@ -39,7 +39,43 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     if swept > 0 {
         tracing::info!("removed {swept} abandoned upload session(s)");
     }
-    Ok(AppState { registry, federation: arc_swap::ArcSwap::from_pointee(federation), metrics: Default::default() })
+    let auth = open_auth(config)?;
+    Ok(AppState {
+        registry,
+        federation: arc_swap::ArcSwap::from_pointee(federation),
+        metrics: Default::default(),
+        auth,
+    })
+}
+
+/// The login step: users from the htpasswd file, rights from the `[[access]]` rules.
+fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>> {
+    use tessera_access::{Access, Action, Htpasswd, Logins, Rule};
+    let Some(auth) = &config.auth else {
+        if !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                "listening on {} with no login: anyone who can reach it may push and delete; see docs/security.md",
+                config.listen
+            );
+        }
+        return Ok(None);
+    };
+    let htpasswd = Htpasswd::from_file(&auth.htpasswd).map_err(anyhow::Error::msg)?;
+    if htpasswd.is_empty() {
+        anyhow::bail!("{} lists no users", auth.htpasswd.display());
+    }
+    let rules = config
+        .access
+        .iter()
+        .map(|r| Rule {
+            prefix: r.prefix.clone(),
+            allow: [(Action::Pull, r.pull.clone()), (Action::Push, r.push.clone()), (Action::Delete, r.delete.clone())]
+                .into_iter()
+                .collect(),
+        })
+        .collect();
+    tracing::info!("login required: {} user(s) from {}", htpasswd.len(), auth.htpasswd.display());
+    Ok(Some(tessera_http::auth::Auth::new(Logins::new(htpasswd), Access::new(rules), auth.realm.clone())))
 }
 
 async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload) {

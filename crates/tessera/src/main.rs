@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use tessera_config::{Config, Mode, TlsConfig};
+use tessera_config::{AuthConfig, Config, Mode, TlsConfig};
 
 /// Tessera: a federating OCI container registry.
 #[derive(Parser)]
@@ -59,6 +59,10 @@ struct ServeArgs {
     /// mounts answered with redirects, as Collage does, and nothing else served.
     #[arg(long, value_name = "FILE")]
     collage: Option<PathBuf>,
+    /// Require a login for every request, from the users of this htpasswd file (bcrypt);
+    /// any of them may pull and push. Finer rules: [[access]] in the config file.
+    #[arg(long, value_name = "FILE")]
+    htpasswd: Option<PathBuf>,
     /// With --collage: serve the mounts through the pull-through cache instead of redirecting.
     #[arg(long, requires = "collage")]
     cache: bool,
@@ -83,6 +87,10 @@ impl ServeArgs {
         }
         if let Some(data) = &self.data {
             config.data = data.clone();
+        }
+        if let Some(htpasswd) = &self.htpasswd {
+            let realm = config.auth.as_ref().map_or_else(|| "tessera".to_string(), |a| a.realm.clone());
+            config.auth = Some(AuthConfig { htpasswd: htpasswd.clone(), realm });
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config.tls = Some(TlsConfig { cert: cert.clone(), key: key.clone() });
