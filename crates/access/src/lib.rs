@@ -3,6 +3,7 @@
 //! the http crate turns requests into an [`Action`] on a name and asks [`Access::decide`].
 
 pub mod htpasswd;
+pub mod token;
 
 use std::collections::HashMap;
 
@@ -96,11 +97,6 @@ impl Access {
             (false, Identity::Anonymous) => Decision::LogIn,
             (false, Identity::User(_)) => Decision::Deny,
         }
-    }
-
-    /// Whether any rule lets anonymous clients pull.
-    pub fn anonymous_pulls_somewhere(&self) -> bool {
-        self.rules.iter().any(|r| r.allow.get(&Action::Pull).is_some_and(|m| m.iter().any(|x| x == "anonymous")))
     }
 
     /// The actions out of `wanted` that `who` may do on `name` (what a token grants).

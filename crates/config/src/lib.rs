@@ -49,9 +49,23 @@ pub struct Config {
 pub struct AuthConfig {
     /// htpasswd file (bcrypt hashes: `htpasswd -B`) with the users who can log in.
     pub htpasswd: PathBuf,
-    /// The realm named in Basic challenges.
+    /// The realm named in Basic challenges; also the token `service` name.
     #[serde(default = "default_realm")]
     pub realm: String,
+    /// Offer the Docker token flow (Bearer tokens from `/token`, Tessera as the issuer)
+    /// instead of Basic challenges.
+    #[serde(default)]
+    pub token: bool,
+    /// Lifetime of issued tokens, in seconds.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_secs: u64,
+    /// PKCS#8 P-256 key signing tokens; created when missing. Default `<data>/token-key.p8`.
+    #[serde(default)]
+    pub token_key: Option<PathBuf>,
+}
+
+fn default_token_ttl() -> u64 {
+    300
 }
 
 fn default_realm() -> String {

@@ -1,9 +1,11 @@
-//! The auth step: who is asking (Basic credentials checked against the htpasswd file), and
-//! may they do what this endpoint does to this name. Anonymous requests that need a login
-//! get 401 with a challenge every client understands; known users without the right, 403.
+//! The auth step: who is asking (Basic credentials checked against the htpasswd file, or a
+//! Bearer token Tessera issued), and may they do what this endpoint does to this name.
+//! Anonymous requests that need a login get 401 with a challenge every client understands
+//! (Basic, or Bearer pointing at `/token`); known users without the right, 403.
 
 use axum::http::request::Parts;
 use axum::http::{Method, header};
+use tessera_access::token::{Grant, TokenIssuer, Verified, parse_scope};
 use tessera_access::{Access, Action, Decision, Identity, Logins};
 use tessera_spec::{ErrorCode, OciError, RepoName};
 
@@ -13,55 +15,107 @@ pub struct Auth {
     logins: Logins,
     access: Access,
     realm: String,
+    tokens: Option<TokenIssuer>,
+    /// Scheme of the token realm URL (`https` when serving TLS).
+    scheme: &'static str,
+}
+
+/// Who sent a request, and the token they presented, if any.
+pub struct Caller {
+    pub identity: Identity,
+    token: Option<Verified>,
 }
 
 impl Auth {
-    pub fn new(logins: Logins, access: Access, realm: String) -> Auth {
-        Auth { logins, access, realm }
+    pub fn new(logins: Logins, access: Access, realm: String, tokens: Option<TokenIssuer>, tls: bool) -> Auth {
+        Auth { logins, access, realm, tokens, scheme: if tls { "https" } else { "http" } }
     }
 
-    fn challenge(&self, message: &str) -> OciError {
-        OciError::new(ErrorCode::Unauthorized, message)
-            .with_header("www-authenticate", format!("Basic realm=\"{}\"", self.realm.replace('"', "")))
+    /// A 401 with the challenge of this registry's login mode; `scope` names what is asked.
+    fn challenge(&self, parts: &Parts, message: &str, scope: Option<(&RepoName, Action)>) -> OciError {
+        let value = match &self.tokens {
+            None => format!("Basic realm=\"{}\"", self.realm.replace('"', "")),
+            Some(tokens) => {
+                let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost");
+                let host: String = host.chars().filter(|c| !matches!(c, '"' | '\\' | ' ')).collect();
+                let mut v = format!("Bearer realm=\"{}://{host}/token\",service=\"{}\"", self.scheme, tokens.service());
+                if let Some((name, action)) = scope {
+                    let actions = if action == Action::Push { "pull,push" } else { action.as_str() };
+                    v.push_str(&format!(",scope=\"repository:{name}:{actions}\""));
+                }
+                v
+            }
+        };
+        OciError::new(ErrorCode::Unauthorized, message).with_header("www-authenticate", value)
     }
 
-    /// Who sent `parts`. Wrong credentials are refused outright (never downgraded to anonymous).
-    pub fn identify(&self, parts: &Parts) -> Result<Identity, OciError> {
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else { return Ok(Identity::Anonymous) };
-        let value = value.to_str().map_err(|_| self.challenge("malformed credentials"))?;
-        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return Err(self.challenge("unsupported authorization scheme"));
-        }
+    fn basic_user(&self, parts: &Parts, encoded: &str) -> Result<Identity, OciError> {
         use base64::Engine as _;
         let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest.trim())
+            .decode(encoded.trim())
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| self.challenge("malformed credentials"))?;
-        let (user, password) = decoded.split_once(':').ok_or_else(|| self.challenge("malformed credentials"))?;
+            .ok_or_else(|| self.challenge(parts, "malformed credentials", None))?;
+        let (user, password) =
+            decoded.split_once(':').ok_or_else(|| self.challenge(parts, "malformed credentials", None))?;
         if self.logins.check(user, password) {
             Ok(Identity::User(user.to_string()))
         } else {
             tracing::info!(user, "login failed");
-            Err(self.challenge("invalid username or password"))
+            Err(self.challenge(parts, "invalid username or password", None))
         }
     }
 
-    /// Checks that `who` may do what `method` on `endpoint` means. The base endpoint and the
-    /// catalog need a login; repository endpoints need the action's right on the name.
-    pub fn authorize(&self, who: &Identity, method: &Method, endpoint: &Endpoint) -> Result<(), OciError> {
+    /// Who sent `parts`. Wrong credentials are refused outright (never downgraded to anonymous).
+    pub fn identify(&self, parts: &Parts) -> Result<Caller, OciError> {
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Ok(Caller { identity: Identity::Anonymous, token: None });
+        };
+        let value = value.to_str().map_err(|_| self.challenge(parts, "malformed credentials", None))?;
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("basic") {
+            return Ok(Caller { identity: self.basic_user(parts, rest)?, token: None });
+        }
+        if scheme.eq_ignore_ascii_case("bearer")
+            && let Some(tokens) = &self.tokens
+        {
+            return match tokens.verify(rest.trim()) {
+                Ok(v) => Ok(Caller { identity: v.identity.clone(), token: Some(v) }),
+                Err(why) => {
+                    tracing::info!("token refused: {why}");
+                    Err(self.challenge(parts, why, None))
+                }
+            };
+        }
+        Err(self.challenge(parts, "unsupported authorization scheme", None))
+    }
+
+    /// Checks that the caller may do what `method` on `endpoint` means. The base endpoint
+    /// and the catalog need a login; repository endpoints need the action's right on the name.
+    pub fn authorize(
+        &self,
+        parts: &Parts,
+        caller: &Caller,
+        method: &Method,
+        endpoint: &Endpoint,
+    ) -> Result<(), OciError> {
         let (action, name): (Action, &RepoName) = match endpoint {
-            Endpoint::Metrics => return Ok(()),
-            Endpoint::Base | Endpoint::Catalog(_) => {
-                return match who {
-                    Identity::User(_) => Ok(()),
-                    Identity::Anonymous
-                        if self.anonymous_may_pull_somewhere() && matches!(endpoint, Endpoint::Base) =>
-                    {
-                        Ok(())
-                    }
-                    Identity::Anonymous => Err(self.challenge("authentication required")),
+            Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks => return Ok(()),
+            // The base endpoint always challenges a caller with neither a login nor a token,
+            // even where anonymous pulls are allowed: clients only send credentials (or fetch
+            // an anonymous token) after the challenge of their first probe.
+            Endpoint::Base => {
+                return if matches!(caller.identity, Identity::User(_)) || caller.token.is_some() {
+                    Ok(())
+                } else {
+                    Err(self.challenge(parts, "authentication required", None))
+                };
+            }
+            Endpoint::Catalog(_) => {
+                return if matches!(caller.identity, Identity::User(_)) {
+                    Ok(())
+                } else {
+                    Err(self.challenge(parts, "authentication required", None))
                 };
             }
             Endpoint::Tags { name, .. } | Endpoint::Referrers { name, .. } => (Action::Pull, name),
@@ -72,23 +126,68 @@ impl Auth {
             },
             Endpoint::UploadStart { name, .. } | Endpoint::Upload { name, .. } => (Action::Push, name),
         };
-        match self.access.decide(who, action, name.as_str()) {
+        if let Some(token) = &caller.token {
+            // A token carries its grants; one that lacks this scope sends the client back
+            // for a token that has it (the policy then decides what that one grants).
+            return if token.allows(action, name.as_str()) {
+                Ok(())
+            } else {
+                Err(self.challenge(parts, "the token does not grant this", Some((name, action))))
+            };
+        }
+        match self.access.decide(&caller.identity, action, name.as_str()) {
             Decision::Allow => Ok(()),
-            Decision::LogIn => Err(self.challenge("authentication required")),
+            Decision::LogIn => Err(self.challenge(parts, "authentication required", Some((name, action)))),
             Decision::Deny => {
                 Err(OciError::new(ErrorCode::Denied, format!("not allowed to {} {name}", action.as_str())))
             }
         }
     }
 
-    /// Whether `who` may pull `name` (a cross-repository mount reads its source).
-    pub fn may_pull(&self, who: &Identity, name: &RepoName) -> bool {
-        self.access.decide(who, Action::Pull, name.as_str()) == Decision::Allow
+    /// Whether the caller may pull `name` (a cross-repository mount reads its source).
+    pub fn may_pull(&self, caller: &Caller, name: &RepoName) -> bool {
+        match &caller.token {
+            Some(token) => token.allows(Action::Pull, name.as_str()),
+            None => self.access.decide(&caller.identity, Action::Pull, name.as_str()) == Decision::Allow,
+        }
     }
 
-    /// Whether anonymous clients may pull anything: then `/v2/` answers them (clients probe
-    /// it before anonymous pulls and would otherwise ask for credentials they do not have).
-    fn anonymous_may_pull_somewhere(&self) -> bool {
-        self.access.anonymous_pulls_somewhere()
+    /// `GET /token`: a token granting, of each requested scope, what the policy allows the
+    /// caller (identified by Basic credentials, or anonymous).
+    pub fn token(&self, parts: &Parts, scopes: &[String]) -> Result<serde_json::Value, OciError> {
+        let Some(tokens) = &self.tokens else {
+            return Err(OciError::new(ErrorCode::NotFound, "this registry does not issue tokens"));
+        };
+        let identity = match parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+            Some(v) => match v.split_once(' ') {
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("basic") => self.basic_user(parts, rest)?,
+                _ => return Err(self.challenge(parts, "the token endpoint takes Basic credentials", None)),
+            },
+            None => Identity::Anonymous,
+        };
+        let grants: Vec<Grant> = scopes
+            .iter()
+            .flat_map(|s| s.split(' '))
+            .filter_map(parse_scope)
+            .filter(|(name, _)| name.parse::<RepoName>().is_ok())
+            .map(|(name, wanted)| {
+                let actions = self
+                    .access
+                    .granted(&identity, &name, &wanted)
+                    .into_iter()
+                    .map(|a| a.as_str().to_string())
+                    .collect();
+                Grant { kind: "repository".into(), name, actions }
+            })
+            .collect();
+        let (token, expires_in) = tokens.issue(&identity, grants).map_err(|e| {
+            tracing::error!("cannot issue a token: {e}");
+            OciError::internal()
+        })?;
+        Ok(serde_json::json!({ "token": token, "access_token": token, "expires_in": expires_in }))
+    }
+
+    pub fn jwks(&self) -> Option<serde_json::Value> {
+        self.tokens.as_ref().map(|t| t.jwks())
     }
 }

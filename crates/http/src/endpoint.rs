@@ -18,6 +18,10 @@ pub enum Endpoint {
     Base,
     /// `/metrics` (Prometheus text format; not part of the distribution API)
     Metrics,
+    /// `/token`: the Docker token flow's token endpoint, with its `scope` values.
+    Token { scopes: Vec<String> },
+    /// `/.well-known/jwks.json`: the token signing key.
+    Jwks,
     /// `/v2/_catalog`
     Catalog(Paging),
     /// `/v2/<name>/tags/list`
@@ -68,8 +72,14 @@ impl Query {
 /// Parses a request target. `path` is the raw (still percent-encoded) path: names are
 /// matched against the spec grammar as sent, so encoded traversal never decodes into one.
 pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
-    if path == "/metrics" {
-        return Ok(Endpoint::Metrics);
+    match path {
+        "/metrics" => return Ok(Endpoint::Metrics),
+        "/.well-known/jwks.json" => return Ok(Endpoint::Jwks),
+        "/token" => {
+            let scopes = Query::parse(query).0.into_iter().filter(|(k, _)| k == "scope").map(|(_, v)| v).collect();
+            return Ok(Endpoint::Token { scopes });
+        }
+        _ => {}
     }
     let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
     if rest.is_empty() || rest == "/" {

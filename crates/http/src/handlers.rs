@@ -160,11 +160,11 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
     let registry = &state.registry;
     let headers = &parts.headers;
     let method = &parts.method;
-    let identity = match &state.auth {
+    let caller = match &state.auth {
         Some(auth) => {
-            let who = auth.identify(parts)?;
-            auth.authorize(&who, method, &endpoint)?;
-            Some(who)
+            let caller = auth.identify(parts)?;
+            auth.authorize(parts, &caller, method, &endpoint)?;
+            Some(caller)
         }
         None => None,
     };
@@ -182,6 +182,29 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             }
             _ => Err(unsupported_method()),
         },
+        Endpoint::Token { scopes } => {
+            let auth = state
+                .auth
+                .as_ref()
+                .ok_or_else(|| OciError::new(ErrorCode::NotFound, "this registry does not issue tokens"))?;
+            match *method {
+                Method::GET => Ok(response(
+                    StatusCode::OK,
+                    &[("content-type", "application/json".into())],
+                    Body::from(auth.token(parts, &scopes)?.to_string()),
+                )),
+                // containerd tries the OAuth2 POST form first and falls back to GET on 405.
+                _ => Err(unsupported_method()),
+            }
+        }
+        Endpoint::Jwks => {
+            let jwks = state
+                .auth
+                .as_ref()
+                .and_then(|a| a.jwks())
+                .ok_or_else(|| OciError::new(ErrorCode::NotFound, "this registry does not issue tokens"))?;
+            Ok(response(StatusCode::OK, &[("content-type", "application/json".into())], Body::from(jwks.to_string())))
+        }
         Endpoint::Catalog(paging) => {
             if *method != Method::GET {
                 return Err(unsupported_method());
@@ -316,8 +339,8 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             }
             // Mounting reads the source repository: only from one the client may pull, and
             // without `from` (any repository) only when no login policy applies.
-            let from = match (&state.auth, &identity, from) {
-                (Some(auth), Some(who), Some(from)) => Some(from).filter(|f| auth.may_pull(who, f)),
+            let from = match (&state.auth, &caller, from) {
+                (Some(auth), Some(caller), Some(from)) => Some(from).filter(|f| auth.may_pull(caller, f)),
                 (_, _, from) => from,
             };
             let mount = mount.filter(|_| state.auth.is_none() || from.is_some());

@@ -74,8 +74,26 @@ fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>
                 .collect(),
         })
         .collect();
-    tracing::info!("login required: {} user(s) from {}", htpasswd.len(), auth.htpasswd.display());
-    Ok(Some(tessera_http::auth::Auth::new(Logins::new(htpasswd), Access::new(rules), auth.realm.clone())))
+    let tokens = if auth.token {
+        let key = auth.token_key.clone().unwrap_or_else(|| config.data.join("token-key.p8"));
+        let ttl = std::time::Duration::from_secs(auth.token_ttl_secs);
+        Some(tessera_access::token::TokenIssuer::open(&key, "tessera", &auth.realm, ttl).map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
+    tracing::info!(
+        "login required ({}): {} user(s) from {}",
+        if tokens.is_some() { "token flow" } else { "basic" },
+        htpasswd.len(),
+        auth.htpasswd.display()
+    );
+    Ok(Some(tessera_http::auth::Auth::new(
+        Logins::new(htpasswd),
+        Access::new(rules),
+        auth.realm.clone(),
+        tokens,
+        config.tls.is_some(),
+    )))
 }
 
 async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload) {

@@ -90,7 +90,9 @@ impl ServeArgs {
         }
         if let Some(htpasswd) = &self.htpasswd {
             let realm = config.auth.as_ref().map_or_else(|| "tessera".to_string(), |a| a.realm.clone());
-            config.auth = Some(AuthConfig { htpasswd: htpasswd.clone(), realm });
+            let (token, token_ttl_secs, token_key) =
+                config.auth.as_ref().map_or((false, 300, None), |a| (a.token, a.token_ttl_secs, a.token_key.clone()));
+            config.auth = Some(AuthConfig { htpasswd: htpasswd.clone(), realm, token, token_ttl_secs, token_key });
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config.tls = Some(TlsConfig { cert: cert.clone(), key: key.clone() });

@@ -73,8 +73,9 @@ async fn access_rules_per_prefix() {
     let api = Api::new(&server);
     let alice = Some(("alice", "a-pass"));
     let bob = Some(("bob", "b-pass"));
-    // Anonymous may pull public content (and so may probe /v2/), not push it.
-    assert_eq!(status(&api, reqwest::Method::GET, "/v2/", None).await.0, 200);
+    // Anonymous may pull public content, not push it; the probe still challenges, so that
+    // clients with credentials send them.
+    assert_eq!(status(&api, reqwest::Method::GET, "/v2/", None).await.0, 401);
     assert_eq!(
         status(&api, reqwest::Method::GET, "/v2/public/app/tags/list", None).await.0,
         404,

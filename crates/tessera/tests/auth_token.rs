@@ -1,0 +1,229 @@
+//! The Docker token flow with Tessera as its own issuer: real clients log in through it,
+//! forged and foreign tokens are refused, and a Tessera mirror pulls through an upstream
+//! Tessera that requires tokens.
+
+use std::path::Path;
+
+use tessera_spec::Digest;
+use tessera_testkit::clients::{Containerd, ContainersFiles, Dockerd, Podman, short_tempdir};
+use tessera_testkit::{Api, Image, Server, have_tool};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// A token-flow registry: alice may do anything, anonymous may pull `public/`.
+fn token_server(dir: &Path) -> Server {
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("alice-pass", 5).unwrap())).unwrap();
+    let config = dir.join("t.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nhtpasswd = \"{}\"\nrealm = \"registry.test\"\ntoken = true\n\n[[access]]\nprefix = \"public\"\npull = [\"anonymous\"]\npush = [\"alice\"]\n",
+            htpasswd.display()
+        ),
+    )
+    .unwrap();
+    Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap()
+}
+
+async fn token(api: &Api, scope: &str, creds: Option<(&str, &str)>) -> reqwest::Response {
+    let mut req = api.http.get(api.url("/token")).query(&[("service", "registry.test"), ("scope", scope)]);
+    if let Some((u, p)) = creds {
+        req = req.basic_auth(u, Some(p));
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_token_flow_step_by_step() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let server = token_server(dir.path());
+    let api = Api::new(&server);
+    let r = api.get("/v2/").await.unwrap();
+    assert_eq!(r.status(), 401, "the probe challenges, so clients fetch a token (anonymous if they must)");
+    assert_eq!(
+        r.headers()["www-authenticate"].to_str().unwrap(),
+        format!("Bearer realm=\"http://{}/token\",service=\"registry.test\"", server.host())
+    );
+    let r = api.http.post(api.url("/v2/team/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_string();
+    assert_eq!(
+        challenge,
+        format!(
+            "Bearer realm=\"http://{}/token\",service=\"registry.test\",scope=\"repository:team/app:pull,push\"",
+            server.host()
+        )
+    );
+
+    assert_eq!(token(&api, "repository:team/app:pull,push", Some(("alice", "nope"))).await.status(), 401);
+    let body: serde_json::Value =
+        token(&api, "repository:team/app:pull,push", Some(("alice", "alice-pass"))).await.json().await.unwrap();
+    let t = body["token"].as_str().unwrap().to_string();
+    assert_eq!(body["access_token"], t.as_str());
+    assert!(body["expires_in"].as_u64().unwrap() > 0);
+    let r = api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(r.status(), 202, "the token grants push");
+    let r = api.http.post(api.url("/v2/other/app/blobs/uploads/")).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(r.status(), 401, "not for another repository");
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("scope=\"repository:other/app:pull,push\""));
+
+    // Anonymous gets a token with only what anonymous may do.
+    let body: serde_json::Value = token(&api, "repository:public/x:pull,push", None).await.json().await.unwrap();
+    let anon = body["token"].as_str().unwrap();
+    let r = api.http.get(api.url("/v2/public/x/tags/list")).bearer_auth(anon).send().await.unwrap();
+    assert_eq!(r.status(), 404, "pull allowed (nothing there yet)");
+    let r = api.http.post(api.url("/v2/public/x/blobs/uploads/")).bearer_auth(anon).send().await.unwrap();
+    assert_eq!(r.status(), 401, "push not granted");
+
+    // Forged and foreign tokens.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = t.split('.').collect();
+    let none = format!("{}.{}.", b64.encode(r#"{"alg":"none","typ":"JWT"}"#), parts[1]);
+    let mut claims: serde_json::Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    claims["access"][0]["name"] = serde_json::json!("other/app");
+    let tampered = format!("{}.{}.{}", parts[0], b64.encode(claims.to_string()), parts[2]);
+    for (bad, why) in [(none.as_str(), "alg none"), (tampered.as_str(), "changed claims"), ("x.y.z", "garbage")] {
+        let r = api.http.post(api.url("/v2/other/app/blobs/uploads/")).bearer_auth(bad).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{why}");
+    }
+    let other_dir = tessera_testkit::tempdir().unwrap();
+    let other = token_server(other_dir.path());
+    let body: serde_json::Value =
+        token(&Api::new(&other), "repository:team/app:pull,push", Some(("alice", "alice-pass")))
+            .await
+            .json()
+            .await
+            .unwrap();
+    let foreign = body["token"].as_str().unwrap();
+    let r = api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(foreign).send().await.unwrap();
+    assert_eq!(r.status(), 401, "signed by another registry's key");
+
+    let jwks: serde_json::Value = api.get("/.well-known/jwks.json").await.unwrap().json().await.unwrap();
+    assert_eq!(jwks["keys"][0]["alg"], "ES256");
+    assert!(!server.log_text().contains("alice-pass"));
+}
+
+#[tokio::test]
+async fn real_clients_log_in_through_the_token_flow() {
+    let dir = short_tempdir("ttk").unwrap();
+    let server = token_server(dir.path());
+    let host = server.host();
+    let image = Image::random(2, 40_000);
+    let layout = dir.path().join("img");
+    image.write_layout(&layout, "v1").unwrap();
+    if have_tool("skopeo") {
+        let files = ContainersFiles::new(dir.path(), &host).unwrap();
+        files.skopeo(&[
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "alice:alice-pass",
+            &format!("oci:{}:v1", layout.display()),
+            &format!("docker://{host}/team/app:v1"),
+        ]);
+        let raw = files.skopeo(&[
+            "inspect",
+            "--tls-verify=false",
+            "--raw",
+            "--creds",
+            "alice:alice-pass",
+            &format!("docker://{host}/team/app:v1"),
+        ]);
+        assert_eq!(raw.as_bytes(), &image.manifest[..]);
+        // Anonymous pull of public/ works through an anonymous token.
+        files.skopeo(&[
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "alice:alice-pass",
+            &format!("oci:{}:v1", layout.display()),
+            &format!("docker://{host}/public/app:v1"),
+        ]);
+        let raw = files.skopeo(&["inspect", "--tls-verify=false", "--raw", &format!("docker://{host}/public/app:v1")]);
+        assert_eq!(raw.as_bytes(), &image.manifest[..]);
+    }
+    if have_tool("podman") {
+        let pdir = dir.path().join("pd");
+        std::fs::create_dir_all(&pdir).unwrap();
+        let podman = Podman::new(&pdir, ContainersFiles::new(&pdir, &host).unwrap()).unwrap();
+        podman.use_working_driver().unwrap();
+        podman.run(&["login", "-u", "alice", "-p", "alice-pass", &host]);
+        podman.run(&["pull", &format!("{host}/team/app:v1")]);
+        podman.run(&["tag", &format!("{host}/team/app:v1"), &format!("{host}/team/podman:v1")]);
+        podman.run(&["push", &format!("{host}/team/podman:v1")]);
+    }
+    if have_tool("dockerd") {
+        let ddir = dir.path().join("dk");
+        std::fs::create_dir_all(&ddir).unwrap();
+        let docker = Dockerd::start(&ddir, "{}").unwrap();
+        docker.run(&["login", "-u", "alice", "-p", "alice-pass", &host]);
+        docker.run(&["pull", &format!("{host}/team/app:v1")]);
+        docker.run(&["tag", &format!("{host}/team/app:v1"), &format!("{host}/team/docker:v1")]);
+        docker.run(&["push", &format!("{host}/team/docker:v1")]);
+    }
+    if have_tool("ctr") && have_tool("containerd") {
+        let cdir = dir.path().join("ct");
+        std::fs::create_dir_all(&cdir).unwrap();
+        let ctd = Containerd::start(&cdir).unwrap();
+        let reference = format!("{host}/team/app:v1");
+        ctd.ctr(&["images", "pull", "--plain-http", "--user", "alice:alice-pass", &reference]).unwrap();
+        assert!(ctd.ctr(&["images", "ls"]).unwrap().contains(&image.digest().to_string()));
+    }
+    let log = server.log_text();
+    assert!(log.contains("\"GET /token?"), "clients fetched tokens: {log}");
+    assert!(!log.contains("alice-pass"));
+}
+
+#[tokio::test]
+async fn a_mirror_pulls_through_an_upstream_that_wants_tokens() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let upstream = token_server(dir.path());
+    let image = Image::random(1, 30_000);
+    // Push as alice through the token flow, by hand.
+    let api = Api::new(&upstream);
+    let body: serde_json::Value =
+        token(&api, "repository:team/app:pull,push", Some(("alice", "alice-pass"))).await.json().await.unwrap();
+    let t = body["token"].as_str().unwrap();
+    for b in image.blobs() {
+        let r = api
+            .http
+            .post(api.url(&format!("/v2/team/app/blobs/uploads/?digest={}", Digest::sha256_of(b))))
+            .bearer_auth(t)
+            .body(b.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let r = api
+        .http
+        .put(api.url("/v2/team/app/manifests/v1"))
+        .bearer_auth(t)
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(image.manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    let mdir = tessera_testkit::tempdir().unwrap();
+    let config = mdir.path().join("m.toml");
+    std::fs::write(&config, format!("[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\nusername = \"alice\"\npassword = \"alice-pass\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n", upstream.host())).unwrap();
+    let mirror = Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap();
+    let mapi = Api::new(&mirror);
+    let r = mapi.get("/v2/m/team/app/manifests/v1").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), image.manifest);
+    for b in image.blobs() {
+        assert_eq!(
+            mapi.get(&format!("/v2/m/team/app/blobs/{}", Digest::sha256_of(b))).await.unwrap().bytes().await.unwrap(),
+            &b[..]
+        );
+    }
+    let log = upstream.log_text();
+    let token_requests = log.lines().filter(|l| l.contains("\"GET /token?")).count();
+    assert!(token_requests >= 1, "the mirror fetched a token");
+    assert!(token_requests <= 2, "and reused it: {token_requests} token requests");
+}
