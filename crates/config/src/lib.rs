@@ -207,6 +207,15 @@ pub struct Limits {
     pub header_max_bytes: usize,
     /// Largest blob accepted by an upload; 0 means no limit.
     pub blob_max_bytes: u64,
+    /// Requests per second one client address may make (a burst of as many); past it, 429
+    /// with `Retry-After`. 0: no limit.
+    pub requests_per_second_per_client: u32,
+    /// Uploading requests (POST, PATCH, PUT with a body) one client address may have in
+    /// flight at once; past it, 429. 0: no limit.
+    pub uploads_per_client: usize,
+    /// Seconds a request body may go without sending a byte before the request is
+    /// abandoned (slow-client guard; what arrived of an upload is kept for resuming).
+    pub body_idle_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -249,7 +258,14 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { manifest_max_bytes: 4 * 1024 * 1024, header_max_bytes: 64 * 1024, blob_max_bytes: 0 }
+        Limits {
+            manifest_max_bytes: 4 * 1024 * 1024,
+            header_max_bytes: 64 * 1024,
+            blob_max_bytes: 0,
+            requests_per_second_per_client: 0,
+            uploads_per_client: 64,
+            body_idle_timeout_secs: 60,
+        }
     }
 }
 

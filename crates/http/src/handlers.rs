@@ -21,7 +21,19 @@ use crate::{ApiError, AppState};
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
-    match handle(&state, &parts, &mut body).await {
+    let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0.ip());
+    let admitted = match client {
+        Some(ip) => state.limits.admit(ip).and_then(|()| {
+            let uploading = matches!(parts.method, Method::POST | Method::PATCH | Method::PUT);
+            if uploading { state.limits.upload(ip) } else { Ok(None) }
+        }),
+        None => Ok(None),
+    };
+    let result = match admitted {
+        Ok(_slot) => handle(&state, &parts, &mut body).await,
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(r) => r,
         Err(e) => {
             let mut response = ApiError(e).into_response();
@@ -65,11 +77,31 @@ fn accept(headers: &HeaderMap) -> Option<String> {
 
 /// The request body as a byte stream, taken from its slot only when first polled: a request
 /// refused before its body is read leaves the body for [`dispatch`] to drain.
-fn byte_stream(body: &mut Option<Body>) -> impl futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send + '_ {
+fn byte_stream<'a>(
+    body: &'a mut Option<Body>,
+    idle: std::time::Duration,
+) -> impl futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send + 'a {
     let mut stream = None;
+    let mut stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     futures_util::stream::poll_fn(move |cx| {
         let s = stream.get_or_insert_with(|| take(body).into_data_stream());
-        s.poll_next_unpin(cx).map(|item| item.map(|r| r.map_err(io::Error::other)))
+        match s.poll_next_unpin(cx) {
+            std::task::Poll::Ready(item) => {
+                stall = None;
+                std::task::Poll::Ready(item.map(|r| r.map_err(io::Error::other)))
+            }
+            std::task::Poll::Pending => {
+                // A body that sends nothing for `idle` is abandoned (slow-client guard).
+                let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    std::task::Poll::Ready(()) => std::task::Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request body stalled",
+                    )))),
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            }
+        }
     })
 }
 
@@ -334,7 +366,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             let route = Route::new(state, parts, &name)?;
             let name = route.writable()?;
             if let Some(digest) = digest {
-                registry.upload_monolithic(name, &digest, byte_stream(body)).await?;
+                registry.upload_monolithic(name, &digest, byte_stream(body, state.limits.body_idle)).await?;
                 return Ok(blob_created(name, &digest));
             }
             // Mounting reads the source repository: only from one the client may pull, and
@@ -363,7 +395,13 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 }
                 Method::PATCH => {
                     let offset = registry
-                        .upload_patch(&name, &id, content_range, content_length(headers), byte_stream(body))
+                        .upload_patch(
+                            &name,
+                            &id,
+                            content_range,
+                            content_length(headers),
+                            byte_stream(body, state.limits.body_idle),
+                        )
                         .await?;
                     Ok(response(StatusCode::ACCEPTED, &session_headers(&name, &id, offset), Body::empty()))
                 }
@@ -380,7 +418,16 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                         use axum::body::HttpBody as _;
                         body.as_ref().and_then(|b| b.size_hint().exact())
                     });
-                    registry.upload_finish(&name, &id, &digest, content_range, length, byte_stream(body)).await?;
+                    registry
+                        .upload_finish(
+                            &name,
+                            &id,
+                            &digest,
+                            content_range,
+                            length,
+                            byte_stream(body, state.limits.body_idle),
+                        )
+                        .await?;
                     Ok(blob_created(&name, &digest))
                 }
                 Method::DELETE => {

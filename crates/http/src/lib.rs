@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod endpoint;
 mod handlers;
+pub mod limits;
 mod metrics;
 mod response;
 mod routed;
@@ -29,6 +30,7 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// Login and access policy; `None` when no login is asked.
     pub auth: Option<auth::Auth>,
+    pub limits: limits::ClientLimits,
 }
 
 pub use metrics::Metrics;

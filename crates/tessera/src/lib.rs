@@ -40,11 +40,17 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         tracing::info!("removed {swept} abandoned upload session(s)");
     }
     let auth = open_auth(config)?;
+    let limits = tessera_http::limits::ClientLimits::new(
+        config.limits.requests_per_second_per_client,
+        config.limits.uploads_per_client,
+        Duration::from_secs(config.limits.body_idle_timeout_secs.max(1)),
+    );
     Ok(AppState {
         registry,
         federation: arc_swap::ArcSwap::from_pointee(federation),
         metrics: Default::default(),
         auth,
+        limits,
     })
 }
 

@@ -1,0 +1,87 @@
+//! Per-client limits: request rate (429 with Retry-After), uploads in flight, stalled bodies.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use tessera_testkit::{Api, Server, error_code};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+fn with_limits(dir: &std::path::Path, limits: &str) -> Server {
+    let config = dir.join("t.toml");
+    std::fs::write(&config, format!("[limits]\n{limits}\n")).unwrap();
+    Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap()
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_gets_429_with_retry_after() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let server = with_limits(dir.path(), "requests_per_second_per_client = 5");
+    let api = Api::new(&server);
+    let mut limited = None;
+    for _ in 0..30 {
+        let r = api.get("/v2/").await.unwrap();
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.expect("the rate limit answers 429");
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(api.get("/v2/").await.unwrap().status(), 200, "allowed again after waiting");
+}
+
+#[tokio::test]
+async fn uploads_in_flight_per_client_are_bounded() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let server = with_limits(dir.path(), "uploads_per_client = 2");
+    let api = Api::new(&server);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        // A PATCH whose body is still coming holds a slot.
+        let mut tcp = TcpStream::connect(server.addr).unwrap();
+        tcp.write_all(format!("PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").as_bytes())
+            .unwrap();
+        held.push(tcp);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202, "slots come back when those requests end");
+    assert_eq!(api.get("/v2/").await.unwrap().status(), 200, "reads are not uploads");
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_abandoned_and_what_arrived_is_kept() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let server = with_limits(dir.path(), "body_idle_timeout_secs = 1");
+    let api = Api::new(&server);
+    let r = api.http.post(api.url("/v2/s/blobs/uploads/")).send().await.unwrap();
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let mut tcp = TcpStream::connect(server.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(format!("PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n").as_bytes()).unwrap();
+    tcp.write_all(&[7u8; 10]).unwrap();
+    let started = Instant::now();
+    let mut answer = [0u8; 64];
+    let n = tcp.read(&mut answer).unwrap_or(0);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "answered after {waited:?}");
+    assert!(
+        n == 0 || String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    let r = api.http.get(api.url(&location)).send().await.unwrap();
+    assert_eq!(r.headers()["range"], "0-9", "the 10 bytes that arrived are kept for resuming");
+}
