@@ -108,19 +108,29 @@ fn byte_stream<'a>(
 /// Reads and drops what is left of a refused request body, up to a bound. Returns whether
 /// the body ended (so the connection can carry another request).
 async fn discard(body: Body) -> bool {
-    const DISCARD_MAX: usize = 16 * 1024 * 1024;
-    let mut seen = 0;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => seen += chunk.len(),
-            Err(_) => return false,
-        }
-        if seen > DISCARD_MAX {
-            return false;
-        }
+    use axum::body::HttpBody as _;
+    const DISCARD_MAX: u64 = 16 * 1024 * 1024;
+    const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+    // A body announced larger than we would read is not waited for at all.
+    if body.size_hint().lower() > DISCARD_MAX {
+        return false;
     }
-    true
+    let drain = async {
+        let mut seen = 0u64;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => seen += chunk.len() as u64,
+                Err(_) => return false,
+            }
+            if seen > DISCARD_MAX {
+                return false;
+            }
+        }
+        true
+    };
+    // Nor is a client that stops sending.
+    tokio::time::timeout(DISCARD_TIME, drain).await.unwrap_or(false)
 }
 
 fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Response {
@@ -282,7 +292,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 let name = route.writable()?;
                 let limit = registry.settings().manifest_max_bytes;
                 if content_length(headers).is_some_and(|l| l > limit) {
-                    discard(take(body)).await;
+                    // Left in its slot: the dispatcher drains it if that is cheap, else closes.
                     return Err(registry.manifest_too_large());
                 }
                 let mut stream = take(body).into_data_stream();
