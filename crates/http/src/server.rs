@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,9 +41,48 @@ pub struct ServerOptions {
     pub header_max_bytes: usize,
 }
 
-/// Builds a rustls server configuration (TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN) from
-/// PEM files.
-pub fn load_tls(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerConfig>> {
+/// The server certificate, replaceable while serving: new handshakes use the latest one.
+#[derive(Debug)]
+pub struct CertStore {
+    cert: PathBuf,
+    key: PathBuf,
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl CertStore {
+    /// Loads the PEM certificate chain and key.
+    pub fn open(cert: &Path, key: &Path) -> io::Result<Arc<CertStore>> {
+        let current = arc_swap::ArcSwap::from_pointee(certified_key(cert, key)?);
+        Ok(Arc::new(CertStore { cert: cert.into(), key: key.into(), current }))
+    }
+
+    /// Reads the files again; on any error the certificate in use stays.
+    pub fn reload(&self) -> io::Result<()> {
+        self.current.store(Arc::new(certified_key(&self.cert, &self.key)?));
+        Ok(())
+    }
+
+    /// A rustls server configuration (TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN) that
+    /// presents this store's current certificate.
+    pub fn server_config(self: &Arc<Self>) -> io::Result<Arc<rustls::ServerConfig>> {
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(io::Error::other)?
+                .with_no_client_auth()
+                .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn certified_key(cert: &Path, key: &Path) -> io::Result<rustls::sign::CertifiedKey> {
     let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
         io::Error::other(format!("{what} {}: {e}", path.display()))
     };
@@ -55,14 +94,11 @@ pub fn load_tls(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerConfig>
         return Err(io::Error::other(format!("no certificate in {}", cert.display())));
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("cannot read private key", key, &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(io::Error::other)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| io::Error::other(format!("certificate and key do not fit together: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider.key_provider.load_private_key(key).map_err(|e| bad("unusable private key", cert, &e))?;
+    let certified = rustls::sign::CertifiedKey::new(certs, signing);
+    certified.keys_match().map_err(|e| io::Error::other(format!("certificate and key do not fit together: {e}")))?;
+    Ok(certified)
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.

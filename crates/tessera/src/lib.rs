@@ -8,7 +8,7 @@ use anyhow::Context;
 use tessera_config::Config;
 use tessera_federation::{Federation, RoutingTable, Upstream};
 use tessera_http::AppState;
-use tessera_http::server::{ServerOptions, load_tls};
+use tessera_http::server::{CertStore, ServerOptions};
 use tessera_registry::{Registry, Settings};
 use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, SqliteMetaStore};
 
@@ -102,7 +102,14 @@ fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>
     )))
 }
 
-async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload) {
+/// On SIGHUP: the TLS certificate is read again (new handshakes use it), and with `reload`
+/// the routing table is rebuilt. Whatever fails keeps what was serving.
+async fn reload_on_hangup(
+    state: Arc<AppState>,
+    running: Config,
+    reload: Option<Reload>,
+    certs: Option<Arc<CertStore>>,
+) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
@@ -111,6 +118,13 @@ async fn reload_on_hangup(state: Arc<AppState>, running: Config, reload: Reload)
         }
     };
     while hangups.recv().await.is_some() {
+        if let Some(certs) = &certs {
+            match certs.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => tracing::error!("TLS certificate not reloaded; the previous one keeps serving: {e}"),
+            }
+        }
+        let Some(reload) = &reload else { continue };
         let reloaded = async {
             let new = reload()?;
             // Only the routing table is live; listener, data and limits need a restart.
@@ -162,15 +176,14 @@ pub type Reload = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 /// finish on the table they started with, and an invalid configuration is refused with its
 /// reason while the old table keeps serving.
 pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let tls = match &config.tls {
-        Some(t) => Some(load_tls(&t.cert, &t.key)?),
+    let certs = match &config.tls {
+        Some(t) => Some(CertStore::open(&t.cert, &t.key)?),
         None => None,
     };
+    let tls = certs.as_ref().map(|c| c.server_config()).transpose()?;
     let state = open_state(&config).await?;
     let state = Arc::new(state);
-    if let Some(reload) = reload {
-        tokio::spawn(reload_on_hangup(state.clone(), config.clone(), reload));
-    }
+    tokio::spawn(reload_on_hangup(state.clone(), config.clone(), reload, certs));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -82,3 +82,32 @@ fn skopeo_pushes_and_pulls_over_verified_tls() {
     .unwrap();
     assert_eq!(raw.as_bytes(), &image.manifest[..], "manifest bytes survive the round trip");
 }
+
+#[test]
+fn sighup_reloads_the_certificate() {
+    if !have_tool("openssl") || !have_tool("curl") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let s = tls_server(dir.path());
+    let url = format!("https://{}/v2/", s.addr);
+    let old_ca = dir.path().join("old.crt");
+    std::fs::copy(dir.path().join("ca.crt"), &old_ca).unwrap();
+    let trusts = |ca: &Path| {
+        Command::new("curl").args(["-sS", "-o", "/dev/null", "--cacert"]).arg(ca).arg(&url).status().unwrap().success()
+    };
+    assert!(trusts(&old_ca));
+    // A new certificate in the same files, then SIGHUP: new connections see it.
+    std::fs::remove_file(dir.path().join("cert.pem")).unwrap();
+    std::fs::remove_file(dir.path().join("key.pem")).unwrap();
+    make_cert(dir.path());
+    s.hangup();
+    assert!(s.wait_for_log("TLS certificate reloaded", std::time::Duration::from_secs(10)));
+    assert!(trusts(&dir.path().join("ca.crt")), "the new certificate is presented");
+    assert!(!trusts(&old_ca), "the old one is gone");
+    // A broken file is refused and the current certificate keeps serving.
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+    s.hangup();
+    assert!(s.wait_for_log("TLS certificate not reloaded", std::time::Duration::from_secs(10)));
+    assert!(trusts(&dir.path().join("ca.crt")));
+}
