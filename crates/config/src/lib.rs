@@ -429,3 +429,26 @@ to = ["hosted", "dockerhub", "quay"]
         assert!(Config::from_toml("[limits]\nheader_max_bytes = 10\n").is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn any_text_is_a_config_or_a_clear_error(text in "(?s).{0,400}") {
+            if let Err(e) = super::Config::from_toml(&text) {
+                prop_assert!(!e.is_empty());
+            }
+        }
+
+        #[test]
+        fn any_json_is_a_collage_config_or_a_clear_error(text in "(?s).{0,300}") {
+            if let Err(e) = super::collage::from_collage(&text, super::Mode::Redirect) {
+                prop_assert!(!e.is_empty());
+            }
+        }
+    }
+}

@@ -344,3 +344,24 @@ mod tests {
         assert!(parse_challenge("").is_none());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn any_www_authenticate_parses_without_panicking(header in ".{0,300}") {
+            let _ = super::parse_challenge(&header);
+        }
+
+        #[test]
+        fn quoted_values_round_trip(realm in "[a-zA-Z0-9:/._-]{1,40}", service in "[a-zA-Z0-9._-]{1,20}") {
+            let c = super::parse_challenge(&format!("Bearer realm=\"{realm}\",service=\"{service}\"")).unwrap();
+            prop_assert_eq!(c.params.get("realm"), Some(&realm));
+            prop_assert_eq!(c.params.get("service"), Some(&service));
+        }
+    }
+}
