@@ -11,13 +11,6 @@ use tessera_testkit::{Api, Image, Server, error_code, have_tool, run};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
-fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> std::path::PathBuf {
-    let path = dir.join("htpasswd");
-    let text: String = users.iter().map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 5).unwrap())).collect();
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 async fn status(
     api: &Api,
     method: reqwest::Method,
@@ -37,7 +30,7 @@ async fn status(
 #[tokio::test]
 async fn one_flag_requires_a_login_for_everything() {
     let dir = tessera_testkit::tempdir().unwrap();
-    let file = htpasswd(dir.path(), &[("alice", "wonder land")]);
+    let file = tessera_testkit::htpasswd_file(dir.path(), &[("alice", "wonder land")]);
     let server = Server::start(BIN, &["--htpasswd", file.to_str().unwrap()]).unwrap();
     let api = Api::new(&server);
     let (s, code, challenge) = status(&api, reqwest::Method::GET, "/v2/", None).await;
@@ -59,7 +52,7 @@ async fn one_flag_requires_a_login_for_everything() {
 #[tokio::test]
 async fn access_rules_per_prefix() {
     let dir = tessera_testkit::tempdir().unwrap();
-    let file = htpasswd(dir.path(), &[("alice", "a-pass"), ("bob", "b-pass")]);
+    let file = tessera_testkit::htpasswd_file(dir.path(), &[("alice", "a-pass"), ("bob", "b-pass")]);
     let config = dir.path().join("t.toml");
     std::fs::write(
         &config,
@@ -128,7 +121,7 @@ async fn access_rules_per_prefix() {
 
 /// A registry with alice as its one user, and an image pushed by her.
 async fn locked_server(dir: &Path) -> (Server, Image) {
-    let file = htpasswd(dir, &[("alice", "s3cret-pass")]);
+    let file = tessera_testkit::htpasswd_file(dir, &[("alice", "s3cret-pass")]);
     let server = Server::start(BIN, &["--htpasswd", file.to_str().unwrap()]).unwrap();
     (server, Image::random(2, 50_000))
 }

@@ -12,8 +12,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
 /// A token-flow registry: alice may do anything, anonymous may pull `public/`.
 fn token_server(dir: &Path) -> Server {
-    let htpasswd = dir.join("htpasswd");
-    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("alice-pass", 5).unwrap())).unwrap();
+    let htpasswd = tessera_testkit::htpasswd_file(dir, &[("alice", "alice-pass")]);
     let config = dir.join("t.toml");
     std::fs::write(
         &config,

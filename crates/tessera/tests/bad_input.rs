@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
@@ -17,25 +16,6 @@ fn start(extra: &[&str]) -> (Server, Api) {
     let server = Server::start(BIN, extra).expect("server starts");
     let api = Api::new(&server);
     (server, api)
-}
-
-/// Every file under the blob and upload areas, with sizes: what "the stores are unchanged" checks.
-fn snapshot(data: &Path) -> Vec<(String, u64)> {
-    fn walk(dir: &Path, out: &mut Vec<(String, u64)>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else {
-                out.push((p.display().to_string(), e.metadata().map(|m| m.len()).unwrap_or(0)));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&data.join("blobs"), &mut out);
-    walk(&data.join("uploads"), &mut out);
-    out.sort();
-    out
 }
 
 async fn catalog(api: &Api) -> serde_json::Value {
@@ -66,7 +46,7 @@ async fn hostile_names_references_and_digests() {
     let (s, api) = start(&[]);
     let image = Image::random(1, 10);
     api.push_image("good/repo", "v1", &image).await.unwrap();
-    let before = snapshot(&s.data);
+    let before = tessera_testkit::store_files(&s.data);
     let d = Digest::sha256_of(b"x");
     let cases: Vec<(String, &str, u16, &str)> = vec![
         ("/v2/%252e%252e/manifests/v1".into(), "GET", 400, "NAME_INVALID"),
@@ -125,7 +105,7 @@ async fn hostile_names_references_and_digests() {
         assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{path}: {answer}");
         assert!(answer.contains(code), "{path}: {answer}");
     }
-    assert_eq!(snapshot(&s.data), before, "stores unchanged");
+    assert_eq!(tessera_testkit::store_files(&s.data), before, "stores unchanged");
     assert_eq!(catalog(&api).await, json!(["good/repo"]));
     assert!(!s.log_text().contains("panicked"));
 }
@@ -137,7 +117,7 @@ async fn malformed_manifests_are_refused() {
     for b in image.blobs() {
         api.push_blob("m", b).await.unwrap();
     }
-    let before = snapshot(&s.data);
+    let before = tessera_testkit::store_files(&s.data);
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let config = Digest::sha256_of(&image.config).to_string();
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
@@ -174,7 +154,7 @@ async fn malformed_manifests_are_refused() {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(api.get("/v2/m/manifests/v1").await.unwrap().status(), 404, "nothing was stored");
-    assert_eq!(snapshot(&s.data), before);
+    assert_eq!(tessera_testkit::store_files(&s.data), before);
     assert!(!s.log_text().contains("panicked"));
 }
 
@@ -287,13 +267,14 @@ async fn blob_size_limit() {
     let config = dir.path().join("t.toml");
     std::fs::write(&config, "[limits]\nblob_max_bytes = 1000\n").unwrap();
     let (s, api) = start(&["--config", config.to_str().unwrap()]);
+    let before = tessera_testkit::store_files(&s.data);
     let data = random_bytes(5000, 1);
     let d = Digest::sha256_of(&data);
     let r =
         api.http.post(api.url(&format!("/v2/big/blobs/uploads/?digest={d}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(api.get(&format!("/v2/big/blobs/{d}")).await.unwrap().status(), 404);
-    assert!(snapshot(&s.data).is_empty(), "nothing left behind");
+    assert_eq!(tessera_testkit::store_files(&s.data), before, "nothing left behind");
     assert_eq!(api.push_blob("big", &data[..1000]).await.unwrap(), Digest::sha256_of(&data[..1000]));
 }
 

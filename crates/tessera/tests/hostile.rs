@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::time::Duration;
 
 use tessera_spec::Digest;
@@ -56,23 +55,6 @@ fn send(server: &Server, request: &[u8]) -> (u16, String) {
     (status, body)
 }
 
-fn snapshot(data: &Path) -> Vec<(String, u64)> {
-    fn walk(dir: &Path, out: &mut Vec<(String, u64)>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if !p.to_string_lossy().contains("meta.sqlite") {
-                out.push((p.display().to_string(), e.metadata().map(|m| m.len()).unwrap_or(0)));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(data, &mut out);
-    out.sort();
-    out
-}
-
 #[tokio::test]
 async fn sixty_and_more_hostile_requests() {
     let server = Server::start(BIN, &[]).unwrap();
@@ -82,7 +64,7 @@ async fn sixty_and_more_hostile_requests() {
     let layer = Digest::sha256_of(&image.layers[0]).to_string();
     let r = api.http.post(api.url("/v2/good/repo/blobs/uploads/")).send().await.unwrap();
     let upload = r.headers()["location"].to_str().unwrap().to_string();
-    let before = snapshot(&server.data);
+    let before = tessera_testkit::store_files(&server.data);
     let catalog_before = api.get("/v2/_catalog").await.unwrap().text().await.unwrap();
 
     let om = "application/vnd.oci.image.manifest.v1+json";
@@ -185,7 +167,7 @@ async fn sixty_and_more_hostile_requests() {
             );
         }
     }
-    assert_eq!(snapshot(&server.data), before, "stores unchanged by every hostile request");
+    assert_eq!(tessera_testkit::store_files(&server.data), before, "stores unchanged by every hostile request");
     assert_eq!(api.get("/v2/_catalog").await.unwrap().text().await.unwrap(), catalog_before);
     assert_eq!(api.get("/v2/good/repo/manifests/v1").await.unwrap().status(), 200, "still serving");
     assert!(!server.log_text().contains("panicked"));

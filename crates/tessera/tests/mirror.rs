@@ -2,14 +2,14 @@
 //! a second Tessera and Distribution (`docker-registry`).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use tessera_spec::Digest;
 use tessera_testkit::clients::{
     Access, ContainersFiles, DOCKER, Dockerd, Podman, access_log, short_tempdir, wait_until,
 };
-use tessera_testkit::{Api, Image, Server, error_code, have_tool};
+use tessera_testkit::{Api, Distribution, Image, Server, error_code, have_tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -169,11 +169,7 @@ async fn a_corrupted_upstream_blob_is_an_error_and_never_cached() {
     let image = Image::random(1, 600_000);
     Api::new(&upstream).push_image("bad/app", "v1", &image).await.unwrap();
     let d = Digest::sha256_of(&image.layers[0]);
-    // Flip one byte of the upstream's stored copy (it serves files as they are).
-    let path = upstream.data.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex());
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[1000] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
+    tessera_testkit::corrupt_stored_blob(&upstream, &d, 1000);
 
     let dir = tessera_testkit::tempdir().unwrap();
     let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
@@ -283,50 +279,6 @@ push = true
     assert_eq!(r.headers()["docker-content-digest"], theirs.digest().to_string().as_str(), "then the upstream");
 }
 
-/// Distribution from Debian's package, on a free port, with its own storage.
-struct Distribution {
-    child: Child,
-    addr: String,
-    _dir: tessera_testkit::TempDir,
-}
-
-impl Distribution {
-    fn start() -> Distribution {
-        let dir = tessera_testkit::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: \"{addr}\"}}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "Distribution did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Distribution { child, addr, _dir: dir }
-    }
-}
-
-impl Drop for Distribution {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn containerd_pulls_two_registries_through_one_tessera_by_ns() {
     if !have_tool("/usr/bin/docker-registry") || !have_tool("ctr") || !have_tool("containerd") {
@@ -334,7 +286,7 @@ async fn containerd_pulls_two_registries_through_one_tessera_by_ns() {
     }
     // "docker.io" is a second Tessera, "quay.io" is Distribution.
     let hub = Server::start(BIN, &[]).unwrap();
-    let quay = Distribution::start();
+    let quay = Distribution::start(None).unwrap();
     let (a, b) = (Image::random(2, 50_000), Image::random(1, 50_000));
     Api::new(&hub).push_image("library/alpine", "v1", &a).await.unwrap();
     let quay_api = Api { base: format!("http://{}", quay.addr), http: tessera_testkit::http_client() };
@@ -616,10 +568,7 @@ async fn skopeo_fails_on_a_corrupted_upstream_blob_and_nothing_is_kept() {
     let image = Image::random(1, 500_000);
     Api::new(&upstream).push_image("bad/app", "v1", &image).await.unwrap();
     let d = Digest::sha256_of(&image.layers[0]);
-    let path = upstream.data.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex());
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[4242] ^= 0x01;
-    std::fs::write(&path, &bytes).unwrap();
+    tessera_testkit::corrupt_stored_blob(&upstream, &d, 4242);
     let dir = tessera_testkit::tempdir().unwrap();
     let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
     let err = skopeo_pull(&format!("{}/mirror/up/bad/app:v1", mirror.host()), &dir.path().join("out")).unwrap_err();

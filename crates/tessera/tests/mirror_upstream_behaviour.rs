@@ -100,64 +100,17 @@ async fn referrers_pass_through_with_filtering() {
     assert_eq!(r.status(), 200);
 }
 
-/// Distribution from Debian's package requiring a login (htpasswd, bcrypt).
-struct LockedDistribution {
-    child: std::process::Child,
-    addr: String,
-    _dir: tessera_testkit::TempDir,
-}
-
-impl LockedDistribution {
-    fn start(user: &str, password: &str) -> LockedDistribution {
-        let dir = tessera_testkit::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let htpasswd = dir.path().join("htpasswd");
-        std::fs::write(&htpasswd, format!("{user}:{}\n", bcrypt::hash(password, 5).unwrap())).unwrap();
-        let config = dir.path().join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: info}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: \"{addr}\"}}\nauth:\n  htpasswd: {{realm: test-realm, path: {}}}\n",
-                dir.path().join("data").display(),
-                htpasswd.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = std::process::Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(std::time::Instant::now() < deadline, "Distribution did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        LockedDistribution { child, addr, _dir: dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for LockedDistribution {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn pulls_through_an_upstream_that_requires_a_login() {
     if !tessera_testkit::have_tool("/usr/bin/docker-registry") {
         return;
     }
-    let upstream = LockedDistribution::start("puller", "s3cret pass");
+    let users = tessera_testkit::tempdir().unwrap();
+    let upstream = tessera_testkit::Distribution::start(Some(&tessera_testkit::htpasswd_file(
+        users.path(),
+        &[("puller", "s3cret pass")],
+    )))
+    .unwrap();
     let image = Image::random(1, 20_000);
     // Seed it with an authenticated client.
     let http = tessera_testkit::http_client();
@@ -218,7 +171,7 @@ async fn pulls_through_an_upstream_that_requires_a_login() {
     let r = Api::new(&wrong).get("/v2/m/private/app/manifests/v1").await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("www-authenticate").is_none());
-    assert!(upstream.log().contains("puller"), "the upstream saw our login");
+    assert!(upstream.log_text().contains("puller"), "the upstream saw our login");
 }
 
 /// A TCP proxy to `target` that cuts the first answer to a blob GET without `Range` after

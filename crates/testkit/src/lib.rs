@@ -360,3 +360,95 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Every file under a data directory with its size, except SQLite's own files (WAL
+/// checkpoints change them without any content changing): what "the stores are
+/// unchanged" compares.
+pub fn store_files(data: &Path) -> Vec<(String, u64)> {
+    fn walk(dir: &Path, out: &mut Vec<(String, u64)>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if !p.to_string_lossy().contains(".sqlite") {
+                out.push((p.display().to_string(), e.metadata().map(|m| m.len()).unwrap_or(0)));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(data, &mut out);
+    out.sort();
+    out
+}
+
+/// Flips one byte of a blob a Tessera server stores (it serves files as they are), to play
+/// an upstream that lies.
+pub fn corrupt_stored_blob(server: &Server, digest: &Digest, at: usize) {
+    let path = server.data.join("blobs").join(digest.algorithm().as_str()).join(&digest.hex()[..2]).join(digest.hex());
+    let mut bytes = std::fs::read(&path).expect("stored blob");
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("rewrite blob");
+}
+
+/// An htpasswd file (bcrypt, cost 5 to keep tests quick) with `users` in `dir`.
+pub fn htpasswd_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    let path = dir.join("htpasswd");
+    let text: String = users.iter().map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 5).expect("bcrypt"))).collect();
+    std::fs::write(&path, text).expect("write htpasswd");
+    path
+}
+
+/// Distribution from Debian's `docker-registry` on a free loopback port, with its own
+/// storage, optionally behind an htpasswd file; killed when dropped.
+pub struct Distribution {
+    child: Child,
+    pub addr: String,
+    dir: TempDir,
+}
+
+impl Distribution {
+    pub fn start(htpasswd: Option<&Path>) -> Result<Distribution> {
+        let dir = tempfile::Builder::new().prefix("tdist").tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let auth = htpasswd
+            .map_or(String::new(), |h| format!("auth:\n  htpasswd: {{realm: test-realm, path: {}}}\n", h.display()));
+        let config = dir.path().join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: info}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: \"{addr}\"}}\n{auth}",
+                dir.path().join("data").display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let mut child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start docker-registry")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("Distribution did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Distribution { child, addr, dir })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
