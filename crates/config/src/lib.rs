@@ -39,6 +39,9 @@ pub struct Config {
     pub fallback: Fallback,
     /// Authentication; absent: no login asked (the open default, for loopback use).
     pub auth: Option<AuthConfig>,
+    /// Without `[auth]`: may anonymous clients push and delete? Default: only when
+    /// `listen` is a loopback address.
+    pub anonymous_writes: Option<bool>,
     /// Who may pull, push and delete under each name prefix (`[[access]]`), longest prefix
     /// first. Names no rule covers: any logged-in user may do anything, anonymous nothing.
     pub access: Vec<AccessRule>,
@@ -251,6 +254,7 @@ impl Default for Config {
             routes: Vec::new(),
             fallback: Fallback::Hosted,
             auth: None,
+            anonymous_writes: None,
             access: Vec::new(),
         }
     }

@@ -11,6 +11,20 @@ use tessera_spec::{ErrorCode, OciError, RepoName};
 
 use crate::endpoint::Endpoint;
 
+/// What a request does to which repository; `None` for endpoints outside repositories.
+pub(crate) fn action_of<'e>(method: &Method, endpoint: &'e Endpoint) -> Option<(Action, &'e RepoName)> {
+    match endpoint {
+        Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks | Endpoint::Base | Endpoint::Catalog(_) => None,
+        Endpoint::Tags { name, .. } | Endpoint::Referrers { name, .. } => Some((Action::Pull, name)),
+        Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } => Some(match *method {
+            Method::GET | Method::HEAD => (Action::Pull, name),
+            Method::DELETE => (Action::Delete, name),
+            _ => (Action::Push, name),
+        }),
+        Endpoint::UploadStart { name, .. } | Endpoint::Upload { name, .. } => Some((Action::Push, name)),
+    }
+}
+
 pub struct Auth {
     logins: Logins,
     access: Access,
@@ -99,8 +113,7 @@ impl Auth {
         method: &Method,
         endpoint: &Endpoint,
     ) -> Result<(), OciError> {
-        let (action, name): (Action, &RepoName) = match endpoint {
-            Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks => return Ok(()),
+        let (action, name) = match endpoint {
             // The base endpoint always challenges a caller with neither a login nor a token,
             // even where anonymous pulls are allowed: clients only send credentials (or fetch
             // an anonymous token) after the challenge of their first probe.
@@ -118,13 +131,10 @@ impl Auth {
                     Err(self.challenge(parts, "authentication required", None))
                 };
             }
-            Endpoint::Tags { name, .. } | Endpoint::Referrers { name, .. } => (Action::Pull, name),
-            Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } => match *method {
-                Method::GET | Method::HEAD => (Action::Pull, name),
-                Method::DELETE => (Action::Delete, name),
-                _ => (Action::Push, name),
+            _ => match action_of(method, endpoint) {
+                Some(target) => target,
+                None => return Ok(()),
             },
-            Endpoint::UploadStart { name, .. } | Endpoint::Upload { name, .. } => (Action::Push, name),
         };
         if let Some(token) = &caller.token {
             // A token carries its grants; one that lacks this scope sends the client back

@@ -208,7 +208,19 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             auth.authorize(parts, &caller, method, &endpoint)?;
             Some(caller)
         }
-        None => None,
+        None => {
+            // With no login configured, writes are anonymous: allowed only where that was chosen
+            // (by default on loopback listeners only).
+            if !state.anonymous_writes
+                && crate::auth::action_of(method, &endpoint).is_some_and(|(a, _)| a != tessera_access::Action::Pull)
+            {
+                return Err(OciError::new(
+                    ErrorCode::Denied,
+                    "anonymous pushes and deletes are refused on this listener; configure [auth] (or anonymous_writes = true)",
+                ));
+            }
+            None
+        }
     };
     match endpoint {
         Endpoint::Base => match *method {

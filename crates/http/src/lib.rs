@@ -31,6 +31,8 @@ pub struct AppState {
     /// Login and access policy; `None` when no login is asked.
     pub auth: Option<auth::Auth>,
     pub limits: limits::ClientLimits,
+    /// Without a login configured, whether anonymous clients may push and delete.
+    pub anonymous_writes: bool,
 }
 
 pub use metrics::Metrics;

@@ -51,7 +51,15 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         metrics: Default::default(),
         auth,
         limits,
+        anonymous_writes: anonymous_writes(config),
     })
+}
+
+/// Whether anonymous clients may write when no login is configured: as configured, else
+/// only on loopback listeners (the zero-config default stays open where only this machine
+/// can reach it).
+fn anonymous_writes(config: &Config) -> bool {
+    config.anonymous_writes.unwrap_or_else(|| config.listen.ip().is_loopback())
 }
 
 /// The login step: users from the htpasswd file, rights from the `[[access]]` rules.
@@ -59,10 +67,17 @@ fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>
     use tessera_access::{Access, Action, Htpasswd, Logins, Rule};
     let Some(auth) = &config.auth else {
         if !config.listen.ip().is_loopback() {
-            tracing::warn!(
-                "listening on {} with no login: anyone who can reach it may push and delete; see docs/security.md",
-                config.listen
-            );
+            if anonymous_writes(config) {
+                tracing::warn!(
+                    "no login on {} and anonymous_writes = true: anyone who can reach it may push and delete",
+                    config.listen
+                );
+            } else {
+                tracing::warn!(
+                    "no login on {}: pulls are open, pushes and deletes refused; configure [auth] (docs/security.md)",
+                    config.listen
+                );
+            }
         }
         return Ok(None);
     };

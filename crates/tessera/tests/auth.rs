@@ -260,3 +260,23 @@ print(c.pull(target="{host}/art/note:v1", outdir="out"))
     assert!(out.contains("note.txt"), "{out}");
     assert_eq!(std::fs::read(work.join("out/note.txt")).unwrap(), b"artifact behind a login");
 }
+
+#[tokio::test]
+async fn without_a_login_only_loopback_listeners_take_anonymous_writes() {
+    let server = Server::start_on(BIN, "0.0.0.0:0", &[]).unwrap();
+    let api = Api { base: format!("http://127.0.0.1:{}", server.addr.port()), http: tessera_testkit::http_client() };
+    let r = api.http.post(api.url("/v2/a/b/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "DENIED");
+    let r = api.http.delete(api.url(&format!("/v2/a/b/blobs/{}", Digest::sha256_of(b"x")))).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(api.get("/v2/").await.unwrap().status(), 200, "pulls stay open");
+    assert!(server.log_text().contains("pushes and deletes refused"));
+    // Chosen explicitly, anonymous writes are allowed off loopback too.
+    let dir = tessera_testkit::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(&config, "anonymous_writes = true\n").unwrap();
+    let open = Server::start_on(BIN, "0.0.0.0:0", &["--config", config.to_str().unwrap()]).unwrap();
+    let api = Api { base: format!("http://127.0.0.1:{}", open.addr.port()), http: tessera_testkit::http_client() };
+    assert_eq!(api.http.post(api.url("/v2/a/b/blobs/uploads/")).send().await.unwrap().status(), 202);
+}

@@ -36,11 +36,20 @@ impl Server {
 
     /// Like [`Server::start`], keeping data in `data` instead of a fresh directory.
     pub fn start_in(bin: &str, data: Option<&Path>, extra: &[&str]) -> Result<Server> {
+        Self::start_with(bin, data, "127.0.0.1:0", extra)
+    }
+
+    /// Like [`Server::start`], listening on `listen` (e.g. `0.0.0.0:0`).
+    pub fn start_on(bin: &str, listen: &str, extra: &[&str]) -> Result<Server> {
+        Self::start_with(bin, None, listen, extra)
+    }
+
+    fn start_with(bin: &str, data: Option<&Path>, listen: &str, extra: &[&str]) -> Result<Server> {
         let dir = tempfile::Builder::new().prefix("tsr").tempdir()?;
         let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let log = dir.path().join("server.log");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (child, addr) = spawn(Path::new(bin), &data, &log, "127.0.0.1:0", &extra)?;
+        let (child, addr) = spawn(Path::new(bin), &data, &log, listen, &extra)?;
         Ok(Server { addr, data, log, bin: bin.into(), extra, child, _dir: Some(dir) })
     }
 
@@ -120,7 +129,7 @@ fn spawn(bin: &Path, data: &Path, log: &Path, listen: &str, extra: &[String]) ->
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = writeln!(log_file, "{line}");
-            if let Some(rest) = line.split("listening on ").nth(1) {
+            if let Some(rest) = line.split(" listening on ").nth(1).filter(|r| r.starts_with("http")) {
                 let addr =
                     rest.split(',').next().unwrap_or("").trim_start_matches("http://").trim_start_matches("https://");
                 let _ = tx.send(addr.to_string());
