@@ -33,28 +33,149 @@ pub struct Grant {
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     iss: String,
+    #[serde(default)]
     sub: String,
-    aud: String,
+    aud: Audience,
     exp: u64,
+    #[serde(default)]
     nbf: u64,
+    #[serde(default)]
     iat: u64,
+    #[serde(default)]
     jti: String,
-    access: Vec<Grant>,
+    /// Docker-style grants. Tokens from other issuers may carry none: then the policy
+    /// decides for the `sub` they name.
+    #[serde(default)]
+    access: Option<Vec<Grant>>,
 }
 
-/// A verified token: who it was issued to and what it grants.
+/// `aud` is a string or a list of strings (RFC 7519).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn includes(&self, service: &str) -> bool {
+        match self {
+            Audience::One(a) => a == service,
+            Audience::Many(all) => all.iter().any(|a| a == service),
+        }
+    }
+}
+
+/// A public key tokens may be signed with.
+#[derive(Debug, Clone)]
+pub struct VerifyKey {
+    pub kid: Option<String>,
+    key: KeyKind,
+}
+
+#[derive(Debug, Clone)]
+enum KeyKind {
+    /// Uncompressed SEC1 P-256 point.
+    Es256(Vec<u8>),
+    /// RSA modulus and exponent, big-endian.
+    Rs256 { n: Vec<u8>, e: Vec<u8> },
+}
+
+/// Reads the keys of a JWKS document (EC P-256 for ES256, RSA for RS256; others skipped).
+pub fn jwks_keys(jwks: &serde_json::Value) -> Result<Vec<VerifyKey>, String> {
+    let mut keys = Vec::new();
+    for k in jwks["keys"].as_array().ok_or("a JWKS document has a \"keys\" list")? {
+        let part = |name: &str| -> Result<Vec<u8>, String> {
+            B64.decode(k[name].as_str().ok_or(format!("key without {name}"))?).map_err(|e| format!("key {name}: {e}"))
+        };
+        let kid = k["kid"].as_str().map(str::to_string);
+        let key = match (k["kty"].as_str(), k["crv"].as_str()) {
+            (Some("EC"), Some("P-256")) => {
+                let mut point = vec![4u8];
+                point.extend(part("x")?);
+                point.extend(part("y")?);
+                KeyKind::Es256(point)
+            }
+            (Some("RSA"), _) => KeyKind::Rs256 { n: part("n")?, e: part("e")? },
+            _ => continue,
+        };
+        keys.push(VerifyKey { kid, key });
+    }
+    if keys.is_empty() {
+        return Err("no usable key (EC P-256 or RSA) in the JWKS document".into());
+    }
+    Ok(keys)
+}
+
+/// Verifies `token` against `keys` (the one named by `kid` when the token names one), then
+/// its issuer, audience and times. Only ES256 and RS256 are accepted.
+pub fn verify_with(token: &str, issuer: &str, audience: &str, keys: &[VerifyKey]) -> Result<Verified, &'static str> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err("malformed token");
+    };
+    let header: serde_json::Value =
+        serde_json::from_slice(&B64.decode(h).map_err(|_| "malformed token")?).map_err(|_| "malformed token")?;
+    let alg = header["alg"].as_str().unwrap_or("");
+    if alg != "ES256" && alg != "RS256" {
+        return Err("unsupported token algorithm");
+    }
+    let kid = header["kid"].as_str();
+    let signature = B64.decode(s).map_err(|_| "malformed token")?;
+    let signed = format!("{h}.{c}");
+    let valid = keys.iter().filter(|k| kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid).any(|k| {
+        match (&k.key, alg) {
+            (KeyKind::Es256(point), "ES256") => {
+                UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point).verify(signed.as_bytes(), &signature).is_ok()
+            }
+            (KeyKind::Rs256 { n, e }, "RS256") => ring::signature::RsaPublicKeyComponents { n, e }
+                .verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, signed.as_bytes(), &signature)
+                .is_ok(),
+            _ => false,
+        }
+    });
+    if !valid {
+        return Err("bad token signature");
+    }
+    let claims: Claims =
+        serde_json::from_slice(&B64.decode(c).map_err(|_| "malformed token")?).map_err(|_| "malformed token")?;
+    if claims.iss != issuer {
+        return Err("token from another issuer");
+    }
+    if !claims.aud.includes(audience) {
+        return Err("token for another service");
+    }
+    let t = now();
+    if claims.nbf > t + LEEWAY || claims.exp + LEEWAY < t {
+        return Err("token expired or not yet valid");
+    }
+    let identity = if claims.sub.is_empty() { Identity::Anonymous } else { Identity::User(claims.sub) };
+    Ok(Verified { identity, grants: claims.access })
+}
+
+/// The issuer a token claims, read without verifying anything (to pick whose keys verify it).
+pub fn claimed_issuer(token: &str) -> Option<String> {
+    let claims = token.split('.').nth(1)?;
+    let value: serde_json::Value = serde_json::from_slice(&B64.decode(claims).ok()?).ok()?;
+    value["iss"].as_str().map(str::to_string)
+}
+
+/// A verified token: who it was issued to and, for Docker-style tokens, what it grants.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verified {
     pub identity: Identity,
-    pub grants: Vec<Grant>,
+    /// `None`: the token names an identity only, and the policy decides for it.
+    pub grants: Option<Vec<Grant>>,
 }
 
 impl Verified {
-    /// Whether the token allows `action` on repository `name`.
-    pub fn allows(&self, action: Action, name: &str) -> bool {
-        self.grants.iter().any(|g| {
+    /// Whether the token's grants allow `action` on repository `name` (`None` when the
+    /// token carries no grants).
+    pub fn allows(&self, action: Action, name: &str) -> Option<bool> {
+        let grants = self.grants.as_ref()?;
+        Some(grants.iter().any(|g| {
             g.kind == "repository" && g.name == name && g.actions.iter().any(|a| a == action.as_str() || a == "*")
-        })
+        }))
     }
 }
 
@@ -107,12 +228,12 @@ impl TokenIssuer {
                 Identity::User(u) => u.clone(),
                 Identity::Anonymous => String::new(),
             },
-            aud: self.service.clone(),
+            aud: Audience::One(self.service.clone()),
             exp: iat + self.ttl.as_secs(),
             nbf: iat,
             iat,
             jti: B64.encode(jti),
-            access: grants,
+            access: Some(grants),
         };
         let header = serde_json::json!({ "alg": "ES256", "typ": "JWT", "kid": self.kid });
         let signing_input = format!(
@@ -124,34 +245,14 @@ impl TokenIssuer {
         Ok((format!("{signing_input}.{}", B64.encode(signature.as_ref())), self.ttl.as_secs()))
     }
 
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     /// Checks signature, algorithm, issuer, audience and times; returns what the token says.
     pub fn verify(&self, token: &str) -> Result<Verified, &'static str> {
-        let mut parts = token.split('.');
-        let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-            return Err("malformed token");
-        };
-        let header: serde_json::Value =
-            serde_json::from_slice(&B64.decode(h).map_err(|_| "malformed token")?).map_err(|_| "malformed token")?;
-        if header["alg"] != "ES256" {
-            return Err("unsupported token algorithm");
-        }
-        let signature = B64.decode(s).map_err(|_| "malformed token")?;
-        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, self.key.public_key().as_ref());
-        public.verify(format!("{h}.{c}").as_bytes(), &signature).map_err(|_| "bad token signature")?;
-        let claims: Claims =
-            serde_json::from_slice(&B64.decode(c).map_err(|_| "malformed token")?).map_err(|_| "malformed token")?;
-        if claims.iss != self.issuer {
-            return Err("token from another issuer");
-        }
-        if claims.aud != self.service {
-            return Err("token for another service");
-        }
-        let t = now();
-        if claims.nbf > t + LEEWAY || claims.exp + LEEWAY < t {
-            return Err("token expired or not yet valid");
-        }
-        let identity = if claims.sub.is_empty() { Identity::Anonymous } else { Identity::User(claims.sub) };
-        Ok(Verified { identity, grants: claims.access })
+        let key = VerifyKey { kid: None, key: KeyKind::Es256(self.key.public_key().as_ref().to_vec()) };
+        verify_with(token, &self.issuer, &self.service, std::slice::from_ref(&key))
     }
 
     /// The public key as a JWKS document.
@@ -204,13 +305,22 @@ mod tests {
         assert_eq!(ttl, 60);
         let v = t.verify(&token).unwrap();
         assert_eq!(v.identity, Identity::User("alice".into()));
-        assert!(v.allows(Action::Pull, "a/b"));
-        assert!(!v.allows(Action::Push, "a/b"));
-        assert!(!v.allows(Action::Pull, "a/c"));
+        assert_eq!(v.allows(Action::Pull, "a/b"), Some(true));
+        assert_eq!(v.allows(Action::Push, "a/b"), Some(false));
+        assert_eq!(v.allows(Action::Pull, "a/c"), Some(false));
         // The key persists: a second issuer from the same file verifies the same token.
         assert!(issuer(dir.path()).verify(&token).is_ok());
         let jwks = t.jwks();
         assert_eq!(jwks["keys"][0]["crv"], "P-256");
+        // Its JWKS verifies the token as another service would.
+        let keys = jwks_keys(&jwks).unwrap();
+        assert_eq!(
+            verify_with(&token, "tessera", "registry.test", &keys).unwrap().identity,
+            Identity::User("alice".into())
+        );
+        assert_eq!(verify_with(&token, "someone-else", "registry.test", &keys), Err("token from another issuer"));
+        assert_eq!(claimed_issuer(&token).as_deref(), Some("tessera"));
+        assert!(jwks_keys(&serde_json::json!({"keys": []})).is_err());
     }
 
     #[test]

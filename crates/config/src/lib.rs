@@ -65,6 +65,41 @@ pub struct AuthConfig {
     /// PKCS#8 P-256 key signing tokens; created when missing. Default `<data>/token-key.p8`.
     #[serde(default)]
     pub token_key: Option<PathBuf>,
+    /// The `iss` of tokens this registry issues.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// Other issuers whose Bearer tokens are accepted (`[[auth.trusted_issuer]]`).
+    #[serde(default)]
+    pub trusted_issuer: Vec<TrustedIssuer>,
+}
+
+fn default_issuer() -> String {
+    "tessera".into()
+}
+
+impl AuthConfig {
+    /// Basic logins from `htpasswd`, everything else at its default.
+    pub fn new(htpasswd: PathBuf) -> AuthConfig {
+        AuthConfig {
+            htpasswd,
+            realm: default_realm(),
+            token: false,
+            token_ttl_secs: default_token_ttl(),
+            token_key: None,
+            issuer: default_issuer(),
+            trusted_issuer: Vec::new(),
+        }
+    }
+}
+
+/// An external token issuer: its tokens are verified against the keys of its JWKS file and
+/// must name this `issuer` and `audience`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuer {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks_file: PathBuf,
 }
 
 fn default_token_ttl() -> u64 {

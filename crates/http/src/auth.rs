@@ -5,7 +5,7 @@
 
 use axum::http::request::Parts;
 use axum::http::{Method, header};
-use tessera_access::token::{Grant, TokenIssuer, Verified, parse_scope};
+use tessera_access::token::{Grant, TokenIssuer, Verified, VerifyKey, claimed_issuer, parse_scope, verify_with};
 use tessera_access::{Access, Action, Decision, Identity, Logins};
 use tessera_spec::{ErrorCode, OciError, RepoName};
 
@@ -25,11 +25,19 @@ pub(crate) fn action_of<'e>(method: &Method, endpoint: &'e Endpoint) -> Option<(
     }
 }
 
+/// Another token issuer whose tokens this registry accepts (verified against its keys).
+pub struct TrustedIssuer {
+    pub issuer: String,
+    pub audience: String,
+    pub keys: Vec<VerifyKey>,
+}
+
 pub struct Auth {
     logins: Logins,
     access: Access,
     realm: String,
     tokens: Option<TokenIssuer>,
+    trusted: Vec<TrustedIssuer>,
     /// Scheme of the token realm URL (`https` when serving TLS).
     scheme: &'static str,
 }
@@ -41,8 +49,30 @@ pub struct Caller {
 }
 
 impl Auth {
-    pub fn new(logins: Logins, access: Access, realm: String, tokens: Option<TokenIssuer>, tls: bool) -> Auth {
-        Auth { logins, access, realm, tokens, scheme: if tls { "https" } else { "http" } }
+    pub fn new(
+        logins: Logins,
+        access: Access,
+        realm: String,
+        tokens: Option<TokenIssuer>,
+        trusted: Vec<TrustedIssuer>,
+        tls: bool,
+    ) -> Auth {
+        Auth { logins, access, realm, tokens, trusted, scheme: if tls { "https" } else { "http" } }
+    }
+
+    /// Verifies a Bearer token: one of ours, or one from a trusted issuer (picked by the
+    /// `iss` it claims, then checked against that issuer's keys and audience).
+    fn verify_token(&self, token: &str) -> Result<Verified, &'static str> {
+        let claimed = claimed_issuer(token);
+        if let Some(ours) = &self.tokens
+            && claimed.as_deref() == Some(ours.issuer())
+        {
+            return ours.verify(token);
+        }
+        match self.trusted.iter().find(|t| claimed.as_deref() == Some(t.issuer.as_str())) {
+            Some(t) => verify_with(token, &t.issuer, &t.audience, &t.keys),
+            None => Err("token from an issuer this registry does not trust"),
+        }
     }
 
     /// A 401 with the challenge of this registry's login mode; `scope` names what is asked.
@@ -90,10 +120,8 @@ impl Auth {
         if scheme.eq_ignore_ascii_case("basic") {
             return Ok(Caller { identity: self.basic_user(parts, rest)?, token: None });
         }
-        if scheme.eq_ignore_ascii_case("bearer")
-            && let Some(tokens) = &self.tokens
-        {
-            return match tokens.verify(rest.trim()) {
+        if scheme.eq_ignore_ascii_case("bearer") && (self.tokens.is_some() || !self.trusted.is_empty()) {
+            return match self.verify_token(rest.trim()) {
                 Ok(v) => Ok(Caller { identity: v.identity.clone(), token: Some(v) }),
                 Err(why) => {
                     tracing::info!("token refused: {why}");
@@ -136,14 +164,13 @@ impl Auth {
                 None => return Ok(()),
             },
         };
-        if let Some(token) = &caller.token {
-            // A token carries its grants; one that lacks this scope sends the client back
-            // for a token that has it (the policy then decides what that one grants).
-            return if token.allows(action, name.as_str()) {
-                Ok(())
-            } else {
-                Err(self.challenge(parts, "the token does not grant this", Some((name, action))))
-            };
+        // A token with grants decides by them; one that lacks this scope sends the client
+        // back for a token that has it. A token naming only an identity is decided by the
+        // policy, like a login.
+        match caller.token.as_ref().and_then(|t| t.allows(action, name.as_str())) {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(self.challenge(parts, "the token does not grant this", Some((name, action)))),
+            None => {}
         }
         match self.access.decide(&caller.identity, action, name.as_str()) {
             Decision::Allow => Ok(()),
@@ -156,8 +183,8 @@ impl Auth {
 
     /// Whether the caller may pull `name` (a cross-repository mount reads its source).
     pub fn may_pull(&self, caller: &Caller, name: &RepoName) -> bool {
-        match &caller.token {
-            Some(token) => token.allows(Action::Pull, name.as_str()),
+        match caller.token.as_ref().and_then(|t| t.allows(Action::Pull, name.as_str())) {
+            Some(allowed) => allowed,
             None => self.access.decide(&caller.identity, Action::Pull, name.as_str()) == Decision::Allow,
         }
     }

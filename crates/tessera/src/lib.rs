@@ -98,7 +98,10 @@ fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>
     let tokens = if auth.token {
         let key = auth.token_key.clone().unwrap_or_else(|| config.data.join("token-key.p8"));
         let ttl = std::time::Duration::from_secs(auth.token_ttl_secs);
-        Some(tessera_access::token::TokenIssuer::open(&key, "tessera", &auth.realm, ttl).map_err(anyhow::Error::msg)?)
+        Some(
+            tessera_access::token::TokenIssuer::open(&key, &auth.issuer, &auth.realm, ttl)
+                .map_err(anyhow::Error::msg)?,
+        )
     } else {
         None
     };
@@ -108,11 +111,25 @@ fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>
         htpasswd.len(),
         auth.htpasswd.display()
     );
+    let trusted = auth
+        .trusted_issuer
+        .iter()
+        .map(|t| {
+            let text = std::fs::read_to_string(&t.jwks_file)
+                .with_context(|| format!("cannot read {}", t.jwks_file.display()))?;
+            let jwks: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", t.jwks_file.display()))?;
+            let keys = tessera_access::token::jwks_keys(&jwks)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", t.jwks_file.display()))?;
+            Ok(tessera_http::auth::TrustedIssuer { issuer: t.issuer.clone(), audience: t.audience.clone(), keys })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Some(tessera_http::auth::Auth::new(
         Logins::new(htpasswd),
         Access::new(rules),
         auth.realm.clone(),
         tokens,
+        trusted,
         config.tls.is_some(),
     )))
 }

@@ -89,10 +89,8 @@ impl ServeArgs {
             config.data = data.clone();
         }
         if let Some(htpasswd) = &self.htpasswd {
-            let realm = config.auth.as_ref().map_or_else(|| "tessera".to_string(), |a| a.realm.clone());
-            let (token, token_ttl_secs, token_key) =
-                config.auth.as_ref().map_or((false, 300, None), |a| (a.token, a.token_ttl_secs, a.token_key.clone()));
-            config.auth = Some(AuthConfig { htpasswd: htpasswd.clone(), realm, token, token_ttl_secs, token_key });
+            let template = config.auth.clone().unwrap_or_else(|| AuthConfig::new(htpasswd.clone()));
+            config.auth = Some(AuthConfig { htpasswd: htpasswd.clone(), ..template });
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config.tls = Some(TlsConfig { cert: cert.clone(), key: key.clone() });

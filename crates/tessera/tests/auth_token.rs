@@ -226,3 +226,83 @@ async fn a_mirror_pulls_through_an_upstream_that_wants_tokens() {
     assert!(token_requests >= 1, "the mirror fetched a token");
     assert!(token_requests <= 2, "and reused it: {token_requests} token requests");
 }
+
+/// A token-flow registry with its own issuer name and service.
+fn issuer_server(dir: &Path, issuer: &str, service: &str) -> Server {
+    let htpasswd = tessera_testkit::htpasswd_file(dir, &[("alice", "alice-pass")]);
+    let config = dir.join("i.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nhtpasswd = \"{}\"\nrealm = \"{service}\"\ntoken = true\nissuer = \"{issuer}\"\n",
+            htpasswd.display()
+        ),
+    )
+    .unwrap();
+    Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap()
+}
+
+async fn token_from(server: &Server, service: &str, scope: &str) -> String {
+    let api = Api::new(server);
+    let r = api
+        .http
+        .get(api.url("/token"))
+        .query(&[("service", service), ("scope", scope)])
+        .basic_auth("alice", Some("alice-pass"))
+        .send()
+        .await
+        .unwrap();
+    r.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn tokens_from_a_trusted_external_issuer() {
+    let (idp_dir, rogue_dir, dir) =
+        (tessera_testkit::tempdir().unwrap(), tessera_testkit::tempdir().unwrap(), tessera_testkit::tempdir().unwrap());
+    // The external issuer (another Tessera), its JWKS saved for the registry to trust.
+    let idp = issuer_server(idp_dir.path(), "idp.example", "registry.test");
+    let jwks = Api::new(&idp).get("/.well-known/jwks.json").await.unwrap().text().await.unwrap();
+    let jwks_file = dir.path().join("idp-jwks.json");
+    std::fs::write(&jwks_file, jwks).unwrap();
+    let htpasswd = tessera_testkit::htpasswd_file(dir.path(), &[("bob", "bob-pass")]);
+    let config = dir.path().join("r.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nhtpasswd = \"{}\"\nrealm = \"registry.test\"\n\n[[auth.trusted_issuer]]\nissuer = \"idp.example\"\naudience = \"registry.test\"\njwks_file = \"{}\"\n",
+            htpasswd.display(),
+            jwks_file.display()
+        ),
+    )
+    .unwrap();
+    let registry = Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap();
+    let api = Api::new(&registry);
+
+    let good = token_from(&idp, "registry.test", "repository:team/app:pull,push").await;
+    let r = api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(&good).send().await.unwrap();
+    assert_eq!(r.status(), 202, "the trusted issuer's grant is honoured");
+    let r = api.http.post(api.url("/v2/other/app/blobs/uploads/")).bearer_auth(&good).send().await.unwrap();
+    assert_eq!(r.status(), 401, "only what it grants");
+
+    // Same issuer name, other key: refused. Trusted issuer, other audience: refused.
+    let rogue = issuer_server(rogue_dir.path(), "idp.example", "registry.test");
+    let forged = token_from(&rogue, "registry.test", "repository:team/app:pull,push").await;
+    assert_eq!(
+        api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(&forged).send().await.unwrap().status(),
+        401
+    );
+    // The trusted issuer's own key, but tokens for another service: refused on audience.
+    let other_config = idp_dir.path().join("elsewhere.toml");
+    let text = std::fs::read_to_string(idp_dir.path().join("i.toml"))
+        .unwrap()
+        .replace("realm = \"registry.test\"", "realm = \"elsewhere\"");
+    std::fs::write(&other_config, text).unwrap();
+    let idp_elsewhere = Server::start_in(BIN, Some(&idp.data), &["--config", other_config.to_str().unwrap()]).unwrap();
+    let elsewhere = token_from(&idp_elsewhere, "elsewhere", "repository:team/app:pull,push").await;
+    assert_eq!(
+        api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(&elsewhere).send().await.unwrap().status(),
+        401
+    );
+    assert!(registry.log_text().contains("token for another service"), "{}", registry.log_text());
+    assert!(registry.log_text().contains("bad token signature"), "the rogue key was refused");
+}
