@@ -271,7 +271,7 @@ async fn without_a_login_only_loopback_listeners_take_anonymous_writes() {
     let r = api.http.delete(api.url(&format!("/v2/a/b/blobs/{}", Digest::sha256_of(b"x")))).send().await.unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(api.get("/v2/").await.unwrap().status(), 200, "pulls stay open");
-    assert!(server.log_text().contains("pushes and deletes refused"));
+    assert!(server.wait_for_log("pushes and deletes refused", std::time::Duration::from_secs(5)));
     // Chosen explicitly, anonymous writes are allowed off loopback too.
     let dir = tessera_testkit::tempdir().unwrap();
     let config = dir.path().join("t.toml");

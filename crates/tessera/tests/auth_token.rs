@@ -303,6 +303,13 @@ async fn tokens_from_a_trusted_external_issuer() {
         api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(&elsewhere).send().await.unwrap().status(),
         401
     );
-    assert!(registry.log_text().contains("token for another service"), "{}", registry.log_text());
-    assert!(registry.log_text().contains("bad token signature"), "the rogue key was refused");
+    assert!(
+        registry.wait_for_log("token for another service", std::time::Duration::from_secs(5)),
+        "{}",
+        registry.log_text()
+    );
+    assert!(
+        registry.wait_for_log("bad token signature", std::time::Duration::from_secs(5)),
+        "the rogue key was refused"
+    );
 }

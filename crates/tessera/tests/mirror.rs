@@ -187,7 +187,7 @@ async fn a_corrupted_upstream_blob_is_an_error_and_never_cached() {
         }
         assert!(!cached(&mirror, &d), "nothing committed");
     }
-    assert!(mirror.log_text().contains("does not match its digest"));
+    assert!(mirror.wait_for_log("does not match its digest", Duration::from_secs(5)));
     let metrics = api.get("/metrics").await.unwrap().text().await.unwrap();
     assert!(!metrics.contains("tessera_cache_digest_mismatches_total{upstream=\"up\"} 0"), "counted: {metrics}");
     assert!(metrics.contains("tessera_cache_blobs_fetched_total{upstream=\"up\"} 0"), "nothing kept: {metrics}");
@@ -486,7 +486,7 @@ async fn the_cache_keeps_to_its_size_bound_evicting_least_recently_used() {
     assert!(wait_cached(&mirror, &layers[1]));
     let gets = requests(&upstream, &format!("\"GET /v2/lru/app/blobs/{}", layers[1]));
     assert_eq!(gets.len(), 2, "{gets:?}");
-    assert!(mirror.log_text().contains("evicted from the cache"));
+    assert!(mirror.wait_for_log("evicted from the cache", Duration::from_secs(5)));
 }
 
 /// `skopeo copy` of `reference` out of the mirror into an OCI layout; its stderr on failure.
@@ -574,5 +574,5 @@ async fn skopeo_fails_on_a_corrupted_upstream_blob_and_nothing_is_kept() {
     let err = skopeo_pull(&format!("{}/mirror/up/bad/app:v1", mirror.host()), &dir.path().join("out")).unwrap_err();
     assert!(!err.is_empty());
     assert!(!cached(&mirror, &d), "the corrupted blob was not kept");
-    assert!(mirror.log_text().contains("does not match its digest"));
+    assert!(mirror.wait_for_log("does not match its digest", Duration::from_secs(5)));
 }

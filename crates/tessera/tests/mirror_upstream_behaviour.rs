@@ -171,6 +171,10 @@ async fn pulls_through_an_upstream_that_requires_a_login() {
     let r = Api::new(&wrong).get("/v2/m/private/app/manifests/v1").await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("www-authenticate").is_none());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !upstream.log_text().contains("puller") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(upstream.log_text().contains("puller"), "the upstream saw our login");
 }
 
@@ -248,7 +252,7 @@ async fn a_broken_upstream_transfer_is_resumed_with_range() {
     let r = api.get(&format!("/v2/m/big/app/blobs/{d}")).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), &image.layers[0][..], "the whole blob, verified");
-    assert!(mirror.log_text().contains("resuming"), "{}", mirror.log_text());
+    assert!(mirror.wait_for_log("resuming", std::time::Duration::from_secs(5)), "{}", mirror.log_text());
     let log = upstream.log_text();
     assert!(
         log.lines().any(|l| l.contains(&format!("/v2/big/app/blobs/{d}")) && l.contains("\" 206 ")),
