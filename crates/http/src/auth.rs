@@ -113,7 +113,13 @@ impl Auth {
     /// Who sent `parts`. Wrong credentials are refused outright (never downgraded to anonymous).
     pub fn identify(&self, parts: &Parts) -> Result<Caller, OciError> {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Ok(Caller { identity: Identity::Anonymous, token: None });
+            // A client certificate the TLS layer verified against the client CA identifies
+            // its holder by the subject's common name.
+            let identity = match parts.extensions.get::<crate::server::ClientCertificate>() {
+                Some(cert) => Identity::User(cert.0.clone()),
+                None => Identity::Anonymous,
+            };
+            return Ok(Caller { identity, token: None });
         };
         let value = value.to_str().map_err(|_| self.challenge(parts, "malformed credentials", None))?;
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));

@@ -63,14 +63,34 @@ impl CertStore {
     }
 
     /// A rustls server configuration (TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN) that
-    /// presents this store's current certificate.
-    pub fn server_config(self: &Arc<Self>) -> io::Result<Arc<rustls::ServerConfig>> {
-        let mut config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                .map_err(io::Error::other)?
-                .with_no_client_auth()
-                .with_cert_resolver(self.clone());
+    /// presents this store's current certificate. With `client_ca`, client certificates
+    /// signed by it are verified (and with `required`, demanded).
+    pub fn server_config(
+        self: &Arc<Self>,
+        client_ca: Option<&Path>,
+        required: bool,
+    ) -> io::Result<Arc<rustls::ServerConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(io::Error::other)?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                let certs = CertificateDer::pem_file_iter(ca)
+                    .map_err(|e| io::Error::other(format!("cannot read {}: {e}", ca.display())))?;
+                for cert in certs {
+                    roots
+                        .add(cert.map_err(|e| io::Error::other(format!("{}: {e}", ca.display())))?)
+                        .map_err(io::Error::other)?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let verifier = if required { verifier } else { verifier.allow_unauthenticated() };
+                builder.with_client_cert_verifier(verifier.build().map_err(io::Error::other)?)
+            }
+        };
+        let mut config = builder.with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
@@ -133,13 +153,17 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper::service::service_fn({
-            let app = app.clone();
-            move |mut req: Request<Incoming>| {
+        let connection_app = app.clone();
+        let service = move |identity: Option<ClientCertificate>| {
+            let app = connection_app.clone();
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(ClientAddr(peer));
+                if let Some(id) = &identity {
+                    req.extensions_mut().insert(id.clone());
+                }
                 app.clone().oneshot(req.map(axum::body::Body::new))
-            }
-        });
+            })
+        };
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
@@ -147,7 +171,9 @@ pub async fn serve(
             match acceptor {
                 Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                        let identity =
+                            tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_name(c));
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service(identity));
                         if let Err(e) = watcher.watch(conn.into_owned()).await {
                             tracing::debug!(%peer, "connection ended: {e}");
                         }
@@ -160,7 +186,7 @@ pub async fn serve(
                     if answers_tls_probe(&mut stream, peer).await {
                         return;
                     }
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, "connection ended: {e}");
                     }
@@ -174,6 +200,17 @@ pub async fn serve(
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; stopping anyway"),
     }
     Ok(())
+}
+
+/// The verified client certificate of a TLS connection, by its subject's common name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientCertificate(pub String);
+
+/// The subject common name of a certificate rustls has verified against the client CA.
+fn subject_name(der: &CertificateDer<'_>) -> Option<ClientCertificate> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(ClientCertificate(cn))
 }
 
 /// On a plain listener, answers a client that opens with a TLS handshake. Returns whether it did.

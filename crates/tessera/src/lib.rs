@@ -212,7 +212,12 @@ pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future
         Some(t) => Some(CertStore::open(&t.cert, &t.key)?),
         None => None,
     };
-    let tls = certs.as_ref().map(|c| c.server_config()).transpose()?;
+    let tls = match (&certs, &config.tls) {
+        (Some(c), Some(t)) => {
+            Some(c.server_config(t.client_ca.as_deref(), t.client_auth == tessera_config::ClientAuth::Required)?)
+        }
+        _ => None,
+    };
     let state = open_state(&config).await?;
     let state = Arc::new(state);
     tokio::spawn(reload_on_hangup(state.clone(), config.clone(), reload, certs));

@@ -93,7 +93,9 @@ impl ServeArgs {
             config.auth = Some(AuthConfig { htpasswd: htpasswd.clone(), ..template });
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            config.tls = Some(TlsConfig { cert: cert.clone(), key: key.clone() });
+            let (client_ca, client_auth) =
+                config.tls.as_ref().map_or((None, Default::default()), |t| (t.client_ca.clone(), t.client_auth));
+            config.tls = Some(TlsConfig { cert: cert.clone(), key: key.clone(), client_ca, client_auth });
         }
         Ok(config)
     }

@@ -111,3 +111,86 @@ fn sighup_reloads_the_certificate() {
     assert!(s.wait_for_log("TLS certificate not reloaded", std::time::Duration::from_secs(10)));
     assert!(trusts(&dir.path().join("ca.crt")));
 }
+
+/// A CA and a client certificate it signs for `cn`, in `dir` (ca.pem, client.pem, client-key.pem).
+fn make_client_cert(dir: &Path, cn: &str) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-days", "2", "-subj", "/CN=test client CA"])
+        .arg("-keyout")
+        .arg(dir.join("ca-key.pem"))
+        .arg("-out")
+        .arg(dir.join("ca.pem")))
+    .unwrap();
+    run(Command::new("openssl")
+        .args(["req"])
+        .args(ec)
+        .args(["-subj", &format!("/CN={cn}")])
+        .arg("-keyout")
+        .arg(dir.join("client-key.pem"))
+        .arg("-out")
+        .arg(dir.join("client.csr")))
+    .unwrap();
+    // X.509 v3 with a client-auth usage: webpki refuses v1 certificates.
+    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(dir.join("client.csr"))
+        .arg("-CA")
+        .arg(dir.join("ca.pem"))
+        .arg("-CAkey")
+        .arg(dir.join("ca-key.pem"))
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(dir.join("client.ext"))
+        .arg("-out")
+        .arg(dir.join("client.pem")))
+    .unwrap();
+}
+
+#[test]
+fn client_certificates_identify_their_holder() {
+    if !have_tool("openssl") || !have_tool("curl") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    make_cert(dir.path());
+    make_client_cert(dir.path(), "alice");
+    let htpasswd = tessera_testkit::htpasswd_file(dir.path(), &[("bob", "bob-pass")]);
+    let start = |mode: &str| {
+        let config = dir.path().join(format!("{mode}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[tls]\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\nclient_ca = \"{d}/ca.pem\"\nclient_auth = \"{mode}\"\n\n[auth]\nhtpasswd = \"{h}\"\n\n[[access]]\nprefix = \"protected\"\npull = [\"alice\"]\npush = [\"alice\"]\n",
+                d = dir.path().display(),
+                h = htpasswd.display()
+            ),
+        )
+        .unwrap();
+        Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap()
+    };
+    let curl = |s: &Server, with_cert: bool, path: &str| -> String {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"]).arg(dir.path().join("ca.crt"));
+        if with_cert {
+            cmd.arg("--cert").arg(dir.path().join("client.pem")).arg("--key").arg(dir.path().join("client-key.pem"));
+        }
+        let out = cmd.arg(format!("https://{}{path}", s.addr)).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let optional = start("optional");
+    assert_eq!(
+        curl(&optional, true, "/v2/protected/app/tags/list"),
+        "404",
+        "alice by certificate: allowed (nothing there)"
+    );
+    assert_eq!(curl(&optional, false, "/v2/protected/app/tags/list"), "401", "no certificate: a login is asked");
+    assert_eq!(curl(&optional, true, "/v2/_catalog"), "200", "a certificate is a login");
+    drop(optional);
+    let required = start("required");
+    assert_eq!(curl(&required, true, "/v2/protected/app/tags/list"), "404");
+    assert_eq!(curl(&required, false, "/v2/"), "000", "no certificate: no TLS session at all");
+}
