@@ -8,16 +8,13 @@ use tessera_testkit::{Api, Server, error_code};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
-fn with_limits(dir: &std::path::Path, limits: &str) -> Server {
-    let config = dir.join("t.toml");
-    std::fs::write(&config, format!("[limits]\n{limits}\n")).unwrap();
-    Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap()
+fn with_limits(limits: &str) -> Server {
+    Server::with_config(BIN, &format!("[limits]\n{limits}\n")).unwrap()
 }
 
 #[tokio::test]
 async fn a_client_over_its_rate_gets_429_with_retry_after() {
-    let dir = tessera_testkit::tempdir().unwrap();
-    let server = with_limits(dir.path(), "requests_per_second_per_client = 5");
+    let server = with_limits("requests_per_second_per_client = 5");
     let api = Api::new(&server);
     let mut limited = None;
     for _ in 0..30 {
@@ -37,8 +34,7 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
 
 #[tokio::test]
 async fn uploads_in_flight_per_client_are_bounded() {
-    let dir = tessera_testkit::tempdir().unwrap();
-    let server = with_limits(dir.path(), "uploads_per_client = 2");
+    let server = with_limits("uploads_per_client = 2");
     let api = Api::new(&server);
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -63,8 +59,7 @@ async fn uploads_in_flight_per_client_are_bounded() {
 
 #[tokio::test]
 async fn a_stalled_body_is_abandoned_and_what_arrived_is_kept() {
-    let dir = tessera_testkit::tempdir().unwrap();
-    let server = with_limits(dir.path(), "body_idle_timeout_secs = 1");
+    let server = with_limits("body_idle_timeout_secs = 1");
     let api = Api::new(&server);
     let r = api.http.post(api.url("/v2/s/blobs/uploads/")).send().await.unwrap();
     let location = r.headers()["location"].to_str().unwrap().to_string();

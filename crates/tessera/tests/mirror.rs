@@ -14,13 +14,6 @@ use tessera_testkit::{Api, Distribution, Image, Server, error_code, have_tool};
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-/// Starts a Tessera whose config is `toml` (written to a file in `dir`).
-fn with_config(dir: &Path, toml: &str) -> Server {
-    let path = dir.join("tessera.toml");
-    std::fs::write(&path, toml).unwrap();
-    Server::start(BIN, &["--config", path.to_str().unwrap()]).unwrap()
-}
-
 fn mirror_of(upstream: &Server, extra: &str) -> String {
     format!(
         r#"
@@ -54,8 +47,7 @@ async fn pulls_through_and_serves_from_cache_when_the_upstream_is_gone() {
     let mut upstream = Server::start(BIN, &[]).unwrap();
     let image = Image::random(2, 100_000);
     Api::new(&upstream).push_image("lib/app", "v1", &image).await.unwrap();
-    let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let mirror = Server::with_config(BIN, &mirror_of(&upstream, "")).unwrap();
     let api = Api::new(&mirror);
 
     let r = api
@@ -105,8 +97,7 @@ async fn a_moved_tag_is_seen_after_revalidation_and_404s_pass_through() {
     let up = Api::new(&upstream);
     let (a, b) = (Image::random(1, 1000), Image::random(1, 1000));
     up.push_image("lib/app", "v1", &a).await.unwrap();
-    let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let mirror = Server::with_config(BIN, &mirror_of(&upstream, "")).unwrap();
     let api = Api::new(&mirror);
     let r = api.get("/v2/mirror/up/lib/app/manifests/v1").await.unwrap();
     assert_eq!(r.headers()["docker-content-digest"], a.digest().to_string().as_str());
@@ -131,8 +122,7 @@ async fn concurrent_cold_pulls_make_one_upstream_get_per_blob() {
     let upstream = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 8_000_000);
     Api::new(&upstream).push_image("big/app", "v1", &image).await.unwrap();
-    let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let mirror = Server::with_config(BIN, &mirror_of(&upstream, "")).unwrap();
     let api = Api::new(&mirror);
     let layer = &image.layers[0];
     let d = Digest::sha256_of(layer);
@@ -171,8 +161,7 @@ async fn a_corrupted_upstream_blob_is_an_error_and_never_cached() {
     let d = Digest::sha256_of(&image.layers[0]);
     tessera_testkit::corrupt_stored_blob(&upstream, &d, 1000);
 
-    let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let mirror = Server::with_config(BIN, &mirror_of(&upstream, "")).unwrap();
     let api = Api::new(&mirror);
     for _ in 0..2 {
         // Either an error status, or a transfer that breaks before its end: never the
@@ -216,7 +205,6 @@ async fn redirect_routes_and_read_only_mirrors() {
     let upstream = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 100);
     Api::new(&upstream).push_image("flavio/x", "v1", &image).await.unwrap();
-    let dir = tessera_testkit::tempdir().unwrap();
     let toml = format!(
         r#"
 [[upstream]]
@@ -230,7 +218,7 @@ mode = "redirect"
 "#,
         upstream.host()
     );
-    let mirror = with_config(dir.path(), &toml);
+    let mirror = Server::with_config(BIN, &toml).unwrap();
     let no_redirects = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let r = no_redirects.get(format!("http://{}/v2/cool/stuff/x/manifests/v1", mirror.host())).send().await.unwrap();
     assert_eq!(r.status(), 307);
@@ -256,7 +244,6 @@ async fn a_group_answers_from_hosted_first_then_the_upstream() {
     let (theirs, ours) = (Image::random(1, 100), Image::random(1, 100));
     Api::new(&upstream).push_image("team/app", "v1", &theirs).await.unwrap();
     Api::new(&upstream).push_image("team/app", "shared", &theirs).await.unwrap();
-    let dir = tessera_testkit::tempdir().unwrap();
     let toml = format!(
         r#"
 [[upstream]]
@@ -270,7 +257,7 @@ push = true
 "#,
         upstream.host()
     );
-    let server = with_config(dir.path(), &toml);
+    let server = Server::with_config(BIN, &toml).unwrap();
     let api = Api::new(&server);
     api.push_image("team/app", "shared", &ours).await.unwrap();
     let r = api.get("/v2/team/app/manifests/shared").await.unwrap();
@@ -308,7 +295,7 @@ authority = ["quay.io"]
         hub.host(),
         quay.addr
     );
-    let mirror = with_config(dir.path(), &toml);
+    let mirror = Server::with_config(BIN, &toml).unwrap();
     let ctd = tessera_testkit::clients::Containerd::start(dir.path()).unwrap();
     for registry in ["docker.io", "quay.io"] {
         let hosts = dir.path().join("hosts").join(registry);
@@ -382,7 +369,7 @@ async fn dockerd_pulls_docker_hub_names_through_the_mirror() {
     let dir = short_tempdir("tmd").unwrap();
     let (hub, image, digest) = fake_hub().await;
     let hub_mark = hub.log_text().len();
-    let mirror = with_config(dir.path(), &format!("{}\n[[route]]\nto = \"hub\"\n", hub_upstream(&hub)));
+    let mirror = Server::with_config(BIN, &format!("{}\n[[route]]\nto = \"hub\"\n", hub_upstream(&hub))).unwrap();
     // The guard on dockerd makes a mirror miss fail instead of reaching registry-1.docker.io.
     let mut dockerd =
         Dockerd::start(dir.path(), &format!(r#"{{"registry-mirrors": ["http://{}"]}}"#, mirror.host())).unwrap();
@@ -421,7 +408,8 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
     let (hub, image, digest) = fake_hub().await;
     let hub_mark = hub.log_text().len();
     let mirror =
-        with_config(dir.path(), &format!("{}\n[[route]]\nprefix = \"mirror/dh\"\nto = \"hub\"\n", hub_upstream(&hub)));
+        Server::with_config(BIN, &format!("{}\n[[route]]\nprefix = \"mirror/dh\"\nto = \"hub\"\n", hub_upstream(&hub)))
+            .unwrap();
     let conf = format!(
         "unqualified-search-registries = []\n\n[[registry]]\nprefix = \"docker.io/library\"\n\
          location = \"docker.io/library\"\n[[registry.mirror]]\nlocation = \"{}/mirror/dh\"\ninsecure = true\n",
@@ -458,11 +446,10 @@ async fn the_cache_keeps_to_its_size_bound_evicting_least_recently_used() {
     let upstream = Server::start(BIN, &[]).unwrap();
     let image = Image::random(4, 1_000_000);
     Api::new(&upstream).push_image("lru/app", "v1", &image).await.unwrap();
-    let dir = tessera_testkit::tempdir().unwrap();
     // Room for about two and a half layers.
     let toml = mirror_of(&upstream, "")
         .replace("cache = { tag_ttl_secs = 0 }", "cache = { tag_ttl_secs = 0, max_bytes = 2600000 }");
-    let mirror = with_config(dir.path(), &toml);
+    let mirror = Server::with_config(BIN, &toml).unwrap();
     let api = Api::new(&mirror);
     let layers: Vec<Digest> = image.layers.iter().map(|l| Digest::sha256_of(l)).collect();
     let pull = |d: &Digest| {
@@ -516,7 +503,7 @@ async fn skopeo_pulls_from_the_cache_after_the_upstream_dies() {
     let image = Image::random(2, 100_000);
     Api::new(&upstream).push_image("lib/app", "v1", &image).await.unwrap();
     let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let mirror = Server::with_config(BIN, &mirror_of(&upstream, "")).unwrap();
     let reference = format!("{}/mirror/up/lib/app:v1", mirror.host());
     assert_eq!(skopeo_pull(&reference, &dir.path().join("first")).unwrap(), image.digest().to_string());
     upstream.kill();
@@ -540,7 +527,7 @@ async fn twenty_concurrent_skopeo_pulls_make_one_upstream_get_per_blob() {
     let image = Image::random(3, 2_000_000);
     Api::new(&upstream).push_image("hot/app", "v1", &image).await.unwrap();
     let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let mirror = Server::with_config(BIN, &mirror_of(&upstream, "")).unwrap();
     let reference = format!("{}/mirror/up/hot/app:v1", mirror.host());
     let pulls: Vec<_> = (0..20)
         .map(|i| {
@@ -570,7 +557,7 @@ async fn skopeo_fails_on_a_corrupted_upstream_blob_and_nothing_is_kept() {
     let d = Digest::sha256_of(&image.layers[0]);
     tessera_testkit::corrupt_stored_blob(&upstream, &d, 4242);
     let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(dir.path(), &mirror_of(&upstream, ""));
+    let mirror = Server::with_config(BIN, &mirror_of(&upstream, "")).unwrap();
     let err = skopeo_pull(&format!("{}/mirror/up/bad/app:v1", mirror.host()), &dir.path().join("out")).unwrap_err();
     assert!(!err.is_empty());
     assert!(!cached(&mirror, &d), "the corrupted blob was not kept");

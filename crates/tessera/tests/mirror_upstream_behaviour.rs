@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -13,12 +12,6 @@ use tessera_testkit::{Api, Image, Server, error_code};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-fn with_config(dir: &Path, toml: &str) -> Server {
-    let path = dir.join("tessera.toml");
-    std::fs::write(&path, toml).unwrap();
-    Server::start(BIN, &["--config", path.to_str().unwrap()]).unwrap()
-}
 
 /// An upstream that answers every request with 429 and `Retry-After: 30`, counting them.
 fn rate_limited_upstream() -> (String, Arc<AtomicUsize>) {
@@ -43,11 +36,11 @@ fn rate_limited_upstream() -> (String, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn a_rate_limited_upstream_is_left_alone_for_its_retry_after() {
     let (addr, requests) = rate_limited_upstream();
-    let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(
-        dir.path(),
+    let mirror = Server::with_config(
+        BIN,
         &format!("[[upstream]]\nname = \"up\"\nurl = \"http://{addr}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n"),
-    );
+    )
+    .unwrap();
     let api = Api::new(&mirror);
     for _ in 0..3 {
         let r = api.get("/v2/m/lib/app/manifests/v1").await.unwrap();
@@ -76,14 +69,14 @@ async fn referrers_pass_through_with_filtering() {
         .unwrap();
         assert_eq!(up.push_manifest("lib/app", tag, OCI_MANIFEST, &m).await.unwrap().status(), 201);
     }
-    let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(
-        dir.path(),
+    let mirror = Server::with_config(
+        BIN,
         &format!(
             "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n",
             upstream.host()
         ),
-    );
+    )
+    .unwrap();
     let api = Api::new(&mirror);
     let r = api.get(&format!("/v2/m/lib/app/referrers/{subject}")).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -145,14 +138,13 @@ async fn pulls_through_an_upstream_that_requires_a_login() {
         .unwrap();
     assert_eq!(r.status(), 201);
 
-    let dir = tessera_testkit::tempdir().unwrap();
     let toml = |password: &str| {
         format!(
             "[[upstream]]\nname = \"locked\"\nurl = \"http://{}\"\nusername = \"puller\"\npassword = \"{password}\"\n\n[[route]]\nprefix = \"m\"\nto = \"locked\"\n",
             upstream.addr
         )
     };
-    let mirror = with_config(dir.path(), &toml("s3cret pass"));
+    let mirror = Server::with_config(BIN, &toml("s3cret pass")).unwrap();
     let api = Api::new(&mirror);
     let r =
         api.http.get(api.url("/v2/m/private/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
@@ -166,8 +158,7 @@ async fn pulls_through_an_upstream_that_requires_a_login() {
     assert!(!mirror.log_text().contains("s3cret"));
 
     // Wrong credentials: a clear failure, not the upstream's 401 handed to our client.
-    let dir2 = tessera_testkit::tempdir().unwrap();
-    let wrong = with_config(dir2.path(), &toml("wrong"));
+    let wrong = Server::with_config(BIN, &toml("wrong")).unwrap();
     let r = Api::new(&wrong).get("/v2/m/private/app/manifests/v1").await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("www-authenticate").is_none());
@@ -242,11 +233,11 @@ async fn a_broken_upstream_transfer_is_resumed_with_range() {
     let image = Image::random(1, 3_000_000);
     Api::new(&upstream).push_image("big/app", "v1", &image).await.unwrap();
     let proxy = cutting_proxy(upstream.host(), 1_000_000);
-    let dir = tessera_testkit::tempdir().unwrap();
-    let mirror = with_config(
-        dir.path(),
+    let mirror = Server::with_config(
+        BIN,
         &format!("[[upstream]]\nname = \"up\"\nurl = \"http://{proxy}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n"),
-    );
+    )
+    .unwrap();
     let api = Api::new(&mirror);
     let d = Digest::sha256_of(&image.layers[0]);
     let r = api.get(&format!("/v2/m/big/app/blobs/{d}")).await.unwrap();

@@ -26,12 +26,24 @@ pub struct Server {
     extra: Vec<String>,
     child: Child,
     _dir: Option<TempDir>,
+    config_dir: Option<TempDir>,
 }
 
 impl Server {
     /// Starts `bin serve` on 127.0.0.1 (a free port), with a fresh data directory and `extra` args.
     pub fn start(bin: &str, extra: &[&str]) -> Result<Server> {
         Self::start_in(bin, None, extra)
+    }
+
+    /// Like [`Server::start`], with `toml` as its configuration file (`--config`).
+    pub fn with_config(bin: &str, toml: &str) -> Result<Server> {
+        let config_dir = tempfile::Builder::new().prefix("tcf").tempdir()?;
+        let config = config_dir.path().join("tessera.toml");
+        std::fs::write(&config, toml)?;
+        let mut server = Self::start(bin, &["--config", &config.to_string_lossy()])?;
+        // Restarts read the file again, so it lives as long as the server.
+        server.config_dir = Some(config_dir);
+        Ok(server)
     }
 
     /// Like [`Server::start`], keeping data in `data` instead of a fresh directory.
@@ -50,7 +62,7 @@ impl Server {
         let log = dir.path().join("server.log");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (child, addr) = spawn(Path::new(bin), &data, &log, listen, &extra)?;
-        Ok(Server { addr, data, log, bin: bin.into(), extra, child, _dir: Some(dir) })
+        Ok(Server { addr, data, log, bin: bin.into(), extra, child, _dir: Some(dir), config_dir: None })
     }
 
     /// `host:port`, as clients write registry references.
