@@ -528,6 +528,18 @@ impl PullThrough {
         let response = match self.ask(Method::GET, name, &path, HeaderMap::new()).await {
             Answer::Ok(r) => r,
             Answer::NotFound => return Ok(tessera_registry::Referrers::empty(artifact_type.is_some())),
+            Answer::Failing(e) if self.upstream.cache_settings().serve_stale => {
+                // The referrer manifests already pulled through this cache, as a fallback.
+                let cached = self.meta.referrers(name, subject).await.map_err(|_| e.clone())?;
+                tracing::warn!(upstream = self.upstream.name(), %name, %subject, "serving cached referrers: {}", e.message);
+                count(&self.stats.stale_served, 1);
+                let manifests = cached
+                    .iter()
+                    .filter(|m| artifact_type.is_none() || m.artifact_type.as_deref() == artifact_type)
+                    .map(tessera_registry::referrer_descriptor)
+                    .collect();
+                return Ok(tessera_registry::Referrers::of(manifests, artifact_type.is_some()));
+            }
             Answer::Failing(e) => return Err(e),
         };
         let upstream_filtered = response.headers().contains_key("oci-filters-applied");

@@ -322,21 +322,23 @@ impl Registry {
         let manifests: Vec<serde_json::Value> = found
             .iter()
             .filter(|m| artifact_type.is_none() || m.artifact_type.as_deref() == artifact_type)
-            .map(|m| {
-                let mut d = json!({ "mediaType": m.media_type, "digest": m.digest.to_string(), "size": m.bytes.len() });
-                if let Some(t) = &m.artifact_type {
-                    d["artifactType"] = json!(t);
-                }
-                if let Some(a) =
-                    m.annotations_json.as_deref().and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok())
-                {
-                    d["annotations"] = a;
-                }
-                d
-            })
+            .map(referrer_descriptor)
             .collect();
         Ok(Referrers { index: referrers_index(manifests), filtered: artifact_type.is_some() })
     }
+}
+
+/// The descriptor of a referrer manifest in a referrers index: media type, digest, size,
+/// `artifactType` and the manifest's annotations.
+pub fn referrer_descriptor(m: &ManifestRecord) -> serde_json::Value {
+    let mut d = json!({ "mediaType": m.media_type, "digest": m.digest.to_string(), "size": m.bytes.len() });
+    if let Some(t) = &m.artifact_type {
+        d["artifactType"] = json!(t);
+    }
+    if let Some(a) = m.annotations_json.as_deref().and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok()) {
+        d["annotations"] = a;
+    }
+    d
 }
 
 /// A descriptor's target must exist (`found` is its stored size) with the declared size.

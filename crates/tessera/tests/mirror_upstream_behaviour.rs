@@ -54,11 +54,12 @@ async fn a_rate_limited_upstream_is_left_alone_for_its_retry_after() {
 
 #[tokio::test]
 async fn referrers_pass_through_with_filtering() {
-    let upstream = Server::start(BIN, &[]).unwrap();
+    let mut upstream = Server::start(BIN, &[]).unwrap();
     let up = Api::new(&upstream);
     let image = Image::random(1, 100);
     let subject = up.push_image("lib/app", "v1", &image).await.unwrap();
     let empty = up.push_blob("lib/app", b"{}").await.unwrap();
+    let mut referrers = Vec::new();
     for (t, tag) in [("application/vnd.example.sig", "sig"), ("application/vnd.example.sbom", "sbom")] {
         let m = serde_json::to_vec(&json!({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": t,
@@ -68,6 +69,7 @@ async fn referrers_pass_through_with_filtering() {
         }))
         .unwrap();
         assert_eq!(up.push_manifest("lib/app", tag, OCI_MANIFEST, &m).await.unwrap().status(), 201);
+        referrers.push(Digest::sha256_of(&m));
     }
     let mirror = Server::with_config(
         BIN,
@@ -91,6 +93,15 @@ async fn referrers_pass_through_with_filtering() {
     // A subject nobody refers to: an empty index, never a 404.
     let r = api.get(&format!("/v2/m/lib/app/referrers/{}", Digest::sha256_of(b"x"))).await.unwrap();
     assert_eq!(r.status(), 200);
+    // Referrer manifests pulled through the cache answer when the upstream is gone.
+    for d in &referrers {
+        assert_eq!(api.get(&format!("/v2/m/lib/app/manifests/{d}")).await.unwrap().status(), 200);
+    }
+    upstream.kill();
+    let r = api.get(&format!("/v2/m/lib/app/referrers/{subject}")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let index: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2, "from the cache: {index}");
 }
 
 #[tokio::test]
