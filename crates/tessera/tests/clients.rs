@@ -1,8 +1,7 @@
 //! Real container clients against the real binary on 127.0.0.1: skopeo, podman, containerd's
 //! `ctr`, dockerd with the docker CLI, and python `oras`. Each test starts its own server and
-//! its own daemons in its own short temp dir, so they run in parallel. Recipes and gotchas:
-//! /work/shared/CLIENTS.md. A missing client skips its test, unless TESSERA_REQUIRE_CLIENTS
-//! is set (CI), which makes it a failure.
+//! its own daemons in its own short temp dir, so they run in parallel. A missing client
+//! skips its test, unless TESSERA_REQUIRE_CLIENTS is set (CI), which makes it a failure.
 
 use std::path::Path;
 use std::process::Command;
