@@ -18,15 +18,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
+use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tessera_registry::BlobAnswer;
-use tessera_spec::manifest::media;
 use tessera_spec::{ByteRange, Digest, Digester, ErrorCode, OciError, ParsedManifest, Reference, RepoName, Tag};
 use tessera_store::{AppendError, BlobRead, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadId};
 use tokio::sync::watch;
 
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{Upstream, UpstreamError, manifest_accept};
 
 /// A manifest answered through the cache.
 pub struct Fetched {
@@ -120,14 +119,6 @@ pub struct PullThrough {
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
     lru: Arc<Mutex<Lru>>,
     stats: Arc<CacheStats>,
-}
-
-fn manifest_accept() -> HeaderMap {
-    let mut h = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&media::ALL.join(", ")) {
-        h.insert(ACCEPT, v);
-    }
-    h
 }
 
 fn unavailable(upstream: &Upstream, why: impl std::fmt::Display) -> OciError {

@@ -11,6 +11,15 @@ use reqwest::{Method, StatusCode};
 use tessera_config::UpstreamCache;
 use tessera_spec::RepoName;
 
+/// An `Accept` header naming every manifest media type this registry serves.
+pub fn manifest_accept() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&tessera_spec::manifest::media::ALL.join(", ")) {
+        h.insert(reqwest::header::ACCEPT, v);
+    }
+    h
+}
+
 /// Why an upstream request produced no usable answer.
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -275,10 +284,7 @@ impl Upstream {
         name: &RepoName,
         reference: &str,
     ) -> Result<(u16, Option<String>, bytes::Bytes), UpstreamError> {
-        let mut accept = HeaderMap::new();
-        if let Ok(v) = HeaderValue::from_str(&tessera_spec::manifest::media::ALL.join(", ")) {
-            accept.insert(reqwest::header::ACCEPT, v);
-        }
+        let accept = manifest_accept();
         let response = self.send(Method::GET, name, &format!("/v2/{name}/manifests/{reference}"), accept).await?;
         let status = response.status().as_u16();
         let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);

@@ -271,7 +271,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 return Err(unsupported_method());
             }
             let route = Route::new(state, parts, &name)?;
-            match route.tags(&name, paging.n, paging.last.as_deref()).await? {
+            match route.tags(paging.n, paging.last.as_deref()).await? {
                 Found::Here((items, more)) => {
                     let page = Page { items, more };
                     Ok(listing(&format!("/v2/{name}/tags/list"), "tags", Some(("name", name.as_str())), &paging, page))

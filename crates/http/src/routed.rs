@@ -154,7 +154,6 @@ impl<'a> Route<'a> {
     /// Tags from the first member that knows the repository, as (tags, upstream Link).
     pub(crate) async fn tags(
         &self,
-        client_name: &RepoName,
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<Found<(Vec<String>, bool)>, OciError> {
@@ -164,7 +163,6 @@ impl<'a> Route<'a> {
             (None, Some(l)) => format!("?last={l}"),
             (None, None) => String::new(),
         };
-        let _ = client_name;
         self.first(
             |name| format!("/v2/{name}/tags/list{query}"),
             |state, member, name| {

@@ -15,7 +15,7 @@ use tessera_spec::manifest::{ManifestKind, media};
 use tessera_spec::{ByteRange, Digest, ErrorCode, OciError, ParsedManifest, Reference, RepoName};
 use tessera_store::{BlobRead, BlobStore, ManifestRecord, MetaStore, Page, UploadId};
 
-pub use uploads::UploadState;
+use uploads::UploadState;
 
 /// Limits and switches of a hosted registry.
 #[derive(Debug, Clone)]

@@ -109,16 +109,20 @@ fn create_dir_durable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads `len` bytes of `file` from `start` in one call (small blobs).
+fn read_whole(file: &File, start: u64, len: u64) -> io::Result<Bytes> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, start)?;
+    Ok(Bytes::from(buf))
+}
+
 /// Streams `len` bytes of `file` from `start`, read ahead by a blocking thread so disk reads
 /// overlap with sending.
 fn stream_file(file: File, start: u64, len: u64) -> ByteStream<'static> {
     if len <= SMALL_READ {
-        let read = move || -> io::Result<Bytes> {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, start)?;
-            Ok(Bytes::from(buf))
-        };
-        return Box::pin(futures_util::stream::once(async move { blocking(read).await }));
+        return Box::pin(futures_util::stream::once(
+            async move { blocking(move || read_whole(&file, start, len)).await },
+        ));
     }
     let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(2);
     tokio::task::spawn_blocking(move || {
@@ -197,9 +201,7 @@ impl BlobStore for FsBlobStore {
                 None => (0, size),
             };
             if len <= SMALL_READ {
-                let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, start)?;
-                return Ok(Some((len, Opened::Whole(Bytes::from(buf)))));
+                return Ok(Some((len, Opened::Whole(read_whole(&file, start, len)?))));
             }
             Ok(Some((len, Opened::Stream(file, start))))
         })

@@ -370,16 +370,7 @@ pub fn have_tool(program: &str) -> bool {
 
 /// Runs a command, failing with its output if it does not succeed. Returns stdout.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    clients::output(cmd).map(|out| String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Every file under a data directory with its size, except SQLite's own files (WAL
