@@ -157,12 +157,18 @@ impl<'a> Route<'a> {
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<Found<(Vec<String>, bool)>, OciError> {
-        let query = match (n, last) {
-            (Some(n), Some(l)) => format!("?n={n}&last={l}"),
-            (Some(n), None) => format!("?n={n}"),
-            (None, Some(l)) => format!("?last={l}"),
-            (None, None) => String::new(),
+        // `last` is the client's text: encoded, so it cannot add parameters upstream.
+        let query = {
+            let mut params = form_urlencoded::Serializer::new(String::new());
+            if let Some(n) = n {
+                params.append_pair("n", &n.to_string());
+            }
+            if let Some(l) = last {
+                params.append_pair("last", l);
+            }
+            params.finish()
         };
+        let query = if query.is_empty() { query } else { format!("?{query}") };
         self.first(
             |name| format!("/v2/{name}/tags/list{query}"),
             |state, member, name| {

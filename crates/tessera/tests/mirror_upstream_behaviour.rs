@@ -293,3 +293,32 @@ async fn the_stale_bound_holds_across_a_restart() {
     let r = Api::new(&mirror).get("/v2/m/lib/app/manifests/v1").await.unwrap();
     assert_eq!(r.status(), 503, "older than max_stale_secs");
 }
+
+#[tokio::test]
+async fn tag_paging_is_passed_upstream_encoded() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 100);
+    for t in ["a", "b", "c"] {
+        Api::new(&upstream).push_image("lib/app", t, &image).await.unwrap();
+    }
+    let mirror = Server::with_config(
+        BIN,
+        &format!(
+            "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n",
+            upstream.host()
+        ),
+    )
+    .unwrap();
+    let api = Api::new(&mirror);
+    let tags: serde_json::Value = api.get("/v2/m/lib/app/tags/list?n=1&last=a").await.unwrap().json().await.unwrap();
+    assert_eq!(tags["tags"], json!(["b"]));
+    // A `last` smuggling another parameter stays one value upstream.
+    let tags: serde_json::Value =
+        api.get("/v2/m/lib/app/tags/list?n=1&last=a%26n%3D100").await.unwrap().json().await.unwrap();
+    assert_eq!(tags["tags"].as_array().unwrap().len(), 1, "{tags}");
+    assert!(
+        upstream.wait_for_log("/v2/lib/app/tags/list?n=1&last=a%26n%3D100\"", std::time::Duration::from_secs(5)),
+        "{}",
+        upstream.log_text()
+    );
+}
