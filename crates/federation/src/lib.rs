@@ -1,10 +1,12 @@
 //! Federation: the routing table, upstream registry clients, and the pull-through cache.
 
 pub mod cache;
+pub mod delivery;
 pub mod router;
 pub mod upstream;
 
 pub use cache::{CacheStats, Fetched, PullThrough};
+pub use delivery::{Decision, Delivery};
 pub use router::{Member, Resolved, RoutingTable};
 pub use upstream::Upstream;
 
@@ -16,6 +18,8 @@ use tessera_store::{BlobStore, MetaStore};
 /// The routing table with a pull-through cache for each upstream.
 pub struct Federation {
     pub table: RoutingTable,
+    /// How blob bytes reach clients (`[[delivery]]`), with the health of the mirrors.
+    pub delivery: Delivery,
     caches: HashMap<String, Arc<PullThrough>>,
 }
 
@@ -48,7 +52,9 @@ impl Federation {
             caches.insert(u.name.clone(), cache);
         }
         let table = RoutingTable::new(config, upstreams)?;
-        Ok(Federation { table, caches })
+        let mut delivery = Delivery::new(&config.deliveries, previous.map(|p| &p.delivery))?;
+        delivery.start_health_checks()?;
+        Ok(Federation { table, delivery, caches })
     }
 
     /// The cache of an upstream of this table.

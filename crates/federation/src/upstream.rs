@@ -138,6 +138,18 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig,
         .with_no_client_auth())
 }
 
+/// An HTTP client trusting the system's roots, for plain URLs (CDNs, mirrors), following
+/// no redirects.
+pub fn plain_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config(None)?)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 impl Upstream {
     pub fn new(config: &tessera_config::Upstream) -> Result<Upstream, String> {
         let http = reqwest::Client::builder()
@@ -222,11 +234,39 @@ impl Upstream {
         path: &str,
         headers: HeaderMap,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let scope = format!("repository:{name}:pull");
+        self.send_as(method, name, path, headers, None, "pull").await
+    }
+
+    /// Sends a request that writes to `name` (its credentials ask for `pull,push`), with
+    /// `body`, answering one auth challenge. Tessera's own client commands use this.
+    pub async fn send_push(
+        &self,
+        method: Method,
+        name: &RepoName,
+        path: &str,
+        headers: HeaderMap,
+        body: bytes::Bytes,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_as(method, name, path, headers, Some(body), "pull,push").await
+    }
+
+    async fn send_as(
+        &self,
+        method: Method,
+        name: &RepoName,
+        path: &str,
+        headers: HeaderMap,
+        body: Option<bytes::Bytes>,
+        actions: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let scope = format!("repository:{name}:{actions}");
         let attempt = |auth: Option<HeaderValue>| {
             let mut req = self.http.request(method.clone(), self.url(path)).headers(headers.clone());
             if let Some(a) = auth {
                 req = req.header(AUTHORIZATION, a);
+            }
+            if let Some(b) = &body {
+                req = req.body(b.clone());
             }
             req.send()
         };

@@ -16,11 +16,13 @@ pub(crate) fn action_of<'e>(method: &Method, endpoint: &'e Endpoint) -> Option<(
     match endpoint {
         Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks | Endpoint::Base | Endpoint::Catalog(_) => None,
         Endpoint::Tags { name, .. } | Endpoint::Referrers { name, .. } => Some((Action::Pull, name)),
-        Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } => Some(match *method {
-            Method::GET | Method::HEAD => (Action::Pull, name),
-            Method::DELETE => (Action::Delete, name),
-            _ => (Action::Push, name),
-        }),
+        Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::BlobLocation { name, .. } => {
+            Some(match *method {
+                Method::GET | Method::HEAD => (Action::Pull, name),
+                Method::DELETE => (Action::Delete, name),
+                _ => (Action::Push, name),
+            })
+        }
         Endpoint::UploadStart { name, .. } | Endpoint::Upload { name, .. } => Some((Action::Push, name)),
     }
 }

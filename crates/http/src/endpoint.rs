@@ -36,6 +36,9 @@ pub enum Endpoint {
     Upload { name: RepoName, id: UploadId, digest: Option<Digest> },
     /// `/v2/<name>/referrers/<digest>` with an optional `artifactType` filter.
     Referrers { name: RepoName, digest: Digest, artifact_type: Option<String> },
+    /// `/tessera/v1/<name>/blobs/<digest>`: where a blob lives; a PUT records a blob that
+    /// stays on another server (metadata-only push). Tessera's own API, not the spec's.
+    BlobLocation { name: RepoName, digest: Digest },
 }
 
 fn not_found() -> OciError {
@@ -80,6 +83,10 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
             return Ok(Endpoint::Token { scopes });
         }
         _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/tessera/v1/") {
+        let (name, digest) = rest.rsplit_once("/blobs/").ok_or_else(not_found)?;
+        return Ok(Endpoint::BlobLocation { name: name.parse()?, digest: digest.parse()? });
     }
     let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
     if rest.is_empty() || rest == "/" {
@@ -189,6 +196,12 @@ mod tests {
                 artifact_type: Some("application/x".into())
             }
         );
+        assert_eq!(
+            parse(&format!("/tessera/v1/a/blobs/b/blobs/{}", d()), None).unwrap(),
+            Endpoint::BlobLocation { name: name.clone(), digest: d() }
+        );
+        assert!(parse("/tessera/v1/a/blobs/", None).is_err());
+        assert!(parse(&format!("/tessera/v1/../blobs/{}", d()), None).is_err());
     }
 
     #[test]

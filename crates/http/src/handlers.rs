@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::json;
-use tessera_registry::UploadStart;
+use tessera_registry::{BlobAt, UploadStart};
 use tessera_spec::{ByteRange, ErrorCode, OciError, RepoName};
 use tessera_store::{Page, UploadId};
 
@@ -140,6 +140,9 @@ fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Respo
     }
     builder.body(body).unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
 }
+
+/// The largest document a blob location PUT may send.
+const LOCATION_MAX_BYTES: usize = 64 * 1024;
 
 fn redirect(url: &str) -> Response {
     response(
@@ -455,6 +458,56 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 Method::DELETE => {
                     registry.upload_cancel(&name, &id).await?;
                     Ok(StatusCode::NO_CONTENT.into_response())
+                }
+                _ => Err(unsupported_method()),
+            }
+        }
+        Endpoint::BlobLocation { name, digest } => {
+            let route = Route::new(state, parts, &name)?;
+            let name = route.writable()?;
+            match *method {
+                Method::GET => {
+                    let (size, urls) = match registry.blob_at(name, &digest).await? {
+                        BlobAt::Here(size) => (size, Vec::new()),
+                        BlobAt::Elsewhere { size, urls } => (size, urls),
+                    };
+                    let body = serde_json::json!({
+                        "digest": digest.to_string(), "size": size, "here": urls.is_empty(), "urls": urls,
+                    });
+                    Ok(response(
+                        StatusCode::OK,
+                        &[("content-type", "application/json".into())],
+                        Body::from(body.to_string()),
+                    ))
+                }
+                Method::PUT => {
+                    #[derive(serde::Deserialize)]
+                    #[serde(deny_unknown_fields)]
+                    struct Location {
+                        size: u64,
+                        urls: Vec<String>,
+                    }
+                    let body = axum::body::to_bytes(take(body), LOCATION_MAX_BYTES)
+                        .await
+                        .map_err(|_| OciError::new(ErrorCode::TooLarge, "the blob location document is too large"))?;
+                    let location: Location = serde_json::from_slice(&body).map_err(|e| {
+                        OciError::new(
+                            ErrorCode::LocationInvalid,
+                            format!("expected {{\"size\": N, \"urls\": [...]}}: {e}"),
+                        )
+                    })?;
+                    if let Some(refused) = location
+                        .urls
+                        .iter()
+                        .find(|u| route.delivery().allowed_url(name, std::slice::from_ref(u)).is_none())
+                    {
+                        return Err(OciError::new(
+                            ErrorCode::Denied,
+                            format!("{refused} is not a URL the delivery policy of {name} allows (external_allow)"),
+                        ));
+                    }
+                    registry.blob_put_external(name, &digest, location.size, &location.urls).await?;
+                    Ok(blob_created(name, &digest))
                 }
                 _ => Err(unsupported_method()),
             }

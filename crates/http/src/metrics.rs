@@ -62,6 +62,22 @@ impl Metrics {
                     writeln!(out, "{name}{{upstream=\"{upstream}\"}} {}", field(cache.stats()).load(Ordering::Relaxed));
             }
         }
+        let delivery = &federation.delivery;
+        let _ = writeln!(out, "# HELP tessera_blob_redirects_total Blob GETs answered with a redirect, by delivery.");
+        let _ = writeln!(out, "# TYPE tessera_blob_redirects_total counter");
+        let r = &delivery.redirects;
+        for (kind, counter) in [("cdn", &r.cdn), ("mirror", &r.mirror), ("external", &r.external)] {
+            let _ = writeln!(
+                out,
+                "tessera_blob_redirects_total{{delivery=\"{kind}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP tessera_mirror_healthy Whether a mirror passed its last health check.");
+        let _ = writeln!(out, "# TYPE tessera_mirror_healthy gauge");
+        for m in delivery.mirrors() {
+            let _ = writeln!(out, "tessera_mirror_healthy{{mirror=\"{}\"}} {}", m.config.url, u8::from(m.healthy()));
+        }
         out
     }
 }

@@ -7,8 +7,8 @@ use axum::http::{HeaderMap, header};
 use std::sync::Arc;
 use tessera_config::Mode;
 
-use tessera_federation::{Federation, Member, Resolved};
-use tessera_registry::{BlobAnswer, Referrers};
+use tessera_federation::{Decision, Delivery, Federation, Member, Resolved};
+use tessera_registry::{BlobAnswer, BlobAt, Opened, Referrers};
 use tessera_spec::{Digest, ErrorCode, OciError, Reference, RepoName};
 use tessera_store::ManifestRecord;
 
@@ -26,6 +26,8 @@ pub(crate) struct Route<'a> {
     /// later requests; this one keeps the table it started with).
     federation: Arc<Federation>,
     resolved: Resolved,
+    /// The client's address, which picks the nearest mirror.
+    client: Option<std::net::IpAddr>,
 }
 
 fn is_not_found(e: &OciError) -> bool {
@@ -46,7 +48,13 @@ impl<'a> Route<'a> {
     pub(crate) fn new(state: &'a AppState, parts: &Parts, name: &RepoName) -> Result<Route<'a>, OciError> {
         let federation = state.federation.load_full();
         let resolved = federation.table.resolve(host(parts), authority(parts).as_deref(), name)?;
-        Ok(Route { state, federation, resolved })
+        let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0.ip());
+        Ok(Route { state, federation, resolved, client })
+    }
+
+    /// The delivery policy of the table this request was resolved with.
+    pub(crate) fn delivery(&self) -> &Delivery {
+        &self.federation.delivery
     }
 
     /// The hosted name a write goes to, if this route takes writes.
@@ -130,25 +138,32 @@ impl<'a> Route<'a> {
         .await
     }
 
+    /// A blob: its bytes, or a redirect to where the delivery policy sends the client.
     pub(crate) async fn blob(&self, digest: &Digest, range: Option<&str>) -> Result<Found<BlobAnswer>, OciError> {
-        self.first(
-            |n| format!("/v2/{n}/blobs/{digest}"),
-            |state, member, name| {
-                let (member, name, digest, range) =
-                    (member.clone(), name.clone(), digest.clone(), range.map(str::to_string));
-                let fed = self.federation.clone();
-                async move {
-                    match member {
-                        Member::Hosted => state.registry.blob_get(&name, &digest, range.as_deref()).await,
-                        Member::Upstream { upstream, .. } => {
-                            let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
-                            cache.blob(&name, &digest, range.as_deref()).await
+        let client = self.client;
+        let found = self
+            .first(
+                |n| format!("/v2/{n}/blobs/{digest}"),
+                |state, member, name| {
+                    let (member, name, digest, range) =
+                        (member.clone(), name.clone(), digest.clone(), range.map(str::to_string));
+                    let fed = self.federation.clone();
+                    async move {
+                        match member {
+                            Member::Hosted => hosted_blob(state, &fed.delivery, &name, &digest, range, client).await,
+                            Member::Upstream { upstream, .. } => {
+                                let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
+                                cache.blob(&name, &digest, range.as_deref()).await.map(Found::Here)
+                            }
                         }
                     }
-                }
-            },
-        )
-        .await
+                },
+            )
+            .await?;
+        Ok(match found {
+            Found::Here(inner) => inner,
+            Found::Redirect(url) => Found::Redirect(url),
+        })
     }
 
     /// Tags from the first member that knows the repository, as (tags, upstream Link).
@@ -217,6 +232,48 @@ impl<'a> Route<'a> {
                 cache.referrers(name, subject, artifact_type).await.map(Found::Here)
             }
         }
+    }
+}
+
+/// A hosted blob: streamed, redirected to a CDN or mirror by the delivery policy, or (when
+/// its bytes live elsewhere) redirected to the external URL the policy allows.
+async fn hosted_blob(
+    state: &AppState,
+    delivery: &Delivery,
+    name: &RepoName,
+    digest: &Digest,
+    range: Option<String>,
+    client: Option<std::net::IpAddr>,
+) -> Result<Found<BlobAnswer>, OciError> {
+    let registry = &state.registry;
+    let open = || async {
+        match registry.blob_get(name, digest, range.as_deref()).await? {
+            Opened::Bytes(answer) => Ok::<_, OciError>(Ok(Found::Here(answer))),
+            Opened::Elsewhere(urls) => Ok(Err(urls)),
+        }
+    };
+    let opened = if delivery.streams(name) {
+        open().await?
+    } else {
+        match registry.blob_at(name, digest).await? {
+            BlobAt::Here(_) => match delivery.local(name, digest, client) {
+                Decision::Redirect(url) => Ok(Found::Redirect(url)),
+                Decision::Stream | Decision::NotAllowed => open().await?,
+            },
+            BlobAt::Elsewhere { urls, .. } => Err(urls),
+        }
+    };
+    let urls = match opened {
+        Ok(found) => return Ok(found),
+        Err(urls) => urls,
+    };
+    match delivery.external(name, &urls, client) {
+        Decision::Redirect(url) => Ok(Found::Redirect(url)),
+        Decision::Stream | Decision::NotAllowed => Err(OciError::new(
+            ErrorCode::BlobUnknown,
+            "the blob lives at an external URL this repository's delivery policy does not allow",
+        )
+        .with_detail(serde_json::json!({ "digest": digest.to_string() }))),
     }
 }
 

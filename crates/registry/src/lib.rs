@@ -50,6 +50,21 @@ pub struct BlobAnswer {
     pub read: BlobRead,
 }
 
+/// Where a blob linked into a repository is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobAt {
+    /// Its bytes are in this registry's blob store.
+    Here(u64),
+    /// Its bytes live at these URLs (a foreign layer, or a metadata-only push).
+    Elsewhere { size: u64, urls: Vec<String> },
+}
+
+/// An opened blob, or the URLs its bytes live at.
+pub enum Opened {
+    Bytes(BlobAnswer),
+    Elsewhere(Vec<String>),
+}
+
 /// Result of `POST .../blobs/uploads/`.
 pub enum UploadStart {
     /// The blob was mounted or uploaded whole; it is now in the repository.
@@ -139,25 +154,68 @@ impl Registry {
             .ok_or_else(|| blob_unknown(digest))
     }
 
-    /// Opens a blob linked into `repo`, honouring a `Range` header.
-    pub async fn blob_get(
+    /// Where a blob linked into `repo` is: here, or at other URLs (metadata only).
+    pub async fn blob_at(&self, repo: &RepoName, digest: &Digest) -> Result<BlobAt, OciError> {
+        let size = self.blob_size(repo, digest).await?;
+        if self.blobs.stat(digest).await.map_err(|e| internal("blob stat", e))?.is_some() {
+            return Ok(BlobAt::Here(size));
+        }
+        self.elsewhere(repo, digest, size).await
+    }
+
+    /// A linked blob whose bytes are not here: its URLs, or (a store out of step) unknown.
+    async fn elsewhere(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<BlobAt, OciError> {
+        let urls = self.meta.blob_urls(repo, digest).await.map_err(|e| internal("blob urls lookup", e))?;
+        if urls.is_empty() {
+            tracing::error!(%repo, %digest, "blob is linked but its bytes are missing from the blob store");
+            return Err(blob_unknown(digest));
+        }
+        Ok(BlobAt::Elsewhere { size, urls })
+    }
+
+    /// Opens a blob linked into `repo`, honouring a `Range` header; or says where it lives.
+    pub async fn blob_get(&self, repo: &RepoName, digest: &Digest, range: Option<&str>) -> Result<Opened, OciError> {
+        let size = self.blob_size(repo, digest).await?;
+        let range = ByteRange::from_header(range, size)?;
+        match self.blobs.read(digest, range.map(|r| (r.start, r.end))).await.map_err(|e| internal("blob read", e))? {
+            Some(read) => Ok(Opened::Bytes(BlobAnswer { size, range, read })),
+            None => match self.elsewhere(repo, digest, size).await? {
+                BlobAt::Elsewhere { urls, .. } => Ok(Opened::Elsewhere(urls)),
+                BlobAt::Here(_) => Err(blob_unknown(digest)),
+            },
+        }
+    }
+
+    /// Records that `digest` (`size` bytes) lives at `urls` and links it into `repo`: the
+    /// metadata-only push of a layer already on a CDN. Which URLs are acceptable is the
+    /// caller's policy.
+    pub async fn blob_put_external(
         &self,
         repo: &RepoName,
         digest: &Digest,
-        range: Option<&str>,
-    ) -> Result<BlobAnswer, OciError> {
-        let size = self.blob_size(repo, digest).await?;
-        let range = ByteRange::from_header(range, size)?;
-        let read = self
-            .blobs
-            .read(digest, range.map(|r| (r.start, r.end)))
-            .await
-            .map_err(|e| internal("blob read", e))?
-            .ok_or_else(|| {
-                tracing::error!(%repo, %digest, "blob is linked but its bytes are missing from the blob store");
-                blob_unknown(digest)
-            })?;
-        Ok(BlobAnswer { size, range, read })
+        size: u64,
+        urls: &[String],
+    ) -> Result<(), OciError> {
+        if urls.is_empty() {
+            return Err(OciError::new(ErrorCode::LocationInvalid, "a blob stored elsewhere needs at least one URL"));
+        }
+        self.link_external(repo, digest, size, urls).await
+    }
+
+    async fn link_external(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        urls: &[String],
+    ) -> Result<(), OciError> {
+        self.meta.link_external(repo, digest, size, urls).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidInput {
+                OciError::new(ErrorCode::SizeInvalid, format!("{digest}: {e}"))
+            } else {
+                internal("external blob link", e)
+            }
+        })
     }
 
     pub async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<(), OciError> {
@@ -188,7 +246,14 @@ impl Registry {
         .map_err(|e| internal("mount lookup", e))?;
         let Some(size) = known else { return Ok(None) };
         if self.blobs.stat(digest).await.map_err(|e| internal("mount stat", e))?.is_none() {
-            return Ok(None);
+            // A blob that lives elsewhere mounts as the same record.
+            let Some(from) = from else { return Ok(None) };
+            let urls = self.meta.blob_urls(from, digest).await.map_err(|e| internal("mount urls lookup", e))?;
+            if urls.is_empty() {
+                return Ok(None);
+            }
+            self.link_external(repo, digest, size, &urls).await?;
+            return Ok(Some(size));
         }
         self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("mount link", e))?;
         Ok(Some(size))
@@ -257,6 +322,14 @@ impl Registry {
         for d in parsed.required_blobs() {
             let size = self.meta.blob_link(repo, &d.digest).await.map_err(|e| internal("manifest blob check", e))?;
             check_reference(d, size, "blob")?;
+        }
+        // Layers that name their own URLs are linked as living there (unless held here);
+        // whether a client is sent to those URLs is the delivery policy's decision.
+        for d in parsed.layers.iter().filter(|d| !d.urls.is_empty()) {
+            let linked = self.meta.blob_link(repo, &d.digest).await.map_err(|e| internal("manifest blob check", e))?;
+            if linked.is_none() {
+                self.link_external(repo, &d.digest, d.size, &d.urls).await?;
+            }
         }
         if parsed.kind == ManifestKind::Index {
             for d in &parsed.manifests {

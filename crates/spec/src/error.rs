@@ -31,6 +31,8 @@ pub enum ErrorCode {
     UploadRangeInvalid,
     /// A manifest or upload over a configured size limit.
     TooLarge,
+    /// A blob location document (Tessera's metadata-only push) that cannot be used.
+    LocationInvalid,
     Unavailable,
     Unknown,
 }
@@ -60,6 +62,7 @@ impl ErrorCode {
             RangeNotSatisfiable => ("RANGE_INVALID", 416),
             UploadRangeInvalid => ("BLOB_UPLOAD_INVALID", 416),
             TooLarge => ("SIZE_INVALID", 413),
+            LocationInvalid => ("BLOB_LOCATION_INVALID", 400),
             Unavailable => ("UNAVAILABLE", 503),
             Unknown => ("UNKNOWN", 500),
         }

@@ -98,6 +98,14 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         self.inner.link_blob(repo, digest, size).await
     }
 
+    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()> {
+        self.inner.link_external(repo, digest, size, urls).await
+    }
+
+    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> io::Result<Vec<String>> {
+        self.inner.blob_urls(repo, digest).await
+    }
+
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
         let removed = self.inner.unlink_blob(repo, digest).await?;
         self.invalidate(|| {

@@ -155,6 +155,12 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn blob_known(&self, digest: &Digest) -> io::Result<Option<u64>>;
     /// Links a blob of `size` bytes into `repo` (idempotent).
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()>;
+    /// Links a blob whose bytes live elsewhere, at `urls` (a foreign layer, or a layer
+    /// pushed metadata-only). A link to bytes held here stays as it is. Fails with
+    /// `InvalidInput` when the digest is known with another size.
+    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()>;
+    /// Where the bytes of a blob linked into `repo` live, when not here; empty otherwise.
+    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> io::Result<Vec<String>>;
     /// Removes the link; returns whether there was one.
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool>;
 

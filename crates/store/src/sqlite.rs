@@ -55,6 +55,10 @@ CREATE TABLE uploads (
     r#"
 ALTER TABLE tags ADD COLUMN checked_ms INTEGER;
 "#,
+    // Links to blobs whose bytes live elsewhere: a JSON list of URLs; NULL for bytes here.
+    r#"
+ALTER TABLE blob_links ADD COLUMN urls TEXT;
+"#,
 ];
 
 const READERS: usize = 4;
@@ -218,11 +222,65 @@ impl MetaStore for SqliteMetaStore {
             let id = ensure_repo(tx, &repo)?;
             tx.prepare_cached("INSERT INTO blobs(digest, size) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
                 .execute(params![digest, size as i64])?;
-            tx.prepare_cached("INSERT INTO blob_links(repo, digest) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
-                .execute(params![id, digest])?;
+            // Bytes arriving for a blob that lived elsewhere make the link local.
+            tx.prepare_cached(
+                "INSERT INTO blob_links(repo, digest) VALUES (?1, ?2)
+                 ON CONFLICT DO UPDATE SET urls = NULL WHERE urls IS NOT NULL",
+            )?
+            .execute(params![id, digest])?;
             Ok(())
         })
         .await
+    }
+
+    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        let urls = serde_json::to_string(urls).map_err(io::Error::other)?;
+        let mismatch = self
+            .write(move |tx| {
+                let known: Option<i64> = tx
+                    .prepare_cached("SELECT size FROM blobs WHERE digest = ?1")?
+                    .query_row([&digest], |r| r.get(0))
+                    .optional()?;
+                if known.is_some_and(|k| k as u64 != size) {
+                    return Ok(known);
+                }
+                let id = ensure_repo(tx, &repo)?;
+                tx.prepare_cached("INSERT INTO blobs(digest, size) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
+                    .execute(params![digest, size as i64])?;
+                tx.prepare_cached(
+                    "INSERT INTO blob_links(repo, digest, urls) VALUES (?1, ?2, ?3)
+                     ON CONFLICT DO UPDATE SET urls = excluded.urls WHERE urls IS NOT NULL",
+                )?
+                .execute(params![id, digest, urls])?;
+                Ok(None)
+            })
+            .await?;
+        match mismatch {
+            Some(known) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the blob is known with size {known}, not {size}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> io::Result<Vec<String>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        let text = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT l.urls FROM blob_links l JOIN repos r ON r.id = l.repo WHERE r.name = ?1 AND l.digest = ?2",
+                )?
+                .query_row(params![repo, digest], |r| r.get::<_, Option<String>>(0))
+                .optional()
+            })
+            .await?
+            .flatten();
+        match text {
+            Some(t) => serde_json::from_str(&t).map_err(io::Error::other),
+            None => Ok(Vec::new()),
+        }
     }
 
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {

@@ -1,6 +1,8 @@
 //! Assembly: the one place that turns a [`Config`] into stores, a registry, an HTTP app and a
 //! running listener. `main` and the tests both come through here.
 
+pub mod transfer;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -256,6 +258,7 @@ pub fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, reference:
         Some(d) => format!("/v2/{n}/manifests/{d}"),
         None => format!("/v2/{n}/manifests/{}", &tail[1..]),
     };
+    let delivery = tessera_federation::Delivery::new(&config.deliveries, None).map_err(anyhow::Error::msg)?;
     let mut out = String::new();
     match resolved.route {
         Some(i) => writeln!(out, "{name}{tail}: route {i} of the configuration")?,
@@ -271,7 +274,11 @@ pub fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, reference:
         let step = if resolved.members.len() > 1 { format!("  {}. ", i + 1) } else { "  ".to_string() };
         match member {
             Member::Hosted => {
-                writeln!(out, "{step}hosted repository {n}: manifest and blobs from this server's stores")?;
+                writeln!(
+                    out,
+                    "{step}hosted repository {n}: manifest from this server's stores; blobs: {}",
+                    delivery.describe_local(n, None)
+                )?;
             }
             Member::Upstream { upstream, .. } => {
                 let c = upstream.cache_settings();
@@ -324,6 +331,53 @@ fn resolve_for_explain(
     Ok((name.to_string(), tail, resolved))
 }
 
+/// Reads a hosted manifest from the stores under `config.data` and says where each blob it
+/// needs is delivered from. Whether the manifest was found.
+async fn explain_hosted(
+    config: &Config,
+    delivery: &tessera_federation::Delivery,
+    name: &tessera_spec::RepoName,
+    reference: &str,
+    out: &mut String,
+) -> anyhow::Result<bool> {
+    use std::fmt::Write as _;
+    let path = config.data.join("meta.sqlite");
+    if !path.exists() {
+        writeln!(out, "    hosted {name}: no stores in {}", config.data.display())?;
+        return Ok(false);
+    }
+    let meta = SqliteMetaStore::open(&path)?;
+    let reference: tessera_spec::Reference =
+        reference.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
+    let digest = match &reference {
+        tessera_spec::Reference::Digest(d) => Some(d.clone()),
+        tessera_spec::Reference::Tag(t) => meta.resolve_tag(name, t).await?,
+    };
+    let Some(m) = (match digest {
+        Some(d) => meta.get_manifest(name, &d).await?,
+        None => None,
+    }) else {
+        writeln!(out, "    hosted {name}: no manifest {reference}")?;
+        return Ok(false);
+    };
+    let parsed = tessera_spec::ParsedManifest::parse(Some(&m.media_type), &m.bytes)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    writeln!(out, "    hosted {name} holds {} ({}, {} bytes)", m.digest, m.media_type, m.bytes.len())?;
+    for d in &parsed.manifests {
+        writeln!(out, "      manifest {} {} bytes (from this server)", d.digest, d.size)?;
+    }
+    for (kind, d) in parsed.config.iter().map(|c| ("config", c)).chain(parsed.layers.iter().map(|l| ("layer", l))) {
+        let urls = meta.blob_urls(name, &d.digest).await?;
+        let how = if urls.is_empty() {
+            delivery.describe_local(name, Some(&d.digest))
+        } else {
+            delivery.describe_external(name, &urls)
+        };
+        writeln!(out, "      {kind} {} {} bytes: {how}", d.digest, d.size)?;
+    }
+    Ok(true)
+}
+
 /// Asks each upstream member which manifest it answers `reference` with, and lists what
 /// that manifest needs (child manifests of an index; config and layers of an image).
 pub async fn explain_live(
@@ -338,10 +392,13 @@ pub async fn explain_live(
 
     let (_, tail, resolved) = resolve_for_explain(config, host, ns, reference)?;
     let reference = tail.trim_start_matches([':', '@']);
+    let delivery = tessera_federation::Delivery::new(&config.deliveries, None).map_err(anyhow::Error::msg)?;
     let mut out = String::from("  live:\n");
     for (member, name) in &resolved.members {
         let Member::Upstream { upstream, .. } = member else {
-            writeln!(out, "    hosted {name}: not asked (explain reads no stores; ask the running server)")?;
+            if explain_hosted(config, &delivery, name, reference, &mut out).await? {
+                break;
+            }
             continue;
         };
         let path = format!("/v2/{name}/manifests/{reference}");

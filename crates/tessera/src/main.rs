@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use tessera::transfer;
 use tessera_config::{AuthConfig, Config, Mode, TlsConfig};
 
 /// Tessera: a federating OCI container registry.
@@ -18,6 +19,60 @@ enum Command {
     Serve(ServeArgs),
     /// Show which route a name takes and where its manifest and blobs would come from.
     Explain(ExplainArgs),
+    /// Push an image's manifests and configs to a Tessera repository while its layers stay
+    /// where they already are (metadata-only push).
+    Push(PushArgs),
+    /// Write an image's blobs and manifests in the layout a CDN origin serves.
+    Publish(PublishArgs),
+}
+
+/// Where the source image is read from, for push and publish.
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// oci:DIR[:TAG] (an OCI image layout), docker-archive:FILE (a `docker save` tar) or
+    /// docker://HOST/NAME[:TAG|@DIGEST] (another registry).
+    source: String,
+    /// Reach a docker:// source over plain HTTP.
+    #[arg(long)]
+    src_plain_http: bool,
+    /// USER:PASSWORD for a docker:// source.
+    #[arg(long, value_name = "USER:PASSWORD", env = "TESSERA_SRC_CREDS")]
+    src_creds: Option<String>,
+    /// Path of a blob under the base URL or directory: {digest}, {algorithm}, {hex},
+    /// {hex2}, {name}.
+    #[arg(long, default_value = "blobs/{digest}")]
+    layout: String,
+}
+
+#[derive(clap::Args)]
+struct PushArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// HOST[:PORT]/NAME[:TAG] on a Tessera server.
+    dest: String,
+    /// Base URL the layers already live under (e.g. https://cdn.example.com/pulp/isv-app/).
+    #[arg(long, value_name = "BASE_URL")]
+    blobs_at: String,
+    /// Do not check with a HEAD that each layer is at its URL with the right size.
+    #[arg(long)]
+    no_verify: bool,
+    /// Reach the destination over plain HTTP.
+    #[arg(long)]
+    plain_http: bool,
+    /// USER:PASSWORD for the destination.
+    #[arg(long, value_name = "USER:PASSWORD", env = "TESSERA_CREDS")]
+    creds: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Directory the CDN origin serves. (S3 destinations arrive with the S3 blob store.)
+    dest: PathBuf,
+    /// Repository name for a {name} in --layout.
+    #[arg(long, default_value = "image")]
+    name: String,
 }
 
 #[derive(clap::Args)]
@@ -158,5 +213,56 @@ fn main() -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
+        Command::Push(args) => runtime.block_on(push(args)),
+        Command::Publish(args) => runtime.block_on(publish(args)),
     }
+}
+
+async fn read_source(args: &SourceArgs) -> anyhow::Result<transfer::SourceImage> {
+    let source = transfer::Source::parse(&args.source)?;
+    transfer::SourceImage::read(&source, args.src_plain_http, args.src_creds.as_deref()).await
+}
+
+async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let (host, name, tag) = transfer::split_reference(&args.dest)?;
+    if tag.contains(':') {
+        anyhow::bail!("the destination needs a tag, not a digest");
+    }
+    let image = read_source(&args.source).await?;
+    let dest = transfer::registry_client(&host, args.plain_http, args.creds.as_deref())?;
+    let report = transfer::push_metadata_only(
+        &image,
+        &dest,
+        &name,
+        &tag,
+        &args.blobs_at,
+        &args.source.layout,
+        !args.no_verify,
+    )
+    .await?;
+    println!(
+        "pushed {host}/{name}:{tag} ({}): {} manifest(s), {} config(s) uploaded; {} layer(s) recorded at {}{}",
+        report.top,
+        report.manifests,
+        report.configs,
+        report.layers,
+        args.blobs_at,
+        if args.no_verify { " (not verified)" } else { " (each verified with a HEAD)" }
+    );
+    Ok(())
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let name = args.name.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
+    let image = read_source(&args.source).await?;
+    std::fs::create_dir_all(&args.dest)?;
+    let (written, kept) =
+        transfer::publish(&image, &args.dest, &name, &args.source.layout, image.tag.as_deref()).await?;
+    println!(
+        "published {} into {}: {written} blob(s) written, {kept} already there, {} manifest(s)",
+        image.manifests.last().map(|m| m.digest.to_string()).unwrap_or_default(),
+        args.dest.display(),
+        image.manifests.len()
+    );
+    Ok(())
 }

@@ -1,0 +1,703 @@
+//! Delivery: where a client fetches a blob's bytes. Manifests are always ours; a blob is
+//! streamed by us, or answered with a redirect to a CDN (optionally with an expiring
+//! signature a plain nginx or an Akamai-style edge checks), to the nearest healthy mirror
+//! for the client's address, or to the external URL the blob lives at (descriptor `urls`,
+//! metadata-only push) when the repository's allow list admits it.
+//!
+//! Rules come from `[[delivery]]`, first prefix match wins; a mirrors rule with no healthy
+//! mirror for the client hands over to the next matching rule, and no rule means stream.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use ipnet::IpNet;
+use md5::Digest as _;
+use tessera_config::{Deliver, TokenKind};
+use tessera_spec::{Digest, RepoName};
+
+const DEFAULT_LAYOUT: &str = "blobs/{digest}";
+const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 30;
+
+/// The delivery rules of one configuration, with the health of their mirrors.
+pub struct Delivery {
+    rules: Vec<Rule>,
+    /// Redirects answered, by kind; carried across reloads.
+    pub redirects: Arc<RedirectCounts>,
+    health: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+pub struct RedirectCounts {
+    pub cdn: AtomicU64,
+    pub mirror: AtomicU64,
+    pub external: AtomicU64,
+}
+
+struct Rule {
+    prefix: String,
+    how: How,
+    layout: String,
+    signer: Option<Signer>,
+    rewrites: Vec<(String, String)>,
+    allow: Vec<UrlPattern>,
+    deny: Vec<UrlPattern>,
+    health_interval: Duration,
+    health_blob: Option<Digest>,
+}
+
+enum How {
+    Stream,
+    Cdn(String),
+    Mirrors(Vec<Arc<MirrorState>>),
+}
+
+/// A mirror and what its last health check found.
+pub struct MirrorState {
+    pub config: tessera_config::Mirror,
+    base: String,
+    networks: Vec<IpNet>,
+    healthy: AtomicBool,
+}
+
+impl MirrorState {
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// Where a blob is to be fetched from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// We send the bytes.
+    Stream,
+    /// A 307 to this URL.
+    Redirect(String),
+    /// The blob lives elsewhere and no URL it names is allowed here.
+    NotAllowed,
+}
+
+/// An expiring signature on URLs.
+struct Signer {
+    kind: TokenKind,
+    secret: Vec<u8>,
+    ttl: Duration,
+    expression: String,
+    hash_param: String,
+    expires_param: String,
+    token_param: String,
+}
+
+/// `scheme://host[:port]/path-prefix`, the host optionally `*.domain`.
+#[derive(Debug, Clone)]
+struct UrlPattern {
+    scheme: String,
+    host: String,
+    any_subdomain: bool,
+    port: Option<u16>,
+    path: String,
+}
+
+fn ensure_slash(base: &str) -> String {
+    if base.ends_with('/') { base.to_string() } else { format!("{base}/") }
+}
+
+/// Does `prefix` cover `name` at a component boundary?
+fn covers(prefix: &str, name: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    prefix.is_empty() || name == prefix || name.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
+pub fn expand_layout(layout: &str, name: &RepoName, digest: &Digest) -> String {
+    let hex = digest.hex();
+    layout
+        .replace("{digest}", &digest.to_string())
+        .replace("{algorithm}", digest.algorithm().as_str())
+        .replace("{hex2}", &hex[..2])
+        .replace("{hex}", hex)
+        .replace("{name}", name.as_str())
+}
+
+impl UrlPattern {
+    fn parse(text: &str) -> Result<UrlPattern, String> {
+        let (unstarred, any_subdomain) = match text.split_once("://*.") {
+            Some((scheme, rest)) => (format!("{scheme}://{rest}"), true),
+            None => (text.to_string(), false),
+        };
+        let url = url::Url::parse(&unstarred).map_err(|e| format!("URL pattern {text:?}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!("URL pattern {text:?} must be an http:// or https:// URL with a host"));
+        }
+        Ok(UrlPattern {
+            scheme: url.scheme().to_string(),
+            host: url.host_str().unwrap_or_default().to_string(),
+            any_subdomain,
+            port: url.port_or_known_default(),
+            path: url.path().to_string(),
+        })
+    }
+
+    fn matches(&self, url: &url::Url) -> bool {
+        let Some(host) = url.host_str() else { return false };
+        let host_ok = if self.any_subdomain {
+            host.strip_suffix(&self.host).is_some_and(|sub| sub.ends_with('.') && sub.len() > 1)
+        } else {
+            host == self.host
+        };
+        let path = url.path();
+        let path_ok = self.path.ends_with('/') && path.starts_with(&self.path)
+            || path == self.path
+            || path.strip_prefix(&self.path).is_some_and(|rest| rest.starts_with('/'));
+        url.scheme() == self.scheme && host_ok && url.port_or_known_default() == self.port && path_ok
+    }
+}
+
+fn patterns(texts: &[String]) -> Result<Vec<UrlPattern>, String> {
+    texts.iter().map(|t| UrlPattern::parse(t)).collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Signer {
+    fn new(t: &tessera_config::UrlToken) -> Result<Signer, String> {
+        let text = match (&t.secret, &t.secret_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("token secret_file {}: {e}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            (None, None) => return Err("token needs a secret".into()),
+        };
+        let secret = match t.kind {
+            TokenKind::SecureLinkMd5 => text.into_bytes(),
+            TokenKind::HmacSha256 => hex::decode(text.trim()).map_err(|_| "an hmac_sha256 secret must be hex")?,
+        };
+        if secret.is_empty() {
+            return Err("token secret is empty".into());
+        }
+        Ok(Signer {
+            kind: t.kind,
+            secret,
+            ttl: Duration::from_secs(t.ttl_secs),
+            expression: t.expression.clone(),
+            hash_param: t.hash_param.clone(),
+            expires_param: t.expires_param.clone(),
+            token_param: t.token_param.clone(),
+        })
+    }
+
+    /// `url` with the signature for `client`, valid until now + ttl.
+    fn sign(&self, url: &str, client: Option<IpAddr>, now: u64) -> String {
+        let expires = now + self.ttl.as_secs();
+        let path = url::Url::parse(url).map(|u| u.path().to_string()).unwrap_or_default();
+        let params = match self.kind {
+            TokenKind::SecureLinkMd5 => {
+                let client = client.map(|c| c.to_string()).unwrap_or_default();
+                let secret = String::from_utf8_lossy(&self.secret);
+                let text = self
+                    .expression
+                    .replace("{expires}", &expires.to_string())
+                    .replace("{path}", &path)
+                    .replace("{client}", &client)
+                    .replace("{secret}", &secret);
+                let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(md5::Md5::digest(text.as_bytes()));
+                format!("{}={hash}&{}={expires}", self.hash_param, self.expires_param)
+            }
+            TokenKind::HmacSha256 => {
+                let fields = format!("exp={expires}~acl={path}");
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret);
+                let mac = hex::encode(ring::hmac::sign(&key, fields.as_bytes()).as_ref());
+                let token = format!("{fields}~hmac={mac}");
+                let token: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
+                format!("{}={token}", self.token_param)
+            }
+        };
+        let joiner = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{joiner}{params}")
+    }
+
+    fn describe(&self) -> String {
+        let kind = match self.kind {
+            TokenKind::SecureLinkMd5 => "nginx secure_link_md5",
+            TokenKind::HmacSha256 => "HMAC-SHA256 token",
+        };
+        format!("signed ({kind}, valid {} s)", self.ttl.as_secs())
+    }
+}
+
+impl Rule {
+    fn new(d: &tessera_config::Delivery, previous: Option<&Delivery>) -> Result<Rule, String> {
+        let how = match d.deliver {
+            Deliver::Stream => How::Stream,
+            Deliver::Cdn => How::Cdn(ensure_slash(d.cdn.as_deref().unwrap_or_default())),
+            Deliver::Mirrors => How::Mirrors(
+                d.mirrors
+                    .iter()
+                    .map(|m| {
+                        let kept = previous
+                            .and_then(|p| p.mirrors().find(|s| s.config == *m && s.base == ensure_slash(&m.url)));
+                        if let Some(kept) = kept {
+                            return Ok(kept.clone());
+                        }
+                        let networks = m
+                            .networks
+                            .iter()
+                            .map(|n| {
+                                n.parse::<IpNet>()
+                                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
+                                    .map_err(|_| format!("mirror {}: {n:?} is not a network (CIDR)", m.url))
+                            })
+                            .collect::<Result<_, _>>()?;
+                        // Unknown until the first check, which runs at once.
+                        Ok(Arc::new(MirrorState {
+                            config: m.clone(),
+                            base: ensure_slash(&m.url),
+                            networks,
+                            healthy: AtomicBool::new(false),
+                        }))
+                    })
+                    .collect::<Result<_, String>>()?,
+            ),
+            Deliver::Presigned => return Err("presigned delivery needs the S3-compatible blob store".into()),
+        };
+        let mut allow = patterns(&d.external_allow)?;
+        // A rule's own CDN and mirrors are where its blobs live: always allowed for it.
+        match &how {
+            How::Cdn(base) => allow.push(UrlPattern::parse(base)?),
+            How::Mirrors(ms) => {
+                for m in ms {
+                    allow.push(UrlPattern::parse(&m.base)?);
+                }
+            }
+            How::Stream => {}
+        }
+        let health_blob = d
+            .health_blob
+            .as_deref()
+            .map(|h| h.parse::<Digest>().map_err(|_| format!("health_blob {h:?} is not a digest")))
+            .transpose()?;
+        Ok(Rule {
+            prefix: d.prefix.clone(),
+            how,
+            layout: d.layout.clone().unwrap_or_else(|| DEFAULT_LAYOUT.into()),
+            signer: d.token.as_ref().map(Signer::new).transpose()?,
+            rewrites: d.rewrite.iter().map(|r| (r.find.clone(), r.replace.clone())).collect(),
+            allow,
+            deny: patterns(&d.external_deny)?,
+            health_interval: Duration::from_secs(d.health_interval_secs.unwrap_or(DEFAULT_HEALTH_INTERVAL_SECS).max(1)),
+            health_blob,
+        })
+    }
+
+    /// `base` + the layout path of the blob, rewritten and signed.
+    fn url(&self, base: &str, name: &RepoName, digest: &Digest, client: Option<IpAddr>) -> String {
+        self.finish(format!("{base}{}", expand_layout(&self.layout, name, digest)), client)
+    }
+
+    fn finish(&self, mut url: String, client: Option<IpAddr>) -> String {
+        for (find, replace) in &self.rewrites {
+            url = url.replacen(find.as_str(), replace, 1);
+        }
+        match &self.signer {
+            Some(s) => s.sign(&url, client, unix_now()),
+            None => url,
+        }
+    }
+
+    /// The healthy mirror nearest to `client`: the one whose network most specifically
+    /// contains it (a mirror without networks serves all, least specifically), then by
+    /// priority; equals are spread by the client's address.
+    fn nearest_mirror(mirrors: &[Arc<MirrorState>], client: Option<IpAddr>) -> Option<&MirrorState> {
+        let specificity = |m: &MirrorState| -> Option<u8> {
+            if m.networks.is_empty() {
+                return Some(0);
+            }
+            let client = client?;
+            m.networks.iter().filter(|n| n.contains(&client)).map(|n| n.prefix_len() + 1).max()
+        };
+        let ranked: Vec<(&MirrorState, u8)> =
+            mirrors.iter().filter(|m| m.healthy()).filter_map(|m| specificity(m).map(|s| (m.as_ref(), s))).collect();
+        let best = ranked.iter().map(|(m, s)| (std::cmp::Reverse(*s), m.config.priority)).min()?;
+        let equals: Vec<&MirrorState> = ranked
+            .iter()
+            .filter(|(m, s)| (std::cmp::Reverse(*s), m.config.priority) == best)
+            .map(|(m, _)| *m)
+            .collect();
+        let spread = client.map(|c| match c {
+            IpAddr::V4(a) => u32::from(a) as usize,
+            IpAddr::V6(a) => u128::from(a) as usize,
+        });
+        Some(equals[spread.unwrap_or(0) % equals.len()])
+    }
+
+    fn allows(&self, url: &str) -> bool {
+        let Ok(parsed) = url::Url::parse(url) else { return false };
+        self.allow.iter().any(|p| p.matches(&parsed)) && !self.deny.iter().any(|p| p.matches(&parsed))
+    }
+}
+
+impl Delivery {
+    /// The rules of `config`. Mirrors unchanged from `previous` keep their health.
+    pub fn new(config: &[tessera_config::Delivery], previous: Option<&Delivery>) -> Result<Delivery, String> {
+        let rules = config
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Rule::new(d, previous).map_err(|e| format!("delivery {}: {e}", i + 1)))
+            .collect::<Result<_, _>>()?;
+        let redirects = previous.map(|p| p.redirects.clone()).unwrap_or_default();
+        Ok(Delivery { rules, redirects, health: None })
+    }
+
+    /// Every mirror of every rule.
+    pub fn mirrors(&self) -> impl Iterator<Item = &Arc<MirrorState>> {
+        self.rules.iter().flat_map(|r| match &r.how {
+            How::Mirrors(ms) => ms.as_slice(),
+            _ => &[],
+        })
+    }
+
+    fn matching<'r>(&'r self, name: &'r RepoName) -> impl Iterator<Item = &'r Rule> {
+        self.rules.iter().filter(move |r| covers(&r.prefix, name.as_str()))
+    }
+
+    /// For a blob whose bytes are here: stream, or redirect to a CDN or mirror.
+    pub fn local(&self, name: &RepoName, digest: &Digest, client: Option<IpAddr>) -> Decision {
+        for rule in self.matching(name) {
+            match &rule.how {
+                How::Stream => return Decision::Stream,
+                How::Cdn(base) => {
+                    self.redirects.cdn.fetch_add(1, Ordering::Relaxed);
+                    return Decision::Redirect(rule.url(base, name, digest, client));
+                }
+                How::Mirrors(mirrors) => {
+                    if let Some(m) = Rule::nearest_mirror(mirrors, client) {
+                        self.redirects.mirror.fetch_add(1, Ordering::Relaxed);
+                        return Decision::Redirect(rule.url(&m.base, name, digest, client));
+                    }
+                }
+            }
+        }
+        Decision::Stream
+    }
+
+    /// For a blob whose bytes live at `urls`: a redirect to the first the repository's rule
+    /// allows, rewritten and signed by the rule whose CDN or mirror it is under.
+    pub fn external(&self, name: &RepoName, urls: &[String], client: Option<IpAddr>) -> Decision {
+        let Some(url) = self.allowed_url(name, urls) else { return Decision::NotAllowed };
+        self.redirects.external.fetch_add(1, Ordering::Relaxed);
+        let owner = self.rules.iter().find(|r| match &r.how {
+            How::Cdn(base) => url.starts_with(base.as_str()),
+            How::Mirrors(ms) => ms.iter().any(|m| url.starts_with(m.base.as_str())),
+            How::Stream => false,
+        });
+        Decision::Redirect(match owner {
+            Some(rule) => rule.finish(url.to_string(), client),
+            None => url.to_string(),
+        })
+    }
+
+    /// In words, for `tessera explain`: where a client is sent for a blob living at `urls`.
+    pub fn describe_external(&self, name: &RepoName, urls: &[String]) -> String {
+        match self.allowed_url(name, urls) {
+            Some(url) => format!("lives elsewhere: 307 to {url}"),
+            None => format!(
+                "lives elsewhere at {}, which the delivery policy of {name} does not allow: 404",
+                urls.join(", ")
+            ),
+        }
+    }
+
+    /// The first of `urls` the first rule covering `name` allows.
+    pub fn allowed_url<'u>(&self, name: &RepoName, urls: &'u [String]) -> Option<&'u str> {
+        let rule = self.matching(name).next()?;
+        urls.iter().map(String::as_str).find(|u| rule.allows(u))
+    }
+
+    /// In words, for `tessera explain`: how a blob of `name` held here is delivered (for
+    /// `digest`, or with the layout shown as a template).
+    pub fn describe_local(&self, name: &RepoName, digest: Option<&Digest>) -> String {
+        let mut steps = Vec::new();
+        for rule in self.matching(name) {
+            let signed = rule.signer.as_ref().map(|s| format!(", {}", s.describe())).unwrap_or_default();
+            match &rule.how {
+                How::Stream => {
+                    steps.push("streamed by this server".to_string());
+                    return steps.join("; else ");
+                }
+                How::Cdn(base) => {
+                    let url = match digest {
+                        Some(d) => rule.url(base, name, d, None).split('?').next().unwrap_or_default().to_string(),
+                        None => format!("{base}{}", rule.layout),
+                    };
+                    steps.push(format!("307 to CDN {url}{signed} (delivery prefix {:?})", rule.prefix));
+                    return steps.join("; else ");
+                }
+                How::Mirrors(ms) => {
+                    let list: Vec<String> = ms
+                        .iter()
+                        .map(|m| {
+                            let nets = if m.config.networks.is_empty() {
+                                "all clients".to_string()
+                            } else {
+                                m.config.networks.join(", ")
+                            };
+                            format!("{} for {nets}, priority {}", m.base, m.config.priority)
+                        })
+                        .collect();
+                    steps.push(format!(
+                        "307 to the nearest healthy mirror{signed} of [{}] (delivery prefix {:?})",
+                        list.join("; "),
+                        rule.prefix
+                    ));
+                }
+            }
+        }
+        steps.push("streamed by this server".to_string());
+        steps.join("; else ")
+    }
+
+    /// Starts the background health checks of every mirror; they stop when this is dropped.
+    pub fn start_health_checks(&mut self) -> Result<(), String> {
+        let checks: Vec<(Arc<MirrorState>, Duration, Option<String>)> = self
+            .rules
+            .iter()
+            .flat_map(|r| {
+                let probe = |m: &Arc<MirrorState>| {
+                    r.health_blob.as_ref().map(|d| {
+                        let name = "health".parse::<RepoName>().expect("a valid name");
+                        r.url(&m.base, &name, d, None)
+                    })
+                };
+                match &r.how {
+                    How::Mirrors(ms) => ms.iter().map(|m| (m.clone(), r.health_interval, probe(m))).collect(),
+                    _ => Vec::new(),
+                }
+            })
+            .collect();
+        if checks.is_empty() {
+            return Ok(());
+        }
+        let http = crate::upstream::plain_client().map_err(|e| format!("mirror health checks: {e}"))?;
+        self.health = Some(tokio::spawn(async move {
+            let mut next = vec![tokio::time::Instant::now(); checks.len()];
+            loop {
+                let now = tokio::time::Instant::now();
+                let due: Vec<usize> = (0..checks.len()).filter(|&i| next[i] <= now).collect();
+                let results = futures_util::future::join_all(due.iter().map(|&i| {
+                    let (mirror, interval, probe) = &checks[i];
+                    check_mirror(&http, mirror, *interval, probe.as_deref())
+                }))
+                .await;
+                for (&i, healthy) in due.iter().zip(results) {
+                    let (mirror, interval, _) = &checks[i];
+                    if mirror.healthy.swap(healthy, Ordering::Relaxed) != healthy {
+                        if healthy {
+                            tracing::info!(mirror = %mirror.base, "mirror is healthy");
+                        } else {
+                            tracing::warn!(mirror = %mirror.base, "mirror failed its health check; skipped until it passes");
+                        }
+                    }
+                    next[i] = tokio::time::Instant::now() + *interval;
+                }
+                let wake = next.iter().min().copied().unwrap_or_else(tokio::time::Instant::now);
+                tokio::time::sleep_until(wake).await;
+            }
+        }));
+        Ok(())
+    }
+
+    /// Whether every blob of `name` held here is streamed by us (no redirecting rule).
+    pub fn streams(&self, name: &RepoName) -> bool {
+        self.matching(name).next().is_none_or(|r| matches!(r.how, How::Stream))
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(h) = self.health.take() {
+            h.abort();
+        }
+    }
+}
+
+/// One health check: a `HEAD` of the probe blob (2xx or 3xx passes), or of the base URL
+/// (any answer below 500 passes).
+async fn check_mirror(http: &reqwest::Client, mirror: &MirrorState, interval: Duration, probe: Option<&str>) -> bool {
+    let url = probe.unwrap_or(&mirror.base);
+    let timeout = interval.min(Duration::from_secs(5));
+    match tokio::time::timeout(timeout, http.head(url).send()).await {
+        Ok(Ok(r)) => {
+            let status = r.status();
+            if probe.is_some() { status.is_success() || status.is_redirection() } else { status.as_u16() < 500 }
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(toml: &str) -> Delivery {
+        let config = tessera_config::Config::from_toml(toml).unwrap();
+        Delivery::new(&config.deliveries, None).unwrap()
+    }
+
+    fn name(n: &str) -> RepoName {
+        n.parse().unwrap()
+    }
+
+    fn digest() -> Digest {
+        Digest::sha256_of(b"layer")
+    }
+
+    #[test]
+    fn cdn_redirect_uses_the_layout_and_rewrites() {
+        let d = rules(
+            r#"
+[[delivery]]
+prefix = "isv"
+deliver = "cdn"
+cdn = "https://cdn.example.com/pulp"
+layout = "{algorithm}/{hex2}/{hex}"
+rewrite = [{ match = "cdn.example.com", replace = "edge.example.com" }]
+"#,
+        );
+        let dg = digest();
+        let hex = dg.hex();
+        assert_eq!(
+            d.local(&name("isv/app"), &dg, None),
+            Decision::Redirect(format!("https://edge.example.com/pulp/sha256/{}/{hex}", &hex[..2]))
+        );
+        // Component boundary: "isvx" is not under "isv".
+        assert_eq!(d.local(&name("isvx/app"), &dg, None), Decision::Stream);
+    }
+
+    #[test]
+    fn secure_link_md5_matches_nginx() {
+        // The value nginx computes for `secure_link_md5 "$secure_link_expires$uri secret"`:
+        // base64url(md5("2147483647/p/blobs/x secret")), no padding.
+        let signer = Signer::new(&tessera_config::UrlToken {
+            kind: TokenKind::SecureLinkMd5,
+            secret: Some("secret".into()),
+            secret_file: None,
+            ttl_secs: 2147483647 - 1000,
+            expression: "{expires}{path} {secret}".into(),
+            hash_param: "md5".into(),
+            expires_param: "expires".into(),
+            token_param: "__token__".into(),
+        })
+        .unwrap();
+        let url = signer.sign("http://cdn/p/blobs/x", None, 1000);
+        let expected =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(md5::Md5::digest(b"2147483647/p/blobs/x secret"));
+        assert_eq!(url, format!("http://cdn/p/blobs/x?md5={expected}&expires=2147483647"));
+    }
+
+    #[test]
+    fn hmac_token_is_akamai_shaped() {
+        let signer = Signer::new(&tessera_config::UrlToken {
+            kind: TokenKind::HmacSha256,
+            secret: Some("00ff".into()),
+            secret_file: None,
+            ttl_secs: 60,
+            expression: String::new(),
+            hash_param: String::new(),
+            expires_param: String::new(),
+            token_param: "__token__".into(),
+        })
+        .unwrap();
+        let url = signer.sign("https://cdn/a/b", None, 100);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[0x00, 0xff]);
+        let mac = hex::encode(ring::hmac::sign(&key, b"exp=160~acl=/a/b").as_ref());
+        assert_eq!(url, format!("https://cdn/a/b?__token__=exp%3D160%7Eacl%3D%2Fa%2Fb%7Ehmac%3D{mac}"));
+    }
+
+    #[test]
+    fn external_urls_need_an_allow_and_no_deny() {
+        let d = rules(
+            r#"
+[[delivery]]
+prefix = "win"
+external_allow = ["https://*.microsoft.example/", "https://dl.example.org/pub/"]
+external_deny = ["https://bad.microsoft.example/"]
+"#,
+        );
+        let n = name("win/app");
+        let ok = |u: &str| d.allowed_url(&n, &[u.to_string()]).is_some();
+        assert!(ok("https://go.microsoft.example/layer"));
+        assert!(!ok("https://microsoft.example/layer"), "*. needs a subdomain");
+        assert!(!ok("https://bad.microsoft.example/layer"), "deny wins");
+        assert!(!ok("https://go.microsoft.example.evil.org/layer"));
+        assert!(!ok("http://go.microsoft.example/layer"), "scheme must match");
+        assert!(!ok("https://go.microsoft.example:8443/layer"), "port must match");
+        assert!(ok("https://dl.example.org/pub/x"));
+        assert!(!ok("https://dl.example.org/public/x"));
+        assert!(!ok("https://dl.example.org/pub/../secret"), "URLs are normalised before matching");
+        assert!(!ok("https://user@evil.org/pub/"));
+        // Another prefix allows nothing.
+        assert_eq!(d.external(&name("other"), &["https://go.microsoft.example/l".into()], None), Decision::NotAllowed);
+    }
+
+    #[test]
+    fn nearest_healthy_mirror_wins_and_none_falls_through() {
+        let d = rules(
+            r#"
+[[delivery]]
+prefix = "fedora"
+deliver = "mirrors"
+[[delivery.mirror]]
+url = "http://campus.example/m"
+networks = ["10.1.0.0/16"]
+[[delivery.mirror]]
+url = "http://country.example/m/"
+networks = ["10.0.0.0/8"]
+[[delivery.mirror]]
+url = "http://everyone.example/m/"
+priority = 5
+
+[[delivery]]
+prefix = "fedora"
+deliver = "cdn"
+cdn = "https://cdn.example/"
+"#,
+        );
+        let n = name("fedora/f41");
+        let dg = digest();
+        let client = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let at = |base: &str| Decision::Redirect(format!("{base}blobs/{dg}"));
+        // Nothing checked yet: no mirror is healthy, so the CDN rule decides.
+        assert_eq!(d.local(&n, &dg, client("10.1.2.3")), at("https://cdn.example/"));
+        for m in d.mirrors() {
+            m.healthy.store(true, Ordering::Relaxed);
+        }
+        assert_eq!(d.local(&n, &dg, client("10.1.2.3")), at("http://campus.example/m/"));
+        assert_eq!(d.local(&n, &dg, client("10.9.2.3")), at("http://country.example/m/"));
+        assert_eq!(d.local(&n, &dg, client("192.0.2.1")), at("http://everyone.example/m/"));
+        d.mirrors().next().unwrap().healthy.store(false, Ordering::Relaxed);
+        assert_eq!(d.local(&n, &dg, client("10.1.2.3")), at("http://country.example/m/"));
+    }
+
+    #[test]
+    fn a_rules_own_cdn_is_an_allowed_external_location_and_is_signed() {
+        let d = rules(
+            r#"
+[[delivery]]
+prefix = "base"
+deliver = "cdn"
+cdn = "http://127.0.0.2/base/"
+token = { kind = "secure_link_md5", secret = "s" }
+"#,
+        );
+        let url = "http://127.0.0.2/base/blobs/sha256:00".to_string();
+        match d.external(&name("base/ubi"), std::slice::from_ref(&url), None) {
+            Decision::Redirect(u) => assert!(u.starts_with(&format!("{url}?md5=")), "{u}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(d.external(&name("base/ubi"), &["http://127.0.0.9/x".into()], None), Decision::NotAllowed);
+    }
+}

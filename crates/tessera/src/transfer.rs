@@ -1,0 +1,538 @@
+//! Moving images from a source (an OCI image layout, a `docker save` archive, another
+//! registry) to where they are served: `tessera push --blobs-at` records an image in a
+//! Tessera repository while its layers stay on a CDN (metadata-only push), and
+//! `tessera publish` writes an image's blobs and manifests in the layout a CDN origin
+//! serves (Pulp's: `blobs/{digest}`, `manifests/2/{ref}`, `manifests/list/{ref}`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use reqwest::Method;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use tessera_federation::Upstream;
+use tessera_spec::manifest::{ManifestKind, media};
+use tessera_spec::{Digest, ParsedManifest, RepoName};
+
+/// Where an image comes from, in skopeo's transport syntax.
+pub enum Source {
+    /// `oci:DIR[:TAG]`
+    Layout { dir: PathBuf, tag: Option<String> },
+    /// `docker-archive:FILE`
+    Archive(PathBuf),
+    /// `docker://HOST/NAME[:TAG|@DIGEST]`
+    Registry { host: String, name: RepoName, reference: String },
+}
+
+impl Source {
+    pub fn parse(text: &str) -> Result<Source> {
+        if let Some(rest) = text.strip_prefix("oci:") {
+            return Ok(match rest.rsplit_once(':').filter(|(_, t)| !t.contains('/') && !t.is_empty()) {
+                Some((dir, tag)) => Source::Layout { dir: dir.into(), tag: Some(tag.into()) },
+                None => Source::Layout { dir: rest.into(), tag: None },
+            });
+        }
+        if let Some(rest) = text.strip_prefix("docker-archive:") {
+            return Ok(Source::Archive(rest.into()));
+        }
+        if let Some(rest) = text.strip_prefix("docker://") {
+            let (host, name, reference) = split_reference(rest)?;
+            return Ok(Source::Registry { host, name, reference });
+        }
+        bail!("{text:?}: a source is oci:DIR[:TAG], docker-archive:FILE or docker://HOST/NAME[:TAG]")
+    }
+}
+
+/// `HOST[:PORT]/NAME[:TAG|@DIGEST]` into its parts (the tag defaults to `latest`).
+pub fn split_reference(text: &str) -> Result<(String, RepoName, String)> {
+    let (host, rest) = text.split_once('/').ok_or_else(|| anyhow!("{text:?} has no HOST/ before the name"))?;
+    let (name, reference) = match rest.split_once('@') {
+        Some((n, d)) => (n, d.to_string()),
+        None => match rest.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+            Some((n, t)) => (n, t.to_string()),
+            None => (rest, "latest".to_string()),
+        },
+    };
+    let name = name.parse().map_err(|e: tessera_spec::OciError| anyhow!("{name:?}: {}", e.message))?;
+    Ok((host.to_string(), name, reference))
+}
+
+/// A registry client for `host` (`http://` with `plain_http`), with optional `USER:PASS`.
+pub fn registry_client(host: &str, plain_http: bool, creds: Option<&str>) -> Result<Arc<Upstream>> {
+    let (username, password) = match creds.map(|c| c.split_once(':')) {
+        Some(Some((u, p))) => (Some(u.to_string()), Some(p.to_string())),
+        Some(None) => bail!("credentials are USER:PASSWORD"),
+        None => (None, None),
+    };
+    let scheme = if plain_http { "http" } else { "https" };
+    let config = tessera_config::Upstream {
+        name: host.to_string(),
+        url: format!("{scheme}://{host}"),
+        authority: Vec::new(),
+        username,
+        password,
+        ca_file: None,
+        library_rule: Some(false),
+        timeout_secs: 300,
+        cache: Default::default(),
+    };
+    Ok(Arc::new(Upstream::new(&config).map_err(anyhow::Error::msg)?))
+}
+
+/// A manifest of the image, as stored.
+pub struct SourceManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// A blob an image needs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Blob {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// An image read from a source: its manifests (children before the index that lists them;
+/// the last is the one a tag names), its config blobs and its layers.
+pub struct SourceImage {
+    pub manifests: Vec<SourceManifest>,
+    pub configs: Vec<Blob>,
+    pub layers: Vec<Blob>,
+    /// Where blob bytes are read from.
+    blobs: BlobSource,
+    /// The tag the source named, if any.
+    pub tag: Option<String>,
+    _unpacked: Option<tempfile::TempDir>,
+}
+
+enum BlobSource {
+    /// `blobs/<algorithm>/<hex>` under a layout directory.
+    Layout(PathBuf),
+    /// Files of a legacy `docker save` archive, by digest.
+    Files(Vec<(Digest, PathBuf)>),
+    Registry(Arc<Upstream>, RepoName),
+}
+
+impl SourceImage {
+    pub async fn read(source: &Source, src_plain_http: bool, src_creds: Option<&str>) -> Result<SourceImage> {
+        match source {
+            Source::Layout { dir, tag } => Self::from_layout(dir, tag.as_deref(), None),
+            Source::Archive(file) => {
+                let unpacked = tempfile::Builder::new().prefix("tessera-archive").tempdir()?;
+                let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+                tar::Archive::new(f)
+                    .unpack(unpacked.path())
+                    .with_context(|| format!("{} is not a readable tar archive", file.display()))?;
+                if unpacked.path().join("index.json").exists() {
+                    // Docker 25 and later save an OCI image layout.
+                    Self::from_layout(&unpacked.path().to_path_buf(), None, Some(unpacked))
+                } else {
+                    Self::from_legacy_archive(unpacked)
+                }
+            }
+            Source::Registry { host, name, reference } => {
+                let upstream = registry_client(host, src_plain_http, src_creds)?;
+                let mut image = SourceImage {
+                    manifests: Vec::new(),
+                    configs: Vec::new(),
+                    layers: Vec::new(),
+                    blobs: BlobSource::Registry(upstream.clone(), name.clone()),
+                    tag: (!reference.contains(':')).then(|| reference.clone()),
+                    _unpacked: None,
+                };
+                let (status, content_type, bytes) =
+                    upstream.get_manifest(name, reference).await.map_err(|e| anyhow!("{e}"))?;
+                if status != 200 {
+                    bail!("{host}/{name}:{reference}: the registry answered {status}");
+                }
+                let mut pending = vec![(bytes, content_type)];
+                let mut order = Vec::new();
+                while let Some((bytes, content_type)) = pending.pop() {
+                    let parsed = ParsedManifest::parse(content_type.as_deref(), &bytes)
+                        .map_err(|e| anyhow!("{host}/{name}: {}", e.message))?;
+                    for child in &parsed.manifests {
+                        let (status, ct, b) =
+                            upstream.get_manifest(name, &child.digest.to_string()).await.map_err(|e| anyhow!("{e}"))?;
+                        if status != 200 || Digest::of(child.digest.algorithm(), &b) != child.digest {
+                            bail!("{host}/{name}@{}: not served correctly (status {status})", child.digest);
+                        }
+                        pending.push((b, ct));
+                    }
+                    order.push((bytes, parsed));
+                }
+                for (bytes, parsed) in order.into_iter().rev() {
+                    image.add(bytes, parsed);
+                }
+                Ok(image)
+            }
+        }
+    }
+
+    fn add(&mut self, bytes: Bytes, parsed: ParsedManifest) {
+        let blob = |d: &tessera_spec::manifest::Descriptor| Blob { digest: d.digest.clone(), size: d.size };
+        if let Some(c) = &parsed.config {
+            if !self.configs.contains(&blob(c)) {
+                self.configs.push(blob(c));
+            }
+        }
+        for l in &parsed.layers {
+            if !self.layers.contains(&blob(l)) {
+                self.layers.push(blob(l));
+            }
+        }
+        self.manifests.push(SourceManifest { digest: Digest::sha256_of(&bytes), media_type: parsed.media_type, bytes });
+    }
+
+    fn from_layout(dir: &Path, tag: Option<&str>, unpacked: Option<tempfile::TempDir>) -> Result<SourceImage> {
+        let index_path = dir.join("index.json");
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&index_path).with_context(|| format!("{} is not an OCI image layout", dir.display()))?,
+        )?;
+        let entries = index["manifests"].as_array().cloned().unwrap_or_default();
+        let names = |e: &serde_json::Value| {
+            ["org.opencontainers.image.ref.name", "io.containerd.image.name"]
+                .iter()
+                .filter_map(|k| e["annotations"][k].as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+        };
+        let chosen = match tag {
+            Some(tag) => entries
+                .iter()
+                .find(|e| names(e).iter().any(|n| n == tag || n.ends_with(&format!(":{tag}"))))
+                .ok_or_else(|| anyhow!("{} has no image tagged {tag:?}", dir.display()))?,
+            None => entries.first().ok_or_else(|| anyhow!("{} lists no image", dir.display()))?,
+        };
+        let read_blob = |d: &Digest| -> Result<Bytes> {
+            let path = dir.join("blobs").join(d.algorithm().as_str()).join(d.hex());
+            let bytes = std::fs::read(&path).with_context(|| format!("{d} is not in the layout {}", dir.display()))?;
+            if Digest::of(d.algorithm(), &bytes) != *d {
+                bail!("{} does not match its digest", path.display());
+            }
+            Ok(Bytes::from(bytes))
+        };
+        let top: Digest = chosen["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| anyhow!("index.json of {} names an invalid digest", dir.display()))?;
+        let tag = tag.map(str::to_string).or_else(|| {
+            names(chosen).first().map(|n| n.rsplit_once(':').map_or(n.as_str(), |(_, t)| t).to_string())
+        });
+        let mut image = SourceImage {
+            manifests: Vec::new(),
+            configs: Vec::new(),
+            layers: Vec::new(),
+            blobs: BlobSource::Layout(dir.to_path_buf()),
+            tag,
+            _unpacked: unpacked,
+        };
+        let mut order = Vec::new();
+        let mut pending = vec![(top, chosen["mediaType"].as_str().map(str::to_string))];
+        while let Some((digest, media_type)) = pending.pop() {
+            let bytes = read_blob(&digest)?;
+            let parsed = ParsedManifest::parse(media_type.as_deref(), &bytes).map_err(|e| anyhow!("{}", e.message))?;
+            for child in &parsed.manifests {
+                pending.push((child.digest.clone(), Some(child.media_type.clone())));
+            }
+            order.push((bytes, parsed));
+        }
+        for (bytes, parsed) in order.into_iter().rev() {
+            image.add(bytes, parsed);
+        }
+        Ok(image)
+    }
+
+    /// A `docker save` archive from before Docker 25: `manifest.json` naming a config file
+    /// and uncompressed layer tars. The image is the Docker schema 2 manifest of those.
+    fn from_legacy_archive(unpacked: tempfile::TempDir) -> Result<SourceImage> {
+        let dir = unpacked.path();
+        let listing: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("manifest.json")).context("the archive has neither index.json nor manifest.json")?,
+        )?;
+        let entry = listing.get(0).ok_or_else(|| anyhow!("the archive's manifest.json lists no image"))?;
+        let file_blob = |rel: &str| -> Result<(Digest, u64, PathBuf)> {
+            if rel.contains("..") {
+                bail!("the archive names a path outside itself: {rel:?}");
+            }
+            let path = dir.join(rel);
+            let mut f = std::fs::File::open(&path).with_context(|| format!("the archive lacks {rel}"))?;
+            let mut digester = tessera_spec::Digester::new(tessera_spec::Algorithm::Sha256);
+            let mut buf = vec![0; 1 << 20];
+            let mut size = 0u64;
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                digester.update(&buf[..n]);
+                size += n as u64;
+            }
+            Ok((digester.finish(), size, path))
+        };
+        let (config_digest, config_size, config_path) =
+            file_blob(entry["Config"].as_str().ok_or_else(|| anyhow!("manifest.json has no Config"))?)?;
+        let mut files = vec![(config_digest.clone(), config_path)];
+        let mut layers = Vec::new();
+        for l in entry["Layers"].as_array().into_iter().flatten() {
+            let (d, size, path) = file_blob(l.as_str().unwrap_or_default())?;
+            files.push((d.clone(), path));
+            layers.push(serde_json::json!({ "mediaType": "application/vnd.docker.image.rootfs.diff.tar", "digest": d.to_string(), "size": size }));
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media::DOCKER_MANIFEST,
+            "config": { "mediaType": "application/vnd.docker.container.image.v1+json", "digest": config_digest.to_string(), "size": config_size },
+            "layers": layers,
+        });
+        let bytes = Bytes::from(serde_json::to_vec(&manifest)?);
+        let parsed = ParsedManifest::parse(Some(media::DOCKER_MANIFEST), &bytes).map_err(|e| anyhow!("{}", e.message))?;
+        let tag = entry["RepoTags"][0].as_str().and_then(|t| t.rsplit_once(':')).map(|(_, t)| t.to_string());
+        let mut image = SourceImage {
+            manifests: Vec::new(),
+            configs: Vec::new(),
+            layers: Vec::new(),
+            blobs: BlobSource::Files(files),
+            tag,
+            _unpacked: Some(unpacked),
+        };
+        image.add(bytes, parsed);
+        Ok(image)
+    }
+
+    /// A blob's bytes, whole and verified (configs are small).
+    pub async fn blob(&self, d: &Digest) -> Result<Bytes> {
+        let bytes = match &self.blobs {
+            BlobSource::Layout(dir) => {
+                Bytes::from(tokio::fs::read(dir.join("blobs").join(d.algorithm().as_str()).join(d.hex())).await?)
+            }
+            BlobSource::Files(files) => {
+                let path = files.iter().find(|(fd, _)| fd == d).map(|(_, p)| p).ok_or_else(|| anyhow!("no {d}"))?;
+                Bytes::from(tokio::fs::read(path).await?)
+            }
+            BlobSource::Registry(upstream, name) => {
+                let r = upstream
+                    .send(Method::GET, name, &format!("/v2/{name}/blobs/{d}"), HeaderMap::new())
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                if !r.status().is_success() {
+                    bail!("{d}: the source registry answered {}", r.status());
+                }
+                r.bytes().await?
+            }
+        };
+        if Digest::of(d.algorithm(), &bytes) != *d {
+            bail!("{d}: the source's bytes do not match the digest");
+        }
+        Ok(bytes)
+    }
+
+    /// Copies a blob into `path` (through a temporary file, verified, then renamed).
+    async fn copy_blob(&self, d: &Digest, path: &Path) -> Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        let partial = path.with_extension("partial");
+        let mut out = tokio::fs::File::create(&partial).await?;
+        let mut digester = tessera_spec::Digester::new(d.algorithm());
+        match &self.blobs {
+            BlobSource::Registry(upstream, name) => {
+                let mut r = upstream
+                    .send(Method::GET, name, &format!("/v2/{name}/blobs/{d}"), HeaderMap::new())
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                if !r.status().is_success() {
+                    bail!("{d}: the source registry answered {}", r.status());
+                }
+                while let Some(chunk) = r.chunk().await? {
+                    digester.update(&chunk);
+                    out.write_all(&chunk).await?;
+                }
+            }
+            BlobSource::Layout(_) | BlobSource::Files(_) => {
+                let source = match &self.blobs {
+                    BlobSource::Layout(dir) => dir.join("blobs").join(d.algorithm().as_str()).join(d.hex()),
+                    BlobSource::Files(files) => {
+                        files.iter().find(|(fd, _)| fd == d).map(|(_, p)| p.clone()).ok_or_else(|| anyhow!("no {d}"))?
+                    }
+                    BlobSource::Registry(..) => unreachable!("handled above"),
+                };
+                let mut input = tokio::fs::File::open(&source).await.with_context(|| format!("{d} is not in the source"))?;
+                let mut buf = vec![0; 1 << 20];
+                loop {
+                    let n = tokio::io::AsyncReadExt::read(&mut input, &mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    digester.update(&buf[..n]);
+                    out.write_all(&buf[..n]).await?;
+                }
+            }
+        }
+        out.sync_all().await?;
+        if digester.finish() != *d {
+            let _ = tokio::fs::remove_file(&partial).await;
+            bail!("{d}: the source's bytes do not match the digest");
+        }
+        tokio::fs::rename(&partial, path).await?;
+        Ok(())
+    }
+}
+
+/// Where a blob lives under a base URL or directory, by `layout`.
+pub fn blob_path(layout: &str, name: &RepoName, digest: &Digest) -> String {
+    tessera_federation::delivery::expand_layout(layout, name, digest)
+}
+
+/// Ok for a 2xx; else the status and the server's error body, under `what`.
+async fn check(what: String, r: reqwest::Response) -> Result<()> {
+    if r.status().is_success() {
+        return Ok(());
+    }
+    let status = r.status();
+    Err(anyhow!("{what}: {status} {}", r.text().await.unwrap_or_default()))
+}
+
+fn json_headers(content_type: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        h.insert(CONTENT_TYPE, v);
+    }
+    h
+}
+
+/// What a metadata-only push did.
+pub struct PushReport {
+    pub top: Digest,
+    pub layers: usize,
+    pub configs: usize,
+    pub manifests: usize,
+}
+
+/// Records `image` in `name:tag` on the Tessera server behind `dest`, its layers as living at
+/// `blobs_at` (by `layout`), after checking each is there with its size unless `!verify`.
+pub async fn push_metadata_only(
+    image: &SourceImage,
+    dest: &Upstream,
+    name: &RepoName,
+    tag: &str,
+    blobs_at: &str,
+    layout: &str,
+    verify: bool,
+) -> Result<PushReport> {
+    let base = if blobs_at.ends_with('/') { blobs_at.to_string() } else { format!("{blobs_at}/") };
+    let located: Vec<(&Blob, String)> =
+        image.layers.iter().map(|l| (l, format!("{base}{}", blob_path(layout, name, &l.digest)))).collect();
+    if verify {
+        let http = tessera_federation::upstream::plain_client().map_err(anyhow::Error::msg)?;
+        let mut missing = Vec::new();
+        for (layer, url) in &located {
+            let found = http.head(url).send().await.map_err(|e| anyhow!("{url}: {e}"))?;
+            let size = found.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if !found.status().is_success() || size != Some(layer.size) {
+                missing.push(format!(
+                    "{url}: {} (size {}, expected {})",
+                    found.status(),
+                    size.map_or("unknown".into(), |s| s.to_string()),
+                    layer.size
+                ));
+            }
+        }
+        if !missing.is_empty() {
+            bail!("layers are not where --blobs-at says (use --no-verify to skip this check):\n  {}", missing.join("\n  "));
+        }
+    }
+    for c in &image.configs {
+        let bytes = image.blob(&c.digest).await?;
+        let r = dest
+            .send_push(
+                Method::POST,
+                name,
+                &format!("/v2/{name}/blobs/uploads/?digest={}", c.digest),
+                json_headers("application/octet-stream"),
+                bytes,
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        check(format!("config {}", c.digest), r).await?;
+    }
+    for (layer, url) in &located {
+        let body = serde_json::json!({ "size": layer.size, "urls": [url] }).to_string();
+        let r = dest
+            .send_push(
+                Method::PUT,
+                name,
+                &format!("/tessera/v1/{name}/blobs/{}", layer.digest),
+                json_headers("application/json"),
+                Bytes::from(body),
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        check(format!("layer {}", layer.digest), r).await?;
+    }
+    let last = image.manifests.len() - 1;
+    for (i, m) in image.manifests.iter().enumerate() {
+        let reference = if i == last { tag.to_string() } else { m.digest.to_string() };
+        let r = dest
+            .send_push(
+                Method::PUT,
+                name,
+                &format!("/v2/{name}/manifests/{reference}"),
+                json_headers(&m.media_type),
+                m.bytes.clone(),
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        check(format!("manifest {}", m.digest), r).await?;
+    }
+    Ok(PushReport {
+        top: image.manifests[last].digest.clone(),
+        layers: image.layers.len(),
+        configs: image.configs.len(),
+        manifests: image.manifests.len(),
+    })
+}
+
+/// Writes every blob of `image` under `dir` by `layout`, and its manifests as Pulp
+/// publishes them (`manifests/2/{ref}` for images, `manifests/list/{ref}` for indexes, by
+/// digest and, for the top one, by `tag`). Files already there with the right size are kept,
+/// so an interrupted publish resumes. Returns (blobs written, blobs kept).
+pub async fn publish(
+    image: &SourceImage,
+    dir: &Path,
+    name: &RepoName,
+    layout: &str,
+    tag: Option<&str>,
+) -> Result<(usize, usize)> {
+    let mut seen = HashSet::new();
+    let (mut written, mut kept) = (0, 0);
+    for b in image.configs.iter().chain(image.layers.iter()) {
+        if !seen.insert(b.digest.clone()) {
+            continue;
+        }
+        let path = dir.join(blob_path(layout, name, &b.digest));
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == b.size) {
+            kept += 1;
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        image.copy_blob(&b.digest, &path).await?;
+        written += 1;
+    }
+    let last = image.manifests.len() - 1;
+    for (i, m) in image.manifests.iter().enumerate() {
+        let kind = ParsedManifest::parse(Some(&m.media_type), &m.bytes).map(|p| p.kind).ok();
+        let folder = if kind == Some(ManifestKind::Index) { "list" } else { "2" };
+        let folder = dir.join("manifests").join(folder);
+        std::fs::create_dir_all(&folder)?;
+        std::fs::write(folder.join(m.digest.to_string()), &m.bytes)?;
+        if i == last
+            && let Some(tag) = tag
+        {
+            std::fs::write(folder.join(tag), &m.bytes)?;
+        }
+    }
+    Ok((written, kept))
+}
