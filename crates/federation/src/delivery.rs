@@ -27,6 +27,8 @@ pub struct Delivery {
     /// Redirects answered, by kind; carried across reloads.
     pub redirects: Arc<RedirectCounts>,
     health: Option<tokio::task::JoinHandle<()>>,
+    /// For verifying external locations; built on first use.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 #[derive(Default)]
@@ -349,7 +351,7 @@ impl Delivery {
             .map(|(i, d)| Rule::new(d, previous).map_err(|e| format!("delivery {}: {e}", i + 1)))
             .collect::<Result<_, _>>()?;
         let redirects = previous.map(|p| p.redirects.clone()).unwrap_or_default();
-        Ok(Delivery { rules, redirects, health: None })
+        Ok(Delivery { rules, redirects, health: None, http: std::sync::OnceLock::new() })
     }
 
     /// Every mirror of every rule.
@@ -387,8 +389,45 @@ impl Delivery {
     /// For a blob whose bytes live at `urls`: a redirect to the first the repository's rule
     /// allows, rewritten and signed by the rule whose CDN or mirror it is under.
     pub fn external(&self, name: &RepoName, urls: &[String], client: Option<IpAddr>) -> Decision {
+        let decision = self.locate_external(name, urls, client);
+        if matches!(decision, Decision::Redirect(_)) {
+            self.redirects.external.fetch_add(1, Ordering::Relaxed);
+        }
+        decision
+    }
+
+    /// Checks with a `HEAD` (signed like a client's redirect) that a blob of `size` bytes is
+    /// at `url`, which the policy of `name` must allow.
+    pub async fn verify_external(&self, name: &RepoName, url: &str, size: u64) -> Result<(), String> {
+        let Decision::Redirect(signed) = self.locate_external(name, &[url.to_string()], None) else {
+            return Err(format!("{url} is not a URL the delivery policy of {name} allows (external_allow)"));
+        };
+        let http = match self.http.get() {
+            Some(h) => h,
+            None => {
+                let h = crate::upstream::plain_client()?;
+                self.http.get_or_init(|| h)
+            }
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(30), http.head(&signed).send())
+            .await
+            .map_err(|_| format!("HEAD {url} timed out"))?
+            .map_err(|e| format!("HEAD {url} failed: {}", e.without_url()))?;
+        let found = answer.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if !answer.status().is_success() {
+            return Err(format!("HEAD {url} answered {}", answer.status()));
+        }
+        if found != Some(size) {
+            return Err(format!(
+                "{url} holds {} bytes, not {size}",
+                found.map_or("an unknown number of".into(), |f| f.to_string())
+            ));
+        }
+        Ok(())
+    }
+
+    fn locate_external(&self, name: &RepoName, urls: &[String], client: Option<IpAddr>) -> Decision {
         let Some(url) = self.allowed_url(name, urls) else { return Decision::NotAllowed };
-        self.redirects.external.fetch_add(1, Ordering::Relaxed);
         let owner = self.rules.iter().find(|r| match &r.how {
             How::Cdn(base) => url.starts_with(base.as_str()),
             How::Mirrors(ms) => ms.iter().any(|m| url.starts_with(m.base.as_str())),

@@ -191,9 +191,17 @@ impl Auth {
 
     /// Whether the caller may pull `name` (a cross-repository mount reads its source).
     pub fn may_pull(&self, caller: &Caller, name: &RepoName) -> bool {
-        match caller.token.as_ref().and_then(|t| t.allows(Action::Pull, name.as_str())) {
+        self.may(caller, Action::Pull, name)
+    }
+
+    pub fn may_push(&self, caller: &Caller, name: &RepoName) -> bool {
+        self.may(caller, Action::Push, name)
+    }
+
+    fn may(&self, caller: &Caller, action: Action, name: &RepoName) -> bool {
+        match caller.token.as_ref().and_then(|t| t.allows(action, name.as_str())) {
             Some(allowed) => allowed,
-            None => self.access.decide(&caller.identity, Action::Pull, name.as_str()) == Decision::Allow,
+            None => self.access.decide(&caller.identity, action, name.as_str()) == Decision::Allow,
         }
     }
 

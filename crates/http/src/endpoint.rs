@@ -28,8 +28,9 @@ pub enum Endpoint {
     Tags { name: RepoName, paging: Paging },
     /// `/v2/<name>/manifests/<reference>`
     Manifest { name: RepoName, reference: Reference },
-    /// `/v2/<name>/blobs/<digest>`
-    Blob { name: RepoName, digest: Digest },
+    /// `/v2/<name>/blobs/<digest>`; `?delivery=stream` asks for the bytes instead of a
+    /// redirect (honoured for callers who may push: publishing to a CDN reads this way).
+    Blob { name: RepoName, digest: Digest, stream: bool },
     /// `/v2/<name>/blobs/uploads/` with its optional `digest`, `mount`, `from`.
     UploadStart { name: RepoName, digest: Option<Digest>, mount: Option<Digest>, from: Option<RepoName> },
     /// `/v2/<name>/blobs/uploads/<id>` with the `digest` that closes it.
@@ -131,7 +132,7 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
         }
         [.., "blobs", digest] => {
             let name = name(k - 2)?;
-            Ok(Endpoint::Blob { name, digest: digest.parse()? })
+            Ok(Endpoint::Blob { name, digest: digest.parse()?, stream: q.get("delivery") == Some("stream") })
         }
         [.., "referrers", digest] => {
             let name = name(k - 2)?;
@@ -168,7 +169,7 @@ mod tests {
         );
         assert_eq!(
             parse(&format!("/v2/a/blobs/b/blobs/{}", d()), None).unwrap(),
-            Endpoint::Blob { name: name.clone(), digest: d() }
+            Endpoint::Blob { name: name.clone(), digest: d(), stream: false }
         );
         assert_eq!(
             parse("/v2/a/blobs/b/blobs/uploads/", Some(&format!("mount={}&from=x%2Fy", d()))).unwrap(),

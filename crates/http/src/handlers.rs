@@ -341,7 +341,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             }
             _ => Err(unsupported_method()),
         },
-        Endpoint::Blob { name, digest } => match *method {
+        Endpoint::Blob { name, digest, stream } => match *method {
             Method::HEAD => {
                 let size = match Route::new(state, parts, &name)?.blob_size(&digest).await? {
                     Found::Here(size) => size,
@@ -356,11 +356,17 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 Ok(response(StatusCode::OK, &headers, Body::empty()))
             }
             Method::GET => {
-                let answer =
-                    match Route::new(state, parts, &name)?.blob(&digest, header_str(headers, header::RANGE)).await? {
-                        Found::Here(answer) => answer,
-                        Found::Redirect(url) => return Ok(redirect(&url)),
+                // Only someone who may write the repository may skip its delivery policy.
+                let stream = stream
+                    && match (&state.auth, &caller) {
+                        (Some(auth), Some(caller)) => auth.may_push(caller, &name),
+                        _ => state.anonymous_writes,
                     };
+                let route = Route::new(state, parts, &name)?;
+                let answer = match route.blob(&digest, header_str(headers, header::RANGE), stream).await? {
+                    Found::Here(answer) => answer,
+                    Found::Redirect(url) => return Ok(redirect(&url)),
+                };
                 let mut out = vec![
                     ("content-length", answer.read.len.to_string()),
                     ("content-type", "application/octet-stream".into()),
@@ -486,6 +492,12 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                     struct Location {
                         size: u64,
                         urls: Vec<String>,
+                        /// Check with a HEAD that each URL holds the blob (the default).
+                        #[serde(default = "yes")]
+                        verify: bool,
+                    }
+                    fn yes() -> bool {
+                        true
                     }
                     let body = axum::body::to_bytes(take(body), LOCATION_MAX_BYTES)
                         .await
@@ -505,6 +517,15 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                             ErrorCode::Denied,
                             format!("{refused} is not a URL the delivery policy of {name} allows (external_allow)"),
                         ));
+                    }
+                    if location.verify {
+                        for url in &location.urls {
+                            route
+                                .delivery()
+                                .verify_external(name, url, location.size)
+                                .await
+                                .map_err(|e| OciError::new(ErrorCode::LocationInvalid, e))?;
+                        }
                     }
                     registry.blob_put_external(name, &digest, location.size, &location.urls).await?;
                     Ok(blob_created(name, &digest))

@@ -139,7 +139,13 @@ impl<'a> Route<'a> {
     }
 
     /// A blob: its bytes, or a redirect to where the delivery policy sends the client.
-    pub(crate) async fn blob(&self, digest: &Digest, range: Option<&str>) -> Result<Found<BlobAnswer>, OciError> {
+    /// With `stream`, bytes held here are streamed whatever the delivery policy says.
+    pub(crate) async fn blob(
+        &self,
+        digest: &Digest,
+        range: Option<&str>,
+        stream: bool,
+    ) -> Result<Found<BlobAnswer>, OciError> {
         let client = self.client;
         let found = self
             .first(
@@ -150,7 +156,9 @@ impl<'a> Route<'a> {
                     let fed = self.federation.clone();
                     async move {
                         match member {
-                            Member::Hosted => hosted_blob(state, &fed.delivery, &name, &digest, range, client).await,
+                            Member::Hosted => {
+                                hosted_blob(state, &fed.delivery, &name, &digest, range, client, stream).await
+                            }
                             Member::Upstream { upstream, .. } => {
                                 let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
                                 cache.blob(&name, &digest, range.as_deref()).await.map(Found::Here)
@@ -244,6 +252,7 @@ async fn hosted_blob(
     digest: &Digest,
     range: Option<String>,
     client: Option<std::net::IpAddr>,
+    stream: bool,
 ) -> Result<Found<BlobAnswer>, OciError> {
     let registry = &state.registry;
     let open = || async {
@@ -252,7 +261,7 @@ async fn hosted_blob(
             Opened::Elsewhere(urls) => Ok(Err(urls)),
         }
     };
-    let opened = if delivery.streams(name) {
+    let opened = if stream || delivery.streams(name) {
         open().await?
     } else {
         match registry.blob_at(name, digest).await? {

@@ -230,16 +230,9 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     }
     let image = read_source(&args.source).await?;
     let dest = transfer::registry_client(&host, args.plain_http, args.creds.as_deref())?;
-    let report = transfer::push_metadata_only(
-        &image,
-        &dest,
-        &name,
-        &tag,
-        &args.blobs_at,
-        &args.source.layout,
-        !args.no_verify,
-    )
-    .await?;
+    let report =
+        transfer::push_metadata_only(&image, &dest, &name, &tag, &args.blobs_at, &args.source.layout, !args.no_verify)
+            .await?;
     println!(
         "pushed {host}/{name}:{tag} ({}): {} manifest(s), {} config(s) uploaded; {} layer(s) recorded at {}{}",
         report.top,

@@ -128,7 +128,8 @@ impl SourceImage {
                     .with_context(|| format!("{} is not a readable tar archive", file.display()))?;
                 if unpacked.path().join("index.json").exists() {
                     // Docker 25 and later save an OCI image layout.
-                    Self::from_layout(&unpacked.path().to_path_buf(), None, Some(unpacked))
+                    let dir = unpacked.path().to_path_buf();
+                    Self::from_layout(&dir, None, Some(unpacked))
                 } else {
                     Self::from_legacy_archive(unpacked)
                 }
@@ -173,10 +174,10 @@ impl SourceImage {
 
     fn add(&mut self, bytes: Bytes, parsed: ParsedManifest) {
         let blob = |d: &tessera_spec::manifest::Descriptor| Blob { digest: d.digest.clone(), size: d.size };
-        if let Some(c) = &parsed.config {
-            if !self.configs.contains(&blob(c)) {
-                self.configs.push(blob(c));
-            }
+        if let Some(c) = &parsed.config
+            && !self.configs.contains(&blob(c))
+        {
+            self.configs.push(blob(c));
         }
         for l in &parsed.layers {
             if !self.layers.contains(&blob(l)) {
@@ -218,9 +219,9 @@ impl SourceImage {
             .unwrap_or_default()
             .parse()
             .map_err(|_| anyhow!("index.json of {} names an invalid digest", dir.display()))?;
-        let tag = tag.map(str::to_string).or_else(|| {
-            names(chosen).first().map(|n| n.rsplit_once(':').map_or(n.as_str(), |(_, t)| t).to_string())
-        });
+        let tag = tag
+            .map(str::to_string)
+            .or_else(|| names(chosen).first().map(|n| n.rsplit_once(':').map_or(n.as_str(), |(_, t)| t).to_string()));
         let mut image = SourceImage {
             manifests: Vec::new(),
             configs: Vec::new(),
@@ -250,7 +251,8 @@ impl SourceImage {
     fn from_legacy_archive(unpacked: tempfile::TempDir) -> Result<SourceImage> {
         let dir = unpacked.path();
         let listing: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(dir.join("manifest.json")).context("the archive has neither index.json nor manifest.json")?,
+            &std::fs::read(dir.join("manifest.json"))
+                .context("the archive has neither index.json nor manifest.json")?,
         )?;
         let entry = listing.get(0).ok_or_else(|| anyhow!("the archive's manifest.json lists no image"))?;
         let file_blob = |rel: &str| -> Result<(Digest, u64, PathBuf)> {
@@ -288,7 +290,8 @@ impl SourceImage {
             "layers": layers,
         });
         let bytes = Bytes::from(serde_json::to_vec(&manifest)?);
-        let parsed = ParsedManifest::parse(Some(media::DOCKER_MANIFEST), &bytes).map_err(|e| anyhow!("{}", e.message))?;
+        let parsed =
+            ParsedManifest::parse(Some(media::DOCKER_MANIFEST), &bytes).map_err(|e| anyhow!("{}", e.message))?;
         let tag = entry["RepoTags"][0].as_str().and_then(|t| t.rsplit_once(':')).map(|(_, t)| t.to_string());
         let mut image = SourceImage {
             manifests: Vec::new(),
@@ -337,8 +340,10 @@ impl SourceImage {
         let mut digester = tessera_spec::Digester::new(d.algorithm());
         match &self.blobs {
             BlobSource::Registry(upstream, name) => {
+                // A Tessera source streams what it holds instead of redirecting to its CDN
+                // (which may be the very place being published to); others ignore this.
                 let mut r = upstream
-                    .send(Method::GET, name, &format!("/v2/{name}/blobs/{d}"), HeaderMap::new())
+                    .send(Method::GET, name, &format!("/v2/{name}/blobs/{d}?delivery=stream"), HeaderMap::new())
                     .await
                     .map_err(|e| anyhow!("{e}"))?;
                 if !r.status().is_success() {
@@ -357,7 +362,8 @@ impl SourceImage {
                     }
                     BlobSource::Registry(..) => unreachable!("handled above"),
                 };
-                let mut input = tokio::fs::File::open(&source).await.with_context(|| format!("{d} is not in the source"))?;
+                let mut input =
+                    tokio::fs::File::open(&source).await.with_context(|| format!("{d} is not in the source"))?;
                 let mut buf = vec![0; 1 << 20];
                 loop {
                     let n = tokio::io::AsyncReadExt::read(&mut input, &mut buf).await?;
@@ -410,7 +416,8 @@ pub struct PushReport {
 }
 
 /// Records `image` in `name:tag` on the Tessera server behind `dest`, its layers as living at
-/// `blobs_at` (by `layout`), after checking each is there with its size unless `!verify`.
+/// `blobs_at` (by `layout`). With `verify`, the server checks with a HEAD (signed, when its
+/// delivery policy signs that CDN) that each layer is there with its size.
 pub async fn push_metadata_only(
     image: &SourceImage,
     dest: &Upstream,
@@ -423,25 +430,6 @@ pub async fn push_metadata_only(
     let base = if blobs_at.ends_with('/') { blobs_at.to_string() } else { format!("{blobs_at}/") };
     let located: Vec<(&Blob, String)> =
         image.layers.iter().map(|l| (l, format!("{base}{}", blob_path(layout, name, &l.digest)))).collect();
-    if verify {
-        let http = tessera_federation::upstream::plain_client().map_err(anyhow::Error::msg)?;
-        let mut missing = Vec::new();
-        for (layer, url) in &located {
-            let found = http.head(url).send().await.map_err(|e| anyhow!("{url}: {e}"))?;
-            let size = found.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-            if !found.status().is_success() || size != Some(layer.size) {
-                missing.push(format!(
-                    "{url}: {} (size {}, expected {})",
-                    found.status(),
-                    size.map_or("unknown".into(), |s| s.to_string()),
-                    layer.size
-                ));
-            }
-        }
-        if !missing.is_empty() {
-            bail!("layers are not where --blobs-at says (use --no-verify to skip this check):\n  {}", missing.join("\n  "));
-        }
-    }
     for c in &image.configs {
         let bytes = image.blob(&c.digest).await?;
         let r = dest
@@ -457,7 +445,7 @@ pub async fn push_metadata_only(
         check(format!("config {}", c.digest), r).await?;
     }
     for (layer, url) in &located {
-        let body = serde_json::json!({ "size": layer.size, "urls": [url] }).to_string();
+        let body = serde_json::json!({ "size": layer.size, "urls": [url], "verify": verify }).to_string();
         let r = dest
             .send_push(
                 Method::PUT,

@@ -19,10 +19,10 @@ use tempfile::TempDir;
 pub const LOOPBACK_GUARD: [(&str, &str); 6] = [
     ("HTTPS_PROXY", "http://127.0.0.1:9"),
     ("HTTP_PROXY", "http://127.0.0.1:9"),
-    ("NO_PROXY", "127.0.0.1,localhost"),
+    ("NO_PROXY", "127.0.0.1,127.0.0.2,127.0.0.3,localhost"),
     ("https_proxy", "http://127.0.0.1:9"),
     ("http_proxy", "http://127.0.0.1:9"),
-    ("no_proxy", "127.0.0.1,localhost"),
+    ("no_proxy", "127.0.0.1,127.0.0.2,127.0.0.3,localhost"),
 ];
 
 /// Applies [`LOOPBACK_GUARD`] to `cmd` and gives it no stdin.

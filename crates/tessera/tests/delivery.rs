@@ -1,0 +1,497 @@
+//! Federated delivery with real servers on loopback: nginx as CDN origins and mirrors on
+//! 127.0.0.2 and 127.0.0.3 (each with its own access log), Tessera in front. Blobs are
+//! redirected with signatures nginx's `secure_link` checks, mirrors are chosen by client
+//! network and health, layers pushed metadata-only live on the CDN only, external URLs
+//! obey the allow list, and real clients (skopeo, podman, containerd) follow all of it.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tessera_spec::Digest;
+use tessera_testkit::cdn::Cdn;
+use tessera_testkit::clients::{Containerd, ContainersFiles, Podman, short_tempdir};
+use tessera_testkit::{Api, Image, Server, error_code, have_tool, random_layer, run, store_files};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn p(path: &Path) -> String {
+    path.to_str().expect("utf-8 temp path").to_string()
+}
+
+/// A client that shows redirects instead of following them.
+fn no_redirects() -> reqwest::Client {
+    let _ = tessera_testkit::http_client();
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+fn tessera(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("tessera runs")
+}
+
+fn tessera_ok(args: &[&str]) -> String {
+    let out = tessera(args);
+    assert!(
+        out.status.success(),
+        "tessera {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes `image` as a layout and publishes its blobs under `cdn`'s `dir/` (Pulp layout).
+fn publish(image: &Image, work: &Path, cdn: &Cdn, dir: &str) {
+    let layout = work.join(format!("layout-{dir}"));
+    image.write_layout(&layout, "v1").unwrap();
+    let out = tessera_ok(&["publish", &format!("oci:{}:v1", p(&layout)), &p(&cdn.root.join(dir))]);
+    assert!(out.contains("blob(s) written"), "{out}");
+}
+
+fn layer_digests(image: &Image) -> Vec<Digest> {
+    image.layers.iter().map(|l| Digest::sha256_of(l)).collect()
+}
+
+async fn metric(api: &Api, line_start: &str) -> Option<f64> {
+    let text = api.get("/metrics").await.ok()?.text().await.ok()?;
+    text.lines().find(|l| l.starts_with(line_start))?.rsplit(' ').next()?.parse().ok()
+}
+
+async fn wait_metric(api: &Api, line_start: &str, value: f64) {
+    for _ in 0..300 {
+        if metric(api, line_start).await == Some(value) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{line_start} never became {value}");
+}
+
+#[tokio::test]
+async fn cdn_redirects_are_signed_and_nginx_enforces_the_signature() {
+    if !have_tool("nginx") {
+        return;
+    }
+    let work = tessera_testkit::tempdir().unwrap();
+    let cdn = Cdn::start("127.0.0.2", Some("s3cret")).unwrap();
+    let server = Server::with_config(
+        BIN,
+        &format!(
+            r#"
+[[delivery]]
+prefix = "rh"
+deliver = "cdn"
+cdn = "{}"
+token = {{ kind = "secure_link_md5", secret = "s3cret", ttl_secs = 3 }}
+"#,
+            cdn.url("/pulp/")
+        ),
+    )
+    .unwrap();
+    let api = Api::new(&server);
+    let image = Image::random(2, 50_000);
+    api.push_image("rh/base", "v1", &image).await.unwrap();
+    publish(&image, work.path(), &cdn, "pulp");
+    let http = no_redirects();
+    let layer = &layer_digests(&image)[0];
+
+    // Manifests are always ours; HEAD is answered here with the size.
+    let m = http.get(server.url("/v2/rh/base/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(m.status(), 200);
+    let head = http.head(server.url(&format!("/v2/rh/base/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], image.layers[0].len().to_string().as_str());
+
+    // GET: a 307 to the CDN path with nginx's secure_link parameters, which nginx accepts.
+    let r = http.get(server.url(&format!("/v2/rh/base/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with(&cdn.url(&format!("/pulp/blobs/{layer}?md5="))), "{location}");
+    assert!(location.contains("&expires="), "{location}");
+    let fetched = http.get(&location).send().await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.bytes().await.unwrap().as_ref(), image.layers[0].as_slice());
+
+    // A forged signature, a missing one, and (after the 3 s ttl) an expired one are refused.
+    let forged = location.replacen("md5=", "md5=A", 1);
+    assert_eq!(http.get(&forged).send().await.unwrap().status(), 403);
+    assert_eq!(http.get(cdn.url(&format!("/pulp/blobs/{layer}"))).send().await.unwrap().status(), 403);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(http.get(&location).send().await.unwrap().status(), 410, "nginx refuses an expired link");
+
+    // Other repositories stream, and the redirects are counted.
+    api.push_image("other/x", "v1", &image).await.unwrap();
+    let r = http.get(server.url(&format!("/v2/other/x/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(metric(&api, "tessera_blob_redirects_total{delivery=\"cdn\"}").await, Some(1.0));
+}
+
+#[tokio::test]
+async fn metadata_only_push_records_layers_that_stay_on_the_cdn() {
+    if !have_tool("nginx") {
+        return;
+    }
+    let work = tessera_testkit::tempdir().unwrap();
+    let cdn = Cdn::start("127.0.0.2", Some("vendor-key")).unwrap();
+    let base_url = cdn.url("/base/");
+    let server = Server::with_config(
+        BIN,
+        &format!(
+            r#"
+[[delivery]]
+prefix = "base"
+deliver = "cdn"
+cdn = "{base_url}"
+token = {{ kind = "secure_link_md5", secret = "vendor-key" }}
+"#
+        ),
+    )
+    .unwrap();
+    let api = Api::new(&server);
+    let host = server.host();
+    let image = Image::random(2, 80_000);
+    let layout = work.path().join("base");
+    image.write_layout(&layout, "v1").unwrap();
+    let source = format!("oci:{}:v1", p(&layout));
+
+    // Before the layers are on the CDN, the server's check (a signed HEAD) refuses the push.
+    let out = tessera(&["push", &source, &format!("{host}/base/ubi:v1"), "--blobs-at", &base_url, "--plain-http"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("BLOB_LOCATION_INVALID") && err.contains("404"), "{err}");
+    // A base URL the policy does not allow is refused whatever is there.
+    let out = tessera(&[
+        "push",
+        &source,
+        &format!("{host}/base/ubi:v1"),
+        "--blobs-at",
+        "http://127.0.0.9:1/elsewhere/",
+        "--plain-http",
+        "--no-verify",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DENIED"));
+
+    publish(&image, work.path(), &cdn, "base");
+    let out = tessera_ok(&["push", &source, &format!("{host}/base/ubi:v1"), "--blobs-at", &base_url, "--plain-http"]);
+    assert!(out.contains("2 layer(s) recorded"), "{out}");
+
+    // The layers are recorded, not stored: only the config's bytes are here.
+    let stored: Vec<String> = store_files(&server.data).into_iter().map(|(f, _)| f).collect();
+    for layer in layer_digests(&image) {
+        assert!(!stored.iter().any(|f| f.ends_with(layer.hex())), "layer bytes must not be stored");
+        let info: Value = api.get(&format!("/tessera/v1/base/ubi/blobs/{layer}")).await.unwrap().json().await.unwrap();
+        assert_eq!(info["here"], false);
+        assert_eq!(info["urls"], json!([format!("{base_url}blobs/{layer}")]));
+    }
+    let config = Digest::sha256_of(&image.config);
+    assert!(stored.iter().any(|f| f.ends_with(config.hex())), "the config is uploaded");
+
+    // HEAD says the layer exists (a child push skips it); GET sends the client to the CDN.
+    let http = no_redirects();
+    let layer = &layer_digests(&image)[1];
+    let head = http.head(server.url(&format!("/v2/base/ubi/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    let r = http.get(server.url(&format!("/v2/base/ubi/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap();
+    assert!(location.starts_with(&format!("{base_url}blobs/{layer}?md5=")), "{location}");
+    assert_eq!(http.get(location).send().await.unwrap().bytes().await.unwrap().as_ref(), image.layers[1].as_slice());
+
+    // A mount carries the record into another repository.
+    let r = http
+        .post(server.url(&format!("/v2/base/child/blobs/uploads/?mount={layer}&from=base/ubi")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http.get(server.url(&format!("/v2/base/child/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+
+    // Explain lists where each layer of the image comes from.
+    let config_file = work.path().join("t.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "data = \"{}\"\n[[delivery]]\nprefix = \"base\"\ndeliver = \"cdn\"\ncdn = \"{base_url}\"\n",
+            p(&server.data)
+        ),
+    )
+    .unwrap();
+    let explained = tessera_ok(&["explain", "--config", &p(&config_file), "--live", "base/ubi:v1"]);
+    assert!(explained.contains(&format!("layer {layer}")), "{explained}");
+    assert!(explained.contains(&format!("307 to {base_url}blobs/{layer}")), "{explained}");
+    assert!(explained.contains(&format!("config {config}")), "{explained}");
+
+    // skopeo pulls the image: layers from the CDN (signed), checked against their digests.
+    if have_tool("skopeo") {
+        let files = ContainersFiles::new(work.path(), &host).unwrap();
+        let out = work.path().join("pulled");
+        files.skopeo(&[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{host}/base/ubi:v1"),
+            &format!("oci:{}:v1", p(&out)),
+        ]);
+        for layer in layer_digests(&image) {
+            assert!(out.join("blobs/sha256").join(layer.hex()).exists());
+            assert!(cdn.served(&format!("/base/blobs/{layer}"), 200), "{:?}", cdn.requests());
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_nearest_healthy_mirror_serves_and_a_dead_one_is_skipped() {
+    if !have_tool("nginx") {
+        return;
+    }
+    let work = tessera_testkit::tempdir().unwrap();
+    let mut near = Cdn::start("127.0.0.3", None).unwrap();
+    let far = Cdn::start("127.0.0.2", None).unwrap();
+    let server = Server::with_config(
+        BIN,
+        &format!(
+            r#"
+[[delivery]]
+prefix = "fedora"
+deliver = "mirrors"
+health_interval_secs = 1
+[[delivery.mirror]]
+url = "{}"
+networks = ["10.0.0.0/8"]
+[[delivery.mirror]]
+url = "{}"
+networks = ["127.0.0.0/8"]
+"#,
+            far.url("/mirror/"),
+            near.url("/mirror/")
+        ),
+    )
+    .unwrap();
+    let api = Api::new(&server);
+    let image = Image::random(2, 40_000);
+    api.push_image("fedora/f41", "v1", &image).await.unwrap();
+    publish(&image, work.path(), &near, "mirror");
+    publish(&image, work.path(), &far, "mirror");
+    let near_metric = format!("tessera_mirror_healthy{{mirror=\"{}\"}}", near.url("/mirror/"));
+    wait_metric(&api, &near_metric, 1.0).await;
+
+    // A client on 127.0.0.1 gets the mirror serving 127.0.0.0/8, never the 10/8 one.
+    let http = no_redirects();
+    let layer = &layer_digests(&image)[0];
+    let r = http.get(server.url(&format!("/v2/fedora/f41/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], near.url(&format!("/mirror/blobs/{layer}")).as_str());
+
+    // The mirror goes down: the health check notices, and the blob is streamed instead.
+    near.stop();
+    wait_metric(&api, &near_metric, 0.0).await;
+    let r = http.get(server.url(&format!("/v2/fedora/f41/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), image.layers[0].as_slice());
+    if have_tool("skopeo") {
+        let files = ContainersFiles::new(work.path(), &server.host()).unwrap();
+        let out = work.path().join("pulled");
+        files.skopeo(&[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{}/fedora/f41:v1", server.host()),
+            &format!("oci:{}:v1", p(&out)),
+        ]);
+    }
+    assert!(far.requests().iter().all(|r| r.method == "HEAD"), "only health checks reach the far mirror");
+}
+
+#[tokio::test]
+async fn foreign_layer_urls_are_followed_only_where_allowed() {
+    let server = Server::with_config(
+        BIN,
+        r#"
+[[delivery]]
+prefix = "win"
+external_allow = ["https://*.example.com/layers/"]
+external_deny = ["https://bad.example.com/"]
+"#,
+    )
+    .unwrap();
+    let api = Api::new(&server);
+    let config = br#"{"architecture":"amd64","os":"windows","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    api.push_blob("win/app", config).await.unwrap();
+    api.push_blob("other/app", config).await.unwrap();
+    let foreign = Digest::sha256_of(b"a foreign layer");
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::sha256_of(config).to_string(), "size": config.len() },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            "digest": foreign.to_string(),
+            "size": 15,
+            "urls": ["https://bad.example.com/layers/x", "http://10.0.0.1/layers/x", "https://go.example.com/layers/x"],
+        }],
+    }))
+    .unwrap();
+    for repo in ["win/app", "other/app"] {
+        assert_eq!(api.push_manifest(repo, "v1", OCI_MANIFEST, &manifest).await.unwrap().status(), 201);
+    }
+    let http = no_redirects();
+    let r = http.get(server.url(&format!("/v2/win/app/blobs/{foreign}"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], "https://go.example.com/layers/x", "first allowed URL; deny wins");
+    // Without an allow list, nothing is redirected to: a clear not-found, no open redirect.
+    let r = http.get(server.url(&format!("/v2/other/app/blobs/{foreign}"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+    // The location API refuses URLs outside the allow list and malformed documents.
+    let put = |body: String| {
+        http.put(server.url(&format!("/tessera/v1/win/app/blobs/{}", Digest::sha256_of(b"y")))).body(body).send()
+    };
+    let r = put(json!({"size": 1, "urls": ["https://evil.org/layers/y"]}).to_string()).await.unwrap();
+    assert_eq!((r.status().as_u16(), error_code(r).await.as_str()), (403, "DENIED"));
+    let r = put("{\"size\": -1}".into()).await.unwrap();
+    assert_eq!((r.status().as_u16(), error_code(r).await.as_str()), (400, "BLOB_LOCATION_INVALID"));
+    let r = put(json!({"size": 1, "urls": []}).to_string()).await.unwrap();
+    assert_eq!((r.status().as_u16(), error_code(r).await.as_str()), (400, "BLOB_LOCATION_INVALID"));
+}
+
+/// The ISV scenario: the base vendor's layers live on the base vendor's CDN (127.0.0.2,
+/// signed URLs), the ISV's own on the ISV's CDN (127.0.0.3); Tessera serves the names.
+#[tokio::test]
+async fn isv_image_on_a_vendor_base_is_pulled_from_both_cdns_by_real_clients() {
+    if !(have_tool("nginx") && have_tool("skopeo") && have_tool("podman") && have_tool("ctr")) {
+        return;
+    }
+    let dir = short_tempdir("tisv").unwrap();
+    let work = dir.path();
+    let vendor = Cdn::start("127.0.0.2", Some("vendor-key")).unwrap();
+    let isv = Cdn::start("127.0.0.3", None).unwrap();
+    let server = Server::with_config(
+        BIN,
+        &format!(
+            r#"
+[[delivery]]
+prefix = "vendor"
+deliver = "cdn"
+cdn = "{vendor_url}"
+token = {{ kind = "secure_link_md5", secret = "vendor-key", ttl_secs = 600 }}
+
+[[delivery]]
+prefix = "isv"
+deliver = "cdn"
+cdn = "{isv_url}"
+external_allow = ["{vendor_url}"]
+"#,
+            vendor_url = vendor.url("/vendor/"),
+            isv_url = isv.url("/isv/")
+        ),
+    )
+    .unwrap();
+    let host = server.host();
+    let base = Image::random(2, 100_000);
+    publish(&base, work, &vendor, "vendor");
+    let base_layout = work.join("layout-vendor");
+    tessera_ok(&[
+        "push",
+        &format!("oci:{}:v1", p(&base_layout)),
+        &format!("{host}/vendor/ubi:v1"),
+        "--blobs-at",
+        &vendor.url("/vendor/"),
+        "--plain-http",
+    ]);
+
+    // podman pulls the base through Tessera (layers from the vendor's CDN), then pushes the
+    // ISV's child image: the base layers are mounted, not uploaded.
+    let files = ContainersFiles::new(work, &host).unwrap();
+    let podman = Podman::new(work, ContainersFiles::new(work, &host).unwrap()).unwrap();
+    podman.use_working_driver().unwrap();
+    podman.run(&["pull", "-q", &format!("{host}/vendor/ubi:v1")]);
+    let own = random_layer(60_000, tessera_testkit::fresh_seed());
+    let child = child_of(&base, &own);
+    let child_layout = work.join("child");
+    child.write_layout(&child_layout, "1").unwrap();
+    let child_id = podman.run(&["pull", "-q", &format!("oci:{}:1", p(&child_layout))]);
+    let mark = server.log_text().len();
+    podman.run(&["push", "-q", child_id.trim(), &format!("{host}/isv/app:1")]);
+    let pushed = tessera_testkit::clients::access_log(&server.log_text()[mark..]);
+    for layer in layer_digests(&base) {
+        assert!(
+            !pushed.iter().any(|a| (a.method == "PUT" || a.method == "PATCH" || a.method == "POST")
+                && a.target.contains(layer.hex())
+                && !a.target.contains("mount=")),
+            "base layer {layer} was uploaded: {pushed:?}"
+        );
+        let api = Api::new(&server);
+        let info: Value = api.get(&format!("/tessera/v1/isv/app/blobs/{layer}")).await.unwrap().json().await.unwrap();
+        assert_eq!(info["here"], false, "{info}");
+    }
+
+    // The ISV's own blobs land on its CDN by another means: `tessera publish`.
+    let child_source = format!("docker://{host}/isv/app:1");
+    tessera_ok(&["publish", &child_source, &p(&isv.root.join("isv")), "--src-plain-http"]);
+
+    // skopeo, podman and containerd pull the child: each layer from the server that owns it.
+    let out = work.join("pulled");
+    files.skopeo(&["copy", "--src-tls-verify=false", &child_source, &format!("oci:{}:1", p(&out))]);
+    let manifest: Value =
+        serde_json::from_str(&files.skopeo(&["inspect", "--tls-verify=false", "--raw", &child_source])).unwrap();
+    let layers: Vec<String> =
+        manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect();
+    assert_eq!(layers.len(), 3);
+    for (i, layer) in layers.iter().enumerate() {
+        let from_vendor = vendor.served(&format!("/vendor/blobs/{layer}"), 200);
+        let from_isv = isv.served(&format!("/isv/blobs/{layer}"), 200);
+        if i < 2 {
+            assert!(from_vendor && !from_isv, "base layer {layer}: vendor {from_vendor}, isv {from_isv}");
+        } else {
+            assert!(from_isv && !from_vendor, "own layer {layer}: vendor {from_vendor}, isv {from_isv}");
+        }
+    }
+    podman.run(&["rmi", "-a", "-f"]);
+    podman.run(&["pull", "-q", &format!("{host}/isv/app:1")]);
+    let ctd_dir = short_tempdir("tisvc").unwrap();
+    let containerd = Containerd::start(ctd_dir.path()).unwrap();
+    containerd.ctr(&["images", "pull", "--plain-http", &format!("{host}/isv/app:1")]).unwrap();
+
+    // A corrupted byte on the ISV's CDN: the client's digest check fails the pull.
+    let own_digest = &layers[2];
+    let file = isv.root.join("isv/blobs").join(own_digest);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let broken = run(files.apply(&mut Command::new("skopeo")).arg("--policy").arg(&files.policy).args([
+        "copy",
+        "--src-tls-verify=false",
+        &child_source,
+        &format!("oci:{}:1", p(&work.join("broken"))),
+    ]));
+    let err = format!("{:#}", broken.expect_err("a corrupted layer must fail the pull"));
+    assert!(err.to_lowercase().contains("digest"), "{err}");
+}
+
+/// An image whose layers are `base`'s and then `own`.
+fn child_of(base: &Image, own: &[u8]) -> Image {
+    let mut layers = base.layers.clone();
+    layers.push(own.to_vec());
+    let diff_ids: Vec<String> =
+        layers.iter().map(|l| Digest::sha256_of(&tessera_testkit::clients::gunzip(l).unwrap()).to_string()).collect();
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "config": { "Cmd": ["/bin/true"] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::sha256_of(&config).to_string(), "size": config.len() },
+        "layers": layers.iter().map(|l| json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": Digest::sha256_of(l).to_string(),
+            "size": l.len(),
+        })).collect::<Vec<_>>(),
+    }))
+    .unwrap();
+    Image { config, layers, manifest }
+}
