@@ -50,6 +50,48 @@ pub struct Config {
     /// layer URLs may be redirected to.
     #[serde(rename = "delivery")]
     pub deliveries: Vec<Delivery>,
+    /// Read-only repositories published elsewhere (`[[static]]`): a directory of Crane/Pulp
+    /// redirect files, or an OCI image layout (a directory, or the base URL of a static file
+    /// server). Their names are served unless a route matched first; routes may also name
+    /// them as targets.
+    #[serde(rename = "static")]
+    pub statics: Vec<StaticSource>,
+}
+
+/// One `[[static]]` source; exactly one of `crane_dir` and `layout`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticSource {
+    /// Name used by routes (`to = "name"`), like an upstream's.
+    pub name: String,
+    /// A directory of Pulp `pulp-docker-redirect` JSON files (versions 2 to 4), one
+    /// repository each; changes on disk are picked up without a restart.
+    pub crane_dir: Option<PathBuf>,
+    /// An OCI image layout: a directory, or an `http(s)://` base URL where its `index.json`
+    /// and `blobs/` are served.
+    pub layout: Option<String>,
+    /// With `layout`: the repository name it is served as.
+    pub repository: Option<String>,
+    /// Seconds between checks of `crane_dir` (and of a layout URL's `index.json`) for changes.
+    #[serde(default = "default_static_poll_secs")]
+    pub poll_secs: u64,
+}
+
+fn default_static_poll_secs() -> u64 {
+    2
+}
+
+impl StaticSource {
+    /// A Crane directory source named `crane` (`tessera serve --crane-dir DIR`).
+    pub fn crane(dir: PathBuf) -> StaticSource {
+        StaticSource {
+            name: "crane".into(),
+            crane_dir: Some(dir),
+            layout: None,
+            repository: None,
+            poll_secs: default_static_poll_secs(),
+        }
+    }
 }
 
 /// One `[[delivery]]` rule: how blobs of repositories under `prefix` are delivered.
@@ -437,6 +479,7 @@ impl Default for Config {
             anonymous_writes: None,
             access: Vec::new(),
             deliveries: Vec::new(),
+            statics: Vec::new(),
         }
     }
 }
@@ -490,6 +533,12 @@ impl Config {
         Ok(self)
     }
 
+    /// This configuration, if it is valid (after changes made in code, e.g. by flags).
+    pub fn validated(self) -> Result<Config, String> {
+        self.validate()?;
+        Ok(self)
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.limits.header_max_bytes < 8192 {
             return Err("limits.header_max_bytes must be at least 8192".into());
@@ -509,6 +558,17 @@ impl Config {
                 return Err(format!("upstream {:?}: url must start with https:// or http://", u.name));
             }
         }
+        for s in &self.statics {
+            if s.name.is_empty() || s.name == "hosted" || s.name.contains(':') || !names.insert(s.name.as_str()) {
+                return Err(format!("static source name {:?} is empty, \"hosted\", has ':' or is taken", s.name));
+            }
+            match (&s.crane_dir, &s.layout, &s.repository) {
+                (Some(_), None, None) => {}
+                (None, Some(_), Some(r)) if !r.is_empty() => {}
+                (None, Some(_), _) => return Err(format!("static {:?}: layout needs repository = \"name\"", s.name)),
+                _ => return Err(format!("static {:?}: give exactly one of crane_dir and layout", s.name)),
+            }
+        }
         for (i, d) in self.deliveries.iter().enumerate() {
             d.validate().map_err(|e| format!("delivery {}: {e}", i + 1))?;
         }
@@ -521,7 +581,10 @@ impl Config {
             for m in &members {
                 let upstream = m.split(':').next().unwrap_or("");
                 if *m != "hosted" && !names.contains(upstream) {
-                    return Err(format!("route {}: target {m:?} is neither \"hosted\" nor a defined upstream", i + 1));
+                    return Err(format!(
+                        "route {}: target {m:?} is neither \"hosted\" nor a defined upstream or static source",
+                        i + 1
+                    ));
                 }
             }
             if r.push == Some(true) && !members.contains(&"hosted") {

@@ -428,15 +428,25 @@ impl Delivery {
 
     fn locate_external(&self, name: &RepoName, urls: &[String], client: Option<IpAddr>) -> Decision {
         let Some(url) = self.allowed_url(name, urls) else { return Decision::NotAllowed };
+        Decision::Redirect(self.sign_for(url, client))
+    }
+
+    /// `url` (configured, not a client's) rewritten and signed by the rule whose CDN or
+    /// mirror it is under; unchanged when no rule owns it.
+    pub fn sign_known(&self, url: &str) -> String {
+        self.sign_for(url, None)
+    }
+
+    fn sign_for(&self, url: &str, client: Option<IpAddr>) -> String {
         let owner = self.rules.iter().find(|r| match &r.how {
             How::Cdn(base) => url.starts_with(base.as_str()),
             How::Mirrors(ms) => ms.iter().any(|m| url.starts_with(m.base.as_str())),
             How::Stream => false,
         });
-        Decision::Redirect(match owner {
+        match owner {
             Some(rule) => rule.finish(url.to_string(), client),
             None => url.to_string(),
-        })
+        }
     }
 
     /// In words, for `tessera explain`: where a client is sent for a blob living at `urls`.

@@ -3,11 +3,13 @@
 pub mod cache;
 pub mod delivery;
 pub mod router;
+pub mod statics;
 pub mod upstream;
 
 pub use cache::{CacheStats, Fetched, PullThrough};
 pub use delivery::{Decision, Delivery};
 pub use router::{Member, Resolved, RoutingTable};
+pub use statics::{StaticBlob, StaticManifest, StaticSource};
 pub use upstream::Upstream;
 
 use std::collections::HashMap;
@@ -51,10 +53,19 @@ impl Federation {
             upstreams.push(cache.upstream().clone());
             caches.insert(u.name.clone(), cache);
         }
-        let table = RoutingTable::new(config, upstreams)?;
+        let statics = open_statics(config)?;
+        for s in &statics {
+            s.start_polling();
+        }
+        let table = RoutingTable::new(config, upstreams, statics)?;
         let mut delivery = Delivery::new(&config.deliveries, previous.map(|p| &p.delivery))?;
         delivery.start_health_checks()?;
         Ok(Federation { table, delivery, caches })
+    }
+
+    /// The static sources of this table.
+    pub fn statics(&self) -> &[Arc<StaticSource>] {
+        self.table.statics()
     }
 
     /// The cache of an upstream of this table.
@@ -66,4 +77,9 @@ impl Federation {
     pub fn caches(&self) -> impl Iterator<Item = (&str, &PullThrough)> {
         self.caches.iter().map(|(n, c)| (n.as_str(), c.as_ref()))
     }
+}
+
+/// The `[[static]]` sources of `config`, loaded (Crane directories read once here).
+pub fn open_statics(config: &tessera_config::Config) -> Result<Vec<Arc<StaticSource>>, String> {
+    config.statics.iter().map(|s| StaticSource::new(s).map(Arc::new)).collect()
 }

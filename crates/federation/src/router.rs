@@ -6,13 +6,19 @@ use std::sync::Arc;
 use tessera_config::{Config, Fallback, Mode, Target};
 use tessera_spec::{ErrorCode, OciError, RepoName};
 
+use crate::statics::StaticSource;
 use crate::upstream::Upstream;
 
 /// One place a request can be answered.
 #[derive(Clone)]
 pub enum Member {
     Hosted,
-    Upstream { upstream: Arc<Upstream>, path: Option<String> },
+    Upstream {
+        upstream: Arc<Upstream>,
+        path: Option<String>,
+    },
+    /// A read-only repository published elsewhere (`[[static]]`).
+    Static(Arc<StaticSource>),
 }
 
 /// A matched route, with the name each member sees.
@@ -37,6 +43,7 @@ struct CompiledRoute {
 pub struct RoutingTable {
     routes: Vec<CompiledRoute>,
     upstreams: Vec<Arc<Upstream>>,
+    statics: Vec<Arc<StaticSource>>,
     fallback: Fallback,
 }
 
@@ -58,7 +65,11 @@ fn strip_prefix<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
 
 impl RoutingTable {
     /// Builds the table from the configuration (already validated) and its upstream clients.
-    pub fn new(config: &Config, upstreams: Vec<Arc<Upstream>>) -> Result<RoutingTable, String> {
+    pub fn new(
+        config: &Config,
+        upstreams: Vec<Arc<Upstream>>,
+        statics: Vec<Arc<StaticSource>>,
+    ) -> Result<RoutingTable, String> {
         let find = |name: &str| upstreams.iter().find(|u| u.name() == name).cloned();
         let mut routes = Vec::new();
         for (i, r) in config.routes.iter().enumerate() {
@@ -70,6 +81,10 @@ impl RoutingTable {
             for t in targets {
                 if t == "hosted" {
                     members.push(Member::Hosted);
+                    continue;
+                }
+                if let Some(s) = statics.iter().find(|s| s.name() == t) {
+                    members.push(Member::Static(s.clone()));
                     continue;
                 }
                 let (name, path) = match t.split_once(':') {
@@ -89,11 +104,15 @@ impl RoutingTable {
                 push,
             });
         }
-        Ok(RoutingTable { routes, upstreams, fallback: config.fallback })
+        Ok(RoutingTable { routes, upstreams, statics, fallback: config.fallback })
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
+    }
+
+    pub fn statics(&self) -> &[Arc<StaticSource>] {
+        &self.statics
     }
 
     /// Finds the route for a request. `host` is the `Host` header, `authority` the `ns`
@@ -120,6 +139,15 @@ impl RoutingTable {
                 .map(|m| Ok((m.clone(), member_name(m, name, rest)?)))
                 .collect::<Result<Vec<_>, OciError>>()?;
             return Ok(Resolved { members, mode: r.mode, push: r.push, route: Some(i + 1) });
+        }
+        // A static source that has the repository answers for it.
+        if let Some(s) = self.statics.iter().find(|s| s.serves(name)) {
+            return Ok(Resolved {
+                members: vec![(Member::Static(s.clone()), name.clone())],
+                mode: Mode::Cache,
+                push: false,
+                route: None,
+            });
         }
         // An upstream that declares this authority answers for it.
         if let Some(a) = authority
@@ -159,6 +187,8 @@ fn member_name(member: &Member, full: &RepoName, rest: &str) -> Result<RepoName,
                 if upstream.library_rule() && !joined.contains('/') { format!("library/{joined}") } else { joined };
             joined.parse().map_err(|_| unknown())
         }
+        Member::Static(_) if rest.is_empty() => Err(unknown()),
+        Member::Static(_) => rest.parse().map_err(|_| unknown()),
     }
 }
 
@@ -169,7 +199,7 @@ mod tests {
     fn table(toml: &str) -> RoutingTable {
         let config = Config::from_toml(toml).unwrap();
         let upstreams = config.upstreams.iter().map(|u| Arc::new(Upstream::new(u).unwrap())).collect();
-        RoutingTable::new(&config, upstreams).unwrap()
+        RoutingTable::new(&config, upstreams, Vec::new()).unwrap()
     }
 
     fn names(r: &Resolved) -> Vec<String> {
@@ -178,6 +208,7 @@ mod tests {
             .map(|(m, n)| match m {
                 Member::Hosted => format!("hosted:{n}"),
                 Member::Upstream { upstream, .. } => format!("{}:{n}", upstream.name()),
+                Member::Static(s) => format!("static {}:{n}", s.name()),
             })
             .collect()
     }

@@ -150,6 +150,18 @@ pub fn plain_client() -> Result<reqwest::Client, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Like [`plain_client`], following up to ten redirects (content servers that move files).
+pub fn following_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config(None)?)
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 impl Upstream {
     pub fn new(config: &tessera_config::Upstream) -> Result<Upstream, String> {
         let http = reqwest::Client::builder()

@@ -78,6 +78,11 @@ impl Auth {
     }
 
     /// A 401 with the challenge of this registry's login mode; `scope` names what is asked.
+    /// The 401 asking for a login to pull `name`.
+    pub fn login_required(&self, parts: &Parts, name: &RepoName) -> OciError {
+        self.challenge(parts, "this repository is served to logged-in clients only", Some((name, Action::Pull)))
+    }
+
     fn challenge(&self, parts: &Parts, message: &str, scope: Option<(&RepoName, Action)>) -> OciError {
         let value = match &self.tokens {
             None => format!("Basic realm=\"{}\"", self.realm.replace('"', "")),

@@ -141,6 +141,28 @@ fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Respo
     builder.body(body).unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
 }
 
+/// A protected static repository (Crane's `protected`) is served only to a logged-in caller;
+/// what that caller may pull is then up to the access rules, as everywhere.
+fn admitted(
+    state: &AppState,
+    parts: &Parts,
+    caller: Option<&crate::auth::Caller>,
+    route: &Route,
+    name: &RepoName,
+) -> Result<(), OciError> {
+    if !route.protected() {
+        return Ok(());
+    }
+    match (&state.auth, caller) {
+        (Some(_), Some(c)) if c.identity != tessera_access::Identity::Anonymous => Ok(()),
+        (Some(auth), _) => Err(auth.login_required(parts, name)),
+        (None, _) => Err(OciError::new(
+            ErrorCode::Denied,
+            "this repository is protected and this server has no logins configured ([auth])",
+        )),
+    }
+}
+
 /// The largest document a blob location PUT may send.
 const LOCATION_MAX_BYTES: usize = 64 * 1024;
 
@@ -274,6 +296,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 return Err(unsupported_method());
             }
             let route = Route::new(state, parts, &name)?;
+            admitted(state, parts, caller.as_ref(), &route, &name)?;
             match route.tags(paging.n, paging.last.as_deref()).await? {
                 Found::Here((items, more)) => {
                     let page = Page { items, more };
@@ -285,6 +308,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
         Endpoint::Manifest { name, reference } => match *method {
             Method::GET | Method::HEAD => {
                 let route = Route::new(state, parts, &name)?;
+                admitted(state, parts, caller.as_ref(), &route, &name)?;
                 let (m, stale) = match route.manifest(&reference, accept(headers).as_deref()).await? {
                     Found::Here(found) => found,
                     Found::Redirect(url) => return Ok(redirect(&url)),
@@ -343,7 +367,9 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
         },
         Endpoint::Blob { name, digest, stream } => match *method {
             Method::HEAD => {
-                let size = match Route::new(state, parts, &name)?.blob_size(&digest).await? {
+                let route = Route::new(state, parts, &name)?;
+                admitted(state, parts, caller.as_ref(), &route, &name)?;
+                let size = match route.blob_size(&digest).await? {
                     Found::Here(size) => size,
                     Found::Redirect(url) => return Ok(redirect(&url)),
                 };
@@ -363,6 +389,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                         _ => state.anonymous_writes,
                     };
                 let route = Route::new(state, parts, &name)?;
+                admitted(state, parts, caller.as_ref(), &route, &name)?;
                 let answer = match route.blob(&digest, header_str(headers, header::RANGE), stream).await? {
                     Found::Here(answer) => answer,
                     Found::Redirect(url) => return Ok(redirect(&url)),
@@ -537,7 +564,9 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let r = match Route::new(state, parts, &name)?.referrers(&digest, artifact_type.as_deref()).await? {
+            let route = Route::new(state, parts, &name)?;
+            admitted(state, parts, caller.as_ref(), &route, &name)?;
+            let r = match route.referrers(&digest, artifact_type.as_deref()).await? {
                 Found::Here(r) => r,
                 Found::Redirect(url) => return Ok(redirect(&url)),
             };

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, header};
 use std::sync::Arc;
 use tessera_config::Mode;
 
-use tessera_federation::{Decision, Delivery, Federation, Member, Resolved};
+use tessera_federation::{Decision, Delivery, Federation, Member, Resolved, StaticBlob, StaticManifest};
 use tessera_registry::{BlobAnswer, BlobAt, Opened, Referrers};
 use tessera_spec::{Digest, ErrorCode, OciError, Reference, RepoName};
 use tessera_store::ManifestRecord;
@@ -97,45 +97,64 @@ impl<'a> Route<'a> {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Found<(ManifestRecord, bool)>, OciError> {
-        self.first(
-            |n| format!("/v2/{n}/manifests/{reference}"),
-            |state, member, name| {
-                let (member, name, reference, accept) =
-                    (member.clone(), name.clone(), reference.clone(), accept.map(str::to_string));
-                let fed = self.federation.clone();
-                async move {
-                    match member {
-                        Member::Hosted => {
-                            state.registry.manifest_get(&name, &reference, accept.as_deref()).await.map(|m| (m, false))
-                        }
-                        Member::Upstream { upstream, .. } => {
-                            let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
-                            cache.manifest(&name, &reference).await.map(|f| (f.manifest, f.stale))
+        let found = self
+            .first(
+                |n| format!("/v2/{n}/manifests/{reference}"),
+                |state, member, name| {
+                    let (member, name, reference, accept) =
+                        (member.clone(), name.clone(), reference.clone(), accept.map(str::to_string));
+                    let fed = self.federation.clone();
+                    async move {
+                        match member {
+                            Member::Hosted => state
+                                .registry
+                                .manifest_get(&name, &reference, accept.as_deref())
+                                .await
+                                .map(|m| Found::Here((m, false))),
+                            Member::Upstream { upstream, .. } => {
+                                let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
+                                cache.manifest(&name, &reference).await.map(|f| Found::Here((f.manifest, f.stale)))
+                            }
+                            Member::Static(source) => {
+                                match source.manifest(&name, &reference, accept.as_deref(), &fed.delivery).await? {
+                                    StaticManifest::Here(m) => Ok(Found::Here((m, false))),
+                                    StaticManifest::Redirect(url) => Ok(Found::Redirect(url)),
+                                }
+                            }
                         }
                     }
-                }
-            },
-        )
-        .await
+                },
+            )
+            .await?;
+        Ok(flatten(found))
     }
 
     pub(crate) async fn blob_size(&self, digest: &Digest) -> Result<Found<u64>, OciError> {
-        self.first(
-            |n| format!("/v2/{n}/blobs/{digest}"),
-            |state, member, name| {
-                let (member, name, digest) = (member.clone(), name.clone(), digest.clone());
-                let fed = self.federation.clone();
-                async move {
-                    match member {
-                        Member::Hosted => state.registry.blob_size(&name, &digest).await,
-                        Member::Upstream { upstream, .. } => {
-                            fed.cache(&upstream).ok_or_else(OciError::internal)?.blob_size(&name, &digest).await
+        let found = self
+            .first(
+                |n| format!("/v2/{n}/blobs/{digest}"),
+                |state, member, name| {
+                    let (member, name, digest) = (member.clone(), name.clone(), digest.clone());
+                    let fed = self.federation.clone();
+                    async move {
+                        match member {
+                            Member::Hosted => state.registry.blob_size(&name, &digest).await.map(Found::Here),
+                            Member::Upstream { upstream, .. } => fed
+                                .cache(&upstream)
+                                .ok_or_else(OciError::internal)?
+                                .blob_size(&name, &digest)
+                                .await
+                                .map(Found::Here),
+                            Member::Static(source) => {
+                                Ok(static_blob(source.blob(&name, &digest, None, &fed.delivery).await?)
+                                    .map(|answer| answer.size))
+                            }
                         }
                     }
-                }
-            },
-        )
-        .await
+                },
+            )
+            .await?;
+        Ok(flatten(found))
     }
 
     /// A blob: its bytes, or a redirect to where the delivery policy sends the client.
@@ -163,15 +182,15 @@ impl<'a> Route<'a> {
                                 let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
                                 cache.blob(&name, &digest, range.as_deref()).await.map(Found::Here)
                             }
+                            Member::Static(source) => {
+                                Ok(static_blob(source.blob(&name, &digest, range.as_deref(), &fed.delivery).await?))
+                            }
                         }
                     }
                 },
             )
             .await?;
-        Ok(match found {
-            Found::Here(inner) => inner,
-            Found::Redirect(url) => Found::Redirect(url),
-        })
+        Ok(flatten(found))
     }
 
     /// Tags from the first member that knows the repository, as (tags, upstream Link).
@@ -212,6 +231,14 @@ impl<'a> Route<'a> {
                                 .unwrap_or_default();
                             Ok((tags, link.is_some()))
                         }
+                        Member::Static(source) => {
+                            let tags = source.tags(&name).await?;
+                            let after: Vec<String> =
+                                tags.into_iter().filter(|t| last.as_deref().is_none_or(|l| t.as_str() > l)).collect();
+                            let n = n.unwrap_or(tessera_registry::MAX_PAGE).min(tessera_registry::MAX_PAGE);
+                            let more = after.len() > n;
+                            Ok((after.into_iter().take(n).collect(), more))
+                        }
                     }
                 }
             },
@@ -239,6 +266,36 @@ impl<'a> Route<'a> {
                 let cache = self.federation.cache(upstream).ok_or_else(OciError::internal)?;
                 cache.referrers(name, subject, artifact_type).await.map(Found::Here)
             }
+            // Published trees carry no referrers index.
+            Member::Static(_) => Ok(Found::Here(Referrers::empty(artifact_type.is_some()))),
+        }
+    }
+
+    /// Whether the repository is a protected static one (logged-in clients only).
+    pub(crate) fn protected(&self) -> bool {
+        self.resolved.members.iter().any(|(m, name)| matches!(m, Member::Static(s) if s.protected(name)))
+    }
+}
+
+fn flatten<T>(found: Found<Found<T>>) -> Found<T> {
+    match found {
+        Found::Here(inner) => inner,
+        Found::Redirect(url) => Found::Redirect(url),
+    }
+}
+
+fn static_blob(blob: StaticBlob) -> Found<BlobAnswer> {
+    match blob {
+        StaticBlob::Bytes(answer) => Found::Here(answer),
+        StaticBlob::Redirect(url) => Found::Redirect(url),
+    }
+}
+
+impl<T> Found<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Found<U> {
+        match self {
+            Found::Here(v) => Found::Here(f(v)),
+            Found::Redirect(url) => Found::Redirect(url),
         }
     }
 }

@@ -126,7 +126,7 @@ fn deletes_disabled() -> OciError {
 }
 
 /// Whether an `Accept` header admits `media_type`. No header, or a wildcard, admits all.
-fn accepts(accept: Option<&str>, media_type: &str) -> bool {
+pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
     let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
         return true;
     };

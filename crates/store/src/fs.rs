@@ -109,6 +109,33 @@ fn create_dir_durable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Opens the file at `path` for reading, the whole of it or the inclusive byte `range`:
+/// small files in one read, larger ones streamed with read-ahead. `None` if there is no file.
+pub async fn read_file(path: PathBuf, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
+    // Open, size and (for small blobs) read in one trip to the blocking pool.
+    let opened = blocking(move || {
+        let Some(file) = not_found_as_none(File::open(path))? else { return Ok(None) };
+        let size = file.metadata()?.len();
+        let (start, len) = match range {
+            Some((start, end)) if start < size && end >= start => (start, end.min(size - 1) - start + 1),
+            Some(_) => return Err(io::Error::new(io::ErrorKind::InvalidInput, "range outside the blob")),
+            None => (0, size),
+        };
+        if len <= SMALL_READ {
+            return Ok(Some((len, Opened::Whole(read_whole(&file, start, len)?))));
+        }
+        Ok(Some((len, Opened::Stream(file, start))))
+    })
+    .await?;
+    Ok(opened.map(|(len, content)| {
+        let body: ByteStream<'static> = match content {
+            Opened::Whole(bytes) => Box::pin(futures_util::stream::once(std::future::ready(Ok(bytes)))),
+            Opened::Stream(file, start) => stream_file(file, start, len),
+        };
+        BlobRead { len, body }
+    }))
+}
+
 /// Reads `len` bytes of `file` from `start` in one call (small blobs).
 fn read_whole(file: &File, start: u64, len: u64) -> io::Result<Bytes> {
     let mut buf = vec![0u8; len as usize];
@@ -190,29 +217,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
-        let path = self.blob_path(digest);
-        // Open, size and (for small blobs) read in one trip to the blocking pool.
-        let opened = blocking(move || {
-            let Some(file) = not_found_as_none(File::open(path))? else { return Ok(None) };
-            let size = file.metadata()?.len();
-            let (start, len) = match range {
-                Some((start, end)) if start < size && end >= start => (start, end.min(size - 1) - start + 1),
-                Some(_) => return Err(io::Error::new(io::ErrorKind::InvalidInput, "range outside the blob")),
-                None => (0, size),
-            };
-            if len <= SMALL_READ {
-                return Ok(Some((len, Opened::Whole(read_whole(&file, start, len)?))));
-            }
-            Ok(Some((len, Opened::Stream(file, start))))
-        })
-        .await?;
-        Ok(opened.map(|(len, content)| {
-            let body: ByteStream<'static> = match content {
-                Opened::Whole(bytes) => Box::pin(futures_util::stream::once(std::future::ready(Ok(bytes)))),
-                Opened::Stream(file, start) => stream_file(file, start, len),
-            };
-            BlobRead { len, body }
-        }))
+        read_file(self.blob_path(digest), range).await
     }
 
     async fn delete(&self, digest: &Digest) -> io::Result<bool> {

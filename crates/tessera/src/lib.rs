@@ -280,6 +280,9 @@ pub fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, reference:
                     delivery.describe_local(n, None)
                 )?;
             }
+            Member::Static(source) => {
+                writeln!(out, "{step}static source {} as {n}: {}", source.name(), source.describe(n))?;
+            }
             Member::Upstream { upstream, .. } => {
                 let c = upstream.cache_settings();
                 match resolved.mode {
@@ -326,9 +329,58 @@ fn resolve_for_explain(
         .iter()
         .map(|u| Upstream::new(u).map(Arc::new).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let table = RoutingTable::new(config, upstreams).map_err(anyhow::Error::msg)?;
+    let statics = tessera_federation::open_statics(config).map_err(anyhow::Error::msg)?;
+    let table = RoutingTable::new(config, upstreams, statics).map_err(anyhow::Error::msg)?;
     let resolved = table.resolve(host, ns, &repo).map_err(|e| anyhow::anyhow!("{}", e.message))?;
     Ok((name.to_string(), tail, resolved))
+}
+
+/// Fetches a static source's manifest as a client would get it and says where each blob
+/// it needs comes from. Whether the manifest was found.
+async fn explain_static(
+    source: &tessera_federation::StaticSource,
+    delivery: &tessera_federation::Delivery,
+    name: &tessera_spec::RepoName,
+    reference: &str,
+    out: &mut String,
+) -> anyhow::Result<bool> {
+    use std::fmt::Write as _;
+    use tessera_federation::{StaticBlob, StaticManifest};
+    let reference: tessera_spec::Reference =
+        reference.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
+    let m = match source.manifest(name, &reference, None, delivery).await {
+        Ok(StaticManifest::Here(m)) => m,
+        Ok(StaticManifest::Redirect(url)) => {
+            writeln!(out, "    static {} {name}: manifest 307 to {url}", source.name())?;
+            return Ok(true);
+        }
+        Err(e) => {
+            writeln!(out, "    static {} {name}: {}", source.name(), e.message)?;
+            return Ok(false);
+        }
+    };
+    let parsed = tessera_spec::ParsedManifest::parse(Some(&m.media_type), &m.bytes)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    writeln!(
+        out,
+        "    static {} {name} answers {} ({}, {} bytes)",
+        source.name(),
+        m.digest,
+        m.media_type,
+        m.bytes.len()
+    )?;
+    for d in &parsed.manifests {
+        writeln!(out, "      manifest {} {} bytes (fetched, verified, served here)", d.digest, d.size)?;
+    }
+    for (kind, d) in parsed.config.iter().map(|c| ("config", c)).chain(parsed.layers.iter().map(|l| ("layer", l))) {
+        let how = match source.blob(name, &d.digest, None, delivery).await {
+            Ok(StaticBlob::Redirect(url)) => format!("307 to {}", url.split('?').next().unwrap_or_default()),
+            Ok(StaticBlob::Bytes(_)) => "served from the layout's files".to_string(),
+            Err(e) => e.message,
+        };
+        writeln!(out, "      {kind} {} {} bytes: {how}", d.digest, d.size)?;
+    }
+    Ok(true)
 }
 
 /// Reads a hosted manifest from the stores under `config.data` and says where each blob it
@@ -395,11 +447,20 @@ pub async fn explain_live(
     let delivery = tessera_federation::Delivery::new(&config.deliveries, None).map_err(anyhow::Error::msg)?;
     let mut out = String::from("  live:\n");
     for (member, name) in &resolved.members {
-        let Member::Upstream { upstream, .. } = member else {
-            if explain_hosted(config, &delivery, name, reference, &mut out).await? {
-                break;
+        let upstream = match member {
+            Member::Upstream { upstream, .. } => upstream,
+            Member::Static(source) => {
+                if explain_static(source, &delivery, name, reference, &mut out).await? {
+                    break;
+                }
+                continue;
             }
-            continue;
+            Member::Hosted => {
+                if explain_hosted(config, &delivery, name, reference, &mut out).await? {
+                    break;
+                }
+                continue;
+            }
         };
         let path = format!("/v2/{name}/manifests/{reference}");
         let (status, content_type, bytes) = match upstream.get_manifest(name, reference).await {

@@ -118,6 +118,10 @@ struct ServeArgs {
     /// any of them may pull and push. Finer rules: [[access]] in the config file.
     #[arg(long, value_name = "FILE")]
     htpasswd: Option<PathBuf>,
+    /// Serve a directory of Crane/Pulp redirect files (pulp-docker-redirect JSON, versions 2
+    /// to 4) as read-only repositories; edited files take effect without a restart.
+    #[arg(long, value_name = "DIR")]
+    crane_dir: Option<PathBuf>,
     /// With --collage: serve the mounts through the pull-through cache instead of redirecting.
     #[arg(long, requires = "collage")]
     cache: bool,
@@ -136,6 +140,10 @@ impl ServeArgs {
                 std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
             let mode = if self.cache { Mode::Cache } else { Mode::Redirect };
             config = config.with_collage(&json, mode).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
+        if let Some(dir) = &self.crane_dir {
+            config.statics.push(tessera_config::StaticSource::crane(dir.clone()));
+            config = config.validated().map_err(anyhow::Error::msg)?;
         }
         if let Some(listen) = self.listen {
             config.listen = listen;

@@ -1,0 +1,580 @@
+//! Static sources: read-only repositories published elsewhere.
+//!
+//! - A directory of Crane/Pulp redirect files (`pulp-docker-redirect`, versions 2 to 4):
+//!   each file is one repository whose content Pulp published under its `url` as
+//!   `manifests/2/{ref}`, `manifests/list/{ref}` and `blobs/{digest}`. Crane answered every
+//!   request with a redirect; here manifests are fetched, verified, cached and served by us
+//!   (right media type, `Docker-Content-Digest`), and only blobs are redirected. The
+//!   directory is polled, so edited files take effect without a restart.
+//! - An OCI image layout as one repository: a directory (manifests and blobs served from
+//!   its files) or the base URL of a static file server (manifests fetched and verified,
+//!   blobs redirected).
+//!
+//! Redirect and fetch URLs under a `[[delivery]]` rule's CDN are rewritten and signed by it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tessera_registry::{BlobAnswer, accepts};
+use tessera_spec::manifest::media;
+use tessera_spec::{ByteRange, Digest, ErrorCode, OciError, ParsedManifest, Reference, RepoName};
+use tessera_store::ManifestRecord;
+
+use crate::delivery::Delivery;
+
+/// How long a manifest fetched by tag (and a layout URL's index) is served from memory.
+const TAG_TTL: Duration = Duration::from_secs(30);
+/// Manifest entries kept in memory per source before the cache starts over.
+const CACHE_ENTRIES: usize = 4096;
+
+/// A manifest answer: served by us, or (a schema-1-only Crane repository) a redirect.
+pub enum StaticManifest {
+    Here(ManifestRecord),
+    Redirect(String),
+}
+
+/// A blob answer: bytes from a layout directory, or a redirect to where it is published.
+pub enum StaticBlob {
+    Bytes(BlobAnswer),
+    Redirect(String),
+}
+
+/// One repository of a Crane directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CraneRepo {
+    pub url: String,
+    pub protected: bool,
+    pub version: u64,
+    schema2: HashSet<String>,
+    lists: HashSet<String>,
+    amd64: HashMap<String, (String, u64)>,
+}
+
+enum Kind {
+    Crane { dir: PathBuf, repos: RwLock<Arc<HashMap<String, CraneRepo>>>, seen: Mutex<Vec<(PathBuf, SystemTime, u64)>> },
+    Layout { repository: RepoName, root: LayoutRoot },
+}
+
+enum LayoutRoot {
+    Dir(PathBuf),
+    Url(String),
+}
+
+pub struct StaticSource {
+    name: String,
+    kind: Kind,
+    poll: Duration,
+    http: reqwest::Client,
+    /// Fetched manifests by URL, with when they were fetched.
+    manifests: Mutex<HashMap<String, (ManifestRecord, Instant)>>,
+    poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn unknown(reference: &str) -> OciError {
+    OciError::new(ErrorCode::ManifestUnknown, "manifest unknown")
+        .with_detail(serde_json::json!({ "reference": reference }))
+}
+
+fn unavailable(what: &str) -> OciError {
+    OciError::new(ErrorCode::Unavailable, format!("the server publishing this repository {what}"))
+}
+
+fn ensure_slash(url: &str) -> String {
+    if url.ends_with('/') { url.to_string() } else { format!("{url}/") }
+}
+
+/// Reads one Crane/Pulp redirect file: its repository name and description, or why it is
+/// not used.
+pub fn parse_crane_file(text: &str) -> Result<(RepoName, CraneRepo), String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    if let Some(t) = v["type"].as_str()
+        && t != "pulp-docker-redirect"
+    {
+        return Err(format!("type {t:?} is not pulp-docker-redirect"));
+    }
+    let version = v["version"].as_u64().ok_or("no version")?;
+    match version {
+        1 => return Err("version 1 describes the retired registry v1 API; skipped".into()),
+        2..=4 => {}
+        other => return Err(format!("version {other} is not known (2 to 4 are)")),
+    }
+    let id = v["repo-registry-id"].as_str().ok_or("no repo-registry-id")?;
+    let name: RepoName = id.parse().map_err(|e: OciError| format!("repo-registry-id {id:?}: {}", e.message))?;
+    let url = v["url"].as_str().ok_or("no url")?;
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(format!("url {url:?} is not http(s)"));
+    }
+    let strings = |key: &str| -> HashSet<String> {
+        v[key].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+    };
+    let amd64 = v["manifest_list_amd64_tags"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(tag, pair)| Some((tag.clone(), (pair[0].as_str()?.to_string(), pair[1].as_u64()?))))
+        .collect();
+    Ok((
+        name,
+        CraneRepo {
+            url: ensure_slash(url),
+            protected: v["protected"].as_bool().unwrap_or(false),
+            version,
+            schema2: strings("schema2_data"),
+            lists: strings("manifest_list_data"),
+            amd64,
+        },
+    ))
+}
+
+/// Every `*.json` file of `dir` with its modification time and size: what a change is.
+fn crane_files(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.path(), m.modified().ok()?, m.len()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn load_crane_dir(source: &str, files: &[(PathBuf, SystemTime, u64)]) -> HashMap<String, CraneRepo> {
+    let mut repos = HashMap::new();
+    for (path, _, _) in files {
+        let parsed = std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| parse_crane_file(&t));
+        match parsed {
+            Ok((name, repo)) => {
+                if repos.insert(name.to_string(), repo).is_some() {
+                    tracing::warn!(static_source = source, file = %path.display(), %name, "repository defined twice; the later file wins");
+                }
+            }
+            Err(e) => tracing::warn!(static_source = source, file = %path.display(), "Crane file not used: {e}"),
+        }
+    }
+    tracing::info!(static_source = source, repositories = repos.len(), "Crane directory loaded");
+    repos
+}
+
+impl StaticSource {
+    pub fn new(config: &tessera_config::StaticSource) -> Result<StaticSource, String> {
+        let kind = match (&config.crane_dir, &config.layout, &config.repository) {
+            (Some(dir), _, _) => {
+                if !dir.is_dir() {
+                    return Err(format!("static {}: crane_dir {} is not a directory", config.name, dir.display()));
+                }
+                let files = crane_files(dir);
+                let repos = load_crane_dir(&config.name, &files);
+                Kind::Crane { dir: dir.clone(), repos: RwLock::new(Arc::new(repos)), seen: Mutex::new(files) }
+            }
+            (None, Some(layout), Some(repository)) => {
+                let repository = repository
+                    .parse()
+                    .map_err(|e: OciError| format!("static {}: repository: {}", config.name, e.message))?;
+                let root = if layout.starts_with("https://") || layout.starts_with("http://") {
+                    LayoutRoot::Url(ensure_slash(layout))
+                } else {
+                    let dir = PathBuf::from(layout);
+                    if !dir.join("index.json").is_file() {
+                        return Err(format!("static {}: {layout} is not an OCI image layout", config.name));
+                    }
+                    LayoutRoot::Dir(dir)
+                };
+                Kind::Layout { repository, root }
+            }
+            _ => return Err(format!("static {}: needs crane_dir or layout with repository", config.name)),
+        };
+        let http = crate::upstream::following_client().map_err(|e| format!("static {}: {e}", config.name))?;
+        Ok(StaticSource {
+            name: config.name.clone(),
+            kind,
+            poll: Duration::from_secs(config.poll_secs.max(1)),
+            http,
+            manifests: Mutex::new(HashMap::new()),
+            poller: Mutex::new(None),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts watching a Crane directory for changed files; stops when this is dropped.
+    pub fn start_polling(self: &Arc<Self>) {
+        if !matches!(self.kind, Kind::Crane { .. }) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let poll = self.poll;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(poll).await;
+                let Some(source) = weak.upgrade() else { return };
+                let Kind::Crane { dir, repos, seen } = &source.kind else { return };
+                let dir = dir.clone();
+                let files = match tokio::task::spawn_blocking(move || crane_files(&dir)).await {
+                    Ok(f) => f,
+                    Err(_) => continue,
+                };
+                let changed = *seen.lock().unwrap_or_else(|p| p.into_inner()) != files;
+                if changed {
+                    let loaded = load_crane_dir(&source.name, &files);
+                    *repos.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+                    *seen.lock().unwrap_or_else(|p| p.into_inner()) = files;
+                    source.manifests.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                }
+            }
+        });
+        *self.poller.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    fn crane(&self, name: &RepoName) -> Option<CraneRepo> {
+        match &self.kind {
+            Kind::Crane { repos, .. } => repos.read().unwrap_or_else(|p| p.into_inner()).get(name.as_str()).cloned(),
+            Kind::Layout { .. } => None,
+        }
+    }
+
+    /// Whether this source has a repository `name`.
+    pub fn serves(&self, name: &RepoName) -> bool {
+        match &self.kind {
+            Kind::Crane { repos, .. } => repos.read().unwrap_or_else(|p| p.into_inner()).contains_key(name.as_str()),
+            Kind::Layout { repository, .. } => repository == name,
+        }
+    }
+
+    /// Whether `name` is a protected repository (served only to admitted clients).
+    pub fn protected(&self, name: &RepoName) -> bool {
+        self.crane(name).is_some_and(|r| r.protected)
+    }
+
+    /// In words, for `tessera explain`.
+    pub fn describe(&self, name: &RepoName) -> String {
+        match (&self.kind, self.crane(name)) {
+            (Kind::Crane { dir, .. }, Some(r)) => format!(
+                "Crane file (version {}) in {}: manifests fetched from {}manifests/..., verified and served here; blobs 307 to {}blobs/<digest>{}",
+                r.version,
+                dir.display(),
+                r.url,
+                r.url,
+                if r.protected { "; protected: logged-in clients only" } else { "" }
+            ),
+            (Kind::Crane { dir, .. }, None) => format!("no Crane file in {} names this repository", dir.display()),
+            (Kind::Layout { root: LayoutRoot::Dir(d), .. }, _) => {
+                format!("OCI image layout {}: manifests and blobs served from its files", d.display())
+            }
+            (Kind::Layout { root: LayoutRoot::Url(u), .. }, _) => {
+                format!(
+                    "OCI image layout at {u}: manifests fetched, verified and served here; blobs 307 to {u}blobs/..."
+                )
+            }
+        }
+    }
+
+    /// Tags, sorted.
+    pub async fn tags(&self, name: &RepoName) -> Result<Vec<String>, OciError> {
+        let mut tags: Vec<String> = match &self.kind {
+            Kind::Crane { .. } => {
+                let r = self.crane(name).ok_or_else(|| OciError::new(ErrorCode::NameUnknown, "repository unknown"))?;
+                r.schema2.iter().chain(r.lists.iter()).chain(r.amd64.keys()).cloned().collect()
+            }
+            Kind::Layout { .. } => self.layout_index().await?.into_iter().map(|(tag, _, _)| tag).collect(),
+        };
+        tags.retain(|t| t.parse::<Digest>().is_err() && t.parse::<tessera_spec::Tag>().is_ok());
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
+    /// A manifest by tag or digest, verified.
+    pub async fn manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+        accept: Option<&str>,
+        delivery: &Delivery,
+    ) -> Result<StaticManifest, OciError> {
+        match &self.kind {
+            Kind::Crane { .. } => {
+                let repo = self.crane(name).ok_or_else(|| unknown(&reference.to_string()))?;
+                self.crane_manifest(&repo, reference, accept, delivery).await
+            }
+            Kind::Layout { root, .. } => {
+                let (digest, media_type) = match reference {
+                    Reference::Digest(d) => (d.clone(), None),
+                    Reference::Tag(t) => self
+                        .layout_index()
+                        .await?
+                        .into_iter()
+                        .find(|(tag, _, _)| tag == t.as_str())
+                        .map(|(_, d, m)| (d, Some(m)))
+                        .ok_or_else(|| unknown(t.as_str()))?,
+                };
+                let record = match root {
+                    LayoutRoot::Dir(dir) => {
+                        let path = dir.join("blobs").join(digest.algorithm().as_str()).join(digest.hex());
+                        let bytes = match tokio::fs::read(&path).await {
+                            Ok(b) => Bytes::from(b),
+                            Err(_) => return Err(unknown(&digest.to_string())),
+                        };
+                        record(&digest.to_string(), bytes, Some(&digest), media_type.as_deref())?
+                    }
+                    LayoutRoot::Url(base) => {
+                        let url = format!("{base}blobs/{}/{}", digest.algorithm().as_str(), digest.hex());
+                        self.fetch(&url, &digest.to_string(), Some(&digest), media_type.as_deref(), delivery).await?
+                    }
+                };
+                if let Reference::Tag(_) = reference
+                    && (record.media_type == media::OCI_INDEX || record.media_type == media::DOCKER_LIST)
+                    && !accepts(accept, &record.media_type)
+                {
+                    return Err(unknown(&reference.to_string()));
+                }
+                Ok(StaticManifest::Here(record))
+            }
+        }
+    }
+
+    /// Crane's choice of what to serve for a reference, by what the client accepts.
+    async fn crane_manifest(
+        &self,
+        repo: &CraneRepo,
+        reference: &Reference,
+        accept: Option<&str>,
+        delivery: &Delivery,
+    ) -> Result<StaticManifest, OciError> {
+        let id = reference.to_string();
+        let wanted = match reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(_) => None,
+        };
+        let (path, media_type) = if repo.lists.contains(&id) && accepts(accept, media::DOCKER_LIST) {
+            (format!("manifests/list/{id}"), media::DOCKER_LIST)
+        } else if let Some((digest, version)) = repo.amd64.get(&id) {
+            if *version != 2 || !accepts(accept, media::DOCKER_MANIFEST) {
+                return Ok(StaticManifest::Redirect(delivery.sign_known(&format!("{}manifests/1/{digest}", repo.url))));
+            }
+            (format!("manifests/2/{digest}"), media::DOCKER_MANIFEST)
+        } else if repo.schema2.contains(&id) {
+            (format!("manifests/2/{id}"), media::DOCKER_MANIFEST)
+        } else if repo.lists.contains(&id) {
+            (format!("manifests/list/{id}"), media::DOCKER_LIST)
+        } else if repo.version == 2 || (repo.schema2.is_empty() && repo.lists.is_empty()) {
+            // Only schema 1 was published: its signed payloads are not re-served, but sent
+            // on as Crane did.
+            return Ok(StaticManifest::Redirect(delivery.sign_known(&format!("{}manifests/1/{id}", repo.url))));
+        } else {
+            return Err(unknown(&id));
+        };
+        let url = format!("{}{path}", repo.url);
+        let record = self.fetch(&url, &id, wanted, Some(media_type), delivery).await?;
+        Ok(StaticManifest::Here(record))
+    }
+
+    /// Fetches a manifest (cached: by digest for good, by tag for `TAG_TTL`), checks it
+    /// against `wanted` and parses it.
+    async fn fetch(
+        &self,
+        url: &str,
+        reference: &str,
+        wanted: Option<&Digest>,
+        media_type: Option<&str>,
+        delivery: &Delivery,
+    ) -> Result<ManifestRecord, OciError> {
+        if let Some((record, at)) = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(url)
+            && (wanted.is_some() || at.elapsed() < TAG_TTL)
+        {
+            return Ok(record.clone());
+        }
+        let answer = self.http.get(delivery.sign_known(url)).send().await.map_err(|e| {
+            tracing::warn!(static_source = %self.name, url, "fetch failed: {}", e.without_url());
+            unavailable("could not be reached")
+        })?;
+        match answer.status().as_u16() {
+            200 => {}
+            404 | 410 => return Err(unknown(reference)),
+            status => {
+                tracing::warn!(static_source = %self.name, url, status, "fetch refused");
+                return Err(unavailable(&format!("answered {status}")));
+            }
+        }
+        let bytes = answer.bytes().await.map_err(|_| unavailable("broke off the transfer"))?;
+        let record = record(reference, bytes, wanted, media_type).inspect_err(|e| {
+            tracing::warn!(static_source = %self.name, url, "manifest refused: {}", e.message);
+        })?;
+        let mut cache = self.manifests.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(url.to_string(), (record.clone(), Instant::now()));
+        Ok(record)
+    }
+
+    /// A layout's tagged manifests: (tag, digest, media type).
+    async fn layout_index(&self) -> Result<Vec<(String, Digest, String)>, OciError> {
+        let Kind::Layout { root, .. } = &self.kind else { return Ok(Vec::new()) };
+        let bytes = match root {
+            LayoutRoot::Dir(dir) => Bytes::from(
+                tokio::fs::read(dir.join("index.json")).await.map_err(|_| unavailable("has no index.json"))?,
+            ),
+            LayoutRoot::Url(base) => {
+                let url = format!("{base}index.json");
+                let cached = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(&url).cloned();
+                match cached {
+                    Some((r, at)) if at.elapsed() < TAG_TTL.min(self.poll) => r.bytes,
+                    _ => {
+                        let answer =
+                            self.http.get(&url).send().await.map_err(|_| unavailable("could not be reached"))?;
+                        if !answer.status().is_success() {
+                            return Err(unavailable(&format!("answered {} for index.json", answer.status())));
+                        }
+                        let bytes = answer.bytes().await.map_err(|_| unavailable("broke off the transfer"))?;
+                        let rec = ManifestRecord {
+                            digest: Digest::sha256_of(&bytes),
+                            media_type: media::OCI_INDEX.into(),
+                            bytes: bytes.clone(),
+                            subject: None,
+                            artifact_type: None,
+                            annotations_json: None,
+                        };
+                        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).insert(url, (rec, Instant::now()));
+                        bytes
+                    }
+                }
+            }
+        };
+        let index: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|_| unavailable("has an index.json that is not JSON"))?;
+        Ok(index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| {
+                let tag = m["annotations"]["org.opencontainers.image.ref.name"].as_str()?;
+                let digest = m["digest"].as_str()?.parse().ok()?;
+                let media_type = m["mediaType"].as_str().unwrap_or(media::OCI_MANIFEST);
+                Some((tag.to_string(), digest, media_type.to_string()))
+            })
+            .collect())
+    }
+
+    /// A blob: bytes from a layout directory, else a redirect to where it is published.
+    pub async fn blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<&str>,
+        delivery: &Delivery,
+    ) -> Result<StaticBlob, OciError> {
+        let blob_unknown = || {
+            OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry")
+                .with_detail(serde_json::json!({ "digest": digest.to_string() }))
+        };
+        match &self.kind {
+            Kind::Crane { .. } => {
+                let repo = self.crane(name).ok_or_else(blob_unknown)?;
+                Ok(StaticBlob::Redirect(delivery.sign_known(&format!("{}blobs/{digest}", repo.url))))
+            }
+            Kind::Layout { root: LayoutRoot::Url(base), .. } => Ok(StaticBlob::Redirect(
+                delivery.sign_known(&format!("{base}blobs/{}/{}", digest.algorithm().as_str(), digest.hex())),
+            )),
+            Kind::Layout { root: LayoutRoot::Dir(dir), .. } => {
+                let path = dir.join("blobs").join(digest.algorithm().as_str()).join(digest.hex());
+                let size = tokio::fs::metadata(&path).await.map_err(|_| blob_unknown())?.len();
+                let range = ByteRange::from_header(range, size)?;
+                let read = tessera_store::fs::read_file(path, range.map(|r| (r.start, r.end)))
+                    .await
+                    .map_err(|_| blob_unknown())?
+                    .ok_or_else(blob_unknown)?;
+                Ok(StaticBlob::Bytes(BlobAnswer { size, range, read }))
+            }
+        }
+    }
+}
+
+impl Drop for StaticSource {
+    fn drop(&mut self) {
+        if let Some(task) = self.poller.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+/// A verified manifest record: the bytes must hash to `wanted` when given, and parse.
+fn record(
+    reference: &str,
+    bytes: Bytes,
+    wanted: Option<&Digest>,
+    media_type: Option<&str>,
+) -> Result<ManifestRecord, OciError> {
+    let digest = match wanted {
+        Some(w) => {
+            let actual = Digest::of(w.algorithm(), &bytes);
+            if &actual != w {
+                return Err(OciError::new(
+                    ErrorCode::Unavailable,
+                    "the published manifest does not match its digest; it is not served",
+                )
+                .with_detail(serde_json::json!({ "reference": reference })));
+            }
+            actual
+        }
+        None => Digest::sha256_of(&bytes),
+    };
+    // The document's own mediaType, else what the layout or folder says it is.
+    let declared = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["mediaType"].as_str().map(str::to_string));
+    let media_type = declared.or(media_type.map(str::to_string)).unwrap_or_else(|| media::OCI_MANIFEST.into());
+    let parsed = ParsedManifest::parse(Some(&media_type), &bytes)?;
+    Ok(ManifestRecord {
+        digest,
+        media_type: parsed.media_type.clone(),
+        bytes,
+        subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
+        artifact_type: parsed.artifact_type.clone(),
+        annotations_json: (!parsed.annotations.is_empty())
+            .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crane_files_of_each_version() {
+        let v4 = r#"{"type":"pulp-docker-redirect","version":4,"repository":"zoo","repo-registry-id":"redhat/zoo",
+            "url":"http://cdn.example/zoo/bar","protected":true,
+            "schema2_data":["sha256:a1d963a97357110bdbfc70767a495c8df6ddfa9bda4da3183165ca73c3b990d2","1.25.1-musl"],
+            "manifest_list_data":["bar","latest"],
+            "manifest_list_amd64_tags":{"bar":["sha256:c55544de64a01e157b9d931f5db7a16554a14be19c367f91c9a8cdc46db086bf",2]}}"#;
+        let (name, repo) = parse_crane_file(v4).unwrap();
+        assert_eq!(name.as_str(), "redhat/zoo");
+        assert_eq!(repo.url, "http://cdn.example/zoo/bar/");
+        assert!(repo.protected && repo.lists.contains("latest") && repo.schema2.contains("1.25.1-musl"));
+        assert_eq!(repo.amd64["bar"].1, 2);
+        let v3 = r#"{"repository":"foo","repo-registry-id":"redhat/foo","url":"http://cdn.example/foo","version":3,"schema2_data":["1"]}"#;
+        assert_eq!(parse_crane_file(v3).unwrap().1.version, 3);
+        let v1 = r#"{"repo-registry-id":"old","url":"http://x/","version":1,"images":[],"tags":{}}"#;
+        assert!(parse_crane_file(v1).unwrap_err().contains("retired"));
+        assert!(parse_crane_file(r#"{"repo-registry-id":"../x","url":"http://x/","version":4}"#).is_err());
+        assert!(parse_crane_file(r#"{"repo-registry-id":"x","url":"file:///etc/","version":4}"#).is_err());
+        assert!(parse_crane_file(r#"{"type":"other","repo-registry-id":"x","url":"http://x/","version":4}"#).is_err());
+    }
+
+    #[test]
+    fn records_are_verified_against_their_digest() {
+        let body = Bytes::from_static(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"a","digest":"sha256:a1d963a97357110bdbfc70767a495c8df6ddfa9bda4da3183165ca73c3b990d2","size":1},"layers":[]}"#);
+        let right = Digest::sha256_of(&body);
+        assert_eq!(record("x", body.clone(), Some(&right), None).unwrap().digest, right);
+        let wrong = Digest::sha256_of(b"other");
+        assert_eq!(record("x", body, Some(&wrong), None).unwrap_err().code, ErrorCode::Unavailable);
+    }
+}
