@@ -24,6 +24,44 @@ enum Command {
     Push(PushArgs),
     /// Write an image's blobs and manifests in the layout a CDN origin serves.
     Publish(PublishArgs),
+    /// Write images from a registry as one OCI image layout (directory, or .tar archive),
+    /// to carry across an air gap.
+    Export(ExportArgs),
+    /// Push every image of an OCI image layout (directory or .tar) written by export.
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// HOST[:PORT]/NAME:TAG of each image.
+    #[arg(required = true)]
+    references: Vec<String>,
+    /// A directory, or a file ending in .tar (an OCI archive podman load and skopeo read).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Reach the registry over plain HTTP.
+    #[arg(long)]
+    plain_http: bool,
+    /// USER:PASSWORD for the registry.
+    #[arg(long, value_name = "USER:PASSWORD", env = "TESSERA_CREDS")]
+    creds: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The layout directory or .tar archive.
+    input: PathBuf,
+    /// HOST[:PORT] of the registry to push to.
+    dest: String,
+    /// Put every repository under this name prefix.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Reach the registry over plain HTTP.
+    #[arg(long)]
+    plain_http: bool,
+    /// USER:PASSWORD for the registry.
+    #[arg(long, value_name = "USER:PASSWORD", env = "TESSERA_CREDS")]
+    creds: Option<String>,
 }
 
 /// Where the source image is read from, for push and publish.
@@ -223,6 +261,18 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Push(args) => runtime.block_on(push(args)),
         Command::Publish(args) => runtime.block_on(publish(args)),
+        Command::Export(args) => runtime.block_on(async {
+            let n = transfer::export(&args.references, &args.output, args.plain_http, args.creds.as_deref()).await?;
+            println!("exported {n} image(s) to {}", args.output.display());
+            Ok(())
+        }),
+        Command::Import(args) => runtime.block_on(async {
+            let dest = transfer::registry_client(&args.dest, args.plain_http, args.creds.as_deref())?;
+            for reference in transfer::import(&args.input, &dest, args.prefix.as_deref()).await? {
+                println!("imported {}/{reference}", args.dest);
+            }
+            Ok(())
+        }),
     }
 }
 

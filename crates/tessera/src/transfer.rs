@@ -202,7 +202,8 @@ impl SourceImage {
         let chosen = match tag {
             Some(tag) => entries
                 .iter()
-                .find(|e| names(e).iter().any(|n| n == tag || n.ends_with(&format!(":{tag}"))))
+                .find(|e| names(e).iter().any(|n| n == tag))
+                .or_else(|| entries.iter().find(|e| names(e).iter().any(|n| n.ends_with(&format!(":{tag}")))))
                 .ok_or_else(|| anyhow!("{} has no image tagged {tag:?}", dir.display()))?,
             None => entries.first().ok_or_else(|| anyhow!("{} lists no image", dir.display()))?,
         };
@@ -523,4 +524,247 @@ pub async fn publish(
         }
     }
     Ok((written, kept))
+}
+
+/// Where an export goes: a layout directory, or (a name ending in `.tar`) an OCI archive.
+fn layout_dir_for(output: &Path) -> PathBuf {
+    if output.extension().is_some_and(|e| e == "tar") {
+        output.with_extension("tar.partial-layout")
+    } else {
+        output.to_path_buf()
+    }
+}
+
+/// One line of progress on stderr (rewritten in place on a terminal).
+fn progress(line: &str) {
+    use std::io::{IsTerminal as _, Write as _};
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = write!(err, "\r\x1b[2K{line}");
+        let _ = err.flush();
+    } else {
+        let _ = writeln!(err, "{line}");
+    }
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// Writes the images `references` (`HOST/NAME:TAG`) as one OCI image layout at `output`
+/// (a directory, or an OCI archive when it ends in `.tar`), each tagged `NAME:TAG` in its
+/// `index.json`. Blobs already there with their size are kept, so an interrupted export
+/// resumes. Returns the number of images.
+pub async fn export(references: &[String], output: &Path, plain_http: bool, creds: Option<&str>) -> Result<usize> {
+    let dir = layout_dir_for(output);
+    std::fs::create_dir_all(dir.join("blobs/sha256"))?;
+    let mut entries = Vec::new();
+    for reference in references {
+        let (host, name, tag) = split_reference(reference)?;
+        let image = SourceImage::read(
+            &Source::Registry { host, name: name.clone(), reference: tag.clone() },
+            plain_http,
+            creds,
+        )
+        .await?;
+        let blobs: Vec<&Blob> = image.configs.iter().chain(image.layers.iter()).collect();
+        for (i, b) in blobs.iter().enumerate() {
+            let path = dir.join("blobs").join(b.digest.algorithm().as_str()).join(b.digest.hex());
+            std::fs::create_dir_all(path.parent().unwrap_or(&dir))?;
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() == b.size) {
+                progress(&format!("{name}:{tag} [{}/{}] {} already exported", i + 1, blobs.len(), b.digest));
+                continue;
+            }
+            progress(&format!("{name}:{tag} [{}/{}] {} {}", i + 1, blobs.len(), b.digest, megabytes(b.size)));
+            image.copy_blob(&b.digest, &path).await?;
+        }
+        for m in &image.manifests {
+            let path = dir.join("blobs").join(m.digest.algorithm().as_str()).join(m.digest.hex());
+            std::fs::write(path, &m.bytes)?;
+        }
+        let top = image.manifests.last().ok_or_else(|| anyhow!("{reference}: no manifest"))?;
+        entries.push(serde_json::json!({
+            "mediaType": top.media_type,
+            "digest": top.digest.to_string(),
+            "size": top.bytes.len(),
+            "annotations": { "org.opencontainers.image.ref.name": format!("{name}:{tag}") },
+        }));
+    }
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let index = serde_json::json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": entries });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec_pretty(&index)?)?;
+    if dir != output {
+        let partial = output.with_extension("tar.partial");
+        {
+            let file = std::fs::File::create(&partial)?;
+            let mut tar = tar::Builder::new(file);
+            tar.follow_symlinks(false);
+            tar.append_dir_all(".", &dir)?;
+            tar.into_inner()?.sync_all()?;
+        }
+        std::fs::rename(&partial, output)?;
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(references.len())
+}
+
+/// The `NAME:TAG` references an OCI layout's `index.json` lists.
+fn layout_refs(dir: &Path) -> Result<Vec<String>> {
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("index.json"))
+            .with_context(|| format!("{} is not an OCI image layout", dir.display()))?,
+    )?;
+    Ok(index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["annotations"]["org.opencontainers.image.ref.name"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// Bytes per upload request of an import: bounded memory, and a broken transfer loses at
+/// most one chunk.
+const IMPORT_CHUNK: usize = 16 * 1024 * 1024;
+
+/// Pushes every `NAME:TAG` image of an OCI layout (a directory or a `.tar` archive) to the
+/// registry behind `dest`, under `prefix`. Blobs the registry already has are skipped, so a
+/// repeated import resumes; each blob is checked against its digest as it is read, and a
+/// manifest is pushed only after all it needs. Returns the references pushed.
+pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Result<Vec<String>> {
+    let unpacked;
+    let dir = if input.is_dir() {
+        input.to_path_buf()
+    } else {
+        unpacked = tempfile::Builder::new().prefix("tessera-import").tempdir()?;
+        let f = std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+        tar::Archive::new(f)
+            .unpack(unpacked.path())
+            .with_context(|| format!("{} is not a readable tar archive", input.display()))?;
+        unpacked.path().to_path_buf()
+    };
+    let refs = layout_refs(&dir)?;
+    if refs.is_empty() {
+        bail!("{} names no image (no org.opencontainers.image.ref.name annotations)", input.display());
+    }
+    let mut pushed = Vec::new();
+    for reference in refs {
+        let (name, tag) = reference
+            .rsplit_once(':')
+            .filter(|(_, t)| !t.contains('/'))
+            .ok_or_else(|| anyhow!("{reference:?} is not NAME:TAG"))?;
+        let full = match prefix {
+            Some(p) => format!("{}/{name}", p.trim_matches('/')),
+            None => name.to_string(),
+        };
+        let repo: RepoName = full.parse().map_err(|e: tessera_spec::OciError| anyhow!("{full:?}: {}", e.message))?;
+        let image = SourceImage::from_layout(&dir, Some(&reference), None)?;
+        let blobs: Vec<&Blob> = image.configs.iter().chain(image.layers.iter()).collect();
+        for (i, b) in blobs.iter().enumerate() {
+            let head = dest
+                .send_push(
+                    Method::HEAD,
+                    &repo,
+                    &format!("/v2/{repo}/blobs/{}", b.digest),
+                    HeaderMap::new(),
+                    Bytes::new(),
+                )
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            if head.status().is_success() {
+                progress(&format!("{repo}:{tag} [{}/{}] {} already there", i + 1, blobs.len(), b.digest));
+                continue;
+            }
+            progress(&format!("{repo}:{tag} [{}/{}] {} {}", i + 1, blobs.len(), b.digest, megabytes(b.size)));
+            let path = dir.join("blobs").join(b.digest.algorithm().as_str()).join(b.digest.hex());
+            upload_file(dest, &repo, &b.digest, &path).await?;
+        }
+        let last = image.manifests.len() - 1;
+        for (i, m) in image.manifests.iter().enumerate() {
+            let reference = if i == last { tag.to_string() } else { m.digest.to_string() };
+            let r = dest
+                .send_push(
+                    Method::PUT,
+                    &repo,
+                    &format!("/v2/{repo}/manifests/{reference}"),
+                    json_headers(&m.media_type),
+                    m.bytes.clone(),
+                )
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            check(format!("manifest {}", m.digest), r).await?;
+        }
+        pushed.push(format!("{repo}:{tag}"));
+    }
+    Ok(pushed)
+}
+
+/// Uploads a file as the blob `digest` in chunks, verifying the digest as it reads.
+async fn upload_file(dest: &Upstream, repo: &RepoName, digest: &Digest, path: &Path) -> Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let mut file = tokio::fs::File::open(path).await.with_context(|| format!("{digest} is not in the layout"))?;
+    let start = dest
+        .send_push(Method::POST, repo, &format!("/v2/{repo}/blobs/uploads/"), HeaderMap::new(), Bytes::new())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if start.status().as_u16() != 202 {
+        check(format!("upload of {digest}"), start).await?;
+        bail!("upload of {digest}: the registry did not open a session");
+    }
+    let mut location = session_path(dest, &start)?;
+    let mut digester = tessera_spec::Digester::new(digest.algorithm());
+    let mut offset = 0u64;
+    loop {
+        let mut chunk = vec![0u8; IMPORT_CHUNK];
+        let mut filled = 0;
+        while filled < chunk.len() {
+            let n = file.read(&mut chunk[filled..]).await?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        chunk.truncate(filled);
+        if chunk.is_empty() {
+            break;
+        }
+        digester.update(&chunk);
+        let mut headers = json_headers("application/octet-stream");
+        let range = format!("{offset}-{}", offset + chunk.len() as u64 - 1);
+        headers.insert("content-range", HeaderValue::from_str(&range)?);
+        offset += chunk.len() as u64;
+        let r = dest
+            .send_push(Method::PATCH, repo, &location, headers, Bytes::from(chunk))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        if r.status().as_u16() != 202 {
+            check(format!("upload of {digest}"), r).await?;
+            bail!("upload of {digest}: unexpected answer");
+        }
+        location = session_path(dest, &r)?;
+    }
+    if digester.finish() != *digest {
+        bail!("{} does not match its digest {digest}; nothing of this image is tagged", path.display());
+    }
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let r = dest
+        .send_push(Method::PUT, repo, &format!("{location}{sep}digest={digest}"), HeaderMap::new(), Bytes::new())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    check(format!("upload of {digest}"), r).await
+}
+
+/// The path of an upload session from a `Location` header (relative, or absolute on the
+/// same registry).
+fn session_path(dest: &Upstream, r: &reqwest::Response) -> Result<String> {
+    let location = r
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| anyhow!("the registry sent no upload Location"))?;
+    let base = dest.url("");
+    match location.strip_prefix(&base) {
+        Some(rest) => Ok(rest.to_string()),
+        None if location.starts_with('/') => Ok(location.to_string()),
+        None => bail!("the registry sent the upload elsewhere ({location}); not followed"),
+    }
 }
