@@ -175,15 +175,8 @@ impl Content {
         let config = Bytes::from(r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#);
         let small = Bytes::from(random_bytes(4096, 1));
         let big = Bytes::from(random_bytes(big, 2));
-        let desc = |media: &str, b: &Bytes| serde_json::json!({"mediaType": media, "digest": Digest::sha256_of(b).to_string(), "size": b.len()});
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": desc("application/vnd.oci.image.config.v1+json", &config),
-            "layers": [desc("application/vnd.oci.image.layer.v1.tar+gzip", &small), desc("application/vnd.oci.image.layer.v1.tar+gzip", &big)],
-        }))
-        .expect("json");
-        Content { config, small, big, manifest: Bytes::from(manifest) }
+        let manifest = manifest_of(&config, &[&small, &big]);
+        Content { config, small, big, manifest }
     }
 }
 
@@ -415,6 +408,45 @@ async fn main() -> Result<()> {
     let (t_peak, d_peak) = (t_rss.stop(), d_rss.stop());
     table.add("peak RSS during the GET load", "MiB", Better::Lower, t_peak, Some(d_peak), None);
 
+    // Federated delivery: a blob GET answered with a signed redirect to a CDN should cost
+    // no more than a manifest GET (both are a metadata lookup and a small answer).
+    eprintln!("== redirected blob GETs (CDN delivery, signed)");
+    let cdn = Registry::tessera_with(
+        &args.tessera,
+        &root.join("cdn"),
+        Some(
+            "[[delivery]]\nprefix = \"bench\"\ndeliver = \"cdn\"\ncdn = \"https://cdn.example/pulp/\"\n\
+             token = { kind = \"secure_link_md5\", secret = \"bench\" }\n",
+        ),
+    )?;
+    Client::new(&cdn.base())
+        .push_image(
+            "bench/app",
+            "v1",
+            &[&content.config, &content.small],
+            &manifest_of(&content.config, &[&content.small]),
+        )
+        .await?;
+    let redirect = wrk.get(&cdn.url(&small_path), 32, None, false)?;
+    let manifest = wrk.get(&cdn.url(tag_path), 32, Some(ACCEPT), false)?;
+    table.add(
+        "blob GET answered with a signed CDN redirect, 32 connections",
+        "req/s",
+        Better::Higher,
+        redirect.rps,
+        None,
+        None,
+    );
+    table.add(
+        "redirected blob GET / manifest GET, same server",
+        "x",
+        Better::Higher,
+        redirect.rps / manifest.rps,
+        None,
+        None,
+    );
+    drop(cdn);
+
     eprintln!("== pushes");
     let push_blob = Bytes::from(random_bytes(scale.push_blob, 3));
     let mb = scale.push_blob >> 20;
@@ -580,6 +612,20 @@ async fn main() -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// An OCI image manifest for a config and layers.
+fn manifest_of(config: &Bytes, layers: &[&Bytes]) -> Bytes {
+    let descriptor = |media_type: &str, bytes: &Bytes| serde_json::json!({ "mediaType": media_type, "digest": Digest::sha256_of(bytes).to_string(), "size": bytes.len() });
+    Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+            "layers": layers.iter().map(|l| descriptor("application/vnd.oci.image.layer.v1.tar+gzip", l)).collect::<Vec<_>>(),
+        }))
+        .expect("json"),
+    )
 }
 
 async fn push_chunked_exact(c: &Client, name: &str, blob: &Bytes, chunk: usize) -> Result<()> {
