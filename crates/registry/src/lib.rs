@@ -154,13 +154,16 @@ impl Registry {
             .ok_or_else(|| blob_unknown(digest))
     }
 
-    /// Where a blob linked into `repo` is: here, or at other URLs (metadata only).
+    /// Where a blob linked into `repo` is: here, or at other URLs (metadata only). Two
+    /// metadata lookups (cached); the blob store is asked only for a link with URLs, whose
+    /// bytes may have arrived since.
     pub async fn blob_at(&self, repo: &RepoName, digest: &Digest) -> Result<BlobAt, OciError> {
         let size = self.blob_size(repo, digest).await?;
-        if self.blobs.stat(digest).await.map_err(|e| internal("blob stat", e))?.is_some() {
+        let urls = self.meta.blob_urls(repo, digest).await.map_err(|e| internal("blob urls lookup", e))?;
+        if urls.is_empty() || self.blobs.stat(digest).await.map_err(|e| internal("blob stat", e))?.is_some() {
             return Ok(BlobAt::Here(size));
         }
-        self.elsewhere(repo, digest, size).await
+        Ok(BlobAt::Elsewhere { size, urls })
     }
 
     /// A linked blob whose bytes are not here: its URLs, or (a store out of step) unknown.

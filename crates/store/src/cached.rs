@@ -34,6 +34,8 @@ pub struct CachedMetaStore<M> {
     manifests: Cache<(RepoName, Digest), ManifestRecord, ByPayload>,
     tags: Cache<(RepoName, Tag), Digest>,
     links: Cache<(RepoName, Digest), u64>,
+    /// Where linked blobs live when not here (empty: here, or not linked).
+    urls: Cache<(RepoName, Digest), Vec<String>>,
     /// Bumped by every invalidation; guards fills (see the module docs).
     generation: Mutex<u64>,
 }
@@ -48,6 +50,7 @@ impl<M: MetaStore> CachedMetaStore<M> {
             manifests: Cache::with_weighter((manifest_bytes / 4096).max(16) as usize, manifest_bytes.max(1), ByPayload),
             tags: Cache::new(small_items),
             links: Cache::new(small_items),
+            urls: Cache::new(small_items),
             generation: Mutex::new(0),
         }
     }
@@ -95,21 +98,39 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
     }
 
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()> {
-        self.inner.link_blob(repo, digest, size).await
+        let linked = self.inner.link_blob(repo, digest, size).await;
+        // A blob that lived elsewhere is now here.
+        self.invalidate(|| {
+            self.urls.remove(&(repo.clone(), digest.clone()));
+        });
+        linked
     }
 
     async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()> {
-        self.inner.link_external(repo, digest, size, urls).await
+        let linked = self.inner.link_external(repo, digest, size, urls).await;
+        self.invalidate(|| {
+            self.urls.remove(&(repo.clone(), digest.clone()));
+        });
+        linked
     }
 
     async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> io::Result<Vec<String>> {
-        self.inner.blob_urls(repo, digest).await
+        let key = (repo.clone(), digest.clone());
+        if let Some(urls) = self.urls.get(&key) {
+            return Ok(urls);
+        }
+        let seen = self.generation();
+        let urls = self.inner.blob_urls(repo, digest).await?;
+        self.fill(&self.urls, seen, key, &urls);
+        Ok(urls)
     }
 
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
         let removed = self.inner.unlink_blob(repo, digest).await?;
         self.invalidate(|| {
-            self.links.remove(&(repo.clone(), digest.clone()));
+            let key = (repo.clone(), digest.clone());
+            self.links.remove(&key);
+            self.urls.remove(&key);
         });
         Ok(removed)
     }
