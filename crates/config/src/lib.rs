@@ -441,6 +441,13 @@ pub struct Limits {
     /// Seconds a request body may go without sending a byte before the request is
     /// abandoned (slow-client guard; what arrived of an upload is kept for resuming).
     pub body_idle_timeout_secs: u64,
+    /// Seconds a response may wait for the client to take more bytes before the connection
+    /// is closed (a client that stops reading).
+    pub send_idle_timeout_secs: u64,
+    /// Seconds a request without a body (GET, HEAD, DELETE) may take until its answer
+    /// starts; past it, 503 with `Retry-After`. 0: no limit. (Uploads are bounded by the
+    /// body timeouts and sizes instead, downloads by `send_idle_timeout_secs`.)
+    pub request_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -493,6 +500,8 @@ impl Default for Limits {
             requests_per_second_per_client: 0,
             uploads_per_client: 64,
             body_idle_timeout_secs: 60,
+            send_idle_timeout_secs: 60,
+            request_timeout_secs: 300,
         }
     }
 }

@@ -29,9 +29,23 @@ pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -
         }),
         None => Ok(None),
     };
-    let result = match admitted {
-        Ok(_slot) => handle(&state, &parts, &mut body).await,
-        Err(e) => Err(e),
+    let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE);
+    let result = match (admitted, state.limits.request_timeout) {
+        (Ok(_slot), Some(limit)) if bodyless => {
+            match tokio::time::timeout(limit, handle(&state, &parts, &mut body)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(method = %parts.method, path = parts.uri.path(), "request timed out after {limit:?}");
+                    Err(OciError::new(
+                        ErrorCode::Unavailable,
+                        format!("the request took longer than {} s", limit.as_secs()),
+                    )
+                    .with_header("retry-after", "10"))
+                }
+            }
+        }
+        (Ok(_slot), _) => handle(&state, &parts, &mut body).await,
+        (Err(e), _) => Err(e),
     };
     match result {
         Ok(r) => r,

@@ -21,6 +21,8 @@ pub struct ClientLimits {
     uploads_per_client: usize,
     uploads: Arc<Mutex<HashMap<IpAddr, usize>>>,
     pub(crate) body_idle: Duration,
+    /// Longest time until a request without a body is answered; `None`: no limit.
+    pub request_timeout: Option<Duration>,
 }
 
 /// Holds one upload slot of a client until dropped.
@@ -49,7 +51,13 @@ fn too_many(message: &str, retry_after: Duration) -> OciError {
 impl ClientLimits {
     pub fn new(requests_per_second: u32, uploads_per_client: usize, body_idle: Duration) -> ClientLimits {
         let rate = NonZeroU32::new(requests_per_second).map(|r| RateLimiter::hashmap(Quota::per_second(r)));
-        ClientLimits { rate, uploads_per_client, uploads: Arc::default(), body_idle }
+        ClientLimits { rate, uploads_per_client, uploads: Arc::default(), body_idle, request_timeout: None }
+    }
+
+    /// These limits, answering requests without a body within `timeout` (zero: no limit).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> ClientLimits {
+        self.request_timeout = Some(timeout).filter(|t| !t.is_zero());
+        self
     }
 
     /// No limits at all (tests and embedding).

@@ -39,6 +39,8 @@ pub struct ServerOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Largest request head in bytes; larger ones get 431.
     pub header_max_bytes: usize,
+    /// A connection whose client takes no bytes for this long is closed.
+    pub send_idle: Duration,
 }
 
 /// The server certificate, replaceable while serving: new handshakes use the latest one.
@@ -166,8 +168,17 @@ pub async fn serve(
         };
         let builder = builder.clone();
         let acceptor = acceptor.clone();
+        let send_idle = options.send_idle;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let mut stream = stream;
+            if acceptor.is_none() && answers_tls_probe(&mut stream, peer).await {
+                return;
+            }
+            // A client that stops reading cannot hold a connection (and its buffers) forever.
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(send_idle));
+            let stream = Box::pin(stream);
             match acceptor {
                 Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
@@ -182,10 +193,6 @@ pub async fn serve(
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 },
                 None => {
-                    let mut stream = stream;
-                    if answers_tls_probe(&mut stream, peer).await {
-                        return;
-                    }
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, "connection ended: {e}");

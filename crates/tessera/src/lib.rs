@@ -46,7 +46,8 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         config.limits.requests_per_second_per_client,
         config.limits.uploads_per_client,
         Duration::from_secs(config.limits.body_idle_timeout_secs.max(1)),
-    );
+    )
+    .with_request_timeout(Duration::from_secs(config.limits.request_timeout_secs));
     Ok(AppState {
         registry,
         federation: arc_swap::ArcSwap::from_pointee(federation),
@@ -237,7 +238,11 @@ pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future
     tessera_http::server::serve(
         listener,
         app,
-        ServerOptions { tls, header_max_bytes: config.limits.header_max_bytes },
+        ServerOptions {
+            tls,
+            header_max_bytes: config.limits.header_max_bytes,
+            send_idle: Duration::from_secs(config.limits.send_idle_timeout_secs.max(1)),
+        },
         shutdown,
     )
     .await?;

@@ -80,3 +80,56 @@ async fn a_stalled_body_is_abandoned_and_what_arrived_is_kept() {
     let r = api.http.get(api.url(&location)).send().await.unwrap();
     assert_eq!(r.headers()["range"], "0-9", "the 10 bytes that arrived are kept for resuming");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let server = with_limits("send_idle_timeout_secs = 1");
+    let api = Api::new(&server);
+    let blob = tessera_testkit::random_bytes(64 << 20, 7);
+    let digest = api.push_blob("slow/reader", &blob).await.unwrap();
+    let mut conn = TcpStream::connect(server.addr).unwrap();
+    write!(conn, "GET /v2/slow/reader/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // Read nothing while the socket buffers fill, then drain what was sent.
+    std::thread::sleep(Duration::from_secs(4));
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received += n,
+            Err(e) => panic!("the server should have closed the connection, not left it open: {e}"),
+        }
+    }
+    assert!(received < blob.len(), "the whole blob arrived ({received} bytes): no disconnect happened");
+    // The server serves others as before.
+    assert_eq!(api.get("/v2/").await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_request_that_takes_too_long_gets_503() {
+    // An upstream that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let _held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for c in silent.incoming() {
+            open.push(c);
+        }
+    });
+    let server = Server::with_config(
+        BIN,
+        &format!(
+            "[limits]\nrequest_timeout_secs = 1\n[[upstream]]\nname = \"silent\"\nurl = \"http://{addr}\"\n\
+             timeout_secs = 60\n[[route]]\nprefix = \"up\"\nto = \"silent\"\n"
+        ),
+    )
+    .unwrap();
+    let api = Api::new(&server);
+    let started = Instant::now();
+    let r = api.get("/v2/up/x/manifests/v1").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+}
