@@ -88,6 +88,7 @@ pub fn from_collage(json: &str, mode: Mode) -> Result<(Vec<Upstream>, Vec<Route>
                 to: Target::One(to),
                 mode,
                 push: Some(false),
+                credentials: Default::default(),
             });
         }
     }

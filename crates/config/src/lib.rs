@@ -397,6 +397,21 @@ pub struct Route {
     pub mode: Mode,
     /// Allow pushes (only to `hosted`). Default: true for a hosted target, else false.
     pub push: Option<bool>,
+    /// Whose credentials the upstream sees: the upstream's configured ones (the default),
+    /// or, with `"passthrough"`, the client's own `Authorization`, with the upstream's
+    /// challenges relayed to the client. Tessera's own login does not apply to such a route
+    /// (the upstream decides), and every answer, cached or not, is authorised by the
+    /// upstream for that client first.
+    #[serde(default)]
+    pub credentials: Credentials,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Credentials {
+    #[default]
+    Configured,
+    Passthrough,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -598,6 +613,12 @@ impl Config {
             }
             if r.push == Some(true) && !members.contains(&"hosted") {
                 return Err(format!("route {}: push is only possible to hosted", i + 1));
+            }
+            if r.credentials == Credentials::Passthrough && (members.contains(&"hosted") || r.mode == Mode::Redirect) {
+                return Err(format!(
+                    "route {}: credentials = \"passthrough\" needs upstream targets in cache mode",
+                    i + 1
+                ));
             }
             if r.mode == Mode::Redirect && members.contains(&"hosted") {
                 return Err(format!("route {}: mode = \"redirect\" needs upstream targets only", i + 1));

@@ -133,6 +133,43 @@ enum Answer {
     NotFound,
     /// Unreachable, 5xx or 429: serve stale if we can.
     Failing(OciError),
+    /// The upstream refused the client's own credentials (passthrough): its challenge or
+    /// refusal goes back to the client, and nothing cached is served instead.
+    Refused(OciError),
+}
+
+/// Whose credentials a request to the upstream carries.
+#[derive(Debug, Clone, Default)]
+pub enum UpstreamAuth {
+    /// The upstream's configured credentials.
+    #[default]
+    Configured,
+    /// The client's own `Authorization` (or none): the upstream decides for each client,
+    /// also before anything cached is served to it.
+    Client(Option<HeaderValue>),
+}
+
+impl UpstreamAuth {
+    fn passthrough(&self) -> bool {
+        matches!(self, UpstreamAuth::Client(_))
+    }
+}
+
+/// Sends `method path` to `upstream` with the credentials `auth` says.
+async fn send(
+    upstream: &Upstream,
+    auth: &UpstreamAuth,
+    method: Method,
+    name: &RepoName,
+    path: &str,
+    headers: HeaderMap,
+) -> Result<reqwest::Response, UpstreamError> {
+    match auth {
+        UpstreamAuth::Configured => upstream.send(method, name, path, headers).await,
+        UpstreamAuth::Client(authorization) => {
+            upstream.send_as_client(method, path, headers, authorization.as_ref()).await
+        }
+    }
 }
 
 impl PullThrough {
@@ -181,8 +218,15 @@ impl PullThrough {
         &self.stats
     }
 
-    async fn ask(&self, method: Method, name: &RepoName, path: &str, headers: HeaderMap) -> Answer {
-        match self.upstream.send(method, name, path, headers).await {
+    async fn ask(
+        &self,
+        method: Method,
+        name: &RepoName,
+        path: &str,
+        headers: HeaderMap,
+        auth: &UpstreamAuth,
+    ) -> Answer {
+        match send(&self.upstream, auth, method, name, path, headers).await {
             Err(UpstreamError::Unreachable(e)) => Answer::Failing(unavailable(&self.upstream, e)),
             Err(e @ UpstreamError::Auth(_)) => Answer::Failing(unavailable(&self.upstream, e)),
             Err(UpstreamError::RateLimited(wait)) => {
@@ -194,6 +238,16 @@ impl PullThrough {
             }
             Ok(r) if r.status().is_success() => Answer::Ok(r),
             Ok(r) if r.status() == StatusCode::NOT_FOUND => Answer::NotFound,
+            Ok(r) if auth.passthrough() && r.status() == StatusCode::UNAUTHORIZED => {
+                let mut e = OciError::new(ErrorCode::Unauthorized, "the upstream asks for credentials");
+                if let Some(challenge) = r.headers().get("www-authenticate").and_then(|v| v.to_str().ok()) {
+                    e = e.with_header("www-authenticate", challenge);
+                }
+                Answer::Refused(e)
+            }
+            Ok(r) if auth.passthrough() && r.status() == StatusCode::FORBIDDEN => {
+                Answer::Refused(OciError::new(ErrorCode::Denied, "the upstream refused these credentials"))
+            }
             Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
                 let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).unwrap_or("60").to_string();
                 tracing::warn!(upstream = self.upstream.name(), "rate limited; retry after {retry}");
@@ -228,12 +282,21 @@ impl PullThrough {
     }
 
     /// A manifest, from the cache or the upstream (see the module docs for the rules).
-    pub async fn manifest(&self, name: &RepoName, reference: &Reference) -> Result<Fetched, OciError> {
+    pub async fn manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+        auth: &UpstreamAuth,
+    ) -> Result<Fetched, OciError> {
         let not_found = || OciError::new(ErrorCode::ManifestUnknown, "manifest unknown");
         let store_err = |e: io::Error| {
             tracing::error!("cache metadata: {e}");
             OciError::internal()
         };
+        if auth.passthrough() {
+            let path = format!("/v2/{name}/manifests/{reference}");
+            self.admit(self.ask(Method::HEAD, name, &path, manifest_accept(), auth).await, not_found)?;
+        }
         match reference {
             Reference::Digest(d) => {
                 if let Some(m) = self.meta.get_manifest(name, d).await.map_err(store_err)? {
@@ -242,7 +305,7 @@ impl PullThrough {
                 if self.recently_missing(name, &d.to_string()) {
                     return Err(not_found());
                 }
-                let m = self.fetch_manifest(name, &d.to_string(), Some(d)).await?.ok_or_else(not_found)?;
+                let m = self.fetch_manifest(name, &d.to_string(), Some(d), auth).await?.ok_or_else(not_found)?;
                 self.meta.put_manifest(name, &m, None).await.map_err(store_err)?;
                 Ok(Fetched { manifest: m, stale: false })
             }
@@ -269,7 +332,7 @@ impl PullThrough {
                     return Err(not_found());
                 }
                 let path = format!("/v2/{name}/manifests/{t}");
-                let fresh = match self.ask(Method::HEAD, name, &path, manifest_accept()).await {
+                let fresh = match self.ask(Method::HEAD, name, &path, manifest_accept(), auth).await {
                     Answer::Ok(r) => {
                         let upstream_digest = r
                             .headers()
@@ -280,11 +343,12 @@ impl PullThrough {
                             (Some(m), Some(d)) if m.digest == d => Ok(m.clone()),
                             (_, Some(d)) => match self.meta.get_manifest(name, &d).await.map_err(store_err)? {
                                 Some(m) => Ok(m),
-                                None => {
-                                    self.fetch_manifest(name, &d.to_string(), Some(&d)).await?.ok_or_else(not_found)
-                                }
+                                None => self
+                                    .fetch_manifest(name, &d.to_string(), Some(&d), auth)
+                                    .await?
+                                    .ok_or_else(not_found),
                             },
-                            (_, None) => self.fetch_manifest(name, t.as_str(), None).await?.ok_or_else(not_found),
+                            (_, None) => self.fetch_manifest(name, t.as_str(), None, auth).await?.ok_or_else(not_found),
                         }
                     }
                     Answer::NotFound => {
@@ -294,6 +358,8 @@ impl PullThrough {
                         }
                         Err(not_found())
                     }
+                    Answer::Refused(e) => Err(e),
+                    Answer::Failing(e) if auth.passthrough() => Err(e),
                     Answer::Failing(e) => {
                         let age_ok = checked.is_some_and(|at| age(at) < Duration::from_secs(settings.max_stale_secs));
                         match cached {
@@ -322,15 +388,16 @@ impl PullThrough {
         name: &RepoName,
         reference: &str,
         expected: Option<&Digest>,
+        auth: &UpstreamAuth,
     ) -> Result<Option<ManifestRecord>, OciError> {
         let path = format!("/v2/{name}/manifests/{reference}");
-        let response = match self.ask(Method::GET, name, &path, manifest_accept()).await {
+        let response = match self.ask(Method::GET, name, &path, manifest_accept(), auth).await {
             Answer::Ok(r) => r,
             Answer::NotFound => {
                 self.remember_missing(name, reference);
                 return Ok(None);
             }
-            Answer::Failing(e) => return Err(e),
+            Answer::Failing(e) | Answer::Refused(e) => return Err(e),
         };
         let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
         let bytes = read_limited(response, 4 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
@@ -361,12 +428,14 @@ impl PullThrough {
     }
 
     /// Size of a blob, from the cache or a HEAD upstream.
-    pub async fn blob_size(&self, name: &RepoName, digest: &Digest) -> Result<u64, OciError> {
-        if let Some(size) = self.meta.blob_link(name, digest).await.map_err(|_| OciError::internal())? {
+    pub async fn blob_size(&self, name: &RepoName, digest: &Digest, auth: &UpstreamAuth) -> Result<u64, OciError> {
+        if !auth.passthrough()
+            && let Some(size) = self.meta.blob_link(name, digest).await.map_err(|_| OciError::internal())?
+        {
             return Ok(size);
         }
         let unknown = || OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry");
-        match self.ask(Method::HEAD, name, &format!("/v2/{name}/blobs/{digest}"), HeaderMap::new()).await {
+        match self.ask(Method::HEAD, name, &format!("/v2/{name}/blobs/{digest}"), HeaderMap::new(), auth).await {
             Answer::Ok(r) => r
                 .content_length()
                 .filter(|l| *l > 0)
@@ -375,16 +444,37 @@ impl PullThrough {
                 })
                 .ok_or_else(|| unavailable(&self.upstream, "blob HEAD without a length")),
             Answer::NotFound => Err(unknown()),
-            Answer::Failing(e) => Err(e),
+            Answer::Failing(e) | Answer::Refused(e) => Err(e),
+        }
+    }
+
+    /// Passes when the upstream answers a `HEAD` with success for this client; otherwise
+    /// the refusal, a not-found, or the failure (never a cached copy instead).
+    fn admit(&self, answer: Answer, not_found: impl Fn() -> OciError) -> Result<(), OciError> {
+        match answer {
+            Answer::Ok(_) => Ok(()),
+            Answer::NotFound => Err(not_found()),
+            Answer::Failing(e) | Answer::Refused(e) => Err(e),
         }
     }
 
     /// A blob, from the cache or streamed from a (shared) upstream fetch.
-    pub async fn blob(&self, name: &RepoName, digest: &Digest, range: Option<&str>) -> Result<BlobAnswer, OciError> {
+    pub async fn blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<&str>,
+        auth: &UpstreamAuth,
+    ) -> Result<BlobAnswer, OciError> {
         let internal = |e: io::Error| {
             tracing::error!("cache: {e}");
             OciError::internal()
         };
+        if auth.passthrough() {
+            let path = format!("/v2/{name}/blobs/{digest}");
+            let answer = self.ask(Method::HEAD, name, &path, HeaderMap::new(), auth).await;
+            self.admit(answer, || OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"))?;
+        }
         // A link says the upstream has it; the bytes may have been evicted since.
         if let Some(size) = self.meta.blob_link(name, digest).await.map_err(internal)?
             && let Some(answer) = self.stored(digest, size, range).await?
@@ -402,7 +492,7 @@ impl PullThrough {
             self.meta.link_blob(name, digest, size).await.map_err(internal)?;
             return Ok(answer);
         }
-        let mut rx = self.join_fill(name, digest).await?;
+        let mut rx = self.join_fill(name, digest, auth).await?;
         // Wait until the size is known (the upstream answered) or the fill ended.
         let state = loop {
             let s = rx.borrow_and_update().clone();
@@ -446,7 +536,12 @@ impl PullThrough {
     }
 
     /// Joins the fetch of `digest` in progress, or starts one.
-    async fn join_fill(&self, name: &RepoName, digest: &Digest) -> Result<watch::Receiver<FillState>, OciError> {
+    async fn join_fill(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        auth: &UpstreamAuth,
+    ) -> Result<watch::Receiver<FillState>, OciError> {
         let upload = UploadId::random();
         let tx = {
             let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
@@ -468,6 +563,7 @@ impl PullThrough {
             name: name.clone(),
             digest: digest.clone(),
             upload,
+            auth: auth.clone(),
         };
         let rx = tx.subscribe();
         // Detached: a client that goes away does not stop the fetch others wait on.
@@ -476,9 +572,14 @@ impl PullThrough {
     }
 
     /// Tags of a repository from the upstream; the cached tags when it cannot answer.
-    pub async fn tags(&self, name: &RepoName, query: &str) -> Result<(serde_json::Value, Option<String>), OciError> {
+    pub async fn tags(
+        &self,
+        name: &RepoName,
+        query: &str,
+        auth: &UpstreamAuth,
+    ) -> Result<(serde_json::Value, Option<String>), OciError> {
         let path = format!("/v2/{name}/tags/list{query}");
-        match self.ask(Method::GET, name, &path, HeaderMap::new()).await {
+        match self.ask(Method::GET, name, &path, HeaderMap::new(), auth).await {
             Answer::Ok(r) => {
                 let link = r.headers().get("link").and_then(|v| v.to_str().ok()).map(str::to_string);
                 let body = read_limited(r, 16 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
@@ -487,6 +588,8 @@ impl PullThrough {
                 Ok((value["tags"].clone(), link))
             }
             Answer::NotFound => Err(OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")),
+            Answer::Refused(e) => Err(e),
+            Answer::Failing(e) if auth.passthrough() => Err(e),
             Answer::Failing(e) => {
                 let page = self
                     .meta
@@ -510,16 +613,18 @@ impl PullThrough {
         name: &RepoName,
         subject: &Digest,
         artifact_type: Option<&str>,
+        auth: &UpstreamAuth,
     ) -> Result<tessera_registry::Referrers, OciError> {
         let mut path = format!("/v2/{name}/referrers/{subject}");
         if let Some(t) = artifact_type {
             path.push_str("?artifactType=");
             path.extend(form_urlencoded::byte_serialize(t.as_bytes()));
         }
-        let response = match self.ask(Method::GET, name, &path, HeaderMap::new()).await {
+        let response = match self.ask(Method::GET, name, &path, HeaderMap::new(), auth).await {
             Answer::Ok(r) => r,
             Answer::NotFound => return Ok(tessera_registry::Referrers::empty(artifact_type.is_some())),
-            Answer::Failing(e) if self.upstream.cache_settings().serve_stale => {
+            Answer::Refused(e) => return Err(e),
+            Answer::Failing(e) if self.upstream.cache_settings().serve_stale && !auth.passthrough() => {
                 // The referrer manifests already pulled through this cache, as a fallback.
                 let cached = self.meta.referrers(name, subject).await.map_err(|_| e.clone())?;
                 tracing::warn!(upstream = self.upstream.name(), %name, %subject, "serving cached referrers: {}", e.message);
@@ -596,6 +701,8 @@ struct Fill {
     name: RepoName,
     digest: Digest,
     upload: UploadId,
+    /// The credentials of the request that started the fetch.
+    auth: UpstreamAuth,
 }
 
 impl Fill {
@@ -634,8 +741,9 @@ impl Fill {
             {
                 headers.insert(reqwest::header::RANGE, v);
             }
-            let response =
-                self.upstream.send(Method::GET, &self.name, &path, headers).await.map_err(|e| e.to_string())?;
+            let response = send(&self.upstream, &self.auth, Method::GET, &self.name, &path, headers)
+                .await
+                .map_err(|e| e.to_string())?;
             match response.status() {
                 StatusCode::OK if received == 0 => {
                     expected_size = response.content_length();

@@ -6,7 +6,7 @@ pub mod router;
 pub mod statics;
 pub mod upstream;
 
-pub use cache::{CacheStats, Fetched, PullThrough};
+pub use cache::{CacheStats, Fetched, PullThrough, UpstreamAuth};
 pub use delivery::{Decision, Delivery};
 pub use router::{Member, Resolved, RoutingTable};
 pub use statics::{StaticBlob, StaticManifest, StaticSource};

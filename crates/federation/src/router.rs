@@ -29,6 +29,8 @@ pub struct Resolved {
     pub push: bool,
     /// Which route matched (1-based, as in the configuration), or `None` for the fallback.
     pub route: Option<usize>,
+    /// The client's credentials go to the upstream (and Tessera's own login does not apply).
+    pub passthrough: bool,
 }
 
 struct CompiledRoute {
@@ -38,6 +40,7 @@ struct CompiledRoute {
     members: Vec<Member>,
     mode: Mode,
     push: bool,
+    passthrough: bool,
 }
 
 pub struct RoutingTable {
@@ -102,6 +105,7 @@ impl RoutingTable {
                 members,
                 mode: r.mode,
                 push,
+                passthrough: r.credentials == tessera_config::Credentials::Passthrough,
             });
         }
         Ok(RoutingTable { routes, upstreams, statics, fallback: config.fallback })
@@ -138,7 +142,13 @@ impl RoutingTable {
                 .iter()
                 .map(|m| Ok((m.clone(), member_name(m, name, rest)?)))
                 .collect::<Result<Vec<_>, OciError>>()?;
-            return Ok(Resolved { members, mode: r.mode, push: r.push, route: Some(i + 1) });
+            return Ok(Resolved {
+                members,
+                mode: r.mode,
+                push: r.push,
+                route: Some(i + 1),
+                passthrough: r.passthrough,
+            });
         }
         // A static source that has the repository answers for it.
         if let Some(s) = self.statics.iter().find(|s| s.serves(name)) {
@@ -147,6 +157,7 @@ impl RoutingTable {
                 mode: Mode::Cache,
                 push: false,
                 route: None,
+                passthrough: false,
             });
         }
         // An upstream that declares this authority answers for it.
@@ -155,7 +166,13 @@ impl RoutingTable {
         {
             let member = Member::Upstream { upstream: u.clone(), path: None };
             let n = member_name(&member, name, name.as_str())?;
-            return Ok(Resolved { members: vec![(member, n)], mode: Mode::Cache, push: false, route: None });
+            return Ok(Resolved {
+                members: vec![(member, n)],
+                mode: Mode::Cache,
+                push: false,
+                route: None,
+                passthrough: false,
+            });
         }
         match self.fallback {
             Fallback::Hosted => Ok(Resolved {
@@ -163,6 +180,7 @@ impl RoutingTable {
                 mode: Mode::Cache,
                 push: true,
                 route: None,
+                passthrough: false,
             }),
             Fallback::None => Err(OciError::new(ErrorCode::NameUnknown, "no route serves this repository name")),
         }

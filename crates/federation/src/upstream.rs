@@ -262,6 +262,49 @@ impl Upstream {
         self.send_as(method, name, path, headers, Some(body), "pull,push").await
     }
 
+    /// Sends a pull request with the client's own `Authorization` (or none), for routes
+    /// that pass credentials through. Challenges are not answered here: they go back to
+    /// the client.
+    pub async fn send_as_client(
+        &self,
+        method: Method,
+        path: &str,
+        mut headers: HeaderMap,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        self.check_quiet()?;
+        if let Some(a) = authorization {
+            headers.insert(AUTHORIZATION, a.clone());
+        }
+        let response = self
+            .http
+            .request(method, self.url(path))
+            .headers(headers)
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        self.note_rate_limit(&response);
+        Ok(response)
+    }
+
+    /// Refuses to ask during a quiet period an upstream 429 asked for.
+    fn check_quiet(&self) -> Result<(), UpstreamError> {
+        if let Some(until) = *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) {
+            let now = Instant::now();
+            if until > now {
+                return Err(UpstreamError::RateLimited(until - now));
+            }
+        }
+        Ok(())
+    }
+
+    fn note_rate_limit(&self, response: &reqwest::Response) {
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            let wait = retry_after(response.headers());
+            *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+        }
+    }
+
     async fn send_as(
         &self,
         method: Method,
@@ -283,22 +326,14 @@ impl Upstream {
             req.send()
         };
         let unreachable = |e: reqwest::Error| UpstreamError::Unreachable(e.to_string());
-        if let Some(until) = *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) {
-            let now = Instant::now();
-            if until > now {
-                return Err(UpstreamError::RateLimited(until - now));
-            }
-        }
+        self.check_quiet()?;
         let response = attempt(self.authorization(&scope)).await.map_err(unreachable)?;
         let response = if response.status() == StatusCode::UNAUTHORIZED {
             self.answer_challenge(response, &scope, attempt).await?
         } else {
             response
         };
-        if response.status() == StatusCode::TOO_MANY_REQUESTS {
-            let wait = retry_after(response.headers());
-            *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
-        }
+        self.note_rate_limit(&response);
         Ok(response)
     }
 

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, header};
 use std::sync::Arc;
 use tessera_config::Mode;
 
-use tessera_federation::{Decision, Delivery, Federation, Member, Resolved, StaticBlob, StaticManifest};
+use tessera_federation::{Decision, Delivery, Federation, Member, Resolved, StaticBlob, StaticManifest, UpstreamAuth};
 use tessera_registry::{BlobAnswer, BlobAt, Opened, Referrers};
 use tessera_spec::{Digest, ErrorCode, OciError, Reference, RepoName};
 use tessera_store::ManifestRecord;
@@ -28,6 +28,8 @@ pub(crate) struct Route<'a> {
     resolved: Resolved,
     /// The client's address, which picks the nearest mirror.
     client: Option<std::net::IpAddr>,
+    /// Whose credentials the route's upstreams see.
+    upstream_auth: UpstreamAuth,
 }
 
 fn is_not_found(e: &OciError) -> bool {
@@ -49,7 +51,17 @@ impl<'a> Route<'a> {
         let federation = state.federation.load_full();
         let resolved = federation.table.resolve(host(parts), authority(parts).as_deref(), name)?;
         let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0.ip());
-        Ok(Route { state, federation, resolved, client })
+        let upstream_auth = if resolved.passthrough {
+            UpstreamAuth::Client(parts.headers.get(header::AUTHORIZATION).cloned())
+        } else {
+            UpstreamAuth::Configured
+        };
+        Ok(Route { state, federation, resolved, client, upstream_auth })
+    }
+
+    /// Whether the client's credentials are for the upstream (Tessera's login not applied).
+    pub(crate) fn passthrough(&self) -> bool {
+        self.resolved.passthrough
     }
 
     /// The delivery policy of the table this request was resolved with.
@@ -104,6 +116,7 @@ impl<'a> Route<'a> {
                     let (member, name, reference, accept) =
                         (member.clone(), name.clone(), reference.clone(), accept.map(str::to_string));
                     let fed = self.federation.clone();
+                    let auth = self.upstream_auth.clone();
                     async move {
                         match member {
                             Member::Hosted => state
@@ -113,7 +126,10 @@ impl<'a> Route<'a> {
                                 .map(|m| Found::Here((m, false))),
                             Member::Upstream { upstream, .. } => {
                                 let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
-                                cache.manifest(&name, &reference).await.map(|f| Found::Here((f.manifest, f.stale)))
+                                cache
+                                    .manifest(&name, &reference, &auth)
+                                    .await
+                                    .map(|f| Found::Here((f.manifest, f.stale)))
                             }
                             Member::Static(source) => {
                                 match source.manifest(&name, &reference, accept.as_deref(), &fed.delivery).await? {
@@ -136,13 +152,14 @@ impl<'a> Route<'a> {
                 |state, member, name| {
                     let (member, name, digest) = (member.clone(), name.clone(), digest.clone());
                     let fed = self.federation.clone();
+                    let auth = self.upstream_auth.clone();
                     async move {
                         match member {
                             Member::Hosted => state.registry.blob_size(&name, &digest).await.map(Found::Here),
                             Member::Upstream { upstream, .. } => fed
                                 .cache(&upstream)
                                 .ok_or_else(OciError::internal)?
-                                .blob_size(&name, &digest)
+                                .blob_size(&name, &digest, &auth)
                                 .await
                                 .map(Found::Here),
                             Member::Static(source) => {
@@ -173,6 +190,7 @@ impl<'a> Route<'a> {
                     let (member, name, digest, range) =
                         (member.clone(), name.clone(), digest.clone(), range.map(str::to_string));
                     let fed = self.federation.clone();
+                    let auth = self.upstream_auth.clone();
                     async move {
                         match member {
                             Member::Hosted => {
@@ -180,7 +198,7 @@ impl<'a> Route<'a> {
                             }
                             Member::Upstream { upstream, .. } => {
                                 let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
-                                cache.blob(&name, &digest, range.as_deref()).await.map(Found::Here)
+                                cache.blob(&name, &digest, range.as_deref(), &auth).await.map(Found::Here)
                             }
                             Member::Static(source) => {
                                 Ok(static_blob(source.blob(&name, &digest, range.as_deref(), &fed.delivery).await?))
@@ -217,6 +235,7 @@ impl<'a> Route<'a> {
                 let (member, name, last, query) =
                     (member.clone(), name.clone(), last.map(str::to_string), query.clone());
                 let fed = self.federation.clone();
+                let auth = self.upstream_auth.clone();
                 async move {
                     match member {
                         Member::Hosted => {
@@ -224,7 +243,7 @@ impl<'a> Route<'a> {
                         }
                         Member::Upstream { upstream, .. } => {
                             let cache = fed.cache(&upstream).ok_or_else(OciError::internal)?;
-                            let (tags, link) = cache.tags(&name, &query).await?;
+                            let (tags, link) = cache.tags(&name, &query, &auth).await?;
                             let tags = tags
                                 .as_array()
                                 .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
@@ -264,7 +283,7 @@ impl<'a> Route<'a> {
             }
             Member::Upstream { upstream, .. } => {
                 let cache = self.federation.cache(upstream).ok_or_else(OciError::internal)?;
-                cache.referrers(name, subject, artifact_type).await.map(Found::Here)
+                cache.referrers(name, subject, artifact_type, &self.upstream_auth).await.map(Found::Here)
             }
             // Published trees carry no referrers index.
             Member::Static(_) => Ok(Found::Here(Referrers::empty(artifact_type.is_some()))),
