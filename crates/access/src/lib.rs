@@ -66,6 +66,8 @@ pub struct Rule {
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     rules: Vec<Rule>,
+    /// Named groups of users; a rule member `@name` means every user of the group.
+    groups: HashMap<String, Vec<String>>,
 }
 
 fn covers(prefix: &str, name: &str) -> bool {
@@ -74,9 +76,18 @@ fn covers(prefix: &str, name: &str) -> bool {
 }
 
 impl Access {
-    pub fn new(mut rules: Vec<Rule>) -> Access {
+    pub fn new(rules: Vec<Rule>) -> Access {
+        Access::with_groups(rules, HashMap::new())
+    }
+
+    /// Rules whose members may name `groups` as `@group`.
+    pub fn with_groups(mut rules: Vec<Rule>, groups: HashMap<String, Vec<String>>) -> Access {
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.trim_matches('/').len()));
-        Access { rules }
+        Access { rules, groups }
+    }
+
+    fn in_group(&self, group: &str, user: &str) -> bool {
+        self.groups.get(group).is_some_and(|members| members.iter().any(|m| m == user))
     }
 
     /// May `who` do `action` on repository `name`?
@@ -86,7 +97,10 @@ impl Access {
                 members.iter().any(|m| match (m.as_str(), who) {
                     ("anonymous", _) => true,
                     ("*", Identity::User(_)) => true,
-                    (user, Identity::User(u)) => user == u,
+                    (member, Identity::User(u)) => match member.strip_prefix('@') {
+                        Some(group) => self.in_group(group, u),
+                        None => member == u,
+                    },
                     _ => false,
                 })
             }),
@@ -136,6 +150,28 @@ mod tests {
         assert_eq!(
             access.granted(&alice, "public/app", &[Action::Pull, Action::Push, Action::Delete]),
             vec![Action::Pull, Action::Push]
+        );
+    }
+
+    #[test]
+    fn groups_name_their_members() {
+        let mut groups = HashMap::new();
+        groups.insert("maintainers".to_string(), vec!["alice".to_string(), "carol".to_string()]);
+        let access =
+            Access::with_groups(vec![rule("", &["*"], &["@maintainers"]), rule("x", &["@nobody"], &[])], groups);
+        let user = |u: &str| Identity::User(u.into());
+        assert_eq!(access.decide(&user("alice"), Action::Push, "team/app"), Decision::Allow);
+        assert_eq!(access.decide(&user("carol"), Action::Push, "team/app"), Decision::Allow);
+        assert_eq!(access.decide(&user("bob"), Action::Push, "team/app"), Decision::Deny);
+        assert_eq!(
+            access.decide(&user("@maintainers"), Action::Push, "team/app"),
+            Decision::Deny,
+            "a user named like a group is not one"
+        );
+        assert_eq!(
+            access.decide(&user("alice"), Action::Pull, "x/y"),
+            Decision::Deny,
+            "an unknown group has no members"
         );
     }
 

@@ -243,6 +243,10 @@ pub struct AuthConfig {
     /// Other issuers whose Bearer tokens are accepted (`[[auth.trusted_issuer]]`).
     #[serde(default)]
     pub trusted_issuer: Vec<TrustedIssuer>,
+    /// Named groups of users (`[auth.groups]`, `team = ["alice", "bob"]`), named in
+    /// `[[access]]` rules as `@team`.
+    #[serde(default)]
+    pub groups: std::collections::HashMap<String, Vec<String>>,
 }
 
 fn default_issuer() -> String {
@@ -260,6 +264,7 @@ impl AuthConfig {
             token_key: None,
             issuer: default_issuer(),
             trusted_issuer: Vec::new(),
+            groups: Default::default(),
         }
     }
 }
@@ -580,6 +585,18 @@ impl Config {
             }
             if !(u.url.starts_with("https://") || u.url.starts_with("http://")) {
                 return Err(format!("upstream {:?}: url must start with https:// or http://", u.name));
+            }
+        }
+        for rule in &self.access {
+            for member in rule.pull.iter().chain(&rule.push).chain(&rule.delete) {
+                if let Some(group) = member.strip_prefix('@')
+                    && !self.auth.as_ref().is_some_and(|a| a.groups.contains_key(group))
+                {
+                    return Err(format!(
+                        "[[access]] {:?} names group @{group}, which [auth.groups] does not define",
+                        rule.prefix
+                    ));
+                }
             }
         }
         for s in &self.statics {

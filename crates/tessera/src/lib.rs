@@ -129,7 +129,7 @@ fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Some(tessera_http::auth::Auth::new(
         Logins::new(htpasswd),
-        Access::new(rules),
+        Access::with_groups(rules, auth.groups.clone()),
         auth.realm.clone(),
         tokens,
         trusted,

@@ -120,6 +120,34 @@ async fn access_rules_per_prefix() {
 }
 
 /// A registry with alice as its one user, and an image pushed by her.
+#[tokio::test]
+async fn groups_in_access_rules() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let file = tessera_testkit::htpasswd_file(dir.path(), &[("alice", "a"), ("bob", "b"), ("carol", "c")]);
+    let server = Server::with_config(
+        BIN,
+        &format!(
+            "[auth]\nhtpasswd = \"{}\"\n[auth.groups]\nmaintainers = [\"alice\", \"carol\"]\n\
+             [[access]]\nprefix = \"\"\npull = [\"*\"]\npush = [\"@maintainers\"]\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    let api = Api::new(&server);
+    let start = "/v2/team/app/blobs/uploads/";
+    assert_eq!(status(&api, reqwest::Method::POST, start, Some(("alice", "a"))).await.0, 202);
+    assert_eq!(status(&api, reqwest::Method::POST, start, Some(("carol", "c"))).await.0, 202);
+    let (s, code, _) = status(&api, reqwest::Method::POST, start, Some(("bob", "b"))).await;
+    assert_eq!((s, code.as_str()), (403, "DENIED"));
+    assert_eq!(status(&api, reqwest::Method::GET, "/v2/team/app/tags/list", Some(("bob", "b"))).await.0, 200);
+    // A rule naming a group nobody defined is a configuration error, not an open door.
+    let bad = Server::with_config(
+        BIN,
+        &format!("[auth]\nhtpasswd = \"{}\"\n[[access]]\nprefix = \"\"\npush = [\"@ghosts\"]\n", file.display()),
+    );
+    assert!(bad.is_err(), "a server with an undefined group must not start");
+}
+
 async fn locked_server(dir: &Path) -> (Server, Image) {
     let file = tessera_testkit::htpasswd_file(dir, &[("alice", "s3cret-pass")]);
     let server = Server::start(BIN, &["--htpasswd", file.to_str().unwrap()]).unwrap();
