@@ -604,6 +604,21 @@ mod tests {
         Digest::sha256_of(b"layer")
     }
 
+    proptest::proptest! {
+        /// Allow-list patterns and candidate URLs from anywhere: matching answers, never panics.
+        #[test]
+        fn url_matching_never_panics(pattern in ".{0,60}", candidate in ".{0,80}") {
+            if let Ok(p) = UrlPattern::parse(&pattern)
+                && let Ok(u) = url::Url::parse(&candidate)
+            {
+                let _ = p.matches(&u);
+            }
+            let d = rules("[[delivery]]\nexternal_allow = [\"https://*.example.com/\"]\n");
+            let _ = d.allowed_url(&name("a"), &[candidate.clone()]);
+            let _ = d.external(&name("a"), &[candidate], None);
+        }
+    }
+
     #[test]
     fn cdn_redirect_uses_the_layout_and_rewrites() {
         let d = rules(

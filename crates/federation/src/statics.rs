@@ -569,6 +569,17 @@ mod tests {
         assert!(parse_crane_file(r#"{"type":"other","repo-registry-id":"x","url":"http://x/","version":4}"#).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever a Crane directory holds, reading a file answers or refuses; it never panics.
+        #[test]
+        fn crane_files_never_panic(text in ".{0,300}", version in 0u64..8, id in ".{0,40}", url in ".{0,40}") {
+            let _ = parse_crane_file(&text);
+            let doc = serde_json::json!({"repo-registry-id": id, "url": url, "version": version,
+                "schema2_data": [id.clone()], "manifest_list_amd64_tags": {"t": [url.clone(), version]}});
+            let _ = parse_crane_file(&doc.to_string());
+        }
+    }
+
     #[test]
     fn records_are_verified_against_their_digest() {
         let body = Bytes::from_static(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"a","digest":"sha256:a1d963a97357110bdbfc70767a495c8df6ddfa9bda4da3183165ca73c3b990d2","size":1},"layers":[]}"#);
