@@ -614,7 +614,7 @@ mod tests {
                 let _ = p.matches(&u);
             }
             let d = rules("[[delivery]]\nexternal_allow = [\"https://*.example.com/\"]\n");
-            let _ = d.allowed_url(&name("a"), &[candidate.clone()]);
+            let _ = d.allowed_url(&name("a"), std::slice::from_ref(&candidate));
             let _ = d.external(&name("a"), &[candidate], None);
         }
     }
