@@ -113,6 +113,9 @@ fn covers(prefix: &str, name: &str) -> bool {
 }
 
 pub fn expand_layout(layout: &str, name: &RepoName, digest: &Digest) -> String {
+    if layout == DEFAULT_LAYOUT {
+        return format!("blobs/{digest}");
+    }
     let hex = digest.hex();
     layout
         .replace("{digest}", &digest.to_string())
@@ -160,6 +163,14 @@ fn patterns(texts: &[String]) -> Result<Vec<UrlPattern>, String> {
     texts.iter().map(|t| UrlPattern::parse(t)).collect()
 }
 
+/// The path of an absolute URL built from a configured base (no parsing needed: it starts
+/// at the first `/` after the authority and ends before any query).
+fn url_path(url: &str) -> &str {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let path = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
+    path.split(['?', '#']).next().unwrap_or("/")
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -195,7 +206,7 @@ impl Signer {
     /// `url` with the signature for `client`, valid until now + ttl.
     fn sign(&self, url: &str, client: Option<IpAddr>, now: u64) -> String {
         let expires = now + self.ttl.as_secs();
-        let path = url::Url::parse(url).map(|u| u.path().to_string()).unwrap_or_default();
+        let path = url_path(url);
         let params = match self.kind {
             TokenKind::SecureLinkMd5 => {
                 let client = client.map(|c| c.to_string()).unwrap_or_default();
@@ -203,7 +214,7 @@ impl Signer {
                 let text = self
                     .expression
                     .replace("{expires}", &expires.to_string())
-                    .replace("{path}", &path)
+                    .replace("{path}", path)
                     .replace("{client}", &client)
                     .replace("{secret}", &secret);
                 let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(md5::Md5::digest(text.as_bytes()));
@@ -639,6 +650,13 @@ rewrite = [{ match = "cdn.example.com", replace = "edge.example.com" }]
         );
         // Component boundary: "isvx" is not under "isv".
         assert_eq!(d.local(&name("isvx/app"), &dg, None), Decision::Stream);
+    }
+
+    #[test]
+    fn url_path_of_configured_urls() {
+        assert_eq!(url_path("http://h:1/a/b?x=1"), "/a/b");
+        assert_eq!(url_path("https://h"), "/");
+        assert_eq!(url_path("https://h/p/blobs/sha256:00#f"), "/p/blobs/sha256:00");
     }
 
     #[test]

@@ -106,8 +106,19 @@ struct PushArgs {
 struct PublishArgs {
     #[command(flatten)]
     source: SourceArgs,
-    /// Directory the CDN origin serves. (S3 destinations arrive with the S3 blob store.)
-    dest: PathBuf,
+    /// Directory the CDN origin serves, or s3://BUCKET[/PREFIX] (credentials from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
+    dest: String,
+    /// The S3-compatible endpoint for an s3:// destination (e.g. http://127.0.0.1:3900).
+    #[arg(long, value_name = "URL", env = "AWS_ENDPOINT_URL")]
+    s3_endpoint: Option<String>,
+    /// The region the store signs for.
+    #[arg(long, default_value = "us-east-1", env = "AWS_REGION")]
+    s3_region: String,
+    /// A canned ACL for every object written to s3:// (e.g. public-read, for a bucket that
+    /// clients or a CDN read anonymously).
+    #[arg(long, value_name = "ACL")]
+    s3_acl: Option<String>,
     /// Repository name for a {name} in --layout.
     #[arg(long, default_value = "image")]
     name: String,
@@ -305,14 +316,21 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
 
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let name = args.name.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
+    let target = transfer::PublishTarget::parse(
+        &args.dest,
+        args.s3_endpoint.as_deref(),
+        &args.s3_region,
+        args.s3_acl.as_deref(),
+    )?;
+    if let transfer::PublishTarget::Dir(dir) = &target {
+        std::fs::create_dir_all(dir)?;
+    }
     let image = read_source(&args.source).await?;
-    std::fs::create_dir_all(&args.dest)?;
-    let (written, kept) =
-        transfer::publish(&image, &args.dest, &name, &args.source.layout, image.tag.as_deref()).await?;
+    let (written, kept) = transfer::publish(&image, &target, &name, &args.source.layout, image.tag.as_deref()).await?;
     println!(
         "published {} into {}: {written} blob(s) written, {kept} already there, {} manifest(s)",
         image.manifests.last().map(|m| m.digest.to_string()).unwrap_or_default(),
-        args.dest.display(),
+        args.dest,
         image.manifests.len()
     );
     Ok(())

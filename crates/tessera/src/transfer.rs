@@ -482,45 +482,159 @@ pub async fn push_metadata_only(
     })
 }
 
-/// Writes every blob of `image` under `dir` by `layout`, and its manifests as Pulp
+/// Where `publish` writes: a directory a web server serves, or an S3-compatible bucket.
+pub enum PublishTarget {
+    Dir(PathBuf),
+    S3(S3Target),
+}
+
+/// A bucket and key prefix on an S3-compatible store, written through presigned requests.
+pub struct S3Target {
+    bucket: rusty_s3::Bucket,
+    credentials: Option<rusty_s3::Credentials>,
+    prefix: String,
+    /// A canned ACL given to every object written (e.g. `public-read` for a bucket a CDN
+    /// or clients read anonymously).
+    acl: Option<String>,
+    http: reqwest::Client,
+}
+
+/// How long each presigned request stays valid.
+const PRESIGN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl PublishTarget {
+    /// `s3://BUCKET[/PREFIX]` (at `endpoint`, with credentials from `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` when set), or a directory.
+    pub fn parse(dest: &str, endpoint: Option<&str>, region: &str, acl: Option<&str>) -> Result<PublishTarget> {
+        let Some(rest) = dest.strip_prefix("s3://") else {
+            return Ok(PublishTarget::Dir(PathBuf::from(dest)));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let endpoint = endpoint.ok_or_else(|| anyhow!("an s3:// destination needs --s3-endpoint URL"))?;
+        let endpoint = url::Url::parse(endpoint).map_err(|e| anyhow!("--s3-endpoint {endpoint}: {e}"))?;
+        let bucket = rusty_s3::Bucket::new(endpoint, rusty_s3::UrlStyle::Path, bucket.to_string(), region.to_string())
+            .map_err(|e| anyhow!("bucket {bucket}: {e}"))?;
+        let credentials = match (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY")) {
+            (Ok(key), Ok(secret)) => Some(rusty_s3::Credentials::new(key, secret)),
+            _ => None,
+        };
+        let prefix = prefix.trim_matches('/');
+        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        let http = tessera_federation::upstream::plain_client().map_err(anyhow::Error::msg)?;
+        let acl = acl.map(str::to_string);
+        Ok(PublishTarget::S3(S3Target { bucket, credentials, prefix, acl, http }))
+    }
+
+    /// Whether `key` is already there with `size` bytes.
+    async fn has(&self, key: &str, size: u64) -> Result<bool> {
+        match self {
+            PublishTarget::Dir(dir) => Ok(std::fs::metadata(dir.join(key)).is_ok_and(|m| m.len() == size)),
+            PublishTarget::S3(s3) => {
+                use rusty_s3::S3Action as _;
+                let url =
+                    s3.bucket.head_object(s3.credentials.as_ref(), &format!("{}{key}", s3.prefix)).sign(PRESIGN_TTL);
+                let r = s3.http.head(url).send().await.map_err(|e| anyhow!("HEAD {key}: {}", e.without_url()))?;
+                // The header, not the body's length: a HEAD answer has no body.
+                let length = r.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                Ok(r.status().is_success() && length == Some(size))
+            }
+        }
+    }
+
+    /// Writes blob `digest` of `image` at `key`, verified on the way.
+    async fn put_blob(&self, image: &SourceImage, digest: &Digest, key: &str) -> Result<()> {
+        match self {
+            PublishTarget::Dir(dir) => {
+                let path = dir.join(key);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                image.copy_blob(digest, &path).await
+            }
+            PublishTarget::S3(s3) => {
+                // Verified into a local file first, so nothing unverified reaches the bucket.
+                let staging = tempfile::Builder::new().prefix("tessera-publish").tempdir()?;
+                let path = staging.path().join("blob");
+                image.copy_blob(digest, &path).await?;
+                let size = std::fs::metadata(&path)?.len();
+                let file = tokio::fs::File::open(&path).await?;
+                s3.put(key, reqwest::Body::from(file), size).await
+            }
+        }
+    }
+
+    async fn put_bytes(&self, key: &str, bytes: &Bytes) -> Result<()> {
+        match self {
+            PublishTarget::Dir(dir) => {
+                let path = dir.join(key);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                Ok(std::fs::write(path, bytes)?)
+            }
+            PublishTarget::S3(s3) => s3.put(key, reqwest::Body::from(bytes.clone()), bytes.len() as u64).await,
+        }
+    }
+}
+
+impl S3Target {
+    async fn put(&self, key: &str, body: reqwest::Body, size: u64) -> Result<()> {
+        use rusty_s3::S3Action as _;
+        let object = format!("{}{key}", self.prefix);
+        let mut action = self.bucket.put_object(self.credentials.as_ref(), &object);
+        let mut request = self.http.put(reqwest::Url::parse("http://unused/")?);
+        if let Some(acl) = &self.acl {
+            // Signed with the request, so it must be sent exactly so.
+            action.headers_mut().insert("x-amz-acl", acl.clone());
+            request = request.header("x-amz-acl", acl);
+        }
+        let mut request = request.header(reqwest::header::CONTENT_LENGTH, size).body(body).build()?;
+        *request.url_mut() = action.sign(PRESIGN_TTL);
+        let r = self.http.execute(request).await.map_err(|e| anyhow!("PUT {key}: {}", e.without_url()))?;
+        if !r.status().is_success() {
+            let status = r.status();
+            bail!("PUT {key}: the store answered {status}: {}", r.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+}
+
+/// Writes every blob of `image` to `target` by `layout`, and its manifests as Pulp
 /// publishes them (`manifests/2/{ref}` for images, `manifests/list/{ref}` for indexes, by
-/// digest and, for the top one, by `tag`). Files already there with the right size are kept,
+/// digest and, for the top one, by `tag`). Blobs already there with the right size are kept,
 /// so an interrupted publish resumes. Returns (blobs written, blobs kept).
 pub async fn publish(
     image: &SourceImage,
-    dir: &Path,
+    target: &PublishTarget,
     name: &RepoName,
     layout: &str,
     tag: Option<&str>,
 ) -> Result<(usize, usize)> {
     let mut seen = HashSet::new();
     let (mut written, mut kept) = (0, 0);
-    for b in image.configs.iter().chain(image.layers.iter()) {
+    let blobs: Vec<&Blob> = image.configs.iter().chain(image.layers.iter()).collect();
+    for (i, b) in blobs.iter().enumerate() {
         if !seen.insert(b.digest.clone()) {
             continue;
         }
-        let path = dir.join(blob_path(layout, name, &b.digest));
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == b.size) {
+        let key = blob_path(layout, name, &b.digest);
+        if target.has(&key, b.size).await? {
             kept += 1;
             continue;
         }
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        image.copy_blob(&b.digest, &path).await?;
+        progress(&format!("[{}/{}] {} {}", i + 1, blobs.len(), b.digest, megabytes(b.size)));
+        target.put_blob(image, &b.digest, &key).await?;
         written += 1;
     }
     let last = image.manifests.len() - 1;
     for (i, m) in image.manifests.iter().enumerate() {
         let kind = ParsedManifest::parse(Some(&m.media_type), &m.bytes).map(|p| p.kind).ok();
         let folder = if kind == Some(ManifestKind::Index) { "list" } else { "2" };
-        let folder = dir.join("manifests").join(folder);
-        std::fs::create_dir_all(&folder)?;
-        std::fs::write(folder.join(m.digest.to_string()), &m.bytes)?;
+        target.put_bytes(&format!("manifests/{folder}/{}", m.digest), &m.bytes).await?;
         if i == last
             && let Some(tag) = tag
         {
-            std::fs::write(folder.join(tag), &m.bytes)?;
+            target.put_bytes(&format!("manifests/{folder}/{tag}"), &m.bytes).await?;
         }
     }
     Ok((written, kept))

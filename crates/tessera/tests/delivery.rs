@@ -495,3 +495,90 @@ fn child_of(base: &Image, own: &[u8]) -> Image {
     .unwrap();
     Image { config, layers, manifest }
 }
+
+/// An S3-compatible store (moto's server) on loopback, killed when dropped.
+struct S3Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_s3(python: &Path, log: &Path) -> S3Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new(python)
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("moto server starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto server did not start: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    S3Server { child, url: format!("http://127.0.0.1:{port}") }
+}
+
+#[tokio::test]
+async fn publish_fills_an_s3_bucket_that_serves_as_the_cdn() {
+    let Some(python) = tessera_testkit::clients::python_with_module("moto.server", "TESSERA_S3_PYTHON") else {
+        return;
+    };
+    let work = tessera_testkit::tempdir().unwrap();
+    let s3 = start_s3(&python, &work.path().join("s3.log"));
+    let http = no_redirects();
+    assert!(http.put(format!("{}/cdn", s3.url)).send().await.unwrap().status().is_success(), "bucket created");
+
+    let image = Image::random(2, 70_000);
+    let layout = work.path().join("layout");
+    image.write_layout(&layout, "v1").unwrap();
+    let source = format!("oci:{}:v1", p(&layout));
+    let publish = |env_key: &str| {
+        Command::new(BIN)
+            .args(["publish", &source, "s3://cdn/pulp/isv", "--s3-endpoint", &s3.url, "--s3-acl", "public-read"])
+            .env("AWS_ACCESS_KEY_ID", env_key)
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .output()
+            .unwrap()
+    };
+    let out = publish("test");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 blob(s) written, 0 already there"));
+    let fetch = |url: String| {
+        let http = http.clone();
+        async move { http.get(&url).send().await.unwrap().bytes().await.unwrap().to_vec() }
+    };
+    for layer in &image.layers {
+        let stored = fetch(format!("{}/cdn/pulp/isv/blobs/{}", s3.url, Digest::sha256_of(layer))).await;
+        assert!(stored == *layer, "the bucket holds {} bytes for a {} byte layer", stored.len(), layer.len());
+    }
+    let stored = fetch(format!("{}/cdn/pulp/isv/manifests/2/v1", s3.url)).await;
+    assert!(stored == image.manifest, "the tagged manifest is published");
+    // Published again: everything is already there.
+    let out = publish("test");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 blob(s) written, 3 already there"));
+
+    // The bucket is the CDN: the image is pushed metadata-only and pulled from it.
+    let base = format!("{}/cdn/pulp/isv/", s3.url);
+    let server =
+        Server::with_config(BIN, &format!("[[delivery]]\nprefix = \"isv\"\ndeliver = \"cdn\"\ncdn = \"{base}\"\n"))
+            .unwrap();
+    tessera_ok(&["push", &source, &format!("{}/isv/app:v1", server.host()), "--blobs-at", &base, "--plain-http"]);
+    let layer = Digest::sha256_of(&image.layers[0]);
+    let r = http.get(server.url(&format!("/v2/isv/app/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(fetch(location).await == image.layers[0], "the redirect leads to the layer");
+}
