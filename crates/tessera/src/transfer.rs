@@ -485,7 +485,7 @@ pub async fn push_metadata_only(
 /// Where `publish` writes: a directory a web server serves, or an S3-compatible bucket.
 pub enum PublishTarget {
     Dir(PathBuf),
-    S3(S3Target),
+    S3(Box<S3Target>),
 }
 
 /// A bucket and key prefix on an S3-compatible store, written through presigned requests.
@@ -522,7 +522,7 @@ impl PublishTarget {
         let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
         let http = tessera_federation::upstream::plain_client().map_err(anyhow::Error::msg)?;
         let acl = acl.map(str::to_string);
-        Ok(PublishTarget::S3(S3Target { bucket, credentials, prefix, acl, http }))
+        Ok(PublishTarget::S3(Box::new(S3Target { bucket, credentials, prefix, acl, http })))
     }
 
     /// Whether `key` is already there with `size` bytes.
