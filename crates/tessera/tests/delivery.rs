@@ -448,11 +448,30 @@ external_allow = ["{vendor_url}"]
             assert!(from_isv && !from_vendor, "own layer {layer}: vendor {from_vendor}, isv {from_isv}");
         }
     }
+    // Each further client fetches every layer again, each from the server that owns it.
+    let fetched = |layer: &str| {
+        let count = |cdn: &Cdn, path: &str| {
+            cdn.requests().iter().filter(|r| r.method == "GET" && r.status == 200 && r.path == path).count()
+        };
+        (count(&vendor, &format!("/vendor/blobs/{layer}")), count(&isv, &format!("/isv/blobs/{layer}")))
+    };
+    let assert_each_from_its_owner = |client: &str, before: &[(usize, usize)]| {
+        for (i, layer) in layers.iter().enumerate() {
+            let (vendor_now, isv_now) = fetched(layer);
+            let (vendor_then, isv_then) = before[i];
+            let expected = if i < 2 { (vendor_then + 1, isv_then) } else { (vendor_then, isv_then + 1) };
+            assert_eq!((vendor_now, isv_now), expected, "{client}: layer {i} {layer}");
+        }
+    };
     podman.run(&["rmi", "-a", "-f"]);
+    let before: Vec<_> = layers.iter().map(|l| fetched(l)).collect();
     podman.run(&["pull", "-q", &format!("{host}/isv/app:1")]);
+    assert_each_from_its_owner("podman", &before);
     let ctd_dir = short_tempdir("tisvc").unwrap();
     let containerd = Containerd::start(ctd_dir.path()).unwrap();
+    let before: Vec<_> = layers.iter().map(|l| fetched(l)).collect();
     containerd.ctr(&["images", "pull", "--plain-http", &format!("{host}/isv/app:1")]).unwrap();
+    assert_each_from_its_owner("containerd", &before);
 
     // A corrupted byte on the ISV's CDN: the client's digest check fails the pull.
     let own_digest = &layers[2];
