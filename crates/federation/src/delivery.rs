@@ -86,10 +86,58 @@ struct Signer {
     kind: TokenKind,
     secret: Vec<u8>,
     ttl: Duration,
-    expression: String,
+    /// The `secure_link_md5` expression, split once into its parts.
+    expression: Vec<Part>,
+    /// The HMAC key, prepared once.
+    hmac_key: ring::hmac::Key,
     hash_param: String,
     expires_param: String,
     token_param: String,
+}
+
+/// A piece of a `secure_link_md5` expression.
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    Expires,
+    Path,
+    Client,
+    Secret,
+}
+
+/// `"{expires}{path} {secret}"` into its parts; unknown `{...}` stay text.
+fn parse_expression(expression: &str) -> Vec<Part> {
+    let mut parts = Vec::new();
+    let mut text = String::new();
+    let mut rest = expression;
+    while !rest.is_empty() {
+        let placeholder = [
+            ("{expires}", Part::Expires),
+            ("{path}", Part::Path),
+            ("{client}", Part::Client),
+            ("{secret}", Part::Secret),
+        ]
+        .into_iter()
+        .find(|(p, _)| rest.starts_with(p));
+        match placeholder {
+            Some((p, part)) => {
+                if !text.is_empty() {
+                    parts.push(Part::Text(std::mem::take(&mut text)));
+                }
+                parts.push(part);
+                rest = &rest[p.len()..];
+            }
+            None => {
+                let c = rest.chars().next().unwrap_or_default();
+                text.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    if !text.is_empty() {
+        parts.push(Part::Text(text));
+    }
+    parts
 }
 
 /// `scheme://host[:port]/path-prefix`, the host optionally `*.domain`.
@@ -194,9 +242,10 @@ impl Signer {
         }
         Ok(Signer {
             kind: t.kind,
+            hmac_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
             secret,
             ttl: Duration::from_secs(t.ttl_secs),
-            expression: t.expression.clone(),
+            expression: parse_expression(&t.expression),
             hash_param: t.hash_param.clone(),
             expires_param: t.expires_param.clone(),
             token_param: t.token_param.clone(),
@@ -209,21 +258,24 @@ impl Signer {
         let path = url_path(url);
         let params = match self.kind {
             TokenKind::SecureLinkMd5 => {
+                let expires_text = expires.to_string();
                 let client = client.map(|c| c.to_string()).unwrap_or_default();
-                let secret = String::from_utf8_lossy(&self.secret);
-                let text = self
-                    .expression
-                    .replace("{expires}", &expires.to_string())
-                    .replace("{path}", path)
-                    .replace("{client}", &client)
-                    .replace("{secret}", &secret);
-                let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(md5::Md5::digest(text.as_bytes()));
+                let mut md5 = md5::Md5::new();
+                for part in &self.expression {
+                    md5.update(match part {
+                        Part::Text(t) => t.as_bytes(),
+                        Part::Expires => expires_text.as_bytes(),
+                        Part::Path => path.as_bytes(),
+                        Part::Client => client.as_bytes(),
+                        Part::Secret => &self.secret,
+                    });
+                }
+                let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(md5.finalize());
                 format!("{}={hash}&{}={expires}", self.hash_param, self.expires_param)
             }
             TokenKind::HmacSha256 => {
                 let fields = format!("exp={expires}~acl={path}");
-                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret);
-                let mac = hex::encode(ring::hmac::sign(&key, fields.as_bytes()).as_ref());
+                let mac = hex::encode(ring::hmac::sign(&self.hmac_key, fields.as_bytes()).as_ref());
                 let token = format!("{fields}~hmac={mac}");
                 let token: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
                 format!("{}={token}", self.token_param)
@@ -650,6 +702,16 @@ rewrite = [{ match = "cdn.example.com", replace = "edge.example.com" }]
         );
         // Component boundary: "isvx" is not under "isv".
         assert_eq!(d.local(&name("isvx/app"), &dg, None), Decision::Stream);
+    }
+
+    #[test]
+    fn expressions_split_into_parts() {
+        assert_eq!(
+            parse_expression("{expires}{path} {secret}"),
+            vec![Part::Expires, Part::Path, Part::Text(" ".into()), Part::Secret]
+        );
+        assert_eq!(parse_expression("{client}-{x}é"), vec![Part::Client, Part::Text("-{x}é".into())]);
+        assert_eq!(parse_expression(""), vec![]);
     }
 
     #[test]
