@@ -70,11 +70,6 @@ pub struct Access {
     groups: HashMap<String, Vec<String>>,
 }
 
-fn covers(prefix: &str, name: &str) -> bool {
-    let prefix = prefix.trim_matches('/');
-    prefix.is_empty() || name == prefix || name.strip_prefix(prefix).is_some_and(|r| r.starts_with('/'))
-}
-
 impl Access {
     pub fn new(rules: Vec<Rule>) -> Access {
         Access::with_groups(rules, HashMap::new())
@@ -92,7 +87,7 @@ impl Access {
 
     /// May `who` do `action` on repository `name`?
     pub fn decide(&self, who: &Identity, action: Action, name: &str) -> Decision {
-        let allowed = match self.rules.iter().find(|r| covers(&r.prefix, name)) {
+        let allowed = match self.rules.iter().find(|r| tessera_spec::name::prefix_covers(&r.prefix, name)) {
             Some(rule) => rule.allow.get(&action).is_some_and(|members| {
                 members.iter().any(|m| match (m.as_str(), who) {
                     ("anonymous", _) => true,

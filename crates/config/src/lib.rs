@@ -583,7 +583,7 @@ impl Config {
             if !names.insert(u.name.as_str()) {
                 return Err(format!("upstream {:?} is defined twice", u.name));
             }
-            if !(u.url.starts_with("https://") || u.url.starts_with("http://")) {
+            if !is_http_url(&u.url) {
                 return Err(format!("upstream {:?}: url must start with https:// or http://", u.name));
             }
         }
@@ -631,11 +631,36 @@ impl Config {
             if r.push == Some(true) && !members.contains(&"hosted") {
                 return Err(format!("route {}: push is only possible to hosted", i + 1));
             }
-            if r.credentials == Credentials::Passthrough && (members.contains(&"hosted") || r.mode == Mode::Redirect) {
-                return Err(format!(
-                    "route {}: credentials = \"passthrough\" needs upstream targets in cache mode",
-                    i + 1
-                ));
+            if r.credentials == Credentials::Passthrough {
+                // One upstream only: a client's credentials go to the registry they are for,
+                // not on to the next member of a group.
+                let upstream = members.first().map(|m| m.split(':').next().unwrap_or(""));
+                let is_upstream = self.upstreams.iter().any(|u| Some(u.name.as_str()) == upstream);
+                if members.len() != 1 || !is_upstream || r.mode == Mode::Redirect {
+                    return Err(format!(
+                        "route {}: credentials = \"passthrough\" needs exactly one upstream target, in cache mode",
+                        i + 1
+                    ));
+                }
+                // Its cache holds what clients' own credentials fetched: nothing else may
+                // serve from it without asking the upstream for each client.
+                let shared = self.routes.iter().any(|o| {
+                    let targets: Vec<&str> = match &o.to {
+                        Target::One(t) => vec![t.as_str()],
+                        Target::Group(g) => g.iter().map(String::as_str).collect(),
+                    };
+                    o.credentials != Credentials::Passthrough && targets.iter().any(|t| t.split(':').next() == upstream)
+                });
+                let declares_authority =
+                    self.upstreams.iter().any(|u| Some(u.name.as_str()) == upstream && !u.authority.is_empty());
+                if shared || declares_authority {
+                    return Err(format!(
+                        "route {}: upstream {:?} passes clients' credentials through, so no route without \
+                         passthrough (and no `authority`) may use it",
+                        i + 1,
+                        upstream.unwrap_or("")
+                    ));
+                }
             }
             if r.mode == Mode::Redirect && members.contains(&"hosted") {
                 return Err(format!("route {}: mode = \"redirect\" needs upstream targets only", i + 1));
@@ -645,7 +670,9 @@ impl Config {
     }
 }
 
-fn is_http_url(url: &str) -> bool {
+/// Whether `url` is an `http://` or `https://` URL (the only kinds Tessera fetches or
+/// redirects to).
+pub fn is_http_url(url: &str) -> bool {
     url.starts_with("https://") || url.starts_with("http://")
 }
 
@@ -721,6 +748,32 @@ delete_enabled = false
         assert_eq!(c.limits.manifest_max_bytes, 1024);
         assert_eq!(c.limits.header_max_bytes, 64 * 1024);
         assert_eq!(c.tls.unwrap().cert, PathBuf::from("c.pem"));
+    }
+
+    #[test]
+    fn passthrough_routes_have_their_upstream_to_themselves() {
+        let base = "[[upstream]]\nname = \"a\"\nurl = \"https://a\"\n[[upstream]]\nname = \"b\"\nurl = \"https://b\"\n";
+        let with = |routes: &str| Config::from_toml(&format!("{base}{routes}"));
+        assert!(with("[[route]]\nprefix = \"p\"\nto = \"a\"\ncredentials = \"passthrough\"\n").is_ok());
+        for bad in [
+            // A group would hand one registry's credentials to the next.
+            "[[route]]\nto = [\"a\", \"b\"]\ncredentials = \"passthrough\"\n",
+            "[[route]]\nto = \"hosted\"\ncredentials = \"passthrough\"\n",
+            "[[route]]\nto = \"a\"\nmode = \"redirect\"\ncredentials = \"passthrough\"\n",
+            // The same cache served without asking the upstream per client.
+            "[[route]]\nprefix = \"p\"\nto = \"a\"\ncredentials = \"passthrough\"\n[[route]]\nprefix = \"q\"\nto = \"a:x\"\n",
+        ] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
+        let with_authority = base.replace("url = \"https://a\"", "url = \"https://a\"\nauthority = [\"a.io\"]");
+        assert!(
+            Config::from_toml(&format!("{with_authority}[[route]]\nto = \"a\"\ncredentials = \"passthrough\"\n"))
+                .is_err()
+        );
+        let with_static = format!(
+            "{base}[[static]]\nname = \"s\"\ncrane_dir = \"/x\"\n[[route]]\nto = \"s\"\ncredentials = \"passthrough\"\n"
+        );
+        assert!(Config::from_toml(&with_static).is_err(), "a static source has no credentials to pass to");
     }
 
     #[test]

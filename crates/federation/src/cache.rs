@@ -416,15 +416,7 @@ impl PullThrough {
         count(&self.stats.manifests_fetched, 1);
         let parsed = ParsedManifest::parse(content_type.as_deref(), &bytes)
             .map_err(|e| unavailable(&self.upstream, format!("upstream manifest unusable: {}", e.message)))?;
-        Ok(Some(ManifestRecord {
-            digest,
-            media_type: parsed.media_type.clone(),
-            bytes,
-            subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
-            artifact_type: parsed.artifact_type.clone(),
-            annotations_json: (!parsed.annotations.is_empty())
-                .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
-        }))
+        Ok(Some(ManifestRecord::new(digest, bytes, &parsed)))
     }
 
     /// Size of a blob, from the cache or a HEAD upstream.
@@ -674,7 +666,7 @@ async fn evict(upstream: &Upstream, lru: &Mutex<Lru>, blobs: &Arc<dyn BlobStore>
 }
 
 /// Reads a response body of at most `limit` bytes.
-async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+pub(crate) async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
     let mut out = bytes::BytesMut::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {

@@ -44,7 +44,10 @@ struct Rule {
     layout: String,
     signer: Option<Signer>,
     rewrites: Vec<(String, String)>,
+    /// `external_allow` as configured.
     allow: Vec<UrlPattern>,
+    /// The rule's own CDN base and mirrors: where its blobs live, so allowed for it too.
+    own: Vec<UrlPattern>,
     deny: Vec<UrlPattern>,
     health_interval: Duration,
     health_blob: Option<Digest>,
@@ -150,14 +153,9 @@ struct UrlPattern {
     path: String,
 }
 
-fn ensure_slash(base: &str) -> String {
+/// A base URL with the trailing slash paths are appended after.
+pub fn ensure_slash(base: &str) -> String {
     if base.ends_with('/') { base.to_string() } else { format!("{base}/") }
-}
-
-/// Does `prefix` cover `name` at a component boundary?
-fn covers(prefix: &str, name: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    prefix.is_empty() || name == prefix || name.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
 }
 
 pub fn expand_layout(layout: &str, name: &RepoName, digest: &Digest) -> String {
@@ -329,17 +327,11 @@ impl Rule {
             ),
             Deliver::Presigned => return Err("presigned delivery needs the S3-compatible blob store".into()),
         };
-        let mut allow = patterns(&d.external_allow)?;
-        // A rule's own CDN and mirrors are where its blobs live: always allowed for it.
-        match &how {
-            How::Cdn(base) => allow.push(UrlPattern::parse(base)?),
-            How::Mirrors(ms) => {
-                for m in ms {
-                    allow.push(UrlPattern::parse(&m.base)?);
-                }
-            }
-            How::Stream => {}
-        }
+        let own = match &how {
+            How::Cdn(base) => vec![UrlPattern::parse(base)?],
+            How::Mirrors(ms) => ms.iter().map(|m| UrlPattern::parse(&m.base)).collect::<Result<_, _>>()?,
+            How::Stream => Vec::new(),
+        };
         let health_blob = d
             .health_blob
             .as_deref()
@@ -351,7 +343,8 @@ impl Rule {
             layout: d.layout.clone().unwrap_or_else(|| DEFAULT_LAYOUT.into()),
             signer: d.token.as_ref().map(Signer::new).transpose()?,
             rewrites: d.rewrite.iter().map(|r| (r.find.clone(), r.replace.clone())).collect(),
-            allow,
+            allow: patterns(&d.external_allow)?,
+            own,
             deny: patterns(&d.external_deny)?,
             health_interval: Duration::from_secs(d.health_interval_secs.unwrap_or(DEFAULT_HEALTH_INTERVAL_SECS).max(1)),
             health_blob,
@@ -399,9 +392,13 @@ impl Rule {
         Some(equals[spread.unwrap_or(0) % equals.len()])
     }
 
-    fn allows(&self, url: &str) -> bool {
-        let Ok(parsed) = url::Url::parse(url) else { return false };
-        self.allow.iter().any(|p| p.matches(&parsed)) && !self.deny.iter().any(|p| p.matches(&parsed))
+    /// Whether this rule owns `url` (its CDN or one of its mirrors).
+    fn owns(&self, url: &str) -> Option<usize> {
+        match &self.how {
+            How::Cdn(base) => url.starts_with(base.as_str()).then_some(base.len()),
+            How::Mirrors(ms) => ms.iter().filter(|m| url.starts_with(m.base.as_str())).map(|m| m.base.len()).max(),
+            How::Stream => None,
+        }
     }
 }
 
@@ -426,7 +423,7 @@ impl Delivery {
     }
 
     fn matching<'r>(&'r self, name: &'r RepoName) -> impl Iterator<Item = &'r Rule> {
-        self.rules.iter().filter(move |r| covers(&r.prefix, name.as_str()))
+        self.rules.iter().filter(move |r| tessera_spec::name::prefix_covers(&r.prefix, name.as_str()))
     }
 
     /// For a blob whose bytes are here: stream, or redirect to a CDN or mirror.
@@ -468,7 +465,7 @@ impl Delivery {
         let http = match self.http.get() {
             Some(h) => h,
             None => {
-                let h = crate::upstream::plain_client()?;
+                let h = crate::upstream::content_client(false)?;
                 self.http.get_or_init(|| h)
             }
         };
@@ -489,27 +486,52 @@ impl Delivery {
         Ok(())
     }
 
+    /// The first of `urls` a rule covering `name` admits, signed by the rule that owns it
+    /// when that rule is one of `name`'s own or an explicit `external_allow` named it (a
+    /// URL a pusher merely got under some CDN is never signed with that CDN's secret).
     fn locate_external(&self, name: &RepoName, urls: &[String], client: Option<IpAddr>) -> Decision {
-        let Some(url) = self.allowed_url(name, urls) else { return Decision::NotAllowed };
-        Decision::Redirect(self.sign_for(url, client))
+        let Some((url, explicitly)) = self.admitted(name, urls) else { return Decision::NotAllowed };
+        let owner = self.owner_of(url);
+        let may_sign = owner.is_some_and(|o| explicitly || self.matching(name).any(|r| std::ptr::eq(r, o)));
+        Decision::Redirect(match owner {
+            Some(rule) if may_sign => rule.finish(url.to_string(), client),
+            _ => url.to_string(),
+        })
     }
 
-    /// `url` (configured, not a client's) rewritten and signed by the rule whose CDN or
-    /// mirror it is under; unchanged when no rule owns it.
+    /// The rule whose CDN or mirror base is the longest prefix of `url`.
+    fn owner_of(&self, url: &str) -> Option<&Rule> {
+        self.rules.iter().filter_map(|r| r.owns(url).map(|len| (len, r))).max_by_key(|(len, _)| *len).map(|(_, r)| r)
+    }
+
+    /// `url` (configured, not a client's: a Crane file's, a layout's) rewritten and signed
+    /// by the rule that owns it; unchanged when no rule does.
     pub fn sign_known(&self, url: &str) -> String {
-        self.sign_for(url, None)
-    }
-
-    fn sign_for(&self, url: &str, client: Option<IpAddr>) -> String {
-        let owner = self.rules.iter().find(|r| match &r.how {
-            How::Cdn(base) => url.starts_with(base.as_str()),
-            How::Mirrors(ms) => ms.iter().any(|m| url.starts_with(m.base.as_str())),
-            How::Stream => false,
-        });
-        match owner {
-            Some(rule) => rule.finish(url.to_string(), client),
+        match self.owner_of(url) {
+            Some(rule) => rule.finish(url.to_string(), None),
             None => url.to_string(),
         }
+    }
+
+    /// The first of `urls` the rules covering `name` admit (an `external_allow` of any of
+    /// them, or one's own CDN or mirrors) and none denies; and whether an explicit
+    /// `external_allow` admitted it. URLs with encoded separators or dots are never
+    /// admitted: servers that decode them could leave the allowed path.
+    fn admitted<'u>(&self, name: &RepoName, urls: &'u [String]) -> Option<(&'u str, bool)> {
+        let rules: Vec<&Rule> = self.matching(name).collect();
+        urls.iter().map(String::as_str).find_map(|u| {
+            let lower = u.to_ascii_lowercase();
+            if ["%2f", "%5c", "%2e"].iter().any(|e| lower.contains(e)) {
+                return None;
+            }
+            let parsed = url::Url::parse(u).ok()?;
+            if rules.iter().any(|r| r.deny.iter().any(|p| p.matches(&parsed))) {
+                return None;
+            }
+            let explicitly = rules.iter().any(|r| r.allow.iter().any(|p| p.matches(&parsed)));
+            let own = rules.iter().any(|r| r.own.iter().any(|p| p.matches(&parsed)));
+            (explicitly || own).then_some((u, explicitly))
+        })
     }
 
     /// In words, for `tessera explain`: where a client is sent for a blob living at `urls`.
@@ -523,10 +545,9 @@ impl Delivery {
         }
     }
 
-    /// The first of `urls` the first rule covering `name` allows.
+    /// The first of `urls` the rules covering `name` admit.
     pub fn allowed_url<'u>(&self, name: &RepoName, urls: &'u [String]) -> Option<&'u str> {
-        let rule = self.matching(name).next()?;
-        urls.iter().map(String::as_str).find(|u| rule.allows(u))
+        self.admitted(name, urls).map(|(u, _)| u)
     }
 
     /// In words, for `tessera explain`: how a blob of `name` held here is delivered (for
@@ -593,7 +614,7 @@ impl Delivery {
         if checks.is_empty() {
             return Ok(());
         }
-        let http = crate::upstream::plain_client().map_err(|e| format!("mirror health checks: {e}"))?;
+        let http = crate::upstream::content_client(false).map_err(|e| format!("mirror health checks: {e}"))?;
         self.health = Some(tokio::spawn(async move {
             let mut next = vec![tokio::time::Instant::now(); checks.len()];
             loop {
@@ -783,6 +804,8 @@ external_deny = ["https://bad.microsoft.example/"]
         assert!(!ok("https://dl.example.org/public/x"));
         assert!(!ok("https://dl.example.org/pub/../secret"), "URLs are normalised before matching");
         assert!(!ok("https://user@evil.org/pub/"));
+        assert!(!ok("https://dl.example.org/pub/..%2fsecret"), "encoded separators are refused");
+        assert!(!ok("https://dl.example.org/pub/%2E%2E/secret"));
         // Another prefix allows nothing.
         assert_eq!(d.external(&name("other"), &["https://go.microsoft.example/l".into()], None), Decision::NotAllowed);
     }
@@ -843,5 +866,33 @@ token = { kind = "secure_link_md5", secret = "s" }
             other => panic!("{other:?}"),
         }
         assert_eq!(d.external(&name("base/ubi"), &["http://127.0.0.9/x".into()], None), Decision::NotAllowed);
+    }
+
+    #[test]
+    fn a_cdn_secret_signs_only_for_its_own_names_or_explicit_allows() {
+        let d = rules(
+            r#"
+[[delivery]]
+prefix = "vendor"
+deliver = "cdn"
+cdn = "https://cdn.example/vendor/"
+token = { kind = "secure_link_md5", secret = "vendor" }
+
+[[delivery]]
+prefix = "isv"
+deliver = "cdn"
+cdn = "https://cdn.example/"
+external_allow = ["https://cdn.example/vendor/public/"]
+"#,
+        );
+        let signed = |n: &str, u: &str| match d.external(&name(n), &[u.to_string()], None) {
+            Decision::Redirect(r) => r.contains("md5="),
+            other => panic!("{other:?}"),
+        };
+        // isv's own CDN base covers the vendor's path, but that does not lend it the secret.
+        assert!(!signed("isv/app", "https://cdn.example/vendor/private/blob"));
+        // An explicit allow is the configuration's consent: signed.
+        assert!(signed("isv/app", "https://cdn.example/vendor/public/blob"));
+        assert!(signed("vendor/ubi", "https://cdn.example/vendor/private/blob"));
     }
 }

@@ -27,6 +27,8 @@ use crate::delivery::Delivery;
 
 /// How long a manifest fetched by tag (and a layout URL's index) is served from memory.
 const TAG_TTL: Duration = Duration::from_secs(30);
+/// The largest manifest (or layout index) read from a publishing server.
+const MANIFEST_MAX_BYTES: usize = 4 * 1024 * 1024;
 /// Manifest entries kept in memory per source before the cache starts over.
 const CACHE_ENTRIES: usize = 4096;
 
@@ -70,6 +72,8 @@ pub struct StaticSource {
     http: reqwest::Client,
     /// Fetched manifests by URL, with when they were fetched.
     manifests: Mutex<HashMap<String, (ManifestRecord, Instant)>>,
+    /// A layout URL's `index.json`, with when it was fetched.
+    index: Mutex<Option<(Bytes, Instant)>>,
     poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -80,10 +84,6 @@ fn unknown(reference: &str) -> OciError {
 
 fn unavailable(what: &str) -> OciError {
     OciError::new(ErrorCode::Unavailable, format!("the server publishing this repository {what}"))
-}
-
-fn ensure_slash(url: &str) -> String {
-    if url.ends_with('/') { url.to_string() } else { format!("{url}/") }
 }
 
 /// Reads one Crane/Pulp redirect file: its repository name and description, or why it is
@@ -104,7 +104,7 @@ pub fn parse_crane_file(text: &str) -> Result<(RepoName, CraneRepo), String> {
     let id = v["repo-registry-id"].as_str().ok_or("no repo-registry-id")?;
     let name: RepoName = id.parse().map_err(|e: OciError| format!("repo-registry-id {id:?}: {}", e.message))?;
     let url = v["url"].as_str().ok_or("no url")?;
-    if !(url.starts_with("https://") || url.starts_with("http://")) {
+    if !tessera_config::is_http_url(url) {
         return Err(format!("url {url:?} is not http(s)"));
     }
     let strings = |key: &str| -> HashSet<String> {
@@ -119,7 +119,7 @@ pub fn parse_crane_file(text: &str) -> Result<(RepoName, CraneRepo), String> {
     Ok((
         name,
         CraneRepo {
-            url: ensure_slash(url),
+            url: crate::delivery::ensure_slash(url),
             protected: v["protected"].as_bool().unwrap_or(false),
             version,
             schema2: strings("schema2_data"),
@@ -177,8 +177,8 @@ impl StaticSource {
                 let repository = repository
                     .parse()
                     .map_err(|e: OciError| format!("static {}: repository: {}", config.name, e.message))?;
-                let root = if layout.starts_with("https://") || layout.starts_with("http://") {
-                    LayoutRoot::Url(ensure_slash(layout))
+                let root = if tessera_config::is_http_url(layout) {
+                    LayoutRoot::Url(crate::delivery::ensure_slash(layout))
                 } else {
                     let dir = PathBuf::from(layout);
                     if !dir.join("index.json").is_file() {
@@ -190,13 +190,14 @@ impl StaticSource {
             }
             _ => return Err(format!("static {}: needs crane_dir or layout with repository", config.name)),
         };
-        let http = crate::upstream::following_client().map_err(|e| format!("static {}: {e}", config.name))?;
+        let http = crate::upstream::content_client(true).map_err(|e| format!("static {}: {e}", config.name))?;
         Ok(StaticSource {
             name: config.name.clone(),
             kind,
             poll: Duration::from_secs(config.poll_secs.max(1)),
             http,
             manifests: Mutex::new(HashMap::new()),
+            index: Mutex::new(None),
             poller: Mutex::new(None),
         })
     }
@@ -217,14 +218,17 @@ impl StaticSource {
                 tokio::time::sleep(poll).await;
                 let Some(source) = weak.upgrade() else { return };
                 let Kind::Crane { dir, repos, seen } = &source.kind else { return };
-                let dir = dir.clone();
-                let files = match tokio::task::spawn_blocking(move || crane_files(&dir)).await {
-                    Ok(f) => f,
-                    Err(_) => continue,
-                };
-                let changed = *seen.lock().unwrap_or_else(|p| p.into_inner()) != files;
-                if changed {
-                    let loaded = load_crane_dir(&source.name, &files);
+                let (dir, name) = (dir.clone(), source.name.clone());
+                let known = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                // Reading and parsing files is blocking work: off the async workers.
+                let scanned = tokio::task::spawn_blocking(move || {
+                    let files = crane_files(&dir);
+                    let loaded = (files != known).then(|| load_crane_dir(&name, &files));
+                    (files, loaded)
+                })
+                .await;
+                let Ok((files, loaded)) = scanned else { continue };
+                if let Some(loaded) = loaded {
                     *repos.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
                     *seen.lock().unwrap_or_else(|p| p.into_inner()) = files;
                     source.manifests.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -278,13 +282,13 @@ impl StaticSource {
     }
 
     /// Tags, sorted.
-    pub async fn tags(&self, name: &RepoName) -> Result<Vec<String>, OciError> {
+    pub async fn tags(&self, name: &RepoName, delivery: &Delivery) -> Result<Vec<String>, OciError> {
         let mut tags: Vec<String> = match &self.kind {
             Kind::Crane { .. } => {
                 let r = self.crane(name).ok_or_else(|| OciError::new(ErrorCode::NameUnknown, "repository unknown"))?;
                 r.schema2.iter().chain(r.lists.iter()).chain(r.amd64.keys()).cloned().collect()
             }
-            Kind::Layout { .. } => self.layout_index().await?.into_iter().map(|(tag, _, _)| tag).collect(),
+            Kind::Layout { .. } => self.layout_index(delivery).await?.into_iter().map(|(tag, _, _)| tag).collect(),
         };
         tags.retain(|t| t.parse::<Digest>().is_err() && t.parse::<tessera_spec::Tag>().is_ok());
         tags.sort();
@@ -309,7 +313,7 @@ impl StaticSource {
                 let (digest, media_type) = match reference {
                     Reference::Digest(d) => (d.clone(), None),
                     Reference::Tag(t) => self
-                        .layout_index()
+                        .layout_index(delivery)
                         .await?
                         .into_iter()
                         .find(|(tag, _, _)| tag == t.as_str())
@@ -360,7 +364,10 @@ impl StaticSource {
             if *version != 2 || !accepts(accept, media::DOCKER_MANIFEST) {
                 return Ok(StaticManifest::Redirect(delivery.sign_known(&format!("{}manifests/1/{digest}", repo.url))));
             }
-            (format!("manifests/2/{digest}"), media::DOCKER_MANIFEST)
+            let digest: Digest = digest.parse().map_err(|_| unknown(&id))?;
+            let url = format!("{}manifests/2/{digest}", repo.url);
+            let record = self.fetch(&url, &id, Some(&digest), Some(media::DOCKER_MANIFEST), delivery).await?;
+            return Ok(StaticManifest::Here(record));
         } else if repo.schema2.contains(&id) {
             (format!("manifests/2/{id}"), media::DOCKER_MANIFEST)
         } else if repo.lists.contains(&id) {
@@ -388,7 +395,10 @@ impl StaticSource {
         delivery: &Delivery,
     ) -> Result<ManifestRecord, OciError> {
         if let Some((record, at)) = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(url)
-            && (wanted.is_some() || at.elapsed() < TAG_TTL)
+            && match wanted {
+                Some(w) => &record.digest == w,
+                None => at.elapsed() < TAG_TTL,
+            }
         {
             return Ok(record.clone());
         }
@@ -404,7 +414,10 @@ impl StaticSource {
                 return Err(unavailable(&format!("answered {status}")));
             }
         }
-        let bytes = answer.bytes().await.map_err(|_| unavailable("broke off the transfer"))?;
+        let bytes = crate::cache::read_limited(answer, MANIFEST_MAX_BYTES).await.map_err(|e| {
+            tracing::warn!(static_source = %self.name, url, "manifest not read: {e}");
+            unavailable("sent no usable manifest")
+        })?;
         let record = record(reference, bytes, wanted, media_type).inspect_err(|e| {
             tracing::warn!(static_source = %self.name, url, "manifest refused: {}", e.message);
         })?;
@@ -417,33 +430,27 @@ impl StaticSource {
     }
 
     /// A layout's tagged manifests: (tag, digest, media type).
-    async fn layout_index(&self) -> Result<Vec<(String, Digest, String)>, OciError> {
+    async fn layout_index(&self, delivery: &Delivery) -> Result<Vec<(String, Digest, String)>, OciError> {
         let Kind::Layout { root, .. } = &self.kind else { return Ok(Vec::new()) };
         let bytes = match root {
             LayoutRoot::Dir(dir) => Bytes::from(
                 tokio::fs::read(dir.join("index.json")).await.map_err(|_| unavailable("has no index.json"))?,
             ),
             LayoutRoot::Url(base) => {
-                let url = format!("{base}index.json");
-                let cached = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(&url).cloned();
+                let cached = self.index.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 match cached {
-                    Some((r, at)) if at.elapsed() < TAG_TTL.min(self.poll) => r.bytes,
+                    Some((bytes, at)) if at.elapsed() < TAG_TTL.min(self.poll) => bytes,
                     _ => {
+                        let url = delivery.sign_known(&format!("{base}index.json"));
                         let answer =
-                            self.http.get(&url).send().await.map_err(|_| unavailable("could not be reached"))?;
+                            self.http.get(url).send().await.map_err(|_| unavailable("could not be reached"))?;
                         if !answer.status().is_success() {
                             return Err(unavailable(&format!("answered {} for index.json", answer.status())));
                         }
-                        let bytes = answer.bytes().await.map_err(|_| unavailable("broke off the transfer"))?;
-                        let rec = ManifestRecord {
-                            digest: Digest::sha256_of(&bytes),
-                            media_type: media::OCI_INDEX.into(),
-                            bytes: bytes.clone(),
-                            subject: None,
-                            artifact_type: None,
-                            annotations_json: None,
-                        };
-                        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).insert(url, (rec, Instant::now()));
+                        let bytes = crate::cache::read_limited(answer, MANIFEST_MAX_BYTES)
+                            .await
+                            .map_err(|_| unavailable("sent no usable index.json"))?;
+                        *self.index.lock().unwrap_or_else(|p| p.into_inner()) = Some((bytes.clone(), Instant::now()));
                         bytes
                     }
                 }
@@ -533,15 +540,7 @@ fn record(
         .and_then(|v| v["mediaType"].as_str().map(str::to_string));
     let media_type = declared.or(media_type.map(str::to_string)).unwrap_or_else(|| media::OCI_MANIFEST.into());
     let parsed = ParsedManifest::parse(Some(&media_type), &bytes)?;
-    Ok(ManifestRecord {
-        digest,
-        media_type: parsed.media_type.clone(),
-        bytes,
-        subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
-        artifact_type: parsed.artifact_type.clone(),
-        annotations_json: (!parsed.annotations.is_empty())
-            .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
-    })
+    Ok(ManifestRecord::new(digest, bytes, &parsed))
 }
 
 #[cfg(test)]

@@ -138,23 +138,14 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig,
         .with_no_client_auth())
 }
 
-/// An HTTP client trusting the system's roots, for plain URLs (CDNs, mirrors), following
-/// no redirects.
-pub fn plain_client() -> Result<reqwest::Client, String> {
+/// An HTTP client trusting the system's roots, for plain URLs (CDNs, mirrors, content
+/// servers), following up to ten redirects or none.
+pub fn content_client(follow_redirects: bool) -> Result<reqwest::Client, String> {
+    let redirects =
+        if follow_redirects { reqwest::redirect::Policy::limited(10) } else { reqwest::redirect::Policy::none() };
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls_config(None)?)
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| e.to_string())
-}
-
-/// Like [`plain_client`], following up to ten redirects (content servers that move files).
-pub fn following_client() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls_config(None)?)
-        .redirect(reqwest::redirect::Policy::limited(10))
+        .redirect(redirects)
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(60))
         .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
@@ -283,7 +274,8 @@ impl Upstream {
             .send()
             .await
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        self.note_rate_limit(&response);
+        // A 429 for one client's credentials is that client's: it goes back to them and
+        // does not quiet the upstream for everyone else.
         Ok(response)
     }
 

@@ -42,6 +42,22 @@ pub enum Endpoint {
     BlobLocation { name: RepoName, digest: Digest },
 }
 
+impl Endpoint {
+    /// The repository the endpoint is about, if any.
+    pub fn name(&self) -> Option<&RepoName> {
+        match self {
+            Endpoint::Base | Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks | Endpoint::Catalog(_) => None,
+            Endpoint::Tags { name, .. }
+            | Endpoint::Manifest { name, .. }
+            | Endpoint::Blob { name, .. }
+            | Endpoint::UploadStart { name, .. }
+            | Endpoint::Upload { name, .. }
+            | Endpoint::Referrers { name, .. }
+            | Endpoint::BlobLocation { name, .. } => Some(name),
+        }
+    }
+}
+
 fn not_found() -> OciError {
     OciError::new(ErrorCode::NotFound, "no such endpoint")
 }

@@ -241,12 +241,15 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
     let registry = &state.registry;
     let headers = &parts.headers;
     let method = &parts.method;
+    // The name is routed once, on one routing table, for the whole request. (A failure to
+    // route is reported after the login check, so it tells an anonymous caller nothing.)
+    let routed = endpoint.name().map(|name| Route::new(state, parts, name));
     // On a route that passes credentials through, the Authorization header is the
     // upstream's business and the upstream decides who may pull.
     let passthrough = state.auth.is_some()
-        && crate::auth::action_of(method, &endpoint).is_some_and(|(action, name)| {
-            action == tessera_access::Action::Pull && Route::new(state, parts, name).is_ok_and(|r| r.passthrough())
-        });
+        && crate::auth::action_of(method, &endpoint).is_some_and(|(action, _)| action == tessera_access::Action::Pull)
+        && matches!(&routed, Some(Ok(route)) if route.passthrough());
+    let route = move || routed.unwrap_or_else(|| Err(OciError::internal()));
     let caller = match &state.auth {
         Some(_) if passthrough => None,
         Some(auth) => {
@@ -316,7 +319,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let route = Route::new(state, parts, &name)?;
+            let route = route()?;
             admitted(state, parts, caller.as_ref(), &route, &name)?;
             match route.tags(paging.n, paging.last.as_deref()).await? {
                 Found::Here((items, more)) => {
@@ -328,7 +331,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
         }
         Endpoint::Manifest { name, reference } => match *method {
             Method::GET | Method::HEAD => {
-                let route = Route::new(state, parts, &name)?;
+                let route = route()?;
                 admitted(state, parts, caller.as_ref(), &route, &name)?;
                 let (m, stale) = match route.manifest(&reference, accept(headers).as_deref()).await? {
                     Found::Here(found) => found,
@@ -348,7 +351,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 Ok(r)
             }
             Method::PUT => {
-                let route = Route::new(state, parts, &name)?;
+                let route = route()?;
                 let name = route.writable()?;
                 let limit = registry.settings().manifest_max_bytes;
                 if content_length(headers).is_some_and(|l| l > limit) {
@@ -380,7 +383,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 Ok(response(StatusCode::CREATED, &out, Body::empty()))
             }
             Method::DELETE => {
-                let route = Route::new(state, parts, &name)?;
+                let route = route()?;
                 registry.manifest_delete(route.writable()?, &reference).await?;
                 Ok(StatusCode::ACCEPTED.into_response())
             }
@@ -388,7 +391,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
         },
         Endpoint::Blob { name, digest, stream } => match *method {
             Method::HEAD => {
-                let route = Route::new(state, parts, &name)?;
+                let route = route()?;
                 admitted(state, parts, caller.as_ref(), &route, &name)?;
                 let size = match route.blob_size(&digest).await? {
                     Found::Here(size) => size,
@@ -409,7 +412,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                         (Some(auth), Some(caller)) => auth.may_push(caller, &name),
                         _ => state.anonymous_writes,
                     };
-                let route = Route::new(state, parts, &name)?;
+                let route = route()?;
                 admitted(state, parts, caller.as_ref(), &route, &name)?;
                 let answer = match route.blob(&digest, header_str(headers, header::RANGE), stream).await? {
                     Found::Here(answer) => answer,
@@ -432,17 +435,17 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 Ok(response(status, &out, Body::from_stream(answer.read.body)))
             }
             Method::DELETE => {
-                let route = Route::new(state, parts, &name)?;
+                let route = route()?;
                 registry.blob_delete(route.writable()?, &digest).await?;
                 Ok(StatusCode::ACCEPTED.into_response())
             }
             _ => Err(unsupported_method()),
         },
-        Endpoint::UploadStart { name, digest, mount, from } => {
+        Endpoint::UploadStart { name: _, digest, mount, from } => {
             if *method != Method::POST {
                 return Err(unsupported_method());
             }
-            let route = Route::new(state, parts, &name)?;
+            let route = route()?;
             let name = route.writable()?;
             if let Some(digest) = digest {
                 registry.upload_monolithic(name, &digest, byte_stream(body, state.limits.body_idle)).await?;
@@ -462,8 +465,8 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 }
             }
         }
-        Endpoint::Upload { name, id, digest } => {
-            let route = Route::new(state, parts, &name)?;
+        Endpoint::Upload { name: _, id, digest } => {
+            let route = route()?;
             let name = route.writable()?.clone();
             let content_range =
                 header_str(headers, header::CONTENT_RANGE).map(ByteRange::from_content_range).transpose()?;
@@ -516,8 +519,8 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
                 _ => Err(unsupported_method()),
             }
         }
-        Endpoint::BlobLocation { name, digest } => {
-            let route = Route::new(state, parts, &name)?;
+        Endpoint::BlobLocation { name: _, digest } => {
+            let route = route()?;
             let name = route.writable()?;
             match *method {
                 Method::GET => {
@@ -585,7 +588,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             if *method != Method::GET {
                 return Err(unsupported_method());
             }
-            let route = Route::new(state, parts, &name)?;
+            let route = route()?;
             admitted(state, parts, caller.as_ref(), &route, &name)?;
             let r = match route.referrers(&digest, artifact_type.as_deref()).await? {
                 Found::Here(r) => r,

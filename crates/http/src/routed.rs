@@ -251,7 +251,7 @@ impl<'a> Route<'a> {
                             Ok((tags, link.is_some()))
                         }
                         Member::Static(source) => {
-                            let tags = source.tags(&name).await?;
+                            let tags = source.tags(&name, &fed.delivery).await?;
                             let after: Vec<String> =
                                 tags.into_iter().filter(|t| last.as_deref().is_none_or(|l| t.as_str() > l)).collect();
                             let n = n.unwrap_or(tessera_registry::MAX_PAGE).min(tessera_registry::MAX_PAGE);

@@ -155,38 +155,31 @@ impl Registry {
     }
 
     /// Where a blob linked into `repo` is: here, or at other URLs (metadata only). Two
-    /// metadata lookups (cached); the blob store is asked only for a link with URLs, whose
-    /// bytes may have arrived since.
+    /// metadata lookups, both cached. A link that names URLs never serves bytes held here
+    /// for another repository: only its own push of the bytes makes it local.
     pub async fn blob_at(&self, repo: &RepoName, digest: &Digest) -> Result<BlobAt, OciError> {
         let size = self.blob_size(repo, digest).await?;
         let urls = self.meta.blob_urls(repo, digest).await.map_err(|e| internal("blob urls lookup", e))?;
-        if urls.is_empty() || self.blobs.stat(digest).await.map_err(|e| internal("blob stat", e))?.is_some() {
-            return Ok(BlobAt::Here(size));
-        }
-        Ok(BlobAt::Elsewhere { size, urls })
-    }
-
-    /// A linked blob whose bytes are not here: its URLs, or (a store out of step) unknown.
-    async fn elsewhere(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<BlobAt, OciError> {
-        let urls = self.meta.blob_urls(repo, digest).await.map_err(|e| internal("blob urls lookup", e))?;
-        if urls.is_empty() {
-            tracing::error!(%repo, %digest, "blob is linked but its bytes are missing from the blob store");
-            return Err(blob_unknown(digest));
-        }
-        Ok(BlobAt::Elsewhere { size, urls })
+        if urls.is_empty() { Ok(BlobAt::Here(size)) } else { Ok(BlobAt::Elsewhere { size, urls }) }
     }
 
     /// Opens a blob linked into `repo`, honouring a `Range` header; or says where it lives.
     pub async fn blob_get(&self, repo: &RepoName, digest: &Digest, range: Option<&str>) -> Result<Opened, OciError> {
-        let size = self.blob_size(repo, digest).await?;
+        let size = match self.blob_at(repo, digest).await? {
+            BlobAt::Here(size) => size,
+            BlobAt::Elsewhere { urls, .. } => return Ok(Opened::Elsewhere(urls)),
+        };
         let range = ByteRange::from_header(range, size)?;
-        match self.blobs.read(digest, range.map(|r| (r.start, r.end))).await.map_err(|e| internal("blob read", e))? {
-            Some(read) => Ok(Opened::Bytes(BlobAnswer { size, range, read })),
-            None => match self.elsewhere(repo, digest, size).await? {
-                BlobAt::Elsewhere { urls, .. } => Ok(Opened::Elsewhere(urls)),
-                BlobAt::Here(_) => Err(blob_unknown(digest)),
-            },
-        }
+        let read = self
+            .blobs
+            .read(digest, range.map(|r| (r.start, r.end)))
+            .await
+            .map_err(|e| internal("blob read", e))?
+            .ok_or_else(|| {
+                tracing::error!(%repo, %digest, "blob is linked but its bytes are missing from the blob store");
+                blob_unknown(digest)
+            })?;
+        Ok(Opened::Bytes(BlobAnswer { size, range, read }))
     }
 
     /// Records that `digest` (`size` bytes) lives at `urls` and links it into `repo`: the
@@ -248,15 +241,16 @@ impl Registry {
         }
         .map_err(|e| internal("mount lookup", e))?;
         let Some(size) = known else { return Ok(None) };
-        if self.blobs.stat(digest).await.map_err(|e| internal("mount stat", e))?.is_none() {
-            // A blob that lives elsewhere mounts as the same record.
-            let Some(from) = from else { return Ok(None) };
+        // A blob that lives elsewhere mounts as the same record, and only as that.
+        if let Some(from) = from {
             let urls = self.meta.blob_urls(from, digest).await.map_err(|e| internal("mount urls lookup", e))?;
-            if urls.is_empty() {
-                return Ok(None);
+            if !urls.is_empty() {
+                self.link_external(repo, digest, size, &urls).await?;
+                return Ok(Some(size));
             }
-            self.link_external(repo, digest, size, &urls).await?;
-            return Ok(Some(size));
+        }
+        if self.blobs.stat(digest).await.map_err(|e| internal("mount stat", e))?.is_none() {
+            return Ok(None);
         }
         self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("mount link", e))?;
         Ok(Some(size))
@@ -326,14 +320,6 @@ impl Registry {
             let size = self.meta.blob_link(repo, &d.digest).await.map_err(|e| internal("manifest blob check", e))?;
             check_reference(d, size, "blob")?;
         }
-        // Layers that name their own URLs are linked as living there (unless held here);
-        // whether a client is sent to those URLs is the delivery policy's decision.
-        for d in parsed.layers.iter().filter(|d| !d.urls.is_empty()) {
-            let linked = self.meta.blob_link(repo, &d.digest).await.map_err(|e| internal("manifest blob check", e))?;
-            if linked.is_none() {
-                self.link_external(repo, &d.digest, d.size, &d.urls).await?;
-            }
-        }
         if parsed.kind == ManifestKind::Index {
             for d in &parsed.manifests {
                 let child =
@@ -341,15 +327,16 @@ impl Registry {
                 check_reference(d, child.map(|c| c.bytes.len() as u64), "manifest")?;
             }
         }
-        let record = ManifestRecord {
-            digest: digest.clone(),
-            media_type: parsed.media_type.clone(),
-            bytes: body,
-            subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
-            artifact_type: parsed.artifact_type.clone(),
-            annotations_json: (!parsed.annotations.is_empty())
-                .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
-        };
+        // Valid: layers that name their own URLs are linked as living there (unless this
+        // repository links them already);
+        // whether a client is sent to those URLs is the delivery policy's decision.
+        for d in parsed.layers.iter().filter(|d| !d.urls.is_empty()) {
+            let linked = self.meta.blob_link(repo, &d.digest).await.map_err(|e| internal("manifest blob check", e))?;
+            if linked.is_none() {
+                self.link_external(repo, &d.digest, d.size, &d.urls).await?;
+            }
+        }
+        let record = ManifestRecord::new(digest.clone(), body, &parsed);
         self.meta.put_manifest(repo, &record, tag).await.map_err(|e| internal("manifest put", e))?;
         Ok(ManifestPut { digest, subject: record.subject })
     }

@@ -143,9 +143,24 @@ impl fmt::Display for Reference {
     }
 }
 
+/// Whether a configured name `prefix` covers `name`, by whole path components: `""` covers
+/// every name, `team` covers `team` and `team/app` but not `teams`. Slashes around the
+/// prefix are ignored.
+pub fn prefix_covers(prefix: &str, name: &str) -> bool {
+    let prefix = prefix.trim_matches('/');
+    prefix.is_empty() || name == prefix || name.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_cover_whole_components() {
+        assert!(prefix_covers("", "a/b"));
+        assert!(prefix_covers("team", "team") && prefix_covers("/team/", "team/app"));
+        assert!(!prefix_covers("team", "teams") && !prefix_covers("team/app", "team"));
+    }
 
     #[test]
     fn accepts_spec_names() {

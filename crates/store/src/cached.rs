@@ -99,9 +99,11 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
 
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()> {
         let linked = self.inner.link_blob(repo, digest, size).await;
-        // A blob that lived elsewhere is now here.
+        // A blob that lived elsewhere is now here, with its verified size.
         self.invalidate(|| {
-            self.urls.remove(&(repo.clone(), digest.clone()));
+            let key = (repo.clone(), digest.clone());
+            self.links.remove(&key);
+            self.urls.remove(&key);
         });
         linked
     }
@@ -109,7 +111,9 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
     async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()> {
         let linked = self.inner.link_external(repo, digest, size, urls).await;
         self.invalidate(|| {
-            self.urls.remove(&(repo.clone(), digest.clone()));
+            let key = (repo.clone(), digest.clone());
+            self.links.remove(&key);
+            self.urls.remove(&key);
         });
         linked
     }

@@ -133,26 +133,6 @@ pub async fn meta_store(store: &dyn MetaStore) {
     assert_eq!(store.blob_link(&other, &blob).await.unwrap(), None, "a link in one repository is not seen in another");
     assert_eq!(store.blob_known(&blob).await.unwrap(), Some(4));
 
-    // Links to bytes elsewhere: visible like any link, with their URLs; a local link stays
-    // local; bytes arriving make an external link local; a conflicting size is refused.
-    assert_eq!(store.blob_urls(&repo, &blob).await.unwrap(), Vec::<String>::new());
-    let urls = vec!["https://cdn.example/blobs/x".to_string()];
-    store.link_external(&repo, &blob, 4, &urls).await.unwrap();
-    assert_eq!(store.blob_urls(&repo, &blob).await.unwrap(), Vec::<String>::new(), "a local link stays local");
-    let far = Digest::sha256_of(b"far");
-    store.link_external(&repo, &far, 9, &urls).await.unwrap();
-    assert_eq!(store.blob_link(&repo, &far).await.unwrap(), Some(9));
-    assert_eq!(store.blob_urls(&repo, &far).await.unwrap(), urls);
-    let moved = vec!["https://cdn2.example/blobs/x".to_string()];
-    store.link_external(&repo, &far, 9, &moved).await.unwrap();
-    assert_eq!(store.blob_urls(&repo, &far).await.unwrap(), moved, "an external link can move");
-    let e = store.link_external(&repo, &far, 10, &urls).await.unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
-    assert_eq!(store.blob_urls(&repo, &far).await.unwrap(), moved);
-    store.link_blob(&repo, &far, 9).await.unwrap();
-    assert_eq!(store.blob_urls(&repo, &far).await.unwrap(), Vec::<String>::new(), "bytes arrived");
-    assert!(store.unlink_blob(&repo, &far).await.unwrap());
-
     // Manifests, tags, tag moves.
     let m1 = manifest(1, None);
     let m2 = manifest(2, None);
@@ -185,6 +165,36 @@ pub async fn meta_store(store: &dyn MetaStore) {
     assert_eq!((p.items, p.more), (vec!["b".to_string(), "c".into(), "v1".into()], false));
     let p = store.list_tags(&repo, None, 0).await.unwrap().unwrap();
     assert!(p.items.is_empty() && p.more);
+
+    // Links to bytes elsewhere: visible like any link, with their URLs and their own claimed
+    // size; a local link stays local; bytes arriving make an external link local with the
+    // verified size; once bytes are held, a conflicting claim is refused.
+    assert_eq!(store.blob_urls(&repo, &blob).await.unwrap(), Vec::<String>::new());
+    let urls = vec!["https://cdn.example/blobs/x".to_string()];
+    store.link_external(&repo, &blob, 4, &urls).await.unwrap();
+    assert_eq!(store.blob_urls(&repo, &blob).await.unwrap(), Vec::<String>::new(), "a local link stays local");
+    let far = Digest::sha256_of(b"far");
+    store.link_external(&repo, &far, 9, &urls).await.unwrap();
+    assert_eq!(store.blob_link(&repo, &far).await.unwrap(), Some(9));
+    assert_eq!(store.blob_urls(&repo, &far).await.unwrap(), urls);
+    assert_eq!(store.blob_known(&far).await.unwrap(), None, "bytes elsewhere are not known here");
+    let moved = vec!["https://cdn2.example/blobs/x".to_string()];
+    store.link_external(&repo, &far, 9, &moved).await.unwrap();
+    assert_eq!(store.blob_urls(&repo, &far).await.unwrap(), moved, "an external link can move");
+    // Each link keeps its own claim: a wrong size in one repository changes nothing elsewhere.
+    store.link_external(&other, &far, 10, &urls).await.unwrap();
+    assert_eq!(store.blob_link(&other, &far).await.unwrap(), Some(10));
+    assert_eq!(store.blob_link(&repo, &far).await.unwrap(), Some(9));
+    // Bytes arriving (verified size 11) make the link local, with the true size.
+    store.link_blob(&repo, &far, 11).await.unwrap();
+    assert_eq!(store.blob_urls(&repo, &far).await.unwrap(), Vec::<String>::new(), "bytes arrived");
+    assert_eq!(store.blob_link(&repo, &far).await.unwrap(), Some(11), "the verified size wins");
+    assert_eq!(store.blob_link(&other, &far).await.unwrap(), Some(10));
+    // Once bytes are held, a claim with another size is refused.
+    let e = store.link_external(&other, &far, 12, &urls).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(store.unlink_blob(&other, &far).await.unwrap());
+    assert!(store.unlink_blob(&repo, &far).await.unwrap());
 
     // Catalog.
     store.link_blob(&other, &blob, 4).await.unwrap();

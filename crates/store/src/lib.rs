@@ -135,6 +135,21 @@ pub struct ManifestRecord {
     pub annotations_json: Option<String>,
 }
 
+impl ManifestRecord {
+    /// The record of a parsed manifest whose bytes hash to `digest`.
+    pub fn new(digest: Digest, bytes: Bytes, parsed: &tessera_spec::ParsedManifest) -> ManifestRecord {
+        ManifestRecord {
+            digest,
+            media_type: parsed.media_type.clone(),
+            bytes,
+            subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
+            artifact_type: parsed.artifact_type.clone(),
+            annotations_json: (!parsed.annotations.is_empty())
+                .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
+        }
+    }
+}
+
 /// One page of a listing, and whether more follows it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Page {
@@ -151,13 +166,14 @@ pub struct Page {
 pub trait MetaStore: Send + Sync + 'static {
     /// Size of `digest` if it is linked into `repo`.
     async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<u64>>;
-    /// Size of `digest` if any repository links it.
+    /// Size of `digest` if any repository links it to bytes held here.
     async fn blob_known(&self, digest: &Digest) -> io::Result<Option<u64>>;
     /// Links a blob of `size` bytes into `repo` (idempotent).
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()>;
     /// Links a blob whose bytes live elsewhere, at `urls` (a foreign layer, or a layer
-    /// pushed metadata-only). A link to bytes held here stays as it is. Fails with
-    /// `InvalidInput` when the digest is known with another size.
+    /// pushed metadata-only), with the size this link claims (it stays the link's own: it
+    /// is never taken as the blob's size for others). A link to bytes held here stays as
+    /// it is. Fails with `InvalidInput` when the bytes are held here with another size.
     async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()>;
     /// Where the bytes of a blob linked into `repo` live, when not here; empty otherwise.
     async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> io::Result<Vec<String>>;

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Arc;
 use tessera_spec::{Digest, RepoName, Tag};
 
@@ -55,9 +55,11 @@ CREATE TABLE uploads (
     r#"
 ALTER TABLE tags ADD COLUMN checked_ms INTEGER;
 "#,
-    // Links to blobs whose bytes live elsewhere: a JSON list of URLs; NULL for bytes here.
+    // Links to blobs whose bytes live elsewhere: a JSON list of URLs and the size that link
+    // claims (unverified, so it never becomes the blob's size); both NULL for bytes here.
     r#"
 ALTER TABLE blob_links ADD COLUMN urls TEXT;
+ALTER TABLE blob_links ADD COLUMN size INTEGER;
 "#,
 ];
 
@@ -141,9 +143,29 @@ impl SqliteMetaStore {
         let mut writer = Connection::open(path).map_err(db_err)?;
         configure(&writer).map_err(db_err)?;
         migrate(&mut writer).map_err(db_err)?;
+        Self::with_writer(path, writer, OpenFlags::default())
+    }
+
+    /// Opens an existing database for reading only (a diagnostic beside a running server:
+    /// nothing is created or migrated). Its schema must be this build's.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags).map_err(db_err)?;
+        configure(&conn).map_err(db_err)?;
+        let version = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)).map_err(db_err)? as usize;
+        if version != MIGRATIONS.len() {
+            return Err(io::Error::other(format!(
+                "metadata schema version {version}, this build reads version {}; start the server once to migrate",
+                MIGRATIONS.len()
+            )));
+        }
+        Self::with_writer(path, conn, flags)
+    }
+
+    fn with_writer(path: &Path, writer: Connection, flags: OpenFlags) -> io::Result<Self> {
         let readers = (0..READERS)
             .map(|_| {
-                let c = Connection::open(path)?;
+                let c = Connection::open_with_flags(path, flags)?;
                 configure(&c)?;
                 Ok(Mutex::new(c))
             })
@@ -193,8 +215,8 @@ impl MetaStore for SqliteMetaStore {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT b.size FROM blob_links l JOIN repos r ON r.id = l.repo JOIN blobs b ON b.digest = l.digest
-                 WHERE r.name = ?1 AND l.digest = ?2",
+                "SELECT COALESCE(l.size, b.size) FROM blob_links l JOIN repos r ON r.id = l.repo
+                 JOIN blobs b ON b.digest = l.digest WHERE r.name = ?1 AND l.digest = ?2",
             )?
             .query_row(params![repo, digest], |r| r.get::<_, i64>(0))
             .optional()
@@ -207,7 +229,8 @@ impl MetaStore for SqliteMetaStore {
         let digest = digest.to_string();
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT b.size FROM blobs b WHERE b.digest = ?1 AND EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest)",
+                "SELECT b.size FROM blobs b WHERE b.digest = ?1
+                 AND EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest AND l.urls IS NULL)",
             )?
             .query_row([digest], |r| r.get::<_, i64>(0))
             .optional()
@@ -220,12 +243,17 @@ impl MetaStore for SqliteMetaStore {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |tx| {
             let id = ensure_repo(tx, &repo)?;
-            tx.prepare_cached("INSERT INTO blobs(digest, size) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
-                .execute(params![digest, size as i64])?;
+            // The size of bytes that are here is verified: it replaces what a link to bytes
+            // elsewhere may have claimed first.
+            tx.prepare_cached(
+                "INSERT INTO blobs(digest, size) VALUES (?1, ?2)
+                 ON CONFLICT DO UPDATE SET size = excluded.size WHERE size != excluded.size",
+            )?
+            .execute(params![digest, size as i64])?;
             // Bytes arriving for a blob that lived elsewhere make the link local.
             tx.prepare_cached(
                 "INSERT INTO blob_links(repo, digest) VALUES (?1, ?2)
-                 ON CONFLICT DO UPDATE SET urls = NULL WHERE urls IS NOT NULL",
+                 ON CONFLICT DO UPDATE SET urls = NULL, size = NULL WHERE urls IS NOT NULL",
             )?
             .execute(params![id, digest])?;
             Ok(())
@@ -238,28 +266,33 @@ impl MetaStore for SqliteMetaStore {
         let urls = serde_json::to_string(urls).map_err(io::Error::other)?;
         let mismatch = self
             .write(move |tx| {
+                // Only a verified size (bytes held here) can contradict the claim.
                 let known: Option<i64> = tx
-                    .prepare_cached("SELECT size FROM blobs WHERE digest = ?1")?
+                    .prepare_cached(
+                        "SELECT size FROM blobs b WHERE digest = ?1
+                         AND EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest AND l.urls IS NULL)",
+                    )?
                     .query_row([&digest], |r| r.get(0))
                     .optional()?;
                 if known.is_some_and(|k| k as u64 != size) {
                     return Ok(known);
                 }
                 let id = ensure_repo(tx, &repo)?;
+                // The row the link needs; its size counts only once bytes arrive.
                 tx.prepare_cached("INSERT INTO blobs(digest, size) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
                     .execute(params![digest, size as i64])?;
                 tx.prepare_cached(
-                    "INSERT INTO blob_links(repo, digest, urls) VALUES (?1, ?2, ?3)
-                     ON CONFLICT DO UPDATE SET urls = excluded.urls WHERE urls IS NOT NULL",
+                    "INSERT INTO blob_links(repo, digest, urls, size) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO UPDATE SET urls = excluded.urls, size = excluded.size WHERE urls IS NOT NULL",
                 )?
-                .execute(params![id, digest, urls])?;
+                .execute(params![id, digest, urls, size as i64])?;
                 Ok(None)
             })
             .await?;
         match mismatch {
             Some(known) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("the blob is known with size {known}, not {size}"),
+                format!("the blob is held here with size {known}, not {size}"),
             )),
             None => Ok(()),
         }
@@ -505,5 +538,19 @@ mod tests {
         }
         let s = SqliteMetaStore::open(&path).unwrap();
         assert_eq!(s.blob_link(&repo, &d).await.unwrap(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn read_only_opening_reads_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.sqlite");
+        let repo: RepoName = "a/b".parse().unwrap();
+        let d = Digest::sha256_of(b"x");
+        SqliteMetaStore::open(&path).unwrap().link_blob(&repo, &d, 1).await.unwrap();
+        let reader = SqliteMetaStore::open_read_only(&path).unwrap();
+        assert_eq!(reader.blob_link(&repo, &d).await.unwrap(), Some(1));
+        assert!(reader.link_blob(&repo, &Digest::sha256_of(b"y"), 1).await.is_err(), "no writes");
+        assert!(SqliteMetaStore::open_read_only(&dir.path().join("none.sqlite")).is_err(), "nothing created");
+        assert!(!dir.path().join("none.sqlite").exists());
     }
 }

@@ -403,7 +403,7 @@ async fn explain_hosted(
         writeln!(out, "    hosted {name}: no stores in {}", config.data.display())?;
         return Ok(false);
     }
-    let meta = SqliteMetaStore::open(&path)?;
+    let meta = SqliteMetaStore::open_read_only(&path)?;
     let reference: tessera_spec::Reference =
         reference.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
     let digest = match &reference {

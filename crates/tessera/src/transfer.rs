@@ -81,6 +81,30 @@ pub fn registry_client(host: &str, plain_http: bool, creds: Option<&str>) -> Res
     Ok(Arc::new(Upstream::new(&config).map_err(anyhow::Error::msg)?))
 }
 
+/// `text` if it is a valid tag (tags name files and URL paths, so nothing else passes).
+fn valid_tag(text: &str) -> Option<String> {
+    text.parse::<tessera_spec::Tag>().ok().map(|t| t.to_string())
+}
+
+/// Unpacks the regular files and directories of a tar archive into `into`. Links and
+/// special files are skipped, and no entry may land outside `into`.
+fn unpack_archive(file: &Path, into: &Path) -> Result<()> {
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut archive = tar::Archive::new(f);
+    let unreadable = || format!("{} is not a readable tar archive", file.display());
+    for entry in archive.entries().with_context(unreadable)? {
+        let mut entry = entry.with_context(unreadable)?;
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            continue;
+        }
+        if !entry.unpack_in(into).with_context(unreadable)? {
+            bail!("{} has an entry outside the archive: {:?}", file.display(), entry.path().ok());
+        }
+    }
+    Ok(())
+}
+
 /// A manifest of the image, as stored.
 pub struct SourceManifest {
     pub digest: Digest,
@@ -122,10 +146,7 @@ impl SourceImage {
             Source::Layout { dir, tag } => Self::from_layout(dir, tag.as_deref(), None),
             Source::Archive(file) => {
                 let unpacked = tempfile::Builder::new().prefix("tessera-archive").tempdir()?;
-                let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-                tar::Archive::new(f)
-                    .unpack(unpacked.path())
-                    .with_context(|| format!("{} is not a readable tar archive", file.display()))?;
+                unpack_archive(file, unpacked.path())?;
                 if unpacked.path().join("index.json").exists() {
                     // Docker 25 and later save an OCI image layout.
                     let dir = unpacked.path().to_path_buf();
@@ -141,7 +162,7 @@ impl SourceImage {
                     configs: Vec::new(),
                     layers: Vec::new(),
                     blobs: BlobSource::Registry(upstream.clone(), name.clone()),
-                    tag: (!reference.contains(':')).then(|| reference.clone()),
+                    tag: valid_tag(reference),
                     _unpacked: None,
                 };
                 let (status, content_type, bytes) =
@@ -220,9 +241,8 @@ impl SourceImage {
             .unwrap_or_default()
             .parse()
             .map_err(|_| anyhow!("index.json of {} names an invalid digest", dir.display()))?;
-        let tag = tag
-            .map(str::to_string)
-            .or_else(|| names(chosen).first().map(|n| n.rsplit_once(':').map_or(n.as_str(), |(_, t)| t).to_string()));
+        // The tag names files a publish writes: only a valid tag is kept.
+        let tag = names(chosen).first().map(|n| n.rsplit_once(':').map_or(n.as_str(), |(_, t)| t)).and_then(valid_tag);
         let mut image = SourceImage {
             manifests: Vec::new(),
             configs: Vec::new(),
@@ -257,10 +277,15 @@ impl SourceImage {
         )?;
         let entry = listing.get(0).ok_or_else(|| anyhow!("the archive's manifest.json lists no image"))?;
         let file_blob = |rel: &str| -> Result<(Digest, u64, PathBuf)> {
-            if rel.contains("..") {
+            // Only plain relative names of regular files inside the archive: no absolute path,
+            // no `..`, no link that could point at a file of this machine.
+            if rel.is_empty() || !Path::new(rel).components().all(|c| matches!(c, std::path::Component::Normal(_))) {
                 bail!("the archive names a path outside itself: {rel:?}");
             }
             let path = dir.join(rel);
+            if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
+                bail!("the archive lacks {rel} as a regular file (links are not followed)");
+            }
             let mut f = std::fs::File::open(&path).with_context(|| format!("the archive lacks {rel}"))?;
             let mut digester = tessera_spec::Digester::new(tessera_spec::Algorithm::Sha256);
             let mut buf = vec![0; 1 << 20];
@@ -293,7 +318,7 @@ impl SourceImage {
         let bytes = Bytes::from(serde_json::to_vec(&manifest)?);
         let parsed =
             ParsedManifest::parse(Some(media::DOCKER_MANIFEST), &bytes).map_err(|e| anyhow!("{}", e.message))?;
-        let tag = entry["RepoTags"][0].as_str().and_then(|t| t.rsplit_once(':')).map(|(_, t)| t.to_string());
+        let tag = entry["RepoTags"][0].as_str().and_then(|t| t.rsplit_once(':')).and_then(|(_, t)| valid_tag(t));
         let mut image = SourceImage {
             manifests: Vec::new(),
             configs: Vec::new(),
@@ -520,7 +545,7 @@ impl PublishTarget {
         };
         let prefix = prefix.trim_matches('/');
         let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
-        let http = tessera_federation::upstream::plain_client().map_err(anyhow::Error::msg)?;
+        let http = tessera_federation::upstream::content_client(false).map_err(anyhow::Error::msg)?;
         let acl = acl.map(str::to_string);
         Ok(PublishTarget::S3(Box::new(S3Target { bucket, credentials, prefix, acl, http })))
     }
@@ -750,10 +775,7 @@ pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Resu
         input.to_path_buf()
     } else {
         unpacked = tempfile::Builder::new().prefix("tessera-import").tempdir()?;
-        let f = std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
-        tar::Archive::new(f)
-            .unpack(unpacked.path())
-            .with_context(|| format!("{} is not a readable tar archive", input.display()))?;
+        unpack_archive(input, unpacked.path())?;
         unpacked.path().to_path_buf()
     };
     let refs = layout_refs(&dir)?;
@@ -764,7 +786,7 @@ pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Resu
     for reference in refs {
         let (name, tag) = reference
             .rsplit_once(':')
-            .filter(|(_, t)| !t.contains('/'))
+            .filter(|(_, t)| valid_tag(t).is_some())
             .ok_or_else(|| anyhow!("{reference:?} is not NAME:TAG"))?;
         let full = match prefix {
             Some(p) => format!("{}/{name}", p.trim_matches('/')),

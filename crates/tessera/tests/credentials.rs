@@ -157,8 +157,9 @@ async fn client_credentials_reach_an_upstream_only_through_a_passthrough_route()
         BIN,
         &format!(
             "[[upstream]]\nname = \"rec\"\nurl = \"http://{addr}\"\nusername = \"configured\"\npassword = \"pw\"\n\
+             [[upstream]]\nname = \"rec-for-clients\"\nurl = \"http://{addr}\"\n\
              [[route]]\nprefix = \"cached\"\nto = \"rec\"\n\
-             [[route]]\nprefix = \"passed\"\nto = \"rec\"\ncredentials = \"passthrough\"\n"
+             [[route]]\nprefix = \"passed\"\nto = \"rec-for-clients\"\ncredentials = \"passthrough\"\n"
         ),
     )
     .unwrap();

@@ -601,3 +601,130 @@ async fn publish_fills_an_s3_bucket_that_serves_as_the_cdn() {
     let location = r.headers()["location"].to_str().unwrap().to_string();
     assert!(fetch(location).await == image.layers[0], "the redirect leads to the layer");
 }
+
+#[tokio::test]
+async fn only_writers_may_ask_for_bytes_instead_of_the_redirect() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let users = tessera_testkit::htpasswd_file(dir.path(), &[("alice", "a"), ("bob", "b")]);
+    let server = Server::with_config(
+        BIN,
+        &format!(
+            "[auth]\nhtpasswd = \"{}\"\n[[access]]\nprefix = \"\"\npull = [\"anonymous\", \"*\"]\npush = [\"alice\"]\n\
+             [[delivery]]\nprefix = \"app\"\ndeliver = \"cdn\"\ncdn = \"https://cdn.example/\"\n",
+            users.display()
+        ),
+    )
+    .unwrap();
+    let http = no_redirects();
+    let blob = b"bytes that live on the CDN";
+    let digest = Digest::sha256_of(blob);
+    let r = http
+        .post(server.url(&format!("/v2/app/x/blobs/uploads/?digest={digest}")))
+        .basic_auth("alice", Some("a"))
+        .body(blob.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let path = format!("/v2/app/x/blobs/{digest}?delivery=stream");
+    for user in [None, Some(("bob", "b"))] {
+        let mut r = http.get(server.url(&path));
+        if let Some((u, p)) = user {
+            r = r.basic_auth(u, Some(p));
+        }
+        assert_eq!(r.send().await.unwrap().status(), 307, "{user:?} may only be redirected");
+    }
+    let r = http.get(server.url(&path)).basic_auth("alice", Some("a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), blob);
+}
+
+#[tokio::test]
+async fn a_link_to_bytes_elsewhere_never_reads_bytes_held_for_others() {
+    let server = Server::start(BIN, &[]).unwrap();
+    let api = Api::new(&server);
+    let http = no_redirects();
+    let secret = b"someone else's layer";
+    let digest = api.push_blob("private/app", secret).await.unwrap();
+    // A manifest elsewhere names the same digest as a foreign layer at some URL.
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    api.push_blob("mine/app", config).await.unwrap();
+    let unknown = Digest::sha256_of(b"not pushed anywhere yet");
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::sha256_of(config).to_string(), "size": config.len() },
+        "layers": [
+            { "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "digest": digest.to_string(), "size": secret.len(), "urls": ["https://example.com/x"] },
+            { "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "digest": unknown.to_string(), "size": 5, "urls": ["https://example.com/y"] },
+        ],
+    }))
+    .unwrap();
+    assert_eq!(api.push_manifest("mine/app", "v1", OCI_MANIFEST, &manifest).await.unwrap().status(), 201);
+    // The link in mine/app names URLs: it is never answered with the bytes held for private/app.
+    let r = http.get(server.url(&format!("/v2/mine/app/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+    // A wrong size claimed by that manifest (5) is its own: the real bytes, pushed later in
+    // another repository, keep their size there.
+    let real = b"not pushed anywhere yet";
+    assert_eq!(api.push_blob("honest/app", real).await.unwrap(), unknown);
+    let size_in = |repo: &str| {
+        let http = http.clone();
+        let url = server.url(&format!("/v2/{repo}/blobs/{unknown}"));
+        async move { http.head(url).send().await.unwrap().headers()["content-length"].to_str().unwrap().to_string() }
+    };
+    assert_eq!(size_in("honest/app").await, real.len().to_string());
+    assert_eq!(size_in("mine/app").await, "5");
+    let head = http.head(server.url(&format!("/v2/private/app/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(head.headers()["content-length"], secret.len().to_string().as_str());
+}
+
+#[tokio::test]
+async fn publish_never_writes_outside_its_directory_and_archives_cannot_reach_local_files() {
+    let work = tessera_testkit::tempdir().unwrap();
+    let image = Image::random(1, 20_000);
+    // A layout whose tag tries to climb out of the destination.
+    let layout = work.path().join("layout");
+    image.write_layout(&layout, "v1").unwrap();
+    let index = std::fs::read_to_string(layout.join("index.json")).unwrap().replace("\"v1\"", "\"../../../escaped\"");
+    std::fs::write(layout.join("index.json"), index).unwrap();
+    let dest = work.path().join("a/b/c/dest");
+    let out = tessera(&["publish", &format!("oci:{}", p(&layout)), &p(&dest)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut written = Vec::new();
+    let mut stack = vec![work.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                written.push(e.path());
+            }
+        }
+    }
+    assert!(written.iter().all(|f| !f.to_string_lossy().contains("escaped")), "{written:?}");
+    assert!(dest.join(format!("manifests/2/{}", image.digest())).exists());
+
+    // A legacy `docker save` archive naming an absolute path, and one with a link out.
+    for (config, link) in [("/etc/hostname", false), ("cfg.json", true)] {
+        let archive = work.path().join(format!("bad-{link}.tar"));
+        let mut tar = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+        let manifest = json!([{ "Config": config, "RepoTags": ["x:1"], "Layers": [] }]).to_string();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(manifest.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, "manifest.json", manifest.as_bytes()).unwrap();
+        if link {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            tar.append_link(&mut header, "cfg.json", "/etc/hostname").unwrap();
+        }
+        tar.finish().unwrap();
+        let out = tessera(&["publish", &format!("docker-archive:{}", p(&archive)), &p(&work.path().join("pub"))]);
+        assert!(!out.status.success(), "archive with link={link} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("outside itself") || err.contains("links are not followed"), "{err}");
+    }
+}
