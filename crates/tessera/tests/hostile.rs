@@ -152,6 +152,18 @@ async fn sixty_and_more_hostile_requests() {
         case("ns with a URL", "GET", "/v2/evil/x/manifests/v1?ns=http://10.0.0.1/", &[], b"", 404, "MANIFEST_UNKNOWN"),
         // Authorization headers on an open registry are ignored, not trusted.
         case("alg none token", "GET", "/v2/good/repo/manifests/v1", &[("Authorization", "Bearer eyJhbGciOiJub25lIn0.e30.")], b"", 200, ""),
+        // Tessera's blob location API (metadata-only push): names, digests, documents, URLs.
+        case("location traversal", "PUT", &format!("/tessera/v1/../../etc/blobs/{layer}"), &[], b"{}", 400, "NAME_INVALID"),
+        case("location encoded traversal", "PUT", &format!("/tessera/v1/good%2F..%2Frepo/blobs/{layer}"), &[], b"{}", 400, "NAME_INVALID"),
+        case("location bad digest", "GET", "/tessera/v1/good/repo/blobs/sha256:zz", &[], b"", 400, "DIGEST_INVALID"),
+        case("location not JSON", "PUT", &format!("/tessera/v1/good/repo/blobs/{}", Digest::sha256_of(b"l1")), &[], b"not json", 400, "BLOB_LOCATION_INVALID"),
+        case("location huge document", "PUT", &format!("/tessera/v1/good/repo/blobs/{}", Digest::sha256_of(b"l2")), &[], "a".repeat(100_000).as_bytes(), 413, "SIZE_INVALID"),
+        case("location javascript URL", "PUT", &format!("/tessera/v1/good/repo/blobs/{}", Digest::sha256_of(b"l3")), &[], br#"{"size":1,"urls":["javascript:alert(1)"]}"#, 403, "DENIED"),
+        case("location file URL", "PUT", &format!("/tessera/v1/good/repo/blobs/{}", Digest::sha256_of(b"l4")), &[], br#"{"size":1,"urls":["file:///etc/passwd"]}"#, 403, "DENIED"),
+        case("location metadata service", "PUT", &format!("/tessera/v1/good/repo/blobs/{}", Digest::sha256_of(b"l5")), &[], br#"{"size":1,"urls":["http://169.254.169.254/latest/"]}"#, 403, "DENIED"),
+        case("location without URLs", "PUT", &format!("/tessera/v1/good/repo/blobs/{}", Digest::sha256_of(b"l6")), &[], br#"{"size":1,"urls":[]}"#, 400, "BLOB_LOCATION_INVALID"),
+        case("location of a blob never linked", "GET", &format!("/tessera/v1/nope/x/blobs/{layer}"), &[], b"", 404, "BLOB_UNKNOWN"),
+        case("stream asked where nothing redirects", "GET", &format!("{blob_path}?delivery=stream"), &[], b"", 200, ""),
     ];
     assert!(cases.len() >= 60, "{} cases", cases.len());
     for c in &cases {
