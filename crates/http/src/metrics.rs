@@ -14,9 +14,21 @@ type CounterOf = fn(&tessera_federation::CacheStats) -> &AtomicU64;
 pub struct Metrics {
     /// Answers by status class: index 0 is 1xx, 4 is 5xx.
     by_class: [AtomicU64; 5],
+    gc_passes: AtomicU64,
+    gc_links_removed: AtomicU64,
+    gc_blobs_deleted: AtomicU64,
+    gc_bytes_freed: AtomicU64,
 }
 
 impl Metrics {
+    /// Counts a finished garbage collection pass.
+    pub fn collected(&self, done: &tessera_registry::gc::Collected) {
+        self.gc_passes.fetch_add(1, Ordering::Relaxed);
+        self.gc_links_removed.fetch_add(done.links_removed, Ordering::Relaxed);
+        self.gc_blobs_deleted.fetch_add(done.blobs_deleted, Ordering::Relaxed);
+        self.gc_bytes_freed.fetch_add(done.bytes_freed, Ordering::Relaxed);
+    }
+
     pub(crate) fn answered(&self, status: u16) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
@@ -77,6 +89,16 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE tessera_mirror_healthy gauge");
         for m in delivery.mirrors() {
             let _ = writeln!(out, "tessera_mirror_healthy{{mirror=\"{}\"}} {}", m.config.url, u8::from(m.healthy()));
+        }
+        for (name, help, counter) in [
+            ("tessera_gc_passes_total", "Garbage collection passes finished.", &self.gc_passes),
+            ("tessera_gc_links_removed_total", "Unreferenced blob links removed.", &self.gc_links_removed),
+            ("tessera_gc_blobs_deleted_total", "Blobs whose bytes were deleted.", &self.gc_blobs_deleted),
+            ("tessera_gc_bytes_freed_total", "Bytes of blobs deleted.", &self.gc_bytes_freed),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
         }
         out
     }

@@ -3,6 +3,7 @@
 //! offsets, manifest references, tags, referrers, deletes). No HTTP here: inputs are typed
 //! values and byte streams, outputs are data or an [`OciError`] from the one error table.
 
+pub mod gc;
 pub mod uploads;
 
 use std::collections::HashMap;
@@ -249,7 +250,11 @@ impl Registry {
                 return Ok(Some(size));
             }
         }
-        if self.blobs.stat(digest).await.map_err(|e| internal("mount stat", e))?.is_none() {
+        // Held before the bytes are looked at, so a collection cannot delete them before the
+        // link names them; bytes being collected are not mounted, the client uploads them.
+        if !self.meta.hold_blob(digest, size).await.map_err(|e| internal("mount hold", e))?
+            || self.blobs.stat(digest).await.map_err(|e| internal("mount stat", e))?.is_none()
+        {
             return Ok(None);
         }
         self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("mount link", e))?;
@@ -336,8 +341,18 @@ impl Registry {
                 self.link_external(repo, &d.digest, d.size, &d.urls).await?;
             }
         }
-        let record = ManifestRecord::new(digest.clone(), body, &parsed);
-        self.meta.put_manifest(repo, &record, tag).await.map_err(|e| internal("manifest put", e))?;
+        let record = ManifestRecord::new(digest.clone(), body, &parsed).referencing_blobs(&parsed);
+        self.meta.put_manifest(repo, &record, tag).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                // A link checked above went away meanwhile (a delete, a collection).
+                OciError::new(
+                    ErrorCode::ManifestBlobUnknown,
+                    format!("manifest references a blob unknown to this repository: {e}"),
+                )
+            } else {
+                internal("manifest put", e)
+            }
+        })?;
         Ok(ManifestPut { digest, subject: record.subject })
     }
 

@@ -25,6 +25,11 @@ pub struct UploadState {
     digester: Digester,
 }
 
+/// How long a commit waits for a collection deleting the same blob: it deletes files, so
+/// seconds at most.
+const HOLD_ATTEMPTS: u32 = 200;
+const HOLD_RETRY: Duration = Duration::from_millis(50);
+
 fn upload_unknown() -> OciError {
     OciError::new(ErrorCode::BlobUploadUnknown, "blob upload unknown to registry")
 }
@@ -257,6 +262,7 @@ impl Registry {
             return Err(OciError::new(ErrorCode::DigestInvalid, "uploaded content does not match the digest")
                 .with_detail(json!({ "expected": digest.to_string(), "actual": actual.to_string() })));
         }
+        self.hold(digest, size).await?;
         self.blobs.upload_commit(id, digest).await.map_err(|e| internal("upload commit", e))?;
         *state = None;
         self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("blob link", e))?;
@@ -266,14 +272,30 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes sessions whose bytes have no record (a monolithic upload cut off by a crash)
-    /// or that were untouched for longer than `expiry`. Run at start-up.
-    pub async fn sweep_uploads(&self, expiry: Duration) -> io::Result<usize> {
+    /// Holds a verified blob about to be committed (see [`MetaStore::hold_blob`]); while a
+    /// collection is deleting the same bytes, waits for it to finish, so the commit stores
+    /// them again instead of keeping a copy that is about to go.
+    async fn hold(&self, digest: &Digest, size: u64) -> Result<(), OciError> {
+        for _ in 0..HOLD_ATTEMPTS {
+            if self.meta.hold_blob(digest, size).await.map_err(|e| internal("blob hold", e))? {
+                return Ok(());
+            }
+            tokio::time::sleep(HOLD_RETRY).await;
+        }
+        Err(OciError::new(ErrorCode::Unavailable, "garbage collection is removing this blob; finish the upload again")
+            .with_header("retry-after", "5"))
+    }
+
+    /// Removes sessions untouched for longer than `expiry`, and sessions whose bytes have no
+    /// record (a monolithic upload cut off by a crash) untouched for longer than
+    /// `orphan_after` (zero at start-up, when no upload is in flight).
+    pub async fn sweep_uploads(&self, expiry: Duration, orphan_after: Duration) -> io::Result<usize> {
         let mut removed = 0;
         let now = SystemTime::now();
         for (id, modified) in self.blobs.upload_list().await? {
-            let orphan = self.meta.upload_repo(&id).await?.is_none();
-            let stale = now.duration_since(modified).is_ok_and(|age| age > expiry);
+            let age = now.duration_since(modified).unwrap_or_default();
+            let orphan = age >= orphan_after && self.meta.upload_repo(&id).await?.is_none();
+            let stale = age > expiry;
             if orphan || stale {
                 self.blobs.upload_delete(&id).await?;
                 self.meta.delete_upload(&id).await?;

@@ -225,6 +225,29 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
     async fn delete_upload(&self, id: &UploadId) -> io::Result<()> {
         self.inner.delete_upload(id).await
     }
+
+    async fn hold_blob(&self, digest: &Digest, size: u64) -> io::Result<bool> {
+        self.inner.hold_blob(digest, size).await
+    }
+
+    async fn unlink_unreferenced(&self, cutoff: std::time::SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
+        let removed = self.inner.unlink_unreferenced(cutoff).await?;
+        self.invalidate(|| {
+            for key in &removed {
+                self.links.remove(key);
+                self.urls.remove(key);
+            }
+        });
+        Ok(removed)
+    }
+
+    async fn doom_unlinked(&self, cutoff: std::time::SystemTime, stored: &[Digest]) -> io::Result<Vec<Digest>> {
+        self.inner.doom_unlinked(cutoff, stored).await
+    }
+
+    async fn forget_doomed(&self, digests: &[Digest]) -> io::Result<()> {
+        self.inner.forget_doomed(digests).await
+    }
 }
 
 #[cfg(test)]

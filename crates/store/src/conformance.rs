@@ -115,6 +115,7 @@ fn manifest(n: u8, subject: Option<&Digest>) -> ManifestRecord {
         subject: subject.cloned(),
         artifact_type: Some(format!("application/x.test{n}")),
         annotations_json: Some(format!("{{\"n\":\"{n}\"}}")),
+        blobs: Vec::new(),
     }
 }
 
@@ -238,4 +239,64 @@ pub async fn meta_store(store: &dyn MetaStore) {
     assert_eq!(store.upload_repo(&id).await.unwrap(), Some(repo.clone()));
     store.delete_upload(&id).await.unwrap();
     assert_eq!(store.upload_repo(&id).await.unwrap(), None);
+
+    garbage_collection(store).await;
+}
+
+/// The promises garbage collection rests on (see [`MetaStore::hold_blob`]).
+async fn garbage_collection(store: &dyn MetaStore) {
+    use std::time::{Duration, SystemTime};
+    let repo: RepoName = "conf/gc".parse().unwrap();
+    let (layer, config, loose) =
+        (Digest::sha256_of(b"layer"), Digest::sha256_of(b"config"), Digest::sha256_of(b"loose"));
+    let now = SystemTime::now();
+    let later = now + Duration::from_secs(3600);
+    let earlier = now - Duration::from_secs(3600);
+
+    // A manifest whose blobs are not all linked is refused whole, in its transaction.
+    let mut m = manifest(20, None);
+    m.blobs = vec![config.clone(), layer.clone()];
+    store.link_blob(&repo, &config, 6).await.unwrap();
+    let e = store.put_manifest(&repo, &m, Some(&"t".parse().unwrap())).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    assert_eq!(store.get_manifest(&repo, &m.digest).await.unwrap(), None, "nothing stored");
+    assert_eq!(store.resolve_tag(&repo, &"t".parse().unwrap()).await.unwrap(), None, "no tag either");
+    store.link_blob(&repo, &layer, 5).await.unwrap();
+    store.link_blob(&repo, &loose, 5).await.unwrap();
+    store.put_manifest(&repo, &m, Some(&"t".parse().unwrap())).await.unwrap();
+
+    // Recent links stay whatever references them; old ones stay only if referenced.
+    let removed = store.unlink_unreferenced(earlier).await.unwrap();
+    assert!(!removed.iter().any(|(r, _)| r == &repo), "links younger than the cutoff stay: {removed:?}");
+    let removed = store.unlink_unreferenced(later).await.unwrap();
+    assert!(removed.contains(&(repo.clone(), loose.clone())), "{removed:?}");
+    assert!(!removed.iter().any(|(r, d)| r == &repo && (d == &layer || d == &config)), "referenced links stay");
+    assert_eq!(store.blob_link(&repo, &loose).await.unwrap(), None);
+    assert_eq!(store.blob_link(&repo, &layer).await.unwrap(), Some(5));
+
+    // Deleting the manifest drops its references.
+    store.delete_manifest(&repo, &m.digest).await.unwrap();
+    let removed = store.unlink_unreferenced(later).await.unwrap();
+    assert!(removed.contains(&(repo.clone(), layer.clone())) && removed.contains(&(repo.clone(), config.clone())));
+
+    // A blob held since the cutoff is not doomed; one nobody holds and nothing links is.
+    assert!(store.hold_blob(&layer, 5).await.unwrap());
+    let doomed = store.doom_unlinked(earlier, &[]).await.unwrap();
+    assert!(!doomed.contains(&layer) && !doomed.contains(&loose), "held or unlinked since the cutoff: {doomed:?}");
+    let orphan = Digest::sha256_of(b"orphan");
+    let doomed = store.doom_unlinked(later, std::slice::from_ref(&orphan)).await.unwrap();
+    for d in [&layer, &loose, &config, &orphan] {
+        assert!(doomed.contains(d), "{d} doomed: {doomed:?}");
+    }
+    // Doomed blobs can be neither held nor linked until their bytes are gone.
+    assert!(!store.hold_blob(&layer, 5).await.unwrap());
+    assert_eq!(store.link_blob(&repo, &layer, 5).await.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert!(store.doom_unlinked(SystemTime::UNIX_EPOCH, &[]).await.unwrap().contains(&layer), "leftovers are reported");
+    store.forget_doomed(&doomed).await.unwrap();
+    assert!(store.doom_unlinked(SystemTime::UNIX_EPOCH, &[]).await.unwrap().is_empty());
+    assert!(store.hold_blob(&layer, 5).await.unwrap());
+    store.link_blob(&repo, &layer, 5).await.unwrap();
+    assert_eq!(store.blob_link(&repo, &layer).await.unwrap(), Some(5));
+    // Bytes with a record are never orphans.
+    assert!(!store.doom_unlinked(later, std::slice::from_ref(&layer)).await.unwrap().contains(&layer));
 }

@@ -133,6 +133,11 @@ pub struct ManifestRecord {
     pub artifact_type: Option<String>,
     /// The manifest's own annotations as a JSON object (carried into referrer descriptors).
     pub annotations_json: Option<String>,
+    /// Blobs the manifest references that must be linked into the repository when it is
+    /// stored: checked in the storing transaction and kept as its references, which
+    /// garbage collection follows. Empty where manifests arrive before their blobs (a cache)
+    /// and in records read back.
+    pub blobs: Vec<Digest>,
 }
 
 impl ManifestRecord {
@@ -146,8 +151,29 @@ impl ManifestRecord {
             artifact_type: parsed.artifact_type.clone(),
             annotations_json: (!parsed.annotations.is_empty())
                 .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
+            blobs: Vec::new(),
         }
     }
+
+    /// The same record, requiring (and referencing) the config and every layer of `parsed`.
+    pub fn referencing_blobs(mut self, parsed: &tessera_spec::ParsedManifest) -> ManifestRecord {
+        self.blobs = parsed.config.iter().chain(&parsed.layers).map(|d| d.digest.clone()).collect();
+        self.blobs.sort();
+        self.blobs.dedup();
+        self
+    }
+}
+
+/// What one garbage collection pass found and did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Collected {
+    /// Links no manifest of their repository references, made before the grace period.
+    pub links_removed: u64,
+    /// Blobs whose bytes were deleted (no link, not held during the grace period).
+    pub blobs_deleted: u64,
+    pub bytes_freed: u64,
+    /// Upload sessions left idle past their expiry.
+    pub uploads_removed: u64,
 }
 
 /// One page of a listing, and whether more follows it.
@@ -181,7 +207,8 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool>;
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
-    /// transaction.
+    /// transaction. Fails with `NotFound`, storing nothing, when a digest of
+    /// `manifest.blobs` is not linked into `repo` at that moment.
     async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()>;
     async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>>;
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>>;
@@ -206,4 +233,23 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The repository an upload session belongs to.
     async fn upload_repo(&self, id: &UploadId) -> io::Result<Option<RepoName>>;
     async fn delete_upload(&self, id: &UploadId) -> io::Result<()>;
+
+    // Garbage collection. A blob's bytes may be deleted once nothing links them and nobody
+    // held them during the grace period; every path that is about to link bytes it found or
+    // kept in the blob store holds them first, so collection can never delete bytes a link
+    // is about to name (see docs/architecture.md).
+
+    /// Holds `digest` (`size` bytes): a collection will not doom it for a grace period from
+    /// now. `false` while a collection is deleting its bytes: wait until it has finished.
+    async fn hold_blob(&self, digest: &Digest, size: u64) -> io::Result<bool>;
+    /// Removes links made before `cutoff` that no manifest of their repository references,
+    /// and returns them.
+    async fn unlink_unreferenced(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>>;
+    /// Dooms every blob that nothing links and nobody held since `cutoff`, and each of
+    /// `stored` (bytes held before `cutoff`) that has no record at all; returns everything
+    /// doomed, including what an interrupted collection left. Doomed blobs cannot be held
+    /// until [`MetaStore::forget_doomed`].
+    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest]) -> io::Result<Vec<Digest>>;
+    /// Ends the doom of blobs whose bytes are gone.
+    async fn forget_doomed(&self, digests: &[Digest]) -> io::Result<()>;
 }

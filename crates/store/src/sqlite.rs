@@ -61,6 +61,33 @@ ALTER TABLE tags ADD COLUMN checked_ms INTEGER;
 ALTER TABLE blob_links ADD COLUMN urls TEXT;
 ALTER TABLE blob_links ADD COLUMN size INTEGER;
 "#,
+    // Garbage collection: when each link was made and each blob last held (milliseconds;
+    // what exists at the upgrade counts as made now, so it gets the full grace period), the
+    // blobs each manifest references (filled from the stored manifests), and the blobs a
+    // collection is deleting.
+    r#"
+ALTER TABLE blob_links ADD COLUMN linked_ms INTEGER NOT NULL DEFAULT 0;
+UPDATE blob_links SET linked_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER);
+ALTER TABLE blobs ADD COLUMN held_ms INTEGER NOT NULL DEFAULT 0;
+UPDATE blobs SET held_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER);
+CREATE TABLE manifest_blobs (
+    repo INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    manifest INTEGER NOT NULL REFERENCES manifests(seq) ON DELETE CASCADE,
+    PRIMARY KEY (repo, digest, manifest)
+) WITHOUT ROWID;
+CREATE INDEX manifest_blobs_by_manifest ON manifest_blobs(manifest);
+WITH docs AS MATERIALIZED (
+    SELECT seq, repo, CAST(bytes AS TEXT) AS doc FROM manifests WHERE json_valid(CAST(bytes AS TEXT))
+)
+INSERT OR IGNORE INTO manifest_blobs(repo, digest, manifest)
+    SELECT repo, json_extract(doc, '$.config.digest'), seq FROM docs
+        WHERE json_type(doc, '$.config.digest') = 'text'
+    UNION ALL
+    SELECT d.repo, json_extract(l.value, '$.digest'), d.seq FROM docs d, json_each(d.doc, '$.layers') l
+        WHERE json_type(l.value, '$.digest') = 'text';
+CREATE TABLE blobs_doomed (digest TEXT PRIMARY KEY) WITHOUT ROWID;
+"#,
 ];
 
 const READERS: usize = 4;
@@ -73,10 +100,6 @@ struct Inner {
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
-}
-
-fn db_err(e: rusqlite::Error) -> io::Error {
-    io::Error::other(e)
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -107,6 +130,33 @@ fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    millis(SystemTime::now())
+}
+
+fn doomed(conn: &Connection, digest: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM blobs_doomed WHERE digest = ?1")?.exists([digest])
+}
+
+/// A transaction's refusal, carried out of it as the error the caller sees.
+fn refusal(kind: io::ErrorKind, msg: String) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(io::Error::new(kind, msg)))
+}
+
+fn db_err(e: rusqlite::Error) -> io::Error {
+    match e {
+        rusqlite::Error::ToSqlConversionFailure(inner) => match inner.downcast::<io::Error>() {
+            Ok(refused) => *refused,
+            Err(other) => io::Error::other(other),
+        },
+        e => io::Error::other(e),
+    }
+}
+
 fn parse_digest(s: String) -> rusqlite::Result<Digest> {
     s.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
@@ -128,6 +178,7 @@ fn manifest_row(r: &rusqlite::Row) -> rusqlite::Result<ManifestRecord> {
         subject: r.get::<_, Option<String>>(3)?.map(parse_digest).transpose()?,
         artifact_type: r.get(4)?,
         annotations_json: r.get(5)?,
+        blobs: Vec::new(),
     })
 }
 
@@ -242,20 +293,23 @@ impl MetaStore for SqliteMetaStore {
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |tx| {
+            if doomed(tx, &digest)? {
+                return Err(refusal(io::ErrorKind::NotFound, format!("{digest} is being garbage collected")));
+            }
             let id = ensure_repo(tx, &repo)?;
             // The size of bytes that are here is verified: it replaces what a link to bytes
             // elsewhere may have claimed first.
             tx.prepare_cached(
-                "INSERT INTO blobs(digest, size) VALUES (?1, ?2)
+                "INSERT INTO blobs(digest, size, held_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT DO UPDATE SET size = excluded.size WHERE size != excluded.size",
             )?
-            .execute(params![digest, size as i64])?;
+            .execute(params![digest, size as i64, now_ms()])?;
             // Bytes arriving for a blob that lived elsewhere make the link local.
             tx.prepare_cached(
-                "INSERT INTO blob_links(repo, digest) VALUES (?1, ?2)
+                "INSERT INTO blob_links(repo, digest, linked_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT DO UPDATE SET urls = NULL, size = NULL WHERE urls IS NOT NULL",
             )?
-            .execute(params![id, digest])?;
+            .execute(params![id, digest, now_ms()])?;
             Ok(())
         })
         .await
@@ -279,13 +333,15 @@ impl MetaStore for SqliteMetaStore {
                 }
                 let id = ensure_repo(tx, &repo)?;
                 // The row the link needs; its size counts only once bytes arrive.
-                tx.prepare_cached("INSERT INTO blobs(digest, size) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
-                    .execute(params![digest, size as i64])?;
                 tx.prepare_cached(
-                    "INSERT INTO blob_links(repo, digest, urls, size) VALUES (?1, ?2, ?3, ?4)
+                    "INSERT INTO blobs(digest, size, held_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![digest, size as i64, now_ms()])?;
+                tx.prepare_cached(
+                    "INSERT INTO blob_links(repo, digest, urls, size, linked_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT DO UPDATE SET urls = excluded.urls, size = excluded.size WHERE urls IS NOT NULL",
                 )?
-                .execute(params![id, digest, urls, size as i64])?;
+                .execute(params![id, digest, urls, size as i64, now_ms()])?;
                 Ok(None)
             })
             .await?;
@@ -349,6 +405,21 @@ impl MetaStore for SqliteMetaStore {
                 m.annotations_json,
                 now()
             ])?;
+            if !m.blobs.is_empty() {
+                let seq: i64 = tx
+                    .prepare_cached("SELECT seq FROM manifests WHERE repo = ?1 AND digest = ?2")?
+                    .query_row(params![id, digest], |r| r.get(0))?;
+                for blob in &m.blobs {
+                    let blob = blob.to_string();
+                    // Checked here, not only before: a link removed since (a delete, a
+                    // collection) must not leave a stored manifest naming missing bytes.
+                    if !tx.prepare_cached("SELECT 1 FROM blob_links WHERE repo = ?1 AND digest = ?2")?.exists(params![id, blob])? {
+                        return Err(refusal(io::ErrorKind::NotFound, format!("{blob} is not linked into {repo}")));
+                    }
+                    tx.prepare_cached("INSERT OR IGNORE INTO manifest_blobs(repo, digest, manifest) VALUES (?1, ?2, ?3)")?
+                        .execute(params![id, blob, seq])?;
+                }
+            }
             if let Some(tag) = tag {
                 tx.prepare_cached(
                     "INSERT INTO tags(repo, tag, digest) VALUES (?1, ?2, ?3) ON CONFLICT(repo, tag) DO UPDATE SET digest = excluded.digest",
@@ -513,6 +584,84 @@ impl MetaStore for SqliteMetaStore {
         let id = id.to_string();
         self.write(move |tx| tx.prepare_cached("DELETE FROM uploads WHERE id = ?1")?.execute([id]).map(|_| ())).await
     }
+
+    async fn hold_blob(&self, digest: &Digest, size: u64) -> io::Result<bool> {
+        let digest = digest.to_string();
+        self.write(move |tx| {
+            if doomed(tx, &digest)? {
+                return Ok(false);
+            }
+            tx.prepare_cached(
+                "INSERT INTO blobs(digest, size, held_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO UPDATE SET held_ms = excluded.held_ms",
+            )?
+            .execute(params![digest, size as i64, now_ms()])?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn unlink_unreferenced(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
+        let cutoff = millis(cutoff);
+        let removed = self
+            .write(move |tx| {
+                let removed = tx
+                    .prepare_cached(
+                        "DELETE FROM blob_links AS l WHERE linked_ms < ?1
+                         AND NOT EXISTS (SELECT 1 FROM manifest_blobs mb WHERE mb.repo = l.repo AND mb.digest = l.digest)
+                         RETURNING repo, digest",
+                    )?
+                    .query_map([cutoff], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut name = tx.prepare_cached("SELECT name FROM repos WHERE id = ?1")?;
+                removed
+                    .into_iter()
+                    .map(|(id, digest)| Ok((name.query_row([id], |r| r.get::<_, String>(0))?, digest)))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(removed.into_iter().filter_map(|(repo, digest)| Some((repo.parse().ok()?, digest.parse().ok()?))).collect())
+    }
+
+    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest]) -> io::Result<Vec<Digest>> {
+        let cutoff = millis(cutoff);
+        let stored: Vec<String> = stored.iter().map(|d| d.to_string()).collect();
+        let doomed = self
+            .write(move |tx| {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO blobs_doomed(digest)
+                     SELECT digest FROM blobs b WHERE held_ms < ?1
+                     AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest)",
+                )?
+                .execute([cutoff])?;
+                tx.prepare_cached("DELETE FROM blobs WHERE digest IN (SELECT digest FROM blobs_doomed)")?.execute([])?;
+                // Bytes without any record: a push cut off between storing and linking.
+                let mut orphan = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO blobs_doomed(digest)
+                     SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE digest = ?1)",
+                )?;
+                for digest in &stored {
+                    orphan.execute([digest])?;
+                }
+                tx.prepare_cached("SELECT digest FROM blobs_doomed")?
+                    .query_map([], |r| parse_digest(r.get(0)?))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(doomed)
+    }
+
+    async fn forget_doomed(&self, digests: &[Digest]) -> io::Result<()> {
+        let digests: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
+        self.write(move |tx| {
+            let mut forget = tx.prepare_cached("DELETE FROM blobs_doomed WHERE digest = ?1")?;
+            for digest in &digests {
+                forget.execute([digest])?;
+            }
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -552,5 +701,46 @@ mod tests {
         assert!(reader.link_blob(&repo, &Digest::sha256_of(b"y"), 1).await.is_err(), "no writes");
         assert!(SqliteMetaStore::open_read_only(&dir.path().join("none.sqlite")).is_err(), "nothing created");
         assert!(!dir.path().join("none.sqlite").exists());
+    }
+
+    /// A database from before garbage collection keeps every link its manifests reference:
+    /// the upgrade reads the references out of the stored manifests.
+    #[tokio::test]
+    async fn upgrade_fills_the_references_of_stored_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.sqlite");
+        let (config, layer, loose) = (Digest::sha256_of(b"c"), Digest::sha256_of(b"l"), Digest::sha256_of(b"x"));
+        let doc = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
+            "config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":1}},
+            "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":1}}]}}"#
+        );
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            let tx = conn.transaction().unwrap();
+            for step in &MIGRATIONS[..3] {
+                tx.execute_batch(step).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 3).unwrap();
+            tx.execute("INSERT INTO repos(id, name) VALUES (1, 'old/app')", []).unwrap();
+            for d in [&config, &layer, &loose] {
+                tx.execute("INSERT INTO blobs(digest, size) VALUES (?1, 1)", [d.to_string()]).unwrap();
+                tx.execute("INSERT INTO blob_links(repo, digest) VALUES (1, ?1)", [d.to_string()]).unwrap();
+            }
+            tx.execute(
+                "INSERT INTO manifests(repo, digest, media_type, bytes, created) VALUES (1, ?1, 'application/vnd.oci.image.manifest.v1+json', ?2, 0)",
+                params![Digest::sha256_of(doc.as_bytes()).to_string(), doc.as_bytes()],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = SqliteMetaStore::open(&path).unwrap();
+        let repo: RepoName = "old/app".parse().unwrap();
+        let later = SystemTime::now() + std::time::Duration::from_secs(3600);
+        let removed = store.unlink_unreferenced(later).await.unwrap();
+        assert_eq!(removed, vec![(repo.clone(), loose)]);
+        assert_eq!(store.blob_link(&repo, &config).await.unwrap(), Some(1));
+        assert_eq!(store.blob_link(&repo, &layer).await.unwrap(), Some(1));
     }
 }

@@ -14,8 +14,8 @@ use tessera_http::server::{CertStore, ServerOptions};
 use tessera_registry::{Registry, Settings};
 use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, SqliteMetaStore};
 
-/// Opens the embedded default stores under `config.data` and builds the application state.
-pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
+/// Opens the embedded default stores under `config.data` as the hosted registry.
+fn open_registry(config: &Config) -> anyhow::Result<Registry> {
     let data = &config.data;
     std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
     let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
@@ -32,15 +32,31 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     } else {
         Arc::new(blobs)
     };
-    let registry = Registry::new(blobs, Arc::new(meta), settings);
-    let federation = open_federation(config, None).await?;
+    Ok(Registry::new(blobs, Arc::new(meta), settings))
+}
+
+/// Runs at start-up, before any request: what a crash or a stop cut off is finished or
+/// removed.
+async fn recover(registry: &Registry, config: &Config) -> anyhow::Result<()> {
+    let finished = registry.finish_interrupted_collection().await.context("cannot finish garbage collection")?;
+    if finished > 0 {
+        tracing::info!("deleted {finished} blob(s) an interrupted garbage collection had doomed");
+    }
     let swept = registry
-        .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs))
+        .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs), Duration::ZERO)
         .await
         .context("cannot sweep upload sessions")?;
     if swept > 0 {
         tracing::info!("removed {swept} abandoned upload session(s)");
     }
+    Ok(())
+}
+
+/// Opens the embedded default stores under `config.data` and builds the application state.
+pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
+    let registry = open_registry(config)?;
+    let federation = open_federation(config, None).await?;
+    recover(&registry, config).await?;
     let auth = open_auth(config)?;
     let limits = tessera_http::limits::ClientLimits::new(
         config.limits.requests_per_second_per_client,
@@ -203,6 +219,64 @@ async fn open_federation(config: &Config, previous: Option<&Federation>) -> anyh
     .map_err(anyhow::Error::msg)
 }
 
+/// Takes the data directory for this process alone (an exclusive lock on
+/// `<data>/tessera.lock`, released when the returned file is dropped or the process ends):
+/// two servers, or a server and an offline collection, must never share one.
+pub fn lock_data_dir(data: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
+    let path = data.join("tessera.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{} is in use by another tessera process (a running server collects garbage itself, see gc_interval_secs)",
+            data.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+}
+
+/// One garbage collection pass over the hosted store under `config.data`, with no server
+/// running on it.
+pub async fn collect_garbage(config: &Config, grace: Duration) -> anyhow::Result<tessera_registry::gc::Collected> {
+    let _lock = lock_data_dir(&config.data)?;
+    let registry = open_registry(config)?;
+    recover(&registry, config).await?;
+    registry
+        .collect_garbage(grace, Duration::from_secs(config.storage.upload_expiry_secs))
+        .await
+        .context("garbage collection failed")
+}
+
+/// Collects garbage every `gc_interval_secs` while the server runs.
+async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_config::Storage) {
+    let period = Duration::from_secs(storage.gc_interval_secs);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let grace = Duration::from_secs(storage.gc_grace_secs);
+        match state.registry.collect_garbage(grace, Duration::from_secs(storage.upload_expiry_secs)).await {
+            Ok(done) => {
+                tracing::info!(
+                    links_removed = done.links_removed,
+                    blobs_deleted = done.blobs_deleted,
+                    bytes_freed = done.bytes_freed,
+                    uploads_removed = done.uploads_removed,
+                    "garbage collection pass"
+                );
+                state.metrics.collected(&done);
+            }
+            Err(e) => tracing::warn!("garbage collection pass failed: {e}"),
+        }
+    }
+}
+
 /// Produces the configuration again from its sources, for a reload.
 pub type Reload = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 
@@ -221,9 +295,13 @@ pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future
         }
         _ => None,
     };
+    let _lock = lock_data_dir(&config.data)?;
     let state = open_state(&config).await?;
     let state = Arc::new(state);
     tokio::spawn(reload_on_hangup(state.clone(), config.clone(), reload, certs));
+    if config.storage.gc_interval_secs > 0 {
+        tokio::spawn(collect_garbage_periodically(state.clone(), config.storage.clone()));
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -29,6 +29,10 @@ enum Command {
     Export(ExportArgs),
     /// Push every image of an OCI image layout (directory or .tar) written by export.
     Import(ImportArgs),
+    /// Collect garbage in a data directory no server is using: links no manifest references
+    /// and bytes nothing links, older than the grace period. A running server does this
+    /// itself every gc_interval_secs.
+    Gc(GcArgs),
 }
 
 #[derive(clap::Args)]
@@ -122,6 +126,20 @@ struct PublishArgs {
     /// Repository name for a {name} in --layout.
     #[arg(long, default_value = "image")]
     name: String,
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    /// TOML configuration file naming the data directory and the grace period.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory [default: the configuration's, else ./tessera-data].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Keep what changed within this many seconds [default: the configuration's
+    /// gc_grace_secs]. With no push in flight, 0 reclaims everything unreferenced now.
+    #[arg(long, value_name = "SECS")]
+    grace_secs: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -252,6 +270,22 @@ fn main() -> anyhow::Result<()> {
             let reload: Option<tessera::Reload> = (args.config.is_some() || args.collage.is_some())
                 .then(|| Box::new(move || args.config()) as tessera::Reload);
             runtime.block_on(tessera::serve(config, reload, shutdown_signal()))
+        }
+        Command::Gc(args) => {
+            let mut config = match &args.config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::default(),
+            };
+            if let Some(data) = args.data {
+                config.data = data;
+            }
+            let grace = std::time::Duration::from_secs(args.grace_secs.unwrap_or(config.storage.gc_grace_secs));
+            let done = runtime.block_on(tessera::collect_garbage(&config, grace))?;
+            println!(
+                "removed {} unreferenced link(s) and {} abandoned upload(s); deleted {} blob(s), {} bytes",
+                done.links_removed, done.uploads_removed, done.blobs_deleted, done.bytes_freed
+            );
+            Ok(())
         }
         Command::Explain(args) => {
             let config = match &args.config {

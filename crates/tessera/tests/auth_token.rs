@@ -112,7 +112,9 @@ async fn real_clients_log_in_through_the_token_flow() {
     let image = Image::random(2, 40_000);
     let layout = dir.path().join("img");
     image.write_layout(&layout, "v1").unwrap();
+    let mut clients_ran = 0;
     if have_tool("skopeo") {
+        clients_ran += 1;
         let files = ContainersFiles::new(dir.path(), &host).unwrap();
         files.skopeo(&[
             "copy",
@@ -144,6 +146,7 @@ async fn real_clients_log_in_through_the_token_flow() {
         assert_eq!(raw.as_bytes(), &image.manifest[..]);
     }
     if have_tool("podman") {
+        clients_ran += 1;
         let pdir = dir.path().join("pd");
         std::fs::create_dir_all(&pdir).unwrap();
         let podman = Podman::new(&pdir, ContainersFiles::new(&pdir, &host).unwrap()).unwrap();
@@ -154,6 +157,7 @@ async fn real_clients_log_in_through_the_token_flow() {
         podman.run(&["push", &format!("{host}/team/podman:v1")]);
     }
     if have_tool("dockerd") {
+        clients_ran += 1;
         let ddir = dir.path().join("dk");
         std::fs::create_dir_all(&ddir).unwrap();
         let docker = Dockerd::start(&ddir, "{}").unwrap();
@@ -163,6 +167,7 @@ async fn real_clients_log_in_through_the_token_flow() {
         docker.run(&["push", &format!("{host}/team/docker:v1")]);
     }
     if have_tool("ctr") && have_tool("containerd") {
+        clients_ran += 1;
         let cdir = dir.path().join("ct");
         std::fs::create_dir_all(&cdir).unwrap();
         let ctd = Containerd::start(&cdir).unwrap();
@@ -171,7 +176,7 @@ async fn real_clients_log_in_through_the_token_flow() {
         assert!(ctd.ctr(&["images", "ls"]).unwrap().contains(&image.digest().to_string()));
     }
     let log = server.log_text();
-    assert!(log.contains("\"GET /token?"), "clients fetched tokens: {log}");
+    assert!(clients_ran == 0 || log.contains("\"GET /token?"), "clients fetched tokens: {log}");
     assert!(!log.contains("alice-pass"));
 }
 

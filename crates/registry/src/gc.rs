@@ -1,0 +1,149 @@
+//! Garbage collection of the hosted store, online.
+//!
+//! A pass removes links that no manifest of their repository references once they are
+//! older than the grace period (layers of a deleted manifest, a push that never sent its
+//! manifest), then deletes the bytes of blobs that nothing links and nobody held during the
+//! grace period, and abandoned upload sessions. Pushes go on meanwhile: the rules that keep
+//! them whole are in [`tessera_store::MetaStore`]'s garbage collection methods.
+
+use std::io;
+use std::time::{Duration, SystemTime};
+
+pub use tessera_store::Collected;
+
+use crate::Registry;
+
+impl Registry {
+    /// One collection pass. `grace` bounds how long a push may take between uploading a
+    /// layer and sending the manifest that references it; `upload_expiry` is how long an
+    /// idle upload session is kept.
+    pub async fn collect_garbage(&self, grace: Duration, upload_expiry: Duration) -> io::Result<Collected> {
+        let cutoff = SystemTime::now() - grace;
+        let links_removed = self.meta.unlink_unreferenced(cutoff).await?.len() as u64;
+        let stored: Vec<_> =
+            self.blobs.list().await?.into_iter().filter(|b| b.stored < cutoff).map(|b| b.digest).collect();
+        let doomed = self.meta.doom_unlinked(cutoff, &stored).await?;
+        let (blobs_deleted, bytes_freed) = self.delete_doomed(&doomed).await?;
+        let uploads_removed = self.sweep_uploads(upload_expiry, grace).await? as u64;
+        Ok(Collected { links_removed, blobs_deleted, bytes_freed, uploads_removed })
+    }
+
+    /// Finishes what an interrupted pass doomed (its blobs cannot be held meanwhile).
+    /// Run at start-up.
+    pub async fn finish_interrupted_collection(&self) -> io::Result<u64> {
+        // A cutoff at the epoch dooms nothing new: only the leftovers are returned.
+        let doomed = self.meta.doom_unlinked(SystemTime::UNIX_EPOCH, &[]).await?;
+        Ok(self.delete_doomed(&doomed).await?.0)
+    }
+
+    async fn delete_doomed(&self, doomed: &[tessera_spec::Digest]) -> io::Result<(u64, u64)> {
+        let (mut deleted, mut freed) = (0, 0);
+        for digest in doomed {
+            let size = self.blobs.stat(digest).await?;
+            if self.blobs.delete(digest).await? {
+                deleted += 1;
+                freed += size.unwrap_or(0);
+            }
+        }
+        self.meta.forget_doomed(doomed).await?;
+        Ok((deleted, freed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use tessera_spec::{Digest, Reference, RepoName};
+    use tessera_store::{FsBlobStore, SqliteMetaStore};
+
+    use super::*;
+    use crate::Settings;
+
+    fn registry(dir: &std::path::Path) -> Registry {
+        Registry::new(
+            Arc::new(FsBlobStore::open(dir).unwrap()),
+            Arc::new(SqliteMetaStore::open(&dir.join("meta.sqlite")).unwrap()),
+            Settings::default(),
+        )
+    }
+
+    async fn push_blob(r: &Registry, repo: &RepoName, content: &'static [u8]) -> Digest {
+        let digest = Digest::sha256_of(content);
+        let body = futures_util::stream::iter([Ok::<_, io::Error>(Bytes::from_static(content))]);
+        r.upload_monolithic(repo, &digest, body).await.unwrap();
+        digest
+    }
+
+    async fn push_manifest(r: &Registry, repo: &RepoName, tag: &str, config: &Digest, layers: &[&Digest]) -> Digest {
+        let desc = |d: &Digest, t: &str| format!(r#"{{"mediaType":"{t}","digest":"{d}","size":1}}"#);
+        let layers: Vec<String> = layers.iter().map(|d| desc(d, "application/vnd.oci.image.layer.v1.tar")).collect();
+        let doc = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[{}]}}"#,
+            desc(config, "application/vnd.oci.image.config.v1+json"),
+            layers.join(",")
+        );
+        let reference = Reference::Tag(tag.parse().unwrap());
+        let put = r
+            .manifest_put(repo, &reference, Some("application/vnd.oci.image.manifest.v1+json"), Bytes::from(doc))
+            .await
+            .unwrap();
+        put.digest
+    }
+
+    async fn held(r: &Registry, d: &Digest) -> bool {
+        r.blobs.stat(d).await.unwrap().is_some()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_pass_reclaims_what_no_manifest_references_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        let (app, other): (RepoName, RepoName) = ("team/app".parse().unwrap(), "team/other".parse().unwrap());
+        let config = push_blob(&r, &app, b"c").await;
+        let (shared, own) = (push_blob(&r, &app, b"s").await, push_blob(&r, &app, b"o").await);
+        let loose = push_blob(&r, &other, b"l").await;
+        let first = push_manifest(&r, &app, "v1", &config, &[&shared, &own]).await;
+        push_manifest(&r, &app, "v2", &config, &[&shared]).await;
+        r.manifest_delete(&app, &Reference::Digest(first)).await.unwrap();
+
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let kept = r.collect_garbage(Duration::from_secs(3600), week).await.unwrap();
+        assert_eq!(kept, Collected::default(), "everything is younger than the grace period");
+
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let done = r.collect_garbage(Duration::ZERO, week).await.unwrap();
+        assert_eq!((done.links_removed, done.blobs_deleted, done.bytes_freed), (2, 2, 2), "{done:?}");
+        assert!(!held(&r, &own).await && !held(&r, &loose).await, "unreferenced bytes are gone");
+        assert!(held(&r, &shared).await && held(&r, &config).await, "referenced bytes stay");
+        let v2 = r.manifest_get(&app, &Reference::Tag("v2".parse().unwrap()), None).await.unwrap();
+        assert!(r.blob_get(&app, &shared, None).await.is_ok(), "v2 still pulls");
+        assert!(!v2.bytes.is_empty());
+        assert_eq!(r.collect_garbage(Duration::ZERO, week).await.unwrap(), Collected::default(), "nothing left");
+    }
+
+    /// Without the hold, the commit would keep the copy the collection is about to delete
+    /// and link bytes that are gone.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_commit_waits_for_a_collection_deleting_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Arc::new(registry(dir.path()));
+        let repo: RepoName = "team/app".parse().unwrap();
+        let blob = push_blob(&r, &repo, b"bytes").await;
+        r.blob_delete(&repo, &blob).await.unwrap();
+        let doomed = r.meta.doom_unlinked(SystemTime::now() + Duration::from_secs(60), &[]).await.unwrap();
+        assert_eq!(doomed, vec![blob.clone()]);
+
+        let pusher = {
+            let (r, repo) = (r.clone(), repo.clone());
+            tokio::spawn(async move { push_blob(&r, &repo, b"bytes").await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!pusher.is_finished(), "the commit waits while the bytes are doomed");
+        r.delete_doomed(&doomed).await.unwrap();
+        pusher.await.unwrap();
+        assert!(held(&r, &blob).await, "the pushed bytes were stored again");
+        assert!(r.blob_get(&repo, &blob, None).await.is_ok());
+    }
+}

@@ -1,0 +1,140 @@
+//! Garbage collection while the server runs: deleted images give their bytes back, images
+//! that share them keep pulling with a real client, a push in flight is not broken, and
+//! `tessera gc` works on a data directory no server holds (and refuses one that a server
+//! holds).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tessera_spec::Digest;
+use tessera_testkit::clients::{ContainersFiles, short_tempdir};
+use tessera_testkit::{Api, Image, Server, error_code, have_tool};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn blob_file(data: &Path, digest: &Digest) -> std::path::PathBuf {
+    data.join("blobs").join(digest.algorithm().as_str()).join(&digest.hex()[..2]).join(digest.hex())
+}
+
+fn blob_digests(image: &Image) -> Vec<Digest> {
+    image.blobs().map(|b| Digest::sha256_of(b)).collect()
+}
+
+async fn metric(api: &Api, name: &str) -> f64 {
+    let text = api.get("/metrics").await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+}
+
+fn tessera(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).args(args).output().expect("tessera runs");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Every blob of `image` in `name` comes back with its digest.
+async fn pulls(api: &Api, name: &str, image: &Image) {
+    for d in blob_digests(image) {
+        let r = api.get(&format!("/v2/{name}/blobs/{d}")).await.unwrap();
+        assert_eq!(r.status(), 200, "{name} {d}");
+        assert_eq!(Digest::sha256_of(&r.bytes().await.unwrap()), d);
+    }
+}
+
+#[tokio::test]
+async fn deleted_images_give_their_bytes_back_while_the_server_runs() {
+    let grace = Duration::from_secs(3);
+    let mut server = Server::with_config(BIN, "[storage]\ngc_interval_secs = 1\ngc_grace_secs = 3\n").unwrap();
+    let api = Api::new(&server);
+    let gone = Image::random(2, 60_000);
+    let kept = Image::random(2, 60_000);
+    api.push_image("team/gone", "v1", &gone).await.unwrap();
+    api.push_image("team/kept", "v1", &kept).await.unwrap();
+    // The same bytes under a second name: referenced there, so they stay.
+    api.push_image("team/gone", "also", &kept).await.unwrap();
+
+    // A push that takes a while between its layers and its manifest, with passes running
+    // meanwhile, still succeeds inside the grace period.
+    let slow = Image::random(1, 30_000);
+    for b in slow.blobs() {
+        api.push_blob("team/slow", b).await.unwrap();
+    }
+    let r = api.get(&format!("/v2/team/gone/manifests/{}", gone.digest())).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let deleted = api.http.delete(api.url(&format!("/v2/team/gone/manifests/{}", gone.digest()))).send().await.unwrap();
+    assert_eq!(deleted.status(), 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = api.push_manifest("team/slow", "v1", MANIFEST, &slow.manifest).await.unwrap();
+    assert_eq!(r.status(), 201, "a push within the grace period is whole");
+
+    // Within a few passes after the grace period, the deleted image's own bytes are gone.
+    let deadline = Instant::now() + grace + Duration::from_secs(30);
+    while blob_digests(&gone).iter().any(|d| blob_file(&server.data, d).exists()) {
+        assert!(Instant::now() < deadline, "the deleted image's blobs were not reclaimed:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metric(&api, "tessera_gc_blobs_deleted_total").await >= 3.0);
+    assert!(metric(&api, "tessera_gc_bytes_freed_total").await >= 120_000.0);
+    for d in blob_digests(&kept).iter().chain(&blob_digests(&slow)) {
+        assert!(blob_file(&server.data, d).exists(), "{d} is referenced and stays");
+    }
+    let r = api.get(&format!("/v2/team/gone/blobs/{}", blob_digests(&gone)[1])).await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+    pulls(&api, "team/kept", &kept).await;
+    pulls(&api, "team/gone", &kept).await;
+    pulls(&api, "team/slow", &slow).await;
+    if have_tool("skopeo") {
+        let work = short_tempdir("tgc").unwrap();
+        let files = ContainersFiles::new(work.path(), &server.host()).unwrap();
+        for (name, image) in [("team/kept:v1", &kept), ("team/gone:also", &kept), ("team/slow:v1", &slow)] {
+            let out = work.path().join(name.replace(['/', ':'], "_"));
+            files.skopeo(&[
+                "copy",
+                "--src-tls-verify=false",
+                &format!("docker://{}/{name}", server.host()),
+                &format!("oci:{}:x", out.display()),
+            ]);
+            for d in blob_digests(image) {
+                assert!(out.join("blobs/sha256").join(d.hex()).is_file(), "skopeo copied {d} of {name}");
+            }
+        }
+    }
+
+    // The bytes come back with a new push of the same image.
+    api.push_image("team/gone", "v2", &gone).await.unwrap();
+    pulls(&api, "team/gone", &gone).await;
+
+    // A layer left unreferenced past the grace period is collected; the manifest that
+    // comes too late is refused with a clear error and nothing is stored.
+    let late = Image::random(1, 20_000);
+    for b in late.blobs() {
+        api.push_blob("team/late", b).await.unwrap();
+    }
+    let deadline = Instant::now() + grace + Duration::from_secs(30);
+    while blob_digests(&late).iter().any(|d| blob_file(&server.data, d).exists()) {
+        assert!(Instant::now() < deadline, "unreferenced layers were not collected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = api.push_manifest("team/late", "v1", MANIFEST, &late.manifest).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    assert_eq!(api.get("/v2/team/late/manifests/v1").await.unwrap().status(), 404);
+
+    // `tessera gc` refuses a data directory a server holds, and works on one it does not.
+    let data = server.data.to_string_lossy().into_owned();
+    let (ok, out) = tessera(&["gc", "--data", &data, "--grace-secs", "0"]);
+    assert!(!ok && out.contains("in use by another tessera process"), "{out}");
+    let loose = api.push_blob("team/loose", b"never referenced").await.unwrap();
+    server.kill();
+    let (ok, out) = tessera(&["gc", "--data", &data, "--grace-secs", "0"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("deleted 1 blob(s), 16 bytes"), "{out}");
+    assert!(!blob_file(&server.data, &loose).exists());
+    server.restart().unwrap();
+    let api = Api::new(&server);
+    pulls(&api, "team/kept", &kept).await;
+    pulls(&api, "team/gone", &gone).await;
+}
