@@ -241,18 +241,39 @@ impl SqliteMetaStore {
         .map_err(io::Error::other)?
     }
 
-    /// Runs `f` as one transaction on the writer connection.
+    /// Runs `f` as one transaction on the writer connection, on stable storage when it
+    /// returns.
     async fn write<T: Send + 'static>(
         &self,
+        f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        self.write_with(true, f).await
+    }
+
+    /// Like [`Self::write`]; without `durable`, the commit skips its fsync (a power loss may
+    /// forget it, a crash may not, and the next durable commit persists it too: the WAL is
+    /// written in order). For records that only matter while this process runs.
+    async fn write_with<T: Send + 'static>(
+        &self,
+        durable: bool,
         f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T> + Send + 'static,
     ) -> io::Result<T> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
-            tx.commit()?;
-            Ok(out)
+            if !durable {
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
+            }
+            let result = (|| {
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let out = f(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            if !durable {
+                conn.pragma_update(None, "synchronous", "FULL")?;
+            }
+            result
         })
         .await
         .map_err(io::Error::other)?
@@ -587,7 +608,8 @@ impl MetaStore for SqliteMetaStore {
 
     async fn hold_blob(&self, digest: &Digest, size: u64) -> io::Result<bool> {
         let digest = digest.to_string();
-        self.write(move |tx| {
+        // A hold guards a push in flight, which a power loss ends anyway.
+        self.write_with(false, move |tx| {
             if doomed(tx, &digest)? {
                 return Ok(false);
             }

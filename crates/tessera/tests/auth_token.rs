@@ -302,7 +302,12 @@ async fn tokens_from_a_trusted_external_issuer() {
         .unwrap()
         .replace("realm = \"registry.test\"", "realm = \"elsewhere\"");
     std::fs::write(&other_config, text).unwrap();
-    let idp_elsewhere = Server::start_in(BIN, Some(&idp.data), &["--config", other_config.to_str().unwrap()]).unwrap();
+    // Its own data directory (one server per directory), with the issuer's signing key.
+    let elsewhere_data = idp_dir.path().join("elsewhere-data");
+    std::fs::create_dir_all(&elsewhere_data).unwrap();
+    std::fs::copy(idp.data.join("token-key.p8"), elsewhere_data.join("token-key.p8")).unwrap();
+    let idp_elsewhere =
+        Server::start_in(BIN, Some(&elsewhere_data), &["--config", other_config.to_str().unwrap()]).unwrap();
     let elsewhere = token_from(&idp_elsewhere, "elsewhere", "repository:team/app:pull,push").await;
     assert_eq!(
         api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(&elsewhere).send().await.unwrap().status(),
