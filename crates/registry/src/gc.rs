@@ -6,9 +6,11 @@
 //! grace period, and abandoned upload sessions. Pushes go on meanwhile: the rules that keep
 //! them whole are in [`tessera_store::MetaStore`]'s garbage collection methods.
 
+use std::collections::HashSet;
 use std::io;
 use std::time::{Duration, SystemTime};
 
+use tessera_spec::Digest;
 pub use tessera_store::Collected;
 
 use crate::Registry;
@@ -19,43 +21,76 @@ impl Registry {
     /// idle upload session is kept.
     pub async fn collect_garbage(&self, grace: Duration, upload_expiry: Duration) -> io::Result<Collected> {
         let cutoff = SystemTime::now() - grace;
-        let links_removed = self.meta.unlink_unreferenced(cutoff).await?.len() as u64;
+        let mut done = Collected {
+            links_removed: self.meta.unlink_unreferenced(cutoff).await?.len() as u64,
+            ..Collected::default()
+        };
+        // In batches, so no blob stays doomed (and a push of it waiting) for long. What
+        // cannot be deleted stays doomed and is not tried again in this pass.
+        let mut failed = HashSet::new();
+        loop {
+            let doomed = self.meta.doom_unlinked(cutoff, &[], DOOM_BATCH).await?;
+            let todo: Vec<Digest> = doomed.into_iter().filter(|d| !failed.contains(d)).collect();
+            if todo.is_empty() {
+                break;
+            }
+            failed.extend(self.delete_doomed(&todo, &mut done).await?);
+        }
         let stored: Vec<_> =
             self.blobs.list().await?.into_iter().filter(|b| b.stored < cutoff).map(|b| b.digest).collect();
-        let doomed = self.meta.doom_unlinked(cutoff, &stored).await?;
-        let (blobs_deleted, bytes_freed) = self.delete_doomed(&doomed).await?;
-        let uploads_removed = self.sweep_uploads(upload_expiry, grace).await? as u64;
-        Ok(Collected { links_removed, blobs_deleted, bytes_freed, uploads_removed })
+        for batch in stored.chunks(DOOM_BATCH) {
+            let doomed = self.meta.doom_unlinked(cutoff, batch, 0).await?;
+            let todo: Vec<Digest> = doomed.into_iter().filter(|d| !failed.contains(d)).collect();
+            failed.extend(self.delete_doomed(&todo, &mut done).await?);
+        }
+        done.uploads_removed = self.sweep_uploads(upload_expiry, grace).await? as u64;
+        Ok(done)
     }
 
     /// Finishes what an interrupted pass doomed (its blobs cannot be held meanwhile).
     /// Run at start-up.
     pub async fn finish_interrupted_collection(&self) -> io::Result<u64> {
-        // A cutoff at the epoch dooms nothing new: only the leftovers are returned.
-        let doomed = self.meta.doom_unlinked(SystemTime::UNIX_EPOCH, &[]).await?;
-        Ok(self.delete_doomed(&doomed).await?.0)
+        // Dooms nothing new: only the leftovers are returned.
+        let doomed = self.meta.doom_unlinked(SystemTime::UNIX_EPOCH, &[], 0).await?;
+        let mut done = Collected::default();
+        self.delete_doomed(&doomed, &mut done).await?;
+        Ok(done.blobs_deleted)
     }
 
-    async fn delete_doomed(&self, doomed: &[tessera_spec::Digest]) -> io::Result<(u64, u64)> {
-        let (mut deleted, mut freed) = (0, 0);
+    /// Deletes the bytes of doomed blobs and ends each doom as soon as its bytes are gone.
+    /// A file that cannot be deleted stays doomed (so nothing links it) for the next pass;
+    /// those are returned.
+    async fn delete_doomed(&self, doomed: &[Digest], done: &mut Collected) -> io::Result<Vec<Digest>> {
+        let mut failed = Vec::new();
         for digest in doomed {
-            let size = self.blobs.stat(digest).await?;
-            if self.blobs.delete(digest).await? {
-                deleted += 1;
-                freed += size.unwrap_or(0);
+            let size = self.blobs.stat(digest).await.ok().flatten().unwrap_or(0);
+            match self.blobs.delete(digest).await {
+                Ok(existed) => {
+                    self.meta.forget_doomed(std::slice::from_ref(digest)).await?;
+                    if existed {
+                        done.blobs_deleted += 1;
+                        done.bytes_freed += size;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%digest, "cannot delete a collected blob, kept for the next pass: {e}");
+                    failed.push(digest.clone());
+                }
             }
         }
-        self.meta.forget_doomed(doomed).await?;
-        Ok((deleted, freed))
+        Ok(failed)
     }
 }
+
+/// How many blobs one pass dooms at a time.
+const DOOM_BATCH: usize = 256;
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use bytes::Bytes;
-    use tessera_spec::{Digest, Reference, RepoName};
+    use tessera_spec::{Reference, RepoName};
     use tessera_store::{FsBlobStore, SqliteMetaStore};
 
     use super::*;
@@ -132,7 +167,7 @@ mod tests {
         let repo: RepoName = "team/app".parse().unwrap();
         let blob = push_blob(&r, &repo, b"bytes").await;
         r.blob_delete(&repo, &blob).await.unwrap();
-        let doomed = r.meta.doom_unlinked(SystemTime::now() + Duration::from_secs(60), &[]).await.unwrap();
+        let doomed = r.meta.doom_unlinked(SystemTime::now() + Duration::from_secs(60), &[], 10).await.unwrap();
         assert_eq!(doomed, vec![blob.clone()]);
 
         let pusher = {
@@ -141,7 +176,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!pusher.is_finished(), "the commit waits while the bytes are doomed");
-        r.delete_doomed(&doomed).await.unwrap();
+        r.delete_doomed(&doomed, &mut Collected::default()).await.unwrap();
         pusher.await.unwrap();
         assert!(held(&r, &blob).await, "the pushed bytes were stored again");
         assert!(r.blob_get(&repo, &blob, None).await.is_ok());

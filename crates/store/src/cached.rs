@@ -241,8 +241,13 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(removed)
     }
 
-    async fn doom_unlinked(&self, cutoff: std::time::SystemTime, stored: &[Digest]) -> io::Result<Vec<Digest>> {
-        self.inner.doom_unlinked(cutoff, stored).await
+    async fn doom_unlinked(
+        &self,
+        cutoff: std::time::SystemTime,
+        stored: &[Digest],
+        limit: usize,
+    ) -> io::Result<Vec<Digest>> {
+        self.inner.doom_unlinked(cutoff, stored, limit).await
     }
 
     async fn forget_doomed(&self, digests: &[Digest]) -> io::Result<()> {

@@ -281,22 +281,49 @@ async fn garbage_collection(store: &dyn MetaStore) {
 
     // A blob held since the cutoff is not doomed; one nobody holds and nothing links is.
     assert!(store.hold_blob(&layer, 5).await.unwrap());
-    let doomed = store.doom_unlinked(earlier, &[]).await.unwrap();
+    let doomed = store.doom_unlinked(earlier, &[], usize::MAX).await.unwrap();
     assert!(!doomed.contains(&layer) && !doomed.contains(&loose), "held or unlinked since the cutoff: {doomed:?}");
     let orphan = Digest::sha256_of(b"orphan");
-    let doomed = store.doom_unlinked(later, std::slice::from_ref(&orphan)).await.unwrap();
+    let doomed = store.doom_unlinked(later, std::slice::from_ref(&orphan), usize::MAX).await.unwrap();
     for d in [&layer, &loose, &config, &orphan] {
         assert!(doomed.contains(d), "{d} doomed: {doomed:?}");
     }
     // Doomed blobs can be neither held nor linked until their bytes are gone.
     assert!(!store.hold_blob(&layer, 5).await.unwrap());
     assert_eq!(store.link_blob(&repo, &layer, 5).await.unwrap_err().kind(), std::io::ErrorKind::NotFound);
-    assert!(store.doom_unlinked(SystemTime::UNIX_EPOCH, &[]).await.unwrap().contains(&layer), "leftovers are reported");
+    let urls = ["https://cdn.example/l".to_string()];
+    assert_eq!(store.link_external(&repo, &layer, 5, &urls).await.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert!(
+        store.doom_unlinked(SystemTime::UNIX_EPOCH, &[], usize::MAX).await.unwrap().contains(&layer),
+        "leftovers are reported"
+    );
     store.forget_doomed(&doomed).await.unwrap();
-    assert!(store.doom_unlinked(SystemTime::UNIX_EPOCH, &[]).await.unwrap().is_empty());
+    assert!(store.doom_unlinked(SystemTime::UNIX_EPOCH, &[], usize::MAX).await.unwrap().is_empty());
     assert!(store.hold_blob(&layer, 5).await.unwrap());
     store.link_blob(&repo, &layer, 5).await.unwrap();
     assert_eq!(store.blob_link(&repo, &layer).await.unwrap(), Some(5));
     // Bytes with a record are never orphans.
-    assert!(!store.doom_unlinked(later, std::slice::from_ref(&layer)).await.unwrap().contains(&layer));
+    assert!(!store.doom_unlinked(later, std::slice::from_ref(&layer), usize::MAX).await.unwrap().contains(&layer));
+
+    // Linking again makes a link young again (a push into a repository whose old image
+    // was deleted gets the whole grace period).
+    std::thread::sleep(Duration::from_millis(5));
+    let between = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(5));
+    store.link_blob(&repo, &layer, 5).await.unwrap();
+    assert!(store.unlink_unreferenced(between).await.unwrap().is_empty());
+    assert!(store.unlink_blob(&repo, &layer).await.unwrap());
+
+    // At most `limit` unlinked blobs are doomed at once.
+    for n in 0..3u8 {
+        let d = Digest::sha256_of(&[b'g', n]);
+        store.link_blob(&repo, &d, 2).await.unwrap();
+        store.unlink_blob(&repo, &d).await.unwrap();
+    }
+    let first = store.doom_unlinked(later, &[], 2).await.unwrap();
+    assert_eq!(first.len(), 2, "{first:?}");
+    store.forget_doomed(&first).await.unwrap();
+    let rest = store.doom_unlinked(later, &[], 2).await.unwrap();
+    assert!(!rest.is_empty() && rest.iter().all(|d| !first.contains(d)), "{rest:?}");
+    store.forget_doomed(&rest).await.unwrap();
 }

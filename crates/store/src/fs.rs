@@ -362,9 +362,11 @@ impl BlobStore for FsBlobStore {
                 let Some(id) = entry.file_name().to_str().and_then(|s| s.parse::<UploadId>().ok()) else {
                     continue;
                 };
+                // A session being created has its directory before its data file.
                 let modified = fs::metadata(entry.path().join("data"))
+                    .or_else(|_| entry.metadata())
                     .and_then(|m| m.modified())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                    .unwrap_or_else(|_| SystemTime::now());
                 out.push((id, modified));
             }
             Ok(out)

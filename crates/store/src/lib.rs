@@ -245,11 +245,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Removes links made before `cutoff` that no manifest of their repository references,
     /// and returns them.
     async fn unlink_unreferenced(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>>;
-    /// Dooms every blob that nothing links and nobody held since `cutoff`, and each of
-    /// `stored` (bytes held before `cutoff`) that has no record at all; returns everything
-    /// doomed, including what an interrupted collection left. Doomed blobs cannot be held
-    /// until [`MetaStore::forget_doomed`].
-    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest]) -> io::Result<Vec<Digest>>;
+    /// Dooms up to `limit` blobs that nothing links and nobody held since `cutoff`, and
+    /// each of `stored` (bytes held before `cutoff`) that has no record at all; returns
+    /// everything doomed, including what an interrupted collection left. Doomed blobs can
+    /// be neither held nor linked until [`MetaStore::forget_doomed`].
+    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> io::Result<Vec<Digest>>;
     /// Ends the doom of blobs whose bytes are gone.
     async fn forget_doomed(&self, digests: &[Digest]) -> io::Result<()>;
 }

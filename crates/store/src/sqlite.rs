@@ -261,19 +261,13 @@ impl SqliteMetaStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-            if !durable {
-                conn.pragma_update(None, "synchronous", "NORMAL")?;
-            }
-            let result = (|| {
-                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                let out = f(&tx)?;
-                tx.commit()?;
-                Ok(out)
-            })();
-            if !durable {
-                conn.pragma_update(None, "synchronous", "FULL")?;
-            }
-            result
+            // Set for every write, so nothing (not even a panic in the last one) can leave a
+            // durable write without its fsync.
+            conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
         })
         .await
         .map_err(io::Error::other)?
@@ -328,7 +322,7 @@ impl MetaStore for SqliteMetaStore {
             // Bytes arriving for a blob that lived elsewhere make the link local.
             tx.prepare_cached(
                 "INSERT INTO blob_links(repo, digest, linked_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO UPDATE SET urls = NULL, size = NULL WHERE urls IS NOT NULL",
+                 ON CONFLICT DO UPDATE SET linked_ms = excluded.linked_ms, urls = NULL, size = NULL",
             )?
             .execute(params![id, digest, now_ms()])?;
             Ok(())
@@ -341,6 +335,9 @@ impl MetaStore for SqliteMetaStore {
         let urls = serde_json::to_string(urls).map_err(io::Error::other)?;
         let mismatch = self
             .write(move |tx| {
+                if doomed(tx, &digest)? {
+                    return Err(refusal(io::ErrorKind::NotFound, format!("{digest} is being garbage collected")));
+                }
                 // Only a verified size (bytes held here) can contradict the claim.
                 let known: Option<i64> = tx
                     .prepare_cached(
@@ -360,7 +357,9 @@ impl MetaStore for SqliteMetaStore {
                 .execute(params![digest, size as i64, now_ms()])?;
                 tx.prepare_cached(
                     "INSERT INTO blob_links(repo, digest, urls, size, linked_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT DO UPDATE SET urls = excluded.urls, size = excluded.size WHERE urls IS NOT NULL",
+                     ON CONFLICT DO UPDATE SET linked_ms = excluded.linked_ms,
+                         urls = CASE WHEN urls IS NULL THEN NULL ELSE excluded.urls END,
+                         size = CASE WHEN urls IS NULL THEN NULL ELSE excluded.size END",
                 )?
                 .execute(params![id, digest, urls, size as i64, now_ms()])?;
                 Ok(None)
@@ -645,7 +644,7 @@ impl MetaStore for SqliteMetaStore {
         Ok(removed.into_iter().filter_map(|(repo, digest)| Some((repo.parse().ok()?, digest.parse().ok()?))).collect())
     }
 
-    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest]) -> io::Result<Vec<Digest>> {
+    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> io::Result<Vec<Digest>> {
         let cutoff = millis(cutoff);
         let stored: Vec<String> = stored.iter().map(|d| d.to_string()).collect();
         let doomed = self
@@ -653,11 +652,16 @@ impl MetaStore for SqliteMetaStore {
                 tx.prepare_cached(
                     "INSERT OR IGNORE INTO blobs_doomed(digest)
                      SELECT digest FROM blobs b WHERE held_ms < ?1
-                     AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest)",
+                     AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest) LIMIT ?2",
                 )?
-                .execute([cutoff])?;
-                tx.prepare_cached("DELETE FROM blobs WHERE digest IN (SELECT digest FROM blobs_doomed)")?.execute([])?;
-                // Bytes without any record: a push cut off between storing and linking.
+                .execute(params![cutoff, limit as i64])?;
+                tx.prepare_cached(
+                    "DELETE FROM blobs WHERE digest IN (SELECT digest FROM blobs_doomed)
+                     AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = blobs.digest)",
+                )?
+                .execute([])?;
+                // Bytes without any record (stored before holds existed, or a hold a power
+                // loss forgot).
                 let mut orphan = tx.prepare_cached(
                     "INSERT OR IGNORE INTO blobs_doomed(digest)
                      SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE digest = ?1)",
