@@ -56,6 +56,43 @@ pub struct Config {
     /// them as targets.
     #[serde(rename = "static")]
     pub statics: Vec<StaticSource>,
+    /// Reverse proxies (addresses or networks) whose `X-Forwarded-For` names the client:
+    /// the address that rate limits, upload limits, mirror choice and the access log use.
+    /// Empty (the default): the socket's peer is the client, and the header is ignored.
+    pub trusted_proxies: Vec<Network>,
+}
+
+/// A network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`), or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network(pub ipnet::IpNet);
+
+impl Network {
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        self.0.contains(ip)
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Network, String> {
+        s.parse::<ipnet::IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(Network)
+            .map_err(|_| format!("{s:?} is not a network (CIDR) or an address"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Network, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// One `[[static]]` source; exactly one of `crane_dir` and `layout`.
@@ -209,7 +246,7 @@ pub struct Mirror {
     pub url: String,
     /// Client networks (CIDRs) this mirror serves; empty: every client.
     #[serde(default)]
-    pub networks: Vec<String>,
+    pub networks: Vec<Network>,
     /// Lower is preferred among the healthy mirrors serving a client.
     #[serde(default = "default_mirror_priority")]
     pub priority: u32,
@@ -513,6 +550,7 @@ impl Default for Config {
             access: Vec::new(),
             deliveries: Vec::new(),
             statics: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }

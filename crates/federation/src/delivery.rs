@@ -306,15 +306,7 @@ impl Rule {
                         if let Some(kept) = kept {
                             return Ok(kept.clone());
                         }
-                        let networks = m
-                            .networks
-                            .iter()
-                            .map(|n| {
-                                n.parse::<IpNet>()
-                                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
-                                    .map_err(|_| format!("mirror {}: {n:?} is not a network (CIDR)", m.url))
-                            })
-                            .collect::<Result<_, _>>()?;
+                        let networks = m.networks.iter().map(|n| n.0).collect();
                         // Unknown until the first check, which runs at once.
                         Ok(Arc::new(MirrorState {
                             config: m.clone(),
@@ -576,7 +568,7 @@ impl Delivery {
                             let nets = if m.config.networks.is_empty() {
                                 "all clients".to_string()
                             } else {
-                                m.config.networks.join(", ")
+                                m.config.networks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
                             };
                             format!("{} for {nets}, priority {}", m.base, m.config.priority)
                         })

@@ -21,7 +21,7 @@ use crate::{ApiError, AppState};
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
-    let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0.ip());
+    let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0);
     let admitted = match client {
         Some(ip) => state.limits.admit(ip).and_then(|()| {
             let uploading = matches!(parts.method, Method::POST | Method::PATCH | Method::PUT);

@@ -37,9 +37,10 @@ pub struct AppState {
 
 pub use metrics::Metrics;
 
-/// The client's socket address, put into request extensions by [`server`].
+/// The client's address (the socket's peer, or the one a trusted proxy forwarded), put
+/// into request extensions by [`server`].
 #[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::SocketAddr);
+pub struct ClientAddr(pub std::net::IpAddr);
 
 /// The application: every request goes through one dispatcher; every response carries the
 /// API version header and is logged as one line.

@@ -50,7 +50,7 @@ impl<'a> Route<'a> {
     pub(crate) fn new(state: &'a AppState, parts: &Parts, name: &RepoName) -> Result<Route<'a>, OciError> {
         let federation = state.federation.load_full();
         let resolved = federation.table.resolve(host(parts), authority(parts).as_deref(), name)?;
-        let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0.ip());
+        let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0);
         let upstream_auth = if resolved.passthrough {
             UpstreamAuth::Client(parts.headers.get(header::AUTHORIZATION).cloned())
         } else {

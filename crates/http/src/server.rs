@@ -6,13 +6,14 @@
 //! "server gave HTTP response to HTTPS client" and fall back, instead of hanging.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
+use axum::http::HeaderMap;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -24,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tower::ServiceExt;
+
+use tessera_config::Network;
 
 use crate::ClientAddr;
 
@@ -41,6 +44,48 @@ pub struct ServerOptions {
     pub header_max_bytes: usize,
     /// A connection whose client takes no bytes for this long is closed.
     pub send_idle: Duration,
+    /// Peers whose `X-Forwarded-For` is believed (see [`client_address`]).
+    pub trusted_proxies: Arc<[Network]>,
+}
+
+/// The client a request is from: the socket's peer, or, when the peer is a trusted proxy,
+/// the address it forwarded. `X-Forwarded-For` is read from the right (the entry the
+/// nearest proxy appended) and trusted proxies are skipped; the first address that is not
+/// one is the client (entries to its left are whatever the client chose to send). An entry
+/// that is not an address stops the walk at the last trusted hop.
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[Network]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for entry in forwarded.iter().rev() {
+        match forwarded_ip(entry) {
+            Some(ip) => {
+                client = ip;
+                if !is_trusted(&ip) {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an address, possibly with a port (`1.2.3.4:5`, `[::1]:5`).
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .map(|ip| ip.to_canonical())
 }
 
 /// The server certificate, replaceable while serving: new handshakes use the latest one.
@@ -156,10 +201,13 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let connection_app = app.clone();
+        let trusted_proxies = options.trusted_proxies.clone();
         let service = move |identity: Option<ClientCertificate>| {
             let app = connection_app.clone();
+            let trusted = trusted_proxies.clone();
             hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(ClientAddr(peer));
+                let client = client_address(peer.ip().to_canonical(), req.headers(), &trusted);
+                req.extensions_mut().insert(ClientAddr(client));
                 if let Some(id) = &identity {
                     req.extensions_mut().insert(id.clone());
                 }
@@ -232,5 +280,52 @@ async fn answers_tls_probe(stream: &mut TcpStream, peer: SocketAddr) -> bool {
         }
         Ok(Ok(_)) => false,
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_from_trusted_proxies() {
+        let trusted: Vec<Network> = vec!["10.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()];
+        let cases: &[(&str, &[&str], &str)] = &[
+            // An untrusted peer says what it likes; it stays the client.
+            ("192.0.2.7", &["198.51.100.1"], "192.0.2.7"),
+            // One trusted proxy: the address it appended.
+            ("10.0.0.2", &["198.51.100.1"], "198.51.100.1"),
+            // Entries left of the first untrusted one are the client's own words.
+            ("10.0.0.2", &["203.0.113.9, 198.51.100.1"], "198.51.100.1"),
+            // A chain of trusted proxies is skipped; several headers read as one list.
+            ("10.0.0.2", &["198.51.100.1, 10.0.0.3", "10.0.0.4"], "198.51.100.1"),
+            // All trusted: the leftmost.
+            ("10.0.0.2", &["10.0.0.5, 10.0.0.3"], "10.0.0.5"),
+            // Garbage stops the walk at the last trusted hop.
+            ("10.0.0.2", &["198.51.100.1, unknown"], "10.0.0.2"),
+            ("10.0.0.2", &["198.51.100.1, <script>, 10.0.0.3"], "10.0.0.3"),
+            // No header: the proxy itself.
+            ("10.0.0.2", &[], "10.0.0.2"),
+            // Ports and IPv6 forms.
+            ("::1", &["[2001:db8::1]:4711"], "2001:db8::1"),
+            ("::1", &["198.51.100.1:80"], "198.51.100.1"),
+            ("::1", &["::ffff:198.51.100.1"], "198.51.100.1"),
+        ];
+        for (peer, values, want) in cases {
+            assert_eq!(client_address(ip(peer), &headers(values), &trusted), ip(want), "{peer} {values:?}");
+        }
+        assert_eq!(client_address(ip("10.0.0.2"), &headers(&["198.51.100.1"]), &[]), ip("10.0.0.2"), "none trusted");
     }
 }

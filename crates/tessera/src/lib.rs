@@ -320,6 +320,7 @@ pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future
             tls,
             header_max_bytes: config.limits.header_max_bytes,
             send_idle: Duration::from_secs(config.limits.send_idle_timeout_secs.max(1)),
+            trusted_proxies: config.trusted_proxies.clone().into(),
         },
         shutdown,
     )

@@ -32,6 +32,38 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(api.get("/v2/").await.unwrap().status(), 200, "allowed again after waiting");
 }
 
+/// How many GETs of `/v2/` in a burst get through before a 429, sent as `forwarded_for`.
+async fn admitted_in_a_burst(api: &Api, forwarded_for: &str) -> usize {
+    for n in 0..30 {
+        let r = api.http.get(api.url("/v2/")).header("x-forwarded-for", forwarded_for).send().await.unwrap();
+        if r.status() == 429 {
+            return n;
+        }
+    }
+    30
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
+    let behind =
+        Server::with_config(BIN, "trusted_proxies = [\"127.0.0.0/8\"]\n[limits]\nrequests_per_second_per_client = 1\n")
+            .unwrap();
+    let api = Api::new(&behind);
+    let first = admitted_in_a_burst(&api, "198.51.100.1").await;
+    assert!(first < 30, "the first client is limited");
+    // Another client behind the same proxy starts with its own allowance; a client cannot
+    // escape its limit by prefixing addresses of its own.
+    assert!(admitted_in_a_burst(&api, "198.51.100.2").await > 0, "a second client is not limited by the first");
+    assert_eq!(admitted_in_a_burst(&api, "203.0.113.5, 198.51.100.1").await, 0, "still the first client");
+    assert!(behind.log_text().contains("198.51.100.2 \"GET /v2/"), "the access log names the client");
+
+    // Without trusted proxies the header is ignored: every request is the peer's.
+    let direct = with_limits("requests_per_second_per_client = 1");
+    let api = Api::new(&direct);
+    assert!(admitted_in_a_burst(&api, "198.51.100.1").await < 30);
+    assert_eq!(admitted_in_a_burst(&api, "198.51.100.2").await, 0, "a forged header changes nothing");
+}
+
 #[tokio::test]
 async fn uploads_in_flight_per_client_are_bounded() {
     let server = with_limits("uploads_per_client = 2");
