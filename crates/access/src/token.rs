@@ -154,6 +154,13 @@ pub fn verify_with(token: &str, issuer: &str, audience: &str, keys: &[VerifyKey]
 }
 
 /// The issuer a token claims, read without verifying anything (to pick whose keys verify it).
+/// The `kid` a token's header names, unverified (to tell a key not yet known).
+pub fn token_kid(token: &str) -> Option<String> {
+    let header = token.split('.').next()?;
+    let value: serde_json::Value = serde_json::from_slice(&B64.decode(header).ok()?).ok()?;
+    value["kid"].as_str().map(str::to_string)
+}
+
 pub fn claimed_issuer(token: &str) -> Option<String> {
     let claims = token.split('.').nth(1)?;
     let value: serde_json::Value = serde_json::from_slice(&B64.decode(claims).ok()?).ok()?;

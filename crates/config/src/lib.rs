@@ -306,14 +306,25 @@ impl AuthConfig {
     }
 }
 
-/// An external token issuer: its tokens are verified against the keys of its JWKS file and
-/// must name this `issuer` and `audience`.
+/// An external token issuer: its tokens are verified against the keys of its JWKS (a file,
+/// or a URL fetched while serving) and must name this `issuer` and `audience`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrustedIssuer {
     pub issuer: String,
     pub audience: String,
-    pub jwks_file: PathBuf,
+    /// The JWKS document as a file, read at start-up.
+    pub jwks_file: Option<PathBuf>,
+    /// The JWKS document's URL (e.g. an OpenID provider's `jwks_uri`): fetched at start-up,
+    /// every `jwks_refresh_secs`, and when a token names a key not yet known (at most every
+    /// few seconds), so the issuer can rotate its keys.
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    3600
 }
 
 fn default_token_ttl() -> u64 {
@@ -648,6 +659,19 @@ impl Config {
                 }
             }
         }
+        for t in self.auth.iter().flat_map(|a| &a.trusted_issuer) {
+            match (&t.jwks_file, &t.jwks_url) {
+                (Some(_), None) => {}
+                (None, Some(url)) if is_http_url(url) => {}
+                (None, Some(_)) => {
+                    return Err(format!("trusted issuer {:?}: jwks_url must start with https:// or http://", t.issuer));
+                }
+                _ => return Err(format!("trusted issuer {:?}: give exactly one of jwks_file and jwks_url", t.issuer)),
+            }
+            if t.jwks_refresh_secs == 0 {
+                return Err(format!("trusted issuer {:?}: jwks_refresh_secs must be positive", t.issuer));
+            }
+        }
         for s in &self.statics {
             if s.name.is_empty() || s.name == "hosted" || s.name.contains(':') || !names.insert(s.name.as_str()) {
                 return Err(format!("static source name {:?} is empty, \"hosted\", has ':' or is taken", s.name));
@@ -864,6 +888,30 @@ to = ["hosted", "dockerhub", "quay"]
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn trusted_issuers_take_one_key_source_and_proxies_take_networks() {
+        let issuer = |keys: &str| {
+            format!("[auth]\nhtpasswd = \"h\"\n[[auth.trusted_issuer]]\nissuer = \"i\"\naudience = \"a\"\n{keys}")
+        };
+        let c = Config::from_toml(&issuer("jwks_url = \"https://idp.example/jwks\"\n")).unwrap();
+        assert_eq!(c.auth.unwrap().trusted_issuer[0].jwks_refresh_secs, 3600);
+        assert!(Config::from_toml(&issuer("jwks_file = \"k.json\"\n")).is_ok());
+        for bad in [
+            "",
+            "jwks_file = \"k.json\"\njwks_url = \"https://idp.example/jwks\"\n",
+            "jwks_url = \"file:///etc/jwks\"\n",
+            "jwks_url = \"https://idp.example/jwks\"\njwks_refresh_secs = 0\n",
+        ] {
+            assert!(Config::from_toml(&issuer(bad)).is_err(), "{bad}");
+        }
+        let c = Config::from_toml("trusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n").unwrap();
+        assert!(c.trusted_proxies[0].contains(&"10.2.3.4".parse().unwrap()));
+        assert!(c.trusted_proxies[1].contains(&"::1".parse().unwrap()));
+        assert!(!c.trusted_proxies[1].contains(&"::2".parse().unwrap()));
+        assert!(Config::from_toml("trusted_proxies = [\"10.0.0.0/33\"]\n").is_err());
+        assert!(Config::from_toml("trusted_proxies = [\"proxy.example\"]\n").is_err());
     }
 
     #[test]

@@ -5,7 +5,12 @@
 
 use axum::http::request::Parts;
 use axum::http::{Method, header};
-use tessera_access::token::{Grant, TokenIssuer, Verified, VerifyKey, claimed_issuer, parse_scope, verify_with};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tessera_access::token::{
+    Grant, TokenIssuer, Verified, VerifyKey, claimed_issuer, parse_scope, token_kid, verify_with,
+};
 use tessera_access::{Access, Action, Decision, Identity, Logins};
 use tessera_spec::{ErrorCode, OciError, RepoName};
 
@@ -31,7 +36,30 @@ pub(crate) fn action_of<'e>(method: &Method, endpoint: &'e Endpoint) -> Option<(
 pub struct TrustedIssuer {
     pub issuer: String,
     pub audience: String,
-    pub keys: Vec<VerifyKey>,
+    pub keys: Arc<IssuerKeys>,
+}
+
+/// A trusted issuer's verification keys. Keys from a JWKS URL are replaced while serving;
+/// a token naming a key the set lacks wakes [`IssuerKeys::unknown_key`] (the issuer may
+/// have rotated its keys), and whoever keeps the set fresh fetches it again.
+#[derive(Default)]
+pub struct IssuerKeys {
+    keys: ArcSwap<Vec<VerifyKey>>,
+    pub unknown_key: tokio::sync::Notify,
+}
+
+impl IssuerKeys {
+    pub fn new(keys: Vec<VerifyKey>) -> IssuerKeys {
+        IssuerKeys { keys: ArcSwap::from_pointee(keys), unknown_key: Default::default() }
+    }
+
+    pub fn current(&self) -> Arc<Vec<VerifyKey>> {
+        self.keys.load_full()
+    }
+
+    pub fn replace(&self, keys: Vec<VerifyKey>) {
+        self.keys.store(Arc::new(keys));
+    }
 }
 
 pub struct Auth {
@@ -72,7 +100,19 @@ impl Auth {
             return ours.verify(token);
         }
         match self.trusted.iter().find(|t| claimed.as_deref() == Some(t.issuer.as_str())) {
-            Some(t) => verify_with(token, &t.issuer, &t.audience, &t.keys),
+            Some(t) => {
+                let keys = t.keys.current();
+                let verified = verify_with(token, &t.issuer, &t.audience, &keys);
+                let kid = token_kid(token);
+                let known = match kid.as_deref() {
+                    Some(kid) => keys.iter().any(|k| k.kid.as_deref() == Some(kid)),
+                    None => !keys.is_empty(),
+                };
+                if verified.is_err() && !known {
+                    t.keys.unknown_key.notify_one();
+                }
+                verified
+            }
             None => Err("token from an issuer this registry does not trust"),
         }
     }

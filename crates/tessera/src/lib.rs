@@ -10,6 +10,7 @@ use anyhow::Context;
 use tessera_config::Config;
 use tessera_federation::{Federation, RoutingTable, Upstream};
 use tessera_http::AppState;
+use tessera_http::auth::IssuerKeys;
 use tessera_http::server::{CertStore, ServerOptions};
 use tessera_registry::{Registry, Settings};
 use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, SqliteMetaStore};
@@ -57,7 +58,8 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     let registry = open_registry(config)?;
     let federation = open_federation(config, None).await?;
     recover(&registry, config).await?;
-    let auth = open_auth(config)?;
+    let (auth, jwks) = open_auth(config)?;
+    start_jwks_fetching(jwks).await?;
     let limits = tessera_http::limits::ClientLimits::new(
         config.limits.requests_per_second_per_client,
         config.limits.uploads_per_client,
@@ -82,7 +84,7 @@ fn anonymous_writes(config: &Config) -> bool {
 }
 
 /// The login step: users from the htpasswd file, rights from the `[[access]]` rules.
-fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>> {
+fn open_auth(config: &Config) -> anyhow::Result<(Option<tessera_http::auth::Auth>, Vec<JwksSource>)> {
     use tessera_access::{Access, Action, Htpasswd, Logins, Rule};
     let Some(auth) = &config.auth else {
         if !config.listen.ip().is_loopback() {
@@ -98,7 +100,7 @@ fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>
                 );
             }
         }
-        return Ok(None);
+        return Ok((None, Vec::new()));
     };
     let htpasswd = Htpasswd::from_file(&auth.htpasswd).map_err(anyhow::Error::msg)?;
     if htpasswd.is_empty() {
@@ -130,27 +132,121 @@ fn open_auth(config: &Config) -> anyhow::Result<Option<tessera_http::auth::Auth>
         htpasswd.len(),
         auth.htpasswd.display()
     );
+    let mut fetched = Vec::new();
     let trusted = auth
         .trusted_issuer
         .iter()
         .map(|t| {
-            let text = std::fs::read_to_string(&t.jwks_file)
-                .with_context(|| format!("cannot read {}", t.jwks_file.display()))?;
-            let jwks: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", t.jwks_file.display()))?;
-            let keys = tessera_access::token::jwks_keys(&jwks)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", t.jwks_file.display()))?;
+            let keys = match (&t.jwks_file, &t.jwks_url) {
+                (Some(file), _) => {
+                    let text =
+                        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+                    let jwks: serde_json::Value =
+                        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+                    let keys = tessera_access::token::jwks_keys(&jwks)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                    Arc::new(IssuerKeys::new(keys))
+                }
+                (None, url) => {
+                    let keys = Arc::new(IssuerKeys::default());
+                    let url = url.clone().context("a trusted issuer needs jwks_file or jwks_url")?;
+                    let refresh = Duration::from_secs(t.jwks_refresh_secs);
+                    fetched.push(JwksSource { issuer: t.issuer.clone(), url, refresh, keys: keys.clone() });
+                    keys
+                }
+            };
             Ok(tessera_http::auth::TrustedIssuer { issuer: t.issuer.clone(), audience: t.audience.clone(), keys })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Some(tessera_http::auth::Auth::new(
+    let auth = tessera_http::auth::Auth::new(
         Logins::new(htpasswd),
         Access::with_groups(rules, auth.groups.clone()),
         auth.realm.clone(),
         tokens,
         trusted,
         config.tls.is_some(),
-    )))
+    );
+    Ok((Some(auth), fetched))
+}
+
+/// A trusted issuer's JWKS to keep fetching.
+struct JwksSource {
+    issuer: String,
+    url: String,
+    refresh: Duration,
+    keys: Arc<IssuerKeys>,
+}
+
+/// A JWKS larger than this is refused (real ones are a few KiB).
+const JWKS_MAX_BYTES: usize = 1 << 20;
+/// After a failed fetch, the next try comes this soon.
+const JWKS_RETRY: Duration = Duration::from_secs(30);
+/// Tokens naming unknown keys ask for a fetch at most this often (anyone can send such a
+/// token; the issuer must not be hammered for it).
+const JWKS_MIN_SPACING: Duration = Duration::from_secs(2);
+
+impl JwksSource {
+    /// Fetches the document and replaces the keys; a failure keeps the keys there were.
+    async fn fetch(&self, http: &reqwest::Client) -> bool {
+        let result = async {
+            let response = http.get(&self.url).send().await.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("answered {}", response.status()));
+            }
+            if response.content_length().is_some_and(|n| n > JWKS_MAX_BYTES as u64) {
+                return Err("document too large".into());
+            }
+            let body = response.bytes().await.map_err(|e| e.to_string())?;
+            if body.len() > JWKS_MAX_BYTES {
+                return Err("document too large".into());
+            }
+            let jwks: serde_json::Value = serde_json::from_slice(&body).map_err(|_| "not JSON".to_string())?;
+            tessera_access::token::jwks_keys(&jwks)
+        }
+        .await;
+        match result {
+            Ok(keys) => {
+                tracing::info!(issuer = %self.issuer, "fetched {} key(s) from {}", keys.len(), self.url);
+                self.keys.replace(keys);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %self.issuer, "cannot fetch the JWKS from {}: {e}; keeping the keys there were", self.url);
+                false
+            }
+        }
+    }
+
+    /// Fetches again every `refresh` (every `JWKS_RETRY` while failing), and soon after a
+    /// token names a key not in the set.
+    async fn keep_fresh(self, http: reqwest::Client, mut ok: bool) {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            let wait = if ok { self.refresh } else { JWKS_RETRY };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.keys.unknown_key.notified() => {
+                    tokio::time::sleep_until(last + JWKS_MIN_SPACING).await;
+                }
+            }
+            ok = self.fetch(&http).await;
+            last = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Fetches every JWKS once (so tokens work from the first request; an issuer that cannot
+/// be reached delays nothing but its own tokens), then keeps each fresh in the background.
+async fn start_jwks_fetching(sources: Vec<JwksSource>) -> anyhow::Result<()> {
+    if sources.is_empty() {
+        return Ok(());
+    }
+    let http = tessera_federation::upstream::content_client(true).map_err(anyhow::Error::msg)?;
+    for source in sources {
+        let ok = tokio::time::timeout(Duration::from_secs(10), source.fetch(&http)).await.unwrap_or(false);
+        tokio::spawn(source.keep_fresh(http.clone(), ok));
+    }
+    Ok(())
 }
 
 /// On SIGHUP: the TLS certificate is read again (new handshakes use it), and with `reload`

@@ -323,3 +323,63 @@ async fn tokens_from_a_trusted_external_issuer() {
         "the rogue key was refused"
     );
 }
+
+/// Keys from the issuer's JWKS URL: fetched at start-up, fetched again when a token names a
+/// key not yet known (the issuer rotated), and an issuer that cannot be reached only costs
+/// its own tokens.
+#[tokio::test]
+async fn keys_from_a_jwks_url_follow_the_issuers_rotation() {
+    let (idp_dir, dir) = (tessera_testkit::tempdir().unwrap(), tessera_testkit::tempdir().unwrap());
+    let mut idp = issuer_server(idp_dir.path(), "idp.example", "registry.test");
+    let htpasswd = tessera_testkit::htpasswd_file(dir.path(), &[("bob", "bob-pass")]);
+    let config = dir.path().join("r.toml");
+    let write_config = |jwks_url: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[auth]\nhtpasswd = \"{}\"\nrealm = \"registry.test\"\n\n[[auth.trusted_issuer]]\nissuer = \"idp.example\"\naudience = \"registry.test\"\njwks_url = \"{jwks_url}\"\n",
+                htpasswd.display()
+            ),
+        )
+        .unwrap();
+    };
+    write_config(&format!("http://{}/.well-known/jwks.json", idp.host()));
+    let registry = Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap();
+    let api = Api::new(&registry);
+    let upload = |token: String| {
+        let api = &api;
+        async move {
+            api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(token).send().await.unwrap().status()
+        }
+    };
+    let old = token_from(&idp, "registry.test", "repository:team/app:pull,push").await;
+    assert_eq!(upload(old.clone()).await, 202, "keys fetched at start-up:\n{}", registry.log_text());
+
+    // The issuer rotates its key: a token signed with the new one is honoured once the
+    // registry has fetched again (which that token itself asks for); the old key is gone.
+    idp.kill();
+    std::fs::remove_file(idp.data.join("token-key.p8")).unwrap();
+    idp.restart().unwrap();
+    let new = token_from(&idp, "registry.test", "repository:team/app:pull,push").await;
+    assert_ne!(tessera_access::token::token_kid(&new), tessera_access::token::token_kid(&old));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while upload(new.clone()).await != 202 {
+        assert!(std::time::Instant::now() < deadline, "the rotated key was never fetched:\n{}", registry.log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(upload(old).await, 401, "the retired key no longer verifies");
+    assert_eq!(registry.log_text().matches("fetched 1 key(s)").count(), 2, "{}", registry.log_text());
+
+    // An issuer that cannot be reached: the registry starts, its tokens are refused, the
+    // reason is logged, and nothing else is affected.
+    write_config("http://127.0.0.1:9/.well-known/jwks.json");
+    let cut_off = Server::start(BIN, &["--config", config.to_str().unwrap()]).unwrap();
+    let api = Api::new(&cut_off);
+    let token = token_from(&idp, "registry.test", "repository:team/app:pull,push").await;
+    let r = api.http.post(api.url("/v2/team/app/blobs/uploads/")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r =
+        api.http.post(api.url("/v2/team/app/blobs/uploads/")).basic_auth("bob", Some("bob-pass")).send().await.unwrap();
+    assert_eq!(r.status(), 202, "logins still work");
+    assert!(cut_off.log_text().contains("cannot fetch the JWKS"), "{}", cut_off.log_text());
+}
