@@ -531,6 +531,9 @@ pub struct Storage {
     /// How long unreferenced links and unlinked bytes are kept before a pass removes them:
     /// longer than any push takes between its first layer and its manifest.
     pub gc_grace_secs: u64,
+    /// Passes also delete manifests nothing keeps: untagged, listed by no index of their
+    /// repository, not a referrer of a kept manifest (Distribution's `--delete-untagged`).
+    pub gc_untagged: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -588,6 +591,7 @@ impl Default for Storage {
             upload_expiry_secs: 7 * 24 * 3600,
             gc_interval_secs: 3600,
             gc_grace_secs: 24 * 3600,
+            gc_untagged: false,
         }
     }
 }

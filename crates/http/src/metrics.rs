@@ -15,6 +15,7 @@ pub struct Metrics {
     /// Answers by status class: index 0 is 1xx, 4 is 5xx.
     by_class: [AtomicU64; 5],
     gc_passes: AtomicU64,
+    gc_manifests_deleted: AtomicU64,
     gc_links_removed: AtomicU64,
     gc_blobs_deleted: AtomicU64,
     gc_bytes_freed: AtomicU64,
@@ -24,6 +25,7 @@ impl Metrics {
     /// Counts a finished garbage collection pass.
     pub fn collected(&self, done: &tessera_registry::gc::Collected) {
         self.gc_passes.fetch_add(1, Ordering::Relaxed);
+        self.gc_manifests_deleted.fetch_add(done.manifests_deleted, Ordering::Relaxed);
         self.gc_links_removed.fetch_add(done.links_removed, Ordering::Relaxed);
         self.gc_blobs_deleted.fetch_add(done.blobs_deleted, Ordering::Relaxed);
         self.gc_bytes_freed.fetch_add(done.bytes_freed, Ordering::Relaxed);
@@ -92,6 +94,11 @@ impl Metrics {
         }
         for (name, help, counter) in [
             ("tessera_gc_passes_total", "Garbage collection passes finished.", &self.gc_passes),
+            (
+                "tessera_gc_manifests_deleted_total",
+                "Untagged manifests nothing kept, deleted.",
+                &self.gc_manifests_deleted,
+            ),
             ("tessera_gc_links_removed_total", "Unreferenced blob links removed.", &self.gc_links_removed),
             ("tessera_gc_blobs_deleted_total", "Blobs whose bytes were deleted.", &self.gc_blobs_deleted),
             ("tessera_gc_bytes_freed_total", "Bytes of blobs deleted.", &self.gc_bytes_freed),

@@ -17,14 +17,21 @@ use crate::Registry;
 
 impl Registry {
     /// One collection pass. `grace` bounds how long a push may take between uploading a
-    /// layer and sending the manifest that references it; `upload_expiry` is how long an
-    /// idle upload session is kept.
-    pub async fn collect_garbage(&self, grace: Duration, upload_expiry: Duration) -> io::Result<Collected> {
+    /// layer and sending the manifest that references it (and, with `untagged`, between
+    /// pushing a manifest and tagging it or the index that lists it); `upload_expiry` is how
+    /// long an idle upload session is kept.
+    pub async fn collect_garbage(
+        &self,
+        grace: Duration,
+        upload_expiry: Duration,
+        untagged: bool,
+    ) -> io::Result<Collected> {
         let cutoff = SystemTime::now() - grace;
-        let mut done = Collected {
-            links_removed: self.meta.unlink_unreferenced(cutoff).await?.len() as u64,
-            ..Collected::default()
-        };
+        let mut done = Collected::default();
+        if untagged {
+            done.manifests_deleted = self.meta.delete_untagged(cutoff).await?.len() as u64;
+        }
+        done.links_removed = self.meta.unlink_unreferenced(cutoff).await?.len() as u64;
         // In batches, so no blob stays doomed (and a push of it waiting) for long. What
         // cannot be deleted stays doomed and is not tried again in this pass.
         let mut failed = HashSet::new();
@@ -144,18 +151,18 @@ mod tests {
         r.manifest_delete(&app, &Reference::Digest(first)).await.unwrap();
 
         let week = Duration::from_secs(7 * 24 * 3600);
-        let kept = r.collect_garbage(Duration::from_secs(3600), week).await.unwrap();
+        let kept = r.collect_garbage(Duration::from_secs(3600), week, false).await.unwrap();
         assert_eq!(kept, Collected::default(), "everything is younger than the grace period");
 
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let done = r.collect_garbage(Duration::ZERO, week).await.unwrap();
+        let done = r.collect_garbage(Duration::ZERO, week, false).await.unwrap();
         assert_eq!((done.links_removed, done.blobs_deleted, done.bytes_freed), (2, 2, 2), "{done:?}");
         assert!(!held(&r, &own).await && !held(&r, &loose).await, "unreferenced bytes are gone");
         assert!(held(&r, &shared).await && held(&r, &config).await, "referenced bytes stay");
         let v2 = r.manifest_get(&app, &Reference::Tag("v2".parse().unwrap()), None).await.unwrap();
         assert!(r.blob_get(&app, &shared, None).await.is_ok(), "v2 still pulls");
         assert!(!v2.bytes.is_empty());
-        assert_eq!(r.collect_garbage(Duration::ZERO, week).await.unwrap(), Collected::default(), "nothing left");
+        assert_eq!(r.collect_garbage(Duration::ZERO, week, false).await.unwrap(), Collected::default(), "nothing left");
     }
 
     /// Without the hold, the commit would keep the copy the collection is about to delete

@@ -341,7 +341,7 @@ impl Registry {
                 self.link_external(repo, &d.digest, d.size, &d.urls).await?;
             }
         }
-        let record = ManifestRecord::new(digest.clone(), body, &parsed).referencing_blobs(&parsed);
+        let record = ManifestRecord::new(digest.clone(), body, &parsed).with_references(&parsed);
         self.meta.put_manifest(repo, &record, tag).await.map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 // A link checked above went away meanwhile (a delete, a collection).

@@ -230,6 +230,16 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         self.inner.hold_blob(digest, size).await
     }
 
+    async fn delete_untagged(&self, cutoff: std::time::SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
+        let deleted = self.inner.delete_untagged(cutoff).await?;
+        self.invalidate(|| {
+            for key in &deleted {
+                self.manifests.remove(key);
+            }
+        });
+        Ok(deleted)
+    }
+
     async fn unlink_unreferenced(&self, cutoff: std::time::SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
         let removed = self.inner.unlink_unreferenced(cutoff).await?;
         self.invalidate(|| {

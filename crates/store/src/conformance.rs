@@ -116,6 +116,7 @@ fn manifest(n: u8, subject: Option<&Digest>) -> ManifestRecord {
         artifact_type: Some(format!("application/x.test{n}")),
         annotations_json: Some(format!("{{\"n\":\"{n}\"}}")),
         blobs: Vec::new(),
+        children: Vec::new(),
     }
 }
 
@@ -326,4 +327,56 @@ async fn garbage_collection(store: &dyn MetaStore) {
     let rest = store.doom_unlinked(later, &[], 2).await.unwrap();
     assert!(!rest.is_empty() && rest.iter().all(|d| !first.contains(d)), "{rest:?}");
     store.forget_doomed(&rest).await.unwrap();
+
+    untagged_manifests(store).await;
+}
+
+/// What keeps a manifest when untagged manifests are collected: a tag, an index listing
+/// it, a kept subject; and the push that lists a child checks it in its transaction.
+async fn untagged_manifests(store: &dyn MetaStore) {
+    use std::time::{Duration, SystemTime};
+    let repo: RepoName = "conf/untagged".parse().unwrap();
+    let tag = |t: &str| -> Tag { t.parse().unwrap() };
+    let index = |n: u8, children: &[&ManifestRecord]| {
+        let mut m = manifest(n, None);
+        m.children = children.iter().map(|c| c.digest.clone()).collect();
+        m
+    };
+    let (tagged, loose, child, kept_child) =
+        (manifest(30, None), manifest(31, None), manifest(32, None), manifest(33, None));
+    let (of_tagged, of_loose, of_nothing) = (
+        manifest(34, Some(&tagged.digest)),
+        manifest(35, Some(&loose.digest)),
+        manifest(36, Some(&Digest::sha256_of(b"none"))),
+    );
+    let (loose_index, tagged_index) = (index(37, &[&child]), index(38, &[&kept_child]));
+
+    // A child must be stored before the index that lists it.
+    let e = store.put_manifest(&repo, &loose_index, None).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    assert_eq!(store.get_manifest(&repo, &loose_index.digest).await.unwrap(), None);
+
+    store.put_manifest(&repo, &tagged, Some(&tag("v1"))).await.unwrap();
+    for m in [&loose, &child, &kept_child, &of_tagged, &of_loose, &of_nothing] {
+        store.put_manifest(&repo, m, None).await.unwrap();
+    }
+    store.put_manifest(&repo, &loose_index, None).await.unwrap();
+    store.put_manifest(&repo, &tagged_index, Some(&tag("multi"))).await.unwrap();
+
+    let in_repo = |deleted: Vec<(RepoName, Digest)>| -> Vec<Digest> {
+        let mut d: Vec<Digest> = deleted.into_iter().filter(|(r, _)| r == &repo).map(|(_, d)| d).collect();
+        d.sort();
+        d
+    };
+    let earlier = SystemTime::now() - Duration::from_secs(3600);
+    assert!(in_repo(store.delete_untagged(earlier).await.unwrap()).is_empty(), "young manifests stay");
+    let deleted = in_repo(store.delete_untagged(SystemTime::now() + Duration::from_secs(3600)).await.unwrap());
+    let mut expected: Vec<Digest> =
+        [&loose, &child, &of_loose, &of_nothing, &loose_index].iter().map(|m| m.digest.clone()).collect();
+    expected.sort();
+    assert_eq!(deleted, expected, "untagged, unlisted, and referrers of nothing kept, through chains");
+    for m in [&tagged, &kept_child, &of_tagged, &tagged_index] {
+        assert!(store.get_manifest(&repo, &m.digest).await.unwrap().is_some(), "{} stays", m.digest);
+    }
+    assert_eq!(store.referrers(&repo, &tagged.digest).await.unwrap().len(), 1);
 }

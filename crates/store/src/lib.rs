@@ -138,6 +138,8 @@ pub struct ManifestRecord {
     /// garbage collection follows. Empty where manifests arrive before their blobs (a cache)
     /// and in records read back.
     pub blobs: Vec<Digest>,
+    /// Likewise for the manifests an index lists, which must be stored in the repository.
+    pub children: Vec<Digest>,
 }
 
 impl ManifestRecord {
@@ -152,14 +154,19 @@ impl ManifestRecord {
             annotations_json: (!parsed.annotations.is_empty())
                 .then(|| serde_json::to_string(&parsed.annotations).unwrap_or_default()),
             blobs: Vec::new(),
+            children: Vec::new(),
         }
     }
 
-    /// The same record, requiring (and referencing) the config and every layer of `parsed`.
-    pub fn referencing_blobs(mut self, parsed: &tessera_spec::ParsedManifest) -> ManifestRecord {
+    /// The same record, requiring (and referencing) the config and every layer of `parsed`,
+    /// and every manifest it lists if it is an index.
+    pub fn with_references(mut self, parsed: &tessera_spec::ParsedManifest) -> ManifestRecord {
         self.blobs = parsed.config.iter().chain(&parsed.layers).map(|d| d.digest.clone()).collect();
         self.blobs.sort();
         self.blobs.dedup();
+        self.children = parsed.manifests.iter().map(|d| d.digest.clone()).collect();
+        self.children.sort();
+        self.children.dedup();
         self
     }
 }
@@ -167,6 +174,8 @@ impl ManifestRecord {
 /// What one garbage collection pass found and did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Collected {
+    /// Untagged manifests nothing kept (only when asked to delete them).
+    pub manifests_deleted: u64,
     /// Links no manifest of their repository references, made before the grace period.
     pub links_removed: u64,
     /// Blobs whose bytes were deleted (no link, not held during the grace period).
@@ -208,7 +217,8 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
     /// transaction. Fails with `NotFound`, storing nothing, when a digest of
-    /// `manifest.blobs` is not linked into `repo` at that moment.
+    /// `manifest.blobs` is not linked into `repo`, or one of `manifest.children` is not
+    /// stored there, at that moment.
     async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()>;
     async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>>;
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>>;
@@ -242,6 +252,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Holds `digest` (`size` bytes): a collection will not doom it for a grace period from
     /// now. `false` while a collection is deleting its bytes: wait until it has finished.
     async fn hold_blob(&self, digest: &Digest, size: u64) -> io::Result<bool>;
+    /// Deletes manifests stored before `cutoff` that nothing keeps: no tag, no index of the
+    /// repository listing them, no subject stored in the repository (a referrer lives as
+    /// long as its subject). Repeats until nothing more goes (an index deleted frees its
+    /// children) and returns what was deleted.
+    async fn delete_untagged(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>>;
     /// Removes links made before `cutoff` that no manifest of their repository references,
     /// and returns them.
     async fn unlink_unreferenced(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>>;

@@ -63,8 +63,8 @@ ALTER TABLE blob_links ADD COLUMN size INTEGER;
 "#,
     // Garbage collection: when each link was made and each blob last held (milliseconds;
     // what exists at the upgrade counts as made now, so it gets the full grace period), the
-    // blobs each manifest references (filled from the stored manifests), and the blobs a
-    // collection is deleting.
+    // blobs each manifest references and the manifests each index lists (filled from the
+    // stored manifests), and the blobs a collection is deleting.
     r#"
 ALTER TABLE blob_links ADD COLUMN linked_ms INTEGER NOT NULL DEFAULT 0;
 UPDATE blob_links SET linked_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER);
@@ -86,6 +86,19 @@ INSERT OR IGNORE INTO manifest_blobs(repo, digest, manifest)
     UNION ALL
     SELECT d.repo, json_extract(l.value, '$.digest'), d.seq FROM docs d, json_each(d.doc, '$.layers') l
         WHERE json_type(l.value, '$.digest') = 'text';
+CREATE TABLE manifest_children (
+    repo INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    parent INTEGER NOT NULL REFERENCES manifests(seq) ON DELETE CASCADE,
+    PRIMARY KEY (repo, digest, parent)
+) WITHOUT ROWID;
+CREATE INDEX manifest_children_by_parent ON manifest_children(parent);
+WITH docs AS MATERIALIZED (
+    SELECT seq, repo, CAST(bytes AS TEXT) AS doc FROM manifests WHERE json_valid(CAST(bytes AS TEXT))
+)
+INSERT OR IGNORE INTO manifest_children(repo, digest, parent)
+    SELECT d.repo, json_extract(c.value, '$.digest'), d.seq FROM docs d, json_each(d.doc, '$.manifests') c
+        WHERE json_type(c.value, '$.digest') = 'text';
 CREATE TABLE blobs_doomed (digest TEXT PRIMARY KEY) WITHOUT ROWID;
 "#,
 ];
@@ -179,6 +192,7 @@ fn manifest_row(r: &rusqlite::Row) -> rusqlite::Result<ManifestRecord> {
         artifact_type: r.get(4)?,
         annotations_json: r.get(5)?,
         blobs: Vec::new(),
+        children: Vec::new(),
     })
 }
 
@@ -411,9 +425,11 @@ impl MetaStore for SqliteMetaStore {
         self.write(move |tx| {
             let id = ensure_repo(tx, &repo)?;
             let digest = m.digest.to_string();
+            // `created` is when it was last pushed: a push again gives an untagged manifest
+            // the whole grace period before a collection of untagged manifests.
             tx.prepare_cached(
                 "INSERT INTO manifests(repo, digest, media_type, bytes, subject, artifact_type, annotations, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(repo, digest) DO NOTHING",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(repo, digest) DO UPDATE SET created = excluded.created",
             )?
             .execute(params![
                 id,
@@ -425,10 +441,18 @@ impl MetaStore for SqliteMetaStore {
                 m.annotations_json,
                 now()
             ])?;
-            if !m.blobs.is_empty() {
+            if !m.blobs.is_empty() || !m.children.is_empty() {
                 let seq: i64 = tx
                     .prepare_cached("SELECT seq FROM manifests WHERE repo = ?1 AND digest = ?2")?
                     .query_row(params![id, digest], |r| r.get(0))?;
+                for child in &m.children {
+                    let child = child.to_string();
+                    if !tx.prepare_cached("SELECT 1 FROM manifests WHERE repo = ?1 AND digest = ?2")?.exists(params![id, child])? {
+                        return Err(refusal(io::ErrorKind::NotFound, format!("manifest {child} is not stored in {repo}")));
+                    }
+                    tx.prepare_cached("INSERT OR IGNORE INTO manifest_children(repo, digest, parent) VALUES (?1, ?2, ?3)")?
+                        .execute(params![id, child, seq])?;
+                }
                 for blob in &m.blobs {
                     let blob = blob.to_string();
                     // Checked here, not only before: a link removed since (a delete, a
@@ -622,6 +646,37 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
+    async fn delete_untagged(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
+        let cutoff = millis(cutoff) / 1000;
+        let deleted = self
+            .write(move |tx| {
+                let mut deleted = Vec::new();
+                loop {
+                    let round = tx
+                        .prepare_cached(
+                            "DELETE FROM manifests AS m WHERE created < ?1
+                             AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
+                             AND NOT EXISTS (SELECT 1 FROM manifest_children c WHERE c.repo = m.repo AND c.digest = m.digest)
+                             AND NOT EXISTS (SELECT 1 FROM manifests s WHERE s.repo = m.repo AND s.digest = m.subject)
+                             RETURNING repo, digest",
+                        )?
+                        .query_map([cutoff], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    if round.is_empty() {
+                        break;
+                    }
+                    deleted.extend(round);
+                }
+                let mut name = tx.prepare_cached("SELECT name FROM repos WHERE id = ?1")?;
+                deleted
+                    .into_iter()
+                    .map(|(id, digest)| Ok((name.query_row([id], |r| r.get::<_, String>(0))?, digest)))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(deleted.into_iter().filter_map(|(repo, digest)| Some((repo.parse().ok()?, digest.parse().ok()?))).collect())
+    }
+
     async fn unlink_unreferenced(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
         let cutoff = millis(cutoff);
         let removed = self
@@ -759,6 +814,18 @@ mod tests {
                 params![Digest::sha256_of(doc.as_bytes()).to_string(), doc.as_bytes()],
             )
             .unwrap();
+            // A tagged index listing the (untagged) image manifest.
+            let index = format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1}}]}}"#,
+                Digest::sha256_of(doc.as_bytes())
+            );
+            let index_digest = Digest::sha256_of(index.as_bytes()).to_string();
+            tx.execute(
+                "INSERT INTO manifests(repo, digest, media_type, bytes, created) VALUES (1, ?1, 'application/vnd.oci.image.index.v1+json', ?2, 0)",
+                params![index_digest, index.as_bytes()],
+            )
+            .unwrap();
+            tx.execute("INSERT INTO tags(repo, tag, digest) VALUES (1, 'v1', ?1)", [index_digest]).unwrap();
             tx.commit().unwrap();
         }
         let store = SqliteMetaStore::open(&path).unwrap();
@@ -768,5 +835,6 @@ mod tests {
         assert_eq!(removed, vec![(repo.clone(), loose)]);
         assert_eq!(store.blob_link(&repo, &config).await.unwrap(), Some(1));
         assert_eq!(store.blob_link(&repo, &layer).await.unwrap(), Some(1));
+        assert!(store.delete_untagged(later).await.unwrap().is_empty(), "the tagged index keeps what it lists");
     }
 }

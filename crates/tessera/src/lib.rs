@@ -344,7 +344,7 @@ pub async fn collect_garbage(config: &Config, grace: Duration) -> anyhow::Result
     let registry = open_registry(config)?;
     recover(&registry, config).await?;
     registry
-        .collect_garbage(grace, Duration::from_secs(config.storage.upload_expiry_secs))
+        .collect_garbage(grace, Duration::from_secs(config.storage.upload_expiry_secs), config.storage.gc_untagged)
         .await
         .context("garbage collection failed")
 }
@@ -357,9 +357,11 @@ async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_con
     loop {
         ticks.tick().await;
         let grace = Duration::from_secs(storage.gc_grace_secs);
-        match state.registry.collect_garbage(grace, Duration::from_secs(storage.upload_expiry_secs)).await {
+        let expiry = Duration::from_secs(storage.upload_expiry_secs);
+        match state.registry.collect_garbage(grace, expiry, storage.gc_untagged).await {
             Ok(done) => {
                 tracing::info!(
+                    manifests_deleted = done.manifests_deleted,
                     links_removed = done.links_removed,
                     blobs_deleted = done.blobs_deleted,
                     bytes_freed = done.bytes_freed,

@@ -140,6 +140,10 @@ struct GcArgs {
     /// gc_grace_secs]. With no push in flight, 0 reclaims everything unreferenced now.
     #[arg(long, value_name = "SECS")]
     grace_secs: Option<u64>,
+    /// Also delete manifests nothing keeps: untagged, listed by no index, not a referrer
+    /// of a kept manifest [default: the configuration's gc_untagged].
+    #[arg(long)]
+    untagged: bool,
 }
 
 #[derive(clap::Args)]
@@ -279,11 +283,12 @@ fn main() -> anyhow::Result<()> {
             if let Some(data) = args.data {
                 config.data = data;
             }
+            config.storage.gc_untagged |= args.untagged;
             let grace = std::time::Duration::from_secs(args.grace_secs.unwrap_or(config.storage.gc_grace_secs));
             let done = runtime.block_on(tessera::collect_garbage(&config, grace))?;
             println!(
-                "removed {} unreferenced link(s) and {} abandoned upload(s); deleted {} blob(s), {} bytes",
-                done.links_removed, done.uploads_removed, done.blobs_deleted, done.bytes_freed
+                "deleted {} untagged manifest(s); removed {} unreferenced link(s) and {} abandoned upload(s); deleted {} blob(s), {} bytes",
+                done.manifests_deleted, done.links_removed, done.uploads_removed, done.blobs_deleted, done.bytes_freed
             );
             Ok(())
         }

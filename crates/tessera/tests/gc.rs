@@ -138,3 +138,78 @@ async fn deleted_images_give_their_bytes_back_while_the_server_runs() {
     pulls(&api, "team/kept", &kept).await;
     pulls(&api, "team/gone", &gone).await;
 }
+
+/// With `gc_untagged`, a tag moved to a new image lets the old one go, bytes and all, while
+/// what a tag still reaches stays: an index's children, a kept image's referrers.
+#[tokio::test]
+async fn untagged_manifests_go_when_asked_and_only_those() {
+    let server =
+        Server::with_config(BIN, "[storage]\ngc_interval_secs = 1\ngc_grace_secs = 2\ngc_untagged = true\n").unwrap();
+    let api = Api::new(&server);
+    let (old, new) = (Image::random(1, 40_000), Image::random(1, 40_000));
+    api.push_image("team/app", "latest", &old).await.unwrap();
+    api.push_image("team/app", "latest", &new).await.unwrap();
+
+    // A multi-platform index whose platform manifests are pushed by digest only.
+    let (amd, arm) = (Image::random(1, 30_000), Image::random(1, 30_000));
+    for image in [&amd, &arm] {
+        api.push_image("team/multi", &image.digest().to_string(), image).await.unwrap();
+    }
+    let child = |image: &Image, arch: &str| {
+        serde_json::json!({"mediaType": MANIFEST, "digest": image.digest().to_string(), "size": image.manifest.len(),
+            "platform": {"architecture": arch, "os": "linux"}})
+    };
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [child(&amd, "amd64"), child(&arm, "arm64")]}))
+    .unwrap();
+    let r = api.push_manifest("team/multi", "v1", "application/vnd.oci.image.index.v1+json", &index).await.unwrap();
+    assert_eq!(r.status(), 201);
+
+    // A signature-like referrer of the current image, untagged.
+    let empty = api.push_blob("team/app", b"{}").await.unwrap();
+    let signature = api.push_blob("team/app", b"a signature").await.unwrap();
+    let referrer = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": MANIFEST,
+        "artifactType": "application/vnd.example.signature",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.to_string(), "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": signature.to_string(), "size": 11}],
+        "subject": {"mediaType": MANIFEST, "digest": new.digest().to_string(), "size": new.manifest.len()}}))
+    .unwrap();
+    let referrer_digest = Digest::sha256_of(&referrer);
+    let r = api.push_manifest("team/app", &referrer_digest.to_string(), MANIFEST, &referrer).await.unwrap();
+    assert_eq!(r.status(), 201);
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while blob_digests(&old).iter().any(|d| blob_file(&server.data, d).exists()) {
+        assert!(Instant::now() < deadline, "the untagged image was not collected:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(api.get(&format!("/v2/team/app/manifests/{}", old.digest())).await.unwrap().status(), 404);
+    assert!(metric(&api, "tessera_gc_manifests_deleted_total").await >= 1.0);
+    pulls(&api, "team/app", &new).await;
+    for image in [&amd, &arm] {
+        let r = api.get(&format!("/v2/team/multi/manifests/{}", image.digest())).await.unwrap();
+        assert_eq!(r.status(), 200, "an index keeps its children");
+        pulls(&api, "team/multi", image).await;
+    }
+    let r = api.get(&format!("/v2/team/app/referrers/{}", new.digest())).await.unwrap();
+    let listed = r.text().await.unwrap();
+    assert!(listed.contains(&referrer_digest.to_string()), "a kept image keeps its referrers: {listed}");
+    assert!(blob_file(&server.data, &signature).exists());
+    if have_tool("skopeo") {
+        let work = short_tempdir("tgu").unwrap();
+        let files = ContainersFiles::new(work.path(), &server.host()).unwrap();
+        let out = work.path().join("multi");
+        files.skopeo(&[
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            &format!("docker://{}/team/multi:v1", server.host()),
+            &format!("oci:{}:v1", out.display()),
+        ]);
+        for image in [&amd, &arm] {
+            for d in blob_digests(image) {
+                assert!(out.join("blobs/sha256").join(d.hex()).is_file(), "skopeo copied {d}");
+            }
+        }
+    }
+}
