@@ -15,42 +15,53 @@ pub use tessera_store::Collected;
 
 use crate::Registry;
 
+/// What a collection pass does.
+#[derive(Debug, Clone)]
+pub struct Collect {
+    /// Bounds how long a push may take between uploading a layer and sending the manifest
+    /// that references it (and, with `untagged`, between pushing a manifest and tagging it
+    /// or the index that lists it).
+    pub grace: Duration,
+    /// How long an idle upload session is kept.
+    pub upload_expiry: Duration,
+    /// Also delete manifests nothing keeps (see [`tessera_store::MetaStore::delete_untagged`]).
+    pub untagged: bool,
+    /// Count what would go without deleting any file: for a pass over a copy of the
+    /// metadata, whose changes are thrown away.
+    pub dry_run: bool,
+}
+
 impl Registry {
-    /// One collection pass. `grace` bounds how long a push may take between uploading a
-    /// layer and sending the manifest that references it (and, with `untagged`, between
-    /// pushing a manifest and tagging it or the index that lists it); `upload_expiry` is how
-    /// long an idle upload session is kept.
-    pub async fn collect_garbage(
-        &self,
-        grace: Duration,
-        upload_expiry: Duration,
-        untagged: bool,
-    ) -> io::Result<Collected> {
-        let cutoff = SystemTime::now() - grace;
+    /// One collection pass.
+    pub async fn collect_garbage(&self, how: &Collect) -> io::Result<Collected> {
+        let cutoff = SystemTime::now() - how.grace;
         let mut done = Collected::default();
-        if untagged {
+        if how.untagged {
             done.manifests_deleted = self.meta.delete_untagged(cutoff).await?.len() as u64;
         }
         done.links_removed = self.meta.unlink_unreferenced(cutoff).await?.len() as u64;
-        // In batches, so no blob stays doomed (and a push of it waiting) for long. What
-        // cannot be deleted stays doomed and is not tried again in this pass.
-        let mut failed = HashSet::new();
+        // In batches, so no blob stays doomed (and a push of it waiting) for long. Each blob
+        // is handled once a pass: what cannot be deleted stays doomed for the next pass, and
+        // a dry run's files, still there, are not counted again as bytes without a record.
+        let mut handled = HashSet::new();
         loop {
             let doomed = self.meta.doom_unlinked(cutoff, &[], DOOM_BATCH).await?;
-            let todo: Vec<Digest> = doomed.into_iter().filter(|d| !failed.contains(d)).collect();
+            let todo: Vec<Digest> = doomed.into_iter().filter(|d| !handled.contains(d)).collect();
             if todo.is_empty() {
                 break;
             }
-            failed.extend(self.delete_doomed(&todo, &mut done).await?);
+            self.delete_doomed(&todo, &mut done, how.dry_run).await?;
+            handled.extend(todo);
         }
         let stored: Vec<_> =
             self.blobs.list().await?.into_iter().filter(|b| b.stored < cutoff).map(|b| b.digest).collect();
         for batch in stored.chunks(DOOM_BATCH) {
             let doomed = self.meta.doom_unlinked(cutoff, batch, 0).await?;
-            let todo: Vec<Digest> = doomed.into_iter().filter(|d| !failed.contains(d)).collect();
-            failed.extend(self.delete_doomed(&todo, &mut done).await?);
+            let todo: Vec<Digest> = doomed.into_iter().filter(|d| !handled.contains(d)).collect();
+            self.delete_doomed(&todo, &mut done, how.dry_run).await?;
+            handled.extend(todo);
         }
-        done.uploads_removed = self.sweep_uploads(upload_expiry, grace).await? as u64;
+        done.uploads_removed = self.sweep_uploads(how.upload_expiry, how.grace, how.dry_run).await? as u64;
         Ok(done)
     }
 
@@ -60,18 +71,18 @@ impl Registry {
         // Dooms nothing new: only the leftovers are returned.
         let doomed = self.meta.doom_unlinked(SystemTime::UNIX_EPOCH, &[], 0).await?;
         let mut done = Collected::default();
-        self.delete_doomed(&doomed, &mut done).await?;
+        self.delete_doomed(&doomed, &mut done, false).await?;
         Ok(done.blobs_deleted)
     }
 
     /// Deletes the bytes of doomed blobs and ends each doom as soon as its bytes are gone.
-    /// A file that cannot be deleted stays doomed (so nothing links it) for the next pass;
-    /// those are returned.
-    async fn delete_doomed(&self, doomed: &[Digest], done: &mut Collected) -> io::Result<Vec<Digest>> {
-        let mut failed = Vec::new();
+    /// A file that cannot be deleted stays doomed (so nothing links it) for the next pass.
+    async fn delete_doomed(&self, doomed: &[Digest], done: &mut Collected, dry_run: bool) -> io::Result<()> {
         for digest in doomed {
-            let size = self.blobs.stat(digest).await.ok().flatten().unwrap_or(0);
-            match self.blobs.delete(digest).await {
+            let size = self.blobs.stat(digest).await.ok().flatten();
+            let deleted = if dry_run { Ok(size.is_some()) } else { self.blobs.delete(digest).await };
+            let size = size.unwrap_or(0);
+            match deleted {
                 Ok(existed) => {
                     self.meta.forget_doomed(std::slice::from_ref(digest)).await?;
                     if existed {
@@ -79,13 +90,10 @@ impl Registry {
                         done.bytes_freed += size;
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(%digest, "cannot delete a collected blob, kept for the next pass: {e}");
-                    failed.push(digest.clone());
-                }
+                Err(e) => tracing::warn!(%digest, "cannot delete a collected blob, kept for the next pass: {e}"),
             }
         }
-        Ok(failed)
+        Ok(())
     }
 }
 
@@ -150,19 +158,24 @@ mod tests {
         push_manifest(&r, &app, "v2", &config, &[&shared]).await;
         r.manifest_delete(&app, &Reference::Digest(first)).await.unwrap();
 
-        let week = Duration::from_secs(7 * 24 * 3600);
-        let kept = r.collect_garbage(Duration::from_secs(3600), week, false).await.unwrap();
+        let how = |grace: Duration| Collect {
+            grace,
+            upload_expiry: Duration::from_secs(7 * 24 * 3600),
+            untagged: false,
+            dry_run: false,
+        };
+        let kept = r.collect_garbage(&how(Duration::from_secs(3600))).await.unwrap();
         assert_eq!(kept, Collected::default(), "everything is younger than the grace period");
 
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let done = r.collect_garbage(Duration::ZERO, week, false).await.unwrap();
+        let done = r.collect_garbage(&how(Duration::ZERO)).await.unwrap();
         assert_eq!((done.links_removed, done.blobs_deleted, done.bytes_freed), (2, 2, 2), "{done:?}");
         assert!(!held(&r, &own).await && !held(&r, &loose).await, "unreferenced bytes are gone");
         assert!(held(&r, &shared).await && held(&r, &config).await, "referenced bytes stay");
         let v2 = r.manifest_get(&app, &Reference::Tag("v2".parse().unwrap()), None).await.unwrap();
         assert!(r.blob_get(&app, &shared, None).await.is_ok(), "v2 still pulls");
         assert!(!v2.bytes.is_empty());
-        assert_eq!(r.collect_garbage(Duration::ZERO, week, false).await.unwrap(), Collected::default(), "nothing left");
+        assert_eq!(r.collect_garbage(&how(Duration::ZERO)).await.unwrap(), Collected::default(), "nothing left");
     }
 
     /// Without the hold, the commit would keep the copy the collection is about to delete
@@ -183,7 +196,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!pusher.is_finished(), "the commit waits while the bytes are doomed");
-        r.delete_doomed(&doomed, &mut Collected::default()).await.unwrap();
+        r.delete_doomed(&doomed, &mut Collected::default(), false).await.unwrap();
         pusher.await.unwrap();
         assert!(held(&r, &blob).await, "the pushed bytes were stored again");
         assert!(r.blob_get(&repo, &blob, None).await.is_ok());

@@ -288,8 +288,9 @@ impl Registry {
 
     /// Removes sessions untouched for longer than `expiry`, and sessions whose bytes have no
     /// record (a monolithic upload cut off by a crash) untouched for longer than
-    /// `orphan_after` (zero at start-up, when no upload is in flight).
-    pub async fn sweep_uploads(&self, expiry: Duration, orphan_after: Duration) -> io::Result<usize> {
+    /// `orphan_after` (zero at start-up, when no upload is in flight). With `dry_run`, only
+    /// counts them.
+    pub async fn sweep_uploads(&self, expiry: Duration, orphan_after: Duration, dry_run: bool) -> io::Result<usize> {
         let mut removed = 0;
         let now = SystemTime::now();
         for (id, modified) in self.blobs.upload_list().await? {
@@ -297,8 +298,10 @@ impl Registry {
             let orphan = age >= orphan_after && self.meta.upload_repo(&id).await?.is_none();
             let stale = age > expiry;
             if orphan || stale {
-                self.blobs.upload_delete(&id).await?;
-                self.meta.delete_upload(&id).await?;
+                if !dry_run {
+                    self.blobs.upload_delete(&id).await?;
+                    self.meta.delete_upload(&id).await?;
+                }
                 removed += 1;
             }
         }

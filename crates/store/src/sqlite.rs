@@ -227,6 +227,13 @@ impl SqliteMetaStore {
         Self::with_writer(path, conn, flags)
     }
 
+    /// Writes a consistent copy of the whole database to `path`, which must not exist yet
+    /// (a pass to try on, such as a garbage collection's dry run).
+    pub async fn copy_to(&self, path: &Path) -> io::Result<()> {
+        let path = path.to_str().ok_or_else(|| io::Error::other("the copy's path is not UTF-8"))?.to_string();
+        self.read(move |c| c.execute("VACUUM INTO ?1", [path]).map(|_| ())).await
+    }
+
     fn with_writer(path: &Path, writer: Connection, flags: OpenFlags) -> io::Result<Self> {
         let readers = (0..READERS)
             .map(|_| {

@@ -19,9 +19,15 @@ use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, Me
 fn open_registry(config: &Config) -> anyhow::Result<Registry> {
     let data = &config.data;
     std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
-    let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
     let meta = SqliteMetaStore::open(&data.join("meta.sqlite"))
         .with_context(|| format!("cannot open metadata in {}", data.display()))?;
+    registry_over(config, meta)
+}
+
+/// The hosted registry over `config.data`'s blob store and `meta`.
+fn registry_over(config: &Config, meta: SqliteMetaStore) -> anyhow::Result<Registry> {
+    let data = &config.data;
+    let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
     let meta = CachedMetaStore::new(meta, config.cache.metadata_bytes);
     let settings = Settings {
         manifest_max_bytes: config.limits.manifest_max_bytes,
@@ -44,7 +50,7 @@ async fn recover(registry: &Registry, config: &Config) -> anyhow::Result<()> {
         tracing::info!("deleted {finished} blob(s) an interrupted garbage collection had doomed");
     }
     let swept = registry
-        .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs), Duration::ZERO)
+        .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs), Duration::ZERO, false)
         .await
         .context("cannot sweep upload sessions")?;
     if swept > 0 {
@@ -338,15 +344,34 @@ pub fn lock_data_dir(data: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// One garbage collection pass over the hosted store under `config.data`, with no server
-/// running on it.
-pub async fn collect_garbage(config: &Config, grace: Duration) -> anyhow::Result<tessera_registry::gc::Collected> {
+/// running on it. A dry run collects on a copy of the metadata and deletes no file, so it
+/// reports exactly what the pass would do.
+pub async fn collect_garbage(
+    config: &Config,
+    grace: Duration,
+    dry_run: bool,
+) -> anyhow::Result<tessera_registry::gc::Collected> {
     let _lock = lock_data_dir(&config.data)?;
-    let registry = open_registry(config)?;
-    recover(&registry, config).await?;
-    registry
-        .collect_garbage(grace, Duration::from_secs(config.storage.upload_expiry_secs), config.storage.gc_untagged)
+    let how = tessera_registry::gc::Collect {
+        grace,
+        upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
+        untagged: config.storage.gc_untagged,
+        dry_run,
+    };
+    if !dry_run {
+        let registry = open_registry(config)?;
+        recover(&registry, config).await?;
+        return registry.collect_garbage(&how).await.context("garbage collection failed");
+    }
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let copy = scratch.path().join("meta.sqlite");
+    SqliteMetaStore::open(&config.data.join("meta.sqlite"))
+        .context("cannot open the metadata")?
+        .copy_to(&copy)
         .await
-        .context("garbage collection failed")
+        .context("cannot copy the metadata")?;
+    let registry = registry_over(config, SqliteMetaStore::open(&copy)?)?;
+    registry.collect_garbage(&how).await.context("garbage collection (dry run) failed")
 }
 
 /// Collects garbage every `gc_interval_secs` while the server runs.
@@ -357,8 +382,13 @@ async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_con
     loop {
         ticks.tick().await;
         let grace = Duration::from_secs(storage.gc_grace_secs);
-        let expiry = Duration::from_secs(storage.upload_expiry_secs);
-        match state.registry.collect_garbage(grace, expiry, storage.gc_untagged).await {
+        let how = tessera_registry::gc::Collect {
+            grace,
+            upload_expiry: Duration::from_secs(storage.upload_expiry_secs),
+            untagged: storage.gc_untagged,
+            dry_run: false,
+        };
+        match state.registry.collect_garbage(&how).await {
             Ok(done) => {
                 tracing::info!(
                     manifests_deleted = done.manifests_deleted,

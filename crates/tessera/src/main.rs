@@ -144,6 +144,9 @@ struct GcArgs {
     /// of a kept manifest [default: the configuration's gc_untagged].
     #[arg(long)]
     untagged: bool,
+    /// Report what a pass would delete, and delete nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(clap::Args)]
@@ -285,9 +288,10 @@ fn main() -> anyhow::Result<()> {
             }
             config.storage.gc_untagged |= args.untagged;
             let grace = std::time::Duration::from_secs(args.grace_secs.unwrap_or(config.storage.gc_grace_secs));
-            let done = runtime.block_on(tessera::collect_garbage(&config, grace))?;
+            let done = runtime.block_on(tessera::collect_garbage(&config, grace, args.dry_run))?;
+            let (delete, remove) = if args.dry_run { ("would delete", "would remove") } else { ("deleted", "removed") };
             println!(
-                "deleted {} untagged manifest(s); removed {} unreferenced link(s) and {} abandoned upload(s); deleted {} blob(s), {} bytes",
+                "{delete} {} untagged manifest(s); {remove} {} unreferenced link(s) and {} abandoned upload(s); {delete} {} blob(s), {} bytes",
                 done.manifests_deleted, done.links_removed, done.uploads_removed, done.blobs_deleted, done.bytes_freed
             );
             Ok(())

@@ -129,6 +129,12 @@ async fn deleted_images_give_their_bytes_back_while_the_server_runs() {
     assert!(!ok && out.contains("in use by another tessera process"), "{out}");
     let loose = api.push_blob("team/loose", b"never referenced").await.unwrap();
     server.kill();
+    let (ok, out) = tessera(&["gc", "--data", &data, "--grace-secs", "0", "--dry-run"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("would delete 1 blob(s), 16 bytes"), "{out}");
+    assert!(blob_file(&server.data, &loose).exists(), "a dry run deletes nothing");
+    let (ok, out) = tessera(&["gc", "--data", &data, "--grace-secs", "0", "--dry-run"]);
+    assert!(ok && out.contains("would delete 1 blob(s), 16 bytes"), "and changes nothing: {out}");
     let (ok, out) = tessera(&["gc", "--data", &data, "--grace-secs", "0"]);
     assert!(ok, "{out}");
     assert!(out.contains("deleted 1 blob(s), 16 bytes"), "{out}");
