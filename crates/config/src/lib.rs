@@ -663,6 +663,11 @@ impl Config {
                 }
             }
         }
+        if let Some(all) = self.trusted_proxies.iter().find(|n| n.0.prefix_len() == 0) {
+            return Err(format!(
+                "trusted_proxies: {all} trusts every address, so any client could choose its own; list the proxies"
+            ));
+        }
         for t in self.auth.iter().flat_map(|a| &a.trusted_issuer) {
             match (&t.jwks_file, &t.jwks_url) {
                 (Some(_), None) => {}
@@ -915,6 +920,8 @@ to = ["hosted", "dockerhub", "quay"]
         assert!(c.trusted_proxies[1].contains(&"::1".parse().unwrap()));
         assert!(!c.trusted_proxies[1].contains(&"::2".parse().unwrap()));
         assert!(Config::from_toml("trusted_proxies = [\"10.0.0.0/33\"]\n").is_err());
+        assert!(Config::from_toml("trusted_proxies = [\"0.0.0.0/0\"]\n").is_err());
+        assert!(Config::from_toml("trusted_proxies = [\"::/0\"]\n").is_err());
         assert!(Config::from_toml("trusted_proxies = [\"proxy.example\"]\n").is_err());
     }
 

@@ -666,7 +666,8 @@ async fn evict(upstream: &Upstream, lru: &Mutex<Lru>, blobs: &Arc<dyn BlobStore>
 }
 
 /// Reads a response body of at most `limit` bytes.
-pub(crate) async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+/// The whole body of `response`, refused once it grows past `limit` bytes.
+pub async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
     let mut out = bytes::BytesMut::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {

@@ -58,11 +58,13 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[Network]) ->
     if !is_trusted(&peer) {
         return peer;
     }
-    let forwarded: Vec<&str> = headers
+    // Entries are decoded one by one: bytes a client put in its own entry must not make the
+    // proxies' entries after it unreadable.
+    let forwarded: Vec<&[u8]> = headers
         .get_all("x-forwarded-for")
         .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
         .collect();
     let mut client = peer;
     for entry in forwarded.iter().rev() {
@@ -80,7 +82,8 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[Network]) ->
 }
 
 /// One `X-Forwarded-For` entry: an address, possibly with a port (`1.2.3.4:5`, `[::1]:5`).
-fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+fn forwarded_ip(entry: &[u8]) -> Option<IpAddr> {
+    let entry = std::str::from_utf8(entry).ok()?;
     entry
         .parse::<IpAddr>()
         .ok()
@@ -285,6 +288,8 @@ async fn answers_tls_probe(stream: &mut TcpStream, peer: SocketAddr) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderValue;
+
     use super::*;
 
     fn headers(values: &[&str]) -> HeaderMap {
@@ -326,6 +331,10 @@ mod tests {
         for (peer, values, want) in cases {
             assert_eq!(client_address(ip(peer), &headers(values), &trusted), ip(want), "{peer} {values:?}");
         }
+        // Bytes that are not text in the client's own entry do not hide the proxy's entry.
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.1").unwrap());
+        assert_eq!(client_address(ip("10.0.0.2"), &h, &trusted), ip("198.51.100.1"));
         assert_eq!(client_address(ip("10.0.0.2"), &headers(&["198.51.100.1"]), &[]), ip("10.0.0.2"), "none trusted");
     }
 }

@@ -24,6 +24,9 @@ pub struct Collect {
     pub grace: Duration,
     /// How long an idle upload session is kept.
     pub upload_expiry: Duration,
+    /// How long an upload session with bytes but no record is kept: the grace period while
+    /// serving (a monolithic upload in flight looks like that), zero with no server running.
+    pub orphan_uploads_after: Duration,
     /// Also delete manifests nothing keeps (see [`tessera_store::MetaStore::delete_untagged`]).
     pub untagged: bool,
     /// Count what would go without deleting any file: for a pass over a copy of the
@@ -61,7 +64,8 @@ impl Registry {
             self.delete_doomed(&todo, &mut done, how.dry_run).await?;
             handled.extend(todo);
         }
-        done.uploads_removed = self.sweep_uploads(how.upload_expiry, how.grace, how.dry_run).await? as u64;
+        done.uploads_removed =
+            self.sweep_uploads(how.upload_expiry, how.orphan_uploads_after, how.dry_run).await? as u64;
         Ok(done)
     }
 
@@ -161,6 +165,7 @@ mod tests {
         let how = |grace: Duration| Collect {
             grace,
             upload_expiry: Duration::from_secs(7 * 24 * 3600),
+            orphan_uploads_after: grace,
             untagged: false,
             dry_run: false,
         };

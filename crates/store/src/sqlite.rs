@@ -63,8 +63,8 @@ ALTER TABLE blob_links ADD COLUMN size INTEGER;
 "#,
     // Garbage collection: when each link was made and each blob last held (milliseconds;
     // what exists at the upgrade counts as made now, so it gets the full grace period), the
-    // blobs each manifest references and the manifests each index lists (filled from the
-    // stored manifests), and the blobs a collection is deleting.
+    // blobs each manifest references (filled from the stored manifests), and the blobs a
+    // collection is deleting.
     r#"
 ALTER TABLE blob_links ADD COLUMN linked_ms INTEGER NOT NULL DEFAULT 0;
 UPDATE blob_links SET linked_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER);
@@ -86,6 +86,11 @@ INSERT OR IGNORE INTO manifest_blobs(repo, digest, manifest)
     UNION ALL
     SELECT d.repo, json_extract(l.value, '$.digest'), d.seq FROM docs d, json_each(d.doc, '$.layers') l
         WHERE json_type(l.value, '$.digest') = 'text';
+CREATE TABLE blobs_doomed (digest TEXT PRIMARY KEY) WITHOUT ROWID;
+"#,
+    // The manifests each index lists (filled from the stored indexes), which keep them from
+    // a collection of untagged manifests.
+    r#"
 CREATE TABLE manifest_children (
     repo INTEGER NOT NULL,
     digest TEXT NOT NULL,
@@ -99,7 +104,6 @@ WITH docs AS MATERIALIZED (
 INSERT OR IGNORE INTO manifest_children(repo, digest, parent)
     SELECT d.repo, json_extract(c.value, '$.digest'), d.seq FROM docs d, json_each(d.doc, '$.manifests') c
         WHERE json_type(c.value, '$.digest') = 'text';
-CREATE TABLE blobs_doomed (digest TEXT PRIMARY KEY) WITHOUT ROWID;
 "#,
 ];
 
@@ -227,11 +231,14 @@ impl SqliteMetaStore {
         Self::with_writer(path, conn, flags)
     }
 
-    /// Writes a consistent copy of the whole database to `path`, which must not exist yet
-    /// (a pass to try on, such as a garbage collection's dry run).
-    pub async fn copy_to(&self, path: &Path) -> io::Result<()> {
-        let path = path.to_str().ok_or_else(|| io::Error::other("the copy's path is not UTF-8"))?.to_string();
-        self.read(move |c| c.execute("VACUUM INTO ?1", [path]).map(|_| ())).await
+    /// Writes a consistent copy of the database at `from` to `to` (which must not exist
+    /// yet) without changing `from` in any way: opened read-only, never migrated. For a
+    /// pass to try on, such as a garbage collection's dry run.
+    pub fn copy_database(from: &Path, to: &Path) -> io::Result<()> {
+        let to = to.to_str().ok_or_else(|| io::Error::other("the copy's path is not UTF-8"))?;
+        let source = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(db_err)?;
+        source.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+        source.execute("VACUUM INTO ?1", [to]).map(|_| ()).map_err(db_err)
     }
 
     fn with_writer(path: &Path, writer: Connection, flags: OpenFlags) -> io::Result<Self> {

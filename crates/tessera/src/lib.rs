@@ -185,6 +185,8 @@ struct JwksSource {
 
 /// A JWKS larger than this is refused (real ones are a few KiB).
 const JWKS_MAX_BYTES: usize = 1 << 20;
+/// One fetch, connection to last byte.
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a failed fetch, the next try comes this soon.
 const JWKS_RETRY: Duration = Duration::from_secs(30);
 /// Tokens naming unknown keys ask for a fetch at most this often (anyone can send such a
@@ -199,17 +201,14 @@ impl JwksSource {
             if !response.status().is_success() {
                 return Err(format!("answered {}", response.status()));
             }
-            if response.content_length().is_some_and(|n| n > JWKS_MAX_BYTES as u64) {
-                return Err("document too large".into());
-            }
-            let body = response.bytes().await.map_err(|e| e.to_string())?;
-            if body.len() > JWKS_MAX_BYTES {
-                return Err("document too large".into());
-            }
+            let body = tessera_federation::cache::read_limited(response, JWKS_MAX_BYTES).await?;
             let jwks: serde_json::Value = serde_json::from_slice(&body).map_err(|_| "not JSON".to_string())?;
             tessera_access::token::jwks_keys(&jwks)
-        }
-        .await;
+        };
+        // Bounded as a whole: a server trickling bytes must not stop every later refresh.
+        let result = tokio::time::timeout(JWKS_FETCH_TIMEOUT, result)
+            .await
+            .unwrap_or_else(|_| Err(format!("no whole answer within {JWKS_FETCH_TIMEOUT:?}")));
         match result {
             Ok(keys) => {
                 tracing::info!(issuer = %self.issuer, "fetched {} key(s) from {}", keys.len(), self.url);
@@ -223,9 +222,11 @@ impl JwksSource {
         }
     }
 
-    /// Fetches again every `refresh` (every `JWKS_RETRY` while failing), and soon after a
-    /// token names a key not in the set.
-    async fn keep_fresh(self, http: reqwest::Client, mut ok: bool) {
+    /// Fetches now (telling `first` when done), then again every `refresh` (every
+    /// `JWKS_RETRY` while failing), and soon after a token names a key not in the set.
+    async fn keep_fresh(self, http: reqwest::Client, first: tokio::sync::oneshot::Sender<()>) {
+        let mut ok = self.fetch(&http).await;
+        let _ = first.send(());
         let mut last = tokio::time::Instant::now();
         loop {
             let wait = if ok { self.refresh } else { JWKS_RETRY };
@@ -241,16 +242,23 @@ impl JwksSource {
     }
 }
 
-/// Fetches every JWKS once (so tokens work from the first request; an issuer that cannot
-/// be reached delays nothing but its own tokens), then keeps each fresh in the background.
+/// Fetches every JWKS, all at once, and waits for them (so tokens work from the first
+/// request; an issuer that cannot be reached delays start-up by one fetch timeout at most
+/// and costs only its own tokens), then keeps each fresh in the background.
 async fn start_jwks_fetching(sources: Vec<JwksSource>) -> anyhow::Result<()> {
     if sources.is_empty() {
         return Ok(());
     }
-    let http = tessera_federation::upstream::content_client(true).map_err(anyhow::Error::msg)?;
+    // A JWKS lives where it is configured: no redirect takes the fetch elsewhere.
+    let http = tessera_federation::upstream::content_client(false).map_err(anyhow::Error::msg)?;
+    let mut fetched = Vec::new();
     for source in sources {
-        let ok = tokio::time::timeout(Duration::from_secs(10), source.fetch(&http)).await.unwrap_or(false);
-        tokio::spawn(source.keep_fresh(http.clone(), ok));
+        let (done, first) = tokio::sync::oneshot::channel();
+        tokio::spawn(source.keep_fresh(http.clone(), done));
+        fetched.push(first);
+    }
+    for first in fetched {
+        let _ = first.await;
     }
     Ok(())
 }
@@ -345,31 +353,33 @@ pub fn lock_data_dir(data: &std::path::Path) -> anyhow::Result<std::fs::File> {
 
 /// One garbage collection pass over the hosted store under `config.data`, with no server
 /// running on it. A dry run collects on a copy of the metadata and deletes no file, so it
-/// reports exactly what the pass would do.
+/// reports what the same pass would do; neither touches a directory that holds no data.
 pub async fn collect_garbage(
     config: &Config,
     grace: Duration,
     dry_run: bool,
 ) -> anyhow::Result<tessera_registry::gc::Collected> {
+    let database = config.data.join("meta.sqlite");
+    if !database.is_file() {
+        anyhow::bail!("{} holds no Tessera data (no meta.sqlite)", config.data.display());
+    }
     let _lock = lock_data_dir(&config.data)?;
     let how = tessera_registry::gc::Collect {
         grace,
         upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
+        // No server, so no upload in flight: sessions without a record are leftovers.
+        orphan_uploads_after: Duration::ZERO,
         untagged: config.storage.gc_untagged,
         dry_run,
     };
+    // The pass itself finishes what an interrupted one doomed, so a dry run counts it too.
     if !dry_run {
         let registry = open_registry(config)?;
-        recover(&registry, config).await?;
         return registry.collect_garbage(&how).await.context("garbage collection failed");
     }
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let copy = scratch.path().join("meta.sqlite");
-    SqliteMetaStore::open(&config.data.join("meta.sqlite"))
-        .context("cannot open the metadata")?
-        .copy_to(&copy)
-        .await
-        .context("cannot copy the metadata")?;
+    SqliteMetaStore::copy_database(&database, &copy).context("cannot copy the metadata")?;
     let registry = registry_over(config, SqliteMetaStore::open(&copy)?)?;
     registry.collect_garbage(&how).await.context("garbage collection (dry run) failed")
 }
@@ -385,6 +395,7 @@ async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_con
         let how = tessera_registry::gc::Collect {
             grace,
             upload_expiry: Duration::from_secs(storage.upload_expiry_secs),
+            orphan_uploads_after: grace,
             untagged: storage.gc_untagged,
             dry_run: false,
         };
