@@ -457,13 +457,29 @@ async fn the_cache_keeps_to_its_size_bound_evicting_least_recently_used() {
         let path = format!("/v2/mirror/up/lru/app/blobs/{d}");
         async move { api.get(&path).await.unwrap().bytes().await.unwrap() }
     };
+    // A fill marks its blob used after the commit (the file appears a moment earlier): wait
+    // for the fill to end before using another blob, or the order would be a race.
+    let fetched = |n: u32| {
+        let api = api.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let want = format!("tessera_cache_blobs_fetched_total{{upstream=\"up\"}} {n}");
+            while !api.get("/metrics").await.unwrap().text().await.unwrap().contains(&want) {
+                assert!(Instant::now() < deadline, "{want}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
     pull(&layers[0]).await;
     assert!(wait_cached(&mirror, &layers[0]));
+    fetched(1).await;
     pull(&layers[1]).await;
     assert!(wait_cached(&mirror, &layers[1]));
+    fetched(2).await;
     pull(&layers[0]).await; // layer 0 is now more recently used than layer 1
     pull(&layers[2]).await; // over the bound: layer 1 goes
     assert!(wait_cached(&mirror, &layers[2]));
+    fetched(3).await;
     assert!(cached(&mirror, &layers[0]), "recently used stay");
     assert!(!cached(&mirror, &layers[1]), "least recently used is evicted");
     let held: u64 = layers.iter().filter(|d| cached(&mirror, d)).count() as u64 * 1_000_000;
