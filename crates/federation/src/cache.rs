@@ -293,9 +293,15 @@ impl PullThrough {
             tracing::error!("cache metadata: {e}");
             OciError::internal()
         };
+        // With passthrough, the HEAD that authorises this client also says what the tag
+        // points at now: it stands in for the revalidation, whatever the tag TTL.
+        let mut authorised = None;
         if auth.passthrough() {
             let path = format!("/v2/{name}/manifests/{reference}");
-            self.admit(self.ask(Method::HEAD, name, &path, manifest_accept(), auth).await, not_found)?;
+            match self.ask(Method::HEAD, name, &path, manifest_accept(), auth).await {
+                Answer::Ok(r) => authorised = Some(r),
+                refused => self.admit(refused, not_found)?,
+            }
         }
         match reference {
             Reference::Digest(d) => {
@@ -323,16 +329,20 @@ impl PullThrough {
                 };
                 let age = |at: SystemTime| SystemTime::now().duration_since(at).unwrap_or_default();
                 let settings = self.upstream.cache_settings();
-                if let (Some(m), Some(at)) = (&cached, checked)
+                if let (Some(m), Some(at), None) = (&cached, checked, &authorised)
                     && age(at) < Duration::from_secs(settings.tag_ttl_secs)
                 {
                     return Ok(Fetched { manifest: m.clone(), stale: false });
                 }
-                if cached.is_none() && self.recently_missing(name, t.as_str()) {
+                if cached.is_none() && authorised.is_none() && self.recently_missing(name, t.as_str()) {
                     return Err(not_found());
                 }
                 let path = format!("/v2/{name}/manifests/{t}");
-                let fresh = match self.ask(Method::HEAD, name, &path, manifest_accept(), auth).await {
+                let answer = match authorised {
+                    Some(r) => Answer::Ok(r),
+                    None => self.ask(Method::HEAD, name, &path, manifest_accept(), auth).await,
+                };
+                let fresh = match answer {
                     Answer::Ok(r) => {
                         let upstream_digest = r
                             .headers()

@@ -123,6 +123,13 @@ async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer
         ]);
         assert!(out.join("blobs/sha256").join(layer.hex()).exists());
     }
+    // The tag moves upstream: the HEAD that authorises the client also revalidates the tag,
+    // so the client sees the move at once (one HEAD, not a cached answer within the TTL).
+    let moved = Image::random(1, 20_000);
+    push_with_login(&dist.addr, ("alice", "secret"), "team/app", "v1", &moved).await;
+    let r = get(manifest, Some(("alice", "secret"))).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], moved.digest().to_string().as_str());
 }
 
 /// An upstream that records each request head and answers 404.
