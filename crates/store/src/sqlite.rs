@@ -155,6 +155,20 @@ fn now_ms() -> i64 {
     millis(SystemTime::now())
 }
 
+/// (repository id, digest) rows as (repository name, digest), read in the same transaction.
+fn named(conn: &Connection, rows: Vec<(i64, String)>) -> rusqlite::Result<Vec<(RepoName, Digest)>> {
+    let mut name = conn.prepare_cached("SELECT name FROM repos WHERE id = ?1")?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (id, digest) in rows {
+        let repo: String = name.query_row([id], |r| r.get(0))?;
+        // Stored names and digests were validated on the way in.
+        if let (Ok(repo), Ok(digest)) = (repo.parse(), digest.parse()) {
+            out.push((repo, digest));
+        }
+    }
+    Ok(out)
+}
+
 fn doomed(conn: &Connection, digest: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached("SELECT 1 FROM blobs_doomed WHERE digest = ?1")?.exists([digest])
 }
@@ -681,14 +695,10 @@ impl MetaStore for SqliteMetaStore {
                     }
                     deleted.extend(round);
                 }
-                let mut name = tx.prepare_cached("SELECT name FROM repos WHERE id = ?1")?;
-                deleted
-                    .into_iter()
-                    .map(|(id, digest)| Ok((name.query_row([id], |r| r.get::<_, String>(0))?, digest)))
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                named(tx, deleted)
             })
             .await?;
-        Ok(deleted.into_iter().filter_map(|(repo, digest)| Some((repo.parse().ok()?, digest.parse().ok()?))).collect())
+        Ok(deleted)
     }
 
     async fn unlink_unreferenced(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
@@ -703,14 +713,10 @@ impl MetaStore for SqliteMetaStore {
                     )?
                     .query_map([cutoff], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
-                let mut name = tx.prepare_cached("SELECT name FROM repos WHERE id = ?1")?;
-                removed
-                    .into_iter()
-                    .map(|(id, digest)| Ok((name.query_row([id], |r| r.get::<_, String>(0))?, digest)))
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                named(tx, removed)
             })
             .await?;
-        Ok(removed.into_iter().filter_map(|(repo, digest)| Some((repo.parse().ok()?, digest.parse().ok()?))).collect())
+        Ok(removed)
     }
 
     async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> io::Result<Vec<Digest>> {
