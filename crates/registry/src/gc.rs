@@ -110,18 +110,9 @@ mod tests {
 
     use bytes::Bytes;
     use tessera_spec::{Reference, RepoName};
-    use tessera_store::{FsBlobStore, SqliteMetaStore};
 
     use super::*;
-    use crate::Settings;
-
-    fn registry(dir: &std::path::Path) -> Registry {
-        Registry::new(
-            Arc::new(FsBlobStore::open(dir).unwrap()),
-            Arc::new(SqliteMetaStore::open(&dir.join("meta.sqlite")).unwrap()),
-            Settings::default(),
-        )
-    }
+    use crate::test_registry as registry;
 
     async fn push_blob(r: &Registry, repo: &RepoName, content: &'static [u8]) -> Digest {
         let digest = Digest::sha256_of(content);

@@ -435,3 +435,13 @@ fn check_reference(d: &tessera_spec::Descriptor, found: Option<u64>, what: &str)
         Some(_) => Ok(()),
     }
 }
+
+/// A registry over the embedded stores in `dir`, for this crate's tests.
+#[cfg(test)]
+fn test_registry(dir: &std::path::Path) -> Registry {
+    Registry::new(
+        Arc::new(tessera_store::FsBlobStore::open(dir).unwrap()),
+        Arc::new(tessera_store::SqliteMetaStore::open(&dir.join("meta.sqlite")).unwrap()),
+        Settings::default(),
+    )
+}

@@ -332,16 +332,7 @@ fn check_chunk(size: u64, content_range: Option<ByteRange>, content_length: Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Settings;
-    use tessera_store::{FsBlobStore, SqliteMetaStore};
-
-    fn registry(dir: &std::path::Path) -> Registry {
-        Registry::new(
-            Arc::new(FsBlobStore::open(dir).unwrap()),
-            Arc::new(SqliteMetaStore::open(&dir.join("meta.sqlite")).unwrap()),
-            Settings::default(),
-        )
-    }
+    use crate::test_registry as registry;
 
     fn sessions(r: &Registry) -> usize {
         r.sessions.lock().unwrap().len()
