@@ -518,7 +518,15 @@ impl PullThrough {
                 let range = ByteRange::from_header(range, size)?;
                 let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
                 let len = if size == 0 { 0 } else { end - start + 1 };
-                let body = follow(self.blobs.clone(), digest.clone(), rx, start, start + len, size);
+                let mut body = follow(self.blobs.clone(), digest.clone(), rx, start, start + len, size);
+                // A fetch that fails before this answer's first byte gets a status: the server
+                // buffers the head until the body's first poll, so an error there would reach
+                // the client as a connection closed before any answer.
+                let body: ByteStream<'static> = match body.next().await {
+                    Some(Err(e)) => return Err(unavailable(&self.upstream, e)),
+                    Some(Ok(first)) => Box::pin(futures_util::stream::once(async move { Ok(first) }).chain(body)),
+                    None => body,
+                };
                 Ok(BlobAnswer { size, range, read: BlobRead { len, body } })
             }
             (None, None) => Err(OciError::internal()),
