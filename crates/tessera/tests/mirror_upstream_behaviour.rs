@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde_json::json;
 use tessera_spec::Digest;
@@ -180,17 +180,25 @@ async fn pulls_through_an_upstream_that_requires_a_login() {
     assert!(upstream.log_text().contains("puller"), "the upstream saw our login");
 }
 
-/// A TCP proxy to `target` that cuts the first answer to a blob GET without `Range` after
-/// `cut` bytes, and passes everything else through (one request per connection).
-fn cutting_proxy(target: String, cut: usize) -> String {
+/// What a [`meddling_proxy`] does to the first answer to a blob GET without `Range`.
+#[derive(Clone)]
+enum Meddle {
+    /// Cut it after this many bytes.
+    Cut(usize),
+    /// Stop passing it on after this many bytes (and say so in `paused`) until `go_on`.
+    Pause { at: usize, paused: Arc<AtomicBool>, go_on: Arc<AtomicBool> },
+}
+
+/// A TCP proxy to `target` that meddles with the first answer to a blob GET without
+/// `Range`, and passes everything else through (one request per connection).
+fn meddling_proxy(target: String, meddle: Meddle) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let cut_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let meddled = Arc::new(AtomicBool::new(false));
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { continue };
-            let target = target.clone();
-            let cut_done = cut_done.clone();
+            let (target, meddled, meddle) = (target.clone(), meddled.clone(), meddle.clone());
             std::thread::spawn(move || {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
@@ -211,10 +219,10 @@ fn cutting_proxy(target: String, cut: usize) -> String {
                     + "Connection: close\r\n\r\n";
                 let Ok(mut upstream) = std::net::TcpStream::connect(&target) else { return };
                 let _ = upstream.write_all(forwarded.as_bytes());
-                let cut_this = request_line.starts_with("GET ")
+                let this_one = request_line.starts_with("GET ")
                     && request_line.contains("/blobs/")
                     && !ranged
-                    && !cut_done.swap(true, Ordering::SeqCst);
+                    && !meddled.swap(true, Ordering::SeqCst);
                 let mut sent = 0usize;
                 let mut buf = [0u8; 16384];
                 loop {
@@ -222,12 +230,26 @@ fn cutting_proxy(target: String, cut: usize) -> String {
                     if n == 0 {
                         break;
                     }
-                    let n = if cut_this { n.min(cut.saturating_sub(sent)) } else { n };
-                    if client.write_all(&buf[..n]).is_err() {
+                    let (n, pause_after) = match &meddle {
+                        Meddle::Cut(cut) if this_one => (n.min(cut.saturating_sub(sent)), None),
+                        Meddle::Pause { at, .. } if this_one && sent < *at && sent + n >= *at => (n, Some(at - sent)),
+                        _ => (n, None),
+                    };
+                    let (before, after) = buf[..n].split_at(pause_after.unwrap_or(n));
+                    if client.write_all(before).is_err() {
+                        break;
+                    }
+                    if let (Some(_), Meddle::Pause { paused, go_on, .. }) = (pause_after, &meddle) {
+                        paused.store(true, Ordering::SeqCst);
+                        while !go_on.load(Ordering::SeqCst) {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                    }
+                    if client.write_all(after).is_err() {
                         break;
                     }
                     sent += n;
-                    if cut_this && sent >= cut {
+                    if matches!(meddle, Meddle::Cut(cut) if this_one && sent >= cut) {
                         break;
                     }
                 }
@@ -243,7 +265,7 @@ async fn a_broken_upstream_transfer_is_resumed_with_range() {
     let upstream = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 3_000_000);
     Api::new(&upstream).push_image("big/app", "v1", &image).await.unwrap();
-    let proxy = cutting_proxy(upstream.host(), 1_000_000);
+    let proxy = meddling_proxy(upstream.host(), Meddle::Cut(1_000_000));
     let mirror = Server::with_config(
         BIN,
         &format!("[[upstream]]\nname = \"up\"\nurl = \"http://{proxy}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n"),
@@ -260,6 +282,64 @@ async fn a_broken_upstream_transfer_is_resumed_with_range() {
         log.lines().any(|l| l.contains(&format!("/v2/big/app/blobs/{d}")) && l.contains("\" 206 ")),
         "the rest came with Range: {log}"
     );
+}
+
+/// Readers that join a fill late read what it wrote, then the bytes it holds in memory;
+/// readers ahead of it wait; all get exactly the blob, from one upstream GET.
+#[tokio::test]
+async fn readers_joining_a_fill_late_or_ahead_of_it_get_the_verified_bytes() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 12_000_000);
+    Api::new(&upstream).push_image("big/app", "v1", &image).await.unwrap();
+    let layer = image.layers[0].clone();
+    let (paused, go_on) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let proxy =
+        meddling_proxy(upstream.host(), Meddle::Pause { at: 9_000_000, paused: paused.clone(), go_on: go_on.clone() });
+    let mirror = Server::with_config(
+        BIN,
+        &format!("[[upstream]]\nname = \"up\"\nurl = \"http://{proxy}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n"),
+    )
+    .unwrap();
+    let api = Api::new(&mirror);
+    let d = Digest::sha256_of(&layer);
+    let path = format!("/v2/m/big/app/blobs/{d}");
+    let get = |range: Option<&'static str>| {
+        let (api, path) = (api.clone(), path.clone());
+        tokio::spawn(async move {
+            let mut request = api.http.get(api.url(&path));
+            if let Some(range) = range {
+                request = request.header("range", range);
+            }
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap())
+        })
+    };
+    let first = get(None);
+    // The fill is far into the blob (further than the bytes it keeps in memory) and stalled.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !paused.load(Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "the fill never got going");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let late = get(None);
+    let middle = get(Some("bytes=6000000-7999999"));
+    let ahead = get(Some("bytes=10000000-10000099"));
+    let last_byte = get(Some("bytes=-1"));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!first.is_finished() && !ahead.is_finished() && !last_byte.is_finished(), "nothing unverified is complete");
+    go_on.store(true, Ordering::SeqCst);
+    let whole = |(status, bytes): (u16, bytes::Bytes)| {
+        assert_eq!(status, 200);
+        assert!(bytes == layer[..], "the whole blob");
+    };
+    whole(first.await.unwrap());
+    whole(late.await.unwrap());
+    assert_eq!(middle.await.unwrap(), (206, bytes::Bytes::copy_from_slice(&layer[6_000_000..8_000_000])));
+    assert_eq!(ahead.await.unwrap(), (206, bytes::Bytes::copy_from_slice(&layer[10_000_000..10_000_100])));
+    assert_eq!(last_byte.await.unwrap(), (206, bytes::Bytes::copy_from_slice(&layer[layer.len() - 1..])));
+    let gets = upstream.log_text().lines().filter(|l| l.contains(&format!("\"GET /v2/big/app/blobs/{d}"))).count();
+    assert_eq!(gets, 1, "one upstream GET");
 }
 
 #[tokio::test]
