@@ -34,7 +34,7 @@ pub struct Fetched {
     pub stale: bool,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 struct FillState {
     upload: UploadId,
     size: Option<u64>,
@@ -42,61 +42,10 @@ struct FillState {
     verified: bool,
     /// `Some(Ok)` once committed, `Some(Err)` once failed.
     done: Option<Result<(), String>>,
-    /// The bytes received last, for readers that keep up with the fill.
-    recent: Arc<Mutex<RecentBytes>>,
 }
 
 /// Readers of a fill are woken about this often (in bytes received), not per chunk.
-const WAKE_EVERY: u64 = 256 * 1024;
-
-/// How many of the bytes received last a fill keeps in memory. More than the file writer
-/// can lag behind the network (its buffer, its queue of two and the one being written, of
-/// 1 MiB each), so bytes that leave here are on their way to disk at the latest.
-const RECENT_MAX: u64 = 4 * 1024 * 1024;
-
-/// The chunks a fill received last, as they came off the network. A reader that keeps up
-/// is handed these very chunks: it neither waits for the file write nor reads it back, and
-/// the bytes are not copied again. Readers further behind read the session file.
-#[derive(Default)]
-struct RecentBytes {
-    /// Where in the blob the first held chunk starts.
-    start: u64,
-    chunks: std::collections::VecDeque<Bytes>,
-    held: u64,
-}
-
-impl RecentBytes {
-    fn push(&mut self, chunk: Bytes) {
-        self.held += chunk.len() as u64;
-        self.chunks.push_back(chunk);
-        while self.held > RECENT_MAX
-            && let Some(oldest) = self.chunks.pop_front()
-        {
-            self.start += oldest.len() as u64;
-            self.held -= oldest.len() as u64;
-        }
-    }
-
-    /// Held bytes from `offset`, up to `limit` and to the end of the chunk holding `offset`.
-    fn slice(&self, offset: u64, limit: u64) -> Option<Bytes> {
-        if offset < self.start || offset >= limit {
-            return None;
-        }
-        // Readers that keep up ask for the newest bytes: look from the end.
-        let mut end = self.start + self.held;
-        for chunk in self.chunks.iter().rev() {
-            let begin = end - chunk.len() as u64;
-            if offset >= begin {
-                if offset >= end {
-                    return None;
-                }
-                return Some(chunk.slice((offset - begin) as usize..(limit.min(end) - begin) as usize));
-            }
-            end = begin;
-        }
-        None
-    }
-}
+const WAKE_EVERY: u64 = 1024 * 1024;
 
 /// Counters of one upstream's cache, exported at `/metrics`.
 #[derive(Default)]
@@ -608,13 +557,8 @@ impl PullThrough {
             if let Some(rx) = fills.get(digest) {
                 return Ok(rx.clone());
             }
-            let (tx, rx) = watch::channel(FillState {
-                upload: upload.clone(),
-                size: None,
-                verified: false,
-                done: None,
-                recent: Arc::default(),
-            });
+            let (tx, rx) =
+                watch::channel(FillState { upload: upload.clone(), size: None, verified: false, done: None });
             fills.insert(digest.clone(), rx);
             tx
         };
@@ -832,7 +776,6 @@ impl Fill {
                 s => return Err(format!("upstream answered {s}")),
             }
             let tx_progress = tx.clone();
-            let recent = tx.borrow().recent.clone();
             let counted = &mut received;
             let hasher = &mut digester;
             let mut unannounced = 0u64;
@@ -841,8 +784,8 @@ impl Fill {
                 hasher.update(&chunk);
                 *counted += chunk.len() as u64;
                 unannounced += chunk.len() as u64;
-                recent.lock().unwrap_or_else(|p| p.into_inner()).push(chunk.clone());
                 if unannounced >= WAKE_EVERY {
+                    // Wake readers: about a buffer's worth more is on its way to the file.
                     unannounced = 0;
                     tx_progress.send_modify(|_| {});
                 }
@@ -956,22 +899,9 @@ fn follow(
                 }
                 None => {}
             }
-            // The last byte of the blob only once verified.
+            // Bytes the session file holds now; the last byte of the blob only once verified.
+            let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
             let unverified_limit = if state.verified { c.size } else { c.size.saturating_sub(1) };
-            let (keeps_up, held) = {
-                let recent = state.recent.lock().unwrap_or_else(|p| p.into_inner());
-                (c.offset >= recent.start, recent.slice(c.offset, c.end.min(unverified_limit)))
-            };
-            if let Some(chunk) = held {
-                c.offset += chunk.len() as u64;
-                if c.offset >= c.end {
-                    c.finished = true;
-                }
-                return Some((Ok(chunk), c));
-            }
-            // Further behind: what the session file holds now.
-            let on_disk =
-                if keeps_up { 0 } else { c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0) };
             let limit = on_disk.min(c.end).min(unverified_limit);
             if limit > c.offset
                 && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
@@ -1005,26 +935,6 @@ fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn recent_bytes_hand_out_the_newest_chunks_and_forget_the_oldest() {
-        let mut recent = RecentBytes::default();
-        let chunk = |fill: u8, len: usize| Bytes::from(vec![fill; len]);
-        assert_eq!(recent.slice(0, 10), None, "nothing received yet");
-        recent.push(chunk(1, 100));
-        recent.push(chunk(2, 100));
-        assert_eq!(recent.slice(0, 1000), Some(chunk(1, 100)), "up to the end of the chunk");
-        assert_eq!(recent.slice(150, 1000), Some(chunk(2, 50)));
-        assert_eq!(recent.slice(150, 160), Some(chunk(2, 10)), "up to the limit");
-        assert_eq!(recent.slice(150, 150), None);
-        assert_eq!(recent.slice(200, 1000), None, "not received yet");
-        let big = RECENT_MAX as usize - 150;
-        recent.push(chunk(3, big));
-        assert_eq!((recent.start, recent.held), (100, 100 + big as u64), "the first chunk is forgotten");
-        assert_eq!(recent.slice(99, 1000), None, "forgotten bytes are read from the file");
-        assert_eq!(recent.slice(100, 1000), Some(chunk(2, 100)));
-        assert_eq!(recent.slice(200 + big as u64 - 1, u64::MAX), Some(chunk(3, 1)));
-    }
 
     #[test]
     fn lru_evicts_least_recently_used_first_and_spares_what_is_being_served() {
