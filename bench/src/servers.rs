@@ -171,7 +171,6 @@ fn running_as_root() -> bool {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        tessera_testkit::cdn::stop_nginx(&mut self.child);
     }
 }

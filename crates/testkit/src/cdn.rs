@@ -122,16 +122,7 @@ impl Cdn {
     /// Stops nginx (a mirror going down): SIGTERM, so the master takes its workers along.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while std::time::Instant::now() < deadline {
-                if c.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_nginx(&mut c);
         }
     }
 
@@ -149,4 +140,19 @@ impl Drop for Cdn {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Stops an nginx master and its workers: SIGTERM, which it passes on (a SIGKILL would leave
+/// the workers running and serving), then SIGKILL after five seconds.
+pub fn stop_nginx(master: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(master.id().to_string()).status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if master.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = master.kill();
+    let _ = master.wait();
 }
