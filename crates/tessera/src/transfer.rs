@@ -5,11 +5,13 @@
 //! serves (Pulp's: `blobs/{digest}`, `manifests/2/{ref}`, `manifests/list/{ref}`).
 
 use std::collections::HashSet;
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use tessera_federation::Upstream;
@@ -359,7 +361,7 @@ impl SourceImage {
     }
 
     /// Copies a blob into `path` (through a temporary file, verified, then renamed).
-    async fn copy_blob(&self, d: &Digest, path: &Path) -> Result<()> {
+    async fn copy_blob(&self, d: &Digest, path: &Path, bar: &ProgressBar) -> Result<()> {
         use tokio::io::AsyncWriteExt as _;
         let partial = path.with_extension("partial");
         let mut out = tokio::fs::File::create(&partial).await?;
@@ -378,6 +380,7 @@ impl SourceImage {
                 while let Some(chunk) = r.chunk().await? {
                     digester.update(&chunk);
                     out.write_all(&chunk).await?;
+                    bar.inc(chunk.len() as u64);
                 }
             }
             BlobSource::Layout(_) | BlobSource::Files(_) => {
@@ -398,6 +401,7 @@ impl SourceImage {
                     }
                     digester.update(&buf[..n]);
                     out.write_all(&buf[..n]).await?;
+                    bar.inc(n as u64);
                 }
             }
         }
@@ -567,20 +571,20 @@ impl PublishTarget {
     }
 
     /// Writes blob `digest` of `image` at `key`, verified on the way.
-    async fn put_blob(&self, image: &SourceImage, digest: &Digest, key: &str) -> Result<()> {
+    async fn put_blob(&self, image: &SourceImage, digest: &Digest, key: &str, bar: &ProgressBar) -> Result<()> {
         match self {
             PublishTarget::Dir(dir) => {
                 let path = dir.join(key);
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
-                image.copy_blob(digest, &path).await
+                image.copy_blob(digest, &path, bar).await
             }
             PublishTarget::S3(s3) => {
                 // Verified into a local file first, so nothing unverified reaches the bucket.
                 let staging = tempfile::Builder::new().prefix("tessera-publish").tempdir()?;
                 let path = staging.path().join("blob");
-                image.copy_blob(digest, &path).await?;
+                image.copy_blob(digest, &path, bar).await?;
                 let size = std::fs::metadata(&path)?.len();
                 let file = tokio::fs::File::open(&path).await?;
                 s3.put(key, reqwest::Body::from(file), size).await
@@ -647,8 +651,9 @@ pub async fn publish(
             kept += 1;
             continue;
         }
-        progress(&format!("[{}/{}] {} {}", i + 1, blobs.len(), b.digest, megabytes(b.size)));
-        target.put_blob(image, &b.digest, &key).await?;
+        let bar = blob_progress(&format!("[{}/{}]", i + 1, blobs.len()), &b.digest, b.size);
+        target.put_blob(image, &b.digest, &key, &bar).await?;
+        finish(&bar);
         written += 1;
     }
     let last = image.manifests.len() - 1;
@@ -674,15 +679,27 @@ fn layout_dir_for(output: &Path) -> PathBuf {
     }
 }
 
-/// One line of progress on stderr (rewritten in place on a terminal).
-fn progress(line: &str) {
-    use std::io::{IsTerminal as _, Write as _};
-    let mut err = std::io::stderr();
-    if err.is_terminal() {
-        let _ = write!(err, "\r\x1b[2K{line}");
-        let _ = err.flush();
-    } else {
-        let _ = writeln!(err, "{line}");
+/// The progress of one blob's transfer on stderr: on a terminal a bar with bytes, rate and
+/// time left (indicatif), the digest shortened as docker does; elsewhere (a log, CI) one
+/// line with the whole digest as the blob starts, no escapes.
+fn blob_progress(what: &str, digest: &Digest, size: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        eprintln!("{what} {digest} {}", megabytes(size));
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template(
+        "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    ProgressBar::new(size).with_style(style).with_message(format!("{what} {}", &digest.hex()[..12]))
+}
+
+/// Leaves a finished bar on its own line.
+fn finish(bar: &ProgressBar) {
+    if !bar.is_hidden() {
+        bar.finish();
+        eprintln!();
     }
 }
 
@@ -711,11 +728,12 @@ pub async fn export(references: &[String], output: &Path, plain_http: bool, cred
             let path = dir.join("blobs").join(b.digest.algorithm().as_str()).join(b.digest.hex());
             std::fs::create_dir_all(path.parent().unwrap_or(&dir))?;
             if std::fs::metadata(&path).is_ok_and(|m| m.len() == b.size) {
-                progress(&format!("{name}:{tag} [{}/{}] {} already exported", i + 1, blobs.len(), b.digest));
+                eprintln!("{name}:{tag} [{}/{}] {} already exported", i + 1, blobs.len(), b.digest);
                 continue;
             }
-            progress(&format!("{name}:{tag} [{}/{}] {} {}", i + 1, blobs.len(), b.digest, megabytes(b.size)));
-            image.copy_blob(&b.digest, &path).await?;
+            let bar = blob_progress(&format!("{name}:{tag} [{}/{}]", i + 1, blobs.len()), &b.digest, b.size);
+            image.copy_blob(&b.digest, &path, &bar).await?;
+            finish(&bar);
         }
         for m in &image.manifests {
             let path = dir.join("blobs").join(m.digest.algorithm().as_str()).join(m.digest.hex());
@@ -807,12 +825,13 @@ pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Resu
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             if head.status().is_success() {
-                progress(&format!("{repo}:{tag} [{}/{}] {} already there", i + 1, blobs.len(), b.digest));
+                eprintln!("{repo}:{tag} [{}/{}] {} already there", i + 1, blobs.len(), b.digest);
                 continue;
             }
-            progress(&format!("{repo}:{tag} [{}/{}] {} {}", i + 1, blobs.len(), b.digest, megabytes(b.size)));
+            let bar = blob_progress(&format!("{repo}:{tag} [{}/{}]", i + 1, blobs.len()), &b.digest, b.size);
             let path = dir.join("blobs").join(b.digest.algorithm().as_str()).join(b.digest.hex());
-            upload_file(dest, &repo, &b.digest, &path).await?;
+            upload_file(dest, &repo, &b.digest, &path, &bar).await?;
+            finish(&bar);
         }
         let last = image.manifests.len() - 1;
         for (i, m) in image.manifests.iter().enumerate() {
@@ -835,7 +854,7 @@ pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Resu
 }
 
 /// Uploads a file as the blob `digest` in chunks, verifying the digest as it reads.
-async fn upload_file(dest: &Upstream, repo: &RepoName, digest: &Digest, path: &Path) -> Result<()> {
+async fn upload_file(dest: &Upstream, repo: &RepoName, digest: &Digest, path: &Path, bar: &ProgressBar) -> Result<()> {
     use tokio::io::AsyncReadExt as _;
     let mut file = tokio::fs::File::open(path).await.with_context(|| format!("{digest} is not in the layout"))?;
     let start = dest
@@ -877,6 +896,7 @@ async fn upload_file(dest: &Upstream, repo: &RepoName, digest: &Digest, path: &P
             bail!("upload of {digest}: unexpected answer");
         }
         location = session_path(dest, &r)?;
+        bar.set_position(offset);
     }
     if digester.finish() != *digest {
         bail!("{} does not match its digest {digest}; nothing of this image is tagged", path.display());

@@ -93,6 +93,7 @@ async fn export_and_import_keep_every_digest_and_resume() {
     let (ok, _, err) = tessera(&["export", &refs[0], "-o", &p(&dir), "--plain-http"]);
     assert!(ok);
     assert_eq!(err.matches("already exported").count(), 3, "{err}");
+    assert!(!err.contains('\x1b'), "no terminal escapes in a log: {err:?}");
 
     // A corrupted byte in the carried layout: the import fails and tags nothing.
     let file = dir.join("blobs/sha256").join(layer.hex());
@@ -104,4 +105,27 @@ async fn export_and_import_keep_every_digest_and_resume() {
     assert!(!ok);
     assert!(err.contains("does not match its digest"), "{err}");
     assert_eq!(digest_of(&Api::new(&third), "isv/app", "1").await, None);
+}
+
+/// On a terminal every blob's transfer is a bar with its bytes of the total (in a log it is
+/// one line per blob, as the test above reads it).
+#[tokio::test]
+async fn transfers_draw_a_progress_bar_per_blob_on_a_terminal() {
+    assert!(have_tool("script"), "util-linux script provides the terminal");
+    let work = short_tempdir("tbar").unwrap();
+    let source = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 120_000);
+    Api::new(&source).push_image("isv/app", "1", &image).await.unwrap();
+    let command = format!("{BIN} export {}/isv/app:1 -o {} --plain-http", source.host(), p(&work.path().join("out")));
+    let out = Command::new("script").args(["-qec", &command, "/dev/null"]).output().expect("script runs");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    // Each bar is redrawn in place (carriage returns) and ends its line when done; the
+    // layer's last drawing shows all its bytes, of its size, and a full bar.
+    let short = Digest::sha256_of(&image.layers[0]).hex()[..12].to_string();
+    let line = shown.lines().find(|l| l.contains(&short)).unwrap_or_else(|| panic!("{shown:?}"));
+    let last = line.rsplit('\r').find(|d| d.contains(&short)).unwrap_or(line);
+    let size = format!("{:.2} KiB", image.layers[0].len() as f64 / 1024.0);
+    assert!(last.contains(&format!("{size}/{size}")) && last.contains("=]"), "the whole layer: {last:?}");
+    assert!(!last.contains("exported"), "the summary starts a line of its own: {shown:?}");
 }
