@@ -25,6 +25,27 @@ const SMALL_READ: u64 = 256 * 1024;
 /// (a thread hop, a syscall) is noise next to copying the bytes.
 const CHUNK: usize = 1024 * 1024;
 
+/// Chunks per batch, however small the chunks a client sends: each batch stays one
+/// `writev` (the kernel takes at most 1024 slices a call).
+const BATCH_SLICES: usize = 256;
+
+/// Writes every chunk of `batch` in order, as few `writev` calls as the kernel allows.
+fn write_all_vectored(file: &mut File, batch: &[Bytes]) -> io::Result<u64> {
+    let mut slices: Vec<io::IoSlice<'_>> = batch.iter().map(|b| io::IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    let total = batch.iter().map(|b| b.len() as u64).sum();
+    io::IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
 /// Starts writing dirty pages to disk every few MiB while an upload streams in, so the
 /// `fdatasync` that makes the upload durable at its end has little left to wait for.
 struct Writeback {
@@ -273,31 +294,39 @@ impl BlobStore for FsBlobStore {
     async fn upload_append(&self, id: &UploadId, mut data: ByteStream<'_>, durable: bool) -> Result<u64, AppendError> {
         let path = self.upload_data(id);
         let file = blocking(move || OpenOptions::new().append(true).open(path)).await.map_err(AppendError::Storage)?;
-        // One writer thread per append: the network side fills the next buffer while the
-        // previous one is written, and no buffer is copied twice.
-        let (tx, mut rx) = mpsc::channel::<Bytes>(2);
+        // One writer thread per append: the network side gathers the next batch while the
+        // previous one is written. A batch is the received chunks themselves, written with
+        // one vectored write: no copy into a buffer of our own.
+        let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(2);
         let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let mut file = file;
             let mut writeback = Writeback::new(file.metadata()?.len());
-            while let Some(chunk) = rx.blocking_recv() {
-                file.write_all(&chunk)?;
-                writeback.wrote(&file, chunk.len() as u64);
+            while let Some(batch) = rx.blocking_recv() {
+                let len = write_all_vectored(&mut file, &batch)?;
+                writeback.wrote(&file, len);
             }
             if durable {
                 file.sync_data()?;
             }
             Ok(file.metadata()?.len())
         });
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        let mut batch = Vec::new();
+        let mut batched = 0;
         let mut source_error = None;
         let mut writer_gone = false;
         while let Some(item) = data.next().await {
             match item {
                 Ok(bytes) => {
-                    buf.extend_from_slice(&bytes);
-                    if buf.len() >= CHUNK && tx.send(buf.split().freeze()).await.is_err() {
+                    batched += bytes.len();
+                    batch.push(bytes);
+                    if (batched >= CHUNK || batch.len() >= BATCH_SLICES)
+                        && tx.send(std::mem::take(&mut batch)).await.is_err()
+                    {
                         writer_gone = true;
                         break;
+                    }
+                    if batch.is_empty() {
+                        batched = 0;
                     }
                 }
                 Err(e) => {
@@ -306,8 +335,8 @@ impl BlobStore for FsBlobStore {
                 }
             }
         }
-        if !writer_gone && !buf.is_empty() {
-            let _ = tx.send(buf.freeze()).await;
+        if !writer_gone && !batch.is_empty() {
+            let _ = tx.send(batch).await;
         }
         drop(tx);
         let written = writer.await.map_err(|e| AppendError::Storage(io::Error::other(e)))?;
