@@ -5,7 +5,6 @@
 //! serves (Pulp's: `blobs/{digest}`, `manifests/2/{ref}`, `manifests/list/{ref}`).
 
 use std::collections::HashSet;
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -679,20 +678,21 @@ fn layout_dir_for(output: &Path) -> PathBuf {
     }
 }
 
-/// The progress of one blob's transfer on stderr: on a terminal a bar with bytes, rate and
-/// time left (indicatif), the digest shortened as docker does; elsewhere (a log, CI) one
-/// line with the whole digest as the blob starts, no escapes.
+/// The progress of one blob's transfer on stderr: on a terminal that can draw it, a bar with
+/// bytes, rate and time left (indicatif), the digest shortened as docker does; elsewhere
+/// (a log, CI, `TERM=dumb`) one line with the whole digest as the blob starts, no escapes.
 fn blob_progress(what: &str, digest: &Digest, size: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
+    let bar = ProgressBar::new(size);
+    if bar.is_hidden() {
         eprintln!("{what} {digest} {}", megabytes(size));
-        return ProgressBar::hidden();
+        return bar;
     }
     let style = ProgressStyle::with_template(
         "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
     )
     .map(|s| s.progress_chars("=> "))
     .unwrap_or_else(|_| ProgressStyle::default_bar());
-    ProgressBar::new(size).with_style(style).with_message(format!("{what} {}", &digest.hex()[..12]))
+    bar.with_style(style).with_message(format!("{what} {}", &digest.hex()[..12]))
 }
 
 /// Leaves a finished bar on its own line.

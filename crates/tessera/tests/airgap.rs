@@ -116,10 +116,23 @@ async fn transfers_draw_a_progress_bar_per_blob_on_a_terminal() {
     let source = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 120_000);
     Api::new(&source).push_image("isv/app", "1", &image).await.unwrap();
-    let command = format!("{BIN} export {}/isv/app:1 -o {} --plain-http", source.host(), p(&work.path().join("out")));
-    let out = Command::new("script").args(["-qec", &command, "/dev/null"]).output().expect("script runs");
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{shown}");
+    // Each run exports afresh (into a directory of its own).
+    let on_terminal = |term: &str| {
+        let out_dir = work.path().join(format!("out-{term}"));
+        let command = format!("{BIN} export {}/isv/app:1 -o {} --plain-http", source.host(), p(&out_dir));
+        let out = Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .env("TERM", term)
+            .output()
+            .expect("script runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // A terminal that cannot move its cursor gets the plain lines.
+    let plain = on_terminal("dumb");
+    let layer = Digest::sha256_of(&image.layers[0]);
+    assert!(plain.contains(&format!("isv/app:1 [2/2] {layer}")) && !plain.contains('\x1b'), "{plain:?}");
+    let shown = on_terminal("xterm");
     // Each bar is redrawn in place (carriage returns) and ends its line when done; the
     // layer's last drawing shows all its bytes, of its size, and a full bar.
     let short = Digest::sha256_of(&image.layers[0]).hex()[..12].to_string();
