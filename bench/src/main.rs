@@ -513,7 +513,7 @@ async fn main() -> Result<()> {
         direct.push(timed_pull(&d.http, &distribution.url(&path), digest).await?);
         let before = load::rss_mib(mirror.pid()).unwrap_or(0.0);
         let sampler = RssSampler::start(mirror.pid());
-        cold.push(timed_pull(&t.http, &mirror.url(&format!("/v2/m{}", &path[3..])), digest).await?);
+        cold.push(timed_pull(&t.http, &mirror.url(&format!("/v2/m/bench/mono/blobs/{digest}")), digest).await?);
         rss_growth = rss_growth.max(sampler.stop() - before);
         // The fill commits (and syncs) after its readers are served: the warm pulls start
         // once the cache holds the blob.

@@ -319,14 +319,12 @@ impl BlobStore for FsBlobStore {
                 Ok(bytes) => {
                     batched += bytes.len();
                     batch.push(bytes);
-                    if (batched >= CHUNK || batch.len() >= BATCH_SLICES)
-                        && tx.send(std::mem::take(&mut batch)).await.is_err()
-                    {
-                        writer_gone = true;
-                        break;
-                    }
-                    if batch.is_empty() {
+                    if batched >= CHUNK || batch.len() >= BATCH_SLICES {
                         batched = 0;
+                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                            writer_gone = true;
+                            break;
+                        }
                     }
                 }
                 Err(e) => {
