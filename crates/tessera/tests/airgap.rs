@@ -135,7 +135,7 @@ async fn transfers_draw_a_progress_bar_per_blob_on_a_terminal() {
     let shown = on_terminal("xterm");
     // Each bar is redrawn in place (carriage returns) and ends its line when done; the
     // layer's last drawing shows all its bytes, of its size, and a full bar.
-    let short = Digest::sha256_of(&image.layers[0]).hex()[..12].to_string();
+    let short = layer.hex()[..12].to_string();
     let line = shown.lines().find(|l| l.contains(&short)).unwrap_or_else(|| panic!("{shown:?}"));
     let last = line.rsplit('\r').find(|d| d.contains(&short)).unwrap_or(line);
     let size = format!("{:.2} KiB", image.layers[0].len() as f64 / 1024.0);
