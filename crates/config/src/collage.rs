@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
-use crate::{Fallback, Mode, Route, Target, Upstream, UpstreamCache};
+use crate::{Fallback, Mode, Route, RouteMember, Target, Upstream, UpstreamCache};
 
 #[derive(Deserialize)]
 struct CollageFile {
@@ -80,12 +80,13 @@ pub fn from_collage(json: &str, mode: Mode) -> Result<(Vec<Upstream>, Vec<Route>
                 cache: UpstreamCache::default(),
             });
             let mount = mount.trim_matches('/');
-            let to = if path.is_empty() { name } else { format!("{name}:{path}") };
+            let path = path.trim_matches('/');
+            let to = RouteMember::Named { source: name, path: (!path.is_empty()).then(|| path.to_string()) };
             routes.push(Route {
                 host: host.clone(),
                 authority: None,
                 prefix: (!mount.is_empty()).then(|| mount.to_string()),
-                to: Target::One(to),
+                to: Target(vec![to]),
                 mode,
                 push: Some(false),
                 credentials: Default::default(),
@@ -125,7 +126,8 @@ mod tests {
         assert_eq!(upstreams[1].library_rule, Some(true), "Docker Hub's library/ rule");
         assert_eq!(routes[0].host.as_deref(), Some("suse.example"));
         assert_eq!(routes[0].prefix, None);
-        assert_eq!(routes[0].to, Target::One("registry.suse.com:suse".into()));
+        let suse = RouteMember::Named { source: "registry.suse.com".into(), path: Some("suse".into()) };
+        assert_eq!(routes[0].to, Target(vec![suse]));
         let prefixes: Vec<_> = routes[1..].iter().map(|r| r.prefix.clone().unwrap()).collect();
         assert_eq!(prefixes, ["cool/distro", "cool/stuff", "local", "etcd"]);
         assert!(routes.iter().all(|r| r.mode == Mode::Redirect && r.push == Some(false)));

@@ -415,13 +415,69 @@ impl Default for UpstreamCache {
     }
 }
 
-/// A route's target: `"hosted"`, `"upstream"`, `"upstream:path/prefix"`, or a list of
-/// those (a group, tried in order).
+/// A route's target: `"hosted"`, `"upstream"`, `"upstream:path/prefix"`, a static source's
+/// name, or a list of those (a group, tried in order). Parsed once, here.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(try_from = "TargetText")]
+pub struct Target(pub Vec<RouteMember>);
+
+/// One member of a route's target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteMember {
+    Hosted,
+    /// An upstream (optionally under a path of its names) or a static source, by name.
+    Named {
+        source: String,
+        path: Option<String>,
+    },
+}
+
+impl RouteMember {
+    /// The upstream or static source this member names.
+    pub fn source(&self) -> Option<&str> {
+        match self {
+            RouteMember::Hosted => None,
+            RouteMember::Named { source, .. } => Some(source),
+        }
+    }
+}
+
+impl std::str::FromStr for RouteMember {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<RouteMember, String> {
+        if text == "hosted" {
+            return Ok(RouteMember::Hosted);
+        }
+        let (source, path) = match text.split_once(':') {
+            Some((source, path)) => (source, Some(path.trim_matches('/').to_string()).filter(|p| !p.is_empty())),
+            None => (text, None),
+        };
+        if source.is_empty() {
+            return Err(format!("route target {text:?} names no upstream or static source"));
+        }
+        Ok(RouteMember::Named { source: source.to_string(), path })
+    }
+}
+
+#[derive(Deserialize)]
 #[serde(untagged)]
-pub enum Target {
+enum TargetText {
     One(String),
     Group(Vec<String>),
+}
+
+impl TryFrom<TargetText> for Target {
+    type Error = String;
+
+    fn try_from(text: TargetText) -> Result<Target, String> {
+        let members = match text {
+            TargetText::One(t) => vec![t],
+            TargetText::Group(g) if g.is_empty() => return Err("a route's group is empty".into()),
+            TargetText::Group(g) => g,
+        };
+        members.iter().map(|m| m.parse()).collect::<Result<_, _>>().map(Target)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -602,6 +658,22 @@ impl Default for Cache {
     }
 }
 
+/// A TOML error as one line (`line L, column C: message`): toml's own text draws the line
+/// with a caret over several lines, which does not fit an error chain.
+fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', "; ");
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            let quoted = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("line {line}, column {column}: {message} (in `{quoted}`)")
+        }
+        None => message,
+    }
+}
+
 impl Config {
     /// Reads and validates a TOML file. Errors name the file, line and reason.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -611,7 +683,7 @@ impl Config {
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let config: Config = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -696,27 +768,23 @@ impl Config {
             d.validate().map_err(|e| format!("delivery {}: {e}", i + 1))?;
         }
         for (i, r) in self.routes.iter().enumerate() {
-            let members = match &r.to {
-                Target::One(t) => vec![t.as_str()],
-                Target::Group(g) if g.is_empty() => return Err(format!("route {}: empty group", i + 1)),
-                Target::Group(g) => g.iter().map(String::as_str).collect(),
-            };
-            for m in &members {
-                let upstream = m.split(':').next().unwrap_or("");
-                if *m != "hosted" && !names.contains(upstream) {
+            let members = &r.to.0;
+            let hosted = members.contains(&RouteMember::Hosted);
+            for source in members.iter().filter_map(RouteMember::source) {
+                if !names.contains(source) {
                     return Err(format!(
-                        "route {}: target {m:?} is neither \"hosted\" nor a defined upstream or static source",
+                        "route {}: target {source:?} is neither \"hosted\" nor a defined upstream or static source",
                         i + 1
                     ));
                 }
             }
-            if r.push == Some(true) && !members.contains(&"hosted") {
+            if r.push == Some(true) && !hosted {
                 return Err(format!("route {}: push is only possible to hosted", i + 1));
             }
             if r.credentials == Credentials::Passthrough {
                 // One upstream only: a client's credentials go to the registry they are for,
                 // not on to the next member of a group.
-                let upstream = members.first().map(|m| m.split(':').next().unwrap_or(""));
+                let upstream = members.first().and_then(RouteMember::source);
                 let is_upstream = self.upstreams.iter().any(|u| Some(u.name.as_str()) == upstream);
                 if members.len() != 1 || !is_upstream || r.mode == Mode::Redirect {
                     return Err(format!(
@@ -727,11 +795,8 @@ impl Config {
                 // Its cache holds what clients' own credentials fetched: nothing else may
                 // serve from it without asking the upstream for each client.
                 let shared = self.routes.iter().any(|o| {
-                    let targets: Vec<&str> = match &o.to {
-                        Target::One(t) => vec![t.as_str()],
-                        Target::Group(g) => g.iter().map(String::as_str).collect(),
-                    };
-                    o.credentials != Credentials::Passthrough && targets.iter().any(|t| t.split(':').next() == upstream)
+                    o.credentials != Credentials::Passthrough
+                        && o.to.0.iter().any(|t| t.source().is_some() && t.source() == upstream)
                 });
                 let declares_authority =
                     self.upstreams.iter().any(|u| Some(u.name.as_str()) == upstream && !u.authority.is_empty());
@@ -744,7 +809,7 @@ impl Config {
                     ));
                 }
             }
-            if r.mode == Mode::Redirect && members.contains(&"hosted") {
+            if r.mode == Mode::Redirect && hosted {
                 return Err(format!("route {}: mode = \"redirect\" needs upstream targets only", i + 1));
             }
         }
@@ -886,7 +951,8 @@ to = ["hosted", "dockerhub", "quay"]
         assert_eq!(c.upstreams[0].cache.tag_ttl_secs, 60);
         assert!(c.upstreams[0].cache.serve_stale);
         assert_eq!(c.routes[0].mode, Mode::Redirect);
-        assert_eq!(c.routes[1].to, Target::Group(vec!["hosted".into(), "dockerhub".into(), "quay".into()]));
+        let named = |s: &str| RouteMember::Named { source: s.into(), path: None };
+        assert_eq!(c.routes[1].to, Target(vec![RouteMember::Hosted, named("dockerhub"), named("quay")]));
         for bad in [
             "[[route]]\nto = \"nowhere\"\n",
             "[[upstream]]\nname = \"a\"\nurl = \"ftp://x\"\n",

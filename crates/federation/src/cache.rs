@@ -21,8 +21,10 @@ use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tessera_registry::BlobAnswer;
-use tessera_spec::{ByteRange, Digest, Digester, ErrorCode, OciError, ParsedManifest, Reference, RepoName, Tag};
-use tessera_store::{AppendError, BlobRead, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadId};
+use tessera_spec::{
+    Digest, Digester, ErrorCode, OciError, Paging, ParsedManifest, RangeRequest, Reference, RepoName, Tag,
+};
+use tessera_store::{AppendError, BlobRead, BlobStore, ByteStream, ManifestRecord, MetaStore, Page, UploadId};
 use tokio::sync::watch;
 
 use crate::upstream::{Upstream, UpstreamError, manifest_accept};
@@ -464,7 +466,7 @@ impl PullThrough {
         &self,
         name: &RepoName,
         digest: &Digest,
-        range: Option<&str>,
+        range: Option<&RangeRequest>,
         auth: &UpstreamAuth,
     ) -> Result<BlobAnswer, OciError> {
         let internal = |e: io::Error| {
@@ -514,7 +516,7 @@ impl PullThrough {
                 self.stored(digest, size, range).await?.ok_or_else(OciError::internal)
             }
             (None, Some(size)) => {
-                let range = ByteRange::from_header(range, size)?;
+                let range = RangeRequest::resolve_opt(range, size)?;
                 let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
                 let len = if size == 0 { 0 } else { end - start + 1 };
                 let mut body = follow(self.blobs.clone(), digest.clone(), rx, start, start + len, size);
@@ -533,8 +535,13 @@ impl PullThrough {
     }
 
     /// The cached bytes, if still held (and marks them used).
-    async fn stored(&self, digest: &Digest, size: u64, range: Option<&str>) -> Result<Option<BlobAnswer>, OciError> {
-        let range = ByteRange::from_header(range, size)?;
+    async fn stored(
+        &self,
+        digest: &Digest,
+        size: u64,
+        range: Option<&RangeRequest>,
+    ) -> Result<Option<BlobAnswer>, OciError> {
+        let range = RangeRequest::resolve_opt(range, size)?;
         let Some(read) =
             self.blobs.read(digest, range.map(|r| (r.start, r.end))).await.map_err(|_| OciError::internal())?
         else {
@@ -580,21 +587,22 @@ impl PullThrough {
         Ok(rx)
     }
 
-    /// Tags of a repository from the upstream; the cached tags when it cannot answer.
-    pub async fn tags(
-        &self,
-        name: &RepoName,
-        query: &str,
-        auth: &UpstreamAuth,
-    ) -> Result<(serde_json::Value, Option<String>), OciError> {
-        let path = format!("/v2/{name}/tags/list{query}");
+    /// A page of a repository's tags from the upstream (its paging passed on: more pages
+    /// when it links to one); the cached tags when it cannot answer.
+    pub async fn tags(&self, name: &RepoName, paging: &Paging, auth: &UpstreamAuth) -> Result<Page, OciError> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let path = format!("/v2/{name}/tags/list{}", crate::source::paging_query(paging));
         match self.ask(Method::GET, name, &path, HeaderMap::new(), auth).await {
             Answer::Ok(r) => {
-                let link = r.headers().get("link").and_then(|v| v.to_str().ok()).map(str::to_string);
+                let more = r.headers().contains_key("link");
                 let body = read_limited(r, 16 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
-                let value: serde_json::Value = serde_json::from_slice(&body)
+                let list: TagList = serde_json::from_slice(&body)
                     .map_err(|e| unavailable(&self.upstream, format!("tags list: {e}")))?;
-                Ok((value["tags"].clone(), link))
+                Ok(Page { items: list.tags.unwrap_or_default(), more })
             }
             Answer::NotFound => Err(OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")),
             Answer::Refused(e) => Err(e),
@@ -606,7 +614,7 @@ impl PullThrough {
                     .await
                     .map_err(|_| OciError::internal())?;
                 match page {
-                    Some(p) if self.upstream.cache_settings().serve_stale => Ok((serde_json::json!(p.items), None)),
+                    Some(p) if self.upstream.cache_settings().serve_stale => Ok(Page { items: p.items, more: false }),
                     _ => Err(e),
                 }
             }

@@ -1,76 +1,117 @@
-//! Federation: the routing table, upstream registry clients, and the pull-through cache.
+//! Federation: the routing table, the sources it routes to (hosted, upstream registries
+//! through their pull-through cache or redirect-only, static trees), and the delivery policy.
 
 pub mod cache;
 pub mod delivery;
 pub mod router;
+pub mod source;
 pub mod statics;
 pub mod upstream;
 
 pub use cache::{CacheStats, Fetched, PullThrough, UpstreamAuth};
 pub use delivery::{Decision, Delivery};
-pub use router::{Member, Resolved, RoutingTable};
+pub use router::{Matched, Resolved, RoutingTable};
+pub use source::{Answer, Ask, Found, Served, Source};
 pub use statics::{StaticBlob, StaticManifest, StaticSource};
 pub use upstream::Upstream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tessera_registry::Registry;
 use tessera_store::{BlobStore, MetaStore};
+
+use source::{Cached, Hosted, Published, RedirectOnly, SourceSet, UpstreamSources};
+
+/// Why a configuration's routing table could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    #[error("route {route}: no upstream or static source {target:?}")]
+    UnknownTarget { route: usize, target: String },
+    #[error("upstream {name}: {message}")]
+    Upstream { name: String, message: String },
+    #[error("cache of upstream {name}: {source}")]
+    Cache { name: String, source: std::io::Error },
+    #[error("static source: {0}")]
+    Static(String),
+    #[error("{0}")]
+    Delivery(String),
+}
 
 /// The routing table with a pull-through cache for each upstream.
 pub struct Federation {
     pub table: RoutingTable,
     /// How blob bytes reach clients (`[[delivery]]`), with the health of the mirrors.
-    pub delivery: Delivery,
+    pub delivery: Arc<Delivery>,
     caches: HashMap<String, Arc<PullThrough>>,
 }
 
 impl Federation {
-    /// Builds the table from `config`. Upstreams whose configuration is unchanged from
-    /// `previous` (a reload) keep their client and cache, with tokens, fetches in flight and
-    /// recency; others get `open_cache(name)`, their own stores (metadata, blobs).
+    /// Builds the table from `config`, with `hosted` as the hosted source. Upstreams whose
+    /// configuration is unchanged from `previous` (a reload) keep their client and cache,
+    /// with tokens, fetches in flight and recency; others get `open_cache(name)`, their own
+    /// stores (metadata, blobs).
     pub async fn new(
         config: &tessera_config::Config,
         previous: Option<&Federation>,
+        hosted: Arc<Registry>,
         mut open_cache: impl FnMut(&str) -> std::io::Result<(Arc<dyn MetaStore>, Arc<dyn BlobStore>)>,
-    ) -> Result<Federation, String> {
-        let mut upstreams = Vec::new();
+    ) -> Result<Federation, FederationError> {
         let mut caches = HashMap::new();
         for u in &config.upstreams {
             let kept = previous.and_then(|p| p.caches.get(&u.name)).filter(|c| c.upstream().config() == u);
             let cache = match kept {
                 Some(cache) => cache.clone(),
                 None => {
-                    let upstream = Arc::new(Upstream::new(u)?);
-                    let (meta, blobs) =
-                        open_cache(&u.name).map_err(|e| format!("cache of upstream {}: {e}", u.name))?;
-                    let cache = PullThrough::open(upstream, meta, blobs, previous.is_none())
+                    let upstream = Upstream::new(u)
+                        .map_err(|message| FederationError::Upstream { name: u.name.clone(), message })?;
+                    let cache_error = |source| FederationError::Cache { name: u.name.clone(), source };
+                    let (meta, blobs) = open_cache(&u.name).map_err(cache_error)?;
+                    let cache = PullThrough::open(Arc::new(upstream), meta, blobs, previous.is_none())
                         .await
-                        .map_err(|e| format!("cache of upstream {}: {e}", u.name))?;
+                        .map_err(cache_error)?;
                     Arc::new(cache)
                 }
             };
-            upstreams.push(cache.upstream().clone());
             caches.insert(u.name.clone(), cache);
         }
+        let mut delivery = Delivery::new(&config.deliveries, previous.map(|p| p.delivery.as_ref()))
+            .map_err(FederationError::Delivery)?;
+        delivery.start_health_checks().map_err(FederationError::Delivery)?;
+        let delivery = Arc::new(delivery);
         let statics = open_statics(config)?;
         for s in &statics {
             s.start_polling();
         }
-        let table = RoutingTable::new(config, upstreams, statics)?;
-        let mut delivery = Delivery::new(&config.deliveries, previous.map(|p| &p.delivery))?;
-        delivery.start_health_checks()?;
+        // The one place each kind of source is made.
+        let sources = SourceSet {
+            hosted: Arc::new(Hosted { registry: hosted, delivery: delivery.clone() }),
+            upstreams: config
+                .upstreams
+                .iter()
+                .filter_map(|u| caches.get(&u.name))
+                .map(|cache| UpstreamSources {
+                    upstream: cache.upstream().clone(),
+                    cached: Arc::new(Cached(cache.clone())),
+                    redirect: Arc::new(RedirectOnly(cache.upstream().clone())),
+                })
+                .collect(),
+            statics: statics
+                .into_iter()
+                .map(|source| {
+                    let face: Arc<dyn Source> =
+                        Arc::new(Published { source: source.clone(), delivery: delivery.clone() });
+                    (source, face)
+                })
+                .collect(),
+        };
+        let table = RoutingTable::new(config, &sources)?;
         Ok(Federation { table, delivery, caches })
     }
 
     /// The static sources of this table.
-    pub fn statics(&self) -> &[Arc<StaticSource>] {
+    pub fn statics(&self) -> impl Iterator<Item = &Arc<StaticSource>> {
         self.table.statics()
-    }
-
-    /// The cache of an upstream of this table.
-    pub fn cache(&self, upstream: &Upstream) -> Option<&PullThrough> {
-        self.caches.get(upstream.name()).map(|c| c.as_ref())
     }
 
     /// Every upstream cache, by upstream name.
@@ -80,6 +121,6 @@ impl Federation {
 }
 
 /// The `[[static]]` sources of `config`, loaded (Crane directories read once here).
-pub fn open_statics(config: &tessera_config::Config) -> Result<Vec<Arc<StaticSource>>, String> {
-    config.statics.iter().map(|s| StaticSource::new(s).map(Arc::new)).collect()
+fn open_statics(config: &tessera_config::Config) -> Result<Vec<Arc<StaticSource>>, FederationError> {
+    config.statics.iter().map(|s| StaticSource::new(s).map(Arc::new).map_err(FederationError::Static)).collect()
 }

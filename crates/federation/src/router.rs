@@ -1,52 +1,72 @@
-//! The routing table: `(vhost, authority, name)` -> where the request is answered and under
-//! which name there. First match wins; a request no route matches goes to hosted.
+//! The routing table: `(vhost, authority, name)` -> the sources that answer, each with the
+//! name it knows the repository by. First match wins; a request no route matches goes to
+//! hosted.
 
 use std::sync::Arc;
 
-use tessera_config::{Config, Fallback, Mode, Target};
+use tessera_config::{Config, Fallback, Mode, RouteMember};
 use tessera_spec::{ErrorCode, OciError, RepoName};
 
+use crate::FederationError;
+use crate::source::{Source, SourceSet};
 use crate::statics::StaticSource;
 use crate::upstream::Upstream;
 
-/// One place a request can be answered.
-#[derive(Clone)]
-pub enum Member {
-    Hosted,
-    Upstream {
-        upstream: Arc<Upstream>,
-        path: Option<String>,
-    },
-    /// A read-only repository published elsewhere (`[[static]]`).
-    Static(Arc<StaticSource>),
-}
-
-/// A matched route, with the name each member sees.
+/// A matched route: the sources to ask, in order, each with its name for this request.
 pub struct Resolved {
-    /// Members in the order they are tried, each with its name for this request.
-    pub members: Vec<(Member, RepoName)>,
-    pub mode: Mode,
-    pub push: bool,
-    /// Which route matched (1-based, as in the configuration), or `None` for the fallback.
-    pub route: Option<usize>,
+    pub sources: Vec<(Arc<dyn Source>, RepoName)>,
+    /// Where a push goes: the hosted name, when the route takes pushes.
+    pub write_to: Option<RepoName>,
+    pub matched: Matched,
     /// The client's credentials go to the upstream (and Tessera's own login does not apply).
     pub passthrough: bool,
+}
+
+/// Which rule of the table answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matched {
+    /// A `[[route]]`, 1-based as in the configuration.
+    Route(usize),
+    /// A static source that has the repository.
+    Static,
+    /// The upstream declaring the request's `?ns=` authority.
+    Authority,
+    /// No rule: the fallback (hosted).
+    Fallback,
+}
+
+/// How a member of a route names the repository.
+#[derive(Clone)]
+enum Rename {
+    /// The client's name (hosted).
+    Same,
+    /// What is left after the route's prefix (a static source).
+    Rest,
+    /// The rest under the upstream's `path`, with Docker Hub's `library/` rule.
+    Upstream { path: Option<String>, library_rule: bool },
+}
+
+#[derive(Clone)]
+struct Mount {
+    source: Arc<dyn Source>,
+    rename: Rename,
 }
 
 struct CompiledRoute {
     host: Option<String>,
     authority: Option<String>,
     prefix: Option<String>,
-    members: Vec<Member>,
-    mode: Mode,
+    members: Vec<Mount>,
+    /// Pushes go to the first member, which is hosted.
     push: bool,
     passthrough: bool,
 }
 
 pub struct RoutingTable {
     routes: Vec<CompiledRoute>,
-    upstreams: Vec<Arc<Upstream>>,
-    statics: Vec<Arc<StaticSource>>,
+    hosted: Arc<dyn Source>,
+    upstreams: Vec<(Arc<Upstream>, Arc<dyn Source>)>,
+    statics: Vec<(Arc<StaticSource>, Arc<dyn Source>)>,
     fallback: Fallback,
 }
 
@@ -67,56 +87,55 @@ fn strip_prefix<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 impl RoutingTable {
-    /// Builds the table from the configuration (already validated) and its upstream clients.
-    pub fn new(
-        config: &Config,
-        upstreams: Vec<Arc<Upstream>>,
-        statics: Vec<Arc<StaticSource>>,
-    ) -> Result<RoutingTable, String> {
-        let find = |name: &str| upstreams.iter().find(|u| u.name() == name).cloned();
+    /// Builds the table from the configuration (already validated) and its sources.
+    pub fn new(config: &Config, sources: &SourceSet) -> Result<RoutingTable, FederationError> {
         let mut routes = Vec::new();
         for (i, r) in config.routes.iter().enumerate() {
-            let targets: Vec<&str> = match &r.to {
-                Target::One(t) => vec![t.as_str()],
-                Target::Group(g) => g.iter().map(String::as_str).collect(),
-            };
             let mut members = Vec::new();
-            for t in targets {
-                if t == "hosted" {
-                    members.push(Member::Hosted);
-                    continue;
-                }
-                if let Some(s) = statics.iter().find(|s| s.name() == t) {
-                    members.push(Member::Static(s.clone()));
-                    continue;
-                }
-                let (name, path) = match t.split_once(':') {
-                    Some((n, p)) => (n, Some(p.trim_matches('/').to_string()).filter(|p| !p.is_empty())),
-                    None => (t, None),
+            for member in &r.to.0 {
+                let (source, path) = match member {
+                    RouteMember::Hosted => {
+                        members.push(Mount { source: sources.hosted.clone(), rename: Rename::Same });
+                        continue;
+                    }
+                    RouteMember::Named { source, path } => (source, path),
                 };
-                let upstream = find(name).ok_or_else(|| format!("route {}: no upstream {name:?}", i + 1))?;
-                members.push(Member::Upstream { upstream, path });
+                if let Some((_, s)) = sources.statics.iter().find(|(s, _)| s.name() == source) {
+                    members.push(Mount { source: s.clone(), rename: Rename::Rest });
+                    continue;
+                }
+                let u = sources
+                    .upstreams
+                    .iter()
+                    .find(|u| u.upstream.name() == source)
+                    .ok_or_else(|| FederationError::UnknownTarget { route: i + 1, target: source.clone() })?;
+                let source = if r.mode == Mode::Redirect { u.redirect.clone() } else { u.cached.clone() };
+                let rename = Rename::Upstream { path: path.clone(), library_rule: u.upstream.library_rule() };
+                members.push(Mount { source, rename });
             }
-            let push = r.push.unwrap_or(matches!(members.as_slice(), [Member::Hosted]));
+            let hosted_only = matches!(r.to.0.as_slice(), [RouteMember::Hosted]);
+            let push = r.push.unwrap_or(hosted_only) && r.to.0.first() == Some(&RouteMember::Hosted);
             routes.push(CompiledRoute {
                 host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 authority: r.authority.clone(),
                 prefix: r.prefix.as_ref().map(|p| p.trim_matches('/').to_string()),
                 members,
-                mode: r.mode,
                 push,
                 passthrough: r.credentials == tessera_config::Credentials::Passthrough,
             });
         }
-        Ok(RoutingTable { routes, upstreams, statics, fallback: config.fallback })
+        Ok(RoutingTable {
+            routes,
+            hosted: sources.hosted.clone(),
+            upstreams: sources.upstreams.iter().map(|u| (u.upstream.clone(), u.cached.clone())).collect(),
+            statics: sources.statics.clone(),
+            fallback: config.fallback,
+        })
     }
 
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        &self.upstreams
-    }
-
-    pub fn statics(&self) -> &[Arc<StaticSource>] {
-        &self.statics
+    /// The static sources of this table.
+    pub fn statics(&self) -> impl Iterator<Item = &Arc<StaticSource>> {
+        self.statics.iter().map(|(s, _)| s)
     }
 
     /// Finds the route for a request. `host` is the `Host` header, `authority` the `ns`
@@ -137,76 +156,64 @@ impl RoutingTable {
                 },
                 None => name.as_str(),
             };
-            let members = r
+            let sources = r
                 .members
                 .iter()
-                .map(|m| Ok((m.clone(), member_name(m, name, rest)?)))
+                .map(|m| Ok((m.source.clone(), rename(&m.rename, name, rest)?)))
                 .collect::<Result<Vec<_>, OciError>>()?;
             return Ok(Resolved {
-                members,
-                mode: r.mode,
-                push: r.push,
-                route: Some(i + 1),
+                sources,
+                write_to: r.push.then(|| name.clone()),
+                matched: Matched::Route(i + 1),
                 passthrough: r.passthrough,
             });
         }
+        let only = |source: &Arc<dyn Source>, name: RepoName, matched| Resolved {
+            sources: vec![(source.clone(), name)],
+            write_to: None,
+            matched,
+            passthrough: false,
+        };
         // A static source that has the repository answers for it.
-        if let Some(s) = self.statics.iter().find(|s| s.serves(name)) {
-            return Ok(Resolved {
-                members: vec![(Member::Static(s.clone()), name.clone())],
-                mode: Mode::Cache,
-                push: false,
-                route: None,
-                passthrough: false,
-            });
+        if let Some((_, source)) = self.statics.iter().find(|(s, _)| s.serves(name)) {
+            return Ok(only(source, name.clone(), Matched::Static));
         }
         // An upstream that declares this authority answers for it.
         if let Some(a) = authority
-            && let Some(u) = self.upstreams.iter().find(|u| u.answers_for(a))
+            && let Some((u, source)) = self.upstreams.iter().find(|(u, _)| u.answers_for(a))
         {
-            let member = Member::Upstream { upstream: u.clone(), path: None };
-            let n = member_name(&member, name, name.as_str())?;
-            return Ok(Resolved {
-                members: vec![(member, n)],
-                mode: Mode::Cache,
-                push: false,
-                route: None,
-                passthrough: false,
-            });
+            let renamed =
+                rename(&Rename::Upstream { path: None, library_rule: u.library_rule() }, name, name.as_str())?;
+            return Ok(only(source, renamed, Matched::Authority));
         }
         match self.fallback {
-            Fallback::Hosted => Ok(Resolved {
-                members: vec![(Member::Hosted, name.clone())],
-                mode: Mode::Cache,
-                push: true,
-                route: None,
-                passthrough: false,
-            }),
+            Fallback::Hosted => {
+                Ok(Resolved { write_to: Some(name.clone()), ..only(&self.hosted, name.clone(), Matched::Fallback) })
+            }
             Fallback::None => Err(OciError::new(ErrorCode::NameUnknown, "no route serves this repository name")),
         }
     }
 }
 
-/// The name `member` knows the repository by: hosted keeps the client's name; an upstream
-/// gets the remainder after the route's prefix, under its path, with Docker Hub's
-/// `library/` rule applied.
-fn member_name(member: &Member, full: &RepoName, rest: &str) -> Result<RepoName, OciError> {
+/// The name a member knows the repository by: hosted keeps the client's name (`full`); an
+/// upstream gets the remainder after the route's prefix (`rest`), under its path, with
+/// Docker Hub's `library/` rule applied; a static source gets the remainder.
+fn rename(how: &Rename, full: &RepoName, rest: &str) -> Result<RepoName, OciError> {
     let unknown = || OciError::new(ErrorCode::NameUnknown, "repository name not known to registry");
-    match member {
-        Member::Hosted => Ok(full.clone()),
-        Member::Upstream { upstream, path } => {
+    match how {
+        Rename::Same => Ok(full.clone()),
+        Rename::Upstream { path, library_rule } => {
             let joined = match (path.as_deref(), rest) {
                 (Some(p), "") => p.to_string(),
                 (Some(p), r) => format!("{p}/{r}"),
                 (None, "") => return Err(unknown()),
                 (None, r) => r.to_string(),
             };
-            let joined =
-                if upstream.library_rule() && !joined.contains('/') { format!("library/{joined}") } else { joined };
+            let joined = if *library_rule && !joined.contains('/') { format!("library/{joined}") } else { joined };
             joined.parse().map_err(|_| unknown())
         }
-        Member::Static(_) if rest.is_empty() => Err(unknown()),
-        Member::Static(_) => rest.parse().map_err(|_| unknown()),
+        Rename::Rest if rest.is_empty() => Err(unknown()),
+        Rename::Rest => rest.parse().map_err(|_| unknown()),
     }
 }
 
@@ -214,21 +221,68 @@ fn member_name(member: &Member, full: &RepoName, rest: &str) -> Result<RepoName,
 mod tests {
     use super::*;
 
+    use crate::source::{Answer, Ask, Found, Served, UpstreamSources};
+    use tessera_registry::{BlobAnswer, Referrers};
+    use tessera_spec::{Accept, Descriptor, Digest, Paging, RangeRequest, Reference};
+    use tessera_store::Page;
+
+    /// A source that only says which it is: routing never asks a source anything.
+    struct Named(String);
+
+    fn absent<T>() -> Answer<T> {
+        Ok(Found::Absent(OciError::new(ErrorCode::NameUnknown, "test source")))
+    }
+
+    #[async_trait::async_trait]
+    impl Source for Named {
+        fn label(&self) -> String {
+            self.0.clone()
+        }
+        fn describe(&self, _: &RepoName, _: &Reference) -> String {
+            self.0.clone()
+        }
+        async fn manifest(&self, _: &RepoName, _: &Reference, _: &Accept, _: &Ask) -> Answer<Served> {
+            absent()
+        }
+        async fn blob_size(&self, _: &RepoName, _: &Digest, _: &Ask) -> Answer<u64> {
+            absent()
+        }
+        async fn blob(&self, _: &RepoName, _: &Digest, _: Option<&RangeRequest>, _: &Ask) -> Answer<BlobAnswer> {
+            absent()
+        }
+        async fn tags(&self, _: &RepoName, _: &Paging, _: &Ask) -> Answer<Page> {
+            absent()
+        }
+        async fn referrers(&self, _: &RepoName, _: &Digest, _: Option<&str>, _: &Ask) -> Answer<Referrers> {
+            absent()
+        }
+        async fn locate(&self, _: &RepoName, _: &Descriptor) -> String {
+            self.0.clone()
+        }
+    }
+
+    fn named(label: &str) -> Arc<dyn Source> {
+        Arc::new(Named(label.to_string()))
+    }
+
+    /// The table of `toml`; an upstream's cached face is labelled with its name, its
+    /// redirect face with `(307)` after it.
     fn table(toml: &str) -> RoutingTable {
         let config = Config::from_toml(toml).unwrap();
-        let upstreams = config.upstreams.iter().map(|u| Arc::new(Upstream::new(u).unwrap())).collect();
-        RoutingTable::new(&config, upstreams, Vec::new()).unwrap()
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamSources {
+                upstream: Arc::new(Upstream::new(u).unwrap()),
+                cached: named(&u.name),
+                redirect: named(&format!("{}(307)", u.name)),
+            })
+            .collect();
+        RoutingTable::new(&config, &SourceSet { hosted: named("hosted"), upstreams, statics: Vec::new() }).unwrap()
     }
 
     fn names(r: &Resolved) -> Vec<String> {
-        r.members
-            .iter()
-            .map(|(m, n)| match m {
-                Member::Hosted => format!("hosted:{n}"),
-                Member::Upstream { upstream, .. } => format!("{}:{n}", upstream.name()),
-                Member::Static(s) => format!("static {}:{n}", s.name()),
-            })
-            .collect()
+        r.sources.iter().map(|(s, n)| format!("{}:{n}", s.label())).collect()
     }
 
     fn n(s: &str) -> RepoName {
@@ -267,8 +321,8 @@ to = ["hosted", "local", "quay:team"]
     fn prefixes_rewrite_names() {
         let t = table(CONFIG);
         let r = t.resolve(None, None, &n("cool/stuff/x")).unwrap();
-        assert_eq!(names(&r), ["dockerhub:flavio/x"]);
-        assert_eq!((r.mode, r.push, r.route), (Mode::Redirect, false, Some(1)));
+        assert_eq!(names(&r), ["dockerhub(307):flavio/x"]);
+        assert_eq!((r.write_to.is_some(), r.matched), (false, Matched::Route(1)));
         assert_eq!(names(&t.resolve(None, None, &n("mirror/dh/alpine")).unwrap()), ["dockerhub:library/alpine"]);
         assert_eq!(names(&t.resolve(None, None, &n("mirror/dh/bitnami/redis")).unwrap()), ["dockerhub:bitnami/redis"]);
         // Whole components only: "cool/stuffed" is not under "cool/stuff".
@@ -287,7 +341,7 @@ to = ["hosted", "local", "quay:team"]
         assert_eq!(names(&t.resolve(None, Some("ghcr.io"), &n("y/z")).unwrap()), ["hosted:y/z"]);
         let g = t.resolve(None, None, &n("all/app")).unwrap();
         assert_eq!(names(&g), ["hosted:all/app", "local:app", "quay:team/app"]);
-        assert!(!g.push, "a group pushes only when told to");
+        assert!(g.write_to.is_none(), "a group pushes only when told to");
     }
 
     #[test]
@@ -295,6 +349,6 @@ to = ["hosted", "local", "quay:team"]
         let t = table("");
         let r = t.resolve(None, Some("docker.io"), &n("a/b")).unwrap();
         assert_eq!(names(&r), ["hosted:a/b"]);
-        assert!(r.push);
+        assert_eq!(r.write_to, Some(n("a/b")));
     }
 }

@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tessera_registry::{BlobAnswer, accepts};
+use tessera_registry::BlobAnswer;
 use tessera_spec::manifest::media;
-use tessera_spec::{ByteRange, Digest, ErrorCode, OciError, ParsedManifest, Reference, RepoName};
+use tessera_spec::{Accept, Digest, ErrorCode, OciError, ParsedManifest, RangeRequest, Reference, RepoName};
 use tessera_store::ManifestRecord;
 
 use crate::delivery::Delivery;
@@ -301,7 +301,7 @@ impl StaticSource {
         &self,
         name: &RepoName,
         reference: &Reference,
-        accept: Option<&str>,
+        accept: &Accept,
         delivery: &Delivery,
     ) -> Result<StaticManifest, OciError> {
         match &self.kind {
@@ -336,7 +336,7 @@ impl StaticSource {
                 };
                 if let Reference::Tag(_) = reference
                     && (record.media_type == media::OCI_INDEX || record.media_type == media::DOCKER_LIST)
-                    && !accepts(accept, &record.media_type)
+                    && !accept.admits(&record.media_type)
                 {
                     return Err(unknown(&reference.to_string()));
                 }
@@ -350,7 +350,7 @@ impl StaticSource {
         &self,
         repo: &CraneRepo,
         reference: &Reference,
-        accept: Option<&str>,
+        accept: &Accept,
         delivery: &Delivery,
     ) -> Result<StaticManifest, OciError> {
         let id = reference.to_string();
@@ -358,10 +358,10 @@ impl StaticSource {
             Reference::Digest(d) => Some(d),
             Reference::Tag(_) => None,
         };
-        let (path, media_type) = if repo.lists.contains(&id) && accepts(accept, media::DOCKER_LIST) {
+        let (path, media_type) = if repo.lists.contains(&id) && accept.admits(media::DOCKER_LIST) {
             (format!("manifests/list/{id}"), media::DOCKER_LIST)
         } else if let Some((digest, version)) = repo.amd64.get(&id) {
-            if *version != 2 || !accepts(accept, media::DOCKER_MANIFEST) {
+            if *version != 2 || !accept.admits(media::DOCKER_MANIFEST) {
                 return Ok(StaticManifest::Redirect(delivery.sign_known(&format!("{}manifests/1/{digest}", repo.url))));
             }
             let digest: Digest = digest.parse().map_err(|_| unknown(&id))?;
@@ -476,7 +476,7 @@ impl StaticSource {
         &self,
         name: &RepoName,
         digest: &Digest,
-        range: Option<&str>,
+        range: Option<&RangeRequest>,
         delivery: &Delivery,
     ) -> Result<StaticBlob, OciError> {
         let blob_unknown = || {
@@ -494,7 +494,7 @@ impl StaticSource {
             Kind::Layout { root: LayoutRoot::Dir(dir), .. } => {
                 let path = dir.join("blobs").join(digest.algorithm().as_str()).join(digest.hex());
                 let size = tokio::fs::metadata(&path).await.map_err(|_| blob_unknown())?.len();
-                let range = ByteRange::from_header(range, size)?;
+                let range = RangeRequest::resolve_opt(range, size)?;
                 let read = tessera_store::fs::read_file(path, range.map(|r| (r.start, r.end)))
                     .await
                     .map_err(|_| blob_unknown())?

@@ -4,12 +4,7 @@
 use tessera_spec::{Digest, ErrorCode, OciError, Reference, RepoName};
 use tessera_store::UploadId;
 
-/// Pagination parameters of tags and catalog listings.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Paging {
-    pub n: Option<usize>,
-    pub last: Option<String>,
-}
+pub use tessera_spec::Paging;
 
 /// Every endpoint of the OCI Distribution API (v1.1).
 #[derive(Debug, Clone, PartialEq)]

@@ -6,6 +6,7 @@ pub mod endpoint;
 mod handlers;
 pub mod limits;
 mod metrics;
+mod policy;
 mod response;
 mod routed;
 pub mod server;
@@ -24,7 +25,7 @@ pub use response::ApiError;
 
 /// Everything a request handler can reach. Built once by the binary (or a test).
 pub struct AppState {
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     /// The routing table and the caches of its upstreams; swapped whole on a reload.
     pub federation: arc_swap::ArcSwap<tessera_federation::Federation>,
     pub metrics: metrics::Metrics,

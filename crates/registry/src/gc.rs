@@ -168,7 +168,8 @@ mod tests {
         assert_eq!((done.links_removed, done.blobs_deleted, done.bytes_freed), (2, 2, 2), "{done:?}");
         assert!(!held(&r, &own).await && !held(&r, &loose).await, "unreferenced bytes are gone");
         assert!(held(&r, &shared).await && held(&r, &config).await, "referenced bytes stay");
-        let v2 = r.manifest_get(&app, &Reference::Tag("v2".parse().unwrap()), None).await.unwrap();
+        let v2 =
+            r.manifest_get(&app, &Reference::Tag("v2".parse().unwrap()), &tessera_spec::Accept::any()).await.unwrap();
         assert!(r.blob_get(&app, &shared, None).await.is_ok(), "v2 still pulls");
         assert!(!v2.bytes.is_empty());
         assert_eq!(r.collect_garbage(&how(Duration::ZERO)).await.unwrap(), Collected::default(), "nothing left");

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde_json::json;
 use tessera_spec::manifest::{ManifestKind, media};
-use tessera_spec::{ByteRange, Digest, ErrorCode, OciError, ParsedManifest, Reference, RepoName};
+use tessera_spec::{
+    Accept, ByteRange, Digest, ErrorCode, OciError, Paging, ParsedManifest, RangeRequest, Reference, RepoName,
+};
 use tessera_store::{BlobRead, BlobStore, ManifestRecord, MetaStore, Page, UploadId};
 
 use uploads::UploadState;
@@ -126,17 +128,6 @@ fn deletes_disabled() -> OciError {
     OciError::new(ErrorCode::Unsupported, "deletes are disabled on this registry")
 }
 
-/// Whether an `Accept` header admits `media_type`. No header, or a wildcard, admits all.
-pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
-    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
-        return true;
-    };
-    accept
-        .split(',')
-        .map(|t| t.split(';').next().unwrap_or("").trim())
-        .any(|t| t == media_type || t == "*/*" || t == "application/*")
-}
-
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, settings: Settings) -> Self {
         Registry { blobs, meta, settings, sessions: Mutex::new(HashMap::new()) }
@@ -165,12 +156,17 @@ impl Registry {
     }
 
     /// Opens a blob linked into `repo`, honouring a `Range` header; or says where it lives.
-    pub async fn blob_get(&self, repo: &RepoName, digest: &Digest, range: Option<&str>) -> Result<Opened, OciError> {
+    pub async fn blob_get(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<&RangeRequest>,
+    ) -> Result<Opened, OciError> {
         let size = match self.blob_at(repo, digest).await? {
             BlobAt::Here(size) => size,
             BlobAt::Elsewhere { urls, .. } => return Ok(Opened::Elsewhere(urls)),
         };
-        let range = ByteRange::from_header(range, size)?;
+        let range = RangeRequest::resolve_opt(range, size)?;
         let read = self
             .blobs
             .read(digest, range.map(|r| (r.start, r.end)))
@@ -267,7 +263,7 @@ impl Registry {
         &self,
         repo: &RepoName,
         reference: &Reference,
-        accept: Option<&str>,
+        accept: &Accept,
     ) -> Result<ManifestRecord, OciError> {
         let digest = match reference {
             Reference::Digest(d) => d.clone(),
@@ -285,7 +281,7 @@ impl Registry {
             .map_err(|e| internal("manifest lookup", e))?
             .ok_or_else(|| manifest_unknown(reference))?;
         let is_index = m.media_type == media::OCI_INDEX || m.media_type == media::DOCKER_LIST;
-        if matches!(reference, Reference::Tag(_)) && is_index && !accepts(accept, &m.media_type) {
+        if matches!(reference, Reference::Tag(_)) && is_index && !accept.admits(&m.media_type) {
             return Err(OciError::new(
                 ErrorCode::ManifestUnknown,
                 format!("the tag names a {}, which the request's Accept header does not allow", m.media_type),
@@ -376,17 +372,21 @@ impl Registry {
         if found { Ok(()) } else { Err(manifest_unknown(reference)) }
     }
 
-    pub async fn tags(&self, repo: &RepoName, n: Option<usize>, last: Option<&str>) -> Result<Page, OciError> {
-        let limit = n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
-        self.meta.list_tags(repo, last, limit).await.map_err(|e| internal("tags list", e))?.ok_or_else(|| {
-            OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")
-                .with_detail(json!({ "name": repo.to_string() }))
-        })
+    pub async fn tags(&self, repo: &RepoName, paging: &Paging) -> Result<Page, OciError> {
+        let limit = paging.n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
+        self.meta
+            .list_tags(repo, paging.last.as_deref(), limit)
+            .await
+            .map_err(|e| internal("tags list", e))?
+            .ok_or_else(|| {
+                OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")
+                    .with_detail(json!({ "name": repo.to_string() }))
+            })
     }
 
-    pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page, OciError> {
-        let limit = n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
-        self.meta.catalog(last, limit).await.map_err(|e| internal("catalog", e))
+    pub async fn catalog(&self, paging: &Paging) -> Result<Page, OciError> {
+        let limit = paging.n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
+        self.meta.catalog(paging.last.as_deref(), limit).await.map_err(|e| internal("catalog", e))
     }
 
     /// The referrers of `subject` in `repo` as an OCI image index (empty if none).

@@ -6,9 +6,11 @@ pub mod error;
 pub mod manifest;
 pub mod name;
 pub mod range;
+pub mod request;
 
 pub use digest::{Algorithm, Digest, Digester};
 pub use error::{ErrorCode, OciError};
 pub use manifest::{Descriptor, ManifestKind, ParsedManifest};
 pub use name::{Reference, RepoName, Tag};
-pub use range::ByteRange;
+pub use range::{ByteRange, RangeRequest};
+pub use request::{Accept, Paging};

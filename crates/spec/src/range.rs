@@ -19,44 +19,9 @@ impl ByteRange {
         false
     }
 
-    /// Resolves a `Range` header against a blob of `size` bytes. `Ok(None)` means "serve the
-    /// whole blob" (no header, or a unit we do not handle, which RFC 9110 says to ignore).
-    /// Several ranges are refused: blobs are served as one part only.
+    /// Resolves a `Range` header against a blob of `size` bytes (see [`RangeRequest`]).
     pub fn from_header(header: Option<&str>, size: u64) -> Result<Option<ByteRange>, OciError> {
-        let Some(h) = header else { return Ok(None) };
-        let Some(spec) = h.trim().strip_prefix("bytes=") else {
-            return Ok(None);
-        };
-        let unsatisfiable = || {
-            OciError::new(ErrorCode::RangeNotSatisfiable, "requested range not satisfiable")
-                .with_header("content-range", format!("bytes */{size}"))
-        };
-        if spec.contains(',') {
-            return Err(unsatisfiable());
-        }
-        let (a, b) = spec.trim().split_once('-').ok_or_else(unsatisfiable)?;
-        let num = |s: &str| -> Result<u64, OciError> {
-            if s.is_empty() || s.len() > 19 || !s.bytes().all(|c| c.is_ascii_digit()) {
-                return Err(unsatisfiable());
-            }
-            s.parse().map_err(|_| unsatisfiable())
-        };
-        let range = if a.is_empty() {
-            // Suffix form: the last N bytes.
-            let n = num(b)?;
-            if n == 0 || size == 0 {
-                return Err(unsatisfiable());
-            }
-            ByteRange { start: size.saturating_sub(n), end: size - 1 }
-        } else {
-            let start = num(a)?;
-            let end = if b.is_empty() { u64::MAX } else { num(b)? };
-            if start >= size || end < start {
-                return Err(unsatisfiable());
-            }
-            ByteRange { start, end: end.min(size - 1) }
-        };
-        Ok(Some(range))
+        RangeRequest::resolve_opt(header.and_then(RangeRequest::parse).as_ref(), size)
     }
 
     /// Parses an upload chunk's `Content-Range: <start>-<end>` (the spec's form, no unit;
@@ -78,6 +43,71 @@ impl ByteRange {
             return Err(bad());
         }
         Ok(ByteRange { start, end })
+    }
+}
+
+/// A blob read's `Range: bytes=...` as the client sent it, before the blob's size is known.
+/// Parsed once where the request arrives; every source resolves it against its own size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// `bytes=start-` (`end` absent) or `bytes=start-end`.
+    From { start: u64, end: Option<u64> },
+    /// `bytes=-n`: the last `n` bytes.
+    Suffix(u64),
+    /// A `bytes=` range this server cannot satisfy whatever the size (malformed, several
+    /// ranges, `-0`): a 416 once the size is known for its `Content-Range`.
+    Unsatisfiable,
+}
+
+impl RangeRequest {
+    /// Parses a `Range` header. `None` means "serve the whole blob": a unit other than
+    /// bytes, which RFC 9110 says to ignore.
+    pub fn parse(header: &str) -> Option<RangeRequest> {
+        let spec = header.trim().strip_prefix("bytes=")?.trim();
+        if spec.contains(',') {
+            // Several ranges are refused: blobs are served as one part only.
+            return Some(RangeRequest::Unsatisfiable);
+        }
+        let num = |s: &str| -> Option<u64> {
+            if s.is_empty() || s.len() > 19 || !s.bytes().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        };
+        let Some((a, b)) = spec.split_once('-') else { return Some(RangeRequest::Unsatisfiable) };
+        let parsed = if a.is_empty() {
+            num(b).filter(|n| *n > 0).map(RangeRequest::Suffix)
+        } else {
+            match (num(a), b.is_empty()) {
+                (Some(start), true) => Some(RangeRequest::From { start, end: None }),
+                (Some(start), false) => {
+                    num(b).filter(|end| *end >= start).map(|end| RangeRequest::From { start, end: Some(end) })
+                }
+                (None, _) => None,
+            }
+        };
+        Some(parsed.unwrap_or(RangeRequest::Unsatisfiable))
+    }
+
+    /// The bytes of a blob of `size` this request asks for; a 416 carrying the blob's size
+    /// when none of it can be served.
+    pub fn resolve(&self, size: u64) -> Result<ByteRange, OciError> {
+        let unsatisfiable = || {
+            OciError::new(ErrorCode::RangeNotSatisfiable, "requested range not satisfiable")
+                .with_header("content-range", format!("bytes */{size}"))
+        };
+        match *self {
+            RangeRequest::Suffix(n) if size > 0 => Ok(ByteRange { start: size.saturating_sub(n), end: size - 1 }),
+            RangeRequest::From { start, end } if start < size => {
+                Ok(ByteRange { start, end: end.unwrap_or(u64::MAX).min(size - 1) })
+            }
+            _ => Err(unsatisfiable()),
+        }
+    }
+
+    /// [`RangeRequest::resolve`] for an optional request: `None` serves the whole blob.
+    pub fn resolve_opt(request: Option<&RangeRequest>, size: u64) -> Result<Option<ByteRange>, OciError> {
+        request.map(|r| r.resolve(size)).transpose()
     }
 }
 

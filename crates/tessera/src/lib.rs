@@ -1,14 +1,17 @@
 //! Assembly: the one place that turns a [`Config`] into stores, a registry, an HTTP app and a
 //! running listener. `main` and the tests both come through here.
 
+mod explain;
 pub mod transfer;
+
+pub use explain::{explain, explain_live};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tessera_config::Config;
-use tessera_federation::{Federation, RoutingTable, Upstream};
+use tessera_federation::Federation;
 use tessera_http::AppState;
 use tessera_http::auth::IssuerKeys;
 use tessera_http::server::{CertStore, ServerOptions};
@@ -61,8 +64,8 @@ async fn recover(registry: &Registry, config: &Config) -> anyhow::Result<()> {
 
 /// Opens the embedded default stores under `config.data` and builds the application state.
 pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
-    let registry = open_registry(config)?;
-    let federation = open_federation(config, None).await?;
+    let registry = Arc::new(open_registry(config)?);
+    let federation = open_federation(config, None, registry.clone()).await?;
     recover(&registry, config).await?;
     let (auth, jwks) = open_auth(config)?;
     start_jwks_fetching(jwks).await?;
@@ -293,7 +296,8 @@ async fn reload_on_hangup(
             effective.upstreams = new.upstreams;
             effective.routes = new.routes;
             effective.fallback = new.fallback;
-            let federation = open_federation(&effective, Some(&state.federation.load())).await?;
+            let previous = state.federation.load();
+            let federation = open_federation(&effective, Some(&previous), state.registry.clone()).await?;
             anyhow::Ok((federation, effective))
         }
         .await;
@@ -313,10 +317,24 @@ async fn reload_on_hangup(
 
 /// The routing table, an upstream client per `[[upstream]]`, and each upstream's cache in
 /// `<data>/cache/<name>/` (its own blob store and metadata, so eviction touches nothing else).
-async fn open_federation(config: &Config, previous: Option<&Federation>) -> anyhow::Result<Federation> {
+async fn open_federation(
+    config: &Config,
+    previous: Option<&Federation>,
+    hosted: Arc<Registry>,
+) -> anyhow::Result<Federation> {
     let cache_dir = config.data.join("cache");
+    open_federation_in(config, previous, hosted, &cache_dir).await
+}
+
+/// [`open_federation`] with the upstream caches under `cache_dir`.
+async fn open_federation_in(
+    config: &Config,
+    previous: Option<&Federation>,
+    hosted: Arc<Registry>,
+    cache_dir: &std::path::Path,
+) -> anyhow::Result<Federation> {
     let metadata_bytes = config.cache.metadata_bytes;
-    Federation::new(config, previous, |name| {
+    let federation = Federation::new(config, previous, hosted, |name| {
         let dir = cache_dir.join(name);
         let blobs = FsBlobStore::open(&dir)?;
         let meta = SqliteMetaStore::open(&dir.join("meta.sqlite"))?;
@@ -325,8 +343,8 @@ async fn open_federation(config: &Config, previous: Option<&Federation>) -> anyh
             Arc::new(blobs) as Arc<dyn BlobStore>,
         ))
     })
-    .await
-    .map_err(anyhow::Error::msg)
+    .await?;
+    Ok(federation)
 }
 
 /// Takes the data directory for this process alone (an exclusive lock on
@@ -466,261 +484,4 @@ pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future
     .await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Explains, without a running server, how `reference` (`NAME`, `NAME:TAG`, `NAME@DIGEST`)
-/// is routed under `config`: the matching route, and for each member where the manifest
-/// and blobs would come from.
-pub fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, reference: &str) -> anyhow::Result<String> {
-    use std::fmt::Write as _;
-    use tessera_config::Mode;
-    use tessera_federation::Member;
-
-    let (name, tail, resolved) = resolve_for_explain(config, host, ns, reference)?;
-    let reference_path = |n: &tessera_spec::RepoName| match tail.strip_prefix('@') {
-        Some(d) => format!("/v2/{n}/manifests/{d}"),
-        None => format!("/v2/{n}/manifests/{}", &tail[1..]),
-    };
-    let delivery = tessera_federation::Delivery::new(&config.deliveries, None).map_err(anyhow::Error::msg)?;
-    let mut out = String::new();
-    match resolved.route {
-        Some(i) => writeln!(out, "{name}{tail}: route {i} of the configuration")?,
-        None if matches!(resolved.members.first(), Some((Member::Upstream { .. }, _))) => writeln!(
-            out,
-            "{name}{tail}: no route matched; the upstream declaring authority {:?} answers",
-            ns.unwrap_or("")
-        )?,
-        None => writeln!(out, "{name}{tail}: no route matched; hosted")?,
-    }
-    writeln!(out, "  pushes: {}", if resolved.push { "accepted (hosted)" } else { "refused (read-only)" })?;
-    for (i, (member, n)) in resolved.members.iter().enumerate() {
-        let step = if resolved.members.len() > 1 { format!("  {}. ", i + 1) } else { "  ".to_string() };
-        match member {
-            Member::Hosted => {
-                writeln!(
-                    out,
-                    "{step}hosted repository {n}: manifest from this server's stores; blobs: {}",
-                    delivery.describe_local(n, None)
-                )?;
-            }
-            Member::Static(source) => {
-                writeln!(out, "{step}static source {} as {n}: {}", source.name(), source.describe(n))?;
-            }
-            Member::Upstream { upstream, .. } => {
-                let c = upstream.cache_settings();
-                match resolved.mode {
-                    Mode::Redirect => writeln!(
-                        out,
-                        "{step}upstream {} as {n}: redirect (307) to {} and to {} for blobs; no bytes pass through",
-                        upstream.name(),
-                        upstream.url(&reference_path(n)),
-                        upstream.url(&format!("/v2/{n}/blobs/<digest>"))
-                    )?,
-                    Mode::Cache => writeln!(
-                        out,
-                        "{step}upstream {} as {n}: pulled through the cache from {} (tags revalidated after {} s{}); blobs fetched once, verified, then served from this server",
-                        upstream.name(),
-                        upstream.url(&reference_path(n)),
-                        c.tag_ttl_secs,
-                        if c.serve_stale { ", served stale when the upstream fails" } else { "" }
-                    )?,
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Splits `NAME[:TAG|@DIGEST]` and resolves the name through `config`'s routing table.
-fn resolve_for_explain(
-    config: &Config,
-    host: Option<&str>,
-    ns: Option<&str>,
-    reference: &str,
-) -> anyhow::Result<(String, String, tessera_federation::Resolved)> {
-    let (name, tail) = match reference.split_once('@') {
-        Some((n, d)) => (n, format!("@{d}")),
-        None => match reference.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
-            Some((n, t)) => (n, format!(":{t}")),
-            None => (reference, ":latest".to_string()),
-        },
-    };
-    let repo: tessera_spec::RepoName =
-        name.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
-    let upstreams = config
-        .upstreams
-        .iter()
-        .map(|u| Upstream::new(u).map(Arc::new).map_err(anyhow::Error::msg))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let statics = tessera_federation::open_statics(config).map_err(anyhow::Error::msg)?;
-    let table = RoutingTable::new(config, upstreams, statics).map_err(anyhow::Error::msg)?;
-    let resolved = table.resolve(host, ns, &repo).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    Ok((name.to_string(), tail, resolved))
-}
-
-/// Fetches a static source's manifest as a client would get it and says where each blob
-/// it needs comes from. Whether the manifest was found.
-async fn explain_static(
-    source: &tessera_federation::StaticSource,
-    delivery: &tessera_federation::Delivery,
-    name: &tessera_spec::RepoName,
-    reference: &str,
-    out: &mut String,
-) -> anyhow::Result<bool> {
-    use std::fmt::Write as _;
-    use tessera_federation::{StaticBlob, StaticManifest};
-    let reference: tessera_spec::Reference =
-        reference.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
-    let m = match source.manifest(name, &reference, None, delivery).await {
-        Ok(StaticManifest::Here(m)) => m,
-        Ok(StaticManifest::Redirect(url)) => {
-            writeln!(out, "    static {} {name}: manifest 307 to {url}", source.name())?;
-            return Ok(true);
-        }
-        Err(e) => {
-            writeln!(out, "    static {} {name}: {}", source.name(), e.message)?;
-            return Ok(false);
-        }
-    };
-    let parsed = tessera_spec::ParsedManifest::parse(Some(&m.media_type), &m.bytes)
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    writeln!(
-        out,
-        "    static {} {name} answers {} ({}, {} bytes)",
-        source.name(),
-        m.digest,
-        m.media_type,
-        m.bytes.len()
-    )?;
-    for d in &parsed.manifests {
-        writeln!(out, "      manifest {} {} bytes (fetched, verified, served here)", d.digest, d.size)?;
-    }
-    for (kind, d) in parsed.config.iter().map(|c| ("config", c)).chain(parsed.layers.iter().map(|l| ("layer", l))) {
-        let how = match source.blob(name, &d.digest, None, delivery).await {
-            Ok(StaticBlob::Redirect(url)) => format!("307 to {}", url.split('?').next().unwrap_or_default()),
-            Ok(StaticBlob::Bytes(_)) => "served from the layout's files".to_string(),
-            Err(e) => e.message,
-        };
-        writeln!(out, "      {kind} {} {} bytes: {how}", d.digest, d.size)?;
-    }
-    Ok(true)
-}
-
-/// Reads a hosted manifest from the stores under `config.data` and says where each blob it
-/// needs is delivered from. Whether the manifest was found.
-async fn explain_hosted(
-    config: &Config,
-    delivery: &tessera_federation::Delivery,
-    name: &tessera_spec::RepoName,
-    reference: &str,
-    out: &mut String,
-) -> anyhow::Result<bool> {
-    use std::fmt::Write as _;
-    let path = config.data.join("meta.sqlite");
-    if !path.exists() {
-        writeln!(out, "    hosted {name}: no stores in {}", config.data.display())?;
-        return Ok(false);
-    }
-    let meta = SqliteMetaStore::open_read_only(&path)?;
-    let reference: tessera_spec::Reference =
-        reference.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
-    let digest = match &reference {
-        tessera_spec::Reference::Digest(d) => Some(d.clone()),
-        tessera_spec::Reference::Tag(t) => meta.resolve_tag(name, t).await?,
-    };
-    let Some(m) = (match digest {
-        Some(d) => meta.get_manifest(name, &d).await?,
-        None => None,
-    }) else {
-        writeln!(out, "    hosted {name}: no manifest {reference}")?;
-        return Ok(false);
-    };
-    let parsed = tessera_spec::ParsedManifest::parse(Some(&m.media_type), &m.bytes)
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    writeln!(out, "    hosted {name} holds {} ({}, {} bytes)", m.digest, m.media_type, m.bytes.len())?;
-    for d in &parsed.manifests {
-        writeln!(out, "      manifest {} {} bytes (from this server)", d.digest, d.size)?;
-    }
-    for (kind, d) in parsed.config.iter().map(|c| ("config", c)).chain(parsed.layers.iter().map(|l| ("layer", l))) {
-        let urls = meta.blob_urls(name, &d.digest).await?;
-        let how = if urls.is_empty() {
-            delivery.describe_local(name, Some(&d.digest))
-        } else {
-            delivery.describe_external(name, &urls)
-        };
-        writeln!(out, "      {kind} {} {} bytes: {how}", d.digest, d.size)?;
-    }
-    Ok(true)
-}
-
-/// Asks each upstream member which manifest it answers `reference` with, and lists what
-/// that manifest needs (child manifests of an index; config and layers of an image).
-pub async fn explain_live(
-    config: &Config,
-    host: Option<&str>,
-    ns: Option<&str>,
-    reference: &str,
-) -> anyhow::Result<String> {
-    use std::fmt::Write as _;
-    use tessera_federation::Member;
-    use tessera_spec::ParsedManifest;
-
-    let (_, tail, resolved) = resolve_for_explain(config, host, ns, reference)?;
-    let reference = tail.trim_start_matches([':', '@']);
-    let delivery = tessera_federation::Delivery::new(&config.deliveries, None).map_err(anyhow::Error::msg)?;
-    let mut out = String::from("  live:\n");
-    for (member, name) in &resolved.members {
-        let upstream = match member {
-            Member::Upstream { upstream, .. } => upstream,
-            Member::Static(source) => {
-                if explain_static(source, &delivery, name, reference, &mut out).await? {
-                    break;
-                }
-                continue;
-            }
-            Member::Hosted => {
-                if explain_hosted(config, &delivery, name, reference, &mut out).await? {
-                    break;
-                }
-                continue;
-            }
-        };
-        let path = format!("/v2/{name}/manifests/{reference}");
-        let (status, content_type, bytes) = match upstream.get_manifest(name, reference).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                writeln!(out, "    upstream {} ({}): {e}", upstream.name(), upstream.url(&path))?;
-                continue;
-            }
-        };
-        if !(200..300).contains(&status) {
-            writeln!(out, "    upstream {} answers {status} for {}", upstream.name(), upstream.url(&path))?;
-            continue;
-        }
-        let digest = tessera_spec::Digest::sha256_of(&bytes);
-        let parsed =
-            ParsedManifest::parse(content_type.as_deref(), &bytes).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        writeln!(
-            out,
-            "    upstream {} answers {digest} ({}, {} bytes)",
-            upstream.name(),
-            parsed.media_type,
-            bytes.len()
-        )?;
-        let source = match resolved.mode {
-            tessera_config::Mode::Redirect => format!("redirect to {}", upstream.name()),
-            tessera_config::Mode::Cache => format!("from {} through the cache", upstream.name()),
-        };
-        for m in &parsed.manifests {
-            writeln!(out, "      manifest {} {} bytes ({source})", m.digest, m.size)?;
-        }
-        for (kind, d) in parsed.config.iter().map(|c| ("config", c)).chain(parsed.layers.iter().map(|l| ("layer", l))) {
-            let from =
-                if d.urls.is_empty() { source.clone() } else { format!("foreign layer at {}", d.urls.join(", ")) };
-            writeln!(out, "      {kind} {} {} bytes ({from})", d.digest, d.size)?;
-        }
-        // The first member that answers is the one a pull would use.
-        break;
-    }
-    Ok(out)
 }

@@ -254,8 +254,20 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing requests in flight");
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Errors end the program with one line naming the failure and its causes (`a: b: c`),
+/// never a backtrace, whatever `RUST_BACKTRACE` says: they are answers for the person at the
+/// terminal. Panics keep their backtraces: they are bugs.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     // glibc gives every thread that allocates its own arena and keeps freed memory in it;
     // with 1 MiB I/O buffers passing through many blocking-pool threads that is tens of MiB
     // held for nothing. Two arenas suit this two-core target and keep RSS flat.
@@ -301,7 +313,12 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => Config::from_file(path)?,
                 None => Config::default(),
             };
-            let mut text = tessera::explain(&config, args.host.as_deref(), args.ns.as_deref(), &args.reference)?;
+            let mut text = runtime.block_on(tessera::explain(
+                &config,
+                args.host.as_deref(),
+                args.ns.as_deref(),
+                &args.reference,
+            ))?;
             if args.live {
                 text += &runtime.block_on(tessera::explain_live(
                     &config,

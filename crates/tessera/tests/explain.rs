@@ -74,6 +74,46 @@ fn refuses_bad_names_and_configs() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"));
 }
 
+/// A failed command says what went wrong on one line, causes included, and never prints a
+/// backtrace, even where the environment asks for backtraces.
+#[test]
+fn cli_errors_are_one_line_without_backtrace() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    for backtrace in ["1", "full", "0"] {
+        let out = Command::new(BIN)
+            .env("RUST_BACKTRACE", backtrace)
+            .env("RUST_LIB_BACKTRACE", backtrace)
+            .arg("explain")
+            .arg("--config")
+            .arg(&missing)
+            .arg("a")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "RUST_BACKTRACE={backtrace}: {err}");
+        assert!(err.starts_with("tessera: "), "{err}");
+        assert!(err.contains("missing.toml"), "the file is named: {err}");
+        assert!(!err.contains("backtrace") && !err.contains("Stack"), "{err}");
+    }
+    // A syntax error says where, still on one line (toml's own text spans several).
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:5000\"\nroute = [\n").unwrap();
+    let out = Command::new(BIN)
+        .env("RUST_BACKTRACE", "1")
+        .arg("explain")
+        .arg("--config")
+        .arg(&bad)
+        .arg("a")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("bad.toml") && err.contains("line 2"), "{err}");
+}
+
 #[tokio::test]
 async fn live_explain_asks_the_upstream() {
     let upstream = tessera_testkit::Server::start(BIN, &[]).unwrap();

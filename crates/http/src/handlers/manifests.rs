@@ -1,0 +1,80 @@
+//! Manifests: read from the route's sources, written to and deleted from hosted.
+
+use axum::body::Body;
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use tessera_spec::{Accept, ErrorCode, OciError, Reference};
+
+use super::{content_length, discard, header_str, redirect, response, take};
+use crate::AppState;
+use crate::policy::Permit;
+use crate::routed::Reply;
+
+/// `GET` and `HEAD`: the manifest from the first source that has it, with its exact bytes.
+pub(super) async fn get(permit: &Permit, parts: &Parts, reference: &Reference) -> Result<Response, OciError> {
+    let route = permit.readable()?;
+    let accept = Accept::parse(parts.headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
+    let served = match route.first(|source, name| source.manifest(name, reference, &accept, &permit.ask)).await? {
+        Reply::Here(served) => served,
+        Reply::Redirect(url) => return Ok(redirect(&url)),
+    };
+    let m = served.manifest;
+    let headers = [
+        ("content-type", m.media_type.clone()),
+        ("content-length", m.bytes.len().to_string()),
+        ("docker-content-digest", m.digest.to_string()),
+        ("etag", format!("\"{}\"", m.digest)),
+    ];
+    let body = if parts.method == Method::HEAD { Body::empty() } else { Body::from(m.bytes) };
+    let mut r = response(StatusCode::OK, &headers, body);
+    if served.stale {
+        // The answer came from the cache while the upstream could not be asked.
+        r.headers_mut().insert(header::WARNING, header::HeaderValue::from_static("110 tessera \"Response is Stale\""));
+    }
+    Ok(r)
+}
+
+/// `PUT`: a manifest of at most the configured size, stored in hosted as sent.
+pub(super) async fn put(
+    state: &AppState,
+    permit: &Permit,
+    parts: &Parts,
+    body: &mut Option<Body>,
+    reference: &Reference,
+) -> Result<Response, OciError> {
+    let name = permit.writable()?;
+    let registry = &state.registry;
+    let limit = registry.settings().manifest_max_bytes;
+    if content_length(&parts.headers).is_some_and(|l| l > limit) {
+        // Left in its slot: the dispatcher drains it if that is cheap, else closes.
+        return Err(registry.manifest_too_large());
+    }
+    let mut stream = take(body).into_data_stream();
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| OciError::new(ErrorCode::ManifestInvalid, "manifest body could not be read"))?;
+        if (bytes.len() + chunk.len()) as u64 > limit {
+            discard(Body::from_stream(stream)).await;
+            return Err(registry.manifest_too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
+    let put = registry.manifest_put(name, reference, content_type, bytes.freeze()).await?;
+    let mut out = vec![
+        ("location", format!("/v2/{name}/manifests/{}", put.digest)),
+        ("docker-content-digest", put.digest.to_string()),
+        ("content-length", "0".into()),
+    ];
+    if let Some(subject) = put.subject {
+        out.push(("oci-subject", subject.to_string()));
+    }
+    Ok(response(StatusCode::CREATED, &out, Body::empty()))
+}
+
+pub(super) async fn delete(state: &AppState, permit: &Permit, reference: &Reference) -> Result<Response, OciError> {
+    state.registry.manifest_delete(permit.writable()?, reference).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
