@@ -1,7 +1,30 @@
 //! The typed configuration: what `tessera serve` reads from `--config FILE` (TOML), with the
 //! zero-config defaults. Every field is documented in `docs/config.md`; keep the two in step.
 
+mod access;
+mod auth;
+mod cache;
 pub mod collage;
+mod delivery;
+mod limits;
+mod network;
+mod route;
+mod statics;
+mod storage;
+mod tls;
+mod upstream;
+
+pub use access::AccessRule;
+pub use auth::{AuthConfig, TrustedIssuer};
+pub use cache::Cache;
+pub use delivery::{Deliver, Delivery, Mirror, Rewrite, TokenKind, UrlToken};
+pub use limits::Limits;
+pub use network::Network;
+pub use route::{Credentials, Fallback, Mode, Route, RouteMember, Target};
+pub use statics::StaticSource;
+pub use storage::Storage;
+pub use tls::{ClientAuth, TlsConfig};
+pub use upstream::{Upstream, UpstreamCache};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,8 +35,24 @@ use serde::Deserialize;
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("invalid configuration in {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    /// Anything below, found in a file.
+    #[error("invalid configuration in {path}")]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// Not TOML, or TOML of the wrong shape; `text` is the line it was found on.
+    #[error("line {line}, column {column}: {message} (in `{text}`)")]
+    Syntax { line: usize, column: usize, message: String, text: String },
+    /// A TOML error toml could not place on a line.
+    #[error("{0}")]
+    Toml(String),
+    /// Well-formed, but breaks a rule (a route naming an unknown upstream, ...).
+    #[error("{0}")]
+    Rule(String),
+    #[error("collage configuration: {0}")]
+    Collage(String),
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -62,547 +101,6 @@ pub struct Config {
     pub trusted_proxies: Vec<Network>,
 }
 
-/// A network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`), or one address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Network(pub ipnet::IpNet);
-
-impl Network {
-    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
-        self.0.contains(ip)
-    }
-}
-
-impl std::fmt::Display for Network {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::str::FromStr for Network {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Network, String> {
-        s.parse::<ipnet::IpNet>()
-            .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map(Network)
-            .map_err(|_| format!("{s:?} is not a network (CIDR) or an address"))
-    }
-}
-
-impl<'de> Deserialize<'de> for Network {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Network, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// One `[[static]]` source; exactly one of `crane_dir` and `layout`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct StaticSource {
-    /// Name used by routes (`to = "name"`), like an upstream's.
-    pub name: String,
-    /// A directory of Pulp `pulp-docker-redirect` JSON files (versions 2 to 4), one
-    /// repository each; changes on disk are picked up without a restart.
-    pub crane_dir: Option<PathBuf>,
-    /// An OCI image layout: a directory, or an `http(s)://` base URL where its `index.json`
-    /// and `blobs/` are served.
-    pub layout: Option<String>,
-    /// With `layout`: the repository name it is served as.
-    pub repository: Option<String>,
-    /// Seconds between checks of `crane_dir` (and of a layout URL's `index.json`) for changes.
-    #[serde(default = "default_static_poll_secs")]
-    pub poll_secs: u64,
-}
-
-fn default_static_poll_secs() -> u64 {
-    2
-}
-
-impl StaticSource {
-    /// A Crane directory source named `crane` (`tessera serve --crane-dir DIR`).
-    pub fn crane(dir: PathBuf) -> StaticSource {
-        StaticSource {
-            name: "crane".into(),
-            crane_dir: Some(dir),
-            layout: None,
-            repository: None,
-            poll_secs: default_static_poll_secs(),
-        }
-    }
-}
-
-/// One `[[delivery]]` rule: how blobs of repositories under `prefix` are delivered.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct Delivery {
-    /// Repository-name prefix, matched by whole components; empty matches every name.
-    pub prefix: String,
-    pub deliver: Deliver,
-    /// `deliver = "cdn"`: base URL blobs are redirected to.
-    pub cdn: Option<String>,
-    /// Path of a blob under a CDN or mirror base URL: `{digest}` (`sha256:ab..`),
-    /// `{algorithm}`, `{hex}`, `{hex2}` (first two hex digits), `{name}`. Pulp's layout
-    /// `blobs/{digest}` by default.
-    pub layout: Option<String>,
-    /// An expiring signature added to the redirect URL (`[delivery.token]`).
-    pub token: Option<UrlToken>,
-    /// Literal text replacements applied to the redirect URL, in order.
-    pub rewrite: Vec<Rewrite>,
-    /// `deliver = "mirrors"`: the mirrors (`[[delivery.mirror]]`).
-    #[serde(rename = "mirror")]
-    pub mirrors: Vec<Mirror>,
-    /// Seconds between health checks of each mirror.
-    pub health_interval_secs: Option<u64>,
-    /// A blob every mirror holds, asked for with `HEAD` by the health check; without it the
-    /// check asks for the mirror's base URL and takes any answer below 500 as healthy.
-    pub health_blob: Option<String>,
-    /// URLs a layer stored elsewhere (descriptor `urls`, metadata-only push) may be
-    /// redirected to: `scheme://host[:port]/path-prefix`, a host may start with `*.`.
-    /// Nothing is allowed by default.
-    pub external_allow: Vec<String>,
-    /// URLs never redirected to, even when `external_allow` matches.
-    pub external_deny: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Deliver {
-    /// This server sends the bytes.
-    #[default]
-    Stream,
-    /// A 307 to the blob's path under `cdn`.
-    Cdn,
-    /// A 307 to the nearest healthy mirror for the client's address; with none, the next
-    /// matching rule decides.
-    Mirrors,
-    /// A 307 to a presigned URL of the S3-compatible blob store (needs that store).
-    Presigned,
-}
-
-/// An expiring signature on redirect URLs, checkable by the CDN without asking us.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct UrlToken {
-    pub kind: TokenKind,
-    /// The shared secret (`secure_link_md5`: text; `hmac_sha256`: hex, as Akamai issues it).
-    pub secret: Option<String>,
-    /// File holding the secret instead (trailing newline ignored).
-    pub secret_file: Option<PathBuf>,
-    /// Seconds a signed URL stays valid.
-    #[serde(default = "default_token_ttl_secs")]
-    pub ttl_secs: u64,
-    /// `secure_link_md5`: the text hashed, as in nginx's `secure_link_md5` directive, with
-    /// `{expires}`, `{path}`, `{client}` (the client's address) and `{secret}`.
-    #[serde(default = "default_secure_link_expression")]
-    pub expression: String,
-    /// `secure_link_md5`: query parameters carrying the hash and the expiry time.
-    #[serde(default = "default_hash_param")]
-    pub hash_param: String,
-    #[serde(default = "default_expires_param")]
-    pub expires_param: String,
-    /// `hmac_sha256`: the query parameter carrying the token (Akamai's `__token__`).
-    #[serde(default = "default_token_param")]
-    pub token_param: String,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenKind {
-    /// nginx `secure_link` + `secure_link_md5`: `?md5=<base64url md5>&expires=<unix time>`.
-    SecureLinkMd5,
-    /// Akamai-style token auth: `?__token__=exp=..~acl=..~hmac=<hex HMAC-SHA256>`.
-    HmacSha256,
-}
-
-fn default_token_ttl_secs() -> u64 {
-    600
-}
-fn default_secure_link_expression() -> String {
-    "{expires}{path} {secret}".into()
-}
-fn default_hash_param() -> String {
-    "md5".into()
-}
-fn default_expires_param() -> String {
-    "expires".into()
-}
-fn default_token_param() -> String {
-    "__token__".into()
-}
-
-/// Replaces the first occurrence of `match` in a redirect URL with `replace`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Rewrite {
-    #[serde(rename = "match")]
-    pub find: String,
-    pub replace: String,
-}
-
-/// A mirror of the blobs: a base URL and the client networks it serves.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Mirror {
-    pub url: String,
-    /// Client networks (CIDRs) this mirror serves; empty: every client.
-    #[serde(default)]
-    pub networks: Vec<Network>,
-    /// Lower is preferred among the healthy mirrors serving a client.
-    #[serde(default = "default_mirror_priority")]
-    pub priority: u32,
-}
-
-fn default_mirror_priority() -> u32 {
-    100
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// htpasswd file (bcrypt hashes: `htpasswd -B`) with the users who can log in.
-    pub htpasswd: PathBuf,
-    /// The realm named in Basic challenges; also the token `service` name.
-    #[serde(default = "default_realm")]
-    pub realm: String,
-    /// Offer the Docker token flow (Bearer tokens from `/token`, Tessera as the issuer)
-    /// instead of Basic challenges.
-    #[serde(default)]
-    pub token: bool,
-    /// Lifetime of issued tokens, in seconds.
-    #[serde(default = "default_token_ttl")]
-    pub token_ttl_secs: u64,
-    /// PKCS#8 P-256 key signing tokens; created when missing. Default `<data>/token-key.p8`.
-    #[serde(default)]
-    pub token_key: Option<PathBuf>,
-    /// The `iss` of tokens this registry issues.
-    #[serde(default = "default_issuer")]
-    pub issuer: String,
-    /// Other issuers whose Bearer tokens are accepted (`[[auth.trusted_issuer]]`).
-    #[serde(default)]
-    pub trusted_issuer: Vec<TrustedIssuer>,
-    /// Named groups of users (`[auth.groups]`, `team = ["alice", "bob"]`), named in
-    /// `[[access]]` rules as `@team`.
-    #[serde(default)]
-    pub groups: std::collections::HashMap<String, Vec<String>>,
-}
-
-fn default_issuer() -> String {
-    "tessera".into()
-}
-
-impl AuthConfig {
-    /// Basic logins from `htpasswd`, everything else at its default.
-    pub fn new(htpasswd: PathBuf) -> AuthConfig {
-        AuthConfig {
-            htpasswd,
-            realm: default_realm(),
-            token: false,
-            token_ttl_secs: default_token_ttl(),
-            token_key: None,
-            issuer: default_issuer(),
-            trusted_issuer: Vec::new(),
-            groups: Default::default(),
-        }
-    }
-}
-
-/// An external token issuer: its tokens are verified against the keys of its JWKS (a file,
-/// or a URL fetched while serving) and must name this `issuer` and `audience`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TrustedIssuer {
-    pub issuer: String,
-    pub audience: String,
-    /// The JWKS document as a file, read at start-up.
-    pub jwks_file: Option<PathBuf>,
-    /// The JWKS document's URL (e.g. an OpenID provider's `jwks_uri`): fetched at start-up,
-    /// every `jwks_refresh_secs`, and when a token names a key not yet known (at most every
-    /// few seconds), so the issuer can rotate its keys.
-    pub jwks_url: Option<String>,
-    #[serde(default = "default_jwks_refresh")]
-    pub jwks_refresh_secs: u64,
-}
-
-fn default_jwks_refresh() -> u64 {
-    3600
-}
-
-fn default_token_ttl() -> u64 {
-    300
-}
-
-fn default_realm() -> String {
-    "tessera".into()
-}
-
-/// One `[[access]]` rule. Members: user names, `*` (any logged-in user), `anonymous`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct AccessRule {
-    pub prefix: String,
-    pub pull: Vec<String>,
-    pub push: Vec<String>,
-    pub delete: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Fallback {
-    #[default]
-    Hosted,
-    /// Only routed names exist (a read-only front such as a Collage configuration).
-    None,
-}
-
-/// Another registry, reached over HTTP(S).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Upstream {
-    /// Name used by routes (`to = "name"` or `to = "name:path"`).
-    pub name: String,
-    /// Base URL, e.g. `https://registry-1.docker.io`. `http://` only when written so.
-    pub url: String,
-    /// Registry names this upstream answers for: a request with `?ns=` equal to one of them
-    /// (containerd's mirror parameter) is routed here when no route matched first.
-    #[serde(default)]
-    pub authority: Vec<String>,
-    /// Credentials for the upstream (HTTP basic, or for its token service).
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// Extra PEM CA bundle trusted for this upstream, besides the system's roots.
-    pub ca_file: Option<PathBuf>,
-    /// Docker Hub's rule: a one-component name `x` means `library/x`. Defaults to on when
-    /// `authority` includes `docker.io`.
-    pub library_rule: Option<bool>,
-    /// Seconds an upstream request may take before it counts as failed.
-    #[serde(default = "default_upstream_timeout")]
-    pub timeout_secs: u64,
-    #[serde(default)]
-    pub cache: UpstreamCache,
-}
-
-fn default_upstream_timeout() -> u64 {
-    30
-}
-
-/// How manifests fetched from an upstream are cached.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpstreamCache {
-    /// Seconds a manifest fetched by tag is served without asking the upstream again; after
-    /// that it is revalidated with a HEAD (which does not count against Docker Hub's limit).
-    pub tag_ttl_secs: u64,
-    /// Serve the cached copy when the upstream is down, times out, or answers 5xx or 429.
-    pub serve_stale: bool,
-    /// The oldest validation a stale answer may rest on, in seconds.
-    pub max_stale_secs: u64,
-    /// Seconds a "not found" from the upstream is remembered.
-    pub negative_ttl_secs: u64,
-    /// Bytes of blobs kept for this upstream; least recently used blobs are evicted past
-    /// it. 0: no bound.
-    pub max_bytes: u64,
-}
-
-impl Default for UpstreamCache {
-    fn default() -> Self {
-        UpstreamCache {
-            tag_ttl_secs: 300,
-            serve_stale: true,
-            max_stale_secs: 7 * 24 * 3600,
-            negative_ttl_secs: 30,
-            max_bytes: 0,
-        }
-    }
-}
-
-/// A route's target: `"hosted"`, `"upstream"`, `"upstream:path/prefix"`, a static source's
-/// name, or a list of those (a group, tried in order). Parsed once, here.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(try_from = "TargetText")]
-pub struct Target(pub Vec<RouteMember>);
-
-/// One member of a route's target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteMember {
-    Hosted,
-    /// An upstream (optionally under a path of its names) or a static source, by name.
-    Named {
-        source: String,
-        path: Option<String>,
-    },
-}
-
-impl RouteMember {
-    /// The upstream or static source this member names.
-    pub fn source(&self) -> Option<&str> {
-        match self {
-            RouteMember::Hosted => None,
-            RouteMember::Named { source, .. } => Some(source),
-        }
-    }
-}
-
-impl std::str::FromStr for RouteMember {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<RouteMember, String> {
-        if text == "hosted" {
-            return Ok(RouteMember::Hosted);
-        }
-        let (source, path) = match text.split_once(':') {
-            Some((source, path)) => (source, Some(path.trim_matches('/').to_string()).filter(|p| !p.is_empty())),
-            None => (text, None),
-        };
-        if source.is_empty() {
-            return Err(format!("route target {text:?} names no upstream or static source"));
-        }
-        Ok(RouteMember::Named { source: source.to_string(), path })
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum TargetText {
-    One(String),
-    Group(Vec<String>),
-}
-
-impl TryFrom<TargetText> for Target {
-    type Error = String;
-
-    fn try_from(text: TargetText) -> Result<Target, String> {
-        let members = match text {
-            TargetText::One(t) => vec![t],
-            TargetText::Group(g) if g.is_empty() => return Err("a route's group is empty".into()),
-            TargetText::Group(g) => g,
-        };
-        members.iter().map(|m| m.parse()).collect::<Result<_, _>>().map(Target)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Pull through: fetch, verify, keep, and serve from the cache afterwards.
-    #[default]
-    Cache,
-    /// Redirect only: answer with a 307 to the upstream; no bytes pass through here.
-    Redirect,
-}
-
-/// One row of the routing table. Every given matcher must match; none given matches all.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Route {
-    /// Virtual host: the request's `Host` (without port), case-insensitive.
-    pub host: Option<String>,
-    /// The `ns` query parameter containerd sends as a mirror (e.g. `docker.io`).
-    pub authority: Option<String>,
-    /// Repository-name prefix, matched by whole components; it is removed from the name
-    /// before the target's path is prepended (`cool/stuff/x` -> `flavio/x`).
-    pub prefix: Option<String>,
-    pub to: Target,
-    #[serde(default)]
-    pub mode: Mode,
-    /// Allow pushes (only to `hosted`). Default: true for a hosted target, else false.
-    pub push: Option<bool>,
-    /// Whose credentials the upstream sees: the upstream's configured ones (the default),
-    /// or, with `"passthrough"`, the client's own `Authorization`, with the upstream's
-    /// challenges relayed to the client. Tessera's own login does not apply to such a route
-    /// (the upstream decides), and every answer, cached or not, is authorised by the
-    /// upstream for that client first.
-    #[serde(default)]
-    pub credentials: Credentials,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Credentials {
-    #[default]
-    Configured,
-    Passthrough,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file with the certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-    /// PEM CA bundle for client certificates (mutual TLS). A verified client certificate
-    /// identifies its holder by the subject's common name.
-    #[serde(default)]
-    pub client_ca: Option<PathBuf>,
-    /// With `client_ca`: whether a client certificate is required, or only accepted.
-    #[serde(default)]
-    pub client_auth: ClientAuth,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientAuth {
-    #[default]
-    Optional,
-    Required,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Largest manifest accepted on PUT; larger ones get 413.
-    pub manifest_max_bytes: u64,
-    /// Largest request head (request line plus headers); larger ones get 431.
-    pub header_max_bytes: usize,
-    /// Largest blob accepted by an upload; 0 means no limit.
-    pub blob_max_bytes: u64,
-    /// Requests per second one client address may make (a burst of as many); past it, 429
-    /// with `Retry-After`. 0: no limit.
-    pub requests_per_second_per_client: u32,
-    /// Uploading requests (POST, PATCH, PUT with a body) one client address may have in
-    /// flight at once; past it, 429. 0: no limit.
-    pub uploads_per_client: usize,
-    /// Seconds a request body may go without sending a byte before the request is
-    /// abandoned (slow-client guard; what arrived of an upload is kept for resuming).
-    pub body_idle_timeout_secs: u64,
-    /// Seconds a response may wait for the client to take more bytes before the connection
-    /// is closed (a client that stops reading).
-    pub send_idle_timeout_secs: u64,
-    /// Seconds a request without a body (GET, HEAD, DELETE) may take until its answer
-    /// starts; past it, 503 with `Retry-After`. 0: no limit. (Uploads are bounded by the
-    /// body timeouts and sizes instead, downloads by `send_idle_timeout_secs`.)
-    pub request_timeout_secs: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Storage {
-    /// Allow DELETE of manifests, tags and blobs; when false they answer 405 UNSUPPORTED.
-    pub delete_enabled: bool,
-    /// Upload sessions untouched for this many seconds are removed (at start-up and by each
-    /// garbage collection pass).
-    pub upload_expiry_secs: u64,
-    /// Seconds between garbage collection passes over the hosted store; 0 turns them off.
-    pub gc_interval_secs: u64,
-    /// How long unreferenced links and unlinked bytes are kept before a pass removes them:
-    /// longer than any push takes between its first layer and its manifest.
-    pub gc_grace_secs: u64,
-    /// Passes also delete manifests nothing keeps: untagged, listed by no index of their
-    /// repository, not a referrer of a kept manifest (Distribution's `--delete-untagged`).
-    pub gc_untagged: bool,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Cache {
-    /// Memory for manifests, tags and blob links kept after their first read.
-    pub metadata_bytes: u64,
-    /// Memory for small blobs kept after their first read; 0 turns the blob cache off.
-    pub blob_bytes: u64,
-    /// Blobs larger than this are never cached in memory; they stream from storage.
-    pub blob_max_item_bytes: u64,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -625,52 +123,19 @@ impl Default for Config {
     }
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            manifest_max_bytes: 4 * 1024 * 1024,
-            header_max_bytes: 64 * 1024,
-            blob_max_bytes: 0,
-            requests_per_second_per_client: 0,
-            uploads_per_client: 64,
-            body_idle_timeout_secs: 60,
-            send_idle_timeout_secs: 60,
-            request_timeout_secs: 300,
-        }
-    }
-}
-
-impl Default for Storage {
-    fn default() -> Self {
-        Storage {
-            delete_enabled: true,
-            upload_expiry_secs: 7 * 24 * 3600,
-            gc_interval_secs: 3600,
-            gc_grace_secs: 24 * 3600,
-            gc_untagged: false,
-        }
-    }
-}
-
-impl Default for Cache {
-    fn default() -> Self {
-        Cache { metadata_bytes: 64 * 1024 * 1024, blob_bytes: 64 * 1024 * 1024, blob_max_item_bytes: 256 * 1024 }
-    }
-}
-
-/// A TOML error as one line (`line L, column C: message`): toml's own text draws the line
-/// with a caret over several lines, which does not fit an error chain.
-fn toml_error(text: &str, error: &toml::de::Error) -> String {
+/// A TOML error as one line: toml's own text draws the line with a caret over several
+/// lines, which does not fit an error chain.
+fn toml_error(text: &str, error: &toml::de::Error) -> ConfigError {
     let message = error.message().trim().replace('\n', "; ");
     match error.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            let quoted = text.lines().nth(line - 1).unwrap_or("").trim();
-            format!("line {line}, column {column}: {message} (in `{quoted}`)")
+            let text = text.lines().nth(line - 1).unwrap_or("").trim().to_owned();
+            ConfigError::Syntax { line, column, message, text }
         }
-        None => message,
+        None => ConfigError::Toml(message),
     }
 }
 
@@ -679,32 +144,30 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })
+        Self::from_toml(&text).map_err(|e| ConfigError::InFile { path: path.to_owned(), source: Box::new(e) })
     }
 
-    pub fn from_toml(text: &str) -> Result<Config, String> {
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-        config.validate()?;
-        Ok(config)
+        config.validated()
     }
 
     /// Replaces the routing table with a Collage configuration's (see [`collage`]).
-    pub fn with_collage(mut self, json: &str, mode: Mode) -> Result<Config, String> {
-        let (upstreams, routes, fallback) = collage::from_collage(json, mode)?;
+    pub fn with_collage(mut self, json: &str, mode: Mode) -> Result<Config, ConfigError> {
+        let (upstreams, routes, fallback) = collage::from_collage(json, mode).map_err(ConfigError::Collage)?;
         self.upstreams = upstreams;
         self.routes = routes;
         self.fallback = fallback;
-        self.validate()?;
-        Ok(self)
+        self.validated()
     }
 
     /// This configuration, if it is valid (after changes made in code, e.g. by flags).
-    pub fn validated(self) -> Result<Config, String> {
-        self.validate()?;
+    pub fn validated(self) -> Result<Config, ConfigError> {
+        self.check_rules().map_err(ConfigError::Rule)?;
         Ok(self)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn check_rules(&self) -> Result<(), String> {
         if self.limits.header_max_bytes < 8192 {
             return Err("limits.header_max_bytes must be at least 8192".into());
         }
@@ -821,48 +284,6 @@ impl Config {
 /// redirects to).
 pub fn is_http_url(url: &str) -> bool {
     url.starts_with("https://") || url.starts_with("http://")
-}
-
-impl Delivery {
-    fn validate(&self) -> Result<(), String> {
-        match self.deliver {
-            Deliver::Stream => {}
-            Deliver::Cdn => match &self.cdn {
-                Some(base) if is_http_url(base) => {}
-                _ => return Err("deliver = \"cdn\" needs cdn = \"https://...\"".into()),
-            },
-            Deliver::Mirrors => {
-                if self.mirrors.is_empty() {
-                    return Err("deliver = \"mirrors\" needs at least one [[delivery.mirror]]".into());
-                }
-                for m in &self.mirrors {
-                    if !is_http_url(&m.url) {
-                        return Err(format!("mirror url {:?} must start with https:// or http://", m.url));
-                    }
-                }
-            }
-            Deliver::Presigned => {
-                return Err("deliver = \"presigned\" needs the S3-compatible blob store, which this build \
-                            does not have yet"
-                    .into());
-            }
-        }
-        if self.cdn.is_some() && self.deliver != Deliver::Cdn {
-            return Err("cdn is set but deliver is not \"cdn\"".into());
-        }
-        if !self.mirrors.is_empty() && self.deliver != Deliver::Mirrors {
-            return Err("[[delivery.mirror]] given but deliver is not \"mirrors\"".into());
-        }
-        if let Some(t) = &self.token
-            && t.secret.is_some() == t.secret_file.is_some()
-        {
-            return Err("token needs exactly one of secret and secret_file".into());
-        }
-        if self.rewrite.iter().any(|r| r.find.is_empty()) {
-            return Err("a rewrite's match must not be empty".into());
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -994,10 +415,11 @@ to = ["hosted", "dockerhub", "quay"]
     #[test]
     fn errors_name_the_line() {
         let e = Config::from_toml("listen = \"x\"\n").unwrap_err();
-        assert!(e.contains("line 1"), "{e}");
-        let e = Config::from_toml("\n\nbogus = 1\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 1, .. }), "{e}");
+        let e = Config::from_toml("\n\nbogus = 1\n").unwrap_err().to_string();
         assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
-        assert!(Config::from_toml("[limits]\nheader_max_bytes = 10\n").is_err());
+        let e = Config::from_toml("[limits]\nheader_max_bytes = 10\n").unwrap_err();
+        assert!(matches!(&e, ConfigError::Rule(m) if m.contains("header_max_bytes")), "{e}");
     }
 }
 
@@ -1011,7 +433,7 @@ mod properties {
         #[test]
         fn any_text_is_a_config_or_a_clear_error(text in "(?s).{0,400}") {
             if let Err(e) = super::Config::from_toml(&text) {
-                prop_assert!(!e.is_empty());
+                prop_assert!(!e.to_string().is_empty());
             }
         }
 

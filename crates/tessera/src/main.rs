@@ -1,3 +1,4 @@
+use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -213,11 +214,11 @@ impl ServeArgs {
             let json =
                 std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
             let mode = if self.cache { Mode::Cache } else { Mode::Redirect };
-            config = config.with_collage(&json, mode).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            config = config.with_collage(&json, mode).with_context(|| path.display().to_string())?;
         }
         if let Some(dir) = &self.crane_dir {
             config.statics.push(tessera_config::StaticSource::crane(dir.clone()));
-            config = config.validated().map_err(anyhow::Error::msg)?;
+            config = config.validated()?;
         }
         if let Some(listen) = self.listen {
             config.listen = listen;

@@ -1,0 +1,45 @@
+//! `[limits]`: sizes, rates and timeouts that keep one client from starving the rest.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest manifest accepted on PUT; larger ones get 413.
+    pub manifest_max_bytes: u64,
+    /// Largest request head (request line plus headers); larger ones get 431.
+    pub header_max_bytes: usize,
+    /// Largest blob accepted by an upload; 0 means no limit.
+    pub blob_max_bytes: u64,
+    /// Requests per second one client address may make (a burst of as many); past it, 429
+    /// with `Retry-After`. 0: no limit.
+    pub requests_per_second_per_client: u32,
+    /// Uploading requests (POST, PATCH, PUT with a body) one client address may have in
+    /// flight at once; past it, 429. 0: no limit.
+    pub uploads_per_client: usize,
+    /// Seconds a request body may go without sending a byte before the request is
+    /// abandoned (slow-client guard; what arrived of an upload is kept for resuming).
+    pub body_idle_timeout_secs: u64,
+    /// Seconds a response may wait for the client to take more bytes before the connection
+    /// is closed (a client that stops reading).
+    pub send_idle_timeout_secs: u64,
+    /// Seconds a request without a body (GET, HEAD, DELETE) may take until its answer
+    /// starts; past it, 503 with `Retry-After`. 0: no limit. (Uploads are bounded by the
+    /// body timeouts and sizes instead, downloads by `send_idle_timeout_secs`.)
+    pub request_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            manifest_max_bytes: 4 * 1024 * 1024,
+            header_max_bytes: 64 * 1024,
+            blob_max_bytes: 0,
+            requests_per_second_per_client: 0,
+            uploads_per_client: 64,
+            body_idle_timeout_secs: 60,
+            send_idle_timeout_secs: 60,
+            request_timeout_secs: 300,
+        }
+    }
+}
