@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tessera_registry::Registry;
-use tessera_store::{BlobStore, MetaStore};
+use tessera_store::{BlobStore, MetaStore, StoreError};
 
 use source::{Cached, Hosted, Published, RedirectOnly, SourceSet, UpstreamSources};
 
@@ -30,8 +30,12 @@ pub enum FederationError {
     UnknownTarget { route: usize, target: String },
     #[error("upstream {name}: {message}")]
     Upstream { name: String, message: String },
-    #[error("cache of upstream {name}: {source}")]
-    Cache { name: String, source: std::io::Error },
+    #[error("cache of upstream {name}")]
+    Cache {
+        name: String,
+        #[source]
+        source: StoreError,
+    },
     #[error("static source: {0}")]
     Static(String),
     #[error("{0}")]
@@ -55,7 +59,7 @@ impl Federation {
         config: &tessera_config::Config,
         previous: Option<&Federation>,
         hosted: Arc<Registry>,
-        mut open_cache: impl FnMut(&str) -> std::io::Result<(Arc<dyn MetaStore>, Arc<dyn BlobStore>)>,
+        mut open_cache: impl FnMut(&str) -> Result<(Arc<dyn MetaStore>, Arc<dyn BlobStore>), StoreError>,
     ) -> Result<Federation, FederationError> {
         let mut caches = HashMap::new();
         for u in &config.upstreams {

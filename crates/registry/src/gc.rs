@@ -7,11 +7,11 @@
 //! them whole are in [`tessera_store::MetaStore`]'s garbage collection methods.
 
 use std::collections::HashSet;
-use std::io;
 use std::time::{Duration, SystemTime};
 
 use tessera_spec::Digest;
 pub use tessera_store::Collected;
+use tessera_store::StoreResult;
 
 use crate::Registry;
 
@@ -36,7 +36,7 @@ pub struct Collect {
 
 impl Registry {
     /// One collection pass.
-    pub async fn collect_garbage(&self, how: &Collect) -> io::Result<Collected> {
+    pub async fn collect_garbage(&self, how: &Collect) -> StoreResult<Collected> {
         let cutoff = SystemTime::now() - how.grace;
         let mut done = Collected::default();
         if how.untagged {
@@ -71,7 +71,7 @@ impl Registry {
 
     /// Finishes what an interrupted pass doomed (its blobs cannot be held meanwhile).
     /// Run at start-up.
-    pub async fn finish_interrupted_collection(&self) -> io::Result<u64> {
+    pub async fn finish_interrupted_collection(&self) -> StoreResult<u64> {
         // Dooms nothing new: only the leftovers are returned.
         let doomed = self.meta.doom_unlinked(SystemTime::UNIX_EPOCH, &[], 0).await?;
         let mut done = Collected::default();
@@ -81,7 +81,7 @@ impl Registry {
 
     /// Deletes the bytes of doomed blobs and ends each doom as soon as its bytes are gone.
     /// A file that cannot be deleted stays doomed (so nothing links it) for the next pass.
-    async fn delete_doomed(&self, doomed: &[Digest], done: &mut Collected, dry_run: bool) -> io::Result<()> {
+    async fn delete_doomed(&self, doomed: &[Digest], done: &mut Collected, dry_run: bool) -> StoreResult<()> {
         for digest in doomed {
             let size = self.blobs.stat(digest).await.ok().flatten();
             let deleted = if dry_run { Ok(size.is_some()) } else { self.blobs.delete(digest).await };
@@ -116,7 +116,7 @@ mod tests {
 
     async fn push_blob(r: &Registry, repo: &RepoName, content: &'static [u8]) -> Digest {
         let digest = Digest::sha256_of(content);
-        let body = futures_util::stream::iter([Ok::<_, io::Error>(Bytes::from_static(content))]);
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(content))]);
         r.upload_monolithic(repo, &digest, body).await.unwrap();
         digest
     }

@@ -7,7 +7,6 @@ pub mod gc;
 pub mod uploads;
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -16,7 +15,7 @@ use tessera_spec::manifest::{ManifestKind, media};
 use tessera_spec::{
     Accept, ByteRange, Digest, ErrorCode, OciError, Paging, ParsedManifest, RangeRequest, Reference, RepoName,
 };
-use tessera_store::{BlobRead, BlobStore, ManifestRecord, MetaStore, Page, UploadId};
+use tessera_store::{BlobRead, BlobStore, ManifestRecord, MetaStore, Page, StoreError, UploadId};
 
 use uploads::UploadState;
 
@@ -104,14 +103,19 @@ fn referrers_index(manifests: Vec<serde_json::Value>) -> Bytes {
     Bytes::from(json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests }).to_string())
 }
 
-/// Logs an internal failure and turns it into the client-safe error.
-pub(crate) fn internal(context: &str, e: io::Error) -> OciError {
-    if e.kind() == io::ErrorKind::StorageFull {
-        tracing::error!("{context}: storage full: {e}");
-        return OciError::new(ErrorCode::Unavailable, "storage is full").with_header("retry-after", "60");
+/// Logs a store failure once, with its cause, and turns it into the client-safe error: 503
+/// with `Retry-After` when storage is full, 500 otherwise.
+pub fn store_failure(context: &str, e: impl Into<StoreError>) -> OciError {
+    match e.into() {
+        full @ StoreError::Full(_) => {
+            tracing::error!("{context}: {full}");
+            OciError::new(ErrorCode::Unavailable, "storage is full").with_header("retry-after", "60")
+        }
+        e => {
+            tracing::error!("{context}: {e}");
+            OciError::internal()
+        }
     }
-    tracing::error!("{context}: {e}");
-    OciError::internal()
 }
 
 fn blob_unknown(digest: &Digest) -> OciError {
@@ -142,7 +146,7 @@ impl Registry {
         self.meta
             .blob_link(repo, digest)
             .await
-            .map_err(|e| internal("blob link lookup", e))?
+            .map_err(|e| store_failure("blob link lookup", e))?
             .ok_or_else(|| blob_unknown(digest))
     }
 
@@ -151,7 +155,7 @@ impl Registry {
     /// for another repository: only its own push of the bytes makes it local.
     pub async fn blob_at(&self, repo: &RepoName, digest: &Digest) -> Result<BlobAt, OciError> {
         let size = self.blob_size(repo, digest).await?;
-        let urls = self.meta.blob_urls(repo, digest).await.map_err(|e| internal("blob urls lookup", e))?;
+        let urls = self.meta.blob_urls(repo, digest).await.map_err(|e| store_failure("blob urls lookup", e))?;
         if urls.is_empty() { Ok(BlobAt::Here(size)) } else { Ok(BlobAt::Elsewhere { size, urls }) }
     }
 
@@ -171,7 +175,7 @@ impl Registry {
             .blobs
             .read(digest, range.map(|r| (r.start, r.end)))
             .await
-            .map_err(|e| internal("blob read", e))?
+            .map_err(|e| store_failure("blob read", e))?
             .ok_or_else(|| {
                 tracing::error!(%repo, %digest, "blob is linked but its bytes are missing from the blob store");
                 blob_unknown(digest)
@@ -202,12 +206,9 @@ impl Registry {
         size: u64,
         urls: &[String],
     ) -> Result<(), OciError> {
-        self.meta.link_external(repo, digest, size, urls).await.map_err(|e| {
-            if e.kind() == io::ErrorKind::InvalidInput {
-                OciError::new(ErrorCode::SizeInvalid, format!("{digest}: {e}"))
-            } else {
-                internal("external blob link", e)
-            }
+        self.meta.link_external(repo, digest, size, urls).await.map_err(|e| match e {
+            StoreError::Contradicts(why) => OciError::new(ErrorCode::SizeInvalid, format!("{digest}: {why}")),
+            e => store_failure("external blob link", e),
         })
     }
 
@@ -217,7 +218,7 @@ impl Registry {
         }
         // Only the link goes: the bytes may be linked elsewhere, and reclaiming unlinked
         // bytes safely (against a push that just found them) is garbage collection's job.
-        if self.meta.unlink_blob(repo, digest).await.map_err(|e| internal("blob unlink", e))? {
+        if self.meta.unlink_blob(repo, digest).await.map_err(|e| store_failure("blob unlink", e))? {
             Ok(())
         } else {
             Err(blob_unknown(digest))
@@ -236,11 +237,11 @@ impl Registry {
             Some(from) => self.meta.blob_link(from, digest).await,
             None => self.meta.blob_known(digest).await,
         }
-        .map_err(|e| internal("mount lookup", e))?;
+        .map_err(|e| store_failure("mount lookup", e))?;
         let Some(size) = known else { return Ok(None) };
         // A blob that lives elsewhere mounts as the same record, and only as that.
         if let Some(from) = from {
-            let urls = self.meta.blob_urls(from, digest).await.map_err(|e| internal("mount urls lookup", e))?;
+            let urls = self.meta.blob_urls(from, digest).await.map_err(|e| store_failure("mount urls lookup", e))?;
             if !urls.is_empty() {
                 self.link_external(repo, digest, size, &urls).await?;
                 return Ok(Some(size));
@@ -248,12 +249,12 @@ impl Registry {
         }
         // Held before the bytes are looked at, so a collection cannot delete them before the
         // link names them; bytes being collected are not mounted, the client uploads them.
-        if !self.meta.hold_blob(digest, size).await.map_err(|e| internal("mount hold", e))?
-            || self.blobs.stat(digest).await.map_err(|e| internal("mount stat", e))?.is_none()
+        if !self.meta.hold_blob(digest, size).await.map_err(|e| store_failure("mount hold", e))?
+            || self.blobs.stat(digest).await.map_err(|e| store_failure("mount stat", e))?.is_none()
         {
             return Ok(None);
         }
-        self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("mount link", e))?;
+        self.meta.link_blob(repo, digest, size).await.map_err(|e| store_failure("mount link", e))?;
         Ok(Some(size))
     }
 
@@ -271,14 +272,14 @@ impl Registry {
                 .meta
                 .resolve_tag(repo, t)
                 .await
-                .map_err(|e| internal("tag lookup", e))?
+                .map_err(|e| store_failure("tag lookup", e))?
                 .ok_or_else(|| manifest_unknown(reference))?,
         };
         let m = self
             .meta
             .get_manifest(repo, &digest)
             .await
-            .map_err(|e| internal("manifest lookup", e))?
+            .map_err(|e| store_failure("manifest lookup", e))?
             .ok_or_else(|| manifest_unknown(reference))?;
         let is_index = m.media_type == media::OCI_INDEX || m.media_type == media::DOCKER_LIST;
         if matches!(reference, Reference::Tag(_)) && is_index && !accept.admits(&m.media_type) {
@@ -318,13 +319,17 @@ impl Registry {
             Reference::Tag(t) => (Digest::sha256_of(&body), Some(t)),
         };
         for d in parsed.required_blobs() {
-            let size = self.meta.blob_link(repo, &d.digest).await.map_err(|e| internal("manifest blob check", e))?;
+            let size =
+                self.meta.blob_link(repo, &d.digest).await.map_err(|e| store_failure("manifest blob check", e))?;
             check_reference(d, size, "blob")?;
         }
         if parsed.kind == ManifestKind::Index {
             for d in &parsed.manifests {
-                let child =
-                    self.meta.get_manifest(repo, &d.digest).await.map_err(|e| internal("manifest child check", e))?;
+                let child = self
+                    .meta
+                    .get_manifest(repo, &d.digest)
+                    .await
+                    .map_err(|e| store_failure("manifest child check", e))?;
                 check_reference(d, child.map(|c| c.bytes.len() as u64), "manifest")?;
             }
         }
@@ -332,22 +337,20 @@ impl Registry {
         // repository links them already);
         // whether a client is sent to those URLs is the delivery policy's decision.
         for d in parsed.layers.iter().filter(|d| !d.urls.is_empty()) {
-            let linked = self.meta.blob_link(repo, &d.digest).await.map_err(|e| internal("manifest blob check", e))?;
+            let linked =
+                self.meta.blob_link(repo, &d.digest).await.map_err(|e| store_failure("manifest blob check", e))?;
             if linked.is_none() {
                 self.link_external(repo, &d.digest, d.size, &d.urls).await?;
             }
         }
         let record = ManifestRecord::new(digest.clone(), body, &parsed).with_references(&parsed);
-        self.meta.put_manifest(repo, &record, tag).await.map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                // A link checked above went away meanwhile (a delete, a collection).
-                OciError::new(
-                    ErrorCode::ManifestBlobUnknown,
-                    format!("manifest references a blob unknown to this repository: {e}"),
-                )
-            } else {
-                internal("manifest put", e)
-            }
+        self.meta.put_manifest(repo, &record, tag).await.map_err(|e| match e {
+            // A link checked above went away meanwhile (a delete, a collection).
+            StoreError::Missing(why) => OciError::new(
+                ErrorCode::ManifestBlobUnknown,
+                format!("manifest references a blob unknown to this repository: {why}"),
+            ),
+            e => store_failure("manifest put", e),
         })?;
         Ok(ManifestPut { digest, subject: record.subject })
     }
@@ -368,7 +371,7 @@ impl Registry {
             Reference::Digest(d) => self.meta.delete_manifest(repo, d).await.map(|o| o.is_some()),
             Reference::Tag(t) => self.meta.delete_tag(repo, t).await,
         }
-        .map_err(|e| internal("manifest delete", e))?;
+        .map_err(|e| store_failure("manifest delete", e))?;
         if found { Ok(()) } else { Err(manifest_unknown(reference)) }
     }
 
@@ -377,7 +380,7 @@ impl Registry {
         self.meta
             .list_tags(repo, paging.last.as_deref(), limit)
             .await
-            .map_err(|e| internal("tags list", e))?
+            .map_err(|e| store_failure("tags list", e))?
             .ok_or_else(|| {
                 OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")
                     .with_detail(json!({ "name": repo.to_string() }))
@@ -386,7 +389,7 @@ impl Registry {
 
     pub async fn catalog(&self, paging: &Paging) -> Result<Page, OciError> {
         let limit = paging.n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
-        self.meta.catalog(paging.last.as_deref(), limit).await.map_err(|e| internal("catalog", e))
+        self.meta.catalog(paging.last.as_deref(), limit).await.map_err(|e| store_failure("catalog", e))
     }
 
     /// The referrers of `subject` in `repo` as an OCI image index (empty if none).
@@ -396,7 +399,7 @@ impl Registry {
         subject: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Referrers, OciError> {
-        let found = self.meta.referrers(repo, subject).await.map_err(|e| internal("referrers", e))?;
+        let found = self.meta.referrers(repo, subject).await.map_err(|e| store_failure("referrers", e))?;
         let manifests: Vec<serde_json::Value> = found
             .iter()
             .filter(|m| artifact_type.is_none() || m.artifact_type.as_deref() == artifact_type)

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde_json::json;
 use tessera_spec::{Algorithm, ByteRange, Digest, Digester, ErrorCode, OciError, RepoName};
-use tessera_store::{AppendError, ByteStream, UploadId};
+use tessera_store::{AppendError, ByteStream, StoreResult, UploadId};
 
-use crate::{Registry, UploadStart, internal};
+use crate::{Registry, UploadStart, store_failure};
 
 type SessionGuard = tokio::sync::OwnedMutexGuard<Option<UploadState>>;
 
@@ -54,9 +54,11 @@ impl Registry {
     /// names no session leaves no lock entry behind, so probing random ids costs no memory.
     async fn open_session(&self, repo: &RepoName, id: &UploadId) -> Result<(SessionGuard, u64), OciError> {
         let guard = self.session_lock(id).lock_owned().await;
-        let owner = self.meta.upload_repo(id).await.map_err(|e| internal("upload lookup", e))?;
+        let owner = self.meta.upload_repo(id).await.map_err(|e| store_failure("upload lookup", e))?;
         let size = match &owner {
-            Some(owner) if owner == repo => self.blobs.upload_size(id).await.map_err(|e| internal("upload size", e))?,
+            Some(owner) if owner == repo => {
+                self.blobs.upload_size(id).await.map_err(|e| store_failure("upload size", e))?
+            }
             _ => None,
         };
         match size {
@@ -85,10 +87,10 @@ impl Registry {
             return Ok(UploadStart::Created(digest.clone()));
         }
         let id = UploadId::random();
-        self.blobs.upload_create(&id).await.map_err(|e| internal("upload create", e))?;
+        self.blobs.upload_create(&id).await.map_err(|e| store_failure("upload create", e))?;
         if let Err(e) = self.meta.create_upload(&id, repo).await {
             let _ = self.blobs.upload_delete(&id).await;
-            return Err(internal("upload record", e));
+            return Err(store_failure("upload record", e));
         }
         Ok(UploadStart::Session(id))
     }
@@ -99,7 +101,7 @@ impl Registry {
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
         let id = UploadId::random();
-        self.blobs.upload_create(&id).await.map_err(|e| internal("upload create", e))?;
+        self.blobs.upload_create(&id).await.map_err(|e| store_failure("upload create", e))?;
         let mut state = None;
         let result = async {
             self.append(&id, &mut state, 0, body).await?;
@@ -229,20 +231,20 @@ impl Registry {
                     "upload body ended before its declared end; resume from the reported offset",
                 ))
             }
-            Err(AppendError::Storage(e)) => Err(internal("upload append", e)),
+            Err(AppendError::Storage(e)) => Err(store_failure("upload append", e)),
         }
     }
 
     /// Rebuilds the hash of a session from its stored bytes.
     async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<Digester, OciError> {
-        let stream = self.blobs.upload_read(id, 0).await.map_err(|e| internal("upload read", e))?;
+        let stream = self.blobs.upload_read(id, 0).await.map_err(|e| store_failure("upload read", e))?;
         stream
             .try_fold(Digester::new(algorithm), |mut d, chunk| async move {
                 d.update(&chunk);
                 Ok(d)
             })
             .await
-            .map_err(|e| internal("upload rehash", e))
+            .map_err(|e| store_failure("upload rehash", e))
     }
 
     async fn commit(
@@ -252,8 +254,12 @@ impl Registry {
         digest: &Digest,
         state: &mut Option<UploadState>,
     ) -> Result<(), OciError> {
-        let size =
-            self.blobs.upload_size(id).await.map_err(|e| internal("upload size", e))?.ok_or_else(upload_unknown)?;
+        let size = self
+            .blobs
+            .upload_size(id)
+            .await
+            .map_err(|e| store_failure("upload size", e))?
+            .ok_or_else(upload_unknown)?;
         let actual = match state.as_ref() {
             Some(s) if s.offset == size && s.digester.algorithm() == digest.algorithm() => s.digester.peek(),
             _ => self.rehash(id, digest.algorithm()).await?.finish(),
@@ -263,9 +269,9 @@ impl Registry {
                 .with_detail(json!({ "expected": digest.to_string(), "actual": actual.to_string() })));
         }
         self.hold(digest, size).await?;
-        self.blobs.upload_commit(id, digest).await.map_err(|e| internal("upload commit", e))?;
+        self.blobs.upload_commit(id, digest).await.map_err(|e| store_failure("upload commit", e))?;
         *state = None;
-        self.meta.link_blob(repo, digest, size).await.map_err(|e| internal("blob link", e))?;
+        self.meta.link_blob(repo, digest, size).await.map_err(|e| store_failure("blob link", e))?;
         if let Err(e) = self.meta.delete_upload(id).await {
             tracing::warn!(upload = %id, "cannot remove finished upload record: {e}");
         }
@@ -277,7 +283,7 @@ impl Registry {
     /// them again instead of keeping a copy that is about to go.
     async fn hold(&self, digest: &Digest, size: u64) -> Result<(), OciError> {
         for _ in 0..HOLD_ATTEMPTS {
-            if self.meta.hold_blob(digest, size).await.map_err(|e| internal("blob hold", e))? {
+            if self.meta.hold_blob(digest, size).await.map_err(|e| store_failure("blob hold", e))? {
                 return Ok(());
             }
             tokio::time::sleep(HOLD_RETRY).await;
@@ -290,7 +296,7 @@ impl Registry {
     /// record (a monolithic upload cut off by a crash) untouched for longer than
     /// `orphan_after` (zero at start-up, when no upload is in flight). With `dry_run`, only
     /// counts them.
-    pub async fn sweep_uploads(&self, expiry: Duration, orphan_after: Duration, dry_run: bool) -> io::Result<usize> {
+    pub async fn sweep_uploads(&self, expiry: Duration, orphan_after: Duration, dry_run: bool) -> StoreResult<usize> {
         let mut removed = 0;
         let now = SystemTime::now();
         for (id, modified) in self.blobs.upload_list().await? {

@@ -7,7 +7,6 @@
 //! can never put back a value a concurrent write just replaced. The cache is per process:
 //! with several nodes on one shared MetaStore, this wrapper must not be used as is.
 
-use std::io;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -15,7 +14,7 @@ use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{ManifestRecord, MetaStore, Page, UploadId};
+use crate::{ManifestRecord, MetaStore, Page, StoreResult, UploadId};
 
 /// Rough fixed cost of an entry beyond its payload (keys, node overhead).
 const ENTRY_OVERHEAD: u64 = 256;
@@ -80,7 +79,7 @@ impl<M: MetaStore> CachedMetaStore<M> {
 
 #[async_trait]
 impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
-    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<u64>> {
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<u64>> {
         let key = (repo.clone(), digest.clone());
         if let Some(size) = self.links.get(&key) {
             return Ok(Some(size));
@@ -93,11 +92,11 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(found)
     }
 
-    async fn blob_known(&self, digest: &Digest) -> io::Result<Option<u64>> {
+    async fn blob_known(&self, digest: &Digest) -> StoreResult<Option<u64>> {
         self.inner.blob_known(digest).await
     }
 
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()> {
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> StoreResult<()> {
         let linked = self.inner.link_blob(repo, digest, size).await;
         // A blob that lived elsewhere is now here, with its verified size.
         self.invalidate(|| {
@@ -108,7 +107,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         linked
     }
 
-    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()> {
+    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> StoreResult<()> {
         let linked = self.inner.link_external(repo, digest, size, urls).await;
         self.invalidate(|| {
             let key = (repo.clone(), digest.clone());
@@ -118,7 +117,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         linked
     }
 
-    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> io::Result<Vec<String>> {
+    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<String>> {
         let key = (repo.clone(), digest.clone());
         if let Some(urls) = self.urls.get(&key) {
             return Ok(urls);
@@ -129,7 +128,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(urls)
     }
 
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> StoreResult<bool> {
         let removed = self.inner.unlink_blob(repo, digest).await?;
         self.invalidate(|| {
             let key = (repo.clone(), digest.clone());
@@ -139,7 +138,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(removed)
     }
 
-    async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()> {
+    async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> StoreResult<()> {
         self.inner.put_manifest(repo, manifest, tag).await?;
         if let Some(tag) = tag {
             self.invalidate(|| {
@@ -149,7 +148,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(())
     }
 
-    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>> {
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<ManifestRecord>> {
         let key = (repo.clone(), digest.clone());
         if let Some(m) = self.manifests.get(&key) {
             return Ok(Some(m));
@@ -162,7 +161,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(found)
     }
 
-    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>> {
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<Digest>> {
         let key = (repo.clone(), tag.clone());
         if let Some(d) = self.tags.get(&key) {
             return Ok(Some(d));
@@ -175,7 +174,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(found)
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>> {
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<Vec<Tag>>> {
         let removed = self.inner.delete_manifest(repo, digest).await?;
         self.invalidate(|| {
             self.manifests.remove(&(repo.clone(), digest.clone()));
@@ -186,7 +185,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(removed)
     }
 
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool> {
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> StoreResult<bool> {
         let removed = self.inner.delete_tag(repo, tag).await?;
         self.invalidate(|| {
             self.tags.remove(&(repo.clone(), tag.clone()));
@@ -194,43 +193,43 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(removed)
     }
 
-    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: std::time::SystemTime) -> io::Result<()> {
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: std::time::SystemTime) -> StoreResult<()> {
         self.inner.set_tag_checked(repo, tag, at).await
     }
 
-    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<std::time::SystemTime>> {
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<std::time::SystemTime>> {
         self.inner.tag_checked(repo, tag).await
     }
 
-    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>> {
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> StoreResult<Option<Page>> {
         self.inner.list_tags(repo, last, limit).await
     }
 
-    async fn catalog(&self, last: Option<&str>, limit: usize) -> io::Result<Page> {
+    async fn catalog(&self, last: Option<&str>, limit: usize) -> StoreResult<Page> {
         self.inner.catalog(last, limit).await
     }
 
-    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>> {
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> StoreResult<Vec<ManifestRecord>> {
         self.inner.referrers(repo, subject).await
     }
 
-    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> io::Result<()> {
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> StoreResult<()> {
         self.inner.create_upload(id, repo).await
     }
 
-    async fn upload_repo(&self, id: &UploadId) -> io::Result<Option<RepoName>> {
+    async fn upload_repo(&self, id: &UploadId) -> StoreResult<Option<RepoName>> {
         self.inner.upload_repo(id).await
     }
 
-    async fn delete_upload(&self, id: &UploadId) -> io::Result<()> {
+    async fn delete_upload(&self, id: &UploadId) -> StoreResult<()> {
         self.inner.delete_upload(id).await
     }
 
-    async fn hold_blob(&self, digest: &Digest, size: u64) -> io::Result<bool> {
+    async fn hold_blob(&self, digest: &Digest, size: u64) -> StoreResult<bool> {
         self.inner.hold_blob(digest, size).await
     }
 
-    async fn delete_untagged(&self, cutoff: std::time::SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
+    async fn delete_untagged(&self, cutoff: std::time::SystemTime) -> StoreResult<Vec<(RepoName, Digest)>> {
         let deleted = self.inner.delete_untagged(cutoff).await?;
         self.invalidate(|| {
             for key in &deleted {
@@ -240,7 +239,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         Ok(deleted)
     }
 
-    async fn unlink_unreferenced(&self, cutoff: std::time::SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
+    async fn unlink_unreferenced(&self, cutoff: std::time::SystemTime) -> StoreResult<Vec<(RepoName, Digest)>> {
         let removed = self.inner.unlink_unreferenced(cutoff).await?;
         self.invalidate(|| {
             for key in &removed {
@@ -256,11 +255,11 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         cutoff: std::time::SystemTime,
         stored: &[Digest],
         limit: usize,
-    ) -> io::Result<Vec<Digest>> {
+    ) -> StoreResult<Vec<Digest>> {
         self.inner.doom_unlinked(cutoff, stored, limit).await
     }
 
-    async fn forget_doomed(&self, digests: &[Digest]) -> io::Result<()> {
+    async fn forget_doomed(&self, digests: &[Digest]) -> StoreResult<()> {
         self.inner.forget_doomed(digests).await
     }
 }

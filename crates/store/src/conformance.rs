@@ -203,7 +203,7 @@ pub async fn meta_store(store: &dyn MetaStore) {
     assert_eq!(store.blob_link(&other, &far).await.unwrap(), Some(10));
     // Once bytes are held, a claim with another size is refused.
     let e = store.link_external(&other, &far, 12, &urls).await.unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(matches!(e, crate::StoreError::Contradicts(_)), "{e}");
     assert!(store.unlink_blob(&other, &far).await.unwrap());
     assert!(store.unlink_blob(&repo, &far).await.unwrap());
 
@@ -268,7 +268,7 @@ async fn garbage_collection(store: &dyn MetaStore) {
     m.blobs = vec![config.clone(), layer.clone()];
     store.link_blob(&repo, &config, 6).await.unwrap();
     let e = store.put_manifest(&repo, &m, Some(&"t".parse().unwrap())).await.unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    assert!(matches!(e, crate::StoreError::Missing(_)), "{e}");
     assert_eq!(store.get_manifest(&repo, &m.digest).await.unwrap(), None, "nothing stored");
     assert_eq!(store.resolve_tag(&repo, &"t".parse().unwrap()).await.unwrap(), None, "no tag either");
     store.link_blob(&repo, &layer, 5).await.unwrap();
@@ -300,9 +300,9 @@ async fn garbage_collection(store: &dyn MetaStore) {
     }
     // Doomed blobs can be neither held nor linked until their bytes are gone.
     assert!(!store.hold_blob(&layer, 5).await.unwrap());
-    assert_eq!(store.link_blob(&repo, &layer, 5).await.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert!(matches!(store.link_blob(&repo, &layer, 5).await.unwrap_err(), crate::StoreError::Missing(_)));
     let urls = ["https://cdn.example/l".to_string()];
-    assert_eq!(store.link_external(&repo, &layer, 5, &urls).await.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert!(matches!(store.link_external(&repo, &layer, 5, &urls).await.unwrap_err(), crate::StoreError::Missing(_)));
     assert!(
         store.doom_unlinked(SystemTime::UNIX_EPOCH, &[], usize::MAX).await.unwrap().contains(&layer),
         "leftovers are reported"
@@ -362,7 +362,7 @@ async fn untagged_manifests(store: &dyn MetaStore) {
 
     // A child must be stored before the index that lists it.
     let e = store.put_manifest(&repo, &loose_index, None).await.unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    assert!(matches!(e, crate::StoreError::Missing(_)), "{e}");
     assert_eq!(store.get_manifest(&repo, &loose_index.digest).await.unwrap(), None);
 
     store.put_manifest(&repo, &tagged, Some(&tag("v1"))).await.unwrap();

@@ -87,6 +87,33 @@ pub enum AppendError {
     Storage(io::Error),
 }
 
+/// Why a store did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A write needs something that is not (or no longer) there: a blob link, a child
+    /// manifest, a blob being collected. Nothing was stored.
+    #[error("{0}")]
+    Missing(String),
+    /// The caller's claim contradicts what is stored (an external link's size against the
+    /// bytes held here). Nothing was stored.
+    #[error("{0}")]
+    Contradicts(String),
+    /// No space left for the write (disk, database or bucket).
+    #[error("storage is full: {0}")]
+    Full(#[source] io::Error),
+    /// The disk, the database, or the way to them failed.
+    #[error(transparent)]
+    Backend(io::Error),
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> StoreError {
+        if e.kind() == io::ErrorKind::StorageFull { StoreError::Full(e) } else { StoreError::Backend(e) }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
 /// Bytes by digest, and the scratch area of upload sessions.
 ///
 /// Contract: a blob is visible under a digest only after [`BlobStore::upload_commit`] has
@@ -200,49 +227,49 @@ pub struct Page {
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
     /// Size of `digest` if it is linked into `repo`.
-    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<u64>>;
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<u64>>;
     /// Size of `digest` if any repository links it to bytes held here.
-    async fn blob_known(&self, digest: &Digest) -> io::Result<Option<u64>>;
+    async fn blob_known(&self, digest: &Digest) -> StoreResult<Option<u64>>;
     /// Links a blob of `size` bytes into `repo` (idempotent).
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()>;
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> StoreResult<()>;
     /// Links a blob whose bytes live elsewhere, at `urls` (a foreign layer, or a layer
     /// pushed metadata-only), with the size this link claims (it stays the link's own: it
     /// is never taken as the blob's size for others). A link to bytes held here stays as
-    /// it is. Fails with `InvalidInput` when the bytes are held here with another size.
-    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()>;
+    /// it is. Fails with [`StoreError::Contradicts`] when the bytes are held here with another size.
+    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> StoreResult<()>;
     /// Where the bytes of a blob linked into `repo` live, when not here; empty otherwise.
-    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> io::Result<Vec<String>>;
+    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<String>>;
     /// Removes the link; returns whether there was one.
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool>;
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> StoreResult<bool>;
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
-    /// transaction. Fails with `NotFound`, storing nothing, when a digest of
+    /// transaction. Fails with [`StoreError::Missing`], storing nothing, when a digest of
     /// `manifest.blobs` is not linked into `repo`, or one of `manifest.children` is not
     /// stored there, at that moment.
-    async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()>;
-    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>>;
-    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>>;
+    async fn put_manifest(&self, repo: &RepoName, manifest: &ManifestRecord, tag: Option<&Tag>) -> StoreResult<()>;
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<ManifestRecord>>;
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<Digest>>;
     /// Deletes a manifest and every tag pointing at it. Returns the removed tags, or `None`
     /// if there was no such manifest.
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>>;
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<Vec<Tag>>>;
     /// Removes one tag; returns whether it existed.
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool>;
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> StoreResult<bool>;
     /// Records when an existing tag was last confirmed by its source (caches use this to
     /// bound how stale an answer may be, across restarts).
-    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> io::Result<()>;
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> StoreResult<()>;
     /// When the tag was last confirmed, if it exists and ever was.
-    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<SystemTime>>;
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<SystemTime>>;
     /// Tags in lexical order after `last`, at most `limit`; `None` if the repository is unknown.
-    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>>;
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> StoreResult<Option<Page>>;
     /// Repository names in lexical order after `last`, at most `limit`.
-    async fn catalog(&self, last: Option<&str>, limit: usize) -> io::Result<Page>;
+    async fn catalog(&self, last: Option<&str>, limit: usize) -> StoreResult<Page>;
     /// Manifests in `repo` whose subject is `subject`, oldest first.
-    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>>;
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> StoreResult<Vec<ManifestRecord>>;
 
-    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> io::Result<()>;
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> StoreResult<()>;
     /// The repository an upload session belongs to.
-    async fn upload_repo(&self, id: &UploadId) -> io::Result<Option<RepoName>>;
-    async fn delete_upload(&self, id: &UploadId) -> io::Result<()>;
+    async fn upload_repo(&self, id: &UploadId) -> StoreResult<Option<RepoName>>;
+    async fn delete_upload(&self, id: &UploadId) -> StoreResult<()>;
 
     // Garbage collection. A blob's bytes may be deleted once nothing links them and nobody
     // held them during the grace period; every path that is about to link bytes it found or
@@ -251,20 +278,20 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Holds `digest` (`size` bytes): a collection will not doom it for a grace period from
     /// now. `false` while a collection is deleting its bytes: wait until it has finished.
-    async fn hold_blob(&self, digest: &Digest, size: u64) -> io::Result<bool>;
+    async fn hold_blob(&self, digest: &Digest, size: u64) -> StoreResult<bool>;
     /// Deletes manifests stored before `cutoff` that nothing keeps: no tag, no index of the
     /// repository listing them, no subject stored in the repository (a referrer lives as
     /// long as its subject). Repeats until nothing more goes (an index deleted frees its
     /// children) and returns what was deleted.
-    async fn delete_untagged(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>>;
+    async fn delete_untagged(&self, cutoff: SystemTime) -> StoreResult<Vec<(RepoName, Digest)>>;
     /// Removes links made before `cutoff` that no manifest of their repository references,
     /// and returns them.
-    async fn unlink_unreferenced(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>>;
+    async fn unlink_unreferenced(&self, cutoff: SystemTime) -> StoreResult<Vec<(RepoName, Digest)>>;
     /// Dooms up to `limit` blobs that nothing links and nobody held since `cutoff`, and
     /// each of `stored` (bytes held before `cutoff`) that has no record at all; returns
     /// everything doomed, including what an interrupted collection left. Doomed blobs can
     /// be neither held nor linked until [`MetaStore::forget_doomed`].
-    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> io::Result<Vec<Digest>>;
+    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> StoreResult<Vec<Digest>>;
     /// Ends the doom of blobs whose bytes are gone.
-    async fn forget_doomed(&self, digests: &[Digest]) -> io::Result<()>;
+    async fn forget_doomed(&self, digests: &[Digest]) -> StoreResult<()>;
 }

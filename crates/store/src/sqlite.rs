@@ -13,7 +13,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Arc;
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{ManifestRecord, MetaStore, Page, UploadId};
+use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId};
 
 /// Schema version kept in `PRAGMA user_version`; each step of `MIGRATIONS` raises it by one.
 const MIGRATIONS: &[&str] = &[
@@ -174,17 +174,21 @@ fn doomed(conn: &Connection, digest: &str) -> rusqlite::Result<bool> {
 }
 
 /// A transaction's refusal, carried out of it as the error the caller sees.
-fn refusal(kind: io::ErrorKind, msg: String) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(Box::new(io::Error::new(kind, msg)))
+/// A refusal decided inside a transaction, carried out of rusqlite's closure as its error.
+fn refusal(why: StoreError) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(why))
 }
 
-fn db_err(e: rusqlite::Error) -> io::Error {
+fn db_err(e: rusqlite::Error) -> StoreError {
     match e {
-        rusqlite::Error::ToSqlConversionFailure(inner) => match inner.downcast::<io::Error>() {
+        rusqlite::Error::ToSqlConversionFailure(inner) => match inner.downcast::<StoreError>() {
             Ok(refused) => *refused,
-            Err(other) => io::Error::other(other),
+            Err(other) => StoreError::Backend(io::Error::other(other)),
         },
-        e => io::Error::other(e),
+        rusqlite::Error::SqliteFailure(code, _) if code.code == rusqlite::ErrorCode::DiskFull => {
+            StoreError::Full(io::Error::new(io::ErrorKind::StorageFull, e))
+        }
+        e => StoreError::Backend(io::Error::other(e)),
     }
 }
 
@@ -222,7 +226,7 @@ fn page(mut items: Vec<String>, limit: usize) -> Page {
 
 impl SqliteMetaStore {
     /// Opens (creating and migrating if needed) the database at `path`.
-    pub fn open(path: &Path) -> io::Result<Self> {
+    pub fn open(path: &Path) -> StoreResult<Self> {
         let mut writer = Connection::open(path).map_err(db_err)?;
         configure(&writer).map_err(db_err)?;
         migrate(&mut writer).map_err(db_err)?;
@@ -231,16 +235,16 @@ impl SqliteMetaStore {
 
     /// Opens an existing database for reading only (a diagnostic beside a running server:
     /// nothing is created or migrated). Its schema must be this build's.
-    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+    pub fn open_read_only(path: &Path) -> StoreResult<Self> {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(path, flags).map_err(db_err)?;
         configure(&conn).map_err(db_err)?;
         let version = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)).map_err(db_err)? as usize;
         if version != MIGRATIONS.len() {
-            return Err(io::Error::other(format!(
+            return Err(StoreError::Backend(io::Error::other(format!(
                 "metadata schema version {version}, this build reads version {}; start the server once to migrate",
                 MIGRATIONS.len()
-            )));
+            ))));
         }
         Self::with_writer(path, conn, flags)
     }
@@ -248,14 +252,14 @@ impl SqliteMetaStore {
     /// Writes a consistent copy of the database at `from` to `to` (which must not exist
     /// yet) without changing `from` in any way: opened read-only, never migrated. For a
     /// pass to try on, such as a garbage collection's dry run.
-    pub fn copy_database(from: &Path, to: &Path) -> io::Result<()> {
+    pub fn copy_database(from: &Path, to: &Path) -> StoreResult<()> {
         let to = to.to_str().ok_or_else(|| io::Error::other("the copy's path is not UTF-8"))?;
         let source = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(db_err)?;
         source.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
         source.execute("VACUUM INTO ?1", [to]).map(|_| ()).map_err(db_err)
     }
 
-    fn with_writer(path: &Path, writer: Connection, flags: OpenFlags) -> io::Result<Self> {
+    fn with_writer(path: &Path, writer: Connection, flags: OpenFlags) -> StoreResult<Self> {
         let readers = (0..READERS)
             .map(|_| {
                 let c = Connection::open_with_flags(path, flags)?;
@@ -272,7 +276,7 @@ impl SqliteMetaStore {
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
+    ) -> StoreResult<T> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len();
@@ -288,7 +292,7 @@ impl SqliteMetaStore {
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
+    ) -> StoreResult<T> {
         self.write_with(true, f).await
     }
 
@@ -299,7 +303,7 @@ impl SqliteMetaStore {
         &self,
         durable: bool,
         f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
+    ) -> StoreResult<T> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -319,7 +323,7 @@ impl SqliteMetaStore {
 
 #[async_trait]
 impl MetaStore for SqliteMetaStore {
-    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<u64>> {
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<u64>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.read(move |c| {
             c.prepare_cached(
@@ -333,7 +337,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn blob_known(&self, digest: &Digest) -> io::Result<Option<u64>> {
+    async fn blob_known(&self, digest: &Digest) -> StoreResult<Option<u64>> {
         let digest = digest.to_string();
         self.read(move |c| {
             c.prepare_cached(
@@ -347,11 +351,11 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> io::Result<()> {
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> StoreResult<()> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |tx| {
             if doomed(tx, &digest)? {
-                return Err(refusal(io::ErrorKind::NotFound, format!("{digest} is being garbage collected")));
+                return Err(refusal(StoreError::Missing(format!("{digest} is being garbage collected"))));
             }
             let id = ensure_repo(tx, &repo)?;
             // The size of bytes that are here is verified: it replaces what a link to bytes
@@ -372,13 +376,13 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> io::Result<()> {
+    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> StoreResult<()> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         let urls = serde_json::to_string(urls).map_err(io::Error::other)?;
         let mismatch = self
             .write(move |tx| {
                 if doomed(tx, &digest)? {
-                    return Err(refusal(io::ErrorKind::NotFound, format!("{digest} is being garbage collected")));
+                    return Err(refusal(StoreError::Missing(format!("{digest} is being garbage collected"))));
                 }
                 // Only a verified size (bytes held here) can contradict the claim.
                 let known: Option<i64> = tx
@@ -408,15 +412,12 @@ impl MetaStore for SqliteMetaStore {
             })
             .await?;
         match mismatch {
-            Some(known) => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("the blob is held here with size {known}, not {size}"),
-            )),
+            Some(known) => Err(StoreError::Contradicts(format!("the blob is held here with size {known}, not {size}"))),
             None => Ok(()),
         }
     }
 
-    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> io::Result<Vec<String>> {
+    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<String>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         let text = self
             .read(move |c| {
@@ -429,12 +430,12 @@ impl MetaStore for SqliteMetaStore {
             .await?
             .flatten();
         match text {
-            Some(t) => serde_json::from_str(&t).map_err(io::Error::other),
+            Some(t) => Ok(serde_json::from_str(&t).map_err(io::Error::other)?),
             None => Ok(Vec::new()),
         }
     }
 
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> StoreResult<bool> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |tx| {
             let Some(id) = repo_id(tx, &repo)? else {
@@ -448,7 +449,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> io::Result<()> {
+    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> StoreResult<()> {
         let (repo, m, tag) = (repo.to_string(), m.clone(), tag.map(|t| t.to_string()));
         self.write(move |tx| {
             let id = ensure_repo(tx, &repo)?;
@@ -476,7 +477,7 @@ impl MetaStore for SqliteMetaStore {
                 for child in &m.children {
                     let child = child.to_string();
                     if !tx.prepare_cached("SELECT 1 FROM manifests WHERE repo = ?1 AND digest = ?2")?.exists(params![id, child])? {
-                        return Err(refusal(io::ErrorKind::NotFound, format!("manifest {child} is not stored in {repo}")));
+                        return Err(refusal(StoreError::Missing(format!("manifest {child} is not stored in {repo}"))));
                     }
                     tx.prepare_cached("INSERT OR IGNORE INTO manifest_children(repo, digest, parent) VALUES (?1, ?2, ?3)")?
                         .execute(params![id, child, seq])?;
@@ -486,7 +487,7 @@ impl MetaStore for SqliteMetaStore {
                     // Checked here, not only before: a link removed since (a delete, a
                     // collection) must not leave a stored manifest naming missing bytes.
                     if !tx.prepare_cached("SELECT 1 FROM blob_links WHERE repo = ?1 AND digest = ?2")?.exists(params![id, blob])? {
-                        return Err(refusal(io::ErrorKind::NotFound, format!("{blob} is not linked into {repo}")));
+                        return Err(refusal(StoreError::Missing(format!("{blob} is not linked into {repo}"))));
                     }
                     tx.prepare_cached("INSERT OR IGNORE INTO manifest_blobs(repo, digest, manifest) VALUES (?1, ?2, ?3)")?
                         .execute(params![id, blob, seq])?;
@@ -503,7 +504,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<ManifestRecord>> {
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<ManifestRecord>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.read(move |c| {
             c.prepare_cached(
@@ -516,7 +517,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>> {
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<Digest>> {
         let (repo, tag) = (repo.to_string(), tag.to_string());
         self.read(move |c| {
             c.prepare_cached(
@@ -528,7 +529,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<Vec<Tag>>> {
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<Vec<Tag>>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |tx| {
             let Some(id) = repo_id(tx, &repo)? else {
@@ -550,7 +551,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool> {
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> StoreResult<bool> {
         let (repo, tag) = (repo.to_string(), tag.to_string());
         self.write(move |tx| {
             let Some(id) = repo_id(tx, &repo)? else {
@@ -561,7 +562,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> io::Result<()> {
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> StoreResult<()> {
         let (repo, tag) = (repo.to_string(), tag.to_string());
         let ms = at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
         self.write(move |tx| {
@@ -573,7 +574,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<SystemTime>> {
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<SystemTime>> {
         let (repo, tag) = (repo.to_string(), tag.to_string());
         self.read(move |c| {
             let ms: Option<Option<i64>> = c
@@ -587,7 +588,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> io::Result<Option<Page>> {
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> StoreResult<Option<Page>> {
         let (repo, last) = (repo.to_string(), last.unwrap_or("").to_string());
         self.read(move |c| {
             let Some(id) = repo_id(c, &repo)? else {
@@ -602,7 +603,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn catalog(&self, last: Option<&str>, limit: usize) -> io::Result<Page> {
+    async fn catalog(&self, last: Option<&str>, limit: usize) -> StoreResult<Page> {
         let last = last.unwrap_or("").to_string();
         self.read(move |c| {
             let items = c
@@ -614,7 +615,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<ManifestRecord>> {
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> StoreResult<Vec<ManifestRecord>> {
         let (repo, subject) = (repo.to_string(), subject.to_string());
         self.read(move |c| {
             c.prepare_cached(
@@ -627,7 +628,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> io::Result<()> {
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> StoreResult<()> {
         let (id, repo) = (id.to_string(), repo.to_string());
         self.write(move |tx| {
             let rid = ensure_repo(tx, &repo)?;
@@ -641,7 +642,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn upload_repo(&self, id: &UploadId) -> io::Result<Option<RepoName>> {
+    async fn upload_repo(&self, id: &UploadId) -> StoreResult<Option<RepoName>> {
         let id = id.to_string();
         self.read(move |c| {
             c.prepare_cached("SELECT r.name FROM uploads u JOIN repos r ON r.id = u.repo WHERE u.id = ?1")?
@@ -652,12 +653,12 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn delete_upload(&self, id: &UploadId) -> io::Result<()> {
+    async fn delete_upload(&self, id: &UploadId) -> StoreResult<()> {
         let id = id.to_string();
         self.write(move |tx| tx.prepare_cached("DELETE FROM uploads WHERE id = ?1")?.execute([id]).map(|_| ())).await
     }
 
-    async fn hold_blob(&self, digest: &Digest, size: u64) -> io::Result<bool> {
+    async fn hold_blob(&self, digest: &Digest, size: u64) -> StoreResult<bool> {
         let digest = digest.to_string();
         // A hold guards a push in flight, which a power loss ends anyway.
         self.write_with(false, move |tx| {
@@ -674,7 +675,7 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn delete_untagged(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
+    async fn delete_untagged(&self, cutoff: SystemTime) -> StoreResult<Vec<(RepoName, Digest)>> {
         let cutoff = millis(cutoff) / 1000;
         let deleted = self
             .write(move |tx| {
@@ -701,7 +702,7 @@ impl MetaStore for SqliteMetaStore {
         Ok(deleted)
     }
 
-    async fn unlink_unreferenced(&self, cutoff: SystemTime) -> io::Result<Vec<(RepoName, Digest)>> {
+    async fn unlink_unreferenced(&self, cutoff: SystemTime) -> StoreResult<Vec<(RepoName, Digest)>> {
         let cutoff = millis(cutoff);
         let removed = self
             .write(move |tx| {
@@ -719,7 +720,7 @@ impl MetaStore for SqliteMetaStore {
         Ok(removed)
     }
 
-    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> io::Result<Vec<Digest>> {
+    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> StoreResult<Vec<Digest>> {
         let cutoff = millis(cutoff);
         let stored: Vec<String> = stored.iter().map(|d| d.to_string()).collect();
         let doomed = self
@@ -752,7 +753,7 @@ impl MetaStore for SqliteMetaStore {
         Ok(doomed)
     }
 
-    async fn forget_doomed(&self, digests: &[Digest]) -> io::Result<()> {
+    async fn forget_doomed(&self, digests: &[Digest]) -> StoreResult<()> {
         let digests: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
         self.write(move |tx| {
             let mut forget = tx.prepare_cached("DELETE FROM blobs_doomed WHERE digest = ?1")?;

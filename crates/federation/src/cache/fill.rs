@@ -1,0 +1,431 @@
+//! Blobs through the cache: served from the bytes held, or from one shared upstream fetch
+//! (single flight) that every waiting client streams from as it grows, the last byte held
+//! back until the digest has verified.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+use tessera_registry::{BlobAnswer, store_failure};
+use tessera_spec::{Digest, Digester, ErrorCode, OciError, RangeRequest, RepoName};
+use tessera_store::{AppendError, BlobRead, BlobStore, ByteStream, MetaStore, StoreError, UploadId};
+use tokio::sync::watch;
+
+use crate::upstream::{Upstream, UpstreamError};
+
+use super::lru::{Lru, evict};
+use super::{CacheStats, PullThrough, UpstreamAuth, count, send, unavailable};
+
+#[derive(Clone, Debug)]
+pub(super) struct FillState {
+    upload: UploadId,
+    size: Option<u64>,
+    /// Every byte is in the session and matches the digest: readers may send the last byte.
+    verified: bool,
+    /// `Some(Ok)` once committed, `Some(Err)` once failed.
+    done: Option<Result<(), Arc<FillError>>>,
+}
+
+/// Why a fill did not end with the verified blob in the cache.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FillError {
+    #[error("the upstream does not have it")]
+    NotFound,
+    #[error("{0}")]
+    Upstream(UpstreamError),
+    #[error("upstream answered {0}")]
+    Status(StatusCode),
+    #[error("upstream cannot resume the transfer: {0}")]
+    Resume(String),
+    #[error("upstream blob does not match its digest (got {0}); not cached")]
+    Mismatch(Digest),
+    #[error("upstream blob has {got} bytes, it announced {announced}")]
+    Size { got: u64, announced: u64 },
+    #[error("cache storage: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<UpstreamError> for FillError {
+    fn from(e: UpstreamError) -> FillError {
+        FillError::Upstream(e)
+    }
+}
+
+impl From<std::io::Error> for FillError {
+    fn from(e: std::io::Error) -> FillError {
+        FillError::Store(e.into())
+    }
+}
+
+/// Readers of a fill are woken about this often (in bytes received), not per chunk.
+const WAKE_EVERY: u64 = 1024 * 1024;
+
+impl PullThrough {
+    /// A blob, from the cache or streamed from a (shared) upstream fetch.
+    pub async fn blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<&RangeRequest>,
+        auth: &UpstreamAuth,
+    ) -> Result<BlobAnswer, OciError> {
+        if auth.passthrough() {
+            let path = format!("/v2/{name}/blobs/{digest}");
+            let answer = self.ask(Method::HEAD, name, &path, HeaderMap::new(), auth).await;
+            self.admit(answer, || OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"))?;
+        }
+        // A link says the upstream has it; the bytes may have been evicted since.
+        if let Some(size) = self.meta.blob_link(name, digest).await.map_err(|e| store_failure("cache", e))?
+            && let Some(answer) = self.stored(digest, size, range).await?
+        {
+            return Ok(answer);
+        }
+        if self.recently_missing(name, &digest.to_string()) {
+            return Err(OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"));
+        }
+        // Bytes are content-addressed and were verified when stored: one copy serves every
+        // repository that turns out to need it.
+        if let Some(size) = self.blobs.stat(digest).await.map_err(|e| store_failure("cache", e))?
+            && let Some(answer) = self.stored(digest, size, range).await?
+        {
+            self.meta.link_blob(name, digest, size).await.map_err(|e| store_failure("cache", e))?;
+            return Ok(answer);
+        }
+        let mut rx = self.join_fill(name, digest, auth).await?;
+        // Wait until the size is known (the upstream answered) or the fill ended.
+        let state = loop {
+            let s = rx.borrow_and_update().clone();
+            if s.size.is_some() || s.done.is_some() {
+                break s;
+            }
+            if rx.changed().await.is_err() {
+                return Err(unavailable(&self.upstream, "blob fetch ended unexpectedly"));
+            }
+        };
+        match (&state.done, state.size) {
+            (Some(Err(e)), _) if matches!(**e, FillError::NotFound) => {
+                Err(OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
+            }
+            (Some(Err(e)), _) => Err(unavailable(&self.upstream, e)),
+            (Some(Ok(())), _) => {
+                let size = self
+                    .blobs
+                    .stat(digest)
+                    .await
+                    .map_err(|e| store_failure("cache", e))?
+                    .ok_or_else(OciError::internal)?;
+                self.stored(digest, size, range).await?.ok_or_else(OciError::internal)
+            }
+            (None, Some(size)) => {
+                let range = RangeRequest::resolve_opt(range, size)?;
+                let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
+                let len = if size == 0 { 0 } else { end - start + 1 };
+                let mut body = follow(self.blobs.clone(), digest.clone(), rx, start, start + len, size);
+                // A fetch that fails before this answer's first byte gets a status: the server
+                // buffers the head until the body's first poll, so an error there would reach
+                // the client as a connection closed before any answer.
+                let body: ByteStream<'static> = match body.next().await {
+                    Some(Err(e)) => return Err(unavailable(&self.upstream, e)),
+                    Some(Ok(first)) => Box::pin(futures_util::stream::once(async move { Ok(first) }).chain(body)),
+                    None => body,
+                };
+                Ok(BlobAnswer { size, range, read: BlobRead { len, body } })
+            }
+            (None, None) => Err(OciError::internal()),
+        }
+    }
+
+    /// The cached bytes, if still held (and marks them used).
+    async fn stored(
+        &self,
+        digest: &Digest,
+        size: u64,
+        range: Option<&RangeRequest>,
+    ) -> Result<Option<BlobAnswer>, OciError> {
+        let range = RangeRequest::resolve_opt(range, size)?;
+        let Some(read) = self
+            .blobs
+            .read(digest, range.map(|r| (r.start, r.end)))
+            .await
+            .map_err(|e| store_failure("cache read", e))?
+        else {
+            return Ok(None);
+        };
+        self.lru.lock().unwrap_or_else(|p| p.into_inner()).touch(digest, size);
+        Ok(Some(BlobAnswer { size, range, read }))
+    }
+
+    /// Joins the fetch of `digest` in progress, or starts one.
+    async fn join_fill(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        auth: &UpstreamAuth,
+    ) -> Result<watch::Receiver<FillState>, OciError> {
+        let upload = UploadId::random();
+        let tx = {
+            let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(rx) = fills.get(digest) {
+                return Ok(rx.clone());
+            }
+            let (tx, rx) =
+                watch::channel(FillState { upload: upload.clone(), size: None, verified: false, done: None });
+            fills.insert(digest.clone(), rx);
+            tx
+        };
+        let fill = Fill {
+            upstream: self.upstream.clone(),
+            meta: self.meta.clone(),
+            blobs: self.blobs.clone(),
+            fills: self.fills.clone(),
+            lru: self.lru.clone(),
+            stats: self.stats.clone(),
+            name: name.clone(),
+            digest: digest.clone(),
+            upload,
+            auth: auth.clone(),
+        };
+        let rx = tx.subscribe();
+        // Detached: a client that goes away does not stop the fetch others wait on.
+        tokio::spawn(fill.run(tx));
+        Ok(rx)
+    }
+}
+
+/// How many times one blob transfer is resumed with `Range` after breaking.
+const MAX_RESUMES: u32 = 3;
+
+/// One upstream blob fetch.
+struct Fill {
+    upstream: Arc<Upstream>,
+    meta: Arc<dyn MetaStore>,
+    blobs: Arc<dyn BlobStore>,
+    fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+    lru: Arc<Mutex<Lru>>,
+    stats: Arc<CacheStats>,
+    name: RepoName,
+    digest: Digest,
+    upload: UploadId,
+    /// The credentials of the request that started the fetch.
+    auth: UpstreamAuth,
+}
+
+impl Fill {
+    async fn run(self, tx: watch::Sender<FillState>) {
+        let result = self.fetch(&tx).await;
+        if let Err(e) = &result {
+            if !matches!(e, FillError::NotFound) {
+                tracing::error!(upstream = self.upstream.name(), name = %self.name, digest = %self.digest, "blob fetch failed: {e}");
+                count(&self.stats.fetch_failures, 1);
+            }
+            let _ = self.blobs.upload_delete(&self.upload).await;
+        }
+        self.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
+        tx.send_modify(|s| s.done = Some(result.map_err(Arc::new)));
+    }
+
+    async fn fetch(&self, tx: &watch::Sender<FillState>) -> Result<(), FillError> {
+        // A fetch that finished between this request's look at the cache and its start of a
+        // new one left the blob here already.
+        if let Some(size) = self.blobs.stat(&self.digest).await? {
+            self.meta.link_blob(&self.name, &self.digest, size).await?;
+            tx.send_modify(|s| s.verified = true);
+            return Ok(());
+        }
+        self.blobs.upload_create(&self.upload).await?;
+        let path = format!("/v2/{}/blobs/{}", self.name, self.digest);
+        let mut digester = Digester::new(self.digest.algorithm());
+        let mut received = 0u64;
+        let mut expected_size = None;
+        let mut resumes = 0;
+        let size = loop {
+            // After a broken transfer, ask only for the rest.
+            let mut headers = HeaderMap::new();
+            if received > 0
+                && let Ok(v) = HeaderValue::from_str(&format!("bytes={received}-"))
+            {
+                headers.insert(reqwest::header::RANGE, v);
+            }
+            let response = send(&self.upstream, &self.auth, Method::GET, &self.name, &path, headers).await?;
+            match response.status() {
+                StatusCode::OK if received == 0 => {
+                    expected_size = response.content_length();
+                    if expected_size.is_some() {
+                        tx.send_modify(|s| s.size = expected_size);
+                    }
+                }
+                StatusCode::PARTIAL_CONTENT if received > 0 => {
+                    let starts_here = response
+                        .headers()
+                        .get(reqwest::header::CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with(&format!("bytes {received}-")));
+                    if !starts_here {
+                        return Err(FillError::Resume("it answered with another range".into()));
+                    }
+                }
+                StatusCode::NOT_FOUND => return Err(FillError::NotFound),
+                s if received > 0 => return Err(FillError::Resume(format!("it answered {s}"))),
+                s => return Err(FillError::Status(s)),
+            }
+            let tx_progress = tx.clone();
+            let counted = &mut received;
+            let hasher = &mut digester;
+            let mut unannounced = 0u64;
+            let stream: ByteStream = Box::pin(response.bytes_stream().map(move |chunk| {
+                let chunk = chunk.map_err(std::io::Error::other)?;
+                hasher.update(&chunk);
+                *counted += chunk.len() as u64;
+                unannounced += chunk.len() as u64;
+                if unannounced >= WAKE_EVERY {
+                    // Wake readers: about a buffer's worth more is on its way to the file.
+                    unannounced = 0;
+                    tx_progress.send_modify(|_| {});
+                }
+                Ok(chunk)
+            }));
+            // Not durable yet: the commit makes it so, and readers need not wait for that.
+            match self.blobs.upload_append(&self.upload, stream, false).await {
+                Ok(size) => break size,
+                Err(AppendError::Source(e)) if resumes < MAX_RESUMES => {
+                    // What arrived is on disk (the store keeps a failed stream's bytes); the
+                    // hash covers exactly that, so the transfer can continue where it broke.
+                    let on_disk = self.blobs.upload_size(&self.upload).await?;
+                    if on_disk != Some(received) {
+                        return Err(FillError::Resume(format!("the transfer broke ({e}) where the cache cannot see")));
+                    }
+                    resumes += 1;
+                    tracing::warn!(upstream = self.upstream.name(), digest = %self.digest, "transfer broke at {received} bytes ({e}); resuming");
+                }
+                Err(AppendError::Source(e)) => {
+                    return Err(FillError::Resume(format!("the transfer broke {MAX_RESUMES} times, last: {e}")));
+                }
+                Err(AppendError::Storage(e)) => return Err(e.into()),
+            }
+        };
+        let actual = digester.finish();
+        if actual != self.digest {
+            count(&self.stats.digest_mismatches, 1);
+            return Err(FillError::Mismatch(actual));
+        }
+        if let Some(announced) = expected_size.filter(|&announced| announced != size) {
+            return Err(FillError::Size { got: size, announced });
+        }
+        tx.send_modify(|s| s.verified = true);
+        self.blobs.upload_commit(&self.upload, &self.digest).await?;
+        self.meta.link_blob(&self.name, &self.digest, size).await?;
+        self.lru.lock().unwrap_or_else(|p| p.into_inner()).touch(&self.digest, size);
+        evict(&self.upstream, &self.lru, &self.blobs, &self.stats, &self.digest).await;
+        count(&self.stats.blobs_fetched, 1);
+        count(&self.stats.blob_bytes_fetched, size);
+        Ok(())
+    }
+}
+
+/// Streams `[start, end)` of a blob being fetched: from the fill's session file while it
+/// grows, then from the committed blob. The final byte waits for the digest to verify.
+fn follow(
+    blobs: Arc<dyn BlobStore>,
+    digest: Digest,
+    rx: watch::Receiver<FillState>,
+    start: u64,
+    end: u64,
+    size: u64,
+) -> ByteStream<'static> {
+    struct Cursor {
+        blobs: Arc<dyn BlobStore>,
+        digest: Digest,
+        rx: watch::Receiver<FillState>,
+        offset: u64,
+        end: u64,
+        size: u64,
+        pending: Option<ByteStream<'static>>,
+        finished: bool,
+    }
+    let cursor = Cursor { blobs, digest, rx, offset: start, end, size, pending: None, finished: start >= end };
+    Box::pin(futures_util::stream::unfold(cursor, |mut c| async move {
+        loop {
+            if c.finished {
+                return None;
+            }
+            if let Some(pending) = c.pending.as_mut() {
+                match pending.next().await {
+                    Some(Ok(chunk)) => {
+                        let room = (c.end - c.offset) as usize;
+                        let chunk = if chunk.len() > room { chunk.slice(..room) } else { chunk };
+                        if chunk.is_empty() {
+                            c.pending = None;
+                            continue;
+                        }
+                        c.offset += chunk.len() as u64;
+                        if c.offset >= c.end {
+                            c.finished = true;
+                        }
+                        return Some((Ok(chunk), c));
+                    }
+                    Some(Err(e)) => {
+                        c.finished = true;
+                        return Some((Err(e), c));
+                    }
+                    None => {
+                        c.pending = None;
+                        continue;
+                    }
+                }
+            }
+            let state = c.rx.borrow_and_update().clone();
+            match state.done {
+                Some(Ok(())) => match c.blobs.read(&c.digest, Some((c.offset, c.end - 1))).await {
+                    Ok(Some(read)) => {
+                        c.pending = Some(read.body);
+                        continue;
+                    }
+                    Ok(None) => {
+                        c.finished = true;
+                        return Some((Err(std::io::Error::other("cached blob vanished")), c));
+                    }
+                    Err(e) => {
+                        c.finished = true;
+                        return Some((Err(e), c));
+                    }
+                },
+                Some(Err(e)) => {
+                    c.finished = true;
+                    return Some((Err(std::io::Error::other(e.to_string())), c));
+                }
+                None => {}
+            }
+            // Bytes the session file holds now; the last byte of the blob only once verified.
+            let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
+            let unverified_limit = if state.verified { c.size } else { c.size.saturating_sub(1) };
+            let limit = on_disk.min(c.end).min(unverified_limit);
+            if limit > c.offset
+                && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
+            {
+                let take = limit - c.offset;
+                c.pending = Some(Box::pin(stream.scan(take, |left, item| {
+                    let out = match item {
+                        Ok(_) if *left == 0 => return std::future::ready(None),
+                        Ok(chunk) => {
+                            let n = (chunk.len() as u64).min(*left);
+                            *left -= n;
+                            Ok(chunk.slice(..n as usize))
+                        }
+                        Err(e) => Err(e),
+                    };
+                    std::future::ready(Some(out))
+                })));
+                continue;
+            }
+            if c.rx.changed().await.is_err() {
+                // The fill ended and its sender is gone: look at the final state once more.
+                if c.rx.borrow().done.is_none() {
+                    c.finished = true;
+                    return Some((Err(std::io::Error::other("blob fetch ended unexpectedly")), c));
+                }
+            }
+        }
+    }))
+}

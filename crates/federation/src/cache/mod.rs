@@ -1,0 +1,319 @@
+//! The pull-through cache of one upstream.
+//!
+//! - Manifests by digest and blobs are immutable: once fetched and verified they are kept.
+//! - A manifest by tag is served from the cache for `tag_ttl_secs`, then revalidated with a
+//!   HEAD (compare `Docker-Content-Digest`); when the upstream fails (unreachable, 5xx, 429)
+//!   the cached copy is served, marked stale, for up to `max_stale_secs`.
+//! - "Not found" answers are remembered for `negative_ttl_secs`.
+//! - A blob is fetched once however many clients ask at the same time (single flight): the
+//!   fetch writes into an upload session while hashing; every client streams from that
+//!   session as it grows, and the last byte is held back until the digest has verified. A
+//!   blob that fails verification is never committed, and its readers see an error.
+
+mod classify;
+mod fill;
+mod lru;
+mod tags;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::Method;
+use reqwest::header::{HeaderMap, HeaderValue};
+use tessera_registry::store_failure;
+use tessera_spec::{Digest, ErrorCode, OciError, ParsedManifest, Reference, RepoName, Tag};
+use tessera_store::{BlobStore, ManifestRecord, MetaStore, StoreError};
+use tokio::sync::watch;
+
+use crate::upstream::{Upstream, UpstreamError, manifest_accept};
+use classify::Answer;
+use fill::FillState;
+use lru::{Lru, evict};
+
+/// A manifest answered through the cache.
+pub struct Fetched {
+    pub manifest: ManifestRecord,
+    /// Served from the cache because the upstream could not be asked.
+    pub stale: bool,
+}
+
+/// Counters of one upstream's cache, exported at `/metrics`.
+#[derive(Default)]
+pub struct CacheStats {
+    pub manifests_fetched: AtomicU64,
+    pub blobs_fetched: AtomicU64,
+    pub blob_bytes_fetched: AtomicU64,
+    pub stale_served: AtomicU64,
+    pub digest_mismatches: AtomicU64,
+    pub fetch_failures: AtomicU64,
+    pub evictions: AtomicU64,
+    pub rate_limited: AtomicU64,
+}
+
+fn count(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+pub struct PullThrough {
+    upstream: Arc<Upstream>,
+    meta: Arc<dyn MetaStore>,
+    blobs: Arc<dyn BlobStore>,
+    /// When each cached tag was last confirmed by the upstream (also persisted in `meta`,
+    /// so a restart keeps the bound on how stale an answer may be).
+    checked: Mutex<HashMap<(RepoName, Tag), SystemTime>>,
+    /// Recent "not found" answers.
+    missing: Mutex<HashMap<(RepoName, String), Instant>>,
+    fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+    lru: Arc<Mutex<Lru>>,
+    stats: Arc<CacheStats>,
+}
+
+fn unavailable(upstream: &Upstream, why: impl std::fmt::Display) -> OciError {
+    tracing::warn!(upstream = upstream.name(), "{why}");
+    OciError::new(ErrorCode::Unavailable, format!("upstream {} is not available", upstream.name()))
+        .with_header("retry-after", "10")
+}
+
+/// Whose credentials a request to the upstream carries.
+#[derive(Debug, Clone, Default)]
+pub enum UpstreamAuth {
+    /// The upstream's configured credentials.
+    #[default]
+    Configured,
+    /// The client's own `Authorization` (or none): the upstream decides for each client,
+    /// also before anything cached is served to it.
+    Client(Option<HeaderValue>),
+}
+
+impl UpstreamAuth {
+    fn passthrough(&self) -> bool {
+        matches!(self, UpstreamAuth::Client(_))
+    }
+}
+
+/// Sends `method path` to `upstream` with the credentials `auth` says.
+async fn send(
+    upstream: &Upstream,
+    auth: &UpstreamAuth,
+    method: Method,
+    name: &RepoName,
+    path: &str,
+    headers: HeaderMap,
+) -> Result<reqwest::Response, UpstreamError> {
+    match auth {
+        UpstreamAuth::Configured => upstream.send(method, name, path, headers).await,
+        UpstreamAuth::Client(authorization) => {
+            upstream.send_as_client(method, path, headers, authorization.as_ref()).await
+        }
+    }
+}
+
+impl PullThrough {
+    /// A cache over `meta` and `blobs`, which belong to this upstream alone: eviction
+    /// deletes bytes from `blobs`. Blobs already held are ranked by when they were stored.
+    /// At start-up (`sweep`), upload sessions left by fetches a crash cut short are removed;
+    /// not on a reload, where fetches of the previous table may still be writing them.
+    pub async fn open(
+        upstream: Arc<Upstream>,
+        meta: Arc<dyn MetaStore>,
+        blobs: Arc<dyn BlobStore>,
+        sweep: bool,
+    ) -> Result<Self, StoreError> {
+        if sweep {
+            for (id, _) in blobs.upload_list().await? {
+                blobs.upload_delete(&id).await?;
+            }
+        }
+        let mut held = blobs.list().await?;
+        held.sort_by_key(|b| b.stored);
+        let mut lru = Lru::default();
+        for b in &held {
+            lru.touch(&b.digest, b.size);
+        }
+        let cache = PullThrough {
+            upstream,
+            meta,
+            blobs,
+            checked: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+            fills: Arc::new(Mutex::new(HashMap::new())),
+            lru: Arc::new(Mutex::new(lru)),
+            stats: Arc::new(CacheStats::default()),
+        };
+        if let Some(newest) = held.last() {
+            evict(&cache.upstream, &cache.lru, &cache.blobs, &cache.stats, &newest.digest).await;
+        }
+        Ok(cache)
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+    /// A manifest, from the cache or the upstream (see the module docs for the rules).
+    pub async fn manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+        auth: &UpstreamAuth,
+    ) -> Result<Fetched, OciError> {
+        let not_found = || OciError::new(ErrorCode::ManifestUnknown, "manifest unknown");
+        let store_err = |e| store_failure("cache metadata", e);
+        // With passthrough, the HEAD that authorises this client also says what the tag
+        // points at now: it stands in for the revalidation, whatever the tag TTL.
+        let mut authorised = None;
+        if auth.passthrough() {
+            let path = format!("/v2/{name}/manifests/{reference}");
+            match self.ask(Method::HEAD, name, &path, manifest_accept(), auth).await {
+                Answer::Ok(r) => authorised = Some(r),
+                refused => self.admit(refused, not_found)?,
+            }
+        }
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(m) = self.meta.get_manifest(name, d).await.map_err(store_err)? {
+                    return Ok(Fetched { manifest: m, stale: false });
+                }
+                if self.recently_missing(name, &d.to_string()) {
+                    return Err(not_found());
+                }
+                let m = self.fetch_manifest(name, &d.to_string(), Some(d), auth).await?.ok_or_else(not_found)?;
+                self.meta.put_manifest(name, &m, None).await.map_err(store_err)?;
+                Ok(Fetched { manifest: m, stale: false })
+            }
+            Reference::Tag(t) => self.manifest_by_tag(name, t, authorised, auth).await,
+        }
+    }
+
+    /// GETs a manifest and verifies it against `expected` (or computes its digest).
+    async fn fetch_manifest(
+        &self,
+        name: &RepoName,
+        reference: &str,
+        expected: Option<&Digest>,
+        auth: &UpstreamAuth,
+    ) -> Result<Option<ManifestRecord>, OciError> {
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let response = match self.ask(Method::GET, name, &path, manifest_accept(), auth).await {
+            Answer::Ok(r) => r,
+            Answer::NotFound => {
+                self.remember_missing(name, reference);
+                return Ok(None);
+            }
+            Answer::Failing(e) | Answer::Refused(e) => return Err(e),
+        };
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let bytes = read_limited(response, 4 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
+        let digest = match expected {
+            Some(d) => {
+                let actual = Digest::of(d.algorithm(), &bytes);
+                if &actual != d {
+                    tracing::error!(upstream = self.upstream.name(), %name, expected = %d, %actual, "upstream manifest does not match its digest; not cached");
+                    count(&self.stats.digest_mismatches, 1);
+                    return Err(unavailable(&self.upstream, "upstream sent a manifest that does not match its digest"));
+                }
+                actual
+            }
+            None => Digest::sha256_of(&bytes),
+        };
+        count(&self.stats.manifests_fetched, 1);
+        let parsed = ParsedManifest::parse(content_type.as_deref(), &bytes)
+            .map_err(|e| unavailable(&self.upstream, format!("upstream manifest unusable: {}", e.message)))?;
+        Ok(Some(ManifestRecord::new(digest, bytes, &parsed)))
+    }
+
+    /// Size of a blob, from the cache or a HEAD upstream.
+    pub async fn blob_size(&self, name: &RepoName, digest: &Digest, auth: &UpstreamAuth) -> Result<u64, OciError> {
+        if !auth.passthrough()
+            && let Some(size) =
+                self.meta.blob_link(name, digest).await.map_err(|e| store_failure("cache metadata", e))?
+        {
+            return Ok(size);
+        }
+        let unknown = || OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry");
+        match self.ask(Method::HEAD, name, &format!("/v2/{name}/blobs/{digest}"), HeaderMap::new(), auth).await {
+            Answer::Ok(r) => r
+                .content_length()
+                .filter(|l| *l > 0)
+                .or_else(|| {
+                    r.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+                })
+                .ok_or_else(|| unavailable(&self.upstream, "blob HEAD without a length")),
+            Answer::NotFound => Err(unknown()),
+            Answer::Failing(e) | Answer::Refused(e) => Err(e),
+        }
+    }
+}
+
+impl PullThrough {
+    /// The upstream's referrers of `subject`, filtered by `artifact_type` here if the
+    /// upstream did not. An upstream without the referrers API has none to report.
+    pub async fn referrers(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+        auth: &UpstreamAuth,
+    ) -> Result<tessera_registry::Referrers, OciError> {
+        let mut path = format!("/v2/{name}/referrers/{subject}");
+        if let Some(t) = artifact_type {
+            path.push_str("?artifactType=");
+            path.extend(form_urlencoded::byte_serialize(t.as_bytes()));
+        }
+        let response = match self.ask(Method::GET, name, &path, HeaderMap::new(), auth).await {
+            Answer::Ok(r) => r,
+            Answer::NotFound => return Ok(tessera_registry::Referrers::empty(artifact_type.is_some())),
+            Answer::Refused(e) => return Err(e),
+            Answer::Failing(e) if self.upstream.cache_settings().serve_stale && !auth.passthrough() => {
+                // The referrer manifests already pulled through this cache, as a fallback.
+                let cached = self.meta.referrers(name, subject).await.map_err(|cause| {
+                    tracing::error!(upstream = self.upstream.name(), "cache referrers: {cause}");
+                    e.clone()
+                })?;
+                tracing::warn!(upstream = self.upstream.name(), %name, %subject, "serving cached referrers: {}", e.message);
+                count(&self.stats.stale_served, 1);
+                let manifests = cached
+                    .iter()
+                    .filter(|m| artifact_type.is_none() || m.artifact_type.as_deref() == artifact_type)
+                    .map(tessera_registry::referrer_descriptor)
+                    .collect();
+                return Ok(tessera_registry::Referrers::of(manifests, artifact_type.is_some()));
+            }
+            Answer::Failing(e) => return Err(e),
+        };
+        let upstream_filtered = response.headers().contains_key("oci-filters-applied");
+        let body = read_limited(response, 4 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
+        let index: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| unavailable(&self.upstream, format!("referrers answer: {e}")))?;
+        let manifests: Vec<serde_json::Value> = index["manifests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| upstream_filtered || artifact_type.is_none_or(|t| m["artifactType"].as_str() == Some(t)))
+            .collect();
+        Ok(tessera_registry::Referrers::of(manifests, artifact_type.is_some()))
+    }
+}
+
+/// Reads a response body of at most `limit` bytes.
+/// The whole body of `response`, refused once it grows past `limit` bytes.
+pub async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("upstream answer larger than {limit} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
