@@ -38,8 +38,8 @@ pub enum FederationError {
     },
     #[error("static source: {0}")]
     Static(String),
-    #[error("{0}")]
-    Delivery(String),
+    #[error(transparent)]
+    Delivery(#[from] delivery::DeliveryError),
 }
 
 /// The routing table with a pull-through cache for each upstream.

@@ -116,7 +116,7 @@ pub(super) async fn record_location(
             delivery
                 .verify_external(name, url, location.size)
                 .await
-                .map_err(|e| OciError::new(ErrorCode::LocationInvalid, e))?;
+                .map_err(|e| OciError::new(ErrorCode::LocationInvalid, e.to_string()))?;
         }
     }
     state.registry.blob_put_external(name, digest, location.size, &location.urls).await?;
