@@ -58,7 +58,7 @@ async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer
     let upstream_users = htpasswd_file(dir.path(), &[("alice", "secret")]);
     let dist = Distribution::start(Some(&upstream_users)).unwrap();
     let image = Image::random(2, 40_000);
-    push_with_login(&dist.addr, ("alice", "secret"), "team/app", "v1", &image).await;
+    push_with_login(&dist.addr.to_string(), ("alice", "secret"), "team/app", "v1", &image).await;
 
     let ours = dir.path().join("ours");
     std::fs::create_dir_all(&ours).unwrap();
@@ -126,7 +126,7 @@ async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer
     // The tag moves upstream: the HEAD that authorises the client also revalidates the tag,
     // so the client sees the move at once (one HEAD, not a cached answer within the TTL).
     let moved = Image::random(1, 20_000);
-    push_with_login(&dist.addr, ("alice", "secret"), "team/app", "v1", &moved).await;
+    push_with_login(&dist.addr.to_string(), ("alice", "secret"), "team/app", "v1", &moved).await;
     let r = get(manifest, Some(("alice", "secret"))).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], moved.digest().to_string().as_str());
