@@ -73,16 +73,22 @@ async fn uploads_in_flight_per_client_are_bounded() {
     for _ in 0..2 {
         let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
         let location = r.headers()["location"].to_str().unwrap().to_string();
-        // A PATCH whose body is still coming holds a slot.
+        // A PATCH whose body is still coming holds a slot. It asks before sending its body:
+        // the server's `100 Continue` shows the request was admitted and holds its slot.
         let mut tcp = TcpStream::connect(server.addr).unwrap();
-        tcp.write_all(format!("PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").as_bytes())
-            .unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.write_all(
+            format!("PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut interim = [0u8; 25];
+        tcp.read_exact(&mut interim).unwrap();
+        assert!(interim.starts_with(b"HTTP/1.1 100 Continue"), "{}", String::from_utf8_lossy(&interim));
+        tcp.write_all(b"abc").unwrap();
         held.push(tcp);
     }
     let post = || async { api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap() };
-    // Once the server holds both slots, a third upload is refused.
-    let full = wait_until_async(Duration::from_secs(10), || async { post().await.status() == 429 }).await;
-    assert!(full, "the held PATCHes never filled the upload slots");
     let r = post().await;
     assert_eq!(r.status(), 429);
     assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
