@@ -8,7 +8,7 @@ mod servers;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
 use clap::Parser;
 use serde::Serialize;
@@ -183,115 +183,6 @@ impl Content {
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
-/// A registry client for the push cases (the same code drives both registries).
-#[derive(Clone)]
-struct Client {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Client {
-    fn new(base: &str) -> Client {
-        Client {
-            http: {
-                // The workspace builds reqwest with rustls and no default provider.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client")
-            },
-            base: base.to_string(),
-        }
-    }
-
-    async fn start_upload(&self, name: &str) -> Result<String> {
-        let r = self.http.post(format!("{}/v2/{name}/blobs/uploads/", self.base)).send().await?;
-        if r.status() != 202 {
-            bail!("POST upload: {}", r.status());
-        }
-        let location = r.headers().get("location").context("no Location")?.to_str()?.to_string();
-        Ok(self.absolute(&location))
-    }
-
-    fn absolute(&self, location: &str) -> String {
-        if location.starts_with("http") { location.to_string() } else { format!("{}{location}", self.base) }
-    }
-
-    fn with_digest(location: &str, digest: &Digest) -> String {
-        let sep = if location.contains('?') { '&' } else { '?' };
-        format!("{location}{sep}digest={digest}")
-    }
-
-    /// POST, then PUT with the whole body and its digest.
-    async fn push_monolithic(&self, name: &str, blob: Bytes) -> Result<()> {
-        let digest = Digest::sha256_of(&blob);
-        let location = self.start_upload(name).await?;
-        let r = self.http.put(Self::with_digest(&location, &digest)).body(blob).send().await?;
-        if r.status() != 201 {
-            bail!("PUT blob: {}", r.status());
-        }
-        Ok(())
-    }
-
-    /// POST, PATCHes of `chunk` bytes each (the same buffer repeated to reach `total`), PUT.
-    async fn push_chunked(&self, name: &str, chunk: &Bytes, total: u64) -> Result<()> {
-        let mut location = self.start_upload(name).await?;
-        let mut digester = Digester::new(tessera_spec::Algorithm::Sha256);
-        let mut offset = 0u64;
-        while offset < total {
-            let part = chunk.slice(..chunk.len().min((total - offset) as usize));
-            digester.update(&part);
-            let end = offset + part.len() as u64 - 1;
-            let r = self
-                .http
-                .patch(&location)
-                .header("content-type", "application/octet-stream")
-                .header("content-range", format!("{offset}-{end}"))
-                .body(part.clone())
-                .send()
-                .await?;
-            if r.status() != 202 {
-                bail!("PATCH: {}", r.status());
-            }
-            location = self.absolute(r.headers().get("location").context("no Location")?.to_str()?);
-            offset = end + 1;
-        }
-        let r = self.http.put(Self::with_digest(&location, &digester.finish())).send().await?;
-        if r.status() != 201 {
-            bail!("PUT close: {}", r.status());
-        }
-        Ok(())
-    }
-
-    async fn mount(&self, name: &str, digest: &Digest, from: &str) -> Result<()> {
-        let r =
-            self.http.post(format!("{}/v2/{name}/blobs/uploads/?mount={digest}&from={from}", self.base)).send().await?;
-        if r.status() != 201 {
-            bail!("mount: {}", r.status());
-        }
-        Ok(())
-    }
-
-    async fn put_manifest(&self, name: &str, reference: &str, manifest: &Bytes) -> Result<()> {
-        let r = self
-            .http
-            .put(format!("{}/v2/{name}/manifests/{reference}", self.base))
-            .header("content-type", OCI_MANIFEST)
-            .body(manifest.clone())
-            .send()
-            .await?;
-        if r.status() != 201 {
-            bail!("PUT manifest: {} {}", r.status(), r.text().await.unwrap_or_default());
-        }
-        Ok(())
-    }
-
-    async fn push_image(&self, name: &str, tag: &str, blobs: &[&Bytes], manifest: &Bytes) -> Result<()> {
-        for b in blobs {
-            self.push_monolithic(name, (*b).clone()).await?;
-        }
-        self.put_manifest(name, tag, manifest).await
-    }
-}
-
 /// Runs `jobs` futures produced by `make(i)`, `width` at a time.
 async fn concurrently<F, Fut>(jobs: usize, width: usize, make: F) -> Result<()>
 where
@@ -341,12 +232,18 @@ async fn main() -> Result<()> {
 
     let tessera = Registry::tessera(&args.tessera, &root.join("tessera"))?;
     let distribution = Registry::distribution(&args.distribution, &root.join("distribution"))?;
-    let t = Client::new(&tessera.base());
-    let d = Client::new(&distribution.base());
+    let t = tessera.api();
+    let d = distribution.api();
 
     eprintln!("== pushing the same image into both");
     for c in [&t, &d] {
-        c.push_image("bench/app", "v1", &[&content.config, &content.small, &content.big], &content.manifest).await?;
+        c.push_blobs_and_manifest(
+            "bench/app",
+            "v1",
+            &[&content.config, &content.small, &content.big],
+            &content.manifest,
+        )
+        .await?;
     }
     let nginx = Nginx::start(root, &tessera.data, &content)?;
     let manifest_digest = Digest::sha256_of(&content.manifest);
@@ -419,8 +316,8 @@ async fn main() -> Result<()> {
              token = { kind = \"secure_link_md5\", secret = \"bench\" }\n",
         ),
     )?;
-    Client::new(&cdn.base())
-        .push_image(
+    cdn.api()
+        .push_blobs_and_manifest(
             "bench/app",
             "v1",
             &[&content.config, &content.small],
@@ -455,8 +352,8 @@ async fn main() -> Result<()> {
     table.add(format!("monolithic push {mb} MiB (POST + PUT)"), "s", Better::Lower, tt, Some(dt), None);
     let chunk = push_blob.slice(..scale.chunk);
     let chunked_blob = Bytes::from(random_bytes(scale.push_blob, 4));
-    let tt = timed(push_chunked_exact(&t, "bench/chunked", &chunked_blob, scale.chunk)).await?;
-    let dt = timed(push_chunked_exact(&d, "bench/chunked", &chunked_blob, scale.chunk)).await?;
+    let tt = timed(t.push_in_chunks("bench/chunked", &chunked_blob, scale.chunk)).await?;
+    let dt = timed(d.push_in_chunks("bench/chunked", &chunked_blob, scale.chunk)).await?;
     table.add(
         format!("chunked push {mb} MiB in {} MiB PATCHes", scale.chunk >> 20),
         "s",
@@ -473,7 +370,7 @@ async fn main() -> Result<()> {
         concurrently(images.len(), 8, |i| {
             let (config, layer, manifest) = images[i].clone();
             let c = c.clone();
-            async move { c.push_image(&format!("bench/small{i}"), "v1", &[&config, &layer], &manifest).await }
+            async move { c.push_blobs_and_manifest(&format!("bench/small{i}"), "v1", &[&config, &layer], &manifest).await }
         })
         .await?;
         times.push(started.elapsed().as_secs_f64());
@@ -518,10 +415,7 @@ async fn main() -> Result<()> {
         // The fill commits (and syncs) after its readers are served: the warm pulls start
         // once the cache holds the blob.
         let cached = mirror.data.join("cache/dist/blobs/sha256").join(&digest.hex()[..2]).join(digest.hex());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !cached.exists() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tessera_testkit::wait_until_async(Duration::from_secs(60), || std::future::ready(cached.exists())).await;
     }
     let mono = &cold_blobs[0];
     let (mut warm, mut hosted) = (Vec::new(), Vec::new());
@@ -603,7 +497,7 @@ async fn main() -> Result<()> {
         .expect("json"),
     );
     for c in [&t, &d] {
-        c.push_image("bench/tags", "t0", &[&empty], &artifact).await?;
+        c.push_blobs_and_manifest("bench/tags", "t0", &[&empty], &artifact).await?;
         concurrently(scale.many, 8, |i| {
             let c = c.clone();
             let artifact = artifact.clone();
@@ -662,32 +556,6 @@ fn manifest_of(config: &Bytes, layers: &[&Bytes]) -> Bytes {
         }))
         .expect("json"),
     )
-}
-
-async fn push_chunked_exact(c: &Client, name: &str, blob: &Bytes, chunk: usize) -> Result<()> {
-    let mut location = c.start_upload(name).await?;
-    let mut offset = 0usize;
-    while offset < blob.len() {
-        let end = (offset + chunk).min(blob.len());
-        let r = c
-            .http
-            .patch(&location)
-            .header("content-type", "application/octet-stream")
-            .header("content-range", format!("{offset}-{}", end - 1))
-            .body(blob.slice(offset..end))
-            .send()
-            .await?;
-        if r.status() != 202 {
-            bail!("PATCH: {}", r.status());
-        }
-        location = c.absolute(r.headers().get("location").context("no Location")?.to_str()?);
-        offset = end;
-    }
-    let r = c.http.put(Client::with_digest(&location, &Digest::sha256_of(blob))).send().await?;
-    if r.status() != 201 {
-        bail!("PUT close: {}", r.status());
-    }
-    Ok(())
 }
 
 fn small_image(seed: u64) -> (Bytes, Bytes, Bytes) {

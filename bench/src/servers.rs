@@ -1,55 +1,24 @@
 //! The servers under test, each started fresh on a free loopback port and stopped on drop.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use tessera_spec::Digest;
+use tessera_testkit::{Distribution, DistributionSetup, free_port, spawn_ready};
 
 use crate::Content;
 
-const READY_DEADLINE: Duration = Duration::from_secs(30);
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// The HTTP status of `GET path`, or `None` if nothing answers yet.
-pub fn probe(addr: &SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(addr, Duration::from_millis(100)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
-/// Spawns `cmd` and waits until `GET path` answers 200; returns the child and the wait.
-fn spawn_ready(mut cmd: Command, addr: SocketAddr, path: &str, log: &Path) -> Result<(Child, Duration)> {
-    let log = std::fs::File::create(log)?;
-    let started = Instant::now();
-    let mut child =
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn().context("cannot start server")?;
-    loop {
-        if probe(&addr, path) == Some(200) {
-            return Ok((child, started.elapsed()));
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("server exited with {status} before answering");
-        }
-        if started.elapsed() > READY_DEADLINE {
-            let _ = child.kill();
-            bail!("server not ready after {READY_DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+/// The process behind a [`Registry`].
+enum Process {
+    Tessera(Child),
+    Distribution(Distribution),
 }
 
 pub struct Registry {
-    child: Child,
+    process: Process,
     pub addr: SocketAddr,
     pub data: PathBuf,
     pub startup: Duration,
@@ -73,27 +42,25 @@ impl Registry {
             std::fs::write(&config, toml)?;
             cmd.arg("--config").arg(config);
         }
-        let (child, startup) = spawn_ready(cmd, addr, "/v2/", &dir.join("log"))?;
-        Ok(Registry { child, addr, data, startup })
+        let (child, startup) = spawn_ready(&mut cmd, addr, "/v2/", &dir.join("log"))?;
+        Ok(Registry { process: Process::Tessera(child), addr, data, startup })
     }
 
     /// Distribution with filesystem storage and its in-memory blob descriptor cache.
     pub fn distribution(bin: &Path, dir: &Path) -> Result<Registry> {
-        std::fs::create_dir_all(dir)?;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let data = dir.join("data");
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: error, accesslog: {{disabled: true}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n  cache: {{blobdescriptor: inmemory}}\nhttp: {{addr: \"{addr}\"}}\nhealth: {{storagedriver: {{enabled: false}}}}\n",
-                data.display()
-            ),
-        )?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("serve").arg(&config);
-        let (child, startup) = spawn_ready(cmd, addr, "/v2/", &dir.join("log"))?;
-        Ok(Registry { child, addr, data, startup })
+        let d = Distribution::start_with(DistributionSetup {
+            bin: Some(bin),
+            dir: Some(dir),
+            quiet: true,
+            ..Default::default()
+        })?;
+        let (addr, data, startup) = (d.addr, d.data.clone(), d.startup);
+        Ok(Registry { process: Process::Distribution(d), addr, data, startup })
+    }
+
+    /// A registry client for it, with a connection pool sized for load.
+    pub fn api(&self) -> tessera_testkit::Api {
+        tessera_testkit::Api::at(self.addr).with_http(tessera_testkit::http_client_with_pool(64))
     }
 
     pub fn base(&self) -> String {
@@ -105,14 +72,19 @@ impl Registry {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.process {
+            Process::Tessera(child) => child.id(),
+            Process::Distribution(d) => d.pid(),
+        }
     }
 }
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Process::Tessera(child) = &mut self.process {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -154,7 +126,7 @@ impl Nginx {
         )?;
         let mut cmd = Command::new("nginx");
         cmd.arg("-c").arg(&conf).arg("-p").arg(root);
-        let (child, _) = spawn_ready(cmd, addr, "/manifest.json", &root.join("nginx.log"))?;
+        let (child, _) = spawn_ready(&mut cmd, addr, "/manifest.json", &root.join("nginx.log"))?;
         Ok(Nginx { child, addr })
     }
 

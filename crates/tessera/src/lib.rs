@@ -2,6 +2,8 @@
 //! running listener. `main` and the tests both come through here.
 
 mod explain;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod transfer;
 
 pub use explain::{explain, explain_live};
@@ -442,6 +444,23 @@ pub type Reload = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 /// finish on the table they started with, and an invalid configuration is refused with its
 /// reason while the old table keeps serving.
 pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    run(config, reload, listener, |_| {}, shutdown).await
+}
+
+/// The one assembly of a running server, for `serve` and the in-process test harness alike:
+/// TLS, the data directory's lock, the state, the background tasks (reload on SIGHUP,
+/// periodic garbage collection) and the HTTP app on `listener`. `ready` is told the address
+/// once requests are answered; the background tasks end when this returns.
+async fn run(
+    config: Config,
+    reload: Option<Reload>,
+    listener: tokio::net::TcpListener,
+    ready: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let certs = match &config.tls {
         Some(t) => Some(CertStore::open(&t.cert, &t.key)?),
         None => None,
@@ -455,13 +474,12 @@ pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future
     let _lock = lock_data_dir(&config.data)?;
     let state = open_state(&config).await?;
     let state = Arc::new(state);
-    tokio::spawn(reload_on_hangup(state.clone(), config.clone(), reload, certs));
+    // Dropped (and so aborted) when the server stops.
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(reload_on_hangup(state.clone(), config.clone(), reload, certs));
     if config.storage.gc_interval_secs > 0 {
-        tokio::spawn(collect_garbage_periodically(state.clone(), config.storage.clone()));
+        background.spawn(collect_garbage_periodically(state.clone(), config.storage.clone()));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
@@ -470,6 +488,7 @@ pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future
         config.data.display()
     );
     let app = tessera_http::app(state);
+    ready(addr);
     tessera_http::server::serve(
         listener,
         app,

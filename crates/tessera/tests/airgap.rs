@@ -7,7 +7,7 @@ use std::process::Command;
 
 use tessera_spec::Digest;
 use tessera_testkit::clients::{ContainersFiles, Podman, short_tempdir};
-use tessera_testkit::{Api, Image, Server, have_tool};
+use tessera_testkit::{Api, Image, Ran, Server, cli, have_tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -15,13 +15,8 @@ fn p(path: &Path) -> String {
     path.to_str().expect("utf-8 temp path").to_string()
 }
 
-fn tessera(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("tessera runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+fn tessera(args: &[&str]) -> Ran {
+    cli(BIN, args)
 }
 
 async fn digest_of(api: &Api, name: &str, tag: &str) -> Option<String> {
@@ -49,7 +44,8 @@ async fn export_and_import_keep_every_digest_and_resume() {
 
     // An archive, readable by skopeo and podman.
     let archive = work.join("images.tar");
-    let (ok, out, err) = tessera(&["export", &refs[0], &refs[1], "-o", &p(&archive), "--plain-http"]);
+    let Ran { ok, stdout: out, stderr: err } =
+        tessera(&["export", &refs[0], &refs[1], "-o", &p(&archive), "--plain-http"]);
     assert!(ok, "{out}{err}");
     assert!(archive.is_file());
     if have_tool("skopeo") {
@@ -60,7 +56,7 @@ async fn export_and_import_keep_every_digest_and_resume() {
     if have_tool("podman") {
         // podman load takes archives of one image.
         let single = work.join("app.tar");
-        assert!(tessera(&["export", &refs[0], "-o", &p(&single), "--plain-http"]).0);
+        assert!(tessera(&["export", &refs[0], "-o", &p(&single), "--plain-http"]).ok);
         let podman = Podman::new(work, ContainersFiles::new(work, &source.host()).unwrap()).unwrap();
         podman.use_working_driver().unwrap();
         let loaded = podman.run(&["load", "-i", &p(&single)]);
@@ -72,7 +68,7 @@ async fn export_and_import_keep_every_digest_and_resume() {
     // Imported into another registry: the same digests, and a second run moves nothing.
     let target = Server::start(BIN, &[]).unwrap();
     let b = Api::new(&target);
-    let (ok, out, err) = tessera(&["import", &p(&archive), &target.host(), "--plain-http"]);
+    let Ran { ok, stdout: out, stderr: err } = tessera(&["import", &p(&archive), &target.host(), "--plain-http"]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("isv/app:1") && out.contains("base/ubi:9"), "{out}");
     assert_eq!(digest_of(&b, "isv/app", "1").await, Some(app.digest().to_string()));
@@ -80,17 +76,18 @@ async fn export_and_import_keep_every_digest_and_resume() {
     let layer = Digest::sha256_of(&app.layers[1]);
     let bytes = b.get(&format!("/v2/isv/app/blobs/{layer}")).await.unwrap().bytes().await.unwrap();
     assert_eq!(bytes.as_ref(), app.layers[1].as_slice());
-    let (ok, _, err) = tessera(&["import", &p(&archive), &target.host(), "--plain-http", "--prefix", "mirror"]);
+    let Ran { ok, stderr: err, .. } =
+        tessera(&["import", &p(&archive), &target.host(), "--plain-http", "--prefix", "mirror"]);
     assert!(ok, "{err}");
     assert_eq!(digest_of(&b, "mirror/isv/app", "1").await, Some(app.digest().to_string()));
-    let (ok, _, err) = tessera(&["import", &p(&archive), &target.host(), "--plain-http"]);
+    let Ran { ok, stderr: err, .. } = tessera(&["import", &p(&archive), &target.host(), "--plain-http"]);
     assert!(ok);
     assert_eq!(err.matches("already there").count(), 5, "{err}");
 
     // A directory export resumes: blobs already written are kept.
     let dir = work.join("layout");
-    assert!(tessera(&["export", &refs[0], "-o", &p(&dir), "--plain-http"]).0);
-    let (ok, _, err) = tessera(&["export", &refs[0], "-o", &p(&dir), "--plain-http"]);
+    assert!(tessera(&["export", &refs[0], "-o", &p(&dir), "--plain-http"]).ok);
+    let Ran { ok, stderr: err, .. } = tessera(&["export", &refs[0], "-o", &p(&dir), "--plain-http"]);
     assert!(ok);
     assert_eq!(err.matches("already exported").count(), 3, "{err}");
     assert!(!err.contains('\x1b'), "no terminal escapes in a log: {err:?}");
@@ -101,7 +98,7 @@ async fn export_and_import_keep_every_digest_and_resume() {
     data[50] ^= 0xff;
     std::fs::write(&file, &data).unwrap();
     let third = Server::start(BIN, &[]).unwrap();
-    let (ok, _, err) = tessera(&["import", &p(&dir), &third.host(), "--plain-http"]);
+    let Ran { ok, stderr: err, .. } = tessera(&["import", &p(&dir), &third.host(), "--plain-http"]);
     assert!(!ok);
     assert!(err.contains("does not match its digest"), "{err}");
     assert_eq!(digest_of(&Api::new(&third), "isv/app", "1").await, None);

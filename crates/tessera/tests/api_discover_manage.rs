@@ -1,16 +1,17 @@
-//! The OCI Distribution Spec's content discovery and content management areas.
+//! The OCI Distribution Spec's content discovery and content management areas, against the
+//! server run in-process; the command line's own checks against the real binary.
 
-use std::io::Write;
-
+use tessera::testing::InProcess;
 use tessera_spec::Digest;
-use tessera_testkit::{Api, Image, Server, error_code};
+use tessera_testkit::{Api, Image, cli, error_code};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-fn start(extra: &[&str]) -> (Server, Api) {
-    let server = Server::start(BIN, extra).expect("server starts");
-    let api = Api::new(&server);
+/// A server configured by `toml` (as `tessera serve --config` with a file holding it).
+async fn start(toml: &str) -> (InProcess, Api) {
+    let server = InProcess::with_toml(toml).await.expect("server starts");
+    let api = Api::at(server.addr);
     (server, api)
 }
 
@@ -27,7 +28,7 @@ async fn tag_image(api: &Api, name: &str, image: &Image, tags: &[&str]) {
 
 #[tokio::test]
 async fn tags_list_is_sorted_and_paginated() {
-    let (_s, api) = start(&[]);
+    let (_s, api) = start("").await;
     let image = Image::random(1, 10);
     tag_image(&api, "t/list", &image, &["v3", "v1", "latest", "v2", "a_b"]).await;
     let r = api.get("/v2/t/list/tags/list").await.unwrap();
@@ -63,7 +64,7 @@ async fn tags_list_is_sorted_and_paginated() {
 
 #[tokio::test]
 async fn catalog_lists_repositories() {
-    let (_s, api) = start(&[]);
+    let (_s, api) = start("").await;
     let image = Image::random(1, 10);
     for name in ["zeta", "alpha/one", "alpha/two", "mid"] {
         api.push_image(name, "v1", &image).await.unwrap();
@@ -78,7 +79,7 @@ async fn catalog_lists_repositories() {
 
 #[tokio::test]
 async fn delete_tag_manifest_and_blob() {
-    let (_s, api) = start(&[]);
+    let (_s, api) = start("").await;
     let image = Image::random(2, 100);
     tag_image(&api, "del", &image, &["v1", "v2"]).await;
     let digest = image.digest();
@@ -114,7 +115,7 @@ async fn delete_tag_manifest_and_blob() {
 
 #[tokio::test]
 async fn a_tag_moves_to_the_newest_push() {
-    let (_s, api) = start(&[]);
+    let (_s, api) = start("").await;
     let a = Image::random(1, 10);
     let b = Image::random(1, 10);
     api.push_image("mv", "latest", &a).await.unwrap();
@@ -128,11 +129,7 @@ async fn a_tag_moves_to_the_newest_push() {
 
 #[tokio::test]
 async fn deletes_can_be_switched_off() {
-    let dir = tessera_testkit::tempdir().unwrap();
-    let config = dir.path().join("tessera.toml");
-    let mut f = std::fs::File::create(&config).unwrap();
-    writeln!(f, "[storage]\ndelete_enabled = false").unwrap();
-    let (_s, api) = start(&["--config", config.to_str().unwrap()]);
+    let (_s, api) = start("[storage]\ndelete_enabled = false\n").await;
     let image = Image::random(1, 10);
     api.push_image("keep", "v1", &image).await.unwrap();
     for path in [
@@ -152,19 +149,17 @@ async fn invalid_config_is_refused_with_its_line() {
     let dir = tessera_testkit::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\n\n[limits]\nmanifest_max_bytes = \"big\"\n").unwrap();
-    let out = std::process::Command::new(BIN).args(["serve", "--config", config.to_str().unwrap()]).output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = cli(BIN, &["serve", "--config", config.to_str().unwrap()]);
+    assert!(!out.ok);
+    let err = out.stderr;
     assert!(err.contains("line 4") && err.contains("manifest_max_bytes"), "{err}");
 }
 
 #[test]
 fn help_explains_every_flag() {
-    let out = std::process::Command::new(BIN).args(["serve", "--help"]).output().unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
+    let help = cli(BIN, &["serve", "--help"]).stdout;
     for flag in ["--listen", "--data", "--config", "--tls-cert", "--tls-key"] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
-    let out = std::process::Command::new(BIN).arg("--help").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("serve"));
+    assert!(cli(BIN, &["--help"]).stdout.contains("serve"));
 }

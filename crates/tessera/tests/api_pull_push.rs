@@ -1,17 +1,17 @@
-//! The OCI Distribution Spec's pull and push areas, against the real binary.
+//! The OCI Distribution Spec's pull and push areas, against the server run in-process.
 
 use reqwest::header::HeaderMap;
 use serde_json::json;
+use tessera::testing::InProcess;
 use tessera_spec::{Algorithm, Digest};
-use tessera_testkit::{Api, Image, Server, error_code, random_bytes};
+use tessera_testkit::{Api, Image, error_code, random_bytes};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
-fn start() -> (Server, Api) {
-    let server = Server::start(BIN, &[]).expect("server starts");
-    let api = Api::new(&server);
+async fn start() -> (InProcess, Api) {
+    let server = InProcess::start().await.expect("server starts");
+    let api = Api::at(server.addr);
     (server, api)
 }
 
@@ -21,7 +21,7 @@ fn h<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
 
 #[tokio::test]
 async fn base_endpoint_answers_with_api_version() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let r = api.get("/v2/").await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(h(r.headers(), "docker-distribution-api-version"), "registry/2.0");
@@ -31,7 +31,7 @@ async fn base_endpoint_answers_with_api_version() {
 
 #[tokio::test]
 async fn pushed_image_pulls_back_byte_for_byte() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let image = Image::random(3, 100_000);
     let digest = api.push_image("lib/app", "v1", &image).await.unwrap();
 
@@ -62,7 +62,7 @@ async fn pushed_image_pulls_back_byte_for_byte() {
 
 #[tokio::test]
 async fn unknown_things_are_404_with_their_code() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let image = Image::random(1, 10);
     api.push_image("a/b", "v1", &image).await.unwrap();
     let missing = Digest::sha256_of(b"missing");
@@ -82,7 +82,7 @@ async fn unknown_things_are_404_with_their_code() {
 
 #[tokio::test]
 async fn blobs_are_visible_only_in_repositories_that_link_them() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let d = api.push_blob("team/one", b"private layer").await.unwrap();
     assert_eq!(api.get(&format!("/v2/team/one/blobs/{d}")).await.unwrap().status(), 200);
     let r = api.get(&format!("/v2/team/two/blobs/{d}")).await.unwrap();
@@ -92,7 +92,7 @@ async fn blobs_are_visible_only_in_repositories_that_link_them() {
 
 #[tokio::test]
 async fn range_reads() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let data = random_bytes(1_000_000, 7);
     let d = api.push_blob("r/x", &data).await.unwrap();
     let url = api.url(&format!("/v2/r/x/blobs/{d}"));
@@ -114,7 +114,7 @@ async fn range_reads() {
 
 #[tokio::test]
 async fn post_then_put_upload() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let data = random_bytes(300_000, 1);
     let d = Digest::sha256_of(&data);
     let r = api.http.post(api.url("/v2/p/q/blobs/uploads/")).send().await.unwrap();
@@ -131,7 +131,7 @@ async fn post_then_put_upload() {
 
 #[tokio::test]
 async fn chunked_upload_with_status_and_out_of_order_chunk() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let data = random_bytes(3_000_000, 2);
     let d = Digest::sha256_of(&data);
     let r = api.http.post(api.url("/v2/c/blobs/uploads/")).send().await.unwrap();
@@ -197,7 +197,7 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
 
 #[tokio::test]
 async fn chunks_without_content_range_append() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let data = random_bytes(200_000, 3);
     let r = api.http.post(api.url("/v2/c/blobs/uploads/")).send().await.unwrap();
     let location = h(r.headers(), "location").to_string();
@@ -212,7 +212,7 @@ async fn chunks_without_content_range_append() {
 
 #[tokio::test]
 async fn wrong_digest_is_refused_and_leaves_nothing() {
-    let (s, api) = start();
+    let (s, api) = start().await;
     let wrong = Digest::sha256_of(b"something else");
     let r = api
         .http
@@ -256,7 +256,7 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test]
 async fn put_without_digest_and_unknown_sessions() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
     let location = h(r.headers(), "location").to_string();
     let r = api.http.put(api.url(&location)).body("x").send().await.unwrap();
@@ -277,7 +277,7 @@ async fn put_without_digest_and_unknown_sessions() {
 
 #[tokio::test]
 async fn cancel_upload() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let r = api.http.post(api.url("/v2/x/blobs/uploads/")).send().await.unwrap();
     let location = h(r.headers(), "location").to_string();
     api.http.patch(api.url(&location)).body("abc").send().await.unwrap();
@@ -291,7 +291,7 @@ async fn cancel_upload() {
 
 #[tokio::test]
 async fn cross_repository_mount() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let d = api.push_blob("src/repo", b"shared base layer").await.unwrap();
     let r =
         api.http.post(api.url(&format!("/v2/dst/repo/blobs/uploads/?mount={d}&from=src/repo"))).send().await.unwrap();
@@ -321,7 +321,7 @@ async fn cross_repository_mount() {
 
 #[tokio::test]
 async fn sha512_blobs_and_manifests() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let data = random_bytes(50_000, 9);
     let d = Digest::of(Algorithm::Sha512, &data);
     let r =
@@ -352,7 +352,7 @@ async fn sha512_blobs_and_manifests() {
 
 #[tokio::test]
 async fn manifests_must_reference_known_content() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let image = Image::random(2, 1000);
     // Only the config is pushed: the layers are missing.
     api.push_blob("m/x", &image.config).await.unwrap();
@@ -403,7 +403,7 @@ async fn push_index(
 
 #[tokio::test]
 async fn image_index_needs_its_children_and_respects_accept() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let a = Image::random(1, 100);
     let b = Image::random(1, 100);
     api.push_image("multi", "amd64", &a).await.unwrap();
@@ -432,7 +432,7 @@ async fn image_index_needs_its_children_and_respects_accept() {
 
 #[tokio::test]
 async fn docker_schema2_manifest_and_list() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let image = Image::random(1, 500);
     for b in image.blobs() {
         api.push_blob("d/s2", b).await.unwrap();
@@ -466,7 +466,7 @@ async fn docker_schema2_manifest_and_list() {
 
 #[tokio::test]
 async fn artifacts_with_subject_and_referrers() {
-    let (_s, api) = start();
+    let (_s, api) = start().await;
     let image = Image::random(1, 100);
     let subject = api.push_image("art", "v1", &image).await.unwrap();
 

@@ -362,11 +362,11 @@ async fn keys_from_a_jwks_url_follow_the_issuers_rotation() {
     idp.restart().unwrap();
     let new = token_from(&idp, "registry.test", "repository:team/app:pull,push").await;
     assert_ne!(tessera_access::token::token_kid(&new), tessera_access::token::token_kid(&old));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while upload(new.clone()).await != 202 {
-        assert!(std::time::Instant::now() < deadline, "the rotated key was never fetched:\n{}", registry.log_text());
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
+    let fetched = tessera_testkit::wait_until_async(std::time::Duration::from_secs(15), || async {
+        upload(new.clone()).await == 202
+    })
+    .await;
+    assert!(fetched, "the rotated key was never fetched:\n{}", registry.log_text());
     assert_eq!(upload(old).await, 401, "the retired key no longer verifies");
     assert_eq!(registry.log_text().matches("fetched 1 key(s)").count(), 2, "{}", registry.log_text());
 

@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 use tessera_spec::Digest;
 use tessera_testkit::clients::{
     Access, ContainersFiles, DOCKER, Dockerd, Podman, access_log, guarded, gunzip, output, python_with_module,
-    short_tempdir, wait_until,
+    short_tempdir,
 };
-use tessera_testkit::{Api, Image, Server, have_tool, random_bytes, run};
+use tessera_testkit::{Api, Image, Server, have_tool, random_bytes, run, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -112,7 +112,7 @@ fn requests_since(server: &Server, mark: usize) -> Vec<Access> {
 
 /// Waits (the log is written by a thread) until the requests since `mark` satisfy `check`.
 fn assert_log(server: &Server, mark: usize, what: &str, check: impl Fn(&[Access]) -> bool) {
-    if wait_until(what, Duration::from_secs(5), || Ok(check(&requests_since(server, mark)))).is_err() {
+    if !wait_until(Duration::from_secs(5), || check(&requests_since(server, mark))) {
         panic!("server log does not show {what}; log since the mark:\n{}", server.log_text().get(mark..).unwrap_or(""));
     }
 }

@@ -41,17 +41,12 @@ async fn setup() -> Setup {
     Setup { a, b, guestbook, etcd, sles, dir }
 }
 
-fn no_redirects() -> reqwest::Client {
-    let _ = tessera_testkit::http_client();
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
-}
-
 #[tokio::test]
 async fn collage_configuration_redirects_like_collage() {
     let s = setup().await;
     let collage = s.dir.path().join("collage.json");
     let mirror = Server::start(BIN, &["--collage", collage.to_str().unwrap()]).unwrap();
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let base = format!("http://{}", mirror.host());
 
     let r = http.get(format!("{base}/v2/cool/stuff/guestbook/manifests/v1")).send().await.unwrap();

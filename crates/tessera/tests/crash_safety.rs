@@ -103,11 +103,10 @@ async fn a_kill_mid_push_leaves_no_visible_partial_blob() {
     tcp.write_all(&data[..3_000_000]).unwrap();
     tcp.flush().unwrap();
     // Wait until the partial bytes are on disk, so the kill really lands mid-upload.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while files_under(&s.data.join("uploads")).iter().all(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0) == 0) {
-        assert!(std::time::Instant::now() < deadline, "upload never reached the disk");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let on_disk = tessera_testkit::wait_until(Duration::from_secs(10), || {
+        files_under(&s.data.join("uploads")).iter().any(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0) > 0)
+    });
+    assert!(on_disk, "upload never reached the disk");
     s.kill();
     drop(tcp);
     assert!(!files_under(&s.data.join("uploads")).is_empty(), "partial bytes were being written");

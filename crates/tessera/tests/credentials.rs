@@ -1,17 +1,18 @@
 //! Whose credentials an upstream sees: by default only its configured ones (a client's
 //! never leave Tessera); on a route with `credentials = "passthrough"`, the client's own,
 //! with the upstream's challenges relayed and every answer, cached or not, authorised by
-//! the upstream for that client.
+//! the upstream for that client. Tessera runs in-process; a test that waits on a blocking
+//! client program runs on a multi-threaded runtime so it keeps answering meanwhile.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
+use tessera::testing::InProcess;
 use tessera_spec::Digest;
 use tessera_testkit::clients::ContainersFiles;
-use tessera_testkit::{Distribution, Image, Server, have_tool, htpasswd_file};
+use tessera_testkit::{Distribution, Image, have_tool, htpasswd_file};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// Pushes `image` to Distribution at `addr` as `name:tag`, logging in as `user`.
@@ -49,7 +50,7 @@ async fn push_with_login(addr: &str, user: (&str, &str), name: &str, tag: &str, 
     assert_eq!(r.status(), 201);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer() {
     if !have_tool("/usr/bin/docker-registry") {
         return;
@@ -58,20 +59,18 @@ async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer
     let upstream_users = htpasswd_file(dir.path(), &[("alice", "secret")]);
     let dist = Distribution::start(Some(&upstream_users)).unwrap();
     let image = Image::random(2, 40_000);
-    push_with_login(&dist.addr, ("alice", "secret"), "team/app", "v1", &image).await;
+    push_with_login(&dist.addr.to_string(), ("alice", "secret"), "team/app", "v1", &image).await;
 
     let ours = dir.path().join("ours");
     std::fs::create_dir_all(&ours).unwrap();
     let our_users = htpasswd_file(&ours, &[("bob", "builder")]);
-    let server = Server::with_config(
-        BIN,
-        &format!(
-            "[auth]\nhtpasswd = \"{}\"\n[[upstream]]\nname = \"dist\"\nurl = \"http://{}\"\n\
+    let server = InProcess::with_toml(&format!(
+        "[auth]\nhtpasswd = \"{}\"\n[[upstream]]\nname = \"dist\"\nurl = \"http://{}\"\n\
              [[route]]\nprefix = \"priv\"\nto = \"dist\"\ncredentials = \"passthrough\"\n",
-            our_users.display(),
-            dist.addr
-        ),
-    )
+        our_users.display(),
+        dist.addr
+    ))
+    .await
     .unwrap();
     let http = tessera_testkit::http_client();
     let get = |path: &str, user: Option<(&str, &str)>| {
@@ -126,7 +125,7 @@ async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer
     // The tag moves upstream: the HEAD that authorises the client also revalidates the tag,
     // so the client sees the move at once (one HEAD, not a cached answer within the TTL).
     let moved = Image::random(1, 20_000);
-    push_with_login(&dist.addr, ("alice", "secret"), "team/app", "v1", &moved).await;
+    push_with_login(&dist.addr.to_string(), ("alice", "secret"), "team/app", "v1", &moved).await;
     let r = get(manifest, Some(("alice", "secret"))).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], moved.digest().to_string().as_str());
@@ -160,15 +159,13 @@ fn recording_upstream() -> (String, Arc<Mutex<Vec<String>>>) {
 #[tokio::test]
 async fn client_credentials_reach_an_upstream_only_through_a_passthrough_route() {
     let (addr, heads) = recording_upstream();
-    let server = Server::with_config(
-        BIN,
-        &format!(
-            "[[upstream]]\nname = \"rec\"\nurl = \"http://{addr}\"\nusername = \"configured\"\npassword = \"pw\"\n\
+    let server = InProcess::with_toml(&format!(
+        "[[upstream]]\nname = \"rec\"\nurl = \"http://{addr}\"\nusername = \"configured\"\npassword = \"pw\"\n\
              [[upstream]]\nname = \"rec-for-clients\"\nurl = \"http://{addr}\"\n\
              [[route]]\nprefix = \"cached\"\nto = \"rec\"\n\
              [[route]]\nprefix = \"passed\"\nto = \"rec-for-clients\"\ncredentials = \"passthrough\"\n"
-        ),
-    )
+    ))
+    .await
     .unwrap();
     let http = tessera_testkit::http_client();
     let client_auth = "Basic Y2xpZW50OnNlY3JldA=="; // client:secret

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tessera_spec::Digest;
 use tessera_testkit::cdn::Cdn;
 use tessera_testkit::clients::{Containerd, ContainersFiles, Podman, short_tempdir};
-use tessera_testkit::{Api, Image, Server, error_code, have_tool, random_layer, run, store_files};
+use tessera_testkit::{Api, Image, Ran, Server, cli, error_code, have_tool, random_layer, run, store_files};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -21,25 +21,14 @@ fn p(path: &Path) -> String {
     path.to_str().expect("utf-8 temp path").to_string()
 }
 
-/// A client that shows redirects instead of following them.
-fn no_redirects() -> reqwest::Client {
-    let _ = tessera_testkit::http_client();
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
-}
-
-fn tessera(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().expect("tessera runs")
+fn tessera(args: &[&str]) -> Ran {
+    cli(BIN, args)
 }
 
 fn tessera_ok(args: &[&str]) -> String {
     let out = tessera(args);
-    assert!(
-        out.status.success(),
-        "tessera {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    assert!(out.ok, "tessera {args:?} failed: {}", out.output());
+    out.stdout
 }
 
 /// Writes `image` as a layout and publishes its blobs under `cdn`'s `dir/` (Pulp layout).
@@ -60,13 +49,11 @@ async fn metric(api: &Api, line_start: &str) -> Option<f64> {
 }
 
 async fn wait_metric(api: &Api, line_start: &str, value: f64) {
-    for _ in 0..300 {
-        if metric(api, line_start).await == Some(value) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{line_start} never became {value}");
+    let became = tessera_testkit::wait_until_async(Duration::from_secs(15), || async {
+        metric(api, line_start).await == Some(value)
+    })
+    .await;
+    assert!(became, "{line_start} never became {value}");
 }
 
 #[tokio::test]
@@ -94,7 +81,7 @@ token = {{ kind = "secure_link_md5", secret = "s3cret", ttl_secs = 3 }}
     let image = Image::random(2, 50_000);
     api.push_image("rh/base", "v1", &image).await.unwrap();
     publish(&image, work.path(), &cdn, "pulp");
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let layer = &layer_digests(&image)[0];
 
     // Manifests are always ours; HEAD is answered here with the size.
@@ -118,6 +105,7 @@ token = {{ kind = "secure_link_md5", secret = "s3cret", ttl_secs = 3 }}
     let forged = location.replacen("md5=", "md5=A", 1);
     assert_eq!(http.get(&forged).send().await.unwrap().status(), 403);
     assert_eq!(http.get(cdn.url(&format!("/pulp/blobs/{layer}"))).send().await.unwrap().status(), 403);
+    // The behaviour under test: the link's 3 s lifetime runs out.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(http.get(&location).send().await.unwrap().status(), 410, "nginx refuses an expired link");
 
@@ -158,8 +146,8 @@ token = {{ kind = "secure_link_md5", secret = "vendor-key" }}
 
     // Before the layers are on the CDN, the server's check (a signed HEAD) refuses the push.
     let out = tessera(&["push", &source, &format!("{host}/base/ubi:v1"), "--blobs-at", &base_url, "--plain-http"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.ok);
+    let err = out.stderr;
     assert!(err.contains("BLOB_LOCATION_INVALID") && err.contains("404"), "{err}");
     // A base URL the policy does not allow is refused whatever is there.
     let out = tessera(&[
@@ -171,8 +159,8 @@ token = {{ kind = "secure_link_md5", secret = "vendor-key" }}
         "--plain-http",
         "--no-verify",
     ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("DENIED"));
+    assert!(!out.ok);
+    assert!(out.stderr.contains("DENIED"));
 
     publish(&image, work.path(), &cdn, "base");
     let out = tessera_ok(&["push", &source, &format!("{host}/base/ubi:v1"), "--blobs-at", &base_url, "--plain-http"]);
@@ -190,7 +178,7 @@ token = {{ kind = "secure_link_md5", secret = "vendor-key" }}
     assert!(stored.iter().any(|f| f.ends_with(config.hex())), "the config is uploaded");
 
     // HEAD says the layer exists (a child push skips it); GET sends the client to the CDN.
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let layer = &layer_digests(&image)[1];
     let head = http.head(server.url(&format!("/v2/base/ubi/blobs/{layer}"))).send().await.unwrap();
     assert_eq!(head.status(), 200);
@@ -279,7 +267,7 @@ networks = ["127.0.0.0/8"]
     wait_metric(&api, &near_metric, 1.0).await;
 
     // A client on 127.0.0.1 gets the mirror serving 127.0.0.0/8, never the 10/8 one.
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let layer = &layer_digests(&image)[0];
     let r = http.get(server.url(&format!("/v2/fedora/f41/blobs/{layer}"))).send().await.unwrap();
     assert_eq!(r.status(), 307);
@@ -336,7 +324,7 @@ external_deny = ["https://bad.example.com/"]
     for repo in ["win/app", "other/app"] {
         assert_eq!(api.push_manifest(repo, "v1", OCI_MANIFEST, &manifest).await.unwrap().status(), 201);
     }
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let r = http.get(server.url(&format!("/v2/win/app/blobs/{foreign}"))).send().await.unwrap();
     assert_eq!(r.status(), 307);
     assert_eq!(r.headers()["location"], "https://go.example.com/layers/x", "first allowed URL; deny wins");
@@ -493,26 +481,7 @@ external_allow = ["{vendor_url}"]
 fn child_of(base: &Image, own: &[u8]) -> Image {
     let mut layers = base.layers.clone();
     layers.push(own.to_vec());
-    let diff_ids: Vec<String> =
-        layers.iter().map(|l| Digest::sha256_of(&tessera_testkit::clients::gunzip(l).unwrap()).to_string()).collect();
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64", "os": "linux",
-        "config": { "Cmd": ["/bin/true"] },
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::sha256_of(&config).to_string(), "size": config.len() },
-        "layers": layers.iter().map(|l| json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": Digest::sha256_of(l).to_string(),
-            "size": l.len(),
-        })).collect::<Vec<_>>(),
-    }))
-    .unwrap();
-    Image { config, layers, manifest }
+    Image::of_layers(layers, None)
 }
 
 /// An S3-compatible store (moto's server) on loopback, killed when dropped.
@@ -538,15 +507,10 @@ fn start_s3(python: &Path, log: &Path) -> S3Server {
         .stderr(out)
         .spawn()
         .expect("moto server starts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "moto server did not start: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let started = tessera_testkit::wait_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(started, "moto server did not start: {}", std::fs::read_to_string(log).unwrap_or_default());
     S3Server { child, url: format!("http://127.0.0.1:{port}") }
 }
 
@@ -557,7 +521,7 @@ async fn publish_fills_an_s3_bucket_that_serves_as_the_cdn() {
     };
     let work = tessera_testkit::tempdir().unwrap();
     let s3 = start_s3(&python, &work.path().join("s3.log"));
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     assert!(http.put(format!("{}/cdn", s3.url)).send().await.unwrap().status().is_success(), "bucket created");
 
     let image = Image::random(2, 70_000);
@@ -565,16 +529,16 @@ async fn publish_fills_an_s3_bucket_that_serves_as_the_cdn() {
     image.write_layout(&layout, "v1").unwrap();
     let source = format!("oci:{}:v1", p(&layout));
     let publish = |env_key: &str| {
-        Command::new(BIN)
-            .args(["publish", &source, "s3://cdn/pulp/isv", "--s3-endpoint", &s3.url, "--s3-acl", "public-read"])
-            .env("AWS_ACCESS_KEY_ID", env_key)
-            .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .output()
-            .unwrap()
+        Ran::of(
+            Command::new(BIN)
+                .args(["publish", &source, "s3://cdn/pulp/isv", "--s3-endpoint", &s3.url, "--s3-acl", "public-read"])
+                .env("AWS_ACCESS_KEY_ID", env_key)
+                .env("AWS_SECRET_ACCESS_KEY", "secret"),
+        )
     };
     let out = publish("test");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("3 blob(s) written, 0 already there"));
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("3 blob(s) written, 0 already there"));
     let fetch = |url: String| {
         let http = http.clone();
         async move { http.get(&url).send().await.unwrap().bytes().await.unwrap().to_vec() }
@@ -587,7 +551,7 @@ async fn publish_fills_an_s3_bucket_that_serves_as_the_cdn() {
     assert!(stored == image.manifest, "the tagged manifest is published");
     // Published again: everything is already there.
     let out = publish("test");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("0 blob(s) written, 3 already there"));
+    assert!(out.stdout.contains("0 blob(s) written, 3 already there"));
 
     // The bucket is the CDN: the image is pushed metadata-only and pulled from it.
     let base = format!("{}/cdn/pulp/isv/", s3.url);
@@ -615,7 +579,7 @@ async fn only_writers_may_ask_for_bytes_instead_of_the_redirect() {
         ),
     )
     .unwrap();
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let blob = b"bytes that live on the CDN";
     let digest = Digest::sha256_of(blob);
     let r = http
@@ -643,7 +607,7 @@ async fn only_writers_may_ask_for_bytes_instead_of_the_redirect() {
 async fn a_link_to_bytes_elsewhere_never_reads_bytes_held_for_others() {
     let server = Server::start(BIN, &[]).unwrap();
     let api = Api::new(&server);
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let secret = b"someone else's layer";
     let digest = api.push_blob("private/app", secret).await.unwrap();
     // A manifest elsewhere names the same digest as a foreign layer at some URL.
@@ -691,7 +655,7 @@ async fn publish_never_writes_outside_its_directory_and_archives_cannot_reach_lo
     std::fs::write(layout.join("index.json"), index).unwrap();
     let dest = work.path().join("a/b/c/dest");
     let out = tessera(&["publish", &format!("oci:{}", p(&layout)), &p(&dest)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.ok, "{}", out.stderr);
     let mut written = Vec::new();
     let mut stack = vec![work.path().to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -723,8 +687,8 @@ async fn publish_never_writes_outside_its_directory_and_archives_cannot_reach_lo
         }
         tar.finish().unwrap();
         let out = tessera(&["publish", &format!("docker-archive:{}", p(&archive)), &p(&work.path().join("pub"))]);
-        assert!(!out.status.success(), "archive with link={link} was accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.ok, "archive with link={link} was accepted");
+        let err = out.stderr;
         assert!(err.contains("outside itself") || err.contains("links are not followed"), "{err}");
     }
 }

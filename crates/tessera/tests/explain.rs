@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use tessera_testkit::{Ran, cli};
+
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
 const CONFIG: &str = r#"
@@ -30,9 +32,9 @@ fn explain(args: &[&str]) -> String {
     let dir = tessera_testkit::tempdir().unwrap();
     let config = dir.path().join("t.toml");
     std::fs::write(&config, CONFIG).unwrap();
-    let out = Command::new(BIN).arg("explain").arg("--config").arg(&config).args(args).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    let out = Ran::of(Command::new(BIN).arg("explain").arg("--config").arg(&config).args(args));
+    assert!(out.ok, "{}", out.stderr);
+    out.stdout
 }
 
 #[test]
@@ -63,15 +65,15 @@ fn explains_redirects_caches_groups_and_authorities() {
 
 #[test]
 fn refuses_bad_names_and_configs() {
-    let out = Command::new(BIN).args(["explain", "../etc"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid repository name"));
+    let out = cli(BIN, &["explain", "../etc"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("invalid repository name"));
     let dir = tessera_testkit::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[[route]]\nto = \"nowhere\"\n").unwrap();
-    let out = Command::new(BIN).arg("explain").arg("--config").arg(&config).arg("a").output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"));
+    let out = Ran::of(Command::new(BIN).arg("explain").arg("--config").arg(&config).arg("a"));
+    assert!(!out.ok);
+    assert!(out.stderr.contains("nowhere"));
 }
 
 /// A failed command says what went wrong on one line, causes included, and never prints a
@@ -81,17 +83,17 @@ fn cli_errors_are_one_line_without_backtrace() {
     let dir = tessera_testkit::tempdir().unwrap();
     let missing = dir.path().join("missing.toml");
     for backtrace in ["1", "full", "0"] {
-        let out = Command::new(BIN)
-            .env("RUST_BACKTRACE", backtrace)
-            .env("RUST_LIB_BACKTRACE", backtrace)
-            .arg("explain")
-            .arg("--config")
-            .arg(&missing)
-            .arg("a")
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let out = Ran::of(
+            Command::new(BIN)
+                .env("RUST_BACKTRACE", backtrace)
+                .env("RUST_LIB_BACKTRACE", backtrace)
+                .arg("explain")
+                .arg("--config")
+                .arg(&missing)
+                .arg("a"),
+        );
+        assert!(!out.ok);
+        let err = out.stderr;
         assert_eq!(err.trim_end().lines().count(), 1, "RUST_BACKTRACE={backtrace}: {err}");
         assert!(err.starts_with("tessera: "), "{err}");
         assert!(err.contains("missing.toml"), "the file is named: {err}");
@@ -100,25 +102,19 @@ fn cli_errors_are_one_line_without_backtrace() {
     // A syntax error says where, still on one line (toml's own text spans several).
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "listen = \"127.0.0.1:5000\"\nroute = [\n").unwrap();
-    let out = Command::new(BIN)
-        .env("RUST_BACKTRACE", "1")
-        .arg("explain")
-        .arg("--config")
-        .arg(&bad)
-        .arg("a")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let out = Ran::of(Command::new(BIN).env("RUST_BACKTRACE", "1").arg("explain").arg("--config").arg(&bad).arg("a"));
+    let err = out.stderr;
+    assert!(!out.ok);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("bad.toml") && err.contains("line 2"), "{err}");
 }
 
-#[tokio::test]
+// Multi-threaded: the in-process upstream answers while the test waits for the command.
+#[tokio::test(flavor = "multi_thread")]
 async fn live_explain_asks_the_upstream() {
-    let upstream = tessera_testkit::Server::start(BIN, &[]).unwrap();
+    let upstream = tessera::testing::InProcess::start().await.unwrap();
     let image = tessera_testkit::Image::random(2, 1000);
-    tessera_testkit::Api::new(&upstream).push_image("flavio/x", "v1", &image).await.unwrap();
+    tessera_testkit::Api::at(upstream.addr).push_image("flavio/x", "v1", &image).await.unwrap();
     let dir = tessera_testkit::tempdir().unwrap();
     let config = dir.path().join("t.toml");
     std::fs::write(
@@ -126,26 +122,16 @@ async fn live_explain_asks_the_upstream() {
         format!("[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"cool/stuff\"\nto = \"up:flavio\"\n", upstream.host()),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .arg("explain")
-        .arg("--config")
-        .arg(&config)
-        .args(["--live", "cool/stuff/x:v1"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
+    let out =
+        Ran::of(Command::new(BIN).arg("explain").arg("--config").arg(&config).args(["--live", "cool/stuff/x:v1"]));
+    assert!(out.ok, "{}", out.stderr);
+    let text = out.stdout;
     assert!(text.contains(&format!("upstream up answers {}", image.digest())), "{text}");
     for b in image.blobs() {
         let d = tessera_spec::Digest::sha256_of(b);
         assert!(text.contains(&format!("{d} {} bytes (from up through the cache)", b.len())), "{text}");
     }
-    let out = Command::new(BIN)
-        .arg("explain")
-        .arg("--config")
-        .arg(&config)
-        .args(["--live", "cool/stuff/none:v1"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("answers 404"));
+    let out =
+        Ran::of(Command::new(BIN).arg("explain").arg("--config").arg(&config).args(["--live", "cool/stuff/none:v1"]));
+    assert!(out.stdout.contains("answers 404"));
 }

@@ -4,12 +4,11 @@
 //! holds).
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tessera_spec::Digest;
 use tessera_testkit::clients::{ContainersFiles, short_tempdir};
-use tessera_testkit::{Api, Image, Server, error_code, have_tool};
+use tessera_testkit::{Api, Image, Server, cli, error_code, have_tool, wait_until, wait_until_async};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -30,16 +29,14 @@ async fn metric(api: &Api, name: &str) -> f64 {
 }
 
 async fn wait_for_metric(api: &Api, name: &str, at_least: f64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(api, name).await < at_least {
-        assert!(Instant::now() < deadline, "{name} stayed below {at_least}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let reached = wait_until_async(Duration::from_secs(20), || async { metric(api, name).await >= at_least }).await;
+    assert!(reached, "{name} stayed below {at_least}");
 }
 
+/// Whether `tessera args` succeeded, and all it printed.
 fn tessera(args: &[&str]) -> (bool, String) {
-    let out = Command::new(BIN).args(args).output().expect("tessera runs");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let ran = cli(BIN, args);
+    (ran.ok, ran.output())
 }
 
 /// Every blob of `image` in `name` comes back with its digest.
@@ -66,6 +63,7 @@ async fn deleted_images_give_their_bytes_back_while_the_server_runs() {
     // A push that takes a while between its layers and its manifest, with passes running
     // meanwhile, still succeeds inside the grace period.
     let slow = Image::random(1, 30_000);
+    let passes = metric(&api, "tessera_gc_passes_total").await;
     for b in slow.blobs() {
         api.push_blob("team/slow", b).await.unwrap();
     }
@@ -73,16 +71,16 @@ async fn deleted_images_give_their_bytes_back_while_the_server_runs() {
     assert_eq!(r.status(), 200);
     let deleted = api.http.delete(api.url(&format!("/v2/team/gone/manifests/{}", gone.digest()))).send().await.unwrap();
     assert_eq!(deleted.status(), 202);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Two more passes: at least one whole pass runs while the push is unfinished.
+    wait_for_metric(&api, "tessera_gc_passes_total", passes + 2.0).await;
     let r = api.push_manifest("team/slow", "v1", MANIFEST, &slow.manifest).await.unwrap();
     assert_eq!(r.status(), 201, "a push within the grace period is whole");
 
     // Within a few passes after the grace period, the deleted image's own bytes are gone.
-    let deadline = Instant::now() + grace + Duration::from_secs(30);
-    while blob_digests(&gone).iter().any(|d| blob_file(&server.data, d).exists()) {
-        assert!(Instant::now() < deadline, "the deleted image's blobs were not reclaimed:\n{}", server.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let reclaimed = wait_until(grace + Duration::from_secs(30), || {
+        blob_digests(&gone).iter().all(|d| !blob_file(&server.data, d).exists())
+    });
+    assert!(reclaimed, "the deleted image's blobs were not reclaimed:\n{}", server.log_text());
     // The counters move when the pass that deleted the files ends.
     wait_for_metric(&api, "tessera_gc_blobs_deleted_total", 3.0).await;
     wait_for_metric(&api, "tessera_gc_bytes_freed_total", 120_000.0).await;
@@ -122,11 +120,10 @@ async fn deleted_images_give_their_bytes_back_while_the_server_runs() {
     for b in late.blobs() {
         api.push_blob("team/late", b).await.unwrap();
     }
-    let deadline = Instant::now() + grace + Duration::from_secs(30);
-    while blob_digests(&late).iter().any(|d| blob_file(&server.data, d).exists()) {
-        assert!(Instant::now() < deadline, "unreferenced layers were not collected");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let collected = wait_until(grace + Duration::from_secs(30), || {
+        blob_digests(&late).iter().all(|d| !blob_file(&server.data, d).exists())
+    });
+    assert!(collected, "unreferenced layers were not collected");
     let r = api.push_manifest("team/late", "v1", MANIFEST, &late.manifest).await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
@@ -199,11 +196,9 @@ async fn untagged_manifests_go_when_asked_and_only_those() {
     let r = api.push_manifest("team/app", &referrer_digest.to_string(), MANIFEST, &referrer).await.unwrap();
     assert_eq!(r.status(), 201);
 
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while blob_digests(&old).iter().any(|d| blob_file(&server.data, d).exists()) {
-        assert!(Instant::now() < deadline, "the untagged image was not collected:\n{}", server.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let collected =
+        wait_until(Duration::from_secs(40), || blob_digests(&old).iter().all(|d| !blob_file(&server.data, d).exists()));
+    assert!(collected, "the untagged image was not collected:\n{}", server.log_text());
     assert_eq!(api.get(&format!("/v2/team/app/manifests/{}", old.digest())).await.unwrap().status(), 404);
     wait_for_metric(&api, "tessera_gc_manifests_deleted_total", 1.0).await;
     pulls(&api, "team/app", &new).await;

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tessera_testkit::{Api, Server, error_code};
+use tessera_testkit::{Api, Server, error_code, wait_until_async};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -28,6 +28,7 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(retry >= 1);
     assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    // The behaviour under test: a client that waits out the limit's second is let in again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(api.get("/v2/").await.unwrap().status(), 200, "allowed again after waiting");
 }
@@ -72,20 +73,28 @@ async fn uploads_in_flight_per_client_are_bounded() {
     for _ in 0..2 {
         let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
         let location = r.headers()["location"].to_str().unwrap().to_string();
-        // A PATCH whose body is still coming holds a slot.
+        // A PATCH whose body is still coming holds a slot. It asks before sending its body:
+        // the server's `100 Continue` shows the request was admitted and holds its slot.
         let mut tcp = TcpStream::connect(server.addr).unwrap();
-        tcp.write_all(format!("PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").as_bytes())
-            .unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.write_all(
+            format!("PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut interim = [0u8; 25];
+        tcp.read_exact(&mut interim).unwrap();
+        assert!(interim.starts_with(b"HTTP/1.1 100 Continue"), "{}", String::from_utf8_lossy(&interim));
+        tcp.write_all(b"abc").unwrap();
         held.push(tcp);
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
+    let post = || async { api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap() };
+    let r = post().await;
     assert_eq!(r.status(), 429);
     assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
     drop(held);
-    std::thread::sleep(Duration::from_millis(300));
-    let r = api.http.post(api.url("/v2/u/blobs/uploads/")).send().await.unwrap();
-    assert_eq!(r.status(), 202, "slots come back when those requests end");
+    let back = wait_until_async(Duration::from_secs(10), || async { post().await.status() == 202 }).await;
+    assert!(back, "slots come back when those requests end");
     assert_eq!(api.get("/v2/").await.unwrap().status(), 200, "reads are not uploads");
 }
 
@@ -121,7 +130,8 @@ async fn a_client_that_stops_reading_is_disconnected() {
     let digest = api.push_blob("slow/reader", &blob).await.unwrap();
     let mut conn = TcpStream::connect(server.addr).unwrap();
     write!(conn, "GET /v2/slow/reader/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    // Read nothing while the socket buffers fill, then drain what was sent.
+    // Read nothing while the socket buffers fill, then drain what was sent. The behaviour
+    // under test: a reader stalled well past send_idle_timeout_secs.
     std::thread::sleep(Duration::from_secs(4));
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut received = 0usize;

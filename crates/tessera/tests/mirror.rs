@@ -6,10 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tessera_spec::Digest;
-use tessera_testkit::clients::{
-    Access, ContainersFiles, DOCKER, Dockerd, Podman, access_log, short_tempdir, wait_until,
-};
-use tessera_testkit::{Api, Distribution, Image, Server, error_code, have_tool};
+use tessera_testkit::clients::{Access, ContainersFiles, DOCKER, Dockerd, Podman, access_log, short_tempdir};
+use tessera_testkit::{Api, Distribution, Image, Server, error_code, have_tool, wait_until, wait_until_async};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -193,14 +191,7 @@ fn cached(server: &Server, d: &Digest) -> bool {
 /// Waits for the cache to hold `d`: clients get the verified bytes before the commit (and
 /// its fsync) finishes, so the file may appear a moment after a pull returns.
 fn wait_cached(server: &Server, d: &Digest) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if cached(server, d) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
+    wait_until(Duration::from_secs(10), || cached(server, d))
 }
 
 #[tokio::test]
@@ -222,7 +213,7 @@ mode = "redirect"
         upstream.host()
     );
     let mirror = Server::with_config(BIN, &toml).unwrap();
-    let no_redirects = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let no_redirects = tessera_testkit::no_redirects();
     let r = no_redirects.get(format!("http://{}/v2/cool/stuff/x/manifests/v1", mirror.host())).send().await.unwrap();
     assert_eq!(r.status(), 307);
     assert_eq!(r.headers()["location"], format!("http://{}/v2/flavio/x/manifests/v1", upstream.host()).as_str());
@@ -279,7 +270,7 @@ async fn containerd_pulls_two_registries_through_one_tessera_by_ns() {
     let quay = Distribution::start(None).unwrap();
     let (a, b) = (Image::random(2, 50_000), Image::random(1, 50_000));
     Api::new(&hub).push_image("library/alpine", "v1", &a).await.unwrap();
-    let quay_api = Api { base: format!("http://{}", quay.addr), http: tessera_testkit::http_client() };
+    let quay_api = Api::at(quay.addr);
     quay_api.push_image("team/tool", "v1", &b).await.unwrap();
 
     let dir = tessera_testkit::clients::short_tempdir("tmr").unwrap();
@@ -349,7 +340,7 @@ fn hub_upstream(hub: &Server) -> String {
 /// of its log satisfy `check`.
 fn assert_requests(server: &Server, mark: usize, what: &str, check: impl Fn(&[Access]) -> bool) {
     let since = || server.log_text().get(mark..).unwrap_or("").to_string();
-    if wait_until(what, Duration::from_secs(5), || Ok(check(&access_log(&since())))).is_err() {
+    if !wait_until(Duration::from_secs(5), || check(&access_log(&since()))) {
         panic!("server log does not show {what}:\n{}", since());
     }
 }
@@ -465,12 +456,12 @@ async fn the_cache_keeps_to_its_size_bound_evicting_least_recently_used() {
     let fetched = |n: u32| {
         let api = api.clone();
         async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
             let want = format!("tessera_cache_blobs_fetched_total{{upstream=\"up\"}} {n}");
-            while !api.get("/metrics").await.unwrap().text().await.unwrap().contains(&want) {
-                assert!(Instant::now() < deadline, "{want}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let reached = wait_until_async(Duration::from_secs(10), || async {
+                api.get("/metrics").await.unwrap().text().await.unwrap().contains(&want)
+            })
+            .await;
+            assert!(reached, "{want}");
         }
     };
     pull(&layers[0]).await;

@@ -5,10 +5,11 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use serde_json::json;
 use tessera_spec::Digest;
-use tessera_testkit::{Api, Image, Server, error_code};
+use tessera_testkit::{Api, Image, Server, error_code, wait_until, wait_until_async};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -173,11 +174,8 @@ async fn pulls_through_an_upstream_that_requires_a_login() {
     let r = Api::new(&wrong).get("/v2/m/private/app/manifests/v1").await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("www-authenticate").is_none());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !upstream.log_text().contains("puller") && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(upstream.log_text().contains("puller"), "the upstream saw our login");
+    let seen = wait_until(Duration::from_secs(5), || upstream.log_text().contains("puller"));
+    assert!(seen, "the upstream saw our login");
 }
 
 /// What a [`meddling_proxy`] does to the first answer to a blob GET without `Range`.
@@ -241,9 +239,8 @@ fn meddling_proxy(target: String, meddle: Meddle) -> String {
                     }
                     if let (Some(_), Meddle::Pause { paused, go_on, .. }) = (pause_after, &meddle) {
                         paused.store(true, Ordering::SeqCst);
-                        while !go_on.load(Ordering::SeqCst) {
-                            std::thread::sleep(std::time::Duration::from_millis(10));
-                        }
+                        // Stalled until the test lets it go on (or gives up on it).
+                        wait_until(Duration::from_secs(60), || go_on.load(Ordering::SeqCst));
                     }
                     if client.write_all(after).is_err() {
                         break;
@@ -316,17 +313,20 @@ async fn readers_joining_a_fill_late_or_ahead_of_it_get_the_verified_bytes() {
     };
     let first = get(None);
     // The fill is far into the blob (further than the bytes it keeps in memory) and stalled.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !paused.load(Ordering::SeqCst) {
-        assert!(std::time::Instant::now() < deadline, "the fill never got going");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let stalled = wait_until_async(Duration::from_secs(20), || std::future::ready(paused.load(Ordering::SeqCst))).await;
+    assert!(stalled, "the fill never got going");
+    // Far into the blob: the fill's session file holds more than the middle range below.
+    let uploads = mirror.data.join("cache/up/uploads");
+    let far = wait_until(Duration::from_secs(20), || {
+        tessera_testkit::store_files(&uploads).iter().any(|(_, size)| *size >= 8_000_000)
+    });
+    assert!(far, "the fill did not write what it received: {:?}", tessera_testkit::store_files(&uploads));
     let late = get(None);
     let middle = get(Some("bytes=6000000-7999999"));
     let ahead = get(Some("bytes=10000000-10000099"));
     let last_byte = get(Some("bytes=-1"));
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // A negative check needs a window: 200 ms in which a wrong early answer would complete.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!first.is_finished() && !ahead.is_finished() && !last_byte.is_finished(), "nothing unverified is complete");
     go_on.store(true, Ordering::SeqCst);
     let whole = |(status, bytes): (u16, bytes::Bytes)| {
@@ -368,7 +368,8 @@ async fn the_stale_bound_holds_across_a_restart() {
     assert!(r.headers().contains_key("warning"));
     // ...and refused past it.
     std::fs::write(&config, toml(1)).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // The behaviour under test: the last confirmation grows older than max_stale_secs.
+    std::thread::sleep(Duration::from_millis(1100));
     mirror.restart().unwrap();
     let r = Api::new(&mirror).get("/v2/m/lib/app/manifests/v1").await.unwrap();
     assert_eq!(r.status(), 503, "older than max_stale_secs");

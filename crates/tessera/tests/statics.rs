@@ -3,14 +3,13 @@
 //! and OCI image layouts as read-only repositories, pulled by skopeo and podman.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tessera_spec::Digest;
 use tessera_testkit::cdn::Cdn;
 use tessera_testkit::clients::{ContainersFiles, Podman, short_tempdir};
-use tessera_testkit::{Api, Image, Server, error_code, have_tool, htpasswd_file};
+use tessera_testkit::{Api, Image, Server, error_code, have_tool, htpasswd_file, wait_until_async};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -20,20 +19,12 @@ fn p(path: &Path) -> String {
     path.to_str().expect("utf-8 temp path").to_string()
 }
 
-fn no_redirects() -> reqwest::Client {
-    let _ = tessera_testkit::http_client();
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
-}
-
 /// Publishes `image` (tagged `tag`) under `dir` of `cdn` as Pulp does.
 fn publish(image: &Image, work: &Path, tag: &str, cdn: &Cdn, dir: &str) {
     let layout = work.join(format!("layout-{}", dir.replace('/', "-")));
     image.write_layout(&layout, tag).unwrap();
-    let out = Command::new(BIN)
-        .args(["publish", &format!("oci:{}:{tag}", p(&layout)), &p(&cdn.root.join(dir))])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tessera_testkit::cli(BIN, &["publish", &format!("oci:{}:{tag}", p(&layout)), &p(&cdn.root.join(dir))]);
+    assert!(out.ok, "{}", out.stderr);
 }
 
 fn crane_file(dir: &Path, file: &str, body: Value) {
@@ -73,7 +64,7 @@ async fn a_crane_directory_is_served_with_verified_manifests_and_redirected_blob
 
     let server = Server::start(BIN, &["--crane-dir", &p(&crane)]).unwrap();
     let api = Api::new(&server);
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     assert!(server.wait_for_log("retired registry v1 API", Duration::from_secs(5)), "a v1 file is reported");
     assert!(server.log_text().contains("broken.json"), "a broken file is reported");
 
@@ -151,15 +142,11 @@ async fn a_crane_directory_is_served_with_verified_manifests_and_redirected_blob
         json!({"type": "pulp-docker-redirect", "version": 4, "repo-registry-id": "rhel7",
                "url": base_cdn.url("/pulp/rhel7/"), "schema2_data": ["7.9", "latest"]}),
     );
-    let mut seen = false;
-    for _ in 0..100 {
+    let seen = wait_until_async(Duration::from_secs(10), || async {
         let tags: Value = api.get("/v2/rhel7/tags/list").await.unwrap().json().await.unwrap();
-        if tags["tags"] == json!(["7.9", "latest"]) {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        tags["tags"] == json!(["7.9", "latest"])
+    })
+    .await;
     assert!(seen, "the edited Crane file was not picked up");
     let r = http.get(server.url("/v2/rhel7/manifests/latest")).header("accept", ACCEPT).send().await.unwrap();
     assert_eq!(r.headers()["docker-content-digest"], base.digest().to_string().as_str());
@@ -188,7 +175,7 @@ async fn a_protected_crane_repository_is_served_to_logged_in_clients_only() {
         p(&crane)
     );
     let server = Server::with_config(BIN, &config).unwrap();
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let tags = |name: &str, login: bool| {
         let mut r = http.get(server.url(&format!("/v2/{name}/tags/list")));
         if login {
@@ -232,7 +219,7 @@ async fn oci_layouts_are_served_as_read_only_repositories() {
     );
     let server = Server::with_config(BIN, &config).unwrap();
     let api = Api::new(&server);
-    let http = no_redirects();
+    let http = tessera_testkit::no_redirects();
     let layer = Digest::sha256_of(&image.layers[1]);
 
     // From a directory: manifests and blobs (with ranges) from its files.

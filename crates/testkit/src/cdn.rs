@@ -79,14 +79,13 @@ impl Cdn {
             .stderr(log)
             .spawn()
             .context("cannot start nginx")?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
-                let _ = child.kill();
-                let text = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-                bail!("nginx did not start on {addr}: {text}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let answering = crate::wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(addr).is_ok() || child.try_wait().ok().flatten().is_some()
+        });
+        if !answering || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let text = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+            bail!("nginx did not start on {addr}: {text}");
         }
         Ok(Cdn { child: Some(child), addr, root, dir })
     }
@@ -146,12 +145,8 @@ impl Drop for Cdn {
 /// the workers running and serving), then SIGKILL after five seconds.
 pub fn stop_nginx(master: &mut Child) {
     let _ = Command::new("kill").arg("-TERM").arg(master.id().to_string()).status();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        if master.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if crate::wait_until(Duration::from_secs(5), || master.try_wait().ok().flatten().is_some()) {
+        return;
     }
     let _ = master.kill();
     let _ = master.wait();

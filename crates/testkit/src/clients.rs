@@ -1,7 +1,7 @@
 //! Helpers for driving real container clients and their daemons (skopeo, podman, containerd,
 //! dockerd, python oras) against a [`crate::Server`] on loopback: a loopback guard for their
 //! environment, short temp dirs (unix socket paths must stay < 108 bytes), a daemon guard that
-//! stops its process on drop, a wait-until-ready loop, and a parser for the server's access log.
+//! stops its process on drop, a wait-until-ready helper, and a parser for the server's access log.
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -54,21 +54,25 @@ pub fn short_tempdir(prefix: &str) -> Result<TempDir> {
     Err(last.map(Into::into).unwrap_or_else(|| anyhow::anyhow!("no temp dir")))
 }
 
-/// Polls `check` until it returns `Ok(true)`, failing when `timeout` passes or when `check`
-/// returns an error (for "the daemon died, stop waiting").
-pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(20);
-    loop {
-        if check().with_context(|| format!("while waiting until {what}"))? {
-            return Ok(());
+/// [`crate::wait_until`] for a daemon coming up: polls `check` until it returns `Ok(true)`,
+/// failing when `timeout` passes or when `check` returns an error (for "the daemon died,
+/// stop waiting").
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let mut failed = None;
+    let done = crate::wait_until(timeout, || match check() {
+        Ok(done) => done,
+        Err(e) => {
+            failed = Some(e);
+            true
         }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting until {what}");
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(250));
+    });
+    if let Some(e) = failed {
+        return Err(e.context(format!("while waiting until {what}")));
     }
+    if !done {
+        bail!("timed out after {timeout:?} waiting until {what}");
+    }
+    Ok(())
 }
 
 /// Runs a command, failing with its output if it does not succeed. Returns stdout as bytes
@@ -150,11 +154,7 @@ impl Daemon {
         let mut clean = true;
         if self.exited().is_none() {
             signal("-TERM", &self.pid().to_string());
-            let deadline = Instant::now() + grace;
-            while self.exited().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if self.exited().is_none() {
+            if !crate::wait_until(grace, || self.exited().is_some()) {
                 clean = false;
                 eprintln!("{} did not stop within {grace:?} of SIGTERM; killing it", self.name);
                 signal("-KILL", &format!("-{}", self.pid()));
@@ -295,7 +295,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             &dir.join("containerd.log"),
         )?;
         daemon.unmount_on_stop(dir);
-        wait_until("containerd answers", Duration::from_secs(30), || {
+        wait_for("containerd answers", Duration::from_secs(30), || {
             daemon.check_alive()?;
             Ok(guarded("ctr").args(["-a", &sock, "version"]).output().is_ok_and(|o| o.status.success()))
         })?;
@@ -484,7 +484,7 @@ impl Dockerd {
         )?;
         daemon.unmount_on_stop(&data);
         daemon.unmount_on_stop(&dir.join("x"));
-        wait_until("docker version answers", Duration::from_secs(60), || {
+        wait_for("docker version answers", Duration::from_secs(60), || {
             daemon.check_alive()?;
             Ok(docker_cmd(dir).arg("version").output().is_ok_and(|o| o.status.success()))
         })?;

@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use serde_json::json;
 use tessera_spec::Digest;
 
@@ -86,14 +87,7 @@ impl Server {
 
     /// Waits until the log contains `needle` (for events the server reports only there).
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        while std::time::Instant::now() < deadline {
-            if self.log_text().contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        wait_until(timeout, || self.log_text().contains(needle))
     }
 
     /// Kills the process at once (SIGKILL): nothing gets to clean up.
@@ -209,18 +203,28 @@ impl Image {
     pub fn random(layers: usize, layer_size: usize) -> Image {
         let seed = fresh_seed();
         let layers: Vec<Vec<u8>> = (0..layers).map(|i| random_layer(layer_size, seed.wrapping_add(i as u64))).collect();
+        Image::of_layers(layers, Some(json!({ "seed": seed.to_string() })))
+    }
+
+    /// An OCI image (linux/amd64) of `layers` (gzip'd tars), its config listing their
+    /// diff_ids and carrying `labels`.
+    pub fn of_layers(layers: Vec<Vec<u8>>, labels: Option<serde_json::Value>) -> Image {
         let diff_ids: Vec<String> = layers
             .iter()
             .map(|l| {
                 let mut tar = Vec::new();
-                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&l[..]), &mut tar).expect("own gzip");
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&l[..]), &mut tar).expect("gzip'd layer");
                 Digest::sha256_of(&tar).to_string()
             })
             .collect();
+        let mut run = json!({ "Cmd": ["/bin/true"] });
+        if let Some(labels) = labels {
+            run["Labels"] = labels;
+        }
         let config = serde_json::to_vec(&json!({
             "architecture": "amd64",
             "os": "linux",
-            "config": { "Cmd": ["/bin/true"], "Labels": { "seed": seed.to_string() } },
+            "config": run,
             "rootfs": { "type": "layers", "diff_ids": diff_ids },
         }))
         .expect("json");
@@ -278,7 +282,13 @@ pub struct Api {
 
 impl Api {
     pub fn new(server: &Server) -> Api {
-        Api { base: format!("http://{}", server.addr), http: http_client() }
+        Api::at(server.addr)
+    }
+
+    /// A client for the registry at `addr` (plain HTTP), whatever runs it: the real binary,
+    /// an in-process server, Distribution.
+    pub fn at(addr: SocketAddr) -> Api {
+        Api { base: format!("http://{addr}"), http: http_client() }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -340,13 +350,224 @@ impl Api {
     pub async fn get(&self, path: &str) -> Result<reqwest::Response> {
         Ok(self.http.get(self.url(path)).send().await?)
     }
+
+    /// The same registry through `http` (e.g. a client with a larger connection pool).
+    pub fn with_http(self, http: reqwest::Client) -> Api {
+        Api { http, ..self }
+    }
+
+    /// Opens an upload session (`POST uploads/`); returns its absolute location.
+    pub async fn start_upload(&self, name: &str) -> Result<String> {
+        let r = self.http.post(self.url(&format!("/v2/{name}/blobs/uploads/"))).send().await?;
+        if r.status() != 202 {
+            bail!("POST upload: {}", r.status());
+        }
+        Ok(self.absolute(location_of(&r)?))
+    }
+
+    /// A `Location` as a URL (registries may answer with a path).
+    pub fn absolute(&self, location: &str) -> String {
+        if location.starts_with("http") { location.to_string() } else { self.url(location) }
+    }
+
+    /// `location` with `digest=` added to its query.
+    pub fn with_digest(location: &str, digest: &Digest) -> String {
+        let sep = if location.contains('?') { '&' } else { '?' };
+        format!("{location}{sep}digest={digest}")
+    }
+
+    /// POST, then PUT with the whole body and its digest.
+    pub async fn push_monolithic(&self, name: &str, blob: Bytes) -> Result<()> {
+        let digest = Digest::sha256_of(&blob);
+        let location = self.start_upload(name).await?;
+        let r = self.http.put(Self::with_digest(&location, &digest)).body(blob).send().await?;
+        if r.status() != 201 {
+            bail!("PUT blob: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// POST, PATCHes of `chunk` bytes each (the same buffer repeated until `total` bytes
+    /// are sent), PUT with the digest.
+    pub async fn push_chunked(&self, name: &str, chunk: &Bytes, total: u64) -> Result<()> {
+        let mut location = self.start_upload(name).await?;
+        let mut digester = tessera_spec::Digester::new(tessera_spec::Algorithm::Sha256);
+        let mut offset = 0u64;
+        while offset < total {
+            let part = chunk.slice(..chunk.len().min((total - offset) as usize));
+            digester.update(&part);
+            let sent = part.len() as u64;
+            location = self.patch(&location, offset, part).await?;
+            offset += sent;
+        }
+        self.close_upload(&location, &digester.finish()).await
+    }
+
+    /// POST, PATCHes of `blob` in pieces of `chunk` bytes, PUT with the digest.
+    pub async fn push_in_chunks(&self, name: &str, blob: &Bytes, chunk: usize) -> Result<()> {
+        let mut location = self.start_upload(name).await?;
+        let mut offset = 0usize;
+        while offset < blob.len() {
+            let end = (offset + chunk).min(blob.len());
+            location = self.patch(&location, offset as u64, blob.slice(offset..end)).await?;
+            offset = end;
+        }
+        self.close_upload(&location, &Digest::sha256_of(blob)).await
+    }
+
+    /// One `PATCH` of `part` at `offset`; returns the session's next location.
+    async fn patch(&self, location: &str, offset: u64, part: Bytes) -> Result<String> {
+        let end = offset + part.len() as u64 - 1;
+        let r = self
+            .http
+            .patch(location)
+            .header("content-type", "application/octet-stream")
+            .header("content-range", format!("{offset}-{end}"))
+            .body(part)
+            .send()
+            .await?;
+        if r.status() != 202 {
+            bail!("PATCH: {}", r.status());
+        }
+        Ok(self.absolute(location_of(&r)?))
+    }
+
+    /// The closing `PUT` of a session, with no body.
+    async fn close_upload(&self, location: &str, digest: &Digest) -> Result<()> {
+        let r = self.http.put(Self::with_digest(location, digest)).send().await?;
+        if r.status() != 201 {
+            bail!("PUT close: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Mounts `digest` from repository `from` into `name`.
+    pub async fn mount(&self, name: &str, digest: &Digest, from: &str) -> Result<()> {
+        let r =
+            self.http.post(self.url(&format!("/v2/{name}/blobs/uploads/?mount={digest}&from={from}"))).send().await?;
+        if r.status() != 201 {
+            bail!("mount: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Puts an OCI image manifest, expecting 201.
+    pub async fn put_manifest(&self, name: &str, reference: &str, manifest: &Bytes) -> Result<()> {
+        let r = self
+            .http
+            .put(self.url(&format!("/v2/{name}/manifests/{reference}")))
+            .header("content-type", OCI_MANIFEST)
+            .body(manifest.clone())
+            .send()
+            .await?;
+        if r.status() != 201 {
+            bail!("PUT manifest: {} {}", r.status(), r.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// Pushes `blobs` (each POST then PUT) and `manifest` as `name:tag`.
+    pub async fn push_blobs_and_manifest(
+        &self,
+        name: &str,
+        tag: &str,
+        blobs: &[&Bytes],
+        manifest: &Bytes,
+    ) -> Result<()> {
+        for b in blobs {
+            self.push_monolithic(name, (*b).clone()).await?;
+        }
+        self.put_manifest(name, tag, manifest).await
+    }
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// A response's `Location` header.
+fn location_of(r: &reqwest::Response) -> Result<&str> {
+    Ok(r.headers().get("location").context("no Location")?.to_str()?)
 }
 
 /// An HTTP client for tests. The workspace builds reqwest with rustls but no default crypto
 /// provider (the server picks ring explicitly), so tests install ring as the default first.
 pub fn http_client() -> reqwest::Client {
+    http_client_with_pool(4)
+}
+
+/// [`http_client`] keeping up to `idle` connections per host (load tests want many).
+pub fn http_client_with_pool(idle: usize) -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().pool_max_idle_per_host(4).build().expect("client")
+    reqwest::Client::builder().pool_max_idle_per_host(idle).build().expect("client")
+}
+
+/// An HTTP client that shows redirects instead of following them.
+pub fn no_redirects() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client")
+}
+
+/// Polls `condition` until it holds (true) or `timeout` passes (false). For what a test can
+/// only observe by asking again: a file appearing, a log line, a counter reaching a value.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// [`wait_until`] for a condition that is a request: polls without blocking the runtime
+/// (an in-process server keeps answering meanwhile).
+pub async fn wait_until_async<F: Future<Output = bool>>(timeout: Duration, mut condition: impl FnMut() -> F) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// What a finished command did: whether it succeeded, and its output as text.
+#[derive(Debug)]
+pub struct Ran {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    /// Runs `cmd` to its end (a command that cannot start is a test failure).
+    pub fn of(cmd: &mut Command) -> Ran {
+        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        Ran {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// stdout followed by stderr, for messages and for "says X somewhere".
+    pub fn output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs the command-line program `bin` (the `tessera` binary under test) with `args`.
+pub fn cli(bin: &str, args: &[&str]) -> Ran {
+    Ran::of(Command::new(bin).args(args))
 }
 
 /// The OCI error code of a response body, for assertions.
@@ -411,51 +632,135 @@ pub fn htpasswd_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
     path
 }
 
-/// Distribution from Debian's `docker-registry` on a free loopback port, with its own
-/// storage, optionally behind an htpasswd file; killed when dropped.
+/// The HTTP status of `GET path` at `addr`, or `None` while nothing answers: a probe that
+/// needs no client library and no runtime.
+pub fn probe(addr: &SocketAddr, path: &str) -> Option<u16> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(addr, Duration::from_millis(100)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// How long a server may take to answer its first request.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Spawns `cmd` (output to `log`) and waits until `GET path` at `addr` gets an answer that
+/// is not a server error; returns the child and how long that took. It asks every
+/// millisecond, so the time is a start-up measurement (the benchmarks report it).
+pub fn spawn_ready(cmd: &mut Command, addr: SocketAddr, path: &str, log: &Path) -> Result<(Child, Duration)> {
+    let log = std::fs::File::create(log)?;
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    loop {
+        if probe(&addr, path).is_some_and(|status| status < 500) {
+            return Ok((child, started.elapsed()));
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{cmd:?} exited with {status} before answering");
+        }
+        if started.elapsed() > READY_DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} not answering after {READY_DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A free loopback port (free when asked; the server that takes it binds it soon after).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// How to run a [`Distribution`].
+#[derive(Default)]
+pub struct DistributionSetup<'a> {
+    /// The `registry` binary; Debian's `/usr/bin/docker-registry` when `None`.
+    pub bin: Option<&'a Path>,
+    /// Where its configuration, storage (`data`) and log go; a fresh temp dir when `None`.
+    pub dir: Option<&'a Path>,
+    /// Logins required, from this htpasswd file.
+    pub htpasswd: Option<&'a Path>,
+    /// As measured by the benchmarks: errors-only log without access log, the in-memory
+    /// blob descriptor cache, no storage health check.
+    pub quiet: bool,
+}
+
+/// Distribution (the reference registry, Debian's `docker-registry`) on a free loopback
+/// port, with its own storage; killed when dropped.
 pub struct Distribution {
     child: Child,
-    pub addr: String,
-    dir: TempDir,
+    pub addr: SocketAddr,
+    /// Its storage root.
+    pub data: PathBuf,
+    /// How long it took to answer its first request.
+    pub startup: Duration,
+    root: PathBuf,
+    _dir: Option<TempDir>,
 }
 
 impl Distribution {
+    /// Debian's Distribution in a fresh temp dir, optionally behind an htpasswd file.
     pub fn start(htpasswd: Option<&Path>) -> Result<Distribution> {
-        let dir = tempfile::Builder::new().prefix("tdist").tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
-        let auth = htpasswd
+        Self::start_with(DistributionSetup { htpasswd, ..Default::default() })
+    }
+
+    pub fn start_with(setup: DistributionSetup<'_>) -> Result<Distribution> {
+        let temp = match setup.dir {
+            Some(_) => None,
+            None => Some(tempfile::Builder::new().prefix("tdist").tempdir()?),
+        };
+        let root = setup
+            .dir
+            .map_or_else(|| temp.as_ref().map(|t| t.path().to_path_buf()).unwrap_or_default(), Path::to_path_buf);
+        std::fs::create_dir_all(&root)?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let data = root.join("data");
+        let auth = setup
+            .htpasswd
             .map_or(String::new(), |h| format!("auth:\n  htpasswd: {{realm: test-realm, path: {}}}\n", h.display()));
-        let config = dir.path().join("registry.yml");
+        let (log, cache, health) = if setup.quiet {
+            (
+                "{level: error, accesslog: {disabled: true}}",
+                "  cache: {blobdescriptor: inmemory}\n",
+                "health: {storagedriver: {enabled: false}}\n",
+            )
+        } else {
+            ("{level: info}", "", "")
+        };
+        let config = root.join("registry.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog: {{level: info}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: \"{addr}\"}}\n{auth}",
-                dir.path().join("data").display()
+                "version: 0.1\nlog: {log}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n{cache}http: {{addr: \"{addr}\"}}\n{health}{auth}",
+                data.display()
             ),
         )?;
-        let log = std::fs::File::create(dir.path().join("registry.log"))?;
-        let mut child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start docker-registry")?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("Distribution did not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Distribution { child, addr, dir })
+        let bin = setup.bin.unwrap_or(Path::new("/usr/bin/docker-registry"));
+        let (child, startup) =
+            spawn_ready(Command::new(bin).arg("serve").arg(&config), addr, "/v2/", &root.join("registry.log"))
+                .context("Distribution did not start")?;
+        Ok(Distribution { child, addr, data, startup, root, _dir: temp })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+        std::fs::read_to_string(self.root.join("registry.log")).unwrap_or_default()
     }
 }
 
