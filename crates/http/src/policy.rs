@@ -36,7 +36,10 @@ impl Permit {
         match &self.route {
             Some(Ok(route)) => Ok(route),
             Some(Err(e)) => Err(e.clone()),
-            None => Err(OciError::internal()),
+            None => {
+                tracing::error!(endpoint = ?self.endpoint, "a handler asked for the route of a request the decision step did not route");
+                Err(OciError::internal())
+            }
         }
     }
 

@@ -28,6 +28,12 @@ pub(super) struct FillState {
     done: Option<Result<(), Arc<FillError>>>,
 }
 
+/// A blob a fill committed moments ago is gone (evicted or deleted under us).
+fn vanished(digest: &Digest) -> OciError {
+    tracing::error!(%digest, "cache: a blob fetched and committed just now is no longer held");
+    OciError::internal()
+}
+
 /// Why a fill did not end with the verified blob in the cache.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum FillError {
@@ -115,8 +121,8 @@ impl PullThrough {
                     .stat(digest)
                     .await
                     .map_err(|e| store_failure("cache", e))?
-                    .ok_or_else(OciError::internal)?;
-                self.stored(digest, size, range).await?.ok_or_else(OciError::internal)
+                    .ok_or_else(|| vanished(digest))?;
+                self.stored(digest, size, range).await?.ok_or_else(|| vanished(digest))
             }
             (None, Some(size)) => {
                 let range = RangeRequest::resolve_opt(range, size)?;
@@ -133,7 +139,10 @@ impl PullThrough {
                 };
                 Ok(BlobAnswer { size, range, read: BlobRead { len, body } })
             }
-            (None, None) => Err(OciError::internal()),
+            (None, None) => {
+                tracing::error!(upstream = self.upstream.name(), %digest, "a fill woke its readers with no size and no end");
+                Err(OciError::internal())
+            }
         }
     }
 

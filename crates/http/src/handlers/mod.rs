@@ -152,7 +152,10 @@ fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Respo
     for (name, value) in headers {
         builder = builder.header(*name, value);
     }
-    builder.body(body).unwrap_or_else(|_| ApiError(OciError::internal()).into_response())
+    builder.body(body).unwrap_or_else(|e| {
+        tracing::error!("cannot build a response: {e}");
+        ApiError(OciError::internal()).into_response()
+    })
 }
 
 fn redirect(url: &str) -> Response {
