@@ -457,7 +457,7 @@ impl Delivery {
         let http = match self.http.get() {
             Some(h) => h,
             None => {
-                let h = crate::upstream::content_client(false)?;
+                let h = crate::upstream::content_client(false).map_err(|e| tessera_client::error::chain(&e))?;
                 self.http.get_or_init(|| h)
             }
         };
@@ -606,7 +606,8 @@ impl Delivery {
         if checks.is_empty() {
             return Ok(());
         }
-        let http = crate::upstream::content_client(false).map_err(|e| format!("mirror health checks: {e}"))?;
+        let http = crate::upstream::content_client(false)
+            .map_err(|e| format!("mirror health checks: {}", tessera_client::error::chain(&e)))?;
         self.health = Some(tokio::spawn(async move {
             let mut next = vec![tokio::time::Instant::now(); checks.len()];
             loop {

@@ -190,7 +190,8 @@ impl StaticSource {
             }
             _ => return Err(format!("static {}: needs crane_dir or layout with repository", config.name)),
         };
-        let http = crate::upstream::content_client(true).map_err(|e| format!("static {}: {e}", config.name))?;
+        let http = crate::upstream::content_client(true)
+            .map_err(|e| format!("static {}: {}", config.name, tessera_client::error::chain(&e)))?;
         Ok(StaticSource {
             name: config.name.clone(),
             kind,

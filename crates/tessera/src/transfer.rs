@@ -79,7 +79,7 @@ pub fn registry_client(host: &str, plain_http: bool, creds: Option<&str>) -> Res
         timeout_secs: 300,
         cache: Default::default(),
     };
-    Ok(Arc::new(Upstream::new(&config).map_err(anyhow::Error::msg)?))
+    Ok(Arc::new(Upstream::new(&config)?))
 }
 
 /// `text` if it is a valid tag (tags name files and URL paths, so nothing else passes).
@@ -166,8 +166,7 @@ impl SourceImage {
                     tag: valid_tag(reference),
                     _unpacked: None,
                 };
-                let (status, content_type, bytes) =
-                    upstream.get_manifest(name, reference).await.map_err(|e| anyhow!("{e}"))?;
+                let (status, content_type, bytes) = upstream.get_manifest(name, reference).await?;
                 if status != 200 {
                     bail!("{host}/{name}:{reference}: the registry answered {status}");
                 }
@@ -177,8 +176,7 @@ impl SourceImage {
                     let parsed = ParsedManifest::parse(content_type.as_deref(), &bytes)
                         .map_err(|e| anyhow!("{host}/{name}: {}", e.message))?;
                     for child in &parsed.manifests {
-                        let (status, ct, b) =
-                            upstream.get_manifest(name, &child.digest.to_string()).await.map_err(|e| anyhow!("{e}"))?;
+                        let (status, ct, b) = upstream.get_manifest(name, &child.digest.to_string()).await?;
                         if status != 200 || Digest::of(child.digest.algorithm(), &b) != child.digest {
                             bail!("{host}/{name}@{}: not served correctly (status {status})", child.digest);
                         }
@@ -343,10 +341,7 @@ impl SourceImage {
                 Bytes::from(tokio::fs::read(path).await?)
             }
             BlobSource::Registry(upstream, name) => {
-                let r = upstream
-                    .send(Method::GET, name, &format!("/v2/{name}/blobs/{d}"), HeaderMap::new())
-                    .await
-                    .map_err(|e| anyhow!("{e}"))?;
+                let r = upstream.send(Method::GET, name, &format!("/v2/{name}/blobs/{d}"), HeaderMap::new()).await?;
                 if !r.status().is_success() {
                     bail!("{d}: the source registry answered {}", r.status());
                 }
@@ -371,8 +366,7 @@ impl SourceImage {
                 // (which may be the very place being published to); others ignore this.
                 let mut r = upstream
                     .send(Method::GET, name, &format!("/v2/{name}/blobs/{d}?delivery=stream"), HeaderMap::new())
-                    .await
-                    .map_err(|e| anyhow!("{e}"))?;
+                    .await?;
                 if !r.status().is_success() {
                     bail!("{d}: the source registry answered {}", r.status());
                 }
@@ -469,8 +463,7 @@ pub async fn push_metadata_only(
                 json_headers("application/octet-stream"),
                 bytes,
             )
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+            .await?;
         check(format!("config {}", c.digest), r).await?;
     }
     for (layer, url) in &located {
@@ -483,8 +476,7 @@ pub async fn push_metadata_only(
                 json_headers("application/json"),
                 Bytes::from(body),
             )
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+            .await?;
         check(format!("layer {}", layer.digest), r).await?;
     }
     let last = image.manifests.len() - 1;
@@ -498,8 +490,7 @@ pub async fn push_metadata_only(
                 json_headers(&m.media_type),
                 m.bytes.clone(),
             )
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+            .await?;
         check(format!("manifest {}", m.digest), r).await?;
     }
     Ok(PushReport {
@@ -548,7 +539,7 @@ impl PublishTarget {
         };
         let prefix = prefix.trim_matches('/');
         let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
-        let http = tessera_federation::upstream::content_client(false).map_err(anyhow::Error::msg)?;
+        let http = tessera_federation::upstream::content_client(false)?;
         let acl = acl.map(str::to_string);
         Ok(PublishTarget::S3(Box::new(S3Target { bucket, credentials, prefix, acl, http })))
     }
@@ -822,8 +813,7 @@ pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Resu
                     HeaderMap::new(),
                     Bytes::new(),
                 )
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+                .await?;
             if head.status().is_success() {
                 eprintln!("{repo}:{tag} [{}/{}] {} already there", i + 1, blobs.len(), b.digest);
                 continue;
@@ -844,8 +834,7 @@ pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Resu
                     json_headers(&m.media_type),
                     m.bytes.clone(),
                 )
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+                .await?;
             check(format!("manifest {}", m.digest), r).await?;
         }
         pushed.push(format!("{repo}:{tag}"));
@@ -859,8 +848,7 @@ async fn upload_file(dest: &Upstream, repo: &RepoName, digest: &Digest, path: &P
     let mut file = tokio::fs::File::open(path).await.with_context(|| format!("{digest} is not in the layout"))?;
     let start = dest
         .send_push(Method::POST, repo, &format!("/v2/{repo}/blobs/uploads/"), HeaderMap::new(), Bytes::new())
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+        .await?;
     if start.status().as_u16() != 202 {
         check(format!("upload of {digest}"), start).await?;
         bail!("upload of {digest}: the registry did not open a session");
@@ -887,10 +875,7 @@ async fn upload_file(dest: &Upstream, repo: &RepoName, digest: &Digest, path: &P
         let range = format!("{offset}-{}", offset + chunk.len() as u64 - 1);
         headers.insert("content-range", HeaderValue::from_str(&range)?);
         offset += chunk.len() as u64;
-        let r = dest
-            .send_push(Method::PATCH, repo, &location, headers, Bytes::from(chunk))
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+        let r = dest.send_push(Method::PATCH, repo, &location, headers, Bytes::from(chunk)).await?;
         if r.status().as_u16() != 202 {
             check(format!("upload of {digest}"), r).await?;
             bail!("upload of {digest}: unexpected answer");
@@ -904,8 +889,7 @@ async fn upload_file(dest: &Upstream, repo: &RepoName, digest: &Digest, path: &P
     let sep = if location.contains('?') { '&' } else { '?' };
     let r = dest
         .send_push(Method::PUT, repo, &format!("{location}{sep}digest={digest}"), HeaderMap::new(), Bytes::new())
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+        .await?;
     check(format!("upload of {digest}"), r).await
 }
 
