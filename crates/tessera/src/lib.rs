@@ -2,7 +2,6 @@
 //! running listener. `main` and the tests both come through here.
 
 mod explain;
-pub mod transfer;
 
 pub use explain::{explain, explain_live};
 
