@@ -5,13 +5,15 @@
 //!   `index.json` naming the images, and every blob at `blobs/<algorithm>/<hex>`, in a
 //!   directory, an archive, or under a base URL;
 //! - the blob layout of a published tree (a CDN origin, a `[[delivery]]` base URL): a path
-//!   template, Pulp's `blobs/{digest}` unless configured.
+//!   template, Pulp's `blobs/{digest}` unless configured, and Pulp's manifest folders
+//!   (`manifests/2/{ref}`, `manifests/list/{ref}`, `manifests/1/{ref}`), where a publish
+//!   writes manifests and a Crane static source finds them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tessera_spec::manifest::media;
+use tessera_spec::manifest::{ManifestKind, media};
 use tessera_spec::{Digest, RepoName};
 
 /// The file marking a directory as an OCI image layout.
@@ -147,6 +149,37 @@ pub fn expand_blob_layout(template: &str, name: &RepoName, digest: &Digest) -> S
         .replace("{name}", name.as_str())
 }
 
+/// Pulp's manifest folders in a published tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PulpManifests {
+    /// `manifests/1/`: Docker schema 1.
+    Schema1,
+    /// `manifests/2/`: image manifests.
+    Schema2,
+    /// `manifests/list/`: indexes and manifest lists.
+    List,
+}
+
+impl PulpManifests {
+    /// The folder of a manifest of `kind`.
+    pub fn of(kind: ManifestKind) -> PulpManifests {
+        match kind {
+            ManifestKind::Image => PulpManifests::Schema2,
+            ManifestKind::Index => PulpManifests::List,
+        }
+    }
+
+    /// `manifests/<folder>/<reference>`.
+    pub fn key(self, reference: &str) -> String {
+        let folder = match self {
+            PulpManifests::Schema1 => "1",
+            PulpManifests::Schema2 => "2",
+            PulpManifests::List => "list",
+        };
+        format!("manifests/{folder}/{reference}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +195,9 @@ mod tests {
             expand_blob_layout("{name}/{algorithm}/{hex2}/{hex}", &name, &d),
             format!("isv/app/sha256/{}/{}", &d.hex()[..2], d.hex())
         );
+        assert_eq!(PulpManifests::of(ManifestKind::Index).key("v1"), "manifests/list/v1");
+        assert_eq!(PulpManifests::of(ManifestKind::Image).key("v1"), "manifests/2/v1");
+        assert_eq!(PulpManifests::Schema1.key("v1"), "manifests/1/v1");
     }
 
     #[test]

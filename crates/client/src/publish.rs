@@ -7,11 +7,10 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use indicatif::ProgressBar;
-use tessera_spec::manifest::ManifestKind;
 use tessera_spec::{Digest, ParsedManifest, RepoName};
 
 use crate::error::ClientError;
-use crate::layout::expand_blob_layout;
+use crate::layout::{PulpManifests, expand_blob_layout};
 use crate::progress;
 use crate::source::{Blob, SourceImage};
 
@@ -185,13 +184,13 @@ pub async fn publish(
     }
     let last = image.manifests.len() - 1;
     for (i, m) in image.manifests.iter().enumerate() {
-        let kind = ParsedManifest::parse(Some(&m.media_type), &m.bytes).map(|p| p.kind).ok();
-        let folder = if kind == Some(ManifestKind::Index) { "list" } else { "2" };
-        target.put_bytes(&format!("manifests/{folder}/{}", m.digest), &m.bytes).await?;
+        let kind = ParsedManifest::parse(Some(&m.media_type), &m.bytes).map(|p| p.kind);
+        let folder = kind.map_or(PulpManifests::Schema2, PulpManifests::of);
+        target.put_bytes(&folder.key(&m.digest.to_string()), &m.bytes).await?;
         if i == last
             && let Some(tag) = tag
         {
-            target.put_bytes(&format!("manifests/{folder}/{tag}"), &m.bytes).await?;
+            target.put_bytes(&folder.key(tag), &m.bytes).await?;
         }
     }
     Ok((written, kept))

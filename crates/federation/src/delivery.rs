@@ -15,10 +15,10 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use ipnet::IpNet;
 use md5::Digest as _;
+use tessera_client::layout::{DEFAULT_BLOB_LAYOUT, expand_blob_layout};
 use tessera_config::{Deliver, TokenKind};
 use tessera_spec::{Digest, RepoName};
 
-const DEFAULT_LAYOUT: &str = "blobs/{digest}";
 const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 30;
 
 /// The delivery rules of one configuration, with the health of their mirrors.
@@ -156,19 +156,6 @@ struct UrlPattern {
 /// A base URL with the trailing slash paths are appended after.
 pub fn ensure_slash(base: &str) -> String {
     if base.ends_with('/') { base.to_string() } else { format!("{base}/") }
-}
-
-pub fn expand_layout(layout: &str, name: &RepoName, digest: &Digest) -> String {
-    if layout == DEFAULT_LAYOUT {
-        return format!("blobs/{digest}");
-    }
-    let hex = digest.hex();
-    layout
-        .replace("{digest}", &digest.to_string())
-        .replace("{algorithm}", digest.algorithm().as_str())
-        .replace("{hex2}", &hex[..2])
-        .replace("{hex}", hex)
-        .replace("{name}", name.as_str())
 }
 
 impl UrlPattern {
@@ -332,7 +319,7 @@ impl Rule {
         Ok(Rule {
             prefix: d.prefix.clone(),
             how,
-            layout: d.layout.clone().unwrap_or_else(|| DEFAULT_LAYOUT.into()),
+            layout: d.layout.clone().unwrap_or_else(|| DEFAULT_BLOB_LAYOUT.into()),
             signer: d.token.as_ref().map(Signer::new).transpose()?,
             rewrites: d.rewrite.iter().map(|r| (r.find.clone(), r.replace.clone())).collect(),
             allow: patterns(&d.external_allow)?,
@@ -345,7 +332,7 @@ impl Rule {
 
     /// `base` + the layout path of the blob, rewritten and signed.
     fn url(&self, base: &str, name: &RepoName, digest: &Digest, client: Option<IpAddr>) -> String {
-        self.finish(format!("{base}{}", expand_layout(&self.layout, name, digest)), client)
+        self.finish(format!("{base}{}", expand_blob_layout(&self.layout, name, digest)), client)
     }
 
     fn finish(&self, mut url: String, client: Option<IpAddr>) -> String {
