@@ -6,7 +6,9 @@ pub mod delivery;
 pub mod router;
 pub mod source;
 pub mod statics;
-pub mod upstream;
+
+/// The registry client each upstream is reached through, from `tessera-client`.
+pub use tessera_client::upstream;
 
 pub use cache::{CacheStats, Fetched, PullThrough, UpstreamAuth};
 pub use delivery::{Decision, Delivery};
@@ -28,8 +30,12 @@ use source::{Cached, Hosted, Published, RedirectOnly, SourceSet, UpstreamSources
 pub enum FederationError {
     #[error("route {route}: no upstream or static source {target:?}")]
     UnknownTarget { route: usize, target: String },
-    #[error("upstream {name}: {message}")]
-    Upstream { name: String, message: String },
+    #[error("upstream {name}")]
+    Upstream {
+        name: String,
+        #[source]
+        source: upstream::BuildError,
+    },
     #[error("cache of upstream {name}")]
     Cache {
         name: String,
@@ -68,7 +74,7 @@ impl Federation {
                 Some(cache) => cache.clone(),
                 None => {
                     let upstream = Upstream::new(u)
-                        .map_err(|message| FederationError::Upstream { name: u.name.clone(), message })?;
+                        .map_err(|source| FederationError::Upstream { name: u.name.clone(), source })?;
                     let cache_error = |source| FederationError::Cache { name: u.name.clone(), source };
                     let (meta, blobs) = open_cache(&u.name).map_err(cache_error)?;
                     let cache = PullThrough::open(Arc::new(upstream), meta, blobs, previous.is_none())

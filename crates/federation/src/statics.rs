@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use tessera_client::layout::{self, DEFAULT_BLOB_LAYOUT, ImageIndex, PulpManifests, expand_blob_layout};
 use tessera_registry::BlobAnswer;
 use tessera_spec::manifest::media;
 use tessera_spec::{Accept, Digest, ErrorCode, OciError, ParsedManifest, RangeRequest, Reference, RepoName};
@@ -181,7 +182,7 @@ impl StaticSource {
                     LayoutRoot::Url(crate::delivery::ensure_slash(layout))
                 } else {
                     let dir = PathBuf::from(layout);
-                    if !dir.join("index.json").is_file() {
+                    if !layout::is_layout(&dir) {
                         return Err(format!("static {}: {layout} is not an OCI image layout", config.name));
                     }
                     LayoutRoot::Dir(dir)
@@ -190,7 +191,8 @@ impl StaticSource {
             }
             _ => return Err(format!("static {}: needs crane_dir or layout with repository", config.name)),
         };
-        let http = crate::upstream::content_client(true).map_err(|e| format!("static {}: {e}", config.name))?;
+        let http = crate::upstream::content_client(true)
+            .map_err(|e| format!("static {}: {}", config.name, tessera_client::error::chain(&e)))?;
         Ok(StaticSource {
             name: config.name.clone(),
             kind,
@@ -322,7 +324,7 @@ impl StaticSource {
                 };
                 let record = match root {
                     LayoutRoot::Dir(dir) => {
-                        let path = dir.join("blobs").join(digest.algorithm().as_str()).join(digest.hex());
+                        let path = layout::blob_path(dir, &digest);
                         let bytes = match tokio::fs::read(&path).await {
                             Ok(b) => Bytes::from(b),
                             Err(_) => return Err(unknown(&digest.to_string())),
@@ -330,7 +332,7 @@ impl StaticSource {
                         record(&digest.to_string(), bytes, Some(&digest), media_type.as_deref())?
                     }
                     LayoutRoot::Url(base) => {
-                        let url = format!("{base}blobs/{}/{}", digest.algorithm().as_str(), digest.hex());
+                        let url = format!("{base}{}", layout::blob_key(&digest));
                         self.fetch(&url, &digest.to_string(), Some(&digest), media_type.as_deref(), delivery).await?
                     }
                 };
@@ -359,23 +361,31 @@ impl StaticSource {
             Reference::Tag(_) => None,
         };
         let (path, media_type) = if repo.lists.contains(&id) && accept.admits(media::DOCKER_LIST) {
-            (format!("manifests/list/{id}"), media::DOCKER_LIST)
+            (PulpManifests::List.key(&id), media::DOCKER_LIST)
         } else if let Some((digest, version)) = repo.amd64.get(&id) {
             if *version != 2 || !accept.admits(media::DOCKER_MANIFEST) {
-                return Ok(StaticManifest::Redirect(delivery.sign_known(&format!("{}manifests/1/{digest}", repo.url))));
+                return Ok(StaticManifest::Redirect(delivery.sign_known(&format!(
+                    "{}{}",
+                    repo.url,
+                    PulpManifests::Schema1.key(digest)
+                ))));
             }
             let digest: Digest = digest.parse().map_err(|_| unknown(&id))?;
-            let url = format!("{}manifests/2/{digest}", repo.url);
+            let url = format!("{}{}", repo.url, PulpManifests::Schema2.key(&digest.to_string()));
             let record = self.fetch(&url, &id, Some(&digest), Some(media::DOCKER_MANIFEST), delivery).await?;
             return Ok(StaticManifest::Here(record));
         } else if repo.schema2.contains(&id) {
-            (format!("manifests/2/{id}"), media::DOCKER_MANIFEST)
+            (PulpManifests::Schema2.key(&id), media::DOCKER_MANIFEST)
         } else if repo.lists.contains(&id) {
-            (format!("manifests/list/{id}"), media::DOCKER_LIST)
+            (PulpManifests::List.key(&id), media::DOCKER_LIST)
         } else if repo.version == 2 || (repo.schema2.is_empty() && repo.lists.is_empty()) {
             // Only schema 1 was published: its signed payloads are not re-served, but sent
             // on as Crane did.
-            return Ok(StaticManifest::Redirect(delivery.sign_known(&format!("{}manifests/1/{id}", repo.url))));
+            return Ok(StaticManifest::Redirect(delivery.sign_known(&format!(
+                "{}{}",
+                repo.url,
+                PulpManifests::Schema1.key(&id)
+            ))));
         } else {
             return Err(unknown(&id));
         };
@@ -434,14 +444,14 @@ impl StaticSource {
         let Kind::Layout { root, .. } = &self.kind else { return Ok(Vec::new()) };
         let bytes = match root {
             LayoutRoot::Dir(dir) => Bytes::from(
-                tokio::fs::read(dir.join("index.json")).await.map_err(|_| unavailable("has no index.json"))?,
+                tokio::fs::read(layout::index_path(dir)).await.map_err(|_| unavailable("has no index.json"))?,
             ),
             LayoutRoot::Url(base) => {
                 let cached = self.index.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 match cached {
                     Some((bytes, at)) if at.elapsed() < TAG_TTL.min(self.poll) => bytes,
                     _ => {
-                        let url = delivery.sign_known(&format!("{base}index.json"));
+                        let url = delivery.sign_known(&format!("{base}{}", layout::INDEX_FILE));
                         let answer =
                             self.http.get(url).send().await.map_err(|_| unavailable("could not be reached"))?;
                         if !answer.status().is_success() {
@@ -456,17 +466,12 @@ impl StaticSource {
                 }
             }
         };
-        let index: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|_| unavailable("has an index.json that is not JSON"))?;
-        Ok(index["manifests"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|m| {
-                let tag = m["annotations"]["org.opencontainers.image.ref.name"].as_str()?;
-                let digest = m["digest"].as_str()?.parse().ok()?;
-                let media_type = m["mediaType"].as_str().unwrap_or(media::OCI_MANIFEST);
-                Some((tag.to_string(), digest, media_type.to_string()))
+        let index =
+            ImageIndex::parse(&bytes).map_err(|_| unavailable("has an index.json that is not an image index"))?;
+        Ok(index
+            .named()
+            .map(|(tag, digest, media_type)| {
+                (tag.to_string(), digest, media_type.unwrap_or(media::OCI_MANIFEST).to_string())
             })
             .collect())
     }
@@ -486,13 +491,14 @@ impl StaticSource {
         match &self.kind {
             Kind::Crane { .. } => {
                 let repo = self.crane(name).ok_or_else(blob_unknown)?;
-                Ok(StaticBlob::Redirect(delivery.sign_known(&format!("{}blobs/{digest}", repo.url))))
+                let path = expand_blob_layout(DEFAULT_BLOB_LAYOUT, name, digest);
+                Ok(StaticBlob::Redirect(delivery.sign_known(&format!("{}{path}", repo.url))))
             }
-            Kind::Layout { root: LayoutRoot::Url(base), .. } => Ok(StaticBlob::Redirect(
-                delivery.sign_known(&format!("{base}blobs/{}/{}", digest.algorithm().as_str(), digest.hex())),
-            )),
+            Kind::Layout { root: LayoutRoot::Url(base), .. } => {
+                Ok(StaticBlob::Redirect(delivery.sign_known(&format!("{base}{}", layout::blob_key(digest)))))
+            }
             Kind::Layout { root: LayoutRoot::Dir(dir), .. } => {
-                let path = dir.join("blobs").join(digest.algorithm().as_str()).join(digest.hex());
+                let path = layout::blob_path(dir, digest);
                 let size = tokio::fs::metadata(&path).await.map_err(|_| blob_unknown())?.len();
                 let range = RangeRequest::resolve_opt(range, size)?;
                 let read = tessera_store::fs::read_file(path, range.map(|r| (r.start, r.end)))

@@ -7,9 +7,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use anyhow::Context;
+use tessera_client::ImageReference;
 use tessera_config::Config;
 use tessera_federation::{Ask, Federation, Found, Matched, Resolved};
-use tessera_spec::{Accept, OciError, ParsedManifest, Reference, RepoName};
+use tessera_spec::{Accept, ParsedManifest, RepoName};
 use tessera_store::SqliteMetaStore;
 
 /// The routing table of `config` as `explain` inspects it, and the scratch directory its
@@ -36,19 +37,6 @@ async fn inspect(config: &Config) -> anyhow::Result<Inspected> {
     Ok(Inspected { federation, _scratch: scratch })
 }
 
-/// `NAME[:TAG|@DIGEST]` (the tag defaulting to `latest`) as its name and reference.
-fn split(reference: &str) -> anyhow::Result<(RepoName, Reference)> {
-    let (name, reference) = match reference.split_once('@') {
-        Some((n, d)) => (n, d),
-        None => match reference.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
-            Some((n, t)) => (n, t),
-            None => (reference, "latest"),
-        },
-    };
-    let message = |e: OciError| anyhow::anyhow!("{}", e.message);
-    Ok((name.parse().map_err(message)?, reference.parse().map_err(message)?))
-}
-
 fn resolve(federation: &Federation, host: Option<&str>, ns: Option<&str>, name: &RepoName) -> anyhow::Result<Resolved> {
     federation.table.resolve(host, ns, name).map_err(|e| anyhow::anyhow!("{}", e.message))
 }
@@ -57,13 +45,11 @@ fn resolve(federation: &Federation, host: Option<&str>, ns: Option<&str>, name: 
 /// is routed under `config`: the matching route, and for each source where the manifest
 /// and blobs would come from.
 pub async fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, reference: &str) -> anyhow::Result<String> {
-    let (name, tag_or_digest) = split(reference)?;
+    let image = ImageReference::parse(reference)?;
+    let (name, tag_or_digest) = (&image.name, &image.reference);
     let inspected = inspect(config).await?;
-    let resolved = resolve(&inspected.federation, host, ns, &name)?;
-    let shown = match &tag_or_digest {
-        Reference::Digest(d) => format!("{name}@{d}"),
-        Reference::Tag(t) => format!("{name}:{t}"),
-    };
+    let resolved = resolve(&inspected.federation, host, ns, name)?;
+    let shown = image.to_string();
     let mut out = String::new();
     match resolved.matched {
         Matched::Route(i) => writeln!(out, "{shown}: route {i} of the configuration")?,
@@ -78,7 +64,7 @@ pub async fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, refe
     let numbered = resolved.sources.len() > 1;
     for (i, (source, n)) in resolved.sources.iter().enumerate() {
         let step = if numbered { format!("  {}. ", i + 1) } else { "  ".to_string() };
-        writeln!(out, "{step}{}", source.describe(n, &tag_or_digest))?;
+        writeln!(out, "{step}{}", source.describe(n, tag_or_digest))?;
     }
     Ok(out)
 }
@@ -92,7 +78,7 @@ pub async fn explain_live(
     ns: Option<&str>,
     reference: &str,
 ) -> anyhow::Result<String> {
-    let (name, tag_or_digest) = split(reference)?;
+    let ImageReference { name, reference: tag_or_digest } = ImageReference::parse(reference)?;
     let inspected = inspect(config).await?;
     let resolved = resolve(&inspected.federation, host, ns, &name)?;
     let mut out = String::from("  live:\n");

@@ -4,7 +4,6 @@
 mod explain;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod transfer;
 
 pub use explain::{explain, explain_live};
 
@@ -255,7 +254,7 @@ async fn start_jwks_fetching(sources: Vec<JwksSource>) -> anyhow::Result<()> {
         return Ok(());
     }
     // A JWKS lives where it is configured: no redirect takes the fetch elsewhere.
-    let http = tessera_federation::upstream::content_client(false).map_err(anyhow::Error::msg)?;
+    let http = tessera_federation::upstream::content_client(false)?;
     let mut fetched = Vec::new();
     for source in sources {
         let (done, first) = tokio::sync::oneshot::channel();

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use tessera::transfer;
+use tessera_client::{ImageReference, PublishTarget, RegistryReference, Source, SourceImage};
 use tessera_config::{AuthConfig, Config, Mode, TlsConfig};
 
 /// Tessera: a federating OCI container registry.
@@ -83,7 +83,7 @@ struct SourceArgs {
     src_creds: Option<String>,
     /// Path of a blob under the base URL or directory: {digest}, {algorithm}, {hex},
     /// {hex2}, {name}.
-    #[arg(long, default_value = "blobs/{digest}")]
+    #[arg(long, default_value = tessera_client::layout::DEFAULT_BLOB_LAYOUT)]
     layout: String,
 }
 
@@ -334,13 +334,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Push(args) => runtime.block_on(push(args)),
         Command::Publish(args) => runtime.block_on(publish(args)),
         Command::Export(args) => runtime.block_on(async {
-            let n = transfer::export(&args.references, &args.output, args.plain_http, args.creds.as_deref()).await?;
+            let references =
+                args.references.iter().map(|r| RegistryReference::parse(r)).collect::<Result<Vec<_>, _>>()?;
+            let n = tessera_client::export(&references, &args.output, args.plain_http, args.creds.as_deref()).await?;
             println!("exported {n} image(s) to {}", args.output.display());
             Ok(())
         }),
         Command::Import(args) => runtime.block_on(async {
-            let dest = transfer::registry_client(&args.dest, args.plain_http, args.creds.as_deref())?;
-            for reference in transfer::import(&args.input, &dest, args.prefix.as_deref()).await? {
+            let dest = tessera_client::registry_client(&args.dest, args.plain_http, args.creds.as_deref())?;
+            for reference in tessera_client::import(&args.input, &dest, args.prefix.as_deref()).await? {
                 println!("imported {}/{reference}", args.dest);
             }
             Ok(())
@@ -348,21 +350,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn read_source(args: &SourceArgs) -> anyhow::Result<transfer::SourceImage> {
-    let source = transfer::Source::parse(&args.source)?;
-    transfer::SourceImage::read(&source, args.src_plain_http, args.src_creds.as_deref()).await
+async fn read_source(args: &SourceArgs) -> anyhow::Result<SourceImage> {
+    let source = Source::parse(&args.source)?;
+    Ok(SourceImage::read(&source, args.src_plain_http, args.src_creds.as_deref()).await?)
 }
 
 async fn push(args: PushArgs) -> anyhow::Result<()> {
-    let (host, name, tag) = transfer::split_reference(&args.dest)?;
-    if tag.contains(':') {
+    let RegistryReference { host, image: ImageReference { name, reference } } = RegistryReference::parse(&args.dest)?;
+    let tessera_spec::Reference::Tag(tag) = reference else {
         anyhow::bail!("the destination needs a tag, not a digest");
-    }
+    };
     let image = read_source(&args.source).await?;
-    let dest = transfer::registry_client(&host, args.plain_http, args.creds.as_deref())?;
-    let report =
-        transfer::push_metadata_only(&image, &dest, &name, &tag, &args.blobs_at, &args.source.layout, !args.no_verify)
-            .await?;
+    let dest = tessera_client::registry_client(&host, args.plain_http, args.creds.as_deref())?;
+    let report = tessera_client::push_metadata_only(
+        &image,
+        &dest,
+        &name,
+        &tag,
+        &args.blobs_at,
+        &args.source.layout,
+        !args.no_verify,
+    )
+    .await?;
     println!(
         "pushed {host}/{name}:{tag} ({}): {} manifest(s), {} config(s) uploaded; {} layer(s) recorded at {}{}",
         report.top,
@@ -377,17 +386,14 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
 
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let name = args.name.parse().map_err(|e: tessera_spec::OciError| anyhow::anyhow!("{}", e.message))?;
-    let target = transfer::PublishTarget::parse(
-        &args.dest,
-        args.s3_endpoint.as_deref(),
-        &args.s3_region,
-        args.s3_acl.as_deref(),
-    )?;
-    if let transfer::PublishTarget::Dir(dir) = &target {
-        std::fs::create_dir_all(dir)?;
+    let target =
+        PublishTarget::parse(&args.dest, args.s3_endpoint.as_deref(), &args.s3_region, args.s3_acl.as_deref())?;
+    if let PublishTarget::Dir(dir) = &target {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let image = read_source(&args.source).await?;
-    let (written, kept) = transfer::publish(&image, &target, &name, &args.source.layout, image.tag.as_deref()).await?;
+    let (written, kept) =
+        tessera_client::publish(&image, &target, &name, &args.source.layout, image.tag.as_deref()).await?;
     println!(
         "published {} into {}: {written} blob(s) written, {kept} already there, {} manifest(s)",
         image.manifests.last().map(|m| m.digest.to_string()).unwrap_or_default(),

@@ -30,8 +30,9 @@ impl PullThrough {
         auth: &UpstreamAuth,
     ) -> Answer {
         match send(&self.upstream, auth, method, name, path, headers).await {
-            Err(UpstreamError::Unreachable(e)) => Answer::Failing(unavailable(&self.upstream, e)),
-            Err(e @ UpstreamError::Auth(_)) => Answer::Failing(unavailable(&self.upstream, e)),
+            Err(e @ (UpstreamError::Unreachable(_) | UpstreamError::Auth(_))) => {
+                Answer::Failing(unavailable(&self.upstream, tessera_client::error::chain(&e)))
+            }
             Err(UpstreamError::RateLimited(wait)) => {
                 count(&self.stats.rate_limited, 1);
                 Answer::Failing(

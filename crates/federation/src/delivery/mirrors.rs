@@ -82,7 +82,8 @@ impl Delivery {
         if checks.is_empty() {
             return Ok(());
         }
-        let http = crate::upstream::content_client(false).map_err(DeliveryError::HealthChecks)?;
+        let http = crate::upstream::content_client(false)
+            .map_err(|e| DeliveryError::HealthChecks(tessera_client::error::chain(&e)))?;
         self.health = Some(tokio::spawn(async move {
             let mut next = vec![tokio::time::Instant::now(); checks.len()];
             loop {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tessera_client::layout::{DEFAULT_BLOB_LAYOUT, expand_blob_layout};
 use tessera_config::Deliver;
 use tessera_spec::{Digest, RepoName};
 
@@ -25,7 +26,6 @@ pub use policy::ExternalRefused;
 use policy::{UrlPattern, patterns};
 use sign::{Signer, unix_now};
 
-const DEFAULT_LAYOUT: &str = "blobs/{digest}";
 const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 30;
 
 /// The delivery rules of one configuration, with the health of their mirrors.
@@ -91,19 +91,6 @@ pub fn ensure_slash(base: &str) -> String {
     if base.ends_with('/') { base.to_string() } else { format!("{base}/") }
 }
 
-pub fn expand_layout(layout: &str, name: &RepoName, digest: &Digest) -> String {
-    if layout == DEFAULT_LAYOUT {
-        return format!("blobs/{digest}");
-    }
-    let hex = digest.hex();
-    layout
-        .replace("{digest}", &digest.to_string())
-        .replace("{algorithm}", digest.algorithm().as_str())
-        .replace("{hex2}", &hex[..2])
-        .replace("{hex}", hex)
-        .replace("{name}", name.as_str())
-}
-
 impl Rule {
     fn new(d: &tessera_config::Delivery, previous: Option<&Delivery>) -> Result<Rule, String> {
         let how = match d.deliver {
@@ -144,7 +131,7 @@ impl Rule {
         Ok(Rule {
             prefix: d.prefix.clone(),
             how,
-            layout: d.layout.clone().unwrap_or_else(|| DEFAULT_LAYOUT.into()),
+            layout: d.layout.clone().unwrap_or_else(|| DEFAULT_BLOB_LAYOUT.into()),
             signer: d.token.as_ref().map(Signer::new).transpose()?,
             rewrites: d.rewrite.iter().map(|r| (r.find.clone(), r.replace.clone())).collect(),
             allow: patterns(&d.external_allow)?,
@@ -157,7 +144,7 @@ impl Rule {
 
     /// `base` + the layout path of the blob, rewritten and signed.
     fn url(&self, base: &str, name: &RepoName, digest: &Digest, client: Option<IpAddr>) -> String {
-        self.finish(format!("{base}{}", expand_layout(&self.layout, name, digest)), client)
+        self.finish(format!("{base}{}", expand_blob_layout(&self.layout, name, digest)), client)
     }
 
     fn finish(&self, mut url: String, client: Option<IpAddr>) -> String {

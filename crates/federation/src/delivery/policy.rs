@@ -92,7 +92,8 @@ impl Delivery {
         let http = match self.http.get() {
             Some(h) => h,
             None => {
-                let h = crate::upstream::content_client(false).map_err(ExternalRefused::Client)?;
+                let h = crate::upstream::content_client(false)
+                    .map_err(|e| ExternalRefused::Client(tessera_client::error::chain(&e)))?;
                 self.http.get_or_init(|| h)
             }
         };

@@ -3,6 +3,7 @@
 //! cached until they expire. Upstream credentials never leave this module's requests.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -20,25 +21,74 @@ pub fn manifest_accept() -> HeaderMap {
     h
 }
 
-/// Why an upstream request produced no usable answer.
-#[derive(Debug)]
+/// Why an upstream request produced no usable answer. The cause, where there is one, is
+/// the error's `source()`.
+#[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// Could not connect, timed out, or the connection broke.
-    Unreachable(String),
+    #[error("upstream unreachable")]
+    Unreachable(#[source] reqwest::Error),
     /// The upstream's token service refused or failed.
-    Auth(String),
+    #[error("upstream authentication failed")]
+    Auth(#[source] AuthError),
     /// The upstream answered 429 recently; it is not asked again before this much time.
+    #[error("upstream rate limit; asking again in {} s", .0.as_secs())]
     RateLimited(Duration),
 }
 
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamError::Unreachable(e) => write!(f, "upstream unreachable: {e}"),
-            UpstreamError::Auth(e) => write!(f, "upstream authentication failed: {e}"),
-            UpstreamError::RateLimited(d) => write!(f, "upstream rate limit; asking again in {} s", d.as_secs()),
-        }
-    }
+/// Why the Docker token flow gave no token.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("challenge without realm")]
+    NoRealm,
+    #[error("token realm is not an http(s) URL")]
+    RealmNotHttp,
+    #[error("token service answered {0}")]
+    Refused(StatusCode),
+    #[error("token service sent no usable answer")]
+    Answer(#[source] reqwest::Error),
+    #[error("token response without a token")]
+    NoToken,
+    #[error("unusable token")]
+    Unusable,
+}
+
+/// Why a client could not be built: its TLS trust or its HTTP settings.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot read {}", .path.display())]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("bad certificate in {}", .path.display())]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("certificate in {} not trusted", .path.display())]
+    Trust {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("TLS settings")]
+    Tls(#[source] rustls::Error),
+    #[error("HTTP client settings")]
+    Http(#[source] reqwest::Error),
+}
+
+/// What a token service answers (`token`, or OAuth2's `access_token`; `expires_in` seconds).
+#[derive(serde::Deserialize)]
+struct TokenAnswer {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<serde_json::Number>,
 }
 
 /// A parsed `WWW-Authenticate` challenge.
@@ -114,7 +164,7 @@ fn retry_after(headers: &HeaderMap) -> Duration {
     Duration::from_secs(secs.unwrap_or(60).min(3600))
 }
 
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, BuildError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -123,24 +173,23 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig,
     if let Some(path) = ca_file {
         use rustls_pki_types::pem::PemObject;
         let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .map_err(|source| BuildError::CaFile { path: path.to_path_buf(), source })?;
         for cert in certs {
-            roots
-                .add(cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?)
-                .map_err(|e| e.to_string())?;
+            let cert = cert.map_err(|source| BuildError::Certificate { path: path.to_path_buf(), source })?;
+            roots.add(cert).map_err(|source| BuildError::Trust { path: path.to_path_buf(), source })?;
         }
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(BuildError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
 
 /// An HTTP client trusting the system's roots, for plain URLs (CDNs, mirrors, content
 /// servers), following up to ten redirects or none.
-pub fn content_client(follow_redirects: bool) -> Result<reqwest::Client, String> {
+pub fn content_client(follow_redirects: bool) -> Result<reqwest::Client, BuildError> {
     let redirects =
         if follow_redirects { reqwest::redirect::Policy::limited(10) } else { reqwest::redirect::Policy::none() };
     reqwest::Client::builder()
@@ -150,18 +199,18 @@ pub fn content_client(follow_redirects: bool) -> Result<reqwest::Client, String>
         .read_timeout(Duration::from_secs(60))
         .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(BuildError::Http)
 }
 
 impl Upstream {
-    pub fn new(config: &tessera_config::Upstream) -> Result<Upstream, String> {
+    pub fn new(config: &tessera_config::Upstream) -> Result<Upstream, BuildError> {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls_config(config.ca_file.as_deref())?)
             .connect_timeout(Duration::from_secs(config.timeout_secs.min(30)))
             .read_timeout(Duration::from_secs(config.timeout_secs))
             .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("upstream {}: {e}", config.name))?;
+            .map_err(BuildError::Http)?;
         let credentials = match (&config.username, &config.password) {
             (Some(u), Some(p)) => Some((u.clone(), p.clone())),
             _ => None,
@@ -273,7 +322,7 @@ impl Upstream {
             .headers(headers)
             .send()
             .await
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+            .map_err(UpstreamError::Unreachable)?;
         // A 429 for one client's credentials is that client's: it goes back to them and
         // does not quiet the upstream for everyone else.
         Ok(response)
@@ -317,9 +366,8 @@ impl Upstream {
             }
             req.send()
         };
-        let unreachable = |e: reqwest::Error| UpstreamError::Unreachable(e.to_string());
         self.check_quiet()?;
-        let response = attempt(self.authorization(&scope)).await.map_err(unreachable)?;
+        let response = attempt(self.authorization(&scope)).await.map_err(UpstreamError::Unreachable)?;
         let response = if response.status() == StatusCode::UNAUTHORIZED {
             self.answer_challenge(response, &scope, attempt).await?
         } else {
@@ -340,7 +388,6 @@ impl Upstream {
         F: Fn(Option<HeaderValue>) -> Fut,
         Fut: Future<Output = Result<reqwest::Response, reqwest::Error>>,
     {
-        let unreachable = |e: reqwest::Error| UpstreamError::Unreachable(e.to_string());
         let Some(challenge) =
             response.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge)
         else {
@@ -354,7 +401,7 @@ impl Upstream {
             "bearer" => Some(self.fetch_token(&challenge, scope).await?),
             _ => return Ok(response),
         };
-        attempt(auth).await.map_err(unreachable)
+        attempt(auth).await.map_err(UpstreamError::Unreachable)
     }
 
     /// GETs a manifest as any supported media type: status, Content-Type and body.
@@ -367,15 +414,14 @@ impl Upstream {
         let response = self.send(Method::GET, name, &format!("/v2/{name}/manifests/{reference}"), accept).await?;
         let status = response.status().as_u16();
         let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = response.bytes().await.map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        let body = response.bytes().await.map_err(UpstreamError::Unreachable)?;
         Ok((status, content_type, body))
     }
 
     async fn fetch_token(&self, challenge: &Challenge, scope: &str) -> Result<HeaderValue, UpstreamError> {
-        let realm =
-            challenge.params.get("realm").ok_or_else(|| UpstreamError::Auth("challenge without realm".into()))?;
+        let realm = challenge.params.get("realm").ok_or(UpstreamError::Auth(AuthError::NoRealm))?;
         if !(realm.starts_with("https://") || realm.starts_with("http://")) {
-            return Err(UpstreamError::Auth("token realm is not an http(s) URL".into()));
+            return Err(UpstreamError::Auth(AuthError::RealmNotHttp));
         }
         let mut query = vec![("scope", scope.to_string())];
         if let Some(service) = challenge.params.get("service") {
@@ -385,20 +431,16 @@ impl Upstream {
         if let Some((u, p)) = &self.credentials {
             req = req.basic_auth(u, Some(p));
         }
-        let response = req.send().await.map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        let response = req.send().await.map_err(UpstreamError::Unreachable)?;
         if !response.status().is_success() {
-            return Err(UpstreamError::Auth(format!("token service answered {}", response.status())));
+            return Err(UpstreamError::Auth(AuthError::Refused(response.status())));
         }
-        let body: serde_json::Value = response.json().await.map_err(|e| UpstreamError::Auth(e.to_string()))?;
-        let token = body["token"]
-            .as_str()
-            .or_else(|| body["access_token"].as_str())
-            .ok_or_else(|| UpstreamError::Auth("token response without a token".into()))?
-            .to_string();
+        let answer: TokenAnswer = response.json().await.map_err(|e| UpstreamError::Auth(AuthError::Answer(e)))?;
+        let token = answer.token.or(answer.access_token).ok_or(UpstreamError::Auth(AuthError::NoToken))?;
         // Spec: expires_in defaults to 60 s. Refresh a little early.
-        let lifetime = body["expires_in"].as_u64().unwrap_or(60).saturating_sub(5).max(1);
-        let header = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| UpstreamError::Auth("unusable token".into()))?;
+        let lifetime = answer.expires_in.and_then(|n| n.as_u64()).unwrap_or(60).saturating_sub(5).max(1);
+        let header =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Auth(AuthError::Unusable))?;
         self.tokens
             .lock()
             .unwrap_or_else(|p| p.into_inner())
