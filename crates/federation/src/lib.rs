@@ -42,8 +42,8 @@ pub enum FederationError {
         #[source]
         source: StoreError,
     },
-    #[error("static source: {0}")]
-    Static(String),
+    #[error(transparent)]
+    Static(#[from] statics::StaticError),
     #[error(transparent)]
     Delivery(#[from] delivery::DeliveryError),
 }

@@ -163,12 +163,32 @@ fn load_crane_dir(source: &str, files: &[(PathBuf, SystemTime, u64)]) -> HashMap
     repos
 }
 
+/// Why a `[[static]]` source cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum StaticError {
+    #[error("static {name}: crane_dir {dir} is not a directory")]
+    NotADirectory { name: String, dir: PathBuf },
+    #[error("static {name}: {layout} is not an OCI image layout")]
+    NotALayout { name: String, layout: String },
+    #[error("static {name}: repository: {why}")]
+    Repository { name: String, why: String },
+    #[error("static {name}: needs crane_dir or layout with repository")]
+    Incomplete { name: String },
+    #[error("static {name}")]
+    Client {
+        name: String,
+        #[source]
+        source: crate::upstream::BuildError,
+    },
+}
+
 impl StaticSource {
-    pub fn new(config: &tessera_config::StaticSource) -> Result<StaticSource, String> {
+    pub fn new(config: &tessera_config::StaticSource) -> Result<StaticSource, StaticError> {
+        let name = || config.name.clone();
         let kind = match (&config.crane_dir, &config.layout, &config.repository) {
             (Some(dir), _, _) => {
                 if !dir.is_dir() {
-                    return Err(format!("static {}: crane_dir {} is not a directory", config.name, dir.display()));
+                    return Err(StaticError::NotADirectory { name: name(), dir: dir.clone() });
                 }
                 let files = crane_files(dir);
                 let repos = load_crane_dir(&config.name, &files);
@@ -177,22 +197,22 @@ impl StaticSource {
             (None, Some(layout), Some(repository)) => {
                 let repository = repository
                     .parse()
-                    .map_err(|e: OciError| format!("static {}: repository: {}", config.name, e.message))?;
+                    .map_err(|e: OciError| StaticError::Repository { name: name(), why: e.message })?;
                 let root = if tessera_config::is_http_url(layout) {
                     LayoutRoot::Url(crate::delivery::ensure_slash(layout))
                 } else {
                     let dir = PathBuf::from(layout);
                     if !layout::is_layout(&dir) {
-                        return Err(format!("static {}: {layout} is not an OCI image layout", config.name));
+                        return Err(StaticError::NotALayout { name: name(), layout: layout.clone() });
                     }
                     LayoutRoot::Dir(dir)
                 };
                 Kind::Layout { repository, root }
             }
-            _ => return Err(format!("static {}: needs crane_dir or layout with repository", config.name)),
+            _ => return Err(StaticError::Incomplete { name: name() }),
         };
-        let http = crate::upstream::content_client(true)
-            .map_err(|e| format!("static {}: {}", config.name, tessera_client::error::chain(&e)))?;
+        let http =
+            crate::upstream::content_client(true).map_err(|source| StaticError::Client { name: name(), source })?;
         Ok(StaticSource {
             name: config.name.clone(),
             kind,
