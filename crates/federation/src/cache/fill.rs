@@ -176,7 +176,11 @@ impl PullThrough {
         let upload = UploadId::random();
         let tx = {
             let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(rx) = fills.get(digest) {
+            // A fill whose task is gone without an answer (it cannot be: its guard takes it
+            // out of the map) is never joined; a new one starts.
+            if let Some(rx) = fills.get(digest)
+                && rx.has_changed().is_ok()
+            {
                 return Ok(rx.clone());
             }
             let (tx, rx) =
@@ -203,6 +207,40 @@ impl PullThrough {
     }
 }
 
+type Fills = Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>;
+
+/// A fill's place in the map of fills in flight, given up however its task ends: with an
+/// answer, or by a panic or the runtime stopping it. Without this, a fill that never
+/// answered would stay joinable and its digest unavailable until a restart. A fill that
+/// ended without an answer also leaves no upload session behind.
+struct InFlight {
+    fills: Fills,
+    blobs: Arc<dyn BlobStore>,
+    digest: Digest,
+    upload: UploadId,
+    /// The fill answered (and cleaned up its session itself).
+    ended: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if fills.get(&self.digest).is_some_and(|rx| rx.borrow().upload == self.upload) {
+            fills.remove(&self.digest);
+        }
+        drop(fills);
+        if !self.ended {
+            tracing::error!(digest = %self.digest, "a blob fetch stopped without an answer; its readers get an error");
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (blobs, upload) = (self.blobs.clone(), self.upload.clone());
+                runtime.spawn(async move {
+                    let _ = blobs.upload_delete(&upload).await;
+                });
+            }
+        }
+    }
+}
+
 /// How many times one blob transfer is resumed with `Range` after breaking.
 const MAX_RESUMES: u32 = 3;
 
@@ -211,7 +249,7 @@ struct Fill {
     upstream: Arc<Upstream>,
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
-    fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+    fills: Fills,
     lru: Arc<Mutex<Lru>>,
     stats: Arc<CacheStats>,
     name: RepoName,
@@ -223,6 +261,13 @@ struct Fill {
 
 impl Fill {
     async fn run(self, tx: watch::Sender<FillState>) {
+        let mut in_flight = InFlight {
+            fills: self.fills.clone(),
+            blobs: self.blobs.clone(),
+            digest: self.digest.clone(),
+            upload: self.upload.clone(),
+            ended: false,
+        };
         let result = self.fetch(&tx).await;
         if let Err(e) = &result {
             if !matches!(e, FillError::NotFound) {
@@ -231,7 +276,8 @@ impl Fill {
             }
             let _ = self.blobs.upload_delete(&self.upload).await;
         }
-        self.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
+        in_flight.ended = true;
+        drop(in_flight);
         tx.send_modify(|s| s.done = Some(result.map_err(Arc::new)));
     }
 
@@ -437,4 +483,41 @@ fn follow(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fill that panics gives up its place: the digest can be fetched again at once, its
+    /// readers see the end instead of waiting, and its upload session is removed.
+    #[tokio::test]
+    async fn a_fill_that_panics_leaves_neither_its_entry_nor_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs: Arc<dyn BlobStore> = Arc::new(tessera_store::FsBlobStore::open(dir.path()).unwrap());
+        let fills: Fills = Arc::default();
+        let digest = Digest::sha256_of(b"never arrives");
+        let upload = UploadId::random();
+        blobs.upload_create(&upload).await.unwrap();
+        let (tx, mut reader) =
+            watch::channel(FillState { upload: upload.clone(), size: None, verified: false, done: None });
+        fills.lock().unwrap().insert(digest.clone(), reader.clone());
+        let in_flight =
+            InFlight { fills: fills.clone(), blobs: blobs.clone(), digest, upload: upload.clone(), ended: false };
+        let task = tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let _tx = tx;
+            panic!("a bug in the middle of a fetch");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(fills.lock().unwrap().is_empty(), "the digest is free for a new fetch");
+        assert!(reader.changed().await.is_err(), "readers see the end, not a wait");
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while blobs.upload_size(&upload).await.unwrap().is_some() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the session is deleted");
+    }
 }
