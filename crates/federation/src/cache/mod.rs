@@ -58,6 +58,9 @@ fn count(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// How many "not found" answers one upstream's cache remembers (about 100 bytes each).
+pub const MISSING_REMEMBERED: usize = 10_000;
+
 pub struct PullThrough {
     upstream: Arc<Upstream>,
     meta: Arc<dyn MetaStore>,
@@ -65,8 +68,9 @@ pub struct PullThrough {
     /// When each cached tag was last confirmed by the upstream (also persisted in `meta`,
     /// so a restart keeps the bound on how stale an answer may be).
     checked: Mutex<HashMap<(RepoName, Tag), SystemTime>>,
-    /// Recent "not found" answers.
-    missing: Mutex<HashMap<(RepoName, String), Instant>>,
+    /// Recent "not found" answers, at most [`MISSING_REMEMBERED`]: the keys are whatever
+    /// clients ask for, so a flood of distinct misses pushes out old ones, not memory.
+    missing: quick_cache::sync::Cache<(RepoName, String), Instant>,
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
     lru: Arc<Mutex<Lru>>,
     stats: Arc<CacheStats>,
@@ -139,7 +143,7 @@ impl PullThrough {
             meta,
             blobs,
             checked: Mutex::new(HashMap::new()),
-            missing: Mutex::new(HashMap::new()),
+            missing: quick_cache::sync::Cache::new(MISSING_REMEMBERED),
             fills: Arc::new(Mutex::new(HashMap::new())),
             lru: Arc::new(Mutex::new(lru)),
             stats: Arc::new(CacheStats::default()),

@@ -16,12 +16,11 @@ use super::{Fetched, PullThrough, UpstreamAuth, classify::Answer, count, read_li
 impl PullThrough {
     pub(super) fn recently_missing(&self, name: &RepoName, reference: &str) -> bool {
         let ttl = Duration::from_secs(self.upstream.cache_settings().negative_ttl_secs);
-        let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
         let key = (name.clone(), reference.to_string());
-        match missing.get(&key) {
+        match self.missing.get(&key) {
             Some(at) if at.elapsed() < ttl => true,
             Some(_) => {
-                missing.remove(&key);
+                self.missing.remove(&key);
                 false
             }
             None => false,
@@ -29,10 +28,7 @@ impl PullThrough {
     }
 
     pub(super) fn remember_missing(&self, name: &RepoName, reference: &str) {
-        self.missing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((name.clone(), reference.to_string()), Instant::now());
+        self.missing.insert((name.clone(), reference.to_string()), Instant::now());
     }
     /// A manifest by tag: the cached one within its TTL, else revalidated with a HEAD
     /// (or the passthrough HEAD already made, `authorised`); stale when the upstream fails.
@@ -148,5 +144,34 @@ impl PullThrough {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::MISSING_REMEMBERED;
+    use crate::upstream::Upstream;
+    use std::sync::Arc;
+
+    /// Misses are keyed by what clients ask for: a flood of distinct missing names stays
+    /// within the bound, and what was just found missing is still remembered.
+    #[tokio::test]
+    async fn remembered_misses_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tessera_config::Config::from_toml(
+            "[[upstream]]\nname = \"up\"\nurl = \"http://127.0.0.1:9\"\n[upstream.cache]\nnegative_ttl_secs = 600\n",
+        )
+        .unwrap();
+        let upstream = Arc::new(Upstream::new(&config.upstreams[0]).unwrap());
+        let meta = Arc::new(tessera_store::SqliteMetaStore::open(&dir.path().join("meta.sqlite")).unwrap());
+        let blobs = Arc::new(tessera_store::FsBlobStore::open(dir.path().join("blobs")).unwrap());
+        let cache = PullThrough::open(upstream, meta, blobs, true).await.unwrap();
+        let name: RepoName = "flood".parse().unwrap();
+        for i in 0..3 * MISSING_REMEMBERED {
+            cache.remember_missing(&name, &format!("tag{i}"));
+        }
+        assert!(cache.missing.len() <= MISSING_REMEMBERED, "{} remembered", cache.missing.len());
+        assert!(cache.recently_missing(&name, &format!("tag{}", 3 * MISSING_REMEMBERED - 1)));
     }
 }
