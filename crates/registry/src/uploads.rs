@@ -305,8 +305,12 @@ impl Registry {
             let stale = age > expiry;
             if orphan || stale {
                 if !dry_run {
+                    // Under the session's lock, so no request of it is half done; and its
+                    // lock and hash state go with it, or abandoned sessions would pile up.
+                    let _guard = self.session_lock(&id).lock_owned().await;
                     self.blobs.upload_delete(&id).await?;
                     self.meta.delete_upload(&id).await?;
+                    self.forget_session(&id);
                 }
                 removed += 1;
             }
@@ -365,5 +369,21 @@ mod tests {
         let d = Digest::sha256_of(b"abc");
         r.upload_finish(&repo, &id, &d, None, Some(0), futures_util::stream::empty()).await.unwrap();
         assert_eq!(sessions(&r), 0, "a finished session is forgotten");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn expired_sessions_are_forgotten_with_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        let repo: RepoName = "a".parse().unwrap();
+        for _ in 0..5 {
+            let UploadStart::Session(id) = r.upload_start(&repo, None).await.unwrap() else { panic!("a session") };
+            let body = futures_util::stream::iter(vec![Ok(Bytes::from_static(b"abandoned"))]);
+            r.upload_patch(&repo, &id, None, None, body).await.unwrap();
+        }
+        assert_eq!(sessions(&r), 5);
+        assert_eq!(r.sweep_uploads(Duration::ZERO, Duration::ZERO, false).await.unwrap(), 5);
+        assert_eq!(sessions(&r), 0, "a swept session leaves no lock or hash state behind");
+        assert!(r.blobs.upload_list().await.unwrap().is_empty());
     }
 }
