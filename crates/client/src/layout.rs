@@ -180,6 +180,11 @@ impl PulpManifests {
     }
 }
 
+/// A base URL with the trailing slash paths are appended after.
+pub fn ensure_slash(base: &str) -> String {
+    if base.ends_with('/') { base.to_string() } else { format!("{base}/") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

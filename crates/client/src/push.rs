@@ -48,7 +48,7 @@ pub async fn push_metadata_only(
     layout: &str,
     verify: bool,
 ) -> Result<PushReport, ClientError> {
-    let base = if blobs_at.ends_with('/') { blobs_at.to_string() } else { format!("{blobs_at}/") };
+    let base = crate::layout::ensure_slash(blobs_at);
     let located: Vec<(&Blob, String)> =
         image.layers.iter().map(|l| (l, format!("{base}{}", expand_blob_layout(layout, name, &l.digest)))).collect();
     for c in &image.configs {

@@ -86,10 +86,7 @@ pub enum Decision {
     NotAllowed,
 }
 
-/// A base URL with the trailing slash paths are appended after.
-pub fn ensure_slash(base: &str) -> String {
-    if base.ends_with('/') { base.to_string() } else { format!("{base}/") }
-}
+pub use tessera_client::layout::ensure_slash;
 
 impl Rule {
     fn new(d: &tessera_config::Delivery, previous: Option<&Delivery>) -> Result<Rule, String> {
