@@ -2,7 +2,9 @@
 //! use. Other hash kinds are refused when the file is read, not silently never matched.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
 
@@ -59,22 +61,27 @@ impl Htpasswd {
 /// Checks logins against an [`Htpasswd`], remembering successful ones for a few minutes:
 /// bcrypt is slow on purpose, and clients using Basic auth send the password with every
 /// request. Remembered logins are keyed by a salted hash, never by the password itself.
+/// Checking is split in two so that the caller can run the slow half where it blocks no one.
 pub struct Logins {
     htpasswd: Htpasswd,
     salt: [u8; 16],
-    remembered: std::sync::Mutex<HashMap<[u8; 32], std::time::Instant>>,
+    /// Keyed by the salted hash of user and password; only successes enter, so it holds at
+    /// most one entry per user and password in use, and never more than [`LOGINS_REMEMBERED`].
+    remembered: quick_cache::sync::Cache<[u8; 32], Instant>,
 }
 
-const REMEMBER: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long a successful login is remembered.
+const REMEMBER: Duration = Duration::from_secs(300);
+/// How many successful logins are remembered at most.
+pub const LOGINS_REMEMBERED: usize = 10_000;
 
 impl Logins {
     pub fn new(htpasswd: Htpasswd) -> Logins {
         let mut salt = [0u8; 16];
-        // Process-unique: the address of a fresh allocation mixed with the clock is enough
-        // to keep the keys of this in-memory map from being precomputed.
-        let seed = format!("{:?}{:p}", std::time::SystemTime::now(), &salt);
-        salt.copy_from_slice(&sha2::Sha256::digest(seed.as_bytes())[..16]);
-        Logins { htpasswd, salt, remembered: std::sync::Mutex::new(HashMap::new()) }
+        // Without randomness the salt would be guessable; there is no sensible way to go on.
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+            .expect("the operating system's random source failed");
+        Logins { htpasswd, salt, remembered: quick_cache::sync::Cache::new(LOGINS_REMEMBERED) }
     }
 
     fn key(&self, user: &str, password: &str) -> [u8; 32] {
@@ -86,26 +93,86 @@ impl Logins {
         h.finalize().into()
     }
 
-    /// Whether `password` is `user`'s.
-    pub fn check(&self, user: &str, password: &str) -> bool {
+    /// Whether `password` was `user`'s a moment ago (cheap: no bcrypt).
+    pub fn remembered(&self, user: &str, password: &str) -> bool {
         let key = self.key(user, password);
-        {
-            let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
-            match remembered.get(&key) {
-                Some(at) if at.elapsed() < REMEMBER => return true,
-                Some(_) => {
-                    remembered.remove(&key);
-                }
-                None => {}
+        match self.remembered.get(&key) {
+            Some(at) if at.elapsed() < REMEMBER => true,
+            Some(_) => {
+                self.remembered.remove(&key);
+                false
             }
+            None => false,
         }
+    }
+
+    /// Whether `password` is `user`'s, by bcrypt (slow on purpose: run it off the async
+    /// executor); a success is remembered.
+    pub fn verify(&self, user: &str, password: &str) -> bool {
         let ok = self.htpasswd.verify(user, password);
         if ok {
-            let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
-            remembered.retain(|_, at| at.elapsed() < REMEMBER);
-            remembered.insert(key, std::time::Instant::now());
+            self.remembered.insert(self.key(user, password), Instant::now());
         }
         ok
+    }
+
+    /// Whether `password` is `user`'s: remembered, or verified now.
+    pub fn check(&self, user: &str, password: &str) -> bool {
+        self.remembered(user, password) || self.verify(user, password)
+    }
+}
+
+/// Failed logins per client, as a token bucket: a client may fail `per_minute` times in a
+/// burst, then once every `60 / per_minute` seconds. A client out of tries is refused
+/// before its password costs a bcrypt. IPv6 clients are counted per /64, the block one
+/// subscriber usually holds.
+pub struct FailedLogins {
+    per_minute: u32,
+    /// Tries left and when that was counted, per client; at most [`CLIENTS_TRACKED`].
+    clients: quick_cache::sync::Cache<IpAddr, (f64, Instant)>,
+}
+
+/// How many clients' failed logins are tracked at most (the least recent are forgotten).
+pub const CLIENTS_TRACKED: usize = 10_000;
+
+impl FailedLogins {
+    /// `per_minute` = 0: no limit.
+    pub fn new(per_minute: u32) -> FailedLogins {
+        FailedLogins { per_minute, clients: quick_cache::sync::Cache::new(CLIENTS_TRACKED) }
+    }
+
+    fn subscriber(client: IpAddr) -> IpAddr {
+        match client.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            v4 => v4,
+        }
+    }
+
+    fn tries_left(&self, client: IpAddr, now: Instant) -> f64 {
+        let full = f64::from(self.per_minute);
+        match self.clients.get(&Self::subscriber(client)) {
+            Some((left, at)) => (left + now.duration_since(at).as_secs_f64() * full / 60.0).min(full),
+            None => full,
+        }
+    }
+
+    /// How long `client` must wait before its next login is checked; `None`: check it now.
+    pub fn refusal(&self, client: IpAddr) -> Option<Duration> {
+        if self.per_minute == 0 {
+            return None;
+        }
+        let left = self.tries_left(client, Instant::now());
+        (left < 1.0).then(|| Duration::from_secs_f64((1.0 - left) * 60.0 / f64::from(self.per_minute)))
+    }
+
+    /// Counts a failed login of `client`.
+    pub fn failed(&self, client: IpAddr) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let left = (self.tries_left(client, now) - 1.0).max(0.0);
+        self.clients.insert(Self::subscriber(client), (left, now));
     }
 }
 
@@ -132,5 +199,47 @@ mod tests {
         assert!(logins.check("bob", "pw"), "remembered");
         assert!(!logins.check("bob", "pw2"));
         assert!(!logins.check("bo", "bpw"), "the key separates user and password");
+        assert!(logins.remembered("bob", "pw"));
+        assert!(!logins.remembered("bob", "pw2"), "failures are not remembered");
+    }
+
+    #[test]
+    fn failed_logins_run_out_and_come_back() {
+        let limit = FailedLogins::new(3);
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(limit.refusal(client), None);
+            limit.failed(client);
+        }
+        let wait = limit.refusal(client).expect("out of tries");
+        assert!(wait > Duration::from_secs(15) && wait <= Duration::from_secs(20), "{wait:?}");
+        assert_eq!(limit.refusal(other), None, "counted per client");
+        // One /64 is one subscriber; the next /64 is another.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        for _ in 0..3 {
+            limit.failed(v6("2001:db8:0:1::1"));
+        }
+        assert!(limit.refusal(v6("2001:db8:0:1:ffff::2")).is_some());
+        assert_eq!(limit.refusal(v6("2001:db8:0:2::1")), None);
+        // A refill rate of one per 60 ms.
+        let fast = FailedLogins::new(1000);
+        for _ in 0..1000 {
+            fast.failed(client);
+        }
+        assert!(fast.refusal(client).is_some());
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(fast.refusal(client), None, "tries come back with time");
+        assert_eq!(FailedLogins::new(0).refusal(client), None, "0: no limit");
+    }
+
+    #[test]
+    fn remembered_logins_are_bounded() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let logins = Logins::new(Htpasswd::parse(&format!("bob:{hash}\n")).unwrap());
+        for i in 0..LOGINS_REMEMBERED * 2 {
+            logins.remembered.insert(logins.key("bob", &i.to_string()), Instant::now());
+        }
+        assert!(logins.remembered.len() <= LOGINS_REMEMBERED, "{}", logins.remembered.len());
     }
 }

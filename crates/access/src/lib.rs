@@ -7,7 +7,7 @@ pub mod token;
 
 use std::collections::HashMap;
 
-pub use htpasswd::{Htpasswd, Logins};
+pub use htpasswd::{FailedLogins, Htpasswd, Logins};
 
 /// What a request wants to do with a repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -226,7 +226,11 @@ impl TokenIssuer {
 
     /// A token for `who` granting `grants`; returns it with its lifetime in seconds.
     pub fn issue(&self, who: &Identity, grants: Vec<Grant>) -> Result<(String, u64), String> {
-        let iat = now();
+        self.issue_at(now(), who, grants)
+    }
+
+    /// A token as if issued at `iat` (seconds since the epoch).
+    fn issue_at(&self, iat: u64, who: &Identity, grants: Vec<Grant>) -> Result<(String, u64), String> {
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&self.rng, &mut jti).map_err(|_| "no randomness")?;
         let claims = Claims {
@@ -360,11 +364,16 @@ mod tests {
         for junk in ["", "a.b", "a.b.c.d", "!!!.???.***"] {
             assert!(t.verify(junk).is_err());
         }
-        // Expired.
+        // Expired: accepted within the leeway for clock skew, refused past it; the same for
+        // a token not valid yet.
         let short =
-            TokenIssuer::open(&dir.path().join("key.p8"), "tessera", "registry.test", Duration::from_secs(0)).unwrap();
-        let (old, _) = short.issue(&Identity::Anonymous, vec![]).unwrap();
-        assert!(t.verify(&old).is_ok(), "within the leeway");
+            TokenIssuer::open(&dir.path().join("key.p8"), "tessera", "registry.test", Duration::from_secs(60)).unwrap();
+        let expired_at = |seconds_ago: u64| short.issue_at(now() - 60 - seconds_ago, &Identity::Anonymous, vec![]);
+        assert!(t.verify(&expired_at(LEEWAY - 5).unwrap().0).is_ok(), "within the leeway");
+        assert_eq!(t.verify(&expired_at(LEEWAY + 5).unwrap().0), Err("token expired or not yet valid"));
+        assert_eq!(t.verify(&expired_at(3600).unwrap().0), Err("token expired or not yet valid"));
+        let (early, _) = short.issue_at(now() + LEEWAY + 5, &Identity::Anonymous, vec![]).unwrap();
+        assert_eq!(t.verify(&early), Err("token expired or not yet valid"));
     }
 
     #[test]
