@@ -14,6 +14,10 @@ pub struct Limits {
     /// Requests per second one client address may make (a burst of as many); past it, 429
     /// with `Retry-After`. 0: no limit.
     pub requests_per_second_per_client: u32,
+    /// Failed logins one client address (an IPv6 client: its /64) may make in a burst, then
+    /// one more every `60 / n` seconds; past it, its logins get 429 with `Retry-After`
+    /// before their password is checked. 0: no limit.
+    pub failed_logins_per_minute_per_client: u32,
     /// Uploading requests (POST, PATCH, PUT with a body) one client address may have in
     /// flight at once; past it, 429. 0: no limit.
     pub uploads_per_client: usize,
@@ -36,6 +40,7 @@ impl Default for Limits {
             header_max_bytes: 64 * 1024,
             blob_max_bytes: 0,
             requests_per_second_per_client: 0,
+            failed_logins_per_minute_per_client: 10,
             uploads_per_client: 64,
             body_idle_timeout_secs: 60,
             send_idle_timeout_secs: 60,

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use tessera_access::token::{
     Grant, TokenIssuer, Verified, VerifyKey, claimed_issuer, parse_scope, token_kid, verify_with,
 };
-use tessera_access::{Access, Action, Decision, Identity, Logins};
+use tessera_access::{Access, Action, Decision, FailedLogins, Identity, Logins};
 use tessera_spec::{ErrorCode, OciError, RepoName};
 
 use crate::endpoint::Endpoint;
@@ -62,8 +62,76 @@ impl IssuerKeys {
     }
 }
 
+/// Where bcrypt runs: on the blocking pool, never on an executor thread, and at most
+/// `parallel` checks at once so that a flood of logins leaves CPU to everyone else. Callers
+/// queue for a slot; past [`QUEUE_PER_SLOT`] waiting per slot, or after [`QUEUE_WAIT`], they
+/// get 503 with `Retry-After`.
+pub struct PasswordChecks {
+    slots: Arc<tokio::sync::Semaphore>,
+    queue: usize,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+const QUEUE_PER_SLOT: usize = 32;
+const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl PasswordChecks {
+    /// Half the cores, at least one: the other half keeps answering requests.
+    pub fn for_this_machine() -> PasswordChecks {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        PasswordChecks::new((cores / 2).max(1))
+    }
+
+    pub fn new(parallel: usize) -> PasswordChecks {
+        let parallel = parallel.max(1);
+        PasswordChecks {
+            slots: Arc::new(tokio::sync::Semaphore::new(parallel)),
+            queue: parallel * QUEUE_PER_SLOT,
+            waiting: Default::default(),
+        }
+    }
+
+    fn busy() -> OciError {
+        OciError::new(ErrorCode::Unavailable, "too many logins being checked; try again shortly")
+            .with_header("retry-after", "1")
+    }
+
+    /// Runs `check` on the blocking pool once a slot is free.
+    async fn run(&self, check: impl FnOnce() -> bool + Send + 'static) -> Result<bool, OciError> {
+        use std::sync::atomic::Ordering;
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Self::busy());
+        }
+        let waiting = Waiting(&self.waiting);
+        let slot = match tokio::time::timeout(QUEUE_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => return Err(Self::busy()),
+        };
+        drop(waiting);
+        // The slot goes with the check: a caller that gives up does not free it early.
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            check()
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!("a password check failed to run: {e}");
+            OciError::internal()
+        })
+    }
+}
+
 pub struct Auth {
-    logins: Logins,
+    logins: Arc<Logins>,
+    checks: PasswordChecks,
+    failed: FailedLogins,
     access: Access,
     realm: String,
     tokens: Option<TokenIssuer>,
@@ -87,7 +155,28 @@ impl Auth {
         trusted: Vec<TrustedIssuer>,
         tls: bool,
     ) -> Auth {
-        Auth { logins, access, realm, tokens, trusted, scheme: if tls { "https" } else { "http" } }
+        Auth {
+            logins: Arc::new(logins),
+            checks: PasswordChecks::for_this_machine(),
+            failed: FailedLogins::new(0),
+            access,
+            realm,
+            tokens,
+            trusted,
+            scheme: if tls { "https" } else { "http" },
+        }
+    }
+
+    /// Refuses a client's logins for a while once it has failed `per_minute` times (0: never).
+    pub fn with_failed_logins_per_minute(mut self, per_minute: u32) -> Auth {
+        self.failed = FailedLogins::new(per_minute);
+        self
+    }
+
+    /// Checks passwords with `checks` instead of the machine's default.
+    pub fn with_password_checks(mut self, checks: PasswordChecks) -> Auth {
+        self.checks = checks;
+        self
     }
 
     /// Verifies a Bearer token: one of ours, or one from a trusted issuer (picked by the
@@ -140,7 +229,7 @@ impl Auth {
         OciError::new(ErrorCode::Unauthorized, message).with_header("www-authenticate", value)
     }
 
-    fn basic_user(&self, parts: &Parts, encoded: &str) -> Result<Identity, OciError> {
+    async fn basic_user(&self, parts: &Parts, encoded: &str) -> Result<Identity, OciError> {
         use base64::Engine as _;
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
@@ -149,16 +238,33 @@ impl Auth {
             .ok_or_else(|| self.challenge(parts, "malformed credentials", None))?;
         let (user, password) =
             decoded.split_once(':').ok_or_else(|| self.challenge(parts, "malformed credentials", None))?;
-        if self.logins.check(user, password) {
+        if self.logins.remembered(user, password) {
+            return Ok(Identity::User(user.to_string()));
+        }
+        let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0);
+        if let Some(wait) = client.and_then(|c| self.failed.refusal(c)) {
+            let seconds = wait.as_secs() + 1;
+            return Err(OciError::new(
+                ErrorCode::TooManyRequests,
+                format!("too many failed logins from this client; try again in {seconds} s"),
+            )
+            .with_header("retry-after", seconds.to_string()));
+        }
+        let logins = self.logins.clone();
+        let (u, p) = (user.to_string(), password.to_string());
+        if self.checks.run(move || logins.verify(&u, &p)).await? {
             Ok(Identity::User(user.to_string()))
         } else {
+            if let Some(client) = client {
+                self.failed.failed(client);
+            }
             tracing::info!(user, "login failed");
             Err(self.challenge(parts, "invalid username or password", None))
         }
     }
 
     /// Who sent `parts`. Wrong credentials are refused outright (never downgraded to anonymous).
-    pub fn identify(&self, parts: &Parts) -> Result<Caller, OciError> {
+    pub async fn identify(&self, parts: &Parts) -> Result<Caller, OciError> {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             // A client certificate the TLS layer verified against the client CA identifies
             // its holder by the subject's common name.
@@ -171,7 +277,7 @@ impl Auth {
         let value = value.to_str().map_err(|_| self.challenge(parts, "malformed credentials", None))?;
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("basic") {
-            return Ok(Caller { identity: self.basic_user(parts, rest)?, token: None });
+            return Ok(Caller { identity: self.basic_user(parts, rest).await?, token: None });
         }
         if scheme.eq_ignore_ascii_case("bearer") && (self.tokens.is_some() || !self.trusted.is_empty()) {
             return match self.verify_token(rest.trim()) {
@@ -252,13 +358,13 @@ impl Auth {
 
     /// `GET /token`: a token granting, of each requested scope, what the policy allows the
     /// caller (identified by Basic credentials, or anonymous).
-    pub fn token(&self, parts: &Parts, scopes: &[String]) -> Result<serde_json::Value, OciError> {
+    pub async fn token(&self, parts: &Parts, scopes: &[String]) -> Result<serde_json::Value, OciError> {
         let Some(tokens) = &self.tokens else {
             return Err(OciError::new(ErrorCode::NotFound, "this registry does not issue tokens"));
         };
         let identity = match parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
             Some(v) => match v.split_once(' ') {
-                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("basic") => self.basic_user(parts, rest)?,
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("basic") => self.basic_user(parts, rest).await?,
                 _ => return Err(self.challenge(parts, "the token endpoint takes Basic credentials", None)),
             },
             None => Identity::Anonymous,

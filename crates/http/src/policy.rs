@@ -60,7 +60,7 @@ impl Permit {
 
 /// Parses the request and decides what it may do: the login, the rights on the name, and
 /// everything that depends on who asks.
-pub(crate) fn decide(state: &AppState, parts: &Parts) -> Result<Permit, OciError> {
+pub(crate) async fn decide(state: &AppState, parts: &Parts) -> Result<Permit, OciError> {
     let method = &parts.method;
     let endpoint = endpoint::parse(parts.uri.path(), parts.uri.query()).map_err(|e| {
         // A tag that cannot exist is simply not found, except where a client tries to create it.
@@ -78,7 +78,7 @@ pub(crate) fn decide(state: &AppState, parts: &Parts) -> Result<Permit, OciError
     });
     let passthrough = matches!(&route, Some(Ok(r)) if r.resolved().passthrough);
     let action = action_of(method, &endpoint).map(|(action, _)| action);
-    let caller = identify(state, parts, &endpoint, action, passthrough)?;
+    let caller = identify(state, parts, &endpoint, action, passthrough).await?;
     let ask = Ask {
         client: parts.extensions.get::<crate::ClientAddr>().map(|c| c.0),
         upstream_auth: if passthrough {
@@ -99,7 +99,7 @@ pub(crate) fn decide(state: &AppState, parts: &Parts) -> Result<Permit, OciError
 /// The caller, checked against the rights the endpoint needs. `None` when Tessera's own
 /// login does not apply: none is configured, or the route passes credentials through to
 /// the upstream, which then decides who may pull.
-fn identify(
+async fn identify(
     state: &AppState,
     parts: &Parts,
     endpoint: &Endpoint,
@@ -109,7 +109,7 @@ fn identify(
     match &state.auth {
         Some(_) if passthrough && action == Some(Action::Pull) => Ok(None),
         Some(auth) => {
-            let caller = auth.identify(parts)?;
+            let caller = auth.identify(parts).await?;
             auth.authorize(parts, &caller, &parts.method, endpoint)?;
             Ok(Some(caller))
         }

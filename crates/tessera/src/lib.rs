@@ -175,7 +175,8 @@ fn open_auth(config: &Config) -> anyhow::Result<(Option<tessera_http::auth::Auth
         tokens,
         trusted,
         config.tls.is_some(),
-    );
+    )
+    .with_failed_logins_per_minute(config.limits.failed_logins_per_minute_per_client);
     Ok((Some(auth), fetched))
 }
 

@@ -308,3 +308,46 @@ async fn without_a_login_only_loopback_listeners_take_anonymous_writes() {
     let api = Api { base: format!("http://127.0.0.1:{}", open.addr.port()), http: tessera_testkit::http_client() };
     assert_eq!(api.http.post(api.url("/v2/a/b/blobs/uploads/")).send().await.unwrap().status(), 202);
 }
+
+/// A client (by address) that keeps failing is refused before its password is checked;
+/// other clients, and logins this client just proved, go on.
+#[tokio::test]
+async fn a_client_that_keeps_failing_logins_gets_429() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let file = tessera_testkit::htpasswd_file(dir.path(), &[("alice", "right")]);
+    let server = Server::with_config(
+        BIN,
+        &format!(
+            "[auth]\nhtpasswd = \"{}\"\ntoken = true\n\n[limits]\nfailed_logins_per_minute_per_client = 3\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    let from = |ip: &str| Api {
+        base: format!("http://127.0.0.1:{}", server.addr.port()),
+        http: reqwest::Client::builder().local_address(ip.parse::<std::net::IpAddr>().unwrap()).build().unwrap(),
+    };
+    let (mallory, alice) = (from("127.0.0.1"), from("127.0.0.2"));
+    assert_eq!(status(&mallory, reqwest::Method::GET, "/token", Some(("alice", "right"))).await.0, 200);
+    for _ in 0..3 {
+        assert_eq!(status(&mallory, reqwest::Method::GET, "/token", Some(("alice", "guess"))).await.0, 401);
+    }
+    let r = mallory.http.get(mallory.url("/token")).basic_auth("alice", Some("guess")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=21).contains(&wait), "one more try within 20 s: {wait}");
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    assert_eq!(
+        status(&mallory, reqwest::Method::GET, "/token", Some(("alice", "another guess"))).await.0,
+        429,
+        "still out of tries"
+    );
+    assert_eq!(
+        status(&mallory, reqwest::Method::GET, "/token", Some(("alice", "right"))).await.0,
+        200,
+        "a login proved a moment ago costs no bcrypt and passes"
+    );
+    assert_eq!(status(&alice, reqwest::Method::GET, "/token", Some(("alice", "right"))).await.0, 200, "per client");
+    assert_eq!(status(&alice, reqwest::Method::GET, "/token", Some(("alice", "guess"))).await.0, 401);
+    assert_eq!(server.log_text().matches("login failed").count(), 4, "refused tries were never checked");
+}

@@ -210,11 +210,11 @@ fn listing(path: &str, key: &str, extra: Option<(&str, &str)>, paging: &Paging, 
 /// One request after the dispatcher admitted it: the decision step, then the handler of its
 /// endpoint family.
 async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Result<Response, OciError> {
-    let permit = crate::policy::decide(state, parts)?;
+    let permit = crate::policy::decide(state, parts).await?;
     let method = &parts.method;
     match &permit.endpoint {
         Endpoint::Base | Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks => {
-            service::handle(state, parts, &permit.endpoint)
+            service::handle(state, parts, &permit.endpoint).await
         }
         Endpoint::Catalog(paging) if *method == Method::GET => listings::catalog(state, paging).await,
         Endpoint::Tags { name, paging } if *method == Method::GET => listings::tags(&permit, name, paging).await,

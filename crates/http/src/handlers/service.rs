@@ -10,7 +10,7 @@ use super::{response, unsupported_method};
 use crate::AppState;
 use crate::endpoint::Endpoint;
 
-pub(super) fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint) -> Result<Response, OciError> {
+pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint) -> Result<Response, OciError> {
     let json =
         |text: String| response(StatusCode::OK, &[("content-type", "application/json".into())], Body::from(text));
     let no_tokens = || OciError::new(ErrorCode::NotFound, "this registry does not issue tokens");
@@ -26,7 +26,7 @@ pub(super) fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint) -> Re
             if method != Method::GET {
                 return Err(unsupported_method());
             }
-            Ok(json(auth.token(parts, scopes)?.to_string()))
+            Ok(json(auth.token(parts, scopes).await?.to_string()))
         }
         (Endpoint::Jwks, _) => {
             let jwks = state.auth.as_ref().and_then(|a| a.jwks()).ok_or_else(no_tokens)?;
