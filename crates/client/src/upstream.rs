@@ -136,10 +136,14 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     Some(Challenge { scheme: scheme.to_ascii_lowercase(), params })
 }
 
+#[derive(Clone)]
 struct Token {
     value: String,
     expires: Instant,
 }
+
+/// How many upstream tokens (one per scope) an upstream client keeps at most.
+pub const TOKENS_REMEMBERED: usize = 10_000;
 
 pub struct Upstream {
     config: tessera_config::Upstream,
@@ -150,8 +154,9 @@ pub struct Upstream {
     credentials: Option<(String, String)>,
     cache: UpstreamCache,
     http: reqwest::Client,
-    /// Bearer tokens by scope.
-    tokens: Mutex<HashMap<String, Token>>,
+    /// Bearer tokens by scope (one per repository a client asked for), at most
+    /// [`TOKENS_REMEMBERED`]; the least used are forgotten and fetched again when needed.
+    tokens: quick_cache::sync::Cache<String, Token>,
     /// Whether the upstream asked for Basic auth (then it is sent up front).
     basic: std::sync::atomic::AtomicBool,
     /// After a 429: not before this instant (its `Retry-After` is respected).
@@ -224,7 +229,7 @@ impl Upstream {
             credentials,
             cache: config.cache.clone(),
             http,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: quick_cache::sync::Cache::new(TOKENS_REMEMBERED),
             basic: std::sync::atomic::AtomicBool::new(false),
             quiet_until: Mutex::new(None),
         })
@@ -257,8 +262,7 @@ impl Upstream {
     }
 
     fn cached_token(&self, scope: &str) -> Option<String> {
-        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens.get(scope).filter(|t| t.expires > Instant::now()).map(|t| t.value.clone())
+        self.tokens.get(scope).filter(|t| t.expires > Instant::now()).map(|t| t.value)
     }
 
     fn authorization(&self, scope: &str) -> Option<HeaderValue> {
@@ -442,8 +446,6 @@ impl Upstream {
         let header =
             HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Auth(AuthError::Unusable))?;
         self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .insert(scope.to_string(), Token { value: token, expires: Instant::now() + Duration::from_secs(lifetime) });
         Ok(header)
     }
