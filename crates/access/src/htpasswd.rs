@@ -141,16 +141,9 @@ impl FailedLogins {
         FailedLogins { per_minute, clients: quick_cache::sync::Cache::new(CLIENTS_TRACKED) }
     }
 
-    fn subscriber(client: IpAddr) -> IpAddr {
-        match client.to_canonical() {
-            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-            v4 => v4,
-        }
-    }
-
     fn tries_left(&self, client: IpAddr, now: Instant) -> f64 {
         let full = f64::from(self.per_minute);
-        match self.clients.get(&Self::subscriber(client)) {
+        match self.clients.get(&crate::subscriber(client)) {
             Some((left, at)) => (left + now.duration_since(at).as_secs_f64() * full / 60.0).min(full),
             None => full,
         }
@@ -172,7 +165,7 @@ impl FailedLogins {
         }
         let now = Instant::now();
         let left = (self.tries_left(client, now) - 1.0).max(0.0);
-        self.clients.insert(Self::subscriber(client), (left, now));
+        self.clients.insert(crate::subscriber(client), (left, now));
     }
 }
 

@@ -9,6 +9,16 @@ use std::collections::HashMap;
 
 pub use htpasswd::{FailedLogins, Htpasswd, Logins};
 
+/// The address a per-client limit counts `client` under: an IPv4 address itself, an IPv6
+/// address its /64, the block one subscriber usually holds (counting each IPv6 address
+/// apart would let one subscriber be millions of clients).
+pub fn subscriber(client: std::net::IpAddr) -> std::net::IpAddr {
+    match client.to_canonical() {
+        std::net::IpAddr::V6(v6) => std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
 /// What a request wants to do with a repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {

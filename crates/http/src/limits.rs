@@ -13,7 +13,10 @@ use tessera_spec::{ErrorCode, OciError};
 
 type Limiter = RateLimiter<IpAddr, governor::state::keyed::HashMapStateStore<IpAddr>, DefaultClock>;
 
-/// How many client addresses the rate limiter tracks before it forgets idle ones.
+/// How many clients the rate limiter tracks before it forgets idle ones. Clients are
+/// counted by [`tessera_access::subscriber`], so the state grows with the addresses (IPv6:
+/// the /64 blocks) that completed a TCP handshake within the last second, not with what
+/// a client writes in a request.
 const TRACKED: usize = 10_000;
 
 pub struct ClientLimits {
@@ -71,7 +74,7 @@ impl ClientLimits {
         if rate.len() > TRACKED {
             rate.retain_recent();
         }
-        rate.check_key(&client).map_err(|not_until| {
+        rate.check_key(&tessera_access::subscriber(client)).map_err(|not_until| {
             too_many("too many requests from this client", not_until.wait_time_from(DefaultClock::default().now()))
         })
     }
@@ -81,6 +84,7 @@ impl ClientLimits {
         if self.uploads_per_client == 0 {
             return Ok(None);
         }
+        let client = tessera_access::subscriber(client);
         let mut uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
         let n = uploads.entry(client).or_default();
         if *n >= self.uploads_per_client {
