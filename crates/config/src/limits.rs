@@ -14,6 +14,14 @@ pub struct Limits {
     /// Requests per second one client address may make (a burst of as many); past it, 429
     /// with `Retry-After`. 0: no limit.
     pub requests_per_second_per_client: u32,
+    /// Connections that may be open at once (never more than the open-file limit allows).
+    /// At the limit, the connection idle the longest is closed to make room; only when all
+    /// are busy is a new connection refused. 0: as many as the open-file limit allows.
+    pub connections: usize,
+    /// Connections one client address (an IPv6 client: its /64) may have open, with the
+    /// same rule: its longest-idle connection makes room. Trusted proxies are exempt. 0: no
+    /// limit.
+    pub connections_per_client: usize,
     /// Failed logins one client address (an IPv6 client: its /64) may make in a burst, then
     /// one more every `60 / n` seconds; past it, its logins get 429 with `Retry-After`
     /// before their password is checked. 0: no limit.
@@ -40,6 +48,8 @@ impl Default for Limits {
             header_max_bytes: 64 * 1024,
             blob_max_bytes: 0,
             requests_per_second_per_client: 0,
+            connections: 10_000,
+            connections_per_client: 512,
             failed_logins_per_minute_per_client: 10,
             uploads_per_client: 64,
             body_idle_timeout_secs: 60,

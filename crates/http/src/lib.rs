@@ -2,6 +2,7 @@
 //! [`endpoint::Endpoint`], OCI responses, and the listener ([`server`]) with TLS.
 
 pub mod auth;
+pub mod connections;
 pub mod endpoint;
 mod handlers;
 pub mod limits;

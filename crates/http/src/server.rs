@@ -17,7 +17,6 @@ use axum::http::HeaderMap;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncWriteExt;
@@ -29,6 +28,7 @@ use tower::ServiceExt;
 use tessera_config::Network;
 
 use crate::ClientAddr;
+use crate::connections::{ConnectionLimits, Connections, Refused, Slot};
 
 /// How long a client may take to send its request head (slow-loris guard).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,6 +46,8 @@ pub struct ServerOptions {
     pub send_idle: Duration,
     /// Peers whose `X-Forwarded-For` is believed (see [`client_address`]).
     pub trusted_proxies: Arc<[Network]>,
+    /// How many connections may be open, in total and per client.
+    pub connections: ConnectionLimits,
 }
 
 /// The client a request is from: the socket's peer, or, when the peer is a trusted proxy,
@@ -171,6 +173,19 @@ fn certified_key(cert: &Path, key: &Path) -> io::Result<rustls::sign::CertifiedK
     Ok(certified)
 }
 
+/// Connections the kernel completes before the server accepts them: as many as the system
+/// allows (Linux caps it at `net.core.somaxconn`), as Distribution does, so that a burst of
+/// new clients waits in the queue instead of having its SYNs dropped (a 1 s retransmit each).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with a deep accept queue ([`LISTEN_BACKLOG`]).
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
 pub async fn serve(
     listener: TcpListener,
@@ -184,10 +199,23 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(options.header_max_bytes.max(8192));
-    builder.http2().max_header_list_size(options.header_max_bytes.min(u32::MAX as usize) as u32);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(options.header_max_bytes.min(u32::MAX as usize) as u32)
+        // Streams one connection may run at once: a client pulling many layers over one
+        // connection is served in parallel, but cannot hold a task per stream by thousands.
+        .max_concurrent_streams(H2_STREAMS)
+        // Streams a client opens and resets before they are answered (the "rapid reset"
+        // attack) end the connection past this many.
+        .max_pending_accept_reset_streams(H2_PENDING_RESETS)
+        // A peer that stops answering pings is gone; its connection is closed.
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(HEADER_TIMEOUT);
     let builder = Arc::new(builder);
     let acceptor = options.tls.map(TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
+    let connections = Connections::new(options.connections);
+    let mut refusals = RefusalLog::default();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -202,62 +230,171 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let peer_ip = peer.ip().to_canonical();
+        let trusted_peer = options.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
+        let slot = match connections.admit((!trusted_peer).then_some(peer_ip)) {
+            Ok(slot) => slot,
+            Err(why) => {
+                refusals.refused(peer_ip, why);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let connection_app = app.clone();
-        let trusted_proxies = options.trusted_proxies.clone();
-        let service = move |identity: Option<ClientCertificate>| {
-            let app = connection_app.clone();
-            let trusted = trusted_proxies.clone();
-            hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let client = client_address(peer.ip().to_canonical(), req.headers(), &trusted);
-                req.extensions_mut().insert(ClientAddr(client));
-                if let Some(id) = &identity {
-                    req.extensions_mut().insert(id.clone());
-                }
-                app.clone().oneshot(req.map(axum::body::Body::new))
-            })
+        let connection = Connection {
+            app: app.clone(),
+            trusted_proxies: options.trusted_proxies.clone(),
+            peer,
+            slot: Arc::new(slot),
         };
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         let send_idle = options.send_idle;
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let mut stream = stream;
-            if acceptor.is_none() && answers_tls_probe(&mut stream, peer).await {
-                return;
-            }
-            // A client that stops reading cannot hold a connection (and its buffers) forever.
-            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-            stream.set_write_timeout(Some(send_idle));
-            let stream = Box::pin(stream);
-            match acceptor {
-                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let identity =
-                            tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_name(c));
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service(identity));
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(%peer, "connection ended: {e}");
-                        }
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, "connection ended: {e}");
-                    }
-                }
-            }
-        });
+        tokio::spawn(async move { connection.serve(stream, &builder, acceptor, send_idle).await });
     }
     drop(listener);
+    connections.close_all();
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = connections.all_closed() => {}
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; stopping anyway"),
     }
     Ok(())
+}
+
+const H2_STREAMS: u32 = 128;
+const H2_PENDING_RESETS: usize = 32;
+const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Logs refused connections at most once a minute, with how many there were.
+#[derive(Default)]
+struct RefusalLog {
+    since: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, peer: IpAddr, why: Refused) {
+        self.count += 1;
+        if self.since.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            let limit = match why {
+                Refused::Total => "all connections allowed are open and busy",
+                Refused::PerClient => "all connections allowed to this client are open and busy",
+            };
+            tracing::warn!(%peer, "refused {} connection(s) in the last minute: {limit} ([limits] connections)", self.count);
+            self.since = Some(std::time::Instant::now());
+            self.count = 0;
+        }
+    }
+}
+
+type Timed = std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<TcpStream>>>;
+
+/// A connection ready for HTTP.
+enum Opened {
+    Plain(TokioIo<Timed>),
+    Tls(Box<TokioIo<tokio_rustls::server::TlsStream<Timed>>>, Option<ClientCertificate>),
+}
+
+/// Readies a connection for HTTP: answers a TLS client on a plain listener, bounds how long
+/// the client may stop reading, and does the TLS handshake. `None`: nothing to serve.
+async fn open(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    send_idle: Duration,
+) -> Option<Opened> {
+    if acceptor.is_none() && answers_tls_probe(&mut stream, peer).await {
+        return None;
+    }
+    // A client that stops reading cannot hold a connection (and its buffers) forever.
+    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(send_idle));
+    let stream = Box::pin(stream);
+    let Some(acceptor) = acceptor else { return Some(Opened::Plain(TokioIo::new(stream))) };
+    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let identity = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_name(c));
+            Some(Opened::Tls(Box::new(TokioIo::new(tls)), identity))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection {
+    app: Router,
+    trusted_proxies: Arc<[Network]>,
+    peer: SocketAddr,
+    slot: Arc<Slot>,
+}
+
+impl Connection {
+    async fn serve(
+        self,
+        stream: TcpStream,
+        builder: &auto::Builder<TokioExecutor>,
+        acceptor: Option<TlsAcceptor>,
+        send_idle: Duration,
+    ) {
+        let peer = self.peer;
+        // Until it has said something, a connection asked to close is simply dropped.
+        let opened = tokio::select! {
+            opened = open(stream, peer, acceptor, send_idle) => opened,
+            () = self.slot.closing() => return,
+        };
+        match opened {
+            Some(Opened::Plain(io)) => self.drive(builder, io, None).await,
+            Some(Opened::Tls(io, identity)) => self.drive(builder, *io, identity).await,
+            None => {}
+        }
+    }
+
+    /// Serves HTTP on `io` until the client leaves or the connection is asked to close;
+    /// then the requests in flight finish first.
+    async fn drive<I>(self, builder: &auto::Builder<TokioExecutor>, io: I, identity: Option<ClientCertificate>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let Connection { app, trusted_proxies, peer, slot } = self;
+        let requests = slot.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let client = client_address(peer.ip().to_canonical(), req.headers(), &trusted_proxies);
+            req.extensions_mut().insert(ClientAddr(client));
+            if let Some(id) = &identity {
+                req.extensions_mut().insert(id.clone());
+            }
+            // The request counts as in flight until its response body is done.
+            let in_flight = requests.request();
+            let answer = app.clone().oneshot(req.map(axum::body::Body::new));
+            async move {
+                let response = answer.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+                        let _in_flight = &in_flight;
+                        frame
+                    }))
+                }))
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        let ended = tokio::select! {
+            ended = conn.as_mut() => ended,
+            () = slot.closing() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%peer, "connection ended: {e}");
+        }
+    }
 }
 
 /// The verified client certificate of a TLS connection, by its subject's common name.

@@ -436,6 +436,39 @@ async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_con
     }
 }
 
+/// The connection limits of `limits`, within what the open-file limit (raised to its hard
+/// limit first, as Go programs such as Distribution do) leaves: each busy connection may
+/// hold a socket and a file, and some descriptors stay for the store and upstreams.
+fn connection_limits(limits: &tessera_config::Limits) -> tessera_http::connections::ConnectionLimits {
+    let allowed = (raise_open_file_limit().saturating_sub(128) / 2).max(16);
+    let total = if limits.connections == 0 { allowed } else { limits.connections.min(allowed) };
+    if limits.connections > allowed && limits.connections != tessera_config::Limits::default().connections {
+        tracing::warn!(
+            "[limits] connections = {} is more than the open-file limit allows; serving at most {total}",
+            limits.connections
+        );
+    }
+    tessera_http::connections::ConnectionLimits { total, per_client: limits.connections_per_client }
+}
+
+/// Raises this process's soft open-file limit to its hard limit; returns the soft limit.
+fn raise_open_file_limit() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+}
+
 /// Produces the configuration again from its sources, for a reload.
 pub type Reload = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 
@@ -444,9 +477,8 @@ pub type Reload = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 /// finish on the table they started with, and an invalid configuration is refused with its
 /// reason while the old table keeps serving.
 pub async fn serve(config: Config, reload: Option<Reload>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        tessera_http::server::listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     run(config, reload, listener, |_| {}, shutdown).await
 }
 
@@ -497,6 +529,7 @@ async fn run(
             header_max_bytes: config.limits.header_max_bytes,
             send_idle: Duration::from_secs(config.limits.send_idle_timeout_secs.max(1)),
             trusted_proxies: config.trusted_proxies.clone().into(),
+            connections: connection_limits(&config.limits),
         },
         shutdown,
     )

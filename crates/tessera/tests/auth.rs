@@ -325,7 +325,7 @@ async fn a_client_that_keeps_failing_logins_gets_429() {
     .unwrap();
     let from = |ip: &str| Api {
         base: format!("http://127.0.0.1:{}", server.addr.port()),
-        http: reqwest::Client::builder().local_address(ip.parse::<std::net::IpAddr>().unwrap()).build().unwrap(),
+        http: tessera_testkit::http_client_from(ip.parse().unwrap()),
     };
     let (mallory, alice) = (from("127.0.0.1"), from("127.0.0.2"));
     assert_eq!(status(&mallory, reqwest::Method::GET, "/token", Some(("alice", "right"))).await.0, 200);
@@ -349,5 +349,9 @@ async fn a_client_that_keeps_failing_logins_gets_429() {
     );
     assert_eq!(status(&alice, reqwest::Method::GET, "/token", Some(("alice", "right"))).await.0, 200, "per client");
     assert_eq!(status(&alice, reqwest::Method::GET, "/token", Some(("alice", "guess"))).await.0, 401);
-    assert_eq!(server.log_text().matches("login failed").count(), 4, "refused tries were never checked");
+    // The log is read as the server writes it: wait for the last request's line.
+    let last = "127.0.0.2 \"GET /token\" 401";
+    assert!(server.wait_for_log(last, std::time::Duration::from_secs(10)));
+    let log = server.log_text();
+    assert_eq!(log.matches("login failed").count(), 4, "refused tries were never checked: {log}");
 }

@@ -1,4 +1,5 @@
-//! Per-client limits: request rate (429 with Retry-After), uploads in flight, stalled bodies.
+//! Per-client limits: request rate (429 with Retry-After), uploads in flight, stalled bodies,
+//! open connections.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -174,4 +175,69 @@ async fn a_request_that_takes_too_long_gets_503() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(error_code(r).await, "UNAVAILABLE");
+}
+
+/// Whether the server has closed `conn` (it reads end-of-file or a reset at once).
+fn closed_by_server(mut conn: &TcpStream) -> bool {
+    conn.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = [0u8; 1];
+    match conn.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_make_room_and_busy_ones_are_kept() {
+    let server = with_limits("connections = 30\nconnections_per_client = 4");
+    let api = Api::new(&server);
+    let blob = tessera_testkit::random_bytes(32 << 20, 9);
+    let digest = api.push_blob("many/conns", &blob).await.unwrap();
+    // A download in flight that its client reads slowly: busy, never chosen to make room.
+    let mut busy = TcpStream::connect(server.addr).unwrap();
+    write!(busy, "GET /v2/many/conns/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut first = [0u8; 12];
+    busy.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // Idle connections from the same client, far more than its limit of four.
+    let idle: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(server.addr).unwrap()).collect();
+    // (A fresh client: the pooled connection of the push above was the longest idle.)
+    let fresh = Api::new(&server);
+    assert_eq!(fresh.get("/v2/").await.unwrap().status(), 200, "a new request from the same client is served");
+    // Closing is asked for at once; give the connections' tasks a moment to do it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let closed = idle.iter().filter(|c| closed_by_server(c)).count();
+    assert!(closed >= 36, "only {closed} of the 40 idle connections were closed to make room");
+    // The busy download was kept, and finishes with every byte.
+    busy.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while rest.len() < blob.len() {
+        match busy.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => rest.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("the busy download was cut: {e}"),
+        }
+    }
+    assert!(rest.ends_with(&blob[blob.len() - 1000..]), "the download was cut after {} bytes", rest.len());
+    // Past the total, the longest-idle connection of anyone makes room.
+    let mut others = Vec::new();
+    for i in 2..12 {
+        for _ in 0..4 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("127.0.0.{i}:0").parse().unwrap()).unwrap();
+            others.push(socket.connect(server.addr).await.unwrap().into_std().unwrap());
+        }
+    }
+    let from_elsewhere =
+        Api { base: api.base.clone(), http: tessera_testkit::http_client_from("127.0.0.99".parse().unwrap()) };
+    assert_eq!(from_elsewhere.get("/v2/").await.unwrap().status(), 200);
+    for conn in &others {
+        conn.set_nonblocking(false).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let still_open = others.iter().filter(|c| !closed_by_server(c)).count();
+    assert!(still_open <= 30, "{still_open} of {} connections open, over the total of 30", others.len());
+    assert!(still_open >= 25, "only {still_open} left open: more were closed than the limit needs");
 }

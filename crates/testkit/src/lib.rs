@@ -500,6 +500,13 @@ pub fn http_client_with_pool(idle: usize) -> reqwest::Client {
     reqwest::Client::builder().pool_max_idle_per_host(idle).build().expect("client")
 }
 
+/// An HTTP client whose connections come from `ip` (any 127.x.y.z on loopback), to act as
+/// one of several client addresses.
+pub fn http_client_from(ip: std::net::IpAddr) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().local_address(ip).build().expect("client")
+}
+
 /// An HTTP client that shows redirects instead of following them.
 pub fn no_redirects() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
