@@ -283,37 +283,60 @@ async fn reload_on_hangup(
             return;
         }
     };
+    let reload = reload.map(Arc::new);
+    let running = Arc::new(running);
     while hangups.recv().await.is_some() {
-        if let Some(certs) = &certs {
-            match certs.reload() {
-                Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => tracing::error!("TLS certificate not reloaded; the previous one keeps serving: {e}"),
-            }
-        }
-        let Some(reload) = &reload else { continue };
-        let reloaded = async {
-            let new = reload()?;
-            // Only the routing table is live; listener, data and limits need a restart.
-            let mut effective = running.clone();
-            effective.upstreams = new.upstreams;
-            effective.routes = new.routes;
-            effective.fallback = new.fallback;
-            let previous = state.federation.load();
-            let federation = open_federation(&effective, Some(&previous), state.registry.clone()).await?;
-            anyhow::Ok((federation, effective))
-        }
+        // Reading files, parsing them, loading Crane directories and opening cache stores is
+        // blocking work: it runs on the blocking pool, never on a thread serving requests.
+        let (state, running, reload, certs) = (state.clone(), running.clone(), reload.clone(), certs.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let done = tokio::task::spawn_blocking(move || {
+            reload_once(&runtime, &state, &running, reload.as_deref(), certs.as_deref())
+        })
         .await;
-        match reloaded {
-            Ok((federation, effective)) => {
-                state.federation.store(Arc::new(federation));
-                tracing::info!(
-                    "configuration reloaded: {} upstream(s), {} route(s)",
-                    effective.upstreams.len(),
-                    effective.routes.len()
-                );
-            }
-            Err(e) => tracing::error!("configuration not reloaded; the previous routing table keeps serving: {e:#}"),
+        if let Err(e) = done {
+            tracing::error!("configuration reload failed to run: {e}");
         }
+    }
+}
+
+/// One reload (SIGHUP): the TLS certificate, then the routing table; what fails to load is
+/// logged and the previous one keeps serving.
+fn reload_once(
+    runtime: &tokio::runtime::Handle,
+    state: &Arc<AppState>,
+    running: &Config,
+    reload: Option<&Reload>,
+    certs: Option<&CertStore>,
+) {
+    if let Some(certs) = certs {
+        match certs.reload() {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => tracing::error!("TLS certificate not reloaded; the previous one keeps serving: {e}"),
+        }
+    }
+    let Some(reload) = reload else { return };
+    let reloaded = (|| {
+        let new = reload()?;
+        // Only the routing table is live; listener, data and limits need a restart.
+        let mut effective = running.clone();
+        effective.upstreams = new.upstreams;
+        effective.routes = new.routes;
+        effective.fallback = new.fallback;
+        let previous = state.federation.load();
+        let federation = runtime.block_on(open_federation(&effective, Some(&previous), state.registry.clone()))?;
+        anyhow::Ok((federation, effective))
+    })();
+    match reloaded {
+        Ok((federation, effective)) => {
+            state.federation.store(Arc::new(federation));
+            tracing::info!(
+                "configuration reloaded: {} upstream(s), {} route(s)",
+                effective.upstreams.len(),
+                effective.routes.len()
+            );
+        }
+        Err(e) => tracing::error!("configuration not reloaded; the previous routing table keeps serving: {e:#}"),
     }
 }
 
