@@ -105,10 +105,11 @@ impl PullThrough {
             return Ok(answer);
         }
         let mut rx = self.join_fill(name, digest, auth).await?;
-        // Wait until the size is known (the upstream answered) or the fill ended.
+        // Wait until the size is known (the upstream answered) or the fill ended. An empty
+        // answer has no last byte to hold back: it waits for the digest to verify.
         let state = loop {
             let s = rx.borrow_and_update().clone();
-            if s.size.is_some() || s.done.is_some() {
+            if s.size.is_some_and(|n| n > 0 || s.verified) || s.done.is_some() {
                 break s;
             }
             if rx.changed().await.is_err() {
