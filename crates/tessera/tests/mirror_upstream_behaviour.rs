@@ -328,6 +328,8 @@ async fn readers_joining_a_fill_late_or_ahead_of_it_get_the_verified_bytes() {
     // A negative check needs a window: 200 ms in which a wrong early answer would complete.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!first.is_finished() && !ahead.is_finished() && !last_byte.is_finished(), "nothing unverified is complete");
+    // Not even a range of bytes already fetched: its client cannot check them against a digest.
+    assert!(!middle.is_finished(), "a range waits for the blob to verify");
     go_on.store(true, Ordering::SeqCst);
     let whole = |(status, bytes): (u16, bytes::Bytes)| {
         assert_eq!(status, 200);

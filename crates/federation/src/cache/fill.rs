@@ -411,7 +411,8 @@ impl Fill {
 }
 
 /// Streams `[start, end)` of a blob being fetched: from the fill's session file while it
-/// grows, then from the committed blob. The final byte waits for the digest to verify.
+/// grows, then from the committed blob. The final byte (of a range too) waits for the
+/// digest to verify.
 ///
 /// When the fill fails because the cache cannot store the blob, the rest comes straight from
 /// the upstream ([`relay`]), checked against the bytes this reader already sent.
@@ -526,10 +527,11 @@ fn follow(
                 }
                 None => {}
             }
-            // Bytes the session file holds now; the last byte of the blob only once verified.
+            // Bytes the session file holds now; the last byte of this answer (of a range
+            // too: its client cannot check a digest) only once the blob verified.
             let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
-            let unverified_limit = if state.verified { c.size } else { c.size.saturating_sub(1) };
-            let limit = on_disk.min(c.end).min(unverified_limit);
+            let unverified_limit = if state.verified { c.end } else { c.end - 1 };
+            let limit = on_disk.min(unverified_limit);
             if limit > c.offset
                 && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
             {
