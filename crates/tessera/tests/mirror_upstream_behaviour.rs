@@ -328,6 +328,8 @@ async fn readers_joining_a_fill_late_or_ahead_of_it_get_the_verified_bytes() {
     // A negative check needs a window: 200 ms in which a wrong early answer would complete.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!first.is_finished() && !ahead.is_finished() && !last_byte.is_finished(), "nothing unverified is complete");
+    // Not even a range of bytes already fetched: its client cannot check them against a digest.
+    assert!(!middle.is_finished(), "a range waits for the blob to verify");
     go_on.store(true, Ordering::SeqCst);
     let whole = |(status, bytes): (u16, bytes::Bytes)| {
         assert_eq!(status, 200);
@@ -402,4 +404,36 @@ async fn tag_paging_is_passed_upstream_encoded() {
         "{}",
         upstream.log_text()
     );
+}
+
+/// An upstream that answers every request `200` with an empty body, whatever was asked.
+fn empty_answering_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    addr
+}
+
+/// An empty answer has no last byte to hold back until the digest verifies: a client must
+/// not get it as a complete blob before it has.
+#[tokio::test]
+async fn an_empty_answer_for_a_blob_that_is_not_empty_is_an_error() {
+    let addr = empty_answering_upstream();
+    let mirror = Server::with_config(
+        BIN,
+        &format!("[[upstream]]\nname = \"up\"\nurl = \"http://{addr}\"\n\n[[route]]\nprefix = \"m\"\nto = \"up\"\n"),
+    )
+    .unwrap();
+    let api = Api::new(&mirror);
+    let d = Digest::sha256_of(b"not empty");
+    let r = api.get(&format!("/v2/m/lib/app/blobs/{d}")).await.unwrap();
+    assert_eq!(r.status(), 503, "{:?}", r.headers());
+    assert!(mirror.wait_for_log("does not match its digest", Duration::from_secs(5)));
 }

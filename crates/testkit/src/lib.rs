@@ -3,6 +3,7 @@
 //! client programs (skopeo, podman, ctr, dockerd, python oras).
 
 pub mod cdn;
+pub mod chaos;
 pub mod clients;
 
 use std::io::{BufRead, BufReader, Write};

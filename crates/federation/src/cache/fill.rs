@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
@@ -96,14 +97,19 @@ impl PullThrough {
         if let Some(size) = self.blobs.stat(digest).await.map_err(|e| store_failure("cache", e))?
             && let Some(answer) = self.stored(digest, size, range).await?
         {
-            self.meta.link_blob(name, digest, size).await.map_err(|e| store_failure("cache", e))?;
+            // The link only spares a later look at the bytes: a cache that cannot write it
+            // (a full disk) still serves what it holds.
+            if let Err(e) = self.meta.link_blob(name, digest, size).await {
+                tracing::warn!(upstream = self.upstream.name(), %name, %digest, "cache: cannot link a held blob: {e}");
+            }
             return Ok(answer);
         }
         let mut rx = self.join_fill(name, digest, auth).await?;
-        // Wait until the size is known (the upstream answered) or the fill ended.
+        // Wait until the size is known (the upstream answered) or the fill ended. An empty
+        // answer has no last byte to hold back: it waits for the digest to verify.
         let state = loop {
             let s = rx.borrow_and_update().clone();
-            if s.size.is_some() || s.done.is_some() {
+            if s.size.is_some_and(|n| n > 0 || s.verified) || s.done.is_some() {
                 break s;
             }
             if rx.changed().await.is_err() {
@@ -113,6 +119,9 @@ impl PullThrough {
         match (&state.done, state.size) {
             (Some(Err(e)), _) if matches!(**e, FillError::NotFound) => {
                 Err(OciError::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
+            }
+            (Some(Err(e)), _) if matches!(**e, FillError::Store(_)) => {
+                self.uncached(name, digest, range, auth, e).await
             }
             (Some(Err(e)), _) => Err(unavailable(&self.upstream, e)),
             (Some(Ok(())), _) => {
@@ -128,15 +137,9 @@ impl PullThrough {
                 let range = RangeRequest::resolve_opt(range, size)?;
                 let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
                 let len = if size == 0 { 0 } else { end - start + 1 };
-                let mut body = follow(self.blobs.clone(), digest.clone(), rx, start, start + len, size);
-                // A fetch that fails before this answer's first byte gets a status: the server
-                // buffers the head until the body's first poll, so an error there would reach
-                // the client as a connection closed before any answer.
-                let body: ByteStream<'static> = match body.next().await {
-                    Some(Err(e)) => return Err(unavailable(&self.upstream, e)),
-                    Some(Ok(first)) => Box::pin(futures_util::stream::once(async move { Ok(first) }).chain(body)),
-                    None => body,
-                };
+                let direct = self.direct(name, auth);
+                let body = follow(self.blobs.clone(), digest.clone(), rx, direct, start, start + len, size);
+                let body = first_polled(body).await.map_err(|e| unavailable(&self.upstream, e))?;
                 Ok(BlobAnswer { size, range, read: BlobRead { len, body } })
             }
             (None, None) => {
@@ -164,6 +167,31 @@ impl PullThrough {
         };
         self.lru.lock().unwrap_or_else(|p| p.into_inner()).touch(digest, size);
         Ok(Some(BlobAnswer { size, range, read }))
+    }
+
+    fn direct(&self, name: &RepoName, auth: &UpstreamAuth) -> Direct {
+        Direct { upstream: self.upstream.clone(), auth: auth.clone(), name: name.clone() }
+    }
+
+    /// The blob straight from the upstream, kept nowhere: the fill could not store it
+    /// (`why`, e.g. a full disk), and a cache that cannot keep a blob still serves it.
+    async fn uncached(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<&RangeRequest>,
+        auth: &UpstreamAuth,
+        why: &FillError,
+    ) -> Result<BlobAnswer, OciError> {
+        tracing::warn!(upstream = self.upstream.name(), %name, %digest, "serving a blob the cache cannot keep ({why})");
+        let (upstream_body, size) =
+            self.direct(name, auth).fetch(digest).await.map_err(|e| unavailable(&self.upstream, e))?;
+        let range = RangeRequest::resolve_opt(range, size)?;
+        let (start, end) = range.map_or((0, size), |r| (r.start, r.end + 1));
+        let span = Span { start, from: start, end, size };
+        let body = first_polled(relay(upstream_body, digest.clone(), span, None)).await;
+        let body = body.map_err(|e| unavailable(&self.upstream, e))?;
+        Ok(BlobAnswer { size, range, read: BlobRead { len: end - start, body } })
     }
 
     /// Joins the fetch of `digest` in progress, or starts one.
@@ -370,7 +398,10 @@ impl Fill {
         }
         tx.send_modify(|s| s.verified = true);
         self.blobs.upload_commit(&self.upload, &self.digest).await?;
-        self.meta.link_blob(&self.name, &self.digest, size).await?;
+        if let Err(e) = self.meta.link_blob(&self.name, &self.digest, size).await {
+            // The bytes are held; a later pull finds them without the link.
+            tracing::warn!(upstream = self.upstream.name(), name = %self.name, digest = %self.digest, "cache: cannot link a fetched blob: {e}");
+        }
         self.lru.lock().unwrap_or_else(|p| p.into_inner()).touch(&self.digest, size);
         evict(&self.upstream, &self.lru, &self.blobs, &self.stats, &self.digest).await;
         count(&self.stats.blobs_fetched, 1);
@@ -380,11 +411,16 @@ impl Fill {
 }
 
 /// Streams `[start, end)` of a blob being fetched: from the fill's session file while it
-/// grows, then from the committed blob. The final byte waits for the digest to verify.
+/// grows, then from the committed blob. The final byte (of a range too) waits for the
+/// digest to verify.
+///
+/// When the fill fails because the cache cannot store the blob, the rest comes straight from
+/// the upstream ([`relay`]), checked against the bytes this reader already sent.
 fn follow(
     blobs: Arc<dyn BlobStore>,
     digest: Digest,
     rx: watch::Receiver<FillState>,
+    direct: Direct,
     start: u64,
     end: u64,
     size: u64,
@@ -393,13 +429,30 @@ fn follow(
         blobs: Arc<dyn BlobStore>,
         digest: Digest,
         rx: watch::Receiver<FillState>,
+        start: u64,
         offset: u64,
         end: u64,
         size: u64,
         pending: Option<ByteStream<'static>>,
         finished: bool,
+        /// Taken when the rest comes from the upstream directly (once at most).
+        direct: Option<Direct>,
+        /// The bytes sent so far, `[start, offset)`.
+        sent: Digester,
     }
-    let cursor = Cursor { blobs, digest, rx, offset: start, end, size, pending: None, finished: start >= end };
+    let cursor = Cursor {
+        blobs,
+        sent: Digester::new(digest.algorithm()),
+        digest,
+        rx,
+        start,
+        offset: start,
+        end,
+        size,
+        pending: None,
+        finished: start >= end,
+        direct: Some(direct),
+    };
     Box::pin(futures_util::stream::unfold(cursor, |mut c| async move {
         loop {
             if c.finished {
@@ -415,6 +468,7 @@ fn follow(
                             continue;
                         }
                         c.offset += chunk.len() as u64;
+                        c.sent.update(&chunk);
                         if c.offset >= c.end {
                             c.finished = true;
                         }
@@ -446,16 +500,38 @@ fn follow(
                         return Some((Err(e), c));
                     }
                 },
+                Some(Err(e)) if matches!(*e, FillError::Store(_)) && c.direct.is_some() => {
+                    let direct = c.direct.take().expect("checked");
+                    tracing::warn!(upstream = direct.upstream.name(), digest = %c.digest, "serving the rest of a blob the cache cannot keep ({e})");
+                    match direct.fetch(&c.digest).await {
+                        Ok((upstream_body, size)) if size == c.size => {
+                            let sent = std::mem::replace(&mut c.sent, Digester::new(c.digest.algorithm()));
+                            let span = Span { start: c.start, from: c.offset, end: c.end, size };
+                            c.pending = Some(relay(upstream_body, c.digest.clone(), span, Some(sent)));
+                            continue;
+                        }
+                        Ok((_, size)) => {
+                            c.finished = true;
+                            let e = format!("the upstream now says the blob has {size} bytes, not {}", c.size);
+                            return Some((Err(std::io::Error::other(e)), c));
+                        }
+                        Err(e) => {
+                            c.finished = true;
+                            return Some((Err(std::io::Error::other(e.to_string())), c));
+                        }
+                    }
+                }
                 Some(Err(e)) => {
                     c.finished = true;
                     return Some((Err(std::io::Error::other(e.to_string())), c));
                 }
                 None => {}
             }
-            // Bytes the session file holds now; the last byte of the blob only once verified.
+            // Bytes the session file holds now; the last byte of this answer (of a range
+            // too: its client cannot check a digest) only once the blob verified.
             let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
-            let unverified_limit = if state.verified { c.size } else { c.size.saturating_sub(1) };
-            let limit = on_disk.min(c.end).min(unverified_limit);
+            let unverified_limit = if state.verified { c.end } else { c.end - 1 };
+            let limit = on_disk.min(unverified_limit);
             if limit > c.offset
                 && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
             {
@@ -485,9 +561,181 @@ fn follow(
     }))
 }
 
+/// A body whose first item has been waited for, so that a fetch failing before this
+/// answer's first byte gets a status: the server buffers the head until the body's first
+/// poll, so an error there would reach the client as a connection closed before any answer.
+async fn first_polled(mut body: ByteStream<'static>) -> std::io::Result<ByteStream<'static>> {
+    Ok(match body.next().await {
+        Some(Err(e)) => return Err(e),
+        Some(Ok(first)) => Box::pin(futures_util::stream::once(async move { Ok(first) }).chain(body)),
+        None => body,
+    })
+}
+
+/// Where to fetch a blob from when the cache cannot hold it.
+struct Direct {
+    upstream: Arc<Upstream>,
+    auth: UpstreamAuth,
+    name: RepoName,
+}
+
+impl Direct {
+    /// GETs the whole blob; returns its body and size.
+    async fn fetch(&self, digest: &Digest) -> Result<(ByteStream<'static>, u64), FillError> {
+        let path = format!("/v2/{}/blobs/{digest}", self.name);
+        let response = send(&self.upstream, &self.auth, Method::GET, &self.name, &path, HeaderMap::new()).await?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Err(FillError::NotFound),
+            s => return Err(FillError::Status(s)),
+        }
+        let size = response.content_length().ok_or(FillError::Resume("no Content-Length".into()))?;
+        Ok((Box::pin(response.bytes_stream().map(|c| c.map_err(std::io::Error::other))), size))
+    }
+}
+
+/// Which bytes of a blob of `size` a reader gets: `[start, end)`, of which `[start, from)`
+/// it was sent already.
+#[derive(Clone, Copy)]
+struct Span {
+    start: u64,
+    from: u64,
+    end: u64,
+    size: u64,
+}
+
+/// Streams `[from, end)` of `body`, the upstream's whole blob, keeping nothing. Every
+/// byte is hashed, so the last one sent waits until the whole blob has matched `digest`;
+/// `sent`, the hash of `[start, from)` a reader already sent from elsewhere, must match
+/// what the upstream sends there now, or the stream fails before its end.
+fn relay(body: ByteStream<'static>, digest: Digest, span: Span, sent: Option<Digester>) -> ByteStream<'static> {
+    struct Relay {
+        body: ByteStream<'static>,
+        digest: Digest,
+        span: Span,
+        /// Bytes of the upstream's answer read so far.
+        pos: u64,
+        whole: Digester,
+        /// The hash of `[start, from)` sent before, and of the same bytes now.
+        before: Option<(Digester, Digester)>,
+        /// The last byte to send, until the digest has verified.
+        held: Option<Bytes>,
+        done: bool,
+    }
+    impl Relay {
+        async fn next(&mut self) -> std::io::Result<Option<Bytes>> {
+            let fail = |why: String| Err(std::io::Error::other(why));
+            let Span { start, from, end, size } = self.span;
+            while let Some(chunk) = self.body.next().await {
+                let chunk = chunk?;
+                let at = self.pos;
+                self.pos += chunk.len() as u64;
+                if self.pos > size {
+                    return fail(format!("the upstream sent more than the {size} bytes it announced"));
+                }
+                self.whole.update(&chunk);
+                let part = |lo: u64, hi: u64| {
+                    let (lo, hi) = (lo.clamp(at, self.pos), hi.clamp(at, self.pos));
+                    chunk.slice((lo - at) as usize..(hi - at) as usize)
+                };
+                if let Some((_, now)) = self.before.as_mut() {
+                    now.update(&part(start, from));
+                    if self.pos >= from
+                        && let Some((before, now)) = self.before.take()
+                        && before.finish() != now.finish()
+                    {
+                        return fail("the upstream sent other bytes than before".into());
+                    }
+                }
+                let mut out = part(from, end);
+                if self.pos >= end && !out.is_empty() {
+                    self.held = Some(out.split_off(out.len() - 1));
+                }
+                if !out.is_empty() {
+                    return Ok(Some(out));
+                }
+            }
+            self.done = true;
+            if self.pos != size {
+                return fail(format!("the upstream sent {} bytes of {size}", self.pos));
+            }
+            let actual = std::mem::replace(&mut self.whole, Digester::new(self.digest.algorithm())).finish();
+            if actual != self.digest {
+                return fail(format!("upstream blob does not match its digest (got {actual}); not served"));
+            }
+            Ok(self.held.take())
+        }
+    }
+    let before = sent.filter(|_| span.from > span.start).map(|s| (s, Digester::new(digest.algorithm())));
+    let relay =
+        Relay { body, whole: Digester::new(digest.algorithm()), digest, span, pos: 0, before, held: None, done: false };
+    Box::pin(futures_util::stream::unfold(relay, |mut r| async move {
+        if r.done {
+            return None;
+        }
+        match r.next().await {
+            Ok(Some(bytes)) => Some((Ok(bytes), r)),
+            Ok(None) => None,
+            Err(e) => {
+                r.done = true;
+                Some((Err(e), r))
+            }
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunks(bytes: &[u8], size: usize) -> ByteStream<'static> {
+        let parts: Vec<std::io::Result<Bytes>> = bytes.chunks(size).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        Box::pin(futures_util::stream::iter(parts))
+    }
+
+    /// What a relay sends before it ends, and whether it ends with an error.
+    async fn relayed(upstream: &[u8], digest: &Digest, span: Span, sent: Option<&[u8]>) -> (Vec<u8>, bool) {
+        let sent = sent.map(|b| {
+            let mut d = Digester::new(digest.algorithm());
+            d.update(b);
+            d
+        });
+        let mut body = relay(chunks(upstream, 1000), digest.clone(), span, sent);
+        let mut out = Vec::new();
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(_) => return (out, true),
+            }
+        }
+        (out, false)
+    }
+
+    /// Served without the cache: the requested bytes once the whole blob verified; the last
+    /// one never when it does not, or when what a reader sent before differs from it.
+    #[tokio::test]
+    async fn a_relay_sends_its_last_byte_only_for_the_right_blob() {
+        let blob: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = Digest::sha256_of(&blob);
+        let size = blob.len() as u64;
+        let whole = Span { start: 0, from: 0, end: size, size };
+        let (out, failed) = relayed(&blob, &digest, whole, None).await;
+        assert!(out == blob && !failed, "{} bytes, failed: {failed}", out.len());
+        let rest = Span { start: 100, from: 4321, end: 9000, size };
+        let (out, failed) = relayed(&blob, &digest, rest, Some(&blob[100..4321])).await;
+        assert!(out == blob[4321..9000] && !failed, "{} bytes, failed: {failed}", out.len());
+
+        let mut corrupt = blob.clone();
+        corrupt[9999] ^= 1;
+        let (out, failed) = relayed(&corrupt, &digest, whole, None).await;
+        assert!(failed && out.len() < blob.len(), "{} bytes, failed: {failed}", out.len());
+        let (out, failed) = relayed(&blob[..9000], &digest, whole, None).await;
+        assert!(failed && out.len() < blob.len(), "a short answer is no complete body");
+        let mut other = blob[100..4321].to_vec();
+        other[5] ^= 1;
+        let (out, failed) = relayed(&blob, &digest, rest, Some(&other)).await;
+        assert!(failed && out.is_empty(), "nothing after a prefix that differs: {} bytes", out.len());
+    }
 
     /// A fill that panics gives up its place: the digest can be fetched again at once, its
     /// readers see the end instead of waiting, and its upload session is removed.

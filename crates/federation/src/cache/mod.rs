@@ -9,6 +9,8 @@
 //!   fetch writes into an upload session while hashing; every client streams from that
 //!   session as it grows, and the last byte is held back until the digest has verified. A
 //!   blob that fails verification is never committed, and its readers see an error.
+//! - A blob the cache cannot store (its disk is full) is still served: its readers get it
+//!   straight from the upstream, verified the same way, and nothing is kept.
 
 mod classify;
 mod fill;
