@@ -1,5 +1,6 @@
 //! Torture tests against the real binary: kills mid-push, a full disk, an upstream that
-//! breaks its answers. Each is bounded in time and records one line of figures; they run
+//! breaks its answers, and (in [`load`]) a login flood, floods of distinct keys and a
+//! connection flood. Each is bounded in time and records one line of figures; they run
 //! one at a time (they use the whole machine), run by `tests/torture/run`.
 //!
 //! A new test takes [`SERIAL`] for its whole length, keeps within a time bound
@@ -18,6 +19,9 @@ use serde_json::json;
 use tessera_spec::Digest;
 use tessera_testkit::chaos::Chaos;
 use tessera_testkit::{Api, Distribution, Server, fresh_seed, random_bytes, wait_until};
+
+#[path = "torture/load.rs"]
+mod load;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -1,28 +1,14 @@
 //! Load that one hostile or broken client can create: a login flood, floods of distinct
-//! keys, a connection flood. Against the real binary, each bounded in time, each recording
-//! its figures.
+//! keys, a connection flood.
 
 use std::net::{IpAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tessera_spec::Digest;
+
+use super::{BIN, SERIAL, bounded, record};
 use tessera_testkit::{Api, Distribution, DistributionSetup, Image, Server, http_client_from, http_client_with_pool};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn record(name: &str, figures: &str) {
-    eprintln!("TORTURE {name}: {figures}");
-}
-
-async fn bounded<F: Future>(limit: Duration, what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(limit, f).await {
-        Ok(out) => out,
-        Err(_) => panic!("{what} took longer than {limit:?}"),
-    }
-}
 
 fn loopback(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
