@@ -674,7 +674,7 @@ async fn disk_full() {
 
 /// A pull-through cache with its data on the full `disk`, in front of Distribution: blobs
 /// it cannot keep are still served, right; once there is room a pull keeps them. Returns
-/// how many blob pulls were served while full.
+/// how many pulls (manifests and blobs) were served while full.
 async fn full_cache(disk: &SmallDisk, rng: &mut Rng) -> usize {
     let upstream = Distribution::start(None).unwrap();
     let layers = [3 << 20, 300_000, 10].map(|n| Bytes::from(random_bytes(n, rng.next())));
@@ -690,9 +690,6 @@ async fn full_cache(disk: &SmallDisk, rng: &mut Rng) -> usize {
     let mirror = Server::start_in(BIN, Some(&data), &["--config", config_file.to_str().unwrap()]).unwrap();
     let api = Api::new(&mirror);
     let cached = |d: &Digest| data.join("cache/up/blobs/sha256").join(&d.hex()[..2]).join(d.hex()).exists();
-    // The manifest comes through while there is room; the blobs once the disk is full.
-    let r = api.get("/v2/mirror/up/lib/app/manifests/v1").await.unwrap();
-    assert_eq!(r.status(), 200);
     let filled = disk.fill();
     let mut served = 0;
     // Full, then with 1 MiB of room: a fill that breaks part way, its readers already sent
@@ -700,6 +697,14 @@ async fn full_cache(disk: &SmallDisk, rng: &mut Rng) -> usize {
     for room in [0, 1 << 20] {
         let filler = std::fs::OpenOptions::new().write(true).open(disk.filler()).unwrap();
         filler.set_len(filled - room).unwrap();
+        // The manifest, by tag and by digest, which the cache cannot record either.
+        let digest = Digest::sha256_of(&image.manifest);
+        for reference in ["v1".to_string(), digest.to_string()] {
+            let r = api.get(&format!("/v2/mirror/up/lib/app/manifests/{reference}")).await.unwrap();
+            assert_eq!(r.status(), 200, "manifest {reference} through a full cache: {}", mirror.log_text());
+            assert_eq!(r.bytes().await.unwrap(), image.manifest, "manifest {reference} through a full cache");
+            served += 1;
+        }
         for blob in image.blobs() {
             let d = Digest::sha256_of(blob);
             let r = bounded(

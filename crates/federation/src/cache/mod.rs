@@ -191,11 +191,19 @@ impl PullThrough {
                     return Err(not_found());
                 }
                 let m = self.fetch_manifest(name, &d.to_string(), Some(d), auth).await?.ok_or_else(not_found)?;
-                self.meta.put_manifest(name, &m, None).await.map_err(store_err)?;
+                if let Err(e) = self.meta.put_manifest(name, &m, None).await {
+                    self.not_kept(name, &d.to_string(), e);
+                }
                 Ok(Fetched { manifest: m, stale: false })
             }
             Reference::Tag(t) => self.manifest_by_tag(name, t, authorised, auth).await,
         }
+    }
+
+    /// A verified manifest the cache could not store (a full disk, say) is served all the
+    /// same: only the caching failed, and the next pull asks the upstream again.
+    fn not_kept(&self, name: &RepoName, reference: &str, e: tessera_store::StoreError) {
+        tracing::warn!(upstream = self.upstream.name(), %name, reference, "serving a manifest the cache cannot keep ({e})");
     }
 
     /// GETs a manifest and verifies it against `expected` (or computes its digest).

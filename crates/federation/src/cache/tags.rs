@@ -105,10 +105,17 @@ impl PullThrough {
             }
         };
         let m = fresh?;
-        self.meta.put_manifest(name, &m, Some(t)).await.map_err(store_err)?;
         let now = SystemTime::now();
-        self.meta.set_tag_checked(name, t, now).await.map_err(store_err)?;
-        self.checked.lock().unwrap_or_else(|p| p.into_inner()).insert(key, now);
+        let kept = match self.meta.put_manifest(name, &m, Some(t)).await {
+            Ok(()) => self.meta.set_tag_checked(name, t, now).await,
+            Err(e) => Err(e),
+        };
+        match kept {
+            Ok(()) => {
+                self.checked.lock().unwrap_or_else(|p| p.into_inner()).insert(key, now);
+            }
+            Err(e) => self.not_kept(name, t.as_str(), e),
+        }
         Ok(Fetched { manifest: m, stale: false })
     }
 
