@@ -62,14 +62,17 @@ fn count(counter: &AtomicU64, n: u64) {
 
 /// How many "not found" answers one upstream's cache remembers (about 100 bytes each).
 pub const MISSING_REMEMBERED: usize = 10_000;
+/// How many tags' last upstream check one upstream's cache keeps in memory.
+pub const CHECKS_REMEMBERED: usize = 10_000;
 
 pub struct PullThrough {
     upstream: Arc<Upstream>,
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
-    /// When each cached tag was last confirmed by the upstream (also persisted in `meta`,
-    /// so a restart keeps the bound on how stale an answer may be).
-    checked: Mutex<HashMap<(RepoName, Tag), SystemTime>>,
+    /// When each cached tag was last confirmed by the upstream, for the most used
+    /// [`CHECKS_REMEMBERED`] tags; the rest are read from `meta`, where every check is
+    /// persisted (so a restart keeps the bound on how stale an answer may be).
+    checked: quick_cache::sync::Cache<(RepoName, Tag), SystemTime>,
     /// Recent "not found" answers, at most [`MISSING_REMEMBERED`]: the keys are whatever
     /// clients ask for, so a flood of distinct misses pushes out old ones, not memory.
     missing: quick_cache::sync::Cache<(RepoName, String), Instant>,
@@ -144,7 +147,7 @@ impl PullThrough {
             upstream,
             meta,
             blobs,
-            checked: Mutex::new(HashMap::new()),
+            checked: quick_cache::sync::Cache::new(CHECKS_REMEMBERED),
             missing: quick_cache::sync::Cache::new(MISSING_REMEMBERED),
             fills: Arc::new(Mutex::new(HashMap::new())),
             lru: Arc::new(Mutex::new(lru)),

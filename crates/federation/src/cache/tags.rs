@@ -46,7 +46,7 @@ impl PullThrough {
             None => None,
         };
         let key = (name.clone(), t.clone());
-        let remembered = self.checked.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+        let remembered = self.checked.get(&key);
         let checked = match remembered {
             Some(at) => Some(at),
             None if cached.is_some() => self.meta.tag_checked(name, t).await.map_err(store_err)?,
@@ -112,7 +112,7 @@ impl PullThrough {
         };
         match kept {
             Ok(()) => {
-                self.checked.lock().unwrap_or_else(|p| p.into_inner()).insert(key, now);
+                self.checked.insert(key, now);
             }
             Err(e) => self.not_kept(name, t.as_str(), e),
         }
