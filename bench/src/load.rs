@@ -136,6 +136,16 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU-seconds (user and system) process `pid` has used so far, from `/proc/<pid>/stat`
+/// (in clock ticks of 1/100 s, Linux's USER_HZ).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (user, system): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some((user + system) / 100.0)
+}
+
 /// Samples a process's RSS every 20 ms until stopped; reports the peak.
 pub struct RssSampler {
     stop: Arc<AtomicBool>,

@@ -5,7 +5,7 @@
 mod load;
 mod servers;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -403,26 +403,60 @@ async fn main() -> Result<()> {
         d.push_monolithic("bench/mono", blob.clone()).await?;
         cold_blobs.push(Digest::sha256_of(&blob));
     }
+    // The anchor: Distribution's own pull-through proxy of the same upstream.
+    let proxy = Registry::distribution_proxy(&args.distribution, &root.join("dproxy"), &distribution.base())?;
     let (mut cold, mut direct, mut rss_growth) = (Vec::new(), Vec::new(), 0f64);
+    let (mut cold_cpu, mut proxy_cold, mut proxy_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for digest in &cold_blobs {
         let path = format!("/v2/bench/mono/blobs/{digest}");
         timed_pull(&d.http, &distribution.url(&path), digest).await?; // page cache warm, as for every later read
         direct.push(timed_pull(&d.http, &distribution.url(&path), digest).await?);
         let before = load::rss_mib(mirror.pid()).unwrap_or(0.0);
         let sampler = RssSampler::start(mirror.pid());
-        cold.push(timed_pull(&t.http, &mirror.url(&format!("/v2/m/bench/mono/blobs/{digest}")), digest).await?);
-        rss_growth = rss_growth.max(sampler.stop() - before);
-        // The fill commits (and syncs) after its readers are served: the warm pulls start
-        // once the cache holds the blob.
         let cached = mirror.data.join("cache/dist/blobs/sha256").join(&digest.hex()[..2]).join(digest.hex());
-        tessera_testkit::wait_until_async(Duration::from_secs(60), || std::future::ready(cached.exists())).await;
+        let (time, cpu) =
+            cpu_timed_pull(&t.http, &mirror, &format!("/v2/m/bench/mono/blobs/{digest}"), digest, &cached).await?;
+        cold.push(time);
+        cold_cpu.push(cpu);
+        rss_growth = rss_growth.max(sampler.stop() - before);
+        let stored =
+            proxy.data.join("docker/registry/v2/blobs/sha256").join(&digest.hex()[..2]).join(digest.hex()).join("data");
+        let (time, cpu) = cpu_timed_pull(&d.http, &proxy, &path, digest, &stored).await?;
+        proxy_cold.push(time);
+        proxy_cpu.push(cpu);
     }
     let mono = &cold_blobs[0];
-    let (mut warm, mut hosted) = (Vec::new(), Vec::new());
+    let (mut warm, mut hosted, mut proxy_warm) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..PULL_RUNS {
         warm.push(timed_pull(&t.http, &mirror.url(&format!("/v2/m/bench/mono/blobs/{mono}")), mono).await?);
         hosted.push(timed_pull(&t.http, &tessera.url(&format!("/v2/bench/mono/blobs/{mono}")), mono).await?);
+        proxy_warm.push(timed_pull(&d.http, &proxy.url(&format!("/v2/bench/mono/blobs/{mono}")), mono).await?);
     }
+    drop(proxy);
+    table.add(
+        format!("cold {mb} MiB blob pull through the cache (vs Distribution's proxy), median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(cold.clone()),
+        Some(median(proxy_cold)),
+        None,
+    );
+    table.add(
+        format!("CPU-seconds of the server per cold {mb} MiB pull (vs Distribution's proxy), median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(cold_cpu),
+        Some(median(proxy_cpu)),
+        None,
+    );
+    table.add(
+        format!("warm {mb} MiB blob pull through the cache (vs Distribution's proxy), median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(warm.clone()),
+        Some(median(proxy_warm)),
+        None,
+    );
     table.add(
         format!("cold {mb} MiB blob pull through the cache (vs direct from Distribution), median of {PULL_RUNS}"),
         "s",
@@ -588,6 +622,25 @@ async fn timed_pull(http: &reqwest::Client, url: &str, digest: &Digest) -> Resul
         bail!("GET {url}: wrong bytes");
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// A [`timed_pull`] from `server`, with the CPU-seconds the server spent on it until it
+/// holds the blob at `stored` (a cache finishes storing after its reader is served; the
+/// warm pulls start only then).
+async fn cpu_timed_pull(
+    http: &reqwest::Client,
+    server: &Registry,
+    path: &str,
+    digest: &Digest,
+    stored: &Path,
+) -> Result<(f64, f64)> {
+    let cpu = || load::cpu_seconds(server.pid()).ok_or_else(|| anyhow::anyhow!("no CPU time for {}", server.pid()));
+    let before = cpu()?;
+    let time = timed_pull(http, &server.url(path), digest).await?;
+    if !tessera_testkit::wait_until_async(Duration::from_secs(60), || std::future::ready(stored.exists())).await {
+        bail!("{} never stored {digest}", server.base());
+    }
+    Ok((time, cpu()? - before))
 }
 
 fn median(mut samples: Vec<f64>) -> f64 {

@@ -58,6 +58,19 @@ impl Registry {
         Ok(Registry { process: Process::Distribution(d), addr, data, startup })
     }
 
+    /// Distribution as a pull-through cache (its proxy mode) of the registry at `remote`.
+    pub fn distribution_proxy(bin: &Path, dir: &Path, remote: &str) -> Result<Registry> {
+        let d = Distribution::start_with(DistributionSetup {
+            bin: Some(bin),
+            dir: Some(dir),
+            quiet: true,
+            proxy: Some(remote),
+            ..Default::default()
+        })?;
+        let (addr, data, startup) = (d.addr, d.data.clone(), d.startup);
+        Ok(Registry { process: Process::Distribution(d), addr, data, startup })
+    }
+
     /// A registry client for it, with a connection pool sized for load.
     pub fn api(&self) -> tessera_testkit::Api {
         tessera_testkit::Api::at(self.addr).with_http(tessera_testkit::http_client_with_pool(64))

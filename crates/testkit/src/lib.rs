@@ -700,6 +700,8 @@ pub struct DistributionSetup<'a> {
     /// As measured by the benchmarks: errors-only log without access log, the in-memory
     /// blob descriptor cache, no storage health check.
     pub quiet: bool,
+    /// Run as a pull-through cache of this registry URL (`proxy: {remoteurl: …}`).
+    pub proxy: Option<&'a str>,
 }
 
 /// Distribution (the reference registry, Debian's `docker-registry`) on a free loopback
@@ -744,11 +746,12 @@ impl Distribution {
         } else {
             ("{level: info}", "", "")
         };
+        let proxy = setup.proxy.map_or(String::new(), |url| format!("proxy: {{remoteurl: \"{url}\"}}\n"));
         let config = root.join("registry.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog: {log}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n{cache}http: {{addr: \"{addr}\"}}\n{health}{auth}",
+                "version: 0.1\nlog: {log}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n{cache}http: {{addr: \"{addr}\"}}\n{health}{auth}{proxy}",
                 data.display()
             ),
         )?;
