@@ -25,6 +25,11 @@ pub(super) struct FillState {
     size: Option<u64>,
     /// Every byte is in the session and matches the digest: readers may send the last byte.
     verified: bool,
+    /// The latest checkpoint: how many bytes have been received, and the digest of exactly
+    /// those. Before the blob verifies, readers send no byte past it, so that a reader whose
+    /// fill fails on storage can continue from the upstream and check that the new answer
+    /// begins with the bytes it already sent, without hashing what it sends.
+    vouched: Option<(u64, Digest)>,
     /// `Some(Ok)` once committed, `Some(Err)` once failed.
     done: Option<Result<(), Arc<FillError>>>,
 }
@@ -188,7 +193,7 @@ impl PullThrough {
             self.direct(name, auth).fetch(digest).await.map_err(|e| unavailable(&self.upstream, e))?;
         let range = RangeRequest::resolve_opt(range, size)?;
         let (start, end) = range.map_or((0, size), |r| (r.start, r.end + 1));
-        let span = Span { start, from: start, end, size };
+        let span = Span { from: start, end, size };
         let body = first_polled(relay(upstream_body, digest.clone(), span, None)).await;
         let body = body.map_err(|e| unavailable(&self.upstream, e))?;
         Ok(BlobAnswer { size, range, read: BlobRead { len: end - start, body } })
@@ -211,8 +216,13 @@ impl PullThrough {
             {
                 return Ok(rx.clone());
             }
-            let (tx, rx) =
-                watch::channel(FillState { upload: upload.clone(), size: None, verified: false, done: None });
+            let (tx, rx) = watch::channel(FillState {
+                upload: upload.clone(),
+                size: None,
+                verified: false,
+                vouched: None,
+                done: None,
+            });
             fills.insert(digest.clone(), rx);
             tx
         };
@@ -365,7 +375,8 @@ impl Fill {
                 if unannounced >= WAKE_EVERY {
                     // Wake readers: about a buffer's worth more is on its way to the file.
                     unannounced = 0;
-                    tx_progress.send_modify(|_| {});
+                    let checkpoint = (*counted, hasher.clone().finish());
+                    tx_progress.send_modify(|s| s.vouched = Some(checkpoint));
                 }
                 Ok(chunk)
             }));
@@ -415,7 +426,8 @@ impl Fill {
 /// digest to verify.
 ///
 /// When the fill fails because the cache cannot store the blob, the rest comes straight from
-/// the upstream ([`relay`]), checked against the bytes this reader already sent.
+/// the upstream ([`relay`]), which checks that its answer begins with the bytes the fill's
+/// last checkpoint vouches for (this reader sent no byte past it).
 fn follow(
     blobs: Arc<dyn BlobStore>,
     digest: Digest,
@@ -435,14 +447,11 @@ fn follow(
         size: u64,
         pending: Option<ByteStream<'static>>,
         finished: bool,
-        /// Taken when the rest comes from the upstream directly (once at most).
+        /// Taken when the answer comes from the upstream directly (once at most).
         direct: Option<Direct>,
-        /// The bytes sent so far, `[start, offset)`.
-        sent: Digester,
     }
     let cursor = Cursor {
         blobs,
-        sent: Digester::new(digest.algorithm()),
         digest,
         rx,
         start,
@@ -468,7 +477,6 @@ fn follow(
                             continue;
                         }
                         c.offset += chunk.len() as u64;
-                        c.sent.update(&chunk);
                         if c.offset >= c.end {
                             c.finished = true;
                         }
@@ -503,11 +511,12 @@ fn follow(
                 Some(Err(e)) if matches!(*e, FillError::Store(_)) && c.direct.is_some() => {
                     let direct = c.direct.take().expect("checked");
                     tracing::warn!(upstream = direct.upstream.name(), digest = %c.digest, "serving the rest of a blob the cache cannot keep ({e})");
+                    // The bytes sent so far are all within the last checkpoint.
+                    let check = state.vouched.clone().filter(|_| c.offset > c.start);
                     match direct.fetch(&c.digest).await {
                         Ok((upstream_body, size)) if size == c.size => {
-                            let sent = std::mem::replace(&mut c.sent, Digester::new(c.digest.algorithm()));
-                            let span = Span { start: c.start, from: c.offset, end: c.end, size };
-                            c.pending = Some(relay(upstream_body, c.digest.clone(), span, Some(sent)));
+                            let span = Span { from: c.offset, end: c.end, size };
+                            c.pending = Some(relay(upstream_body, c.digest.clone(), span, check));
                             continue;
                         }
                         Ok((_, size)) => {
@@ -530,8 +539,8 @@ fn follow(
             // Bytes the session file holds now; the last byte of this answer (of a range
             // too: its client cannot check a digest) only once the blob verified.
             let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
-            let unverified_limit = if state.verified { c.end } else { c.end - 1 };
-            let limit = on_disk.min(unverified_limit);
+            let vouched = if state.verified { c.end } else { state.vouched.as_ref().map_or(0, |v| v.0).min(c.end - 1) };
+            let limit = on_disk.min(vouched);
             if limit > c.offset
                 && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
             {
@@ -594,11 +603,9 @@ impl Direct {
     }
 }
 
-/// Which bytes of a blob of `size` a reader gets: `[start, end)`, of which `[start, from)`
-/// it was sent already.
+/// Which bytes of a blob of `size` a reader is still to get: `[from, end)`.
 #[derive(Clone, Copy)]
 struct Span {
-    start: u64,
     from: u64,
     end: u64,
     size: u64,
@@ -606,9 +613,9 @@ struct Span {
 
 /// Streams `[from, end)` of `body`, the upstream's whole blob, keeping nothing. Every
 /// byte is hashed, so the last one sent waits until the whole blob has matched `digest`;
-/// `sent`, the hash of `[start, from)` a reader already sent from elsewhere, must match
-/// what the upstream sends there now, or the stream fails before its end.
-fn relay(body: ByteStream<'static>, digest: Digest, span: Span, sent: Option<Digester>) -> ByteStream<'static> {
+/// with `check` (a length and the digest of that many first bytes, covering what was sent
+/// before), the answer must begin with those very bytes, or the stream fails before its end.
+fn relay(body: ByteStream<'static>, digest: Digest, span: Span, check: Option<(u64, Digest)>) -> ByteStream<'static> {
     struct Relay {
         body: ByteStream<'static>,
         digest: Digest,
@@ -616,8 +623,7 @@ fn relay(body: ByteStream<'static>, digest: Digest, span: Span, sent: Option<Dig
         /// Bytes of the upstream's answer read so far.
         pos: u64,
         whole: Digester,
-        /// The hash of `[start, from)` sent before, and of the same bytes now.
-        before: Option<(Digester, Digester)>,
+        check: Option<(u64, Digest)>,
         /// The last byte to send, until the digest has verified.
         held: Option<Bytes>,
         done: bool,
@@ -625,7 +631,7 @@ fn relay(body: ByteStream<'static>, digest: Digest, span: Span, sent: Option<Dig
     impl Relay {
         async fn next(&mut self) -> std::io::Result<Option<Bytes>> {
             let fail = |why: String| Err(std::io::Error::other(why));
-            let Span { start, from, end, size } = self.span;
+            let Span { from, end, size } = self.span;
             while let Some(chunk) = self.body.next().await {
                 let chunk = chunk?;
                 let at = self.pos;
@@ -633,18 +639,21 @@ fn relay(body: ByteStream<'static>, digest: Digest, span: Span, sent: Option<Dig
                 if self.pos > size {
                     return fail(format!("the upstream sent more than the {size} bytes it announced"));
                 }
-                self.whole.update(&chunk);
                 let part = |lo: u64, hi: u64| {
                     let (lo, hi) = (lo.clamp(at, self.pos), hi.clamp(at, self.pos));
                     chunk.slice((lo - at) as usize..(hi - at) as usize)
                 };
-                if let Some((_, now)) = self.before.as_mut() {
-                    now.update(&part(start, from));
-                    if self.pos >= from
-                        && let Some((before, now)) = self.before.take()
-                        && before.finish() != now.finish()
-                    {
-                        return fail("the upstream sent other bytes than before".into());
+                match self.check.take() {
+                    Some((length, prefix)) if length <= self.pos => {
+                        self.whole.update(&part(0, length));
+                        if self.whole.clone().finish() != prefix {
+                            return fail("the upstream's answer does not begin with the bytes already sent".into());
+                        }
+                        self.whole.update(&part(length, size));
+                    }
+                    check => {
+                        self.check = check;
+                        self.whole.update(&chunk);
                     }
                 }
                 let mut out = part(from, end);
@@ -666,9 +675,8 @@ fn relay(body: ByteStream<'static>, digest: Digest, span: Span, sent: Option<Dig
             Ok(self.held.take())
         }
     }
-    let before = sent.filter(|_| span.from > span.start).map(|s| (s, Digester::new(digest.algorithm())));
     let relay =
-        Relay { body, whole: Digester::new(digest.algorithm()), digest, span, pos: 0, before, held: None, done: false };
+        Relay { body, whole: Digester::new(digest.algorithm()), check, digest, span, pos: 0, held: None, done: false };
     Box::pin(futures_util::stream::unfold(relay, |mut r| async move {
         if r.done {
             return None;
@@ -695,12 +703,8 @@ mod tests {
 
     /// What a relay sends before it ends, and whether it ends with an error.
     async fn relayed(upstream: &[u8], digest: &Digest, span: Span, sent: Option<&[u8]>) -> (Vec<u8>, bool) {
-        let sent = sent.map(|b| {
-            let mut d = Digester::new(digest.algorithm());
-            d.update(b);
-            d
-        });
-        let mut body = relay(chunks(upstream, 1000), digest.clone(), span, sent);
+        let check = sent.map(|b| (b.len() as u64, Digest::sha256_of(b)));
+        let mut body = relay(chunks(upstream, 1000), digest.clone(), span, check);
         let mut out = Vec::new();
         while let Some(item) = body.next().await {
             match item {
@@ -712,17 +716,20 @@ mod tests {
     }
 
     /// Served without the cache: the requested bytes once the whole blob verified; the last
-    /// one never when it does not, or when what a reader sent before differs from it.
+    /// one never when it does not, or when the answer does not begin with the bytes a
+    /// checkpoint vouched for.
     #[tokio::test]
     async fn a_relay_sends_its_last_byte_only_for_the_right_blob() {
         let blob: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let digest = Digest::sha256_of(&blob);
         let size = blob.len() as u64;
-        let whole = Span { start: 0, from: 0, end: size, size };
+        let whole = Span { from: 0, end: size, size };
         let (out, failed) = relayed(&blob, &digest, whole, None).await;
         assert!(out == blob && !failed, "{} bytes, failed: {failed}", out.len());
-        let rest = Span { start: 100, from: 4321, end: 9000, size };
-        let (out, failed) = relayed(&blob, &digest, rest, Some(&blob[100..4321])).await;
+        // A reader of [100, 9000) that sent [100, 4321), within a checkpoint of 4500 bytes
+        // (not on a chunk boundary).
+        let rest = Span { from: 4321, end: 9000, size };
+        let (out, failed) = relayed(&blob, &digest, rest, Some(&blob[..4500])).await;
         assert!(out == blob[4321..9000] && !failed, "{} bytes, failed: {failed}", out.len());
 
         let mut corrupt = blob.clone();
@@ -731,9 +738,10 @@ mod tests {
         assert!(failed && out.len() < blob.len(), "{} bytes, failed: {failed}", out.len());
         let (out, failed) = relayed(&blob[..9000], &digest, whole, None).await;
         assert!(failed && out.len() < blob.len(), "a short answer is no complete body");
-        let mut other = blob[100..4321].to_vec();
-        other[5] ^= 1;
-        let (out, failed) = relayed(&blob, &digest, rest, Some(&other)).await;
+        // The first answer (what was sent) differed from this one within the checkpoint.
+        let mut first = blob[..4500].to_vec();
+        first[205] ^= 1;
+        let (out, failed) = relayed(&blob, &digest, rest, Some(&first)).await;
         assert!(failed && out.is_empty(), "nothing after a prefix that differs: {} bytes", out.len());
     }
 
@@ -747,8 +755,13 @@ mod tests {
         let digest = Digest::sha256_of(b"never arrives");
         let upload = UploadId::random();
         blobs.upload_create(&upload).await.unwrap();
-        let (tx, mut reader) =
-            watch::channel(FillState { upload: upload.clone(), size: None, verified: false, done: None });
+        let (tx, mut reader) = watch::channel(FillState {
+            upload: upload.clone(),
+            size: None,
+            verified: false,
+            vouched: None,
+            done: None,
+        });
         fills.lock().unwrap().insert(digest.clone(), reader.clone());
         let in_flight =
             InFlight { fills: fills.clone(), blobs: blobs.clone(), digest, upload: upload.clone(), ended: false };
