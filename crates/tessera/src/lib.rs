@@ -463,7 +463,8 @@ async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_con
 /// limit first, as Go programs such as Distribution do) leaves: each busy connection may
 /// hold a socket and a file, and some descriptors stay for the store and upstreams.
 fn connection_limits(limits: &tessera_config::Limits) -> tessera_http::connections::ConnectionLimits {
-    let allowed = (raise_open_file_limit().saturating_sub(128) / 2).max(16);
+    let soft = usize::try_from(raise_open_file_limit(0)).unwrap_or(usize::MAX);
+    let allowed = (soft.saturating_sub(128) / 2).max(16);
     let total = if limits.connections == 0 { allowed } else { limits.connections.min(allowed) };
     if limits.connections > allowed && limits.connections != tessera_config::Limits::default().connections {
         tracing::warn!(
@@ -474,22 +475,25 @@ fn connection_limits(limits: &tessera_config::Limits) -> tessera_http::connectio
     tessera_http::connections::ConnectionLimits { total, per_client: limits.connections_per_client }
 }
 
-/// Raises this process's soft open-file limit to its hard limit; returns the soft limit.
-fn raise_open_file_limit() -> usize {
+/// Raises this process's open-file limit: to `wanted` where that is allowed (past the hard
+/// limit only with the privilege to raise it), else the soft limit to the hard one. Returns
+/// the soft limit now.
+pub fn raise_open_file_limit(wanted: u64) -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return 1024;
         }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
+        let most = limit.rlim_max.max(wanted);
+        for raised in [most, limit.rlim_max] {
+            let raised = libc::rlimit { rlim_cur: raised, rlim_max: raised };
+            if raised.rlim_cur > limit.rlim_cur && libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
             }
         }
     }
-    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    limit.rlim_cur
 }
 
 /// Produces the configuration again from its sources, for a reload.

@@ -244,33 +244,13 @@ async fn memory_under_distinct_key_floods() {
     );
 }
 
-/// Raises this process's open-file limit to at least `wanted` (past the hard limit where
-/// allowed, as for root), else to its hard limit; returns the soft limit now.
-fn raise_open_files(wanted: u64) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        let most = limit.rlim_max.max(wanted);
-        for raised in [
-            libc::rlimit { rlim_cur: most, rlim_max: most },
-            libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max },
-        ] {
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return raised.rlim_cur;
-            }
-        }
-    }
-    limit.rlim_cur
-}
-
 /// 3,000 idle connections opened one after another connect at once, and an ordinary client
 /// then still pulls an image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_flood() {
     let _serial = SERIAL.lock().await;
     const CONNECTIONS: usize = 3_000;
-    if raise_open_files(CONNECTIONS as u64 * 2) < CONNECTIONS as u64 + 200 {
+    if tessera::raise_open_file_limit(CONNECTIONS as u64 * 2) < CONNECTIONS as u64 + 200 {
         assert!(std::env::var_os("TESSERA_REQUIRE_CLIENTS").is_none(), "cannot open {CONNECTIONS} sockets here");
         eprintln!("SKIPPED: the open-file limit is below {CONNECTIONS} sockets");
         return;
