@@ -2,27 +2,13 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use tessera_spec::Digest;
+use tessera_testkit::disk::{SmallDisk, files_under};
 use tessera_testkit::{Api, Image, Server, error_code, random_bytes};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
 
 #[tokio::test]
 async fn everything_survives_a_restart() {
@@ -162,39 +148,10 @@ async fn concurrent_pushes_of_one_blob_end_with_one_copy() {
     }
 }
 
-/// A small tmpfs to fill; `None` where this process may not mount (not root).
-struct SmallDisk {
-    dir: tessera_testkit::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> Option<SmallDisk> {
-        let dir = tessera_testkit::tempdir().ok()?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(SmallDisk { dir })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 #[tokio::test]
 async fn a_full_disk_is_a_clear_error_and_loses_nothing() {
-    let Some(disk) = SmallDisk::mount("12m") else {
-        if std::env::var_os("TESSERA_REQUIRE_CLIENTS").is_some() {
-            panic!("cannot mount a tmpfs; CI runs as root and must");
-        }
-        eprintln!("SKIPPED: cannot mount a tmpfs (not root)");
-        return;
-    };
-    let data_dir = disk.dir.path().join("data");
+    let Some(disk) = SmallDisk::for_test("12m") else { return };
+    let data_dir = disk.path().join("data");
     let s = Server::start_in(BIN, Some(&data_dir), &[]).unwrap();
     let api = Api::new(&s);
     let small = random_bytes(2_000_000, 31);

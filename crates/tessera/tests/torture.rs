@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tessera_spec::Digest;
 use tessera_testkit::chaos::Chaos;
+use tessera_testkit::disk::{SmallDisk, files_under};
 use tessera_testkit::{Api, Distribution, Server, fresh_seed, random_bytes, wait_until};
 
 #[path = "torture/load.rs"]
@@ -326,19 +326,6 @@ async fn check_all(api: &Api, prefix: &str, images: &[TestImage]) -> (Vec<String
     (wrong, results.iter().map(|(_, n)| n).sum())
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 /// Every file of a blob store (`<root>/blobs/sha256/<xx>/<hex>`) whose bytes do not hash to
 /// its name; and how many files were checked (one deleted meanwhile, evicted, is not).
 fn half_written_blobs(root: &Path) -> (Vec<PathBuf>, usize) {
@@ -484,70 +471,6 @@ async fn crash_consistency() {
     assert!(resumed >= 1, "no interrupted chunked upload was resumed in {ROUNDS} rounds");
 }
 
-/// A small tmpfs to fill; `None` where this process may not mount (not root).
-struct SmallDisk {
-    dir: tessera_testkit::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> Option<SmallDisk> {
-        let dir = tessera_testkit::tempdir().ok()?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(SmallDisk { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fills what is left with a file outside any data directory (removing it frees the
-    /// space again); returns its size.
-    fn fill(&self) -> u64 {
-        let mut file = std::fs::File::create(self.filler()).expect("create the filler");
-        let block = vec![0x5au8; 64 * 1024];
-        let mut written = 0;
-        loop {
-            match file.write(&block) {
-                Ok(0) => break,
-                Ok(n) => written += n as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-                Err(e) => panic!("filling the disk: {e}"),
-            }
-        }
-        written
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.filler()).expect("remove the filler");
-    }
-
-    fn filler(&self) -> PathBuf {
-        self.path().join("filler")
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
-/// A tmpfs to fill, or `None` with the test skipped (a failure where CI requires it).
-fn small_disk(size: &str) -> Option<SmallDisk> {
-    let disk = SmallDisk::mount(size);
-    if disk.is_none() {
-        if std::env::var_os("TESSERA_REQUIRE_CLIENTS").is_some() {
-            panic!("cannot mount a tmpfs; CI runs as root and must");
-        }
-        eprintln!("SKIPPED: cannot mount a tmpfs (not root)");
-    }
-    disk
-}
-
 /// Whether a push was refused cleanly: 503 or 507 with an OCI error body.
 fn is_clean_refusal(status: u16, body: &str) -> bool {
     let body: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
@@ -568,7 +491,7 @@ async fn clean_refusal(r: reqwest::Response) -> Result<u16, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full() {
     let _serial = SERIAL.lock().await;
-    let Some(disk) = small_disk("40m") else {
+    let Some(disk) = SmallDisk::for_test("40m") else {
         record("disk_full", "skipped: cannot mount a tmpfs (not root)");
         return;
     };

@@ -5,6 +5,7 @@
 pub mod cdn;
 pub mod chaos;
 pub mod clients;
+pub mod disk;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
