@@ -171,6 +171,37 @@ fn flood() -> usize {
 }
 const RSS_SLACK: u64 = 50 << 20;
 
+/// A mirror with a cache route to `upstream` (its `[[upstream]]` table extended by
+/// `credentials`) is sent `flood` GETs of distinct `path`s, each a clean 404, after a
+/// warm-up, within `limit`; its RSS must stay within [`RSS_SLACK`]. Returns the flood's time and the RSS
+/// before and after, in bytes.
+async fn rss_across_flood(
+    upstream: std::net::SocketAddr,
+    credentials: &str,
+    flood: usize,
+    (what, limit): (&str, Duration),
+    path: impl Fn(usize) -> String,
+) -> (Duration, u64, u64) {
+    let mirror = Server::with_config(
+        BIN,
+        &format!(
+            "[[upstream]]\nname = \"up\"\nurl = \"http://{upstream}\"\n{credentials}\n[[route]]\nprefix = \"mirror/up\"\nto = \"up\"\n"
+        ),
+    )
+    .unwrap();
+    let api = Api { base: format!("http://{}", mirror.addr), http: http_client_with_pool(32) };
+    // Warm up (allocator arenas, connection pools), then measure.
+    distinct_gets(&api, 2_000, |i| path(flood + i)).await;
+    let before = rss(mirror.pid());
+    let started = Instant::now();
+    let answers = bounded(limit, what, distinct_gets(&api, flood, &path)).await;
+    let took = started.elapsed();
+    let after = rss(mirror.pid());
+    assert_eq!(answers.get(&404).copied(), Some(flood as u64), "every missing name is a clean 404: {answers:?}");
+    assert!(after < before + RSS_SLACK, "RSS grew from {before} to {after} bytes over {flood} {what}");
+    (took, before, after)
+}
+
 /// 100,000 distinct missing names through a cache route, and 100,000 distinct token scopes
 /// asked of an upstream: the maps they feed are bounded, so memory stays flat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -179,33 +210,16 @@ async fn memory_under_distinct_key_floods() {
     let flood = flood();
     // Missing names, through a cache route to Distribution.
     let distribution = Distribution::start_with(DistributionSetup { quiet: true, ..Default::default() }).unwrap();
-    let mirror = Server::with_config(
-        BIN,
-        &format!(
-            "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror/up\"\nto = \"up\"\n",
-            distribution.addr
-        ),
-    )
-    .unwrap();
-    let api = Api { base: format!("http://{}", mirror.addr), http: http_client_with_pool(32) };
     let missing = |i: usize| format!("/v2/mirror/up/missing/n{i}/manifests/latest");
-    // Warm up (allocator arenas, connection pools), then measure.
-    distinct_gets(&api, 2_000, |i| missing(flood + i)).await;
-    let before = rss(mirror.pid());
-    let started = Instant::now();
-    let answers =
-        bounded(Duration::from_secs(600), "the missing-name flood", distinct_gets(&api, flood, missing)).await;
-    let names_time = started.elapsed();
-    let after = rss(mirror.pid());
-    assert_eq!(answers.get(&404).copied(), Some(flood as u64), "every missing name is a clean 404: {answers:?}");
-    assert!(after < before + RSS_SLACK, "RSS grew from {before} to {after} bytes over {flood} missing names");
+    let (names_time, before, after) =
+        rss_across_flood(distribution.addr, "", flood, ("missing names", Duration::from_secs(600)), missing).await;
     let names = format!(
         "{flood} distinct missing names through a cache route in {:.0} s: RSS {} -> {} MiB",
         names_time.as_secs_f64(),
         before >> 20,
         after >> 20
     );
-    drop((mirror, distribution));
+    drop(distribution);
 
     // Token scopes: the upstream (another Tessera, logins required) wants a token per
     // repository, which the mirror fetches with its credentials.
@@ -213,24 +227,10 @@ async fn memory_under_distinct_key_floods() {
     let htpasswd = tessera_testkit::htpasswd_file(dir.path(), &[("admin", "secret")]);
     let upstream =
         Server::with_config(BIN, &format!("[auth]\nhtpasswd = \"{}\"\ntoken = true\n", htpasswd.display())).unwrap();
-    let mirror = Server::with_config(
-        BIN,
-        &format!(
-            "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\nusername = \"admin\"\npassword = \"secret\"\n\n[[route]]\nprefix = \"mirror/up\"\nto = \"up\"\n",
-            upstream.addr
-        ),
-    )
-    .unwrap();
-    let api = Api { base: format!("http://{}", mirror.addr), http: http_client_with_pool(32) };
     let scoped = |i: usize| format!("/v2/mirror/up/flood/s{i}/manifests/latest");
-    distinct_gets(&api, 2_000, |i| scoped(flood + i)).await;
-    let before = rss(mirror.pid());
-    let started = Instant::now();
-    let answers = bounded(Duration::from_secs(900), "the token-scope flood", distinct_gets(&api, flood, scoped)).await;
-    let scopes_time = started.elapsed();
-    let after = rss(mirror.pid());
-    assert_eq!(answers.get(&404).copied(), Some(flood as u64), "every missing name is a clean 404: {answers:?}");
-    assert!(after < before + RSS_SLACK, "RSS grew from {before} to {after} bytes over {flood} token scopes");
+    let credentials = "username = \"admin\"\npassword = \"secret\"\n";
+    let (scopes_time, before, after) =
+        rss_across_flood(upstream.addr, credentials, flood, ("token scopes", Duration::from_secs(900)), scoped).await;
     let tokens_issued = upstream.log_text().matches("\"GET /token").count();
     assert!(tokens_issued >= flood, "each name needed its own token: only {tokens_issued} were asked for");
     record(
