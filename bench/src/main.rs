@@ -6,7 +6,7 @@ mod load;
 mod servers;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, bail};
 use bytes::Bytes;
@@ -36,6 +36,10 @@ struct Args {
     /// Also write the table as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Only the pulls through the cache (cold and warm, against Distribution's proxy): for
+    /// iterating on the cache's path.
+    #[arg(long)]
+    pulls_only: bool,
 }
 
 /// Sizes of one run.
@@ -122,6 +126,16 @@ impl Table {
         let f = Figure { case: case.into(), unit, better, tessera: t, distribution: d, nginx: n };
         eprintln!("  {:<48} tessera {:>10} distribution {:>10} nginx {:>10}", f.case, fmt(t), opt(d), opt(n));
         self.0.push(f);
+    }
+
+    /// Prints the table and writes it as JSON where asked.
+    fn finish(&self, args: &Args) -> Result<()> {
+        self.print();
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&self.0)?)?;
+            eprintln!("wrote {}", path.display());
+        }
+        Ok(())
     }
 
     fn print(&self) {
@@ -234,6 +248,13 @@ async fn main() -> Result<()> {
     let distribution = Registry::distribution(&args.distribution, &root.join("distribution"))?;
     let t = tessera.api();
     let d = distribution.api();
+    if args.pulls_only {
+        let first = Bytes::from(random_bytes(scale.push_blob, 3));
+        t.push_monolithic("bench/mono", first.clone()).await?;
+        d.push_monolithic("bench/mono", first.clone()).await?;
+        pulls_through_the_cache(&args, root, &mut table, [&tessera, &distribution], first).await?;
+        return table.finish(&args);
+    }
 
     eprintln!("== pushing the same image into both");
     for c in [&t, &d] {
@@ -384,112 +405,7 @@ async fn main() -> Result<()> {
         None,
     );
 
-    // A pull is a GET whose bytes the client verifies as they arrive, as every client does.
-    eprintln!("== pulls through the cache: Tessera in front of Distribution");
-    let mirror = Registry::tessera_with(
-        &args.tessera,
-        &root.join("mirror"),
-        Some(&format!(
-            "[[upstream]]\nname = \"dist\"\nurl = \"{}\"\n\n[[route]]\nprefix = \"m\"\nto = \"dist\"\n",
-            distribution.base()
-        )),
-    )?;
-    // Each cold pull needs a blob the cache has never seen; single 256 MiB pulls vary by a
-    // half from one to the next on this machine, so each number is a median of PULL_RUNS.
-    const PULL_RUNS: usize = 3;
-    let mut cold_blobs = vec![Digest::sha256_of(&push_blob)];
-    for i in 1..PULL_RUNS {
-        let blob = Bytes::from(random_bytes(scale.push_blob, 10 + i as u64));
-        d.push_monolithic("bench/mono", blob.clone()).await?;
-        cold_blobs.push(Digest::sha256_of(&blob));
-    }
-    // The anchor: Distribution's own pull-through proxy of the same upstream.
-    let proxy = Registry::distribution_proxy(&args.distribution, &root.join("dproxy"), &distribution.base())?;
-    let (mut cold, mut direct, mut rss_growth) = (Vec::new(), Vec::new(), 0f64);
-    let (mut cold_cpu, mut proxy_cold, mut proxy_cpu) = (Vec::new(), Vec::new(), Vec::new());
-    for digest in &cold_blobs {
-        let path = format!("/v2/bench/mono/blobs/{digest}");
-        timed_pull(&d.http, &distribution.url(&path), digest).await?; // page cache warm, as for every later read
-        direct.push(timed_pull(&d.http, &distribution.url(&path), digest).await?);
-        let before = load::rss_mib(mirror.pid()).unwrap_or(0.0);
-        let sampler = RssSampler::start(mirror.pid());
-        let cached = mirror.data.join("cache/dist/blobs/sha256").join(&digest.hex()[..2]).join(digest.hex());
-        let (time, cpu) =
-            cpu_timed_pull(&t.http, &mirror, &format!("/v2/m/bench/mono/blobs/{digest}"), digest, &cached).await?;
-        cold.push(time);
-        cold_cpu.push(cpu);
-        rss_growth = rss_growth.max(sampler.stop() - before);
-        let stored =
-            proxy.data.join("docker/registry/v2/blobs/sha256").join(&digest.hex()[..2]).join(digest.hex()).join("data");
-        let (time, cpu) = cpu_timed_pull(&d.http, &proxy, &path, digest, &stored).await?;
-        proxy_cold.push(time);
-        proxy_cpu.push(cpu);
-    }
-    let mono = &cold_blobs[0];
-    let (mut warm, mut hosted, mut proxy_warm) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..PULL_RUNS {
-        warm.push(timed_pull(&t.http, &mirror.url(&format!("/v2/m/bench/mono/blobs/{mono}")), mono).await?);
-        hosted.push(timed_pull(&t.http, &tessera.url(&format!("/v2/bench/mono/blobs/{mono}")), mono).await?);
-        proxy_warm.push(timed_pull(&d.http, &proxy.url(&format!("/v2/bench/mono/blobs/{mono}")), mono).await?);
-    }
-    drop(proxy);
-    table.add(
-        format!("cold {mb} MiB blob pull through the cache (vs Distribution's proxy), median of {PULL_RUNS}"),
-        "s",
-        Better::Lower,
-        median(cold.clone()),
-        Some(median(proxy_cold)),
-        None,
-    );
-    table.add(
-        format!("CPU-seconds of the server per cold {mb} MiB pull (vs Distribution's proxy), median of {PULL_RUNS}"),
-        "s",
-        Better::Lower,
-        median(cold_cpu),
-        Some(median(proxy_cpu)),
-        None,
-    );
-    table.add(
-        format!("warm {mb} MiB blob pull through the cache (vs Distribution's proxy), median of {PULL_RUNS}"),
-        "s",
-        Better::Lower,
-        median(warm.clone()),
-        Some(median(proxy_warm)),
-        None,
-    );
-    table.add(
-        format!("cold {mb} MiB blob pull through the cache (vs direct from Distribution), median of {PULL_RUNS}"),
-        "s",
-        Better::Lower,
-        median(cold),
-        Some(median(direct)),
-        None,
-    );
-    table.add(
-        format!("warm {mb} MiB blob pull through the cache, median of {PULL_RUNS}"),
-        "s",
-        Better::Lower,
-        median(warm),
-        None,
-        None,
-    );
-    table.add(
-        format!("hosted {mb} MiB blob pull, median of {PULL_RUNS}"),
-        "s",
-        Better::Lower,
-        median(hosted),
-        None,
-        None,
-    );
-    table.add(
-        format!("RSS growth during a cold {mb} MiB pull through the cache (largest)"),
-        "MiB",
-        Better::Lower,
-        rss_growth.max(0.01),
-        None,
-        None,
-    );
-    drop(mirror);
+    pulls_through_the_cache(&args, root, &mut table, [&tessera, &distribution], push_blob).await?;
 
     eprintln!("== RSS across a {} MiB push", scale.rss_push >> 20);
     let mut growth = Vec::new();
@@ -570,11 +486,131 @@ async fn main() -> Result<()> {
     );
 
     drop(nginx);
-    table.print();
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&table.0)?)?;
-        eprintln!("wrote {}", path.display());
+    table.finish(&args)
+}
+
+/// Cold and warm pulls of `first` (already in both registries as `bench/mono`) and of fresh
+/// blobs through Tessera's cache and Distribution's proxy, both in front of `distribution`.
+async fn pulls_through_the_cache(
+    args: &Args,
+    root: &Path,
+    table: &mut Table,
+    [tessera, distribution]: [&Registry; 2],
+    first: Bytes,
+) -> Result<()> {
+    let scale = Scale::of(args);
+    let mb = scale.push_blob >> 20;
+    let (t, d) = (tessera.api(), distribution.api());
+    // A pull is a GET whose bytes the client verifies as they arrive, as every client does.
+    eprintln!("== pulls through the cache: Tessera in front of Distribution");
+    let mirror = Registry::tessera_with(
+        &args.tessera,
+        &root.join("mirror"),
+        Some(&format!(
+            "[[upstream]]\nname = \"dist\"\nurl = \"{}\"\n\n[[route]]\nprefix = \"m\"\nto = \"dist\"\n",
+            distribution.base()
+        )),
+    )?;
+    // Each cold pull needs a blob the cache has never seen; single 256 MiB pulls vary by a
+    // half from one to the next on this machine, so each number is a median of PULL_RUNS.
+    const PULL_RUNS: usize = 3;
+    let mut cold_blobs = vec![Digest::sha256_of(&first)];
+    for i in 1..PULL_RUNS {
+        let blob = Bytes::from(random_bytes(scale.push_blob, 10 + i as u64));
+        d.push_monolithic("bench/mono", blob.clone()).await?;
+        cold_blobs.push(Digest::sha256_of(&blob));
     }
+    // The anchor: Distribution's own pull-through proxy of the same upstream.
+    let proxy = Registry::distribution_proxy(&args.distribution, &root.join("dproxy"), &distribution.base())?;
+    let (mut cold, mut direct, mut rss_growth) = (Vec::new(), Vec::new(), 0f64);
+    let (mut cold_cpu, mut proxy_cold, mut proxy_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for digest in &cold_blobs {
+        let path = format!("/v2/bench/mono/blobs/{digest}");
+        timed_pull(&d.http, &distribution.url(&path), digest).await?; // page cache warm, as for every later read
+        direct.push(timed_pull(&d.http, &distribution.url(&path), digest).await?);
+        let before = load::rss_mib(mirror.pid()).unwrap_or(0.0);
+        let sampler = RssSampler::start(mirror.pid());
+        let cached = mirror.data.join("cache/dist/blobs/sha256").join(&digest.hex()[..2]).join(digest.hex());
+        let window = Window::start();
+        let (time, cpu) =
+            cpu_timed_pull(&t.http, &mirror, &format!("/v2/m/bench/mono/blobs/{digest}"), digest, &cached).await?;
+        window.end("cold pull through Tessera's cache");
+        cold.push(time);
+        cold_cpu.push(cpu);
+        rss_growth = rss_growth.max(sampler.stop() - before);
+        let stored =
+            proxy.data.join("docker/registry/v2/blobs/sha256").join(&digest.hex()[..2]).join(digest.hex()).join("data");
+        let window = Window::start();
+        let (time, cpu) = cpu_timed_pull(&d.http, &proxy, &path, digest, &stored).await?;
+        window.end("cold pull through Distribution's proxy");
+        proxy_cold.push(time);
+        proxy_cpu.push(cpu);
+    }
+    let mono = &cold_blobs[0];
+    let (mut warm, mut hosted, mut proxy_warm) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..PULL_RUNS {
+        warm.push(timed_pull(&t.http, &mirror.url(&format!("/v2/m/bench/mono/blobs/{mono}")), mono).await?);
+        hosted.push(timed_pull(&t.http, &tessera.url(&format!("/v2/bench/mono/blobs/{mono}")), mono).await?);
+        proxy_warm.push(timed_pull(&d.http, &proxy.url(&format!("/v2/bench/mono/blobs/{mono}")), mono).await?);
+    }
+    drop(proxy);
+    table.add(
+        format!("cold {mb} MiB blob pull through the cache (vs Distribution's proxy), median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(cold.clone()),
+        Some(median(proxy_cold)),
+        None,
+    );
+    table.add(
+        format!("CPU-seconds of the server per cold {mb} MiB pull (vs Distribution's proxy), median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(cold_cpu),
+        Some(median(proxy_cpu)),
+        None,
+    );
+    table.add(
+        format!("warm {mb} MiB blob pull through the cache (vs Distribution's proxy), median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(warm.clone()),
+        Some(median(proxy_warm)),
+        None,
+    );
+    table.add(
+        format!("cold {mb} MiB blob pull through the cache (vs direct from Distribution), median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(cold),
+        Some(median(direct)),
+        None,
+    );
+    table.add(
+        format!("warm {mb} MiB blob pull through the cache, median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(warm),
+        None,
+        None,
+    );
+    table.add(
+        format!("hosted {mb} MiB blob pull, median of {PULL_RUNS}"),
+        "s",
+        Better::Lower,
+        median(hosted),
+        None,
+        None,
+    );
+    table.add(
+        format!("RSS growth during a cold {mb} MiB pull through the cache (largest)"),
+        "MiB",
+        Better::Lower,
+        rss_growth.max(0.01),
+        None,
+        None,
+    );
+    drop(mirror);
     Ok(())
 }
 
@@ -641,6 +677,21 @@ async fn cpu_timed_pull(
         bail!("{} never stored {digest}", server.base());
     }
     Ok((time, cpu()? - before))
+}
+
+/// The wall-clock span of one case, printed in the form `perf report --time` takes, so that
+/// a system-wide profile (`perf record -a -k realtime`) of a run can be cut to that case.
+struct Window(SystemTime);
+
+impl Window {
+    fn start() -> Window {
+        Window(SystemTime::now())
+    }
+
+    fn end(self, case: &str) {
+        let at = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        eprintln!("  window {:.6},{:.6} {case}", at(self.0), at(SystemTime::now()));
+    }
 }
 
 fn median(mut samples: Vec<f64>) -> f64 {

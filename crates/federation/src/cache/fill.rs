@@ -32,6 +32,69 @@ pub(super) struct FillState {
     vouched: Option<(u64, Digest)>,
     /// `Some(Ok)` once committed, `Some(Err)` once failed.
     done: Option<Result<(), Arc<FillError>>>,
+    /// The newest bytes received, for readers keeping up with the fill.
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// The newest bytes of a fill, as received (shared, never copied): a reader keeping up with
+/// the fill sends these instead of reading them back from the session file, which would cost
+/// a buffer, a read and a copy per chunk on the path every cold pull takes. A reader that
+/// falls further behind than this reads from the file.
+#[derive(Debug, Default)]
+pub(super) struct Recent {
+    chunks: std::collections::VecDeque<Bytes>,
+    /// Offset in the blob of the first byte of `chunks`.
+    start: u64,
+    len: u64,
+}
+
+/// How many of the newest bytes of a fill [`Recent`] keeps: a few wakes' worth.
+const RECENT_BYTES: u64 = 4 * WAKE_EVERY;
+
+impl Recent {
+    /// Appends the chunk that begins at `offset`, forgetting the oldest beyond the bound.
+    fn push(&mut self, offset: u64, chunk: Bytes) {
+        if offset != self.start + self.len {
+            // A resumed transfer after a gap this never saw: start afresh from here.
+            self.chunks.clear();
+            self.start = offset;
+            self.len = 0;
+        }
+        self.len += chunk.len() as u64;
+        self.chunks.push_back(chunk);
+        while self.len - self.chunks.front().map_or(0, |c| c.len() as u64) >= RECENT_BYTES {
+            let old = self.chunks.pop_front().expect("non-empty while len > 0");
+            self.start += old.len() as u64;
+            self.len -= old.len() as u64;
+        }
+    }
+
+    /// The bytes `[from, to)` as held, or `None` when `from` is older than what is held; may
+    /// end before `to` where reception has not reached it.
+    fn take(&self, from: u64, to: u64) -> Option<Vec<Bytes>> {
+        if from < self.start {
+            return None;
+        }
+        let mut out = Vec::new();
+        if from >= to {
+            // Caught up: nothing to hand out (and no empty slice a reader would spin on).
+            return Some(out);
+        }
+        let mut at = self.start;
+        for chunk in &self.chunks {
+            let end = at + chunk.len() as u64;
+            if end > from && at < to {
+                let lo = from.saturating_sub(at) as usize;
+                let hi = (to.min(end) - at) as usize;
+                out.push(chunk.slice(lo..hi));
+            }
+            if end >= to {
+                break;
+            }
+            at = end;
+        }
+        Some(out)
+    }
 }
 
 /// A blob a fill committed moments ago is gone (evicted or deleted under us).
@@ -222,6 +285,7 @@ impl PullThrough {
                 verified: false,
                 vouched: None,
                 done: None,
+                recent: Arc::default(),
             });
             fills.insert(digest.clone(), rx);
             tx
@@ -364,12 +428,14 @@ impl Fill {
                 s => return Err(FillError::Status(s)),
             }
             let tx_progress = tx.clone();
+            let recent = tx.borrow().recent.clone();
             let counted = &mut received;
             let hasher = &mut digester;
             let mut unannounced = 0u64;
             let stream: ByteStream = Box::pin(response.bytes_stream().map(move |chunk| {
                 let chunk = chunk.map_err(std::io::Error::other)?;
                 hasher.update(&chunk);
+                recent.lock().unwrap_or_else(|p| p.into_inner()).push(*counted, chunk.clone());
                 *counted += chunk.len() as u64;
                 unannounced += chunk.len() as u64;
                 if unannounced >= WAKE_EVERY {
@@ -536,28 +602,38 @@ fn follow(
                 }
                 None => {}
             }
-            // Bytes the session file holds now; the last byte of this answer (of a range
-            // too: its client cannot check a digest) only once the blob verified.
-            let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
+            // The last byte of this answer (of a range too: its client cannot check a
+            // digest) only once the blob verified.
             let vouched = if state.verified { c.end } else { state.vouched.as_ref().map_or(0, |v| v.0).min(c.end - 1) };
-            let limit = on_disk.min(vouched);
-            if limit > c.offset
-                && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
-            {
-                let take = limit - c.offset;
-                c.pending = Some(Box::pin(stream.scan(take, |left, item| {
-                    let out = match item {
-                        Ok(_) if *left == 0 => return std::future::ready(None),
-                        Ok(chunk) => {
-                            let n = (chunk.len() as u64).min(*left);
-                            *left -= n;
-                            Ok(chunk.slice(..n as usize))
-                        }
-                        Err(e) => Err(e),
-                    };
-                    std::future::ready(Some(out))
-                })));
-                continue;
+            let held = state.recent.lock().unwrap_or_else(|p| p.into_inner()).take(c.offset, vouched);
+            match held {
+                Some(chunks) if !chunks.is_empty() => {
+                    c.pending = Some(Box::pin(futures_util::stream::iter(chunks.into_iter().map(Ok))));
+                    continue;
+                }
+                Some(_) => {}
+                // Fallen behind what is held in memory: from the session file.
+                None => {
+                    let on_disk = c.blobs.upload_size(&state.upload).await.ok().flatten().unwrap_or(0);
+                    let limit = on_disk.min(vouched);
+                    if limit > c.offset
+                        && let Ok(stream) = c.blobs.upload_read(&state.upload, c.offset).await
+                    {
+                        c.pending = Some(Box::pin(stream.scan(limit - c.offset, |left, item| {
+                            let out = match item {
+                                Ok(_) if *left == 0 => return std::future::ready(None),
+                                Ok(chunk) => {
+                                    let n = (chunk.len() as u64).min(*left);
+                                    *left -= n;
+                                    Ok(chunk.slice(..n as usize))
+                                }
+                                Err(e) => Err(e),
+                            };
+                            std::future::ready(Some(out))
+                        })));
+                        continue;
+                    }
+                }
             }
             if c.rx.changed().await.is_err() {
                 // The fill ended and its sender is gone: look at the final state once more.
@@ -745,6 +821,82 @@ mod tests {
         assert!(failed && out.is_empty(), "nothing after a prefix that differs: {} bytes", out.len());
     }
 
+    /// Readers keeping up get exactly the bytes they ask for from memory, across chunk
+    /// boundaries; one that fell behind what is held is told so (and reads the file).
+    #[test]
+    fn recent_bytes_hand_out_exact_ranges_and_forget_the_oldest() {
+        let blob: Vec<u8> = (0..RECENT_BYTES * 2).map(|i| (i % 251) as u8).collect();
+        let mut recent = Recent::default();
+        let chunk = 100_000;
+        for (i, part) in blob.chunks(chunk).enumerate() {
+            recent.push((i * chunk) as u64, Bytes::copy_from_slice(part));
+        }
+        let joined = |parts: Vec<Bytes>| parts.concat();
+        let end = blob.len() as u64;
+        assert!(recent.len >= RECENT_BYTES - chunk as u64 && recent.len < RECENT_BYTES + chunk as u64);
+        assert_eq!(recent.start + recent.len, end);
+        let from = end - 3 * chunk as u64 - 17;
+        assert_eq!(joined(recent.take(from, end - 5).unwrap()), &blob[from as usize..(end - 5) as usize]);
+        // Asked past what arrived: what there is.
+        assert_eq!(joined(recent.take(end - 10, end + 1000).unwrap()), &blob[(end - 10) as usize..]);
+        assert!(recent.take(end, end + 10).unwrap().is_empty());
+        assert!(recent.take(from, from).unwrap().is_empty(), "a reader caught up gets nothing, not an empty chunk");
+        assert!(recent.take(0, 10).is_none(), "the start was forgotten");
+        assert!(recent.take(recent.start - 1, recent.start + 1).is_none());
+    }
+
+    /// A reader that has sent everything the fill vouches for (all but the held last byte)
+    /// waits for the fill to move: its next poll is pending, not a loop that never yields.
+    #[test]
+    fn a_reader_caught_up_with_the_fill_waits_for_it() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let blob = b"a blob whose last byte waits for its digest".to_vec();
+        let size = blob.len() as u64;
+        let digest = Digest::sha256_of(&blob);
+        let (tx, mut body) = runtime.block_on(async {
+            let blobs: Arc<dyn BlobStore> = Arc::new(tessera_store::FsBlobStore::open(dir.path()).unwrap());
+            let upload = UploadId::random();
+            blobs.upload_create(&upload).await.unwrap();
+            let recent = Arc::new(Mutex::new(Recent::default()));
+            recent.lock().unwrap().push(0, Bytes::from(blob.clone()));
+            let (tx, rx) = watch::channel(FillState {
+                upload,
+                size: Some(size),
+                verified: false,
+                vouched: Some((size, digest.clone())),
+                done: None,
+                recent,
+            });
+            let config =
+                tessera_config::Config::from_toml("[[upstream]]\nname = \"up\"\nurl = \"http://127.0.0.1:9\"\n")
+                    .unwrap();
+            let upstream = Arc::new(Upstream::new(&config.upstreams[0]).unwrap());
+            let direct = Direct { upstream, auth: UpstreamAuth::Configured, name: "r".parse().unwrap() };
+            let mut body = follow(blobs, digest.clone(), rx, direct, 0, size, size);
+            let mut sent = Vec::new();
+            while sent.len() + 1 < blob.len() {
+                sent.extend_from_slice(&body.next().await.unwrap().unwrap());
+            }
+            assert_eq!(sent, blob[..blob.len() - 1]);
+            (tx, body)
+        });
+        // Polled on its own thread, so that a reader that never yields fails this test
+        // instead of hanging it.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let poller = std::thread::spawn(move || {
+            let pending = runtime.block_on(async { futures_util::poll!(body.next()).is_pending() });
+            done_tx.send(pending).unwrap();
+            (runtime, body)
+        });
+        let pending = done_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the reader never yielded");
+        assert!(pending, "the reader sent a byte past what the fill vouches for");
+        let (runtime, mut body) = poller.join().unwrap();
+        tx.send_modify(|s| s.verified = true);
+        let last = runtime.block_on(body.next()).unwrap().unwrap();
+        assert_eq!(&last[..], &blob[blob.len() - 1..]);
+    }
+
     /// A fill that panics gives up its place: the digest can be fetched again at once, its
     /// readers see the end instead of waiting, and its upload session is removed.
     #[tokio::test]
@@ -761,6 +913,7 @@ mod tests {
             verified: false,
             vouched: None,
             done: None,
+            recent: Arc::default(),
         });
         fills.lock().unwrap().insert(digest.clone(), reader.clone());
         let in_flight =
