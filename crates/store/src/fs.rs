@@ -300,10 +300,14 @@ impl BlobStore for FsBlobStore {
         let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(2);
         let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let mut file = file;
-            let mut writeback = Writeback::new(file.metadata()?.len());
+            // Early writeback only where a sync follows: a cache fill's pages are written
+            // when its commit syncs them, after its readers have their bytes.
+            let mut writeback = if durable { Some(Writeback::new(file.metadata()?.len())) } else { None };
             while let Some(batch) = rx.blocking_recv() {
                 let len = write_all_vectored(&mut file, &batch)?;
-                writeback.wrote(&file, len);
+                if let Some(writeback) = writeback.as_mut() {
+                    writeback.wrote(&file, len);
+                }
             }
             if durable {
                 file.sync_data()?;
