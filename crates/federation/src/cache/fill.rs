@@ -36,6 +36,13 @@ pub(super) struct FillState {
     recent: Arc<Mutex<Recent>>,
 }
 
+impl FillState {
+    /// A fill that has started: nothing received, nothing known of the size yet.
+    fn new(upload: UploadId) -> FillState {
+        FillState { upload, size: None, verified: false, vouched: None, done: None, recent: Arc::default() }
+    }
+}
+
 /// The newest bytes of a fill, as received (shared, never copied): a reader keeping up with
 /// the fill sends these instead of reading them back from the session file, which would cost
 /// a buffer, a read and a copy per chunk on the path every cold pull takes. A reader that
@@ -279,14 +286,7 @@ impl PullThrough {
             {
                 return Ok(rx.clone());
             }
-            let (tx, rx) = watch::channel(FillState {
-                upload: upload.clone(),
-                size: None,
-                verified: false,
-                vouched: None,
-                done: None,
-                recent: Arc::default(),
-            });
+            let (tx, rx) = watch::channel(FillState::new(upload.clone()));
             fills.insert(digest.clone(), rx);
             tx
         };
@@ -861,12 +861,10 @@ mod tests {
             let recent = Arc::new(Mutex::new(Recent::default()));
             recent.lock().unwrap().push(0, Bytes::from(blob.clone()));
             let (tx, rx) = watch::channel(FillState {
-                upload,
                 size: Some(size),
-                verified: false,
                 vouched: Some((size, digest.clone())),
-                done: None,
                 recent,
+                ..FillState::new(upload)
             });
             let config =
                 tessera_config::Config::from_toml("[[upstream]]\nname = \"up\"\nurl = \"http://127.0.0.1:9\"\n")
@@ -907,14 +905,7 @@ mod tests {
         let digest = Digest::sha256_of(b"never arrives");
         let upload = UploadId::random();
         blobs.upload_create(&upload).await.unwrap();
-        let (tx, mut reader) = watch::channel(FillState {
-            upload: upload.clone(),
-            size: None,
-            verified: false,
-            vouched: None,
-            done: None,
-            recent: Arc::default(),
-        });
+        let (tx, mut reader) = watch::channel(FillState::new(upload.clone()));
         fills.lock().unwrap().insert(digest.clone(), reader.clone());
         let in_flight =
             InFlight { fills: fills.clone(), blobs: blobs.clone(), digest, upload: upload.clone(), ended: false };
