@@ -146,6 +146,17 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((user + system) / 100.0)
 }
 
+/// The whole machine's CPU-seconds so far, from `/proc/stat`: (busy, stolen), busy being
+/// user, nice, system, irq and softirq time of every core, stolen what the hypervisor gave
+/// to other guests while this one wanted to run.
+pub fn machine_cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).map_while(|t| t.parse().ok()).collect();
+    let (user, nice, system, irq, softirq, steal) =
+        (ticks.first()?, ticks.get(1)?, ticks.get(2)?, ticks.get(5)?, ticks.get(6)?, ticks.get(7)?);
+    Some(((user + nice + system + irq + softirq) / 100.0, steal / 100.0))
+}
+
 /// Samples a process's RSS every 20 ms until stopped; reports the peak.
 pub struct RssSampler {
     stop: Arc<AtomicBool>,

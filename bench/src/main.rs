@@ -672,7 +672,17 @@ async fn cpu_timed_pull(
 ) -> Result<(f64, f64)> {
     let cpu = || load::cpu_seconds(server.pid()).ok_or_else(|| anyhow::anyhow!("no CPU time for {}", server.pid()));
     let before = cpu()?;
+    let machine_before = load::machine_cpu_seconds();
     let time = timed_pull(http, &server.url(path), digest).await?;
+    if let (Some((busy0, stolen0)), Some((busy1, stolen1))) = (machine_before, load::machine_cpu_seconds()) {
+        // Whether the pull was bound by the machine's cores rather than by waiting.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        eprintln!(
+            "  during the pull: {:.2} of {cores} cores busy, {:.2} stolen",
+            (busy1 - busy0) / time,
+            (stolen1 - stolen0) / time
+        );
+    }
     if !tessera_testkit::wait_until_async(Duration::from_secs(60), || std::future::ready(stored.exists())).await {
         bail!("{} never stored {digest}", server.base());
     }
