@@ -22,7 +22,7 @@ pub use limits::Limits;
 pub use network::Network;
 pub use route::{Credentials, Fallback, Mode, Route, RouteMember, Target};
 pub use statics::StaticSource;
-pub use storage::Storage;
+pub use storage::{S3, Storage};
 pub use tls::{ClientAuth, TlsConfig};
 pub use upstream::{Upstream, UpstreamCache};
 
@@ -225,6 +225,17 @@ impl Config {
                 (None, Some(_), Some(r)) if !r.is_empty() => {}
                 (None, Some(_), _) => return Err(format!("static {:?}: layout needs repository = \"name\"", s.name)),
                 _ => return Err(format!("static {:?}: give exactly one of crane_dir and layout", s.name)),
+            }
+        }
+        if let Some(s3) = &self.storage.s3 {
+            if s3.bucket.is_empty() || s3.region.is_empty() {
+                return Err("[storage.s3] needs bucket and region".into());
+            }
+            if let Some(endpoint) = s3.endpoint.as_deref().filter(|e| !is_http_url(e)) {
+                return Err(format!("[storage.s3] endpoint {endpoint:?} must start with https:// or http://"));
+            }
+            if s3.access_key_id_file.is_some() != s3.secret_access_key_file.is_some() {
+                return Err("[storage.s3] give both access_key_id_file and secret_access_key_file, or neither".into());
             }
         }
         for (i, d) in self.deliveries.iter().enumerate() {

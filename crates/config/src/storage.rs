@@ -1,4 +1,6 @@
-//! `[storage]`: deletes, upload expiry and garbage collection.
+//! `[storage]`: deletes, upload expiry, garbage collection, and where blobs live.
+
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -18,6 +20,30 @@ pub struct Storage {
     /// Passes also delete manifests nothing keeps: untagged, listed by no index of their
     /// repository, not a referrer of a kept manifest (Distribution's `--delete-untagged`).
     pub gc_untagged: bool,
+    /// `[storage.s3]`: blobs (hosted, upload sessions and every upstream's cache) in an
+    /// S3-compatible bucket instead of under `data`.
+    pub s3: Option<S3>,
+}
+
+/// An S3-compatible bucket (Garage, MinIO, Ceph RGW, AWS S3).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct S3 {
+    /// `http(s)://host:port` of the store; AWS's regional endpoint when omitted.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    /// Prepended to every key, so one bucket can hold several registries.
+    #[serde(default)]
+    pub prefix: String,
+    /// Path-style requests (`endpoint/bucket/key`), which every S3-compatible store
+    /// serves; `false` for virtual-host style (`bucket.endpoint/key`). Default: path style
+    /// with an `endpoint`, virtual-host style on AWS.
+    pub path_style: Option<bool>,
+    /// Files holding the access key id and the secret key; when omitted, the environment's
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    pub access_key_id_file: Option<PathBuf>,
+    pub secret_access_key_file: Option<PathBuf>,
 }
 
 impl Default for Storage {
@@ -28,6 +54,7 @@ impl Default for Storage {
             gc_interval_secs: 3600,
             gc_grace_secs: 24 * 3600,
             gc_untagged: false,
+            s3: None,
         }
     }
 }

@@ -104,12 +104,17 @@ fn referrers_index(manifests: Vec<serde_json::Value>) -> Bytes {
 }
 
 /// Logs a store failure once, with its cause, and turns it into the client-safe error: 503
-/// with `Retry-After` when storage is full, 500 otherwise.
+/// with `Retry-After` when storage is full or unreachable, 500 otherwise.
 pub fn store_failure(context: &str, e: impl Into<StoreError>) -> OciError {
     match e.into() {
         full @ StoreError::Full(_) => {
             tracing::error!("{context}: {full}");
             OciError::new(ErrorCode::Unavailable, "storage is full").with_header("retry-after", "60")
+        }
+        gone @ StoreError::Unreachable(_) => {
+            tracing::error!("{context}: {gone}");
+            OciError::new(ErrorCode::Unavailable, "storage is unreachable; try again shortly")
+                .with_header("retry-after", "5")
         }
         e => {
             tracing::error!("{context}: {e}");

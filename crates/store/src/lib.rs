@@ -9,6 +9,7 @@ pub mod blob_cache;
 pub mod cached;
 pub mod conformance;
 pub mod fs;
+pub mod s3;
 pub mod sqlite;
 
 use std::fmt;
@@ -25,6 +26,7 @@ use tessera_spec::{Digest, RepoName, Tag};
 pub use blob_cache::CachedBlobStore;
 pub use cached::CachedMetaStore;
 pub use fs::FsBlobStore;
+pub use s3::{S3BlobStore, S3Settings};
 pub use sqlite::SqliteMetaStore;
 
 /// A stream of bytes, as received from a client or read from a store.
@@ -101,6 +103,10 @@ pub enum StoreError {
     /// No space left for the write (disk, database or bucket).
     #[error("storage is full: {0}")]
     Full(#[source] io::Error),
+    /// A store across the network (an object store, a database server) cannot be reached
+    /// or is not answering now; it may come back by itself.
+    #[error("storage is unreachable: {0}")]
+    Unreachable(#[source] io::Error),
     /// The disk, the database, or the way to them failed.
     #[error(transparent)]
     Backend(io::Error),
@@ -108,7 +114,13 @@ pub enum StoreError {
 
 impl From<io::Error> for StoreError {
     fn from(e: io::Error) -> StoreError {
-        if e.kind() == io::ErrorKind::StorageFull { StoreError::Full(e) } else { StoreError::Backend(e) }
+        use io::ErrorKind::*;
+        match e.kind() {
+            StorageFull => StoreError::Full(e),
+            ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | TimedOut | HostUnreachable
+            | NetworkUnreachable => StoreError::Unreachable(e),
+            _ => StoreError::Backend(e),
+        }
     }
 }
 

@@ -26,14 +26,17 @@ async fn inspect(config: &Config) -> anyhow::Result<Inspected> {
     let registry = if database.is_file() {
         let meta = SqliteMetaStore::open_read_only(&database)
             .with_context(|| format!("cannot read the metadata in {}", config.data.display()))?;
-        crate::registry_over(config, meta)?
+        crate::registry_over(config, meta, &crate::BlobHome::open(config).await?)?
     } else {
         // No data yet: hosted repositories are empty.
         let mut empty = config.clone();
         empty.data = scratch.path().join("hosted");
-        crate::open_registry(&empty)?
+        empty.storage.s3 = None;
+        crate::open_registry(&empty, &crate::BlobHome::Data(empty.data.clone()))?
     };
-    let federation = crate::open_federation_in(config, None, Arc::new(registry), &scratch.path().join("cache")).await?;
+    let caches = scratch.path().join("cache");
+    let scratch_blobs = crate::BlobHome::Data(caches.clone());
+    let federation = crate::open_federation_in(config, None, Arc::new(registry), &caches, &scratch_blobs).await?;
     Ok(Inspected { federation, _scratch: scratch })
 }
 

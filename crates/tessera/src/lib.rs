@@ -17,33 +17,103 @@ use tessera_http::AppState;
 use tessera_http::auth::IssuerKeys;
 use tessera_http::server::{CertStore, ServerOptions};
 use tessera_registry::{Registry, Settings};
-use tessera_store::{BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, SqliteMetaStore};
+use tessera_store::{
+    BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, S3BlobStore, S3Settings, SqliteMetaStore,
+};
 
-/// Opens the embedded default stores under `config.data` as the hosted registry.
-fn open_registry(config: &Config) -> anyhow::Result<Registry> {
+/// Where blob bytes live: under the data directory (the default), or in the S3-compatible
+/// bucket of `[storage.s3]`.
+#[derive(Clone)]
+enum BlobHome {
+    Data(std::path::PathBuf),
+    Bucket(Box<S3BlobStore>),
+}
+
+impl BlobHome {
+    async fn open(config: &Config) -> anyhow::Result<BlobHome> {
+        let Some(s3) = &config.storage.s3 else { return Ok(BlobHome::Data(config.data.clone())) };
+        let http = tessera_client::upstream::content_client(false)?;
+        let store = S3BlobStore::open(s3_settings(s3)?, http)
+            .await
+            .with_context(|| format!("cannot open the blob store s3://{}/{}", s3.bucket, s3.prefix))?;
+        Ok(BlobHome::Bucket(Box::new(store)))
+    }
+
+    /// The hosted registry's blobs, behind the in-memory blob cache when it is on.
+    fn hosted(&self, config: &Config) -> anyhow::Result<Arc<dyn BlobStore>> {
+        fn cached<B: BlobStore>(blobs: B, config: &Config) -> Arc<dyn BlobStore> {
+            if config.cache.blob_bytes > 0 {
+                Arc::new(CachedBlobStore::new(blobs, config.cache.blob_bytes, config.cache.blob_max_item_bytes))
+            } else {
+                Arc::new(blobs)
+            }
+        }
+        Ok(match self {
+            BlobHome::Data(data) => cached(
+                FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?,
+                config,
+            ),
+            BlobHome::Bucket(bucket) => cached(S3BlobStore::clone(bucket), config),
+        })
+    }
+
+    /// The blobs of upstream `name`'s cache: `<cache_dir>/<name>/`, or the bucket's
+    /// `cache/<name>/`.
+    fn cache(&self, cache_dir: &std::path::Path, name: &str) -> std::io::Result<Arc<dyn BlobStore>> {
+        Ok(match self {
+            BlobHome::Data(_) => Arc::new(FsBlobStore::open(cache_dir.join(name))?),
+            BlobHome::Bucket(bucket) => Arc::new(bucket.under(&format!("cache/{name}"))),
+        })
+    }
+}
+
+/// The store settings of `[storage.s3]`, credentials read from their files or the
+/// environment.
+fn s3_settings(s3: &tessera_config::S3) -> anyhow::Result<S3Settings> {
+    let secret = |file: &Option<std::path::PathBuf>, var: &str| -> anyhow::Result<Option<String>> {
+        match file {
+            Some(path) => Ok(Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            )),
+            None => Ok(std::env::var(var).ok()),
+        }
+    };
+    let endpoint = match &s3.endpoint {
+        Some(url) => Some(url.parse().with_context(|| format!("[storage.s3] endpoint {url:?}"))?),
+        None => None,
+    };
+    Ok(S3Settings {
+        path_style: s3.path_style.unwrap_or(endpoint.is_some()),
+        endpoint,
+        region: s3.region.clone(),
+        bucket: s3.bucket.clone(),
+        prefix: s3.prefix.clone(),
+        access_key_id: secret(&s3.access_key_id_file, "AWS_ACCESS_KEY_ID")?,
+        secret_access_key: secret(&s3.secret_access_key_file, "AWS_SECRET_ACCESS_KEY")?,
+    })
+}
+
+/// Opens the hosted registry: metadata in `config.data`, blobs in `blobs`.
+fn open_registry(config: &Config, blobs: &BlobHome) -> anyhow::Result<Registry> {
     let data = &config.data;
     std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
     let meta = SqliteMetaStore::open(&data.join("meta.sqlite"))
         .with_context(|| format!("cannot open metadata in {}", data.display()))?;
-    registry_over(config, meta)
+    registry_over(config, meta, blobs)
 }
 
-/// The hosted registry over `config.data`'s blob store and `meta`.
-fn registry_over(config: &Config, meta: SqliteMetaStore) -> anyhow::Result<Registry> {
-    let data = &config.data;
-    let blobs = FsBlobStore::open(data).with_context(|| format!("cannot open blob store in {}", data.display()))?;
+/// The hosted registry over `blobs` and `meta`.
+fn registry_over(config: &Config, meta: SqliteMetaStore, blobs: &BlobHome) -> anyhow::Result<Registry> {
     let meta = CachedMetaStore::new(meta, config.cache.metadata_bytes);
     let settings = Settings {
         manifest_max_bytes: config.limits.manifest_max_bytes,
         blob_max_bytes: config.limits.blob_max_bytes,
         delete_enabled: config.storage.delete_enabled,
     };
-    let blobs: Arc<dyn BlobStore> = if config.cache.blob_bytes > 0 {
-        Arc::new(CachedBlobStore::new(blobs, config.cache.blob_bytes, config.cache.blob_max_item_bytes))
-    } else {
-        Arc::new(blobs)
-    };
-    Ok(Registry::new(blobs, Arc::new(meta), settings))
+    Ok(Registry::new(blobs.hosted(config)?, Arc::new(meta), settings))
 }
 
 /// Runs at start-up, before any request: what a crash or a stop cut off is finished or
@@ -65,7 +135,8 @@ async fn recover(registry: &Registry, config: &Config) -> anyhow::Result<()> {
 
 /// Opens the embedded default stores under `config.data` and builds the application state.
 pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
-    let registry = Arc::new(open_registry(config)?);
+    let blobs = BlobHome::open(config).await?;
+    let registry = Arc::new(open_registry(config, &blobs)?);
     let federation = open_federation(config, None, registry.clone()).await?;
     recover(&registry, config).await?;
     let (auth, jwks) = open_auth(config)?;
@@ -340,33 +411,34 @@ fn reload_once(
     }
 }
 
-/// The routing table, an upstream client per `[[upstream]]`, and each upstream's cache in
-/// `<data>/cache/<name>/` (its own blob store and metadata, so eviction touches nothing else).
+/// The routing table, an upstream client per `[[upstream]]`, and each upstream's cache:
+/// its metadata in `<data>/cache/<name>/`, its blobs there too or under the bucket's
+/// `cache/<name>/` (its own stores, so eviction touches nothing else).
 async fn open_federation(
     config: &Config,
     previous: Option<&Federation>,
     hosted: Arc<Registry>,
 ) -> anyhow::Result<Federation> {
-    let cache_dir = config.data.join("cache");
-    open_federation_in(config, previous, hosted, &cache_dir).await
+    let blobs = BlobHome::open(config).await?;
+    open_federation_in(config, previous, hosted, &config.data.join("cache"), &blobs).await
 }
 
-/// [`open_federation`] with the upstream caches under `cache_dir`.
+/// [`open_federation`] with the upstream caches' metadata under `cache_dir` and their
+/// blobs in `blobs`.
 async fn open_federation_in(
     config: &Config,
     previous: Option<&Federation>,
     hosted: Arc<Registry>,
     cache_dir: &std::path::Path,
+    blobs: &BlobHome,
 ) -> anyhow::Result<Federation> {
     let metadata_bytes = config.cache.metadata_bytes;
     let federation = Federation::new(config, previous, hosted, |name| {
         let dir = cache_dir.join(name);
-        let blobs = FsBlobStore::open(&dir)?;
+        let cache_blobs = blobs.cache(cache_dir, name)?;
+        std::fs::create_dir_all(&dir)?;
         let meta = SqliteMetaStore::open(&dir.join("meta.sqlite"))?;
-        Ok((
-            Arc::new(CachedMetaStore::new(meta, metadata_bytes / 4)) as Arc<dyn MetaStore>,
-            Arc::new(blobs) as Arc<dyn BlobStore>,
-        ))
+        Ok((Arc::new(CachedMetaStore::new(meta, metadata_bytes / 4)) as Arc<dyn MetaStore>, cache_blobs))
     })
     .await?;
     Ok(federation)
@@ -416,14 +488,15 @@ pub async fn collect_garbage(
         dry_run,
     };
     // The pass itself finishes what an interrupted one doomed, so a dry run counts it too.
+    let blobs = BlobHome::open(config).await?;
     if !dry_run {
-        let registry = open_registry(config)?;
+        let registry = open_registry(config, &blobs)?;
         return registry.collect_garbage(&how).await.context("garbage collection failed");
     }
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let copy = scratch.path().join("meta.sqlite");
     SqliteMetaStore::copy_database(&database, &copy).context("cannot copy the metadata")?;
-    let registry = registry_over(config, SqliteMetaStore::open(&copy)?)?;
+    let registry = registry_over(config, SqliteMetaStore::open(&copy)?, &blobs)?;
     registry.collect_garbage(&how).await.context("garbage collection (dry run) failed")
 }
 

@@ -22,9 +22,25 @@ pub struct InProcess {
     pub addr: SocketAddr,
     /// Its data directory (`config.data`).
     pub data: PathBuf,
+    config: Config,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
+}
+
+/// The bucket every in-process server keeps its blobs in when `TESSERA_TEST_S3` holds a
+/// `[storage.s3]` table (as `with-garage` sets it), each server under a fresh prefix of its
+/// own; `None` (blobs under the data directory) otherwise.
+fn test_bucket(unique: &str) -> anyhow::Result<Option<tessera_config::S3>> {
+    let Ok(table) = std::env::var("TESSERA_TEST_S3") else { return Ok(None) };
+    let mut s3 = Config::from_toml(&table)
+        .map_err(anyhow::Error::msg)
+        .context("TESSERA_TEST_S3")?
+        .storage
+        .s3
+        .context("TESSERA_TEST_S3 holds no [storage.s3]")?;
+    s3.prefix = format!("{}{unique}/", s3.prefix);
+    Ok(Some(s3))
 }
 
 impl InProcess {
@@ -44,10 +60,15 @@ impl InProcess {
     pub async fn with_config(mut config: Config) -> anyhow::Result<InProcess> {
         count_server_panics();
         let dir = tempfile::Builder::new().prefix("tip").tempdir().context("cannot create a data directory")?;
+        if config.storage.s3.is_none() {
+            let unique = dir.path().file_name().unwrap_or_default().to_string_lossy();
+            config.storage.s3 = test_bucket(&unique)?;
+        }
         config.data = dir.path().join("data");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;
         config.listen = listener.local_addr()?;
         let data = config.data.clone();
+        let kept = config.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, addr) = oneshot::channel();
         let mut task = tokio::spawn(crate::run(
@@ -72,7 +93,13 @@ impl InProcess {
                 });
             }
         };
-        Ok(InProcess { addr, data, stop: Some(stop), task, _dir: dir })
+        Ok(InProcess { addr, data, config: kept, stop: Some(stop), task, _dir: dir })
+    }
+
+    /// The hosted blob store as the server opened it (its directory or its bucket), for
+    /// tests that check what is stored.
+    pub async fn blobs(&self) -> anyhow::Result<std::sync::Arc<dyn tessera_store::BlobStore>> {
+        crate::BlobHome::open(&self.config).await?.hosted(&self.config)
     }
 
     /// `host:port`, as clients write registry references.

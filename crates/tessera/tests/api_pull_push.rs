@@ -231,27 +231,12 @@ async fn wrong_digest_is_refused_and_leaves_nothing() {
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     assert_eq!(api.http.get(api.url(&location)).send().await.unwrap().status(), 404, "the failed session is discarded");
-    let uploads = std::fs::read_dir(s.data.join("uploads")).unwrap().count();
-    assert_eq!(uploads, 0, "no upload bytes left behind");
-    assert!(walk_files(&s.data.join("blobs")).is_empty(), "no blob stored");
+    let stored = s.blobs().await.unwrap();
+    assert!(stored.upload_list().await.unwrap().is_empty(), "no upload bytes left behind");
+    assert!(stored.list().await.unwrap().is_empty(), "no blob stored");
 
     let r = api.http.put(api.url(&location)).send().await.unwrap();
     assert_eq!(r.status(), 404, "closing a discarded session");
-}
-
-fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk_files(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ pub mod cdn;
 pub mod chaos;
 pub mod clients;
 pub mod disk;
+pub mod garage;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
