@@ -133,7 +133,15 @@ impl Registry {
     {
         let (mut state, size) = self.open_session(repo, id).await?;
         check_chunk(size, content_range, content_length)?;
-        self.append(id, &mut state, size, body).await
+        let new_size = self.append(id, &mut state, size, body).await?;
+        if let Some(s) = state.as_ref() {
+            // For the next request, wherever it lands: without it, only a re-read of the
+            // whole session could rebuild the hash.
+            if let Err(e) = self.blobs.upload_save_hash(id, s.offset, &s.digester.save()).await {
+                tracing::warn!(upload = %id, "cannot save the hash state: {e}");
+            }
+        }
+        Ok(new_size)
     }
 
     /// Ends a session: appends an optional last chunk, verifies `digest` over everything
@@ -200,7 +208,7 @@ impl Registry {
     {
         let mut digester = match state.take() {
             Some(s) if s.offset == size => s.digester,
-            _ => self.rehash(id, Algorithm::Sha256).await?,
+            _ => self.rehash(id, Algorithm::Sha256, size).await?,
         };
         let limit = self.settings.blob_max_bytes;
         let mut received = size;
@@ -235,11 +243,24 @@ impl Registry {
         }
     }
 
-    /// Rebuilds the hash of a session from its stored bytes.
-    async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<Digester, OciError> {
-        let stream = self.blobs.upload_read(id, 0).await.map_err(|e| store_failure("upload read", e))?;
+    /// Rebuilds the hash of a session holding `size` bytes: from its saved hash state and
+    /// the bytes after it, or from all its bytes when no usable state was saved.
+    async fn rehash(&self, id: &UploadId, algorithm: Algorithm, size: u64) -> Result<Digester, OciError> {
+        let saved = match self.blobs.upload_load_hash(id).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(upload = %id, "cannot load the hash state, hashing the session again: {e}");
+                None
+            }
+        };
+        let (start, digester) = saved
+            .filter(|(offset, _)| *offset <= size)
+            .and_then(|(offset, state)| Some((offset, Digester::restore(&state)?)))
+            .filter(|(_, d)| d.algorithm() == algorithm)
+            .unwrap_or_else(|| (0, Digester::new(algorithm)));
+        let stream = self.blobs.upload_read(id, start).await.map_err(|e| store_failure("upload read", e))?;
         stream
-            .try_fold(Digester::new(algorithm), |mut d, chunk| async move {
+            .try_fold(digester, |mut d, chunk| async move {
                 d.update(&chunk);
                 Ok(d)
             })
@@ -262,7 +283,7 @@ impl Registry {
             .ok_or_else(upload_unknown)?;
         let actual = match state.as_ref() {
             Some(s) if s.offset == size && s.digester.algorithm() == digest.algorithm() => s.digester.peek(),
-            _ => self.rehash(id, digest.algorithm()).await?.finish(),
+            _ => self.rehash(id, digest.algorithm(), size).await?.finish(),
         };
         if &actual != digest {
             return Err(OciError::new(ErrorCode::DigestInvalid, "uploaded content does not match the digest")
@@ -369,6 +390,30 @@ mod tests {
         let d = Digest::sha256_of(b"abc");
         r.upload_finish(&repo, &id, &d, None, Some(0), futures_util::stream::empty()).await.unwrap();
         assert_eq!(sessions(&r), 0, "a finished session is forgotten");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn another_process_continues_a_session_from_its_saved_hash_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo: RepoName = "a".parse().unwrap();
+        let (first, second) = (vec![7u8; 100_000], vec![9u8; 5_000]);
+        let id = {
+            let r = registry(dir.path());
+            let UploadStart::Session(id) = r.upload_start(&repo, None).await.unwrap() else { panic!("a session") };
+            let body = futures_util::stream::iter(vec![Ok(Bytes::from(first.clone()))]);
+            r.upload_patch(&repo, &id, None, None, body).await.unwrap();
+            id
+        };
+        // A fresh registry over the same stores (a restart, or another node) knows nothing
+        // of the session in memory. The stored bytes are spoiled behind its back: only a
+        // hash continued from the saved state, which never reads them, still matches.
+        let data = dir.path().join("uploads").join(id.as_str()).join("data");
+        std::fs::write(&data, vec![0u8; first.len()]).unwrap();
+        let r = registry(dir.path());
+        let body = futures_util::stream::iter(vec![Ok(Bytes::from(second.clone()))]);
+        assert_eq!(r.upload_patch(&repo, &id, None, None, body).await.unwrap(), 105_000);
+        let digest = Digest::sha256_of(&[first, second].concat());
+        r.upload_finish(&repo, &id, &digest, None, Some(0), futures_util::stream::empty()).await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread")]

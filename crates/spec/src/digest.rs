@@ -136,6 +136,30 @@ impl Digester {
         self.clone().finish()
     }
 
+    /// The hasher's state after everything seen so far, as bytes another process can
+    /// continue from ([`Digester::restore`]): the algorithm's name, a colon, then sha2's
+    /// serialized state (its chaining value, block count and unhashed tail).
+    pub fn save(&self) -> Vec<u8> {
+        use sha2::digest::common::hazmat::SerializableState;
+        let (name, state) = match self {
+            Digester::Sha256(h) => ("sha256", h.serialize().to_vec()),
+            Digester::Sha512(h) => ("sha512", h.serialize().to_vec()),
+        };
+        [name.as_bytes(), b":", &state].concat()
+    }
+
+    /// The hasher [`Digester::save`] saved, or `None` if `saved` is not one.
+    pub fn restore(saved: &[u8]) -> Option<Digester> {
+        use sha2::digest::common::hazmat::SerializableState;
+        let colon = saved.iter().position(|&b| b == b':')?;
+        let (name, state) = (&saved[..colon], &saved[colon + 1..]);
+        match name {
+            b"sha256" => Some(Digester::Sha256(sha2::Sha256::deserialize(state.try_into().ok()?).ok()?)),
+            b"sha512" => Some(Digester::Sha512(sha2::Sha512::deserialize(state.try_into().ok()?).ok()?)),
+            _ => None,
+        }
+    }
+
     pub fn finish(self) -> Digest {
         let (algorithm, hex) = match self {
             Digester::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
@@ -155,6 +179,22 @@ mod tests {
         let d: Digest = s.parse().unwrap();
         assert_eq!(d.to_string(), s);
         assert_eq!(d, Digest::sha256_of(b""));
+    }
+
+    #[test]
+    fn a_saved_hasher_continues_where_it_stopped() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            // Cut inside a block, so the unhashed tail must travel with the state.
+            let mut first = Digester::new(algorithm);
+            first.update(&data[..4_099]);
+            let mut resumed = Digester::restore(&first.save()).expect("restores");
+            resumed.update(&data[4_099..]);
+            assert_eq!(resumed.finish(), Digest::of(algorithm, &data));
+        }
+        assert!(Digester::restore(b"sha256:short").is_none());
+        assert!(Digester::restore(b"md5:whatever").is_none());
+        assert!(Digester::restore(b"").is_none());
     }
 
     #[test]

@@ -117,6 +117,14 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
     async fn upload_list(&self) -> io::Result<Vec<(UploadId, SystemTime)>> {
         self.inner.upload_list().await
     }
+
+    async fn upload_save_hash(&self, id: &UploadId, offset: u64, state: &[u8]) -> io::Result<()> {
+        self.inner.upload_save_hash(id, offset, state).await
+    }
+
+    async fn upload_load_hash(&self, id: &UploadId) -> io::Result<Option<(u64, Vec<u8>)>> {
+        self.inner.upload_load_hash(id).await
+    }
 }
 
 #[cfg(test)]

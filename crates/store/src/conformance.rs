@@ -76,6 +76,17 @@ pub async fn blob_store(store: &dyn BlobStore) {
     assert_eq!(collect(store.upload_read(&tiny, 0).await.unwrap()).await, &data[..5000]);
     store.upload_delete(&tiny).await.unwrap();
 
+    // A session keeps the last hash state saved for it, and loses it with the session.
+    let saving = UploadId::random();
+    store.upload_create(&saving).await.unwrap();
+    assert_eq!(store.upload_load_hash(&saving).await.unwrap(), None);
+    store.upload_save_hash(&saving, 10, b"sha256:first").await.unwrap();
+    store.upload_save_hash(&saving, 20, b"sha256:second\n\0").await.unwrap();
+    assert_eq!(store.upload_load_hash(&saving).await.unwrap(), Some((20, b"sha256:second\n\0".to_vec())));
+    store.upload_delete(&saving).await.unwrap();
+    assert_eq!(store.upload_load_hash(&saving).await.unwrap(), None);
+    assert!(store.upload_save_hash(&saving, 1, b"x").await.is_err(), "no state for a session that is gone");
+
     // A second commit of the same digest keeps one copy and succeeds.
     let again = UploadId::random();
     store.upload_create(&again).await.unwrap();

@@ -384,6 +384,25 @@ impl BlobStore for FsBlobStore {
         blocking(move || not_found_as_none(fs::remove_dir_all(dir)).map(|_| ())).await
     }
 
+    async fn upload_save_hash(&self, id: &UploadId, offset: u64, state: &[u8]) -> io::Result<()> {
+        let dir = self.upload_dir(id);
+        let bytes = crate::encode_hash_state(offset, state);
+        // Replaced by a rename, so a reader sees the old state or the new one. Not synced: a
+        // state lost in a crash only means hashing the session again from its bytes.
+        blocking(move || {
+            let temporary = dir.join("hashstate.new");
+            fs::write(&temporary, bytes)?;
+            fs::rename(temporary, dir.join("hashstate"))
+        })
+        .await
+    }
+
+    async fn upload_load_hash(&self, id: &UploadId) -> io::Result<Option<(u64, Vec<u8>)>> {
+        let path = self.upload_dir(id).join("hashstate");
+        let stored = blocking(move || not_found_as_none(fs::read(path))).await?;
+        Ok(stored.as_deref().and_then(crate::decode_hash_state))
+    }
+
     async fn upload_list(&self) -> io::Result<Vec<(UploadId, SystemTime)>> {
         let dir = self.root.join("uploads");
         blocking(move || {

@@ -160,6 +160,24 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn upload_delete(&self, id: &UploadId) -> io::Result<()>;
     /// All sessions with their last-modified time.
     async fn upload_list(&self) -> io::Result<Vec<(UploadId, SystemTime)>>;
+    /// Keeps `state`, a hasher's saved state after the session's first `offset` bytes, in
+    /// place of any earlier one, so that a restarted (or another) node continues the hash
+    /// without reading back what was hashed. Missing sessions are an error.
+    async fn upload_save_hash(&self, id: &UploadId, offset: u64, state: &[u8]) -> io::Result<()>;
+    /// The session's last saved hash state and the offset it covers, if any.
+    async fn upload_load_hash(&self, id: &UploadId) -> io::Result<Option<(u64, Vec<u8>)>>;
+}
+
+/// A saved hash state as stored: the offset it covers in decimal, a newline, the state.
+fn encode_hash_state(offset: u64, state: &[u8]) -> Vec<u8> {
+    [format!("{offset}\n").as_bytes(), state].concat()
+}
+
+/// The offset and state [`encode_hash_state`] stored; `None` for anything else.
+fn decode_hash_state(stored: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let newline = stored.iter().position(|&b| b == b'\n')?;
+    let offset = std::str::from_utf8(&stored[..newline]).ok()?.parse().ok()?;
+    Some((offset, stored[newline + 1..].to_vec()))
 }
 
 /// A manifest as stored: exact bytes plus what queries need.

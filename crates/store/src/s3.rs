@@ -605,6 +605,19 @@ impl BlobStore for S3BlobStore {
         self.delete_key(&marker).await
     }
 
+    async fn upload_save_hash(&self, id: &UploadId, offset: u64, state: &[u8]) -> io::Result<()> {
+        if self.head(&self.marker_key(id)).await?.is_none() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no upload session {id}")));
+        }
+        let key = format!("{}hashstate", self.session_prefix(id));
+        self.put(&key, Bytes::from(crate::encode_hash_state(offset, state)), &[]).await
+    }
+
+    async fn upload_load_hash(&self, id: &UploadId) -> io::Result<Option<(u64, Vec<u8>)>> {
+        let key = format!("{}hashstate", self.session_prefix(id));
+        Ok(self.get_bytes(&key).await?.as_deref().and_then(crate::decode_hash_state))
+    }
+
     async fn upload_list(&self) -> io::Result<Vec<(UploadId, SystemTime)>> {
         let root = format!("{}uploads/", self.prefix);
         let mut sessions: std::collections::BTreeMap<UploadId, SystemTime> = Default::default();

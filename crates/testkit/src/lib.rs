@@ -44,7 +44,11 @@ impl Server {
     pub fn with_config(bin: &str, toml: &str) -> Result<Server> {
         let config_dir = tempfile::Builder::new().prefix("tcf").tempdir()?;
         let config = config_dir.path().join("tessera.toml");
-        std::fs::write(&config, toml)?;
+        let unique = config_dir.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
+        match test_bucket(&unique).filter(|_| !toml.contains("[storage.s3]")) {
+            Some(bucket) => std::fs::write(&config, format!("{toml}\n{bucket}"))?,
+            None => std::fs::write(&config, toml)?,
+        }
         let mut server = Self::start(bin, &["--config", &config.to_string_lossy()])?;
         // Restarts read the file again, so it lives as long as the server.
         server.config_dir = Some(config_dir);
@@ -65,7 +69,13 @@ impl Server {
         let dir = tempfile::Builder::new().prefix("tsr").tempdir()?;
         let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let log = dir.path().join("server.log");
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let unique = dir.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if let Some(bucket) = test_bucket(&unique).filter(|_| !extra.iter().any(|a| a == "--config")) {
+            let config = dir.path().join("storage.toml");
+            std::fs::write(&config, bucket)?;
+            extra.extend(["--config".to_string(), config.to_string_lossy().into_owned()]);
+        }
         let (child, addr) = spawn(Path::new(bin), &data, &log, listen, &extra)?;
         Ok(Server { addr, data, log, bin: bin.into(), extra, child, _dir: Some(dir), config_dir: None })
     }
@@ -117,6 +127,20 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The `[storage.s3]` table of `TESSERA_TEST_S3` (set by `with-garage`) with its prefix
+/// made `unique`, so that a test server started without a bucket of its own keeps its
+/// blobs there; `None` when the variable is not set.
+pub fn test_bucket(unique: &str) -> Option<String> {
+    let table = std::env::var("TESSERA_TEST_S3").ok()?;
+    let lines: Vec<String> = table
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("prefix"))
+        .map(str::to_string)
+        .chain([format!("prefix = \"{unique}/\"")])
+        .collect();
+    Some(lines.join("\n") + "\n")
 }
 
 fn spawn(bin: &Path, data: &Path, log: &Path, listen: &str, extra: &[String]) -> Result<(Child, SocketAddr)> {
