@@ -164,11 +164,12 @@ impl S3BlobStore {
                 }
                 Ok(r) => return Ok(r),
                 Err(e) if attempt < ATTEMPTS && (e.is_connect() || e.is_timeout() || e.is_request()) => {
-                    tracing::warn!("object store: {what} {key}: {}; trying again", e.without_url());
+                    tracing::warn!("object store: {what} {key}: {}; trying again", causes(&e));
                 }
                 Err(e) => {
                     let kind = if e.is_timeout() { io::ErrorKind::TimedOut } else { io::ErrorKind::ConnectionRefused };
-                    return Err(io::Error::new(kind, format!("object store: {what} {key}: {}", e.without_url())));
+                    let at = self.bucket.base_url();
+                    return Err(io::Error::new(kind, format!("object store at {at}: {what} {key}: {}", causes(&e))));
                 }
             }
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
@@ -409,6 +410,21 @@ fn xml_text(xml: &str, tag: &str) -> Option<String> {
     let start = xml.find(&format!("<{tag}>"))? + tag.len() + 2;
     let end = start + xml[start..].find(&format!("</{tag}>"))?;
     Some(xml[start..end].replace("&quot;", "\"").replace("&amp;", "&"))
+}
+
+/// A transport error with its causes ("error sending request: … Connection refused"),
+/// without the presigned URL, whose query holds a signature.
+fn causes(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    match e.url() {
+        Some(url) => text.replace(url.as_str(), url.path()),
+        None => text,
+    }
 }
 
 fn content_length(r: &reqwest::Response) -> io::Result<u64> {

@@ -146,6 +146,20 @@ impl Garage {
         self.daemon.stop(Duration::from_secs(10));
     }
 
+    /// Starts the stopped server again, on the same addresses and data.
+    pub fn restart(&mut self) -> Result<()> {
+        let log = self.config.with_file_name("garage.log");
+        self.daemon = Daemon::spawn(
+            "garage",
+            Command::new(&self.binary).arg("-c").arg(&self.config).arg("server").env("RUST_LOG", "garage=warn"),
+            &log,
+        )?;
+        wait_for("garage to answer again", Duration::from_secs(30), || {
+            self.daemon.check_alive()?;
+            Ok(self.reachable() && self.cli(&["status"]).is_ok())
+        })
+    }
+
     pub fn log_text(&self) -> String {
         self.daemon.log_text()
     }

@@ -1,0 +1,204 @@
+//! Tessera with `[storage.s3]` on a real Garage (an S3-compatible object store) on loopback:
+//! what lives in the bucket, garbage collection there, an upstream's cache there, uploads
+//! resumed by a restarted server, and the store going away and coming back. (The OCI API
+//! and real-client suites run on Garage too: `.ci/run` runs them under `with-garage`.)
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tessera_spec::Digest;
+use tessera_store::{BlobStore, S3BlobStore, S3Settings};
+use tessera_testkit::garage::Garage;
+use tessera_testkit::{Api, Image, Server, error_code, random_bytes, wait_until_async};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// The bucket as the server sees it under `prefix` (its hosted blobs), or a sub-prefix.
+async fn bucket(garage: &Garage, prefix: &str) -> S3BlobStore {
+    let settings = S3Settings {
+        endpoint: Some(garage.endpoint.parse().unwrap()),
+        region: Garage::REGION.into(),
+        bucket: garage.bucket.clone(),
+        prefix: prefix.into(),
+        path_style: true,
+        access_key_id: Some(garage.key_id.clone()),
+        secret_access_key: Some(garage.secret.clone()),
+    };
+    S3BlobStore::open(settings, reqwest::Client::new()).await.expect("the bucket opens")
+}
+
+fn server_on(garage: &Garage, keys: &std::path::Path, prefix: &str, extra: &str) -> Server {
+    let storage = garage.storage_toml(keys, prefix).unwrap();
+    Server::with_config(BIN, &format!("{extra}\n{storage}")).expect("server starts")
+}
+
+#[tokio::test]
+async fn blobs_live_in_the_bucket_and_garbage_collection_deletes_them_there() {
+    let Some(garage) = Garage::for_test() else { return };
+    let keys = tessera_testkit::tempdir().unwrap();
+    let server = server_on(&garage, keys.path(), "gc/", "[storage]\ngc_interval_secs = 1\ngc_grace_secs = 1\n");
+    let api = Api::new(&server);
+    let (kept, gone) = (Image::random(2, 50_000), Image::random(2, 50_000));
+    api.push_image("team/kept", "v1", &kept).await.unwrap();
+    api.push_image("team/gone", "v1", &gone).await.unwrap();
+    let stored = bucket(&garage, "gc/").await;
+    for blob in kept.blobs().chain(gone.blobs()) {
+        assert_eq!(stored.stat(&Digest::sha256_of(blob)).await.unwrap(), Some(blob.len() as u64), "in the bucket");
+    }
+    assert!(std::fs::read_dir(server.data.join("blobs")).is_err(), "no blob under the data directory");
+
+    let r = api.http.delete(api.url(&format!("/v2/team/gone/manifests/{}", gone.digest()))).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let gone_blobs: Vec<Digest> = gone.blobs().map(|b| Digest::sha256_of(b)).collect();
+    let collected = wait_until_async(Duration::from_secs(40), || {
+        let stored = &stored;
+        let gone_blobs = &gone_blobs;
+        async move {
+            for d in gone_blobs {
+                if stored.stat(d).await.unwrap().is_some() {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    assert!(collected, "the deleted image's blobs left the bucket:\n{}", server.log_text());
+    for blob in kept.blobs() {
+        assert!(stored.stat(&Digest::sha256_of(blob)).await.unwrap().is_some(), "a referenced blob stays");
+    }
+    let r = api.get(&format!("/v2/team/gone/blobs/{}", gone_blobs[0])).await.unwrap();
+    assert_eq!(r.status(), 404);
+    for blob in kept.blobs() {
+        let r = api.get(&format!("/v2/team/kept/blobs/{}", Digest::sha256_of(blob))).await.unwrap();
+        assert_eq!(r.bytes().await.unwrap(), &blob[..]);
+    }
+}
+
+#[tokio::test]
+async fn an_upstreams_cache_lives_under_its_own_prefix_of_the_bucket() {
+    let Some(garage) = Garage::for_test() else { return };
+    let keys = tessera_testkit::tempdir().unwrap();
+    let mut upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(2, 80_000);
+    Api::new(&upstream).push_image("lib/app", "v1", &image).await.unwrap();
+    let routes = format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n",
+        upstream.host()
+    );
+    let mirror = server_on(&garage, keys.path(), "m/", &routes);
+    let api = Api::new(&mirror);
+    for blob in image.blobs() {
+        let r = api.get(&format!("/v2/mirror/lib/app/blobs/{}", Digest::sha256_of(blob))).await.unwrap();
+        assert_eq!(r.bytes().await.unwrap(), &blob[..]);
+    }
+    let cache = bucket(&garage, "m/cache/up/").await;
+    for blob in image.blobs() {
+        let digest = Digest::sha256_of(blob);
+        let landed = wait_until_async(Duration::from_secs(10), || {
+            let (cache, digest) = (&cache, &digest);
+            async move { cache.stat(digest).await.unwrap().is_some() }
+        })
+        .await;
+        assert!(landed, "{digest} is cached in the bucket");
+    }
+    assert!(bucket(&garage, "m/").await.list().await.unwrap().is_empty(), "the cache is not the hosted store");
+
+    upstream.kill();
+    for blob in image.blobs() {
+        let r = api.get(&format!("/v2/mirror/lib/app/blobs/{}", Digest::sha256_of(blob))).await.unwrap();
+        assert_eq!(r.status(), 200, "served from the bucket with the upstream gone");
+        assert_eq!(r.bytes().await.unwrap(), &blob[..]);
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_server_continues_a_chunked_upload_kept_in_the_bucket() {
+    let Some(garage) = Garage::for_test() else { return };
+    let keys = tessera_testkit::tempdir().unwrap();
+    let mut server = server_on(&garage, keys.path(), "resume/", "");
+    let api = Api::new(&server);
+    let blob = Bytes::from(random_bytes(12 * 1024 * 1024 + 77, 3));
+    let r = api.http.post(api.url("/v2/lib/big/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let cut = 9 * 1024 * 1024 + 5;
+    let r = api
+        .http
+        .patch(api.url(&location))
+        .header("content-range", format!("0-{}", cut - 1))
+        .body(blob.slice(..cut))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    // Killed and started again: the session, its bytes and its hash state are in the bucket.
+    server.restart().unwrap();
+    let api = Api::new(&server);
+    let r = api.http.get(api.url(&location)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["range"], format!("0-{}", cut - 1).as_str(), "the offset survived the restart");
+    let digest = Digest::sha256_of(&blob);
+    let r = api
+        .http
+        .put(api.url(&format!("{location}?digest={digest}")))
+        .header("content-range", format!("{cut}-{}", blob.len() - 1))
+        .body(blob.slice(cut..))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let r = api.get(&format!("/v2/lib/big/blobs/{digest}")).await.unwrap();
+    assert!(r.bytes().await.unwrap() == blob, "the blob reads back whole");
+    let stored = bucket(&garage, "resume/").await;
+    assert!(stored.upload_list().await.unwrap().is_empty(), "the session's parts are gone from the bucket");
+}
+
+#[tokio::test]
+async fn the_store_going_away_is_a_503_and_its_return_needs_no_restart() {
+    let Some(mut garage) = Garage::for_test() else { return };
+    let keys = tessera_testkit::tempdir().unwrap();
+    let server = server_on(&garage, keys.path(), "away/", "");
+    let api = Api::new(&server);
+    let image = Image::random(1, 20_000);
+    api.push_image("lib/app", "v1", &image).await.unwrap();
+    let layer = Digest::sha256_of(&image.layers[0]);
+
+    garage.stop();
+    let r = api.get(&format!("/v2/lib/app/blobs/{layer}")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some(), "a client is told when to try again");
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    let r = api.http.post(api.url("/v2/lib/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+
+    garage.restart().unwrap();
+    let r = api.get(&format!("/v2/lib/app/blobs/{layer}")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), image.layers[0]);
+    api.push_image("lib/app", "v2", &Image::random(1, 20_000)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_store_unreachable_at_start_up_is_one_clear_line() {
+    let Some(garage) = Garage::for_test() else { return };
+    let keys = tessera_testkit::tempdir().unwrap();
+    let mut storage = garage.storage_toml(keys.path(), "").unwrap();
+    let closed = tessera_testkit::free_port().unwrap();
+    storage = storage.replace(&garage.endpoint, &format!("http://127.0.0.1:{closed}"));
+    let config = keys.path().join("tessera.toml");
+    std::fs::write(&config, storage).unwrap();
+    let data = keys.path().join("data");
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot open the blob store s3://tessera/"), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{closed}")) || stderr.contains("tessera-blobs-layout"), "{stderr}");
+}
