@@ -36,6 +36,8 @@ pub struct Delivery {
     pub external_allow: Vec<String>,
     /// URLs never redirected to, even when `external_allow` matches.
     pub external_deny: Vec<String>,
+    /// `deliver = "presigned"`: seconds each presigned URL stays valid (default 600).
+    pub ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -49,7 +51,8 @@ pub enum Deliver {
     /// A 307 to the nearest healthy mirror for the client's address; with none, the next
     /// matching rule decides.
     Mirrors,
-    /// A 307 to a presigned URL of the S3-compatible blob store (needs that store).
+    /// A 307 to a presigned, expiring URL of the blob in the S3-compatible blob store
+    /// (needs `[storage.s3]`), so the bytes never pass through Tessera.
     Presigned,
 }
 
@@ -149,10 +152,18 @@ impl Delivery {
                 }
             }
             Deliver::Presigned => {
-                return Err("deliver = \"presigned\" needs the S3-compatible blob store, which this build \
-                            does not have yet"
-                    .into());
+                if self.token.is_some() || !self.rewrite.is_empty() {
+                    return Err(
+                        "deliver = \"presigned\" URLs carry the store's own signature: no token or rewrite".into()
+                    );
+                }
+                if self.ttl_secs == Some(0) || self.ttl_secs.is_some_and(|t| t > 7 * 24 * 3600) {
+                    return Err("ttl_secs of a presigned URL must be between 1 and 604800 (7 days, S3's limit)".into());
+                }
             }
+        }
+        if self.ttl_secs.is_some() && self.deliver != Deliver::Presigned {
+            return Err("ttl_secs is set but deliver is not \"presigned\"".into());
         }
         if self.cdn.is_some() && self.deliver != Deliver::Cdn {
             return Err("cdn is set but deliver is not \"cdn\"".into());

@@ -88,6 +88,9 @@ impl Federation {
         let mut delivery = Delivery::new(&config.deliveries, previous.map(|p| p.delivery.as_ref()))
             .map_err(FederationError::Delivery)?;
         delivery.start_health_checks().map_err(FederationError::Delivery)?;
+        if delivery.presigns() && !hosted.presigns() {
+            return Err(FederationError::Delivery(delivery::DeliveryError::Presigning));
+        }
         let delivery = Arc::new(delivery);
         let statics = open_statics(config)?;
         for s in &statics {

@@ -163,6 +163,13 @@ impl Hosted {
         match self.registry.blob_at(name, digest).await? {
             BlobAt::Here(_) => match self.delivery.local(name, digest, ask.client) {
                 Decision::Redirect(url) => Ok(Decided::Redirect(url)),
+                Decision::Presigned(ttl) => match self.registry.presigned_blob_url(digest, ttl) {
+                    Some(url) => {
+                        self.delivery.redirects.presigned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok(Decided::Redirect(url))
+                    }
+                    None => open().await,
+                },
                 Decision::Stream | Decision::NotAllowed => open().await,
             },
             BlobAt::Elsewhere { urls, .. } => Ok(self.delivery.external(name, &urls, ask.client).into()),
@@ -183,7 +190,7 @@ impl From<Decision> for Decided {
     fn from(decision: Decision) -> Decided {
         match decision {
             Decision::Redirect(url) => Decided::Redirect(url),
-            Decision::Stream | Decision::NotAllowed => Decided::NotAllowed,
+            Decision::Stream | Decision::NotAllowed | Decision::Presigned(_) => Decided::NotAllowed,
         }
     }
 }

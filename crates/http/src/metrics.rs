@@ -80,7 +80,9 @@ impl Metrics {
         let _ = writeln!(out, "# HELP tessera_blob_redirects_total Blob GETs answered with a redirect, by delivery.");
         let _ = writeln!(out, "# TYPE tessera_blob_redirects_total counter");
         let r = &delivery.redirects;
-        for (kind, counter) in [("cdn", &r.cdn), ("mirror", &r.mirror), ("external", &r.external)] {
+        for (kind, counter) in
+            [("cdn", &r.cdn), ("mirror", &r.mirror), ("external", &r.external), ("presigned", &r.presigned)]
+        {
             let _ = writeln!(
                 out,
                 "tessera_blob_redirects_total{{delivery=\"{kind}\"}} {}",

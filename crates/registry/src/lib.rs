@@ -155,6 +155,17 @@ impl Registry {
             .ok_or_else(|| blob_unknown(digest))
     }
 
+    /// Whether the blob store hands out presigned URLs (an object store).
+    pub fn presigns(&self) -> bool {
+        self.blobs.presigned_get(&Digest::sha256_of(b""), std::time::Duration::from_secs(1)).is_some()
+    }
+
+    /// A URL to GET `digest` straight from the blob store for `valid_for`, where the store
+    /// can give one. The caller has checked that the blob is here and linked.
+    pub fn presigned_blob_url(&self, digest: &Digest, valid_for: std::time::Duration) -> Option<String> {
+        self.blobs.presigned_get(digest, valid_for)
+    }
+
     /// Where a blob linked into `repo` is: here, or at other URLs (metadata only). Two
     /// metadata lookups, both cached. A link that names URLs never serves bytes held here
     /// for another repository: only its own push of the bytes makes it local.

@@ -125,6 +125,10 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
     async fn upload_load_hash(&self, id: &UploadId) -> io::Result<Option<(u64, Vec<u8>)>> {
         self.inner.upload_load_hash(id).await
     }
+
+    fn presigned_get(&self, digest: &Digest, valid_for: std::time::Duration) -> Option<String> {
+        self.inner.presigned_get(digest, valid_for)
+    }
 }
 
 #[cfg(test)]

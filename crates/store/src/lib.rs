@@ -166,6 +166,13 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn upload_save_hash(&self, id: &UploadId, offset: u64, state: &[u8]) -> io::Result<()>;
     /// The session's last saved hash state and the offset it covers, if any.
     async fn upload_load_hash(&self, id: &UploadId) -> io::Result<Option<(u64, Vec<u8>)>>;
+
+    /// A URL that lets its holder GET the blob straight from the store for `valid_for`,
+    /// where the store can hand one out (an object store's presigned URL); `None` otherwise.
+    /// Signing is local: nothing is asked of the store, so the blob may not exist.
+    fn presigned_get(&self, _digest: &Digest, _valid_for: std::time::Duration) -> Option<String> {
+        None
+    }
 }
 
 /// A saved hash state as stored: the offset it covers in decimal, a newline, the state.

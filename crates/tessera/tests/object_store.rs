@@ -24,7 +24,7 @@ async fn bucket(garage: &Garage, prefix: &str) -> S3BlobStore {
         access_key_id: Some(garage.key_id.clone()),
         secret_access_key: Some(garage.secret.clone()),
     };
-    S3BlobStore::open(settings, reqwest::Client::new()).await.expect("the bucket opens")
+    S3BlobStore::open(settings, tessera_testkit::no_redirects()).await.expect("the bucket opens")
 }
 
 fn server_on(garage: &Garage, keys: &std::path::Path, prefix: &str, extra: &str) -> Server {
@@ -201,4 +201,75 @@ async fn a_store_unreachable_at_start_up_is_one_clear_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot open the blob store s3://tessera/"), "{stderr}");
     assert!(stderr.contains(&format!("127.0.0.1:{closed}")) || stderr.contains("tessera-blobs-layout"), "{stderr}");
+}
+
+#[tokio::test]
+async fn presigned_delivery_sends_clients_to_the_bucket_and_skopeo_verifies_what_it_gets_there() {
+    let Some(garage) = Garage::for_test() else { return };
+    let keys = tessera_testkit::tempdir().unwrap();
+    let server = server_on(
+        &garage,
+        keys.path(),
+        "pre/",
+        "[[delivery]]\nprefix = \"dl\"\ndeliver = \"presigned\"\nttl_secs = 120\n",
+    );
+    let api = Api::new(&server);
+    let image = Image::random(2, 60_000);
+    api.push_image("dl/app", "v1", &image).await.unwrap();
+    api.push_image("other/app", "v1", &image).await.unwrap();
+    let http = tessera_testkit::no_redirects();
+    for blob in image.blobs() {
+        let digest = Digest::sha256_of(blob);
+        let r = http.get(server.url(&format!("/v2/dl/app/blobs/{digest}"))).send().await.unwrap();
+        assert_eq!(r.status(), 307);
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        assert!(location.starts_with(&garage.endpoint), "to the bucket: {location}");
+        assert!(location.contains("X-Amz-Expires=120") && location.contains("X-Amz-Signature="), "{location}");
+        let fetched = http.get(&location).send().await.unwrap();
+        assert_eq!(fetched.status(), 200);
+        assert_eq!(fetched.bytes().await.unwrap(), &blob[..], "the bucket serves the blob's bytes");
+        // HEAD is answered here; names outside the rule are streamed.
+        let r = http.head(server.url(&format!("/v2/dl/app/blobs/{digest}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let r = http.get(server.url(&format!("/v2/other/app/blobs/{digest}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let metrics = api.get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tessera_blob_redirects_total{delivery=\"presigned\"} 3"), "{metrics}");
+
+    // A real client follows the redirects to Garage and checks every digest.
+    if !tessera_testkit::have_tool("skopeo") {
+        return;
+    }
+    let dir = tessera_testkit::clients::short_tempdir("tpre").unwrap();
+    let files = tessera_testkit::clients::ContainersFiles::new(dir.path(), &server.host()).unwrap();
+    let out = dir.path().join("out");
+    files.skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/dl/app:v1", server.host()),
+        &format!("oci:{}:v1", out.display()),
+    ]);
+    for blob in image.blobs() {
+        let path = out.join("blobs/sha256").join(Digest::sha256_of(blob).hex());
+        assert_eq!(&std::fs::read(&path).unwrap(), blob);
+    }
+}
+
+#[tokio::test]
+async fn presigned_delivery_without_a_bucket_is_refused_at_start_up() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let config = dir.path().join("tessera.toml");
+    std::fs::write(&config, "[[delivery]]\ndeliver = \"presigned\"\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .env_remove("TESSERA_TEST_S3")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("presigned") && stderr.contains("[storage.s3]"), "{stderr}");
 }

@@ -35,6 +35,14 @@ impl Delivery {
                     steps.push(format!("307 to CDN {url}{signed} (delivery prefix {:?})", rule.prefix));
                     return steps.join("; else ");
                 }
+                How::Presigned(ttl) => {
+                    steps.push(format!(
+                        "307 to a presigned URL of the blob store, valid {}s (delivery prefix {:?})",
+                        ttl.as_secs(),
+                        rule.prefix
+                    ));
+                    return steps.join("; else ");
+                }
                 How::Mirrors(ms) => {
                     let list: Vec<String> = ms
                         .iter()

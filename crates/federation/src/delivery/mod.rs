@@ -2,7 +2,8 @@
 //! streamed by us, or answered with a redirect to a CDN (optionally with an expiring
 //! signature a plain nginx or an Akamai-style edge checks), to the nearest healthy mirror
 //! for the client's address, or to the external URL the blob lives at (descriptor `urls`,
-//! metadata-only push) when the repository's allow list admits it.
+//! metadata-only push) when the repository's allow list admits it, or to a presigned URL
+//! of the blob in the S3-compatible blob store.
 //!
 //! Rules come from `[[delivery]]`, first prefix match wins; a mirrors rule with no healthy
 //! mirror for the client hands over to the next matching rule, and no rule means stream.
@@ -27,6 +28,9 @@ use policy::{UrlPattern, patterns};
 use sign::{Signer, unix_now};
 
 const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 30;
+/// How long a presigned URL stays valid unless `ttl_secs` says otherwise: long enough for a
+/// slow client to start the download, short enough that a leaked URL soon stops working.
+const DEFAULT_PRESIGNED_TTL_SECS: u64 = 600;
 
 /// The delivery rules of one configuration, with the health of their mirrors.
 pub struct Delivery {
@@ -43,6 +47,7 @@ pub struct RedirectCounts {
     pub cdn: AtomicU64,
     pub mirror: AtomicU64,
     pub external: AtomicU64,
+    pub presigned: AtomicU64,
 }
 
 struct Rule {
@@ -64,6 +69,7 @@ enum How {
     Stream,
     Cdn(String),
     Mirrors(Vec<Arc<MirrorState>>),
+    Presigned(Duration),
 }
 
 /// Why a configuration's delivery rules could not be put to work.
@@ -73,6 +79,8 @@ pub enum DeliveryError {
     Rule { rule: usize, why: String },
     #[error("mirror health checks: {0}")]
     HealthChecks(String),
+    #[error("deliver = \"presigned\" needs the blobs in an S3-compatible store ([storage.s3])")]
+    Presigning,
 }
 
 /// Where a blob is to be fetched from.
@@ -82,6 +90,8 @@ pub enum Decision {
     Stream,
     /// A 307 to this URL.
     Redirect(String),
+    /// A 307 to a URL of the blob store's, signed to be valid this long.
+    Presigned(Duration),
     /// The blob lives elsewhere and no URL it names is allowed here.
     NotAllowed,
 }
@@ -113,12 +123,12 @@ impl Rule {
                     })
                     .collect::<Result<_, String>>()?,
             ),
-            Deliver::Presigned => return Err("presigned delivery needs the S3-compatible blob store".into()),
+            Deliver::Presigned => How::Presigned(Duration::from_secs(d.ttl_secs.unwrap_or(DEFAULT_PRESIGNED_TTL_SECS))),
         };
         let own = match &how {
             How::Cdn(base) => vec![UrlPattern::parse(base)?],
             How::Mirrors(ms) => ms.iter().map(|m| UrlPattern::parse(&m.base)).collect::<Result<_, _>>()?,
-            How::Stream => Vec::new(),
+            How::Stream | How::Presigned(_) => Vec::new(),
         };
         let health_blob = d
             .health_blob
@@ -186,6 +196,7 @@ impl Delivery {
                         return Decision::Redirect(rule.url(&m.base, name, digest, client));
                     }
                 }
+                How::Presigned(ttl) => return Decision::Presigned(*ttl),
             }
         }
         Decision::Stream
@@ -199,6 +210,11 @@ impl Delivery {
             self.redirects.external.fetch_add(1, Ordering::Relaxed);
         }
         decision
+    }
+
+    /// Whether any rule delivers through presigned URLs of the blob store.
+    pub fn presigns(&self) -> bool {
+        self.rules.iter().any(|r| matches!(r.how, How::Presigned(_)))
     }
 
     /// Whether every blob of `name` held here is streamed by us (no redirecting rule).
