@@ -9,6 +9,7 @@ pub mod blob_cache;
 pub mod cached;
 pub mod conformance;
 pub mod fs;
+pub mod postgres;
 pub mod s3;
 pub mod sqlite;
 
@@ -26,6 +27,7 @@ use tessera_spec::{Digest, RepoName, Tag};
 pub use blob_cache::CachedBlobStore;
 pub use cached::CachedMetaStore;
 pub use fs::FsBlobStore;
+pub use postgres::PostgresMetaStore;
 pub use s3::{S3BlobStore, S3Settings};
 pub use sqlite::SqliteMetaStore;
 

@@ -7,6 +7,7 @@ pub mod chaos;
 pub mod clients;
 pub mod disk;
 pub mod garage;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

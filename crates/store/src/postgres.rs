@@ -1,0 +1,743 @@
+//! The PostgreSQL [`MetaStore`]: the SQLite store's schema and transactions on a database
+//! server many processes can share (`tokio-postgres` over a `deadpool-postgres` pool).
+//!
+//! Every write transaction first takes one transaction-scoped advisory lock, so writes run
+//! one at a time, as on SQLite's single writer connection: garbage collection's holds and
+//! dooms (see docs/architecture.md) are reasoned about in that order, and a lock costs one
+//! round trip where serializable isolation would need retries of whole transactions.
+//! Reads take no lock and see committed transactions whole.
+
+use std::io;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use tessera_spec::{Digest, RepoName, Tag};
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+
+use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId};
+
+/// The schema, one step per version; the version is kept in `tessera_schema`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE repos (id BIGSERIAL PRIMARY KEY, name TEXT COLLATE "C" NOT NULL UNIQUE);
+CREATE TABLE blobs (digest TEXT PRIMARY KEY, size BIGINT NOT NULL, held_ms BIGINT NOT NULL DEFAULT 0);
+CREATE TABLE blob_links (
+    repo BIGINT NOT NULL REFERENCES repos(id),
+    digest TEXT NOT NULL REFERENCES blobs(digest),
+    urls TEXT,
+    size BIGINT,
+    linked_ms BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (repo, digest)
+);
+CREATE INDEX blob_links_by_digest ON blob_links(digest);
+CREATE TABLE manifests (
+    seq BIGSERIAL PRIMARY KEY,
+    repo BIGINT NOT NULL REFERENCES repos(id),
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    bytes BYTEA NOT NULL,
+    subject TEXT,
+    artifact_type TEXT,
+    annotations TEXT,
+    created BIGINT NOT NULL,
+    UNIQUE (repo, digest)
+);
+CREATE INDEX manifests_by_subject ON manifests(repo, subject) WHERE subject IS NOT NULL;
+CREATE TABLE tags (
+    repo BIGINT NOT NULL REFERENCES repos(id),
+    tag TEXT COLLATE "C" NOT NULL,
+    digest TEXT NOT NULL,
+    checked_ms BIGINT,
+    PRIMARY KEY (repo, tag)
+);
+CREATE INDEX tags_by_digest ON tags(repo, digest);
+CREATE TABLE uploads (id TEXT PRIMARY KEY, repo BIGINT NOT NULL REFERENCES repos(id), created BIGINT NOT NULL);
+CREATE TABLE manifest_blobs (
+    repo BIGINT NOT NULL,
+    digest TEXT NOT NULL,
+    manifest BIGINT NOT NULL REFERENCES manifests(seq) ON DELETE CASCADE,
+    PRIMARY KEY (repo, digest, manifest)
+);
+CREATE INDEX manifest_blobs_by_manifest ON manifest_blobs(manifest);
+CREATE TABLE manifest_children (
+    repo BIGINT NOT NULL,
+    digest TEXT NOT NULL,
+    parent BIGINT NOT NULL REFERENCES manifests(seq) ON DELETE CASCADE,
+    PRIMARY KEY (repo, digest, parent)
+);
+CREATE INDEX manifest_children_by_parent ON manifest_children(parent);
+CREATE TABLE blobs_doomed (digest TEXT PRIMARY KEY);
+"#];
+
+/// Advisory lock keys (arbitrary, fixed): one for migrations, one taken by every write.
+const MIGRATION_LOCK: i64 = 0x7465_7373_0001;
+const WRITE_LOCK: i64 = 0x7465_7373_0002;
+/// Connections per process: enough for the reads a busy node runs at once.
+const POOL_SIZE: usize = 16;
+
+pub struct PostgresMetaStore {
+    pool: Pool,
+}
+
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(code) if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY => {
+            StoreError::Full(io::Error::new(io::ErrorKind::StorageFull, e))
+        }
+        Some(code) if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CANNOT_CONNECT_NOW => {
+            StoreError::Unreachable(io::Error::new(io::ErrorKind::ConnectionAborted, e))
+        }
+        Some(_) => StoreError::Backend(io::Error::other(e)),
+        // No SQL state: the connection itself failed.
+        None => StoreError::Unreachable(io::Error::new(io::ErrorKind::ConnectionAborted, e)),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_err(e),
+        e => StoreError::Unreachable(io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string())),
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    millis(SystemTime::now())
+}
+
+fn stored_digest(s: String) -> StoreResult<Digest> {
+    s.parse().map_err(|_| StoreError::Backend(io::Error::other(format!("a stored digest is not one: {s:?}"))))
+}
+
+fn manifest_row(r: &Row) -> StoreResult<ManifestRecord> {
+    Ok(ManifestRecord {
+        digest: stored_digest(r.get(0))?,
+        media_type: r.get(1),
+        bytes: Bytes::from(r.get::<_, Vec<u8>>(2)),
+        subject: r.get::<_, Option<String>>(3).map(stored_digest).transpose()?,
+        artifact_type: r.get(4),
+        annotations_json: r.get(5),
+        blobs: Vec::new(),
+        children: Vec::new(),
+    })
+}
+
+fn page(mut items: Vec<String>, limit: usize) -> Page {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    Page { items, more }
+}
+
+const MANIFEST_COLUMNS: &str = "m.digest, m.media_type, m.bytes, m.subject, m.artifact_type, m.annotations";
+
+async fn repo_id(tx: &Transaction<'_>, repo: &str) -> StoreResult<Option<i64>> {
+    let row = tx
+        .query_opt(&tx.prepare_cached("SELECT id FROM repos WHERE name = $1").await.map_err(db_err)?, &[&repo])
+        .await
+        .map_err(db_err)?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+async fn ensure_repo(tx: &Transaction<'_>, repo: &str) -> StoreResult<i64> {
+    let insert =
+        tx.prepare_cached("INSERT INTO repos(name) VALUES ($1) ON CONFLICT (name) DO NOTHING").await.map_err(db_err)?;
+    tx.execute(&insert, &[&repo]).await.map_err(db_err)?;
+    repo_id(tx, repo).await?.ok_or_else(|| StoreError::Backend(io::Error::other("a repository vanished")))
+}
+
+async fn doomed(tx: &Transaction<'_>, digest: &str) -> StoreResult<bool> {
+    let statement = tx.prepare_cached("SELECT 1 FROM blobs_doomed WHERE digest = $1").await.map_err(db_err)?;
+    Ok(tx.query_opt(&statement, &[&digest]).await.map_err(db_err)?.is_some())
+}
+
+async fn named(tx: &Transaction<'_>, rows: Vec<(i64, String)>) -> StoreResult<Vec<(RepoName, Digest)>> {
+    let statement = tx.prepare_cached("SELECT name FROM repos WHERE id = $1").await.map_err(db_err)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (id, digest) in rows {
+        let name: String = tx.query_one(&statement, &[&id]).await.map_err(db_err)?.get(0);
+        // Stored names and digests were validated on the way in.
+        if let (Ok(repo), Ok(digest)) = (name.parse(), digest.parse()) {
+            out.push((repo, digest));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `$body` in a write transaction (`$tx`) on a pooled connection: the write lock
+/// first, commit at the end, rollback (by drop) on any error.
+macro_rules! write {
+    ($self:ident, $tx:ident, $body:block) => {{
+        let mut client = $self.pool.get().await.map_err(pool_err)?;
+        let $tx = client.transaction().await.map_err(db_err)?;
+        $tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK]).await.map_err(db_err)?;
+        let out = async { $body }.await?;
+        $tx.commit().await.map_err(db_err)?;
+        Ok::<_, StoreError>(out)
+    }};
+}
+
+impl PostgresMetaStore {
+    /// Connects to the database at `url` (a `postgres://` URL or a libpq key=value
+    /// string), its tables in `schema` (created if missing; PostgreSQL's default search
+    /// path, normally `public`, when `None`), creating or migrating them; refuses tables
+    /// newer than this build's.
+    pub async fn connect(url: &str, schema: Option<&str>) -> StoreResult<PostgresMetaStore> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Backend(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        if let Some(schema) = schema {
+            if schema.is_empty() || !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(StoreError::Backend(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("schema {schema:?}: use letters, digits and '_'"),
+                )));
+            }
+            config.options(format!("-c search_path={schema}"));
+        }
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Backend(io::Error::other(e)))?;
+        let store = PostgresMetaStore { pool };
+        store.migrate(schema).await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self, schema: Option<&str>) -> StoreResult<()> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        // Two nodes starting together: one migrates, the other then finds it done.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db_err)?;
+        if let Some(schema) = schema {
+            // Checked to be a plain identifier in `connect`.
+            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(db_err)?;
+        }
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS tessera_schema (version INTEGER NOT NULL)")
+            .await
+            .map_err(db_err)?;
+        let version: i32 = match tx.query_opt("SELECT version FROM tessera_schema", &[]).await.map_err(db_err)? {
+            Some(row) => row.get(0),
+            None => {
+                tx.execute("INSERT INTO tessera_schema(version) VALUES (0)", &[]).await.map_err(db_err)?;
+                0
+            }
+        };
+        let known = MIGRATIONS.len() as i32;
+        if version > known {
+            return Err(StoreError::Backend(io::Error::other(format!(
+                "metadata schema version {version} is newer than this build ({known})"
+            ))));
+        }
+        for step in &MIGRATIONS[version as usize..] {
+            tx.batch_execute(step).await.map_err(db_err)?;
+        }
+        tx.execute("UPDATE tessera_schema SET version = $1", &[&known]).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Runs one read on a pooled connection.
+    async fn query(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> StoreResult<Vec<Row>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let statement = client.prepare_cached(sql).await.map_err(db_err)?;
+        client.query(&statement, params).await.map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl MetaStore for PostgresMetaStore {
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<u64>> {
+        let rows = self
+            .query(
+                "SELECT COALESCE(l.size, b.size) FROM blob_links l JOIN repos r ON r.id = l.repo
+                 JOIN blobs b ON b.digest = l.digest WHERE r.name = $1 AND l.digest = $2",
+                &[&repo.as_str(), &digest.to_string()],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn blob_known(&self, digest: &Digest) -> StoreResult<Option<u64>> {
+        let rows = self
+            .query(
+                "SELECT b.size FROM blobs b WHERE b.digest = $1
+                 AND EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest AND l.urls IS NULL)",
+                &[&digest.to_string()],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> StoreResult<()> {
+        let digest = digest.to_string();
+        write!(self, tx, {
+            if doomed(&tx, &digest).await? {
+                return Err(StoreError::Missing(format!("{digest} is being garbage collected")));
+            }
+            let id = ensure_repo(&tx, repo.as_str()).await?;
+            // The size of bytes that are here is verified: it replaces what a link to bytes
+            // elsewhere may have claimed first.
+            tx.execute(
+                "INSERT INTO blobs(digest, size, held_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (digest) DO UPDATE SET size = excluded.size WHERE blobs.size != excluded.size",
+                &[&digest, &(size as i64), &now_ms()],
+            )
+            .await
+            .map_err(db_err)?;
+            // Bytes arriving for a blob that lived elsewhere make the link local.
+            tx.execute(
+                "INSERT INTO blob_links(repo, digest, linked_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (repo, digest) DO UPDATE SET linked_ms = excluded.linked_ms, urls = NULL, size = NULL",
+                &[&id, &digest, &now_ms()],
+            )
+            .await
+            .map_err(db_err)?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> StoreResult<()> {
+        let digest = digest.to_string();
+        let urls = serde_json::to_string(urls).map_err(io::Error::other)?;
+        let mismatch: Option<i64> = write!(self, tx, {
+            if doomed(&tx, &digest).await? {
+                return Err(StoreError::Missing(format!("{digest} is being garbage collected")));
+            }
+            // Only a verified size (bytes held here) can contradict the claim.
+            let known: Option<i64> = tx
+                .query_opt(
+                    "SELECT size FROM blobs b WHERE digest = $1
+                     AND EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest AND l.urls IS NULL)",
+                    &[&digest],
+                )
+                .await
+                .map_err(db_err)?
+                .map(|r| r.get(0));
+            if known.is_some_and(|k| k as u64 != size) {
+                return Ok(known);
+            }
+            let id = ensure_repo(&tx, repo.as_str()).await?;
+            // The row the link needs; its size counts only once bytes arrive.
+            tx.execute(
+                "INSERT INTO blobs(digest, size, held_ms) VALUES ($1, $2, $3) ON CONFLICT (digest) DO NOTHING",
+                &[&digest, &(size as i64), &now_ms()],
+            )
+            .await
+            .map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO blob_links(repo, digest, urls, size, linked_ms) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (repo, digest) DO UPDATE SET linked_ms = excluded.linked_ms,
+                     urls = CASE WHEN blob_links.urls IS NULL THEN NULL ELSE excluded.urls END,
+                     size = CASE WHEN blob_links.urls IS NULL THEN NULL ELSE excluded.size END",
+                &[&id, &digest, &urls, &(size as i64), &now_ms()],
+            )
+            .await
+            .map_err(db_err)?;
+            Ok::<_, StoreError>(None)
+        })?;
+        match mismatch {
+            Some(known) => Err(StoreError::Contradicts(format!("the blob is held here with size {known}, not {size}"))),
+            None => Ok(()),
+        }
+    }
+
+    async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<String>> {
+        let rows = self
+            .query(
+                "SELECT l.urls FROM blob_links l JOIN repos r ON r.id = l.repo WHERE r.name = $1 AND l.digest = $2",
+                &[&repo.as_str(), &digest.to_string()],
+            )
+            .await?;
+        match rows.first().and_then(|r| r.get::<_, Option<String>>(0)) {
+            Some(t) => Ok(serde_json::from_str(&t).map_err(io::Error::other)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> StoreResult<bool> {
+        let digest = digest.to_string();
+        write!(self, tx, {
+            let Some(id) = repo_id(&tx, repo.as_str()).await? else { return Ok(false) };
+            let n = tx
+                .execute("DELETE FROM blob_links WHERE repo = $1 AND digest = $2", &[&id, &digest])
+                .await
+                .map_err(db_err)?;
+            Ok::<_, StoreError>(n > 0)
+        })
+    }
+
+    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> StoreResult<()> {
+        let digest = m.digest.to_string();
+        let subject = m.subject.as_ref().map(|d| d.to_string());
+        write!(self, tx, {
+            let id = ensure_repo(&tx, repo.as_str()).await?;
+            // `created` is when it was last pushed: a push again gives an untagged manifest
+            // the whole grace period before a collection of untagged manifests.
+            let seq: i64 = tx
+                .query_one(
+                    "INSERT INTO manifests(repo, digest, media_type, bytes, subject, artifact_type, annotations, created)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (repo, digest) DO UPDATE SET created = excluded.created RETURNING seq",
+                    &[&id, &digest, &m.media_type, &&m.bytes[..], &subject, &m.artifact_type, &m.annotations_json, &now()],
+                )
+                .await
+                .map_err(db_err)?
+                .get(0);
+            for child in &m.children {
+                let child = child.to_string();
+                let stored = tx
+                    .query_opt("SELECT 1 FROM manifests WHERE repo = $1 AND digest = $2", &[&id, &child])
+                    .await
+                    .map_err(db_err)?;
+                if stored.is_none() {
+                    return Err(StoreError::Missing(format!("manifest {child} is not stored in {repo}")));
+                }
+                tx.execute(
+                    "INSERT INTO manifest_children(repo, digest, parent) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&id, &child, &seq],
+                )
+                .await
+                .map_err(db_err)?;
+            }
+            for blob in &m.blobs {
+                let blob = blob.to_string();
+                // Checked here, not only before: a link removed since (a delete, a
+                // collection) must not leave a stored manifest naming missing bytes.
+                let linked = tx
+                    .query_opt("SELECT 1 FROM blob_links WHERE repo = $1 AND digest = $2", &[&id, &blob])
+                    .await
+                    .map_err(db_err)?;
+                if linked.is_none() {
+                    return Err(StoreError::Missing(format!("{blob} is not linked into {repo}")));
+                }
+                tx.execute(
+                    "INSERT INTO manifest_blobs(repo, digest, manifest) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&id, &blob, &seq],
+                )
+                .await
+                .map_err(db_err)?;
+            }
+            if let Some(tag) = tag {
+                tx.execute(
+                    "INSERT INTO tags(repo, tag, digest) VALUES ($1, $2, $3)
+                     ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest",
+                    &[&id, &tag.as_str(), &digest],
+                )
+                .await
+                .map_err(db_err)?;
+            }
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<ManifestRecord>> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {MANIFEST_COLUMNS} FROM manifests m JOIN repos r ON r.id = m.repo
+                     WHERE r.name = $1 AND m.digest = $2"
+                ),
+                &[&repo.as_str(), &digest.to_string()],
+            )
+            .await?;
+        rows.first().map(manifest_row).transpose()
+    }
+
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<Digest>> {
+        let rows = self
+            .query(
+                "SELECT t.digest FROM tags t JOIN repos r ON r.id = t.repo WHERE r.name = $1 AND t.tag = $2",
+                &[&repo.as_str(), &tag.as_str()],
+            )
+            .await?;
+        rows.first().map(|r| stored_digest(r.get(0))).transpose()
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<Vec<Tag>>> {
+        let digest = digest.to_string();
+        write!(self, tx, {
+            let Some(id) = repo_id(&tx, repo.as_str()).await? else { return Ok(None) };
+            let deleted = tx
+                .execute("DELETE FROM manifests WHERE repo = $1 AND digest = $2", &[&id, &digest])
+                .await
+                .map_err(db_err)?;
+            if deleted == 0 {
+                return Ok(None);
+            }
+            let tags = tx
+                .query("DELETE FROM tags WHERE repo = $1 AND digest = $2 RETURNING tag", &[&id, &digest])
+                .await
+                .map_err(db_err)?;
+            Ok::<_, StoreError>(Some(tags.iter().filter_map(|r| r.get::<_, String>(0).parse().ok()).collect()))
+        })
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> StoreResult<bool> {
+        write!(self, tx, {
+            let Some(id) = repo_id(&tx, repo.as_str()).await? else { return Ok(false) };
+            let n = tx
+                .execute("DELETE FROM tags WHERE repo = $1 AND tag = $2", &[&id, &tag.as_str()])
+                .await
+                .map_err(db_err)?;
+            Ok::<_, StoreError>(n > 0)
+        })
+    }
+
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> StoreResult<()> {
+        let ms = millis(at);
+        write!(self, tx, {
+            let Some(id) = repo_id(&tx, repo.as_str()).await? else { return Ok(()) };
+            tx.execute("UPDATE tags SET checked_ms = $3 WHERE repo = $1 AND tag = $2", &[&id, &tag.as_str(), &ms])
+                .await
+                .map_err(db_err)?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<SystemTime>> {
+        let rows = self
+            .query(
+                "SELECT t.checked_ms FROM tags t JOIN repos r ON r.id = t.repo WHERE r.name = $1 AND t.tag = $2",
+                &[&repo.as_str(), &tag.as_str()],
+            )
+            .await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.get::<_, Option<i64>>(0))
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)))
+    }
+
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> StoreResult<Option<Page>> {
+        let known = self.query("SELECT id FROM repos WHERE name = $1", &[&repo.as_str()]).await?;
+        let Some(id) = known.first().map(|r| r.get::<_, i64>(0)) else { return Ok(None) };
+        let rows = self
+            .query(
+                "SELECT tag FROM tags WHERE repo = $1 AND tag > $2 ORDER BY tag LIMIT $3",
+                &[&id, &last.unwrap_or(""), &(limit.saturating_add(1).min(i64::MAX as usize) as i64)],
+            )
+            .await?;
+        Ok(Some(page(rows.iter().map(|r| r.get(0)).collect(), limit)))
+    }
+
+    async fn catalog(&self, last: Option<&str>, limit: usize) -> StoreResult<Page> {
+        let rows = self
+            .query(
+                "SELECT name FROM repos WHERE name > $1 ORDER BY name LIMIT $2",
+                &[&last.unwrap_or(""), &(limit.saturating_add(1).min(i64::MAX as usize) as i64)],
+            )
+            .await?;
+        Ok(page(rows.iter().map(|r| r.get(0)).collect(), limit))
+    }
+
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> StoreResult<Vec<ManifestRecord>> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {MANIFEST_COLUMNS} FROM manifests m JOIN repos r ON r.id = m.repo
+                     WHERE r.name = $1 AND m.subject = $2 ORDER BY m.seq"
+                ),
+                &[&repo.as_str(), &subject.to_string()],
+            )
+            .await?;
+        rows.iter().map(manifest_row).collect()
+    }
+
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> StoreResult<()> {
+        write!(self, tx, {
+            let rid = ensure_repo(&tx, repo.as_str()).await?;
+            tx.execute("INSERT INTO uploads(id, repo, created) VALUES ($1, $2, $3)", &[&id.as_str(), &rid, &now()])
+                .await
+                .map_err(db_err)?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    async fn upload_repo(&self, id: &UploadId) -> StoreResult<Option<RepoName>> {
+        let rows = self
+            .query("SELECT r.name FROM uploads u JOIN repos r ON r.id = u.repo WHERE u.id = $1", &[&id.as_str()])
+            .await?;
+        Ok(rows.first().and_then(|r| r.get::<_, String>(0).parse().ok()))
+    }
+
+    async fn delete_upload(&self, id: &UploadId) -> StoreResult<()> {
+        write!(self, tx, {
+            tx.execute("DELETE FROM uploads WHERE id = $1", &[&id.as_str()]).await.map_err(db_err)?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    async fn hold_blob(&self, digest: &Digest, size: u64) -> StoreResult<bool> {
+        let digest = digest.to_string();
+        write!(self, tx, {
+            // A hold guards a push in flight, which a crash of the database ends anyway.
+            tx.execute("SET LOCAL synchronous_commit = off", &[]).await.map_err(db_err)?;
+            if doomed(&tx, &digest).await? {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO blobs(digest, size, held_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (digest) DO UPDATE SET held_ms = excluded.held_ms",
+                &[&digest, &(size as i64), &now_ms()],
+            )
+            .await
+            .map_err(db_err)?;
+            Ok::<_, StoreError>(true)
+        })
+    }
+
+    async fn delete_untagged(&self, cutoff: SystemTime) -> StoreResult<Vec<(RepoName, Digest)>> {
+        let cutoff = millis(cutoff) / 1000;
+        write!(self, tx, {
+            let mut deleted = Vec::new();
+            loop {
+                let round = tx
+                    .query(
+                        "DELETE FROM manifests AS m WHERE created < $1
+                         AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
+                         AND NOT EXISTS (SELECT 1 FROM manifest_children c WHERE c.repo = m.repo AND c.digest = m.digest)
+                         AND NOT EXISTS (SELECT 1 FROM manifests s WHERE s.repo = m.repo AND s.digest = m.subject)
+                         RETURNING repo, digest",
+                        &[&cutoff],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                if round.is_empty() {
+                    break;
+                }
+                deleted.extend(round.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1))));
+            }
+            named(&tx, deleted).await
+        })
+    }
+
+    async fn unlink_unreferenced(&self, cutoff: SystemTime) -> StoreResult<Vec<(RepoName, Digest)>> {
+        let cutoff = millis(cutoff);
+        write!(self, tx, {
+            let removed = tx
+                .query(
+                    "DELETE FROM blob_links AS l WHERE linked_ms < $1
+                     AND NOT EXISTS (SELECT 1 FROM manifest_blobs mb WHERE mb.repo = l.repo AND mb.digest = l.digest)
+                     RETURNING repo, digest",
+                    &[&cutoff],
+                )
+                .await
+                .map_err(db_err)?;
+            named(&tx, removed.iter().map(|r| (r.get(0), r.get(1))).collect()).await
+        })
+    }
+
+    async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> StoreResult<Vec<Digest>> {
+        let cutoff = millis(cutoff);
+        let stored: Vec<String> = stored.iter().map(|d| d.to_string()).collect();
+        write!(self, tx, {
+            tx.execute(
+                "INSERT INTO blobs_doomed(digest)
+                 SELECT digest FROM blobs b WHERE held_ms < $1
+                 AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest) LIMIT $2
+                 ON CONFLICT DO NOTHING",
+                &[&cutoff, &(limit.min(i64::MAX as usize) as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+            tx.execute(
+                "DELETE FROM blobs WHERE digest IN (SELECT digest FROM blobs_doomed)
+                 AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = blobs.digest)",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+            // Bytes without any record (stored before holds existed, or a hold a crash
+            // forgot).
+            tx.execute(
+                "INSERT INTO blobs_doomed(digest)
+                 SELECT d FROM unnest($1::text[]) AS d WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE digest = d)
+                 ON CONFLICT DO NOTHING",
+                &[&stored],
+            )
+            .await
+            .map_err(db_err)?;
+            let rows = tx.query("SELECT digest FROM blobs_doomed", &[]).await.map_err(db_err)?;
+            rows.iter().map(|r| stored_digest(r.get(0))).collect::<StoreResult<Vec<_>>>()
+        })
+    }
+
+    async fn forget_doomed(&self, digests: &[Digest]) -> StoreResult<()> {
+        let digests: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
+        write!(self, tx, {
+            tx.execute("DELETE FROM blobs_doomed WHERE digest = ANY($1)", &[&digests]).await.map_err(db_err)?;
+            Ok::<_, StoreError>(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_testkit::postgres::Postgres;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_shared_suite_passes_on_postgres() {
+        let Some(pg) = Postgres::for_test() else { return };
+        let url = pg.database("suite").unwrap();
+        let store = PostgresMetaStore::connect(&url, None).await.unwrap();
+        crate::conformance::meta_store(&store).await;
+        // A schema of its own in the same database is a store of its own.
+        let other = PostgresMetaStore::connect(&url, Some("second_registry")).await.unwrap();
+        crate::conformance::meta_store(&other).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_second_connection_finds_the_schema_and_a_newer_schema_is_refused() {
+        let Some(pg) = Postgres::for_test() else { return };
+        let url = pg.database("schema").unwrap();
+        let repo: RepoName = "a/b".parse().unwrap();
+        let d = Digest::sha256_of(b"x");
+        PostgresMetaStore::connect(&url, None).await.unwrap().link_blob(&repo, &d, 1).await.unwrap();
+        let again = PostgresMetaStore::connect(&url, None).await.unwrap();
+        assert_eq!(again.blob_link(&repo, &d).await.unwrap(), Some(1), "kept across connections");
+        let client = again.pool.get().await.unwrap();
+        client.execute("UPDATE tessera_schema SET version = version + 1", &[]).await.unwrap();
+        let refused = PostgresMetaStore::connect(&url, None).await.err().expect("a newer schema is refused");
+        assert!(refused.to_string().contains("newer than this build"), "{refused}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_database_that_went_away_is_unreachable_then_serves_again() {
+        let Some(pg) = Postgres::for_test() else { return };
+        let store = PostgresMetaStore::connect(&pg.database("away").unwrap(), None).await.unwrap();
+        let repo: RepoName = "a/b".parse().unwrap();
+        let d = Digest::sha256_of(b"x");
+        store.link_blob(&repo, &d, 1).await.unwrap();
+        pg.stop().unwrap();
+        match store.blob_link(&repo, &d).await {
+            Err(StoreError::Unreachable(_)) => {}
+            other => panic!("expected unreachable, got {other:?}"),
+        }
+        pg.restart().unwrap();
+        // Broken connections are dropped from the pool; a fresh one serves.
+        let mut answered = None;
+        for _ in 0..20 {
+            if let Ok(found) = store.blob_link(&repo, &d).await {
+                answered = Some(found);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(answered, Some(Some(1)));
+    }
+}
