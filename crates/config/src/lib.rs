@@ -22,7 +22,7 @@ pub use limits::Limits;
 pub use network::Network;
 pub use route::{Credentials, Fallback, Mode, Route, RouteMember, Target};
 pub use statics::StaticSource;
-pub use storage::{S3, Storage};
+pub use storage::{Postgres, S3, Storage};
 pub use tls::{ClientAuth, TlsConfig};
 pub use upstream::{Upstream, UpstreamCache};
 
@@ -236,6 +236,18 @@ impl Config {
             }
             if s3.access_key_id_file.is_some() != s3.secret_access_key_file.is_some() {
                 return Err("[storage.s3] give both access_key_id_file and secret_access_key_file, or neither".into());
+            }
+        }
+        if let Some(pg) = &self.storage.postgres {
+            if pg.url.is_some() == pg.url_file.is_some() {
+                return Err("[storage.postgres] needs exactly one of url and url_file".into());
+            }
+            if let Some(schema) = pg
+                .schema
+                .as_deref()
+                .filter(|s| s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            {
+                return Err(format!("[storage.postgres] schema {schema:?}: use letters, digits and '_'"));
             }
         }
         for (i, d) in self.deliveries.iter().enumerate() {

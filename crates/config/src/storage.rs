@@ -23,6 +23,23 @@ pub struct Storage {
     /// `[storage.s3]`: blobs (hosted, upload sessions and every upstream's cache) in an
     /// S3-compatible bucket instead of under `data`.
     pub s3: Option<S3>,
+    /// `[storage.postgres]`: metadata in a PostgreSQL database instead of `meta.sqlite`
+    /// under `data`.
+    pub postgres: Option<Postgres>,
+}
+
+/// A PostgreSQL database for the metadata.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Postgres {
+    /// `postgres://user@host:port/database` (or libpq's `key=value` form); give this or
+    /// `url_file`.
+    pub url: Option<String>,
+    /// A file holding the URL, for one with a password in it (trailing newline ignored).
+    pub url_file: Option<PathBuf>,
+    /// The schema the tables live in (created if missing), so one database can hold
+    /// several registries; PostgreSQL's default (`public`) when omitted.
+    pub schema: Option<String>,
 }
 
 /// An S3-compatible bucket (Garage, MinIO, Ceph RGW, AWS S3).
@@ -55,6 +72,7 @@ impl Default for Storage {
             gc_grace_secs: 24 * 3600,
             gc_untagged: false,
             s3: None,
+            postgres: None,
         }
     }
 }

@@ -219,6 +219,21 @@ impl PostgresMetaStore {
         Ok(store)
     }
 
+    /// The server and database `url` names, without user or password, for messages.
+    pub fn server_of(url: &str) -> String {
+        let Ok(config) = url.parse::<tokio_postgres::Config>() else { return "(an unreadable URL)".into() };
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+            .map(|(host, port)| match host {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+            })
+            .collect();
+        format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
+    }
+
     async fn migrate(&self, schema: Option<&str>) -> StoreResult<()> {
         let mut client = self.pool.get().await.map_err(pool_err)?;
         let tx = client.transaction().await.map_err(db_err)?;

@@ -23,7 +23,9 @@ struct Inspected {
 async fn inspect(config: &Config) -> anyhow::Result<Inspected> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let database = config.data.join("meta.sqlite");
-    let registry = if database.is_file() {
+    let registry = if config.storage.postgres.is_some() {
+        crate::open_registry(config, &crate::BlobHome::open(config).await?).await?
+    } else if database.is_file() {
         let meta = SqliteMetaStore::open_read_only(&database)
             .with_context(|| format!("cannot read the metadata in {}", config.data.display()))?;
         crate::registry_over(config, meta, &crate::BlobHome::open(config).await?)?
@@ -32,7 +34,7 @@ async fn inspect(config: &Config) -> anyhow::Result<Inspected> {
         let mut empty = config.clone();
         empty.data = scratch.path().join("hosted");
         empty.storage.s3 = None;
-        crate::open_registry(&empty, &crate::BlobHome::Data(empty.data.clone()))?
+        crate::open_registry(&empty, &crate::BlobHome::Data(empty.data.clone())).await?
     };
     let caches = scratch.path().join("cache");
     let scratch_blobs = crate::BlobHome::Data(caches.clone());

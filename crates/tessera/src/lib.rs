@@ -18,7 +18,8 @@ use tessera_http::auth::IssuerKeys;
 use tessera_http::server::{CertStore, ServerOptions};
 use tessera_registry::{Registry, Settings};
 use tessera_store::{
-    BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, S3BlobStore, S3Settings, SqliteMetaStore,
+    BlobStore, CachedBlobStore, CachedMetaStore, FsBlobStore, MetaStore, PostgresMetaStore, S3BlobStore, S3Settings,
+    SqliteMetaStore,
 };
 
 /// Where blob bytes live: under the data directory (the default), or in the S3-compatible
@@ -96,17 +97,37 @@ fn s3_settings(s3: &tessera_config::S3) -> anyhow::Result<S3Settings> {
     })
 }
 
-/// Opens the hosted registry: metadata in `config.data`, blobs in `blobs`.
-fn open_registry(config: &Config, blobs: &BlobHome) -> anyhow::Result<Registry> {
+/// Opens the hosted registry: metadata in PostgreSQL (`[storage.postgres]`) or in
+/// `config.data`, blobs in `blobs`.
+async fn open_registry(config: &Config, blobs: &BlobHome) -> anyhow::Result<Registry> {
     let data = &config.data;
     std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
+    if let Some(pg) = &config.storage.postgres {
+        let meta = open_postgres(pg).await?;
+        return registry_over(config, meta, blobs);
+    }
     let meta = SqliteMetaStore::open(&data.join("meta.sqlite"))
         .with_context(|| format!("cannot open metadata in {}", data.display()))?;
     registry_over(config, meta, blobs)
 }
 
+/// Connects to the metadata database of `[storage.postgres]`.
+async fn open_postgres(pg: &tessera_config::Postgres) -> anyhow::Result<PostgresMetaStore> {
+    let url = match (&pg.url, &pg.url_file) {
+        (Some(url), _) => url.clone(),
+        (None, Some(file)) => {
+            std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?.trim().to_string()
+        }
+        (None, None) => anyhow::bail!("[storage.postgres] needs url or url_file"),
+    };
+    // The URL may hold a password: messages name the server only.
+    PostgresMetaStore::connect(&url, pg.schema.as_deref())
+        .await
+        .with_context(|| format!("cannot open the metadata database {}", PostgresMetaStore::server_of(&url)))
+}
+
 /// The hosted registry over `blobs` and `meta`.
-fn registry_over(config: &Config, meta: SqliteMetaStore, blobs: &BlobHome) -> anyhow::Result<Registry> {
+fn registry_over<M: MetaStore>(config: &Config, meta: M, blobs: &BlobHome) -> anyhow::Result<Registry> {
     let meta = CachedMetaStore::new(meta, config.cache.metadata_bytes);
     let settings = Settings {
         manifest_max_bytes: config.limits.manifest_max_bytes,
@@ -136,7 +157,7 @@ async fn recover(registry: &Registry, config: &Config) -> anyhow::Result<()> {
 /// Opens the embedded default stores under `config.data` and builds the application state.
 pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
     let blobs = BlobHome::open(config).await?;
-    let registry = Arc::new(open_registry(config, &blobs)?);
+    let registry = Arc::new(open_registry(config, &blobs).await?);
     let federation = open_federation(config, None, registry.clone()).await?;
     recover(&registry, config).await?;
     let (auth, jwks) = open_auth(config)?;
@@ -475,22 +496,31 @@ pub async fn collect_garbage(
     dry_run: bool,
 ) -> anyhow::Result<tessera_registry::gc::Collected> {
     let database = config.data.join("meta.sqlite");
-    if !database.is_file() {
+    let shared = config.storage.postgres.is_some();
+    if !shared && !database.is_file() {
         anyhow::bail!("{} holds no Tessera data (no meta.sqlite)", config.data.display());
+    }
+    if shared && dry_run {
+        anyhow::bail!(
+            "a dry run collects on a copy of the metadata, which only the embedded SQLite store can make; \
+             with [storage.postgres], run a pass without --dry-run (the grace period keeps what is still wanted)"
+        );
     }
     let _lock = lock_data_dir(&config.data)?;
     let how = tessera_registry::gc::Collect {
         grace,
         upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
-        // No server, so no upload in flight: sessions without a record are leftovers.
-        orphan_uploads_after: Duration::ZERO,
+        // No server on this data directory, so no upload in flight: sessions without a
+        // record are leftovers; a shared database may have servers elsewhere, so there
+        // they get the grace period, as a running server gives them.
+        orphan_uploads_after: if shared { grace } else { Duration::ZERO },
         untagged: config.storage.gc_untagged,
         dry_run,
     };
     // The pass itself finishes what an interrupted one doomed, so a dry run counts it too.
     let blobs = BlobHome::open(config).await?;
     if !dry_run {
-        let registry = open_registry(config, &blobs)?;
+        let registry = open_registry(config, &blobs).await?;
         return registry.collect_garbage(&how).await.context("garbage collection failed");
     }
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
@@ -614,8 +644,18 @@ async fn run(
     }
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let blobs = match &config.storage.s3 {
+        Some(s3) => format!("blobs in s3://{}/{}", s3.bucket, s3.prefix),
+        None => "filesystem blobs".to_string(),
+    };
+    let metadata = match &config.storage.postgres {
+        Some(pg) => {
+            format!("PostgreSQL metadata{}", pg.schema.as_deref().map(|s| format!(" (schema {s})")).unwrap_or_default())
+        }
+        None => "SQLite metadata".to_string(),
+    };
     tracing::info!(
-        "tessera {} listening on {scheme}://{addr}, data in {} (filesystem blobs, SQLite metadata)",
+        "tessera {} listening on {scheme}://{addr}, data in {} ({blobs}, {metadata})",
         env!("CARGO_PKG_VERSION"),
         config.data.display()
     );

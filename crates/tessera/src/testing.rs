@@ -29,7 +29,7 @@ pub struct InProcess {
 }
 
 /// The bucket every in-process server keeps its blobs in when `TESSERA_TEST_S3` holds a
-/// `[storage.s3]` table (as `with-garage` sets it), each server under a fresh prefix of its
+/// `[storage.s3]` table (as `with-engines` sets it), each server under a fresh prefix of its
 /// own; `None` (blobs under the data directory) otherwise.
 fn test_bucket(unique: &str) -> anyhow::Result<Option<tessera_config::S3>> {
     let Ok(table) = std::env::var("TESSERA_TEST_S3") else { return Ok(None) };
@@ -60,9 +60,17 @@ impl InProcess {
     pub async fn with_config(mut config: Config) -> anyhow::Result<InProcess> {
         count_server_panics();
         let dir = tempfile::Builder::new().prefix("tip").tempdir().context("cannot create a data directory")?;
+        let unique = dir.path().file_name().unwrap_or_default().to_string_lossy().to_ascii_lowercase();
         if config.storage.s3.is_none() {
-            let unique = dir.path().file_name().unwrap_or_default().to_string_lossy();
             config.storage.s3 = test_bucket(&unique)?;
+        }
+        if config.storage.postgres.is_none()
+            && let Ok(url) = std::env::var("TESSERA_TEST_POSTGRES")
+        {
+            // A schema of its own in the shared database (see `tessera_testkit::test_storage`).
+            let schema = unique.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+            config.storage.postgres =
+                Some(tessera_config::Postgres { url: Some(url), url_file: None, schema: Some(schema) });
         }
         config.data = dir.path().join("data");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;

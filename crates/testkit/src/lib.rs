@@ -46,10 +46,7 @@ impl Server {
         let config_dir = tempfile::Builder::new().prefix("tcf").tempdir()?;
         let config = config_dir.path().join("tessera.toml");
         let unique = config_dir.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
-        match test_bucket(&unique).filter(|_| !toml.contains("[storage.s3]")) {
-            Some(bucket) => std::fs::write(&config, format!("{toml}\n{bucket}"))?,
-            None => std::fs::write(&config, toml)?,
-        }
+        std::fs::write(&config, format!("{toml}\n{}", test_storage(&unique, toml)))?;
         let mut server = Self::start(bin, &["--config", &config.to_string_lossy()])?;
         // Restarts read the file again, so it lives as long as the server.
         server.config_dir = Some(config_dir);
@@ -72,9 +69,10 @@ impl Server {
         let log = dir.path().join("server.log");
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let unique = dir.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
-        if let Some(bucket) = test_bucket(&unique).filter(|_| !extra.iter().any(|a| a == "--config")) {
+        let storage = test_storage(&unique, "");
+        if !storage.is_empty() && !extra.iter().any(|a| a == "--config") {
             let config = dir.path().join("storage.toml");
-            std::fs::write(&config, bucket)?;
+            std::fs::write(&config, storage)?;
             extra.extend(["--config".to_string(), config.to_string_lossy().into_owned()]);
         }
         let (child, addr) = spawn(Path::new(bin), &data, &log, listen, &extra)?;
@@ -130,18 +128,29 @@ impl Drop for Server {
     }
 }
 
-/// The `[storage.s3]` table of `TESSERA_TEST_S3` (set by `with-garage`) with its prefix
-/// made `unique`, so that a test server started without a bucket of its own keeps its
-/// blobs there; `None` when the variable is not set.
-pub fn test_bucket(unique: &str) -> Option<String> {
-    let table = std::env::var("TESSERA_TEST_S3").ok()?;
-    let lines: Vec<String> = table
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("prefix"))
-        .map(str::to_string)
-        .chain([format!("prefix = \"{unique}/\"")])
-        .collect();
-    Some(lines.join("\n") + "\n")
+/// The storage tables a test server gets from `with-engines` (nothing without it), for a
+/// configuration `existing` that does not give its own: `[storage.s3]` from
+/// `TESSERA_TEST_S3` with the prefix `unique/`, `[storage.postgres]` with the URL of
+/// `TESSERA_TEST_POSTGRES` and the schema `unique`, so that servers share the engines but
+/// nothing else.
+pub fn test_storage(unique: &str, existing: &str) -> String {
+    let unique = unique.to_ascii_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+    let mut tables = String::new();
+    if let Ok(table) = std::env::var("TESSERA_TEST_S3")
+        && !existing.contains("[storage.s3]")
+    {
+        for line in table.lines().filter(|l| !l.trim_start().starts_with("prefix")) {
+            tables.push_str(line);
+            tables.push('\n');
+        }
+        tables.push_str(&format!("prefix = \"{unique}/\"\n"));
+    }
+    if let Ok(url) = std::env::var("TESSERA_TEST_POSTGRES")
+        && !existing.contains("[storage.postgres]")
+    {
+        tables.push_str(&format!("[storage.postgres]\nurl = \"{url}\"\nschema = \"{unique}\"\n"));
+    }
+    tables
 }
 
 fn spawn(bin: &Path, data: &Path, log: &Path, listen: &str, extra: &[String]) -> Result<(Child, SocketAddr)> {

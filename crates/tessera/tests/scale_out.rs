@@ -1,7 +1,10 @@
-//! Tessera with `[storage.s3]` on a real Garage (an S3-compatible object store) on loopback:
-//! what lives in the bucket, garbage collection there, an upstream's cache there, uploads
-//! resumed by a restarted server, and the store going away and coming back. (The OCI API
-//! and real-client suites run on Garage too: `.ci/run` runs them under `with-garage`.)
+//! Tessera on the scale-out engines, real ones on loopback: `[storage.s3]` on Garage (an
+//! S3-compatible object store) and `[storage.postgres]` on PostgreSQL. What lives in the
+//! bucket, garbage collection there, an upstream's cache there, uploads resumed by a
+//! restarted server, a server with a fresh data directory serving what another pushed, and
+//! the stores going away and coming back. (The OCI API
+//! and real-client suites run on Garage and PostgreSQL too: `.ci/run` runs them under
+//! `with-engines`.)
 
 use std::time::Duration;
 
@@ -9,6 +12,7 @@ use bytes::Bytes;
 use tessera_spec::Digest;
 use tessera_store::{BlobStore, S3BlobStore, S3Settings};
 use tessera_testkit::garage::Garage;
+use tessera_testkit::postgres::Postgres;
 use tessera_testkit::{Api, Image, Server, error_code, random_bytes, wait_until_async};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
@@ -272,4 +276,89 @@ async fn presigned_delivery_without_a_bucket_is_refused_at_start_up() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("presigned") && stderr.contains("[storage.s3]"), "{stderr}");
+}
+
+fn postgres_toml(pg: &Postgres, database: &str) -> String {
+    format!("[storage.postgres]\nurl = \"{}\"\n", pg.database(database).unwrap())
+}
+
+#[tokio::test]
+async fn a_server_with_a_fresh_data_directory_serves_what_another_pushed_to_the_same_stores() {
+    let Some(garage) = Garage::for_test() else { return };
+    let Some(pg) = Postgres::for_test() else { return };
+    let keys = tessera_testkit::tempdir().unwrap();
+    let metadata = postgres_toml(&pg, "shared");
+    let image = Image::random(3, 70_000);
+    {
+        let first = server_on(&garage, keys.path(), "shared/", &metadata);
+        Api::new(&first).push_image("team/app", "v1", &image).await.unwrap();
+    }
+    // Nothing of the first server's data directory is reused.
+    let second = server_on(&garage, keys.path(), "shared/", &metadata);
+    let api = Api::new(&second);
+    let r = api
+        .http
+        .get(api.url("/v2/team/app/manifests/v1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), image.manifest);
+    for blob in image.blobs() {
+        let r = api.get(&format!("/v2/team/app/blobs/{}", Digest::sha256_of(blob))).await.unwrap();
+        assert_eq!(r.bytes().await.unwrap(), &blob[..]);
+    }
+    let tags: serde_json::Value = api.get("/v2/team/app/tags/list").await.unwrap().json().await.unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["v1"]));
+    assert!(!second.data.join("meta.sqlite").exists(), "the metadata is in PostgreSQL, not the data directory");
+}
+
+#[tokio::test]
+async fn the_database_going_away_is_a_503_and_its_return_needs_no_restart() {
+    let Some(pg) = Postgres::for_test() else { return };
+    let server = Server::with_config(BIN, &postgres_toml(&pg, "away")).expect("server starts");
+    let api = Api::new(&server);
+    let image = Image::random(1, 20_000);
+    api.push_image("lib/app", "v1", &image).await.unwrap();
+
+    pg.stop().unwrap();
+    let r = api.get("/v2/lib/app/tags/list").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+
+    pg.restart().unwrap();
+    let back = wait_until_async(Duration::from_secs(20), || {
+        let api = &api;
+        async move { api.get("/v2/lib/app/tags/list").await.unwrap().status() == 200 }
+    })
+    .await;
+    assert!(back, "the server uses the database again by itself");
+    api.push_image("lib/app", "v2", &Image::random(1, 20_000)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_database_unreachable_at_start_up_is_one_clear_line_without_its_password() {
+    let dir = tessera_testkit::tempdir().unwrap();
+    let closed = tessera_testkit::free_port().unwrap();
+    let config = dir.path().join("tessera.toml");
+    std::fs::write(
+        &config,
+        format!("[storage.postgres]\nurl = \"postgres://tessera:s3cret@127.0.0.1:{closed}/tessera\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .env_remove("TESSERA_TEST_S3")
+        .env_remove("TESSERA_TEST_POSTGRES")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot open the metadata database 127.0.0.1:{closed}/tessera")), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "the password stays out of the message: {stderr}");
 }
