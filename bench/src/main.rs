@@ -40,6 +40,10 @@ struct Args {
     /// iterating on the cache's path.
     #[arg(long)]
     pulls_only: bool,
+    /// Where Tessera keeps its data: `fs` (the embedded default: the full table) or `s3pg`
+    /// (blobs in Garage, metadata in PostgreSQL, against Distribution on the same Garage).
+    #[arg(long, default_value = "fs", value_parser = ["fs", "s3pg"])]
+    backend: String,
 }
 
 /// Sizes of one run.
@@ -237,6 +241,10 @@ async fn main() -> Result<()> {
     eprintln!("== generating content");
     let content = Content::generate(scale.big_blob);
     let mut table = Table(Vec::new());
+    if args.backend == "s3pg" {
+        on_the_scale_out_engines(&args, root, &mut table, &content).await?;
+        return table.finish(&args);
+    }
 
     eprintln!("== start-up to first 200 on /v2/ (median of 5)");
     let t_start = servers::median_startup(|i| Registry::tessera(&args.tessera, &root.join(format!("start-t{i}"))), 5)?;
@@ -491,6 +499,87 @@ async fn main() -> Result<()> {
 
 /// Cold and warm pulls of `first` (already in both registries as `bench/mono`) and of fresh
 /// blobs through Tessera's cache and Distribution's proxy, both in front of `distribution`.
+/// Tessera with blobs in Garage and metadata in PostgreSQL, against Distribution with its
+/// `s3` driver on the same Garage, and against Tessera on the filesystem default for what
+/// the object store costs.
+async fn on_the_scale_out_engines(args: &Args, root: &Path, table: &mut Table, content: &Content) -> Result<()> {
+    use tessera_testkit::garage::Garage;
+    use tessera_testkit::postgres::Postgres;
+    let scale = Scale::of(args);
+    let garage_bin = Garage::binary()
+        .ok_or_else(|| anyhow::anyhow!("no Garage (cargo install garage --locked --root target/garage)"))?;
+    let pg_bin = Postgres::binaries().ok_or_else(|| anyhow::anyhow!("no PostgreSQL (apt-get install postgresql)"))?;
+    eprintln!("== starting Garage and PostgreSQL");
+    let garage = Garage::start(&garage_bin)?;
+    let postgres = Postgres::start(&pg_bin)?;
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys)?;
+    let storage = format!(
+        "{}[storage.postgres]\nurl = \"{}\"\n",
+        garage.storage_toml(&keys, "tessera/")?,
+        postgres.database("tessera")?
+    );
+    let tessera = Registry::tessera_with(&args.tessera, &root.join("tessera-s3pg"), Some(&storage))?;
+    let distribution = Registry::distribution_on(&args.distribution, &root.join("dist-s3"), &garage, "/dist")?;
+    let plain = Registry::tessera(&args.tessera, &root.join("tessera-fs"))?;
+    let (t, d, f) = (tessera.api(), distribution.api(), plain.api());
+
+    eprintln!("== pushing the same image into all three");
+    for c in [&t, &d, &f] {
+        c.push_blobs_and_manifest(
+            "bench/app",
+            "v1",
+            &[&content.config, &content.small, &content.big],
+            &content.manifest,
+        )
+        .await?;
+    }
+    let wrk = Wrk { seconds: scale.seconds };
+    let tag_path = "/v2/bench/app/manifests/v1";
+    let (tr, dr, fr) = (
+        wrk.get(&tessera.url(tag_path), 32, Some(ACCEPT), false)?,
+        wrk.get(&distribution.url(tag_path), 32, Some(ACCEPT), false)?,
+        wrk.get(&plain.url(tag_path), 32, Some(ACCEPT), false)?,
+    );
+    table.add("S3+PG: manifest GET by tag, 32 connections", "req/s", Better::Higher, tr.rps, Some(dr.rps), None);
+    table.add("S3+PG: manifest GET by tag, 32 connections: p99", "ms", Better::Lower, tr.p99_ms, Some(dr.p99_ms), None);
+    let big_path = format!("/v2/bench/app/blobs/{}", Digest::sha256_of(&content.big));
+    let mb = scale.big_blob >> 20;
+    let (tb, db, fb) = (
+        wrk.get(&tessera.url(&big_path), 4, None, false)?,
+        wrk.get(&distribution.url(&big_path), 4, None, false)?,
+        wrk.get(&plain.url(&big_path), 4, None, false)?,
+    );
+    table.add(format!("S3+PG: {mb} MiB blob GET, 4 connections"), "GB/s", Better::Higher, tb.gbps, Some(db.gbps), None);
+
+    eprintln!("== pushes");
+    let push_blob = Bytes::from(random_bytes(scale.push_blob, 3));
+    let push_mb = scale.push_blob >> 20;
+    let tt = timed(t.push_monolithic("bench/mono", push_blob.clone())).await?;
+    let dt = timed(d.push_monolithic("bench/mono", push_blob.clone())).await?;
+    let ft = timed(f.push_monolithic("bench/mono", push_blob.clone())).await?;
+    table.add(format!("S3+PG: monolithic push {push_mb} MiB (POST + PUT)"), "s", Better::Lower, tt, Some(dt), None);
+    let chunked = Bytes::from(random_bytes(scale.push_blob, 4));
+    let tc = timed(t.push_in_chunks("bench/chunked", &chunked, scale.chunk)).await?;
+    let dc = timed(d.push_in_chunks("bench/chunked", &chunked, scale.chunk)).await?;
+    let fc = timed(f.push_in_chunks("bench/chunked", &chunked, scale.chunk)).await?;
+    table.add(
+        format!("S3+PG: chunked push {push_mb} MiB in {} MiB PATCHes", scale.chunk >> 20),
+        "s",
+        Better::Lower,
+        tc,
+        Some(dc),
+        None,
+    );
+    // What the engines cost: the same Tessera on its filesystem default, in the reference
+    // column of these rows.
+    table.add("S3+PG vs filesystem: manifest GET, 32 connections", "req/s", Better::Higher, tr.rps, Some(fr.rps), None);
+    table.add(format!("S3+PG vs filesystem: {mb} MiB blob GET"), "GB/s", Better::Higher, tb.gbps, Some(fb.gbps), None);
+    table.add(format!("S3+PG vs filesystem: monolithic push {push_mb} MiB"), "s", Better::Lower, tt, Some(ft), None);
+    table.add(format!("S3+PG vs filesystem: chunked push {push_mb} MiB"), "s", Better::Lower, tc, Some(fc), None);
+    Ok(())
+}
+
 async fn pulls_through_the_cache(
     args: &Args,
     root: &Path,

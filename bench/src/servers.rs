@@ -58,6 +58,33 @@ impl Registry {
         Ok(Registry { process: Process::Distribution(d), addr, data, startup })
     }
 
+    /// Distribution with its `s3` storage driver on `garage`'s bucket, under `root`.
+    pub fn distribution_on(
+        bin: &Path,
+        dir: &Path,
+        garage: &tessera_testkit::garage::Garage,
+        root: &str,
+    ) -> Result<Registry> {
+        let storage = format!(
+            "s3: {{accesskey: \"{}\", secretkey: \"{}\", region: {}, regionendpoint: \"{}\", bucket: {}, \
+             secure: false, v4auth: true, rootdirectory: {root}}}\n  redirect: {{disable: true}}",
+            garage.key_id,
+            garage.secret,
+            tessera_testkit::garage::Garage::REGION,
+            garage.endpoint,
+            garage.bucket
+        );
+        let d = Distribution::start_with(DistributionSetup {
+            bin: Some(bin),
+            dir: Some(dir),
+            quiet: true,
+            storage: Some(&storage),
+            ..Default::default()
+        })?;
+        let (addr, data, startup) = (d.addr, d.data.clone(), d.startup);
+        Ok(Registry { process: Process::Distribution(d), addr, data, startup })
+    }
+
     /// Distribution as a pull-through cache (its proxy mode) of the registry at `remote`.
     pub fn distribution_proxy(bin: &Path, dir: &Path, remote: &str) -> Result<Registry> {
         let d = Distribution::start_with(DistributionSetup {

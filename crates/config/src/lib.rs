@@ -238,17 +238,10 @@ impl Config {
                 return Err("[storage.s3] give both access_key_id_file and secret_access_key_file, or neither".into());
             }
         }
-        if let Some(pg) = &self.storage.postgres {
-            if pg.url.is_some() == pg.url_file.is_some() {
-                return Err("[storage.postgres] needs exactly one of url and url_file".into());
-            }
-            if let Some(schema) = pg
-                .schema
-                .as_deref()
-                .filter(|s| s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
-            {
-                return Err(format!("[storage.postgres] schema {schema:?}: use letters, digits and '_'"));
-            }
+        if let Some(pg) = &self.storage.postgres
+            && pg.url.is_some() == pg.url_file.is_some()
+        {
+            return Err("[storage.postgres] needs exactly one of url and url_file".into());
         }
         for (i, d) in self.deliveries.iter().enumerate() {
             d.validate().map_err(|e| format!("delivery {}: {e}", i + 1))?;

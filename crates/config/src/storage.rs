@@ -38,7 +38,8 @@ pub struct Postgres {
     /// A file holding the URL, for one with a password in it (trailing newline ignored).
     pub url_file: Option<PathBuf>,
     /// The schema the tables live in (created if missing), so one database can hold
-    /// several registries; PostgreSQL's default (`public`) when omitted.
+    /// several registries; PostgreSQL's default (`public`) when omitted. 1 to 63 lowercase
+    /// letters, digits and `_`, not starting with a digit (checked when connecting).
     pub schema: Option<String>,
 }
 

@@ -102,6 +102,14 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
+/// Whether `name` is a schema name used as written: 1 to 63 lowercase ASCII letters,
+/// digits and `_`, not starting with a digit (so that quoting it changes nothing).
+pub fn is_schema_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
@@ -194,13 +202,14 @@ impl PostgresMetaStore {
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::Backend(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
         if let Some(schema) = schema {
-            if schema.is_empty() || !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            if !is_schema_name(schema) {
                 return Err(StoreError::Backend(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("schema {schema:?}: use letters, digits and '_'"),
+                    format!("schema {schema:?}: lowercase letters, digits and '_', not starting with a digit"),
                 )));
             }
-            config.options(format!("-c search_path={schema}"));
+            // Quoted, so that a name that is also an SQL keyword (`user`) is taken as a name.
+            config.options(format!("-c search_path=\"{schema}\""));
         }
         let manager = Manager::from_config(
             config,
@@ -240,8 +249,8 @@ impl PostgresMetaStore {
         // Two nodes starting together: one migrates, the other then finds it done.
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db_err)?;
         if let Some(schema) = schema {
-            // Checked to be a plain identifier in `connect`.
-            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(db_err)?;
+            // Checked by `is_schema_name` in `connect`.
+            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).await.map_err(db_err)?;
         }
         tx.batch_execute("CREATE TABLE IF NOT EXISTS tessera_schema (version INTEGER NOT NULL)")
             .await
@@ -714,6 +723,9 @@ mod tests {
         // A schema of its own in the same database is a store of its own.
         let other = PostgresMetaStore::connect(&url, Some("second_registry")).await.unwrap();
         crate::conformance::meta_store(&other).await;
+        // A name that is also a keyword is a name.
+        PostgresMetaStore::connect(&url, Some("user")).await.unwrap();
+        assert!(PostgresMetaStore::connect(&url, Some("1reg")).await.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread")]

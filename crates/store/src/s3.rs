@@ -32,6 +32,12 @@ use crate::{AppendError, BlobRead, BlobStore, ByteStream, StoredBlob, UploadId};
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Each presigned request is valid this long: it is sent at once, so only clock skew matters.
 const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
+/// Parts of one append on their way to the store at once, while the next one fills: the
+/// store's latency overlaps the client's sending, and an upload holds at most this many
+/// parts (plus the one filling) in memory.
+const PARTS_IN_FLIGHT: usize = 3;
+/// Requests of one commit or delete sent at once (server-side copies, deletions).
+const REQUESTS_AT_ONCE: usize = 8;
 /// Attempts at a request the store answered with a 5xx or that never reached it.
 const ATTEMPTS: u32 = 3;
 /// Marks the layout; a later release that changes it bumps this and migrates.
@@ -356,31 +362,35 @@ impl S3BlobStore {
         Ok(())
     }
 
+    /// Copies every part into the multipart upload, several at once; the ETags in order.
     async fn copy_parts(&self, id: &UploadId, parts: usize, target: &str, upload_id: &str) -> io::Result<Vec<String>> {
-        let mut etags = Vec::with_capacity(parts);
-        for index in 0..parts {
-            let number = u16::try_from(index + 1).map_err(|_| io::Error::other("more than 65535 parts"))?;
-            let source = self.copy_source(&self.part_key(id, index));
-            let mut action = self.bucket.upload_part(self.credentials.as_ref(), target, number, upload_id);
-            action.headers_mut().insert("x-amz-copy-source", source.clone());
-            let url = action.sign(SIGNED_FOR);
-            let r = self
-                .send("UploadPartCopy", target, || {
-                    self.http
-                        .put(url.clone())
-                        .header("x-amz-copy-source", &source)
-                        .header(reqwest::header::CONTENT_LENGTH, 0)
-                })
-                .await?;
-            if !r.status().is_success() {
-                return Err(Self::refused("UploadPartCopy", target, r).await);
-            }
-            let text = r.text().await.map_err(|e| io::Error::other(e.without_url()))?;
-            let etag = xml_text(&text, "ETag")
-                .ok_or_else(|| io::Error::other(format!("object store: UploadPartCopy {target}: no ETag in {text}")))?;
-            etags.push(etag);
+        futures_util::stream::iter(0..parts)
+            .map(|index| self.copy_part(id, index, target, upload_id))
+            .buffered(REQUESTS_AT_ONCE)
+            .try_collect()
+            .await
+    }
+
+    async fn copy_part(&self, id: &UploadId, index: usize, target: &str, upload_id: &str) -> io::Result<String> {
+        let number = u16::try_from(index + 1).map_err(|_| io::Error::other("more than 65535 parts"))?;
+        let source = self.copy_source(&self.part_key(id, index));
+        let mut action = self.bucket.upload_part(self.credentials.as_ref(), target, number, upload_id);
+        action.headers_mut().insert("x-amz-copy-source", source.clone());
+        let url = action.sign(SIGNED_FOR);
+        let r = self
+            .send("UploadPartCopy", target, || {
+                self.http
+                    .put(url.clone())
+                    .header("x-amz-copy-source", &source)
+                    .header(reqwest::header::CONTENT_LENGTH, 0)
+            })
+            .await?;
+        if !r.status().is_success() {
+            return Err(Self::refused("UploadPartCopy", target, r).await);
         }
-        Ok(etags)
+        let text = r.text().await.map_err(|e| io::Error::other(e.without_url()))?;
+        xml_text(&text, "ETag")
+            .ok_or_else(|| io::Error::other(format!("object store: UploadPartCopy {target}: no ETag in {text}")))
     }
 
     async fn complete(&self, target: &str, upload_id: &str, etags: Vec<String>) -> io::Result<()> {
@@ -514,8 +524,7 @@ impl BlobStore for S3BlobStore {
             }
         }
         let mut fresh = false;
-        // One part is sent while the next one fills.
-        let mut sending: Option<tokio::task::JoinHandle<io::Result<()>>> = None;
+        let mut sending: std::collections::VecDeque<tokio::task::JoinHandle<io::Result<()>>> = Default::default();
         let mut source_error = None;
         loop {
             match data.next().await {
@@ -527,8 +536,10 @@ impl BlobStore for S3BlobStore {
                         let take = room.min(chunk.len());
                         buffer.extend_from_slice(&chunk.split_to(take));
                         if buffer.len() == PART_SIZE {
-                            if let Some(previous) = sending.take() {
-                                previous
+                            if sending.len() >= PARTS_IN_FLIGHT
+                                && let Some(oldest) = sending.pop_front()
+                            {
+                                oldest
                                     .await
                                     .map_err(|e| AppendError::Storage(io::Error::other(e)))?
                                     .map_err(AppendError::Storage)?;
@@ -536,7 +547,7 @@ impl BlobStore for S3BlobStore {
                             let part = std::mem::replace(&mut buffer, BytesMut::with_capacity(PART_SIZE)).freeze();
                             let store = self.clone();
                             let id = id.clone();
-                            sending = Some(tokio::spawn(async move { store.put_part(&id, index, part).await }));
+                            sending.push_back(tokio::spawn(async move { store.put_part(&id, index, part).await }));
                             index += 1;
                         }
                     }
@@ -548,8 +559,10 @@ impl BlobStore for S3BlobStore {
                 None => break,
             }
         }
-        if let Some(previous) = sending.take() {
-            previous.await.map_err(|e| AppendError::Storage(io::Error::other(e)))?.map_err(AppendError::Storage)?;
+        // Every part must be in before the size is reported; a part that failed fails the
+        // append (the parts before it are kept, those after a gap are not the session's).
+        for part in sending {
+            part.await.map_err(|e| AppendError::Storage(io::Error::other(e)))?.map_err(AppendError::Storage)?;
         }
         // What arrived is kept, also when the source failed: the client resumes from it.
         let size = index as u64 * PART_SIZE as u64 + buffer.len() as u64;
@@ -615,9 +628,8 @@ impl BlobStore for S3BlobStore {
         let marker = self.marker_key(id);
         // The marker goes last, so a session half deleted is still listed and swept.
         let listed = self.list_under(&self.session_prefix(id)).await?;
-        for object in listed.iter().filter(|o| o.key != marker) {
-            self.delete_key(&object.key).await?;
-        }
+        let deletes: Vec<_> = listed.iter().filter(|o| o.key != marker).map(|o| self.delete_key(&o.key)).collect();
+        futures_util::stream::iter(deletes).buffer_unordered(REQUESTS_AT_ONCE).try_collect::<()>().await?;
         self.delete_key(&marker).await
     }
 

@@ -738,6 +738,9 @@ pub struct DistributionSetup<'a> {
     pub quiet: bool,
     /// Run as a pull-through cache of this registry URL (`proxy: {remoteurl: …}`).
     pub proxy: Option<&'a str>,
+    /// Its storage driver, as the YAML of the `storage:` entries (e.g. `s3: {…}`), in place
+    /// of the filesystem under `data`.
+    pub storage: Option<&'a str>,
 }
 
 /// Distribution (the reference registry, Debian's `docker-registry`) on a free loopback
@@ -783,18 +786,23 @@ impl Distribution {
             ("{level: info}", "", "")
         };
         let proxy = setup.proxy.map_or(String::new(), |url| format!("proxy: {{remoteurl: \"{url}\"}}\n"));
+        let driver = match setup.storage {
+            Some(yaml) => yaml.to_string(),
+            None => format!("filesystem: {{rootdirectory: {}}}", data.display()),
+        };
         let config = root.join("registry.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog: {log}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n{cache}http: {{addr: \"{addr}\"}}\n{health}{auth}{proxy}",
-                data.display()
+                "version: 0.1\nlog: {log}\nstorage:\n  {driver}\n  delete: {{enabled: true}}\n{cache}http: {{addr: \"{addr}\"}}\n{health}{auth}{proxy}",
             ),
         )?;
         let bin = setup.bin.unwrap_or(Path::new("/usr/bin/docker-registry"));
-        let (child, startup) =
-            spawn_ready(Command::new(bin).arg("serve").arg(&config), addr, "/v2/", &root.join("registry.log"))
-                .context("Distribution did not start")?;
+        // Its AWS SDK panics at start when AWS_CA_BUNDLE is set (LoadCustomCABundleError).
+        let mut command = Command::new(bin);
+        command.arg("serve").arg(&config).env_remove("AWS_CA_BUNDLE");
+        let (child, startup) = spawn_ready(&mut command, addr, "/v2/", &root.join("registry.log"))
+            .context("Distribution did not start")?;
         Ok(Distribution { child, addr, data, startup, root, _dir: temp })
     }
 
