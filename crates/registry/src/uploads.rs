@@ -336,6 +336,14 @@ impl Registry {
                 removed += 1;
             }
         }
+        // A commit cut off between starting and completing an object store's multipart
+        // copy leaves its parts there: gone with the sessions that expire at the same age.
+        if !dry_run && let Some(cutoff) = now.checked_sub(expiry) {
+            let aborted = self.blobs.sweep_interrupted_commits(cutoff).await?;
+            if aborted > 0 {
+                tracing::info!("aborted {aborted} multipart upload(s) that interrupted commits left");
+            }
+        }
         Ok(removed)
     }
 }

@@ -126,6 +126,10 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
         self.inner.upload_load_hash(id).await
     }
 
+    async fn sweep_interrupted_commits(&self, started_before: SystemTime) -> io::Result<usize> {
+        self.inner.sweep_interrupted_commits(started_before).await
+    }
+
     fn presigned_get(&self, digest: &Digest, valid_for: std::time::Duration) -> Option<String> {
         self.inner.presigned_get(digest, valid_for)
     }

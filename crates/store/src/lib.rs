@@ -169,6 +169,13 @@ pub trait BlobStore: Send + Sync + 'static {
     /// The session's last saved hash state and the offset it covers, if any.
     async fn upload_load_hash(&self, id: &UploadId) -> io::Result<Option<(u64, Vec<u8>)>>;
 
+    /// Removes what a commit cut off before `started_before` left outside any session (an
+    /// object store's unfinished multipart uploads) and returns how many; nothing to do
+    /// for a store whose commit is one atomic step.
+    async fn sweep_interrupted_commits(&self, _started_before: SystemTime) -> io::Result<usize> {
+        Ok(0)
+    }
+
     /// A URL that lets its holder GET the blob straight from the store for `valid_for`,
     /// where the store can hand one out (an object store's presigned URL); `None` otherwise.
     /// Signing is local: nothing is asked of the store, so the blob may not exist.

@@ -363,6 +363,59 @@ impl S3BlobStore {
     }
 
     /// Copies every part into the multipart upload, several at once; the ETags in order.
+    /// The bucket's unfinished multipart uploads under `prefix`: (key, upload id, started).
+    /// (`ListMultipartUploads`, which rusty-s3 has no action for: signed with its signer.)
+    async fn multipart_uploads(&self, prefix: &str) -> io::Result<Vec<(String, String, SystemTime)>> {
+        let mut out = Vec::new();
+        let mut markers: Option<(String, String)> = None;
+        loop {
+            let mut query: Vec<(&str, &str)> = vec![("prefix", prefix), ("uploads", "")];
+            if let Some((key, id)) = &markers {
+                query.push(("key-marker", key));
+                query.push(("upload-id-marker", id));
+            }
+            query.sort();
+            let url = match &self.credentials {
+                Some(c) => rusty_s3::signing::sign(
+                    &jiff::Timestamp::now(),
+                    rusty_s3::Method::Get,
+                    self.bucket.base_url().clone(),
+                    c.key(),
+                    c.secret(),
+                    c.token(),
+                    self.bucket.region(),
+                    SIGNED_FOR.as_secs(),
+                    query.iter().copied(),
+                    std::iter::empty(),
+                ),
+                None => {
+                    let mut url = self.bucket.base_url().clone();
+                    url.query_pairs_mut().extend_pairs(query.iter().copied());
+                    url
+                }
+            };
+            let r = self.send("ListMultipartUploads", prefix, || self.http.get(url.clone())).await?;
+            if !r.status().is_success() {
+                return Err(Self::refused("ListMultipartUploads", prefix, r).await);
+            }
+            let text = r.text().await.map_err(|e| io::Error::other(e.without_url()))?;
+            for upload in text.split("<Upload>").skip(1) {
+                let (Some(key), Some(id)) = (xml_text(upload, "Key"), xml_text(upload, "UploadId")) else { continue };
+                let started = xml_text(upload, "Initiated")
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .map_or(SystemTime::now(), SystemTime::from);
+                out.push((key, id, started));
+            }
+            if xml_text(&text, "IsTruncated").as_deref() != Some("true") {
+                return Ok(out);
+            }
+            match (xml_text(&text, "NextKeyMarker"), xml_text(&text, "NextUploadIdMarker")) {
+                (Some(key), Some(id)) => markers = Some((key, id)),
+                _ => return Ok(out),
+            }
+        }
+    }
+
     async fn copy_parts(&self, id: &UploadId, parts: usize, target: &str, upload_id: &str) -> io::Result<Vec<String>> {
         futures_util::stream::iter(0..parts)
             .map(|index| self.copy_part(id, index, target, upload_id))
@@ -646,6 +699,23 @@ impl BlobStore for S3BlobStore {
         Ok(self.get_bytes(&key).await?.as_deref().and_then(crate::decode_hash_state))
     }
 
+    async fn sweep_interrupted_commits(&self, started_before: SystemTime) -> io::Result<usize> {
+        let blobs = format!("{}blobs/", self.prefix);
+        let mut aborted = 0;
+        for (key, upload_id, started) in self.multipart_uploads(&blobs).await? {
+            if started < started_before {
+                let url =
+                    self.bucket.abort_multipart_upload(self.credentials.as_ref(), &key, &upload_id).sign(SIGNED_FOR);
+                let r = self.send("AbortMultipartUpload", &key, || self.http.delete(url.clone())).await?;
+                if !r.status().is_success() && r.status() != StatusCode::NOT_FOUND {
+                    return Err(Self::refused("AbortMultipartUpload", &key, r).await);
+                }
+                aborted += 1;
+            }
+        }
+        Ok(aborted)
+    }
+
     fn presigned_get(&self, digest: &Digest, valid_for: Duration) -> Option<String> {
         let key = self.blob_key(digest);
         Some(self.bucket.get_object(self.credentials.as_ref(), &key).sign(valid_for).to_string())
@@ -768,6 +838,30 @@ mod tests {
         assert_eq!(got, [vec![1u8; 100], vec![2u8; 50]].concat());
         store.upload_delete(&id).await.unwrap();
         assert!(store.upload_list().await.unwrap().is_empty(), "every part went with the session");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_commit_cut_off_mid_copy_leaves_a_multipart_upload_that_the_sweep_aborts() {
+        let Some(garage) = Garage::for_test() else { return };
+        let store = store_on(&garage, "cut").await.unwrap();
+        // As a commit does before it copies the parts in: then the process dies.
+        let target = store.blob_key(&Digest::sha256_of(b"never completed"));
+        let url = store.bucket.create_multipart_upload(store.credentials.as_ref(), &target).sign(SIGNED_FOR);
+        assert!(store.http.post(url).send().await.unwrap().status().is_success());
+        assert_eq!(store.multipart_uploads(&format!("{}blobs/", store.prefix)).await.unwrap().len(), 1);
+        let long_ago = SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(store.sweep_interrupted_commits(long_ago).await.unwrap(), 0, "a recent one may be in progress");
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert_eq!(store.sweep_interrupted_commits(later).await.unwrap(), 1);
+        assert!(store.multipart_uploads(&format!("{}blobs/", store.prefix)).await.unwrap().is_empty());
+        // Another prefix's are not this store's.
+        let other = store_on(&garage, "elsewhere").await.unwrap();
+        let url = other
+            .bucket
+            .create_multipart_upload(other.credentials.as_ref(), &other.blob_key(&Digest::sha256_of(b"x")))
+            .sign(SIGNED_FOR);
+        assert!(other.http.post(url).send().await.unwrap().status().is_success());
+        assert_eq!(store.sweep_interrupted_commits(later).await.unwrap(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread")]
