@@ -211,8 +211,9 @@ token = {{ kind = "secure_link_md5", secret = "vendor-key" }}
     std::fs::write(
         &config_file,
         format!(
-            "data = \"{}\"\n[[delivery]]\nprefix = \"base\"\ndeliver = \"cdn\"\ncdn = \"{base_url}\"\n",
-            p(&server.data)
+            "data = \"{}\"\n[[delivery]]\nprefix = \"base\"\ndeliver = \"cdn\"\ncdn = \"{base_url}\"\n{}",
+            p(&server.data),
+            server.storage_tables()
         ),
     )
     .unwrap();

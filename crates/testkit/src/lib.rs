@@ -33,6 +33,7 @@ pub struct Server {
     child: Child,
     _dir: Option<TempDir>,
     config_dir: Option<TempDir>,
+    storage: String,
 }
 
 impl Server {
@@ -46,10 +47,12 @@ impl Server {
         let config_dir = tempfile::Builder::new().prefix("tcf").tempdir()?;
         let config = config_dir.path().join("tessera.toml");
         let unique = config_dir.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
-        std::fs::write(&config, format!("{toml}\n{}", test_storage(&unique, toml)))?;
+        let storage = test_storage(&unique, toml);
+        std::fs::write(&config, format!("{toml}\n{storage}"))?;
         let mut server = Self::start(bin, &["--config", &config.to_string_lossy()])?;
         // Restarts read the file again, so it lives as long as the server.
         server.config_dir = Some(config_dir);
+        server.storage = storage;
         Ok(server)
     }
 
@@ -69,19 +72,28 @@ impl Server {
         let log = dir.path().join("server.log");
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let unique = dir.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let storage = test_storage(&unique, "");
-        if !storage.is_empty() && !extra.iter().any(|a| a == "--config") {
-            let config = dir.path().join("storage.toml");
-            std::fs::write(&config, storage)?;
-            extra.extend(["--config".to_string(), config.to_string_lossy().into_owned()]);
+        let mut storage = String::new();
+        if !extra.iter().any(|a| a == "--config") {
+            storage = test_storage(&unique, "");
+            if !storage.is_empty() {
+                let config = dir.path().join("storage.toml");
+                std::fs::write(&config, &storage)?;
+                extra.extend(["--config".to_string(), config.to_string_lossy().into_owned()]);
+            }
         }
         let (child, addr) = spawn(Path::new(bin), &data, &log, listen, &extra)?;
-        Ok(Server { addr, data, log, bin: bin.into(), extra, child, _dir: Some(dir), config_dir: None })
+        Ok(Server { addr, data, log, bin: bin.into(), extra, child, _dir: Some(dir), config_dir: None, storage })
     }
 
     /// `host:port`, as clients write registry references.
     pub fn host(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// The storage tables `with-engines` gave this server (empty without it), for a
+    /// configuration of the CLI's own that must find the same stores.
+    pub fn storage_tables(&self) -> &str {
+        &self.storage
     }
 
     pub fn url(&self, path: &str) -> String {
