@@ -169,7 +169,8 @@ fn retry_after(headers: &HeaderMap) -> Duration {
     Duration::from_secs(secs.unwrap_or(60).min(3600))
 }
 
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, BuildError> {
+/// TLS for connections this process opens: the system's roots, and those of `ca_file`.
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, BuildError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {

@@ -41,6 +41,9 @@ pub struct Postgres {
     /// several registries; PostgreSQL's default (`public`) when omitted. 1 to 63 lowercase
     /// letters, digits and `_`, not starting with a digit (checked when connecting).
     pub schema: Option<String>,
+    /// PEM certificates to trust besides the system's, for the server's certificate when
+    /// the URL says `sslmode=require`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// An S3-compatible bucket (Garage, MinIO, Ceph RGW, AWS S3).

@@ -197,8 +197,14 @@ impl PostgresMetaStore {
     /// Connects to the database at `url` (a `postgres://` URL or a libpq key=value
     /// string), its tables in `schema` (created if missing; PostgreSQL's default search
     /// path, normally `public`, when `None`), creating or migrating them; refuses tables
-    /// newer than this build's.
-    pub async fn connect(url: &str, schema: Option<&str>) -> StoreResult<PostgresMetaStore> {
+    /// newer than this build's. With `sslmode=require` in `url`, the connection is TLS and
+    /// the server's certificate and name are checked against `tls`'s roots; otherwise it
+    /// is plain.
+    pub async fn connect(
+        url: &str,
+        schema: Option<&str>,
+        tls: Option<rustls::ClientConfig>,
+    ) -> StoreResult<PostgresMetaStore> {
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::Backend(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
         if let Some(schema) = schema {
@@ -211,11 +217,20 @@ impl PostgresMetaStore {
             // Quoted, so that a name that is also an SQL keyword (`user`) is taken as a name.
             config.options(format!("-c search_path=\"{schema}\""));
         }
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match (config.get_ssl_mode(), tls) {
+            (tokio_postgres::config::SslMode::Require, Some(tls)) => {
+                Manager::from_config(config, tokio_postgres_rustls::MakeRustlsConnect::new(tls), recycling)
+            }
+            (tokio_postgres::config::SslMode::Require, None) => {
+                return Err(StoreError::Backend(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "sslmode=require, but no TLS configuration was given",
+                )));
+            }
+            // `prefer` (the default) without TLS offered is plain, as `disable` is.
+            _ => Manager::from_config(config, tokio_postgres::NoTls, recycling),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(Duration::from_secs(30)))
@@ -718,14 +733,14 @@ mod tests {
     async fn the_shared_suite_passes_on_postgres() {
         let Some(pg) = Postgres::for_test() else { return };
         let url = pg.database("suite").unwrap();
-        let store = PostgresMetaStore::connect(&url, None).await.unwrap();
+        let store = PostgresMetaStore::connect(&url, None, None).await.unwrap();
         crate::conformance::meta_store(&store).await;
         // A schema of its own in the same database is a store of its own.
-        let other = PostgresMetaStore::connect(&url, Some("second_registry")).await.unwrap();
+        let other = PostgresMetaStore::connect(&url, Some("second_registry"), None).await.unwrap();
         crate::conformance::meta_store(&other).await;
         // A name that is also a keyword is a name.
-        PostgresMetaStore::connect(&url, Some("user")).await.unwrap();
-        assert!(PostgresMetaStore::connect(&url, Some("1reg")).await.is_err());
+        PostgresMetaStore::connect(&url, Some("user"), None).await.unwrap();
+        assert!(PostgresMetaStore::connect(&url, Some("1reg"), None).await.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -734,19 +749,50 @@ mod tests {
         let url = pg.database("schema").unwrap();
         let repo: RepoName = "a/b".parse().unwrap();
         let d = Digest::sha256_of(b"x");
-        PostgresMetaStore::connect(&url, None).await.unwrap().link_blob(&repo, &d, 1).await.unwrap();
-        let again = PostgresMetaStore::connect(&url, None).await.unwrap();
+        PostgresMetaStore::connect(&url, None, None).await.unwrap().link_blob(&repo, &d, 1).await.unwrap();
+        let again = PostgresMetaStore::connect(&url, None, None).await.unwrap();
         assert_eq!(again.blob_link(&repo, &d).await.unwrap(), Some(1), "kept across connections");
         let client = again.pool.get().await.unwrap();
         client.execute("UPDATE tessera_schema SET version = version + 1", &[]).await.unwrap();
-        let refused = PostgresMetaStore::connect(&url, None).await.err().expect("a newer schema is refused");
+        let refused = PostgresMetaStore::connect(&url, None, None).await.err().expect("a newer schema is refused");
         assert!(refused.to_string().contains("newer than this build"), "{refused}");
+    }
+
+    /// A rustls configuration trusting only the certificates in `pem` (none: nothing).
+    fn trusting(pem: Option<&std::path::Path>) -> rustls::ClientConfig {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(pem) = pem {
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(pem).unwrap() {
+                roots.add(cert.unwrap()).unwrap();
+            }
+        }
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sslmode_require_talks_tls_and_checks_the_servers_certificate() {
+        let Some(bin) = Postgres::binaries() else { return };
+        let pg = Postgres::start_with_tls(&bin).unwrap();
+        let url = format!("{}?sslmode=require", pg.database("tls").unwrap());
+        let store = PostgresMetaStore::connect(&url, None, Some(trusting(pg.certificate()))).await.unwrap();
+        let client = store.pool.get().await.unwrap();
+        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap();
+        assert!(row.get::<_, bool>(0), "the connection is TLS");
+        crate::conformance::meta_store(&store).await;
+        let untrusted = PostgresMetaStore::connect(&url, None, Some(trusting(None))).await;
+        assert!(untrusted.is_err(), "a certificate nobody vouches for is refused");
+        assert!(PostgresMetaStore::connect(&url, None, None).await.is_err(), "require without TLS is an error");
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_database_that_went_away_is_unreachable_then_serves_again() {
         let Some(pg) = Postgres::for_test() else { return };
-        let store = PostgresMetaStore::connect(&pg.database("away").unwrap(), None).await.unwrap();
+        let store = PostgresMetaStore::connect(&pg.database("away").unwrap(), None, None).await.unwrap();
         let repo: RepoName = "a/b".parse().unwrap();
         let d = Digest::sha256_of(b"x");
         store.link_blob(&repo, &d, 1).await.unwrap();

@@ -121,7 +121,8 @@ async fn open_postgres(pg: &tessera_config::Postgres) -> anyhow::Result<Postgres
         (None, None) => anyhow::bail!("[storage.postgres] needs url or url_file"),
     };
     // The URL may hold a password: messages name the server only.
-    PostgresMetaStore::connect(&url, pg.schema.as_deref())
+    let tls = tessera_client::upstream::tls_config(pg.ca_file.as_deref())?;
+    PostgresMetaStore::connect(&url, pg.schema.as_deref(), Some(tls))
         .await
         .with_context(|| format!("cannot open the metadata database {}", PostgresMetaStore::server_of(&url)))
 }

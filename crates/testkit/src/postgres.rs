@@ -18,6 +18,8 @@ pub struct Postgres {
     data: PathBuf,
     pub port: u16,
     as_postgres: bool,
+    /// The server's self-signed certificate, when it serves TLS.
+    certificate: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -48,7 +50,23 @@ impl Postgres {
     }
 
     pub fn start(bin: &Path) -> Result<Postgres> {
+        Postgres::start_with(bin, false)
+    }
+
+    /// A cluster that also serves TLS, with a self-signed certificate for `127.0.0.1`
+    /// ([`Postgres::certificate`]).
+    pub fn start_with_tls(bin: &Path) -> Result<Postgres> {
+        Postgres::start_with(bin, true)
+    }
+
+    /// The PEM certificate of the authority that issued a TLS cluster's certificate.
+    pub fn certificate(&self) -> Option<&Path> {
+        self.certificate.as_deref()
+    }
+
+    fn start_with(bin: &Path, tls: bool) -> Result<Postgres> {
         let dir = crate::tempdir()?;
+        let certificate = if tls { Some(make_certificates(dir.path())?) } else { None };
         let as_postgres = running_as_root();
         let data = dir.path().join("data");
         if as_postgres {
@@ -57,7 +75,7 @@ impl Postgres {
             run(Command::new("chmod").arg("755").arg(dir.path()))?;
         }
         let port = free_port()?;
-        let pg = Postgres { bin: bin.to_path_buf(), data, port, as_postgres, _dir: dir };
+        let pg = Postgres { bin: bin.to_path_buf(), data, port, as_postgres, certificate, _dir: dir };
         pg.run_as(Command::new(pg.bin.join("initdb")).arg("-D").arg(&pg.data).args([
             "-A",
             "trust",
@@ -112,11 +130,19 @@ impl Postgres {
 
     /// Starts the server (again, after [`Postgres::stop`]) on its port.
     pub fn restart(&self) -> Result<()> {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
             self.port,
             self.socket_dir().display()
         );
+        if let Some(ca) = &self.certificate {
+            let (cert, key) = (ca.with_file_name("server.crt"), ca.with_file_name("server.key"));
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+        }
         let log = self.socket_dir().join("postgres.log");
         self.run_as(
             Command::new(self.bin.join("pg_ctl"))
@@ -133,6 +159,61 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// A test authority (`ca.crt`) and the server certificate it issued for 127.0.0.1
+/// (`server.crt`, `server.key`) in `dir`; returns the authority's certificate.
+fn make_certificates(dir: &Path) -> Result<PathBuf> {
+    let at = |name: &str| dir.join(name);
+    let openssl = |args: &[&str]| run(Command::new("openssl").current_dir(dir).args(args));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tessera test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ])?;
+    std::fs::write(at("server.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.crt",
+    ])?;
+    // PostgreSQL refuses a key others may read.
+    run(Command::new("chmod").arg("600").arg(at("server.key")))?;
+    Ok(at("ca.crt"))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
