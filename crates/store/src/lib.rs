@@ -265,6 +265,27 @@ pub struct Page {
     pub more: bool,
 }
 
+/// The first `limit` of `items` (one more was asked for), and whether more follow.
+fn page(mut items: Vec<String>, limit: usize) -> Page {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    Page { items, more }
+}
+
+/// Seconds since the epoch, as the metadata stores keep creation times.
+fn now() -> i64 {
+    millis(SystemTime::now()) / 1000
+}
+
+/// Milliseconds since the epoch, as the metadata stores keep link, hold and check times.
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    millis(SystemTime::now())
+}
+
 /// Metadata: repositories, blob links, manifests, tags, referrers and upload records.
 ///
 /// Contract: every write is one transaction; readers never see half of one. A blob is

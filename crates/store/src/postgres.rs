@@ -17,7 +17,7 @@ use tessera_spec::{Digest, RepoName, Tag};
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 
-use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId};
+use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId, millis, now, now_ms, page};
 
 /// The schema, one step per version; the version is kept in `tessera_schema`.
 const MIGRATIONS: &[&str] = &[r#"
@@ -110,18 +110,6 @@ pub fn is_schema_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
-fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-fn now_ms() -> i64 {
-    millis(SystemTime::now())
-}
-
 fn stored_digest(s: String) -> StoreResult<Digest> {
     s.parse().map_err(|_| StoreError::Backend(io::Error::other(format!("a stored digest is not one: {s:?}"))))
 }
@@ -137,12 +125,6 @@ fn manifest_row(r: &Row) -> StoreResult<ManifestRecord> {
         blobs: Vec::new(),
         children: Vec::new(),
     })
-}
-
-fn page(mut items: Vec<String>, limit: usize) -> Page {
-    let more = items.len() > limit;
-    items.truncate(limit);
-    Page { items, more }
 }
 
 const MANIFEST_COLUMNS: &str = "m.digest, m.media_type, m.bytes, m.subject, m.artifact_type, m.annotations";

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Arc;
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId};
+use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId, millis, now, now_ms, page};
 
 /// Schema version kept in `PRAGMA user_version`; each step of `MIGRATIONS` raises it by one.
 const MIGRATIONS: &[&str] = &[
@@ -143,18 +143,6 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
-fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-fn now_ms() -> i64 {
-    millis(SystemTime::now())
-}
-
 /// (repository id, digest) rows as (repository name, digest), read in the same transaction.
 fn named(conn: &Connection, rows: Vec<(i64, String)>) -> rusqlite::Result<Vec<(RepoName, Digest)>> {
     let mut name = conn.prepare_cached("SELECT name FROM repos WHERE id = ?1")?;
@@ -216,12 +204,6 @@ fn manifest_row(r: &rusqlite::Row) -> rusqlite::Result<ManifestRecord> {
         blobs: Vec::new(),
         children: Vec::new(),
     })
-}
-
-fn page(mut items: Vec<String>, limit: usize) -> Page {
-    let more = items.len() > limit;
-    items.truncate(limit);
-    Page { items, more }
 }
 
 impl SqliteMetaStore {
@@ -564,7 +546,7 @@ impl MetaStore for SqliteMetaStore {
 
     async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> StoreResult<()> {
         let (repo, tag) = (repo.to_string(), tag.to_string());
-        let ms = at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let ms = millis(at);
         self.write(move |tx| {
             let Some(id) = repo_id(tx, &repo)? else { return Ok(()) };
             tx.prepare_cached("UPDATE tags SET checked_ms = ?3 WHERE repo = ?1 AND tag = ?2")?
