@@ -44,6 +44,15 @@ pub struct Postgres {
     /// PEM certificates to trust besides the system's, for the server's certificate when
     /// the URL says `sslmode=require`.
     pub ca_file: Option<PathBuf>,
+    /// Nodes sharing the database hear of each other's changes at once (`LISTEN`/`NOTIFY`);
+    /// each also reads the change counter this often, so no cached answer outlives a
+    /// change by more than this even when news is lost.
+    #[serde(default = "default_changes_poll_ms")]
+    pub changes_poll_ms: u64,
+}
+
+fn default_changes_poll_ms() -> u64 {
+    1000
 }
 
 /// An S3-compatible bucket (Garage, MinIO, Ceph RGW, AWS S3).

@@ -77,7 +77,8 @@ impl Federation {
                         .map_err(|source| FederationError::Upstream { name: u.name.clone(), source })?;
                     let cache_error = |source| FederationError::Cache { name: u.name.clone(), source };
                     let (meta, blobs) = open_cache(&u.name).map_err(cache_error)?;
-                    let cache = PullThrough::open(Arc::new(upstream), meta, blobs, previous.is_none())
+                    let cluster = hosted.cluster().cloned();
+                    let cache = PullThrough::open(Arc::new(upstream), meta, blobs, previous.is_none(), cluster)
                         .await
                         .map_err(cache_error)?;
                     Arc::new(cache)

@@ -24,6 +24,9 @@ pub struct Metrics {
 impl Metrics {
     /// Counts a finished garbage collection pass.
     pub fn collected(&self, done: &tessera_registry::gc::Collected) {
+        if done.elsewhere {
+            return;
+        }
         self.gc_passes.fetch_add(1, Ordering::Relaxed);
         self.gc_manifests_deleted.fetch_add(done.manifests_deleted, Ordering::Relaxed);
         self.gc_links_removed.fetch_add(done.links_removed, Ordering::Relaxed);
@@ -37,7 +40,7 @@ impl Metrics {
     }
 
     /// The exposition text for these counters and `federation`'s caches.
-    pub(crate) fn render(&self, federation: &Federation) -> String {
+    pub(crate) fn render(&self, federation: &Federation, metadata_queries: Option<u64>) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP tessera_http_requests_total Requests answered, by status class.");
         let _ = writeln!(out, "# TYPE tessera_http_requests_total counter");
@@ -108,6 +111,12 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+        }
+        if let Some(queries) = metadata_queries {
+            let name = "tessera_metadata_queries_total";
+            let _ = writeln!(out, "# HELP {name} Statements and transactions sent to the metadata database.");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {queries}");
         }
         out
     }

@@ -34,9 +34,28 @@ pub struct Collect {
     pub dry_run: bool,
 }
 
+/// The cluster lock a collection pass holds: one node collects at a time.
+const GC_LOCK: &str = "gc";
+
 impl Registry {
-    /// One collection pass.
+    /// One collection pass; in a cluster, none while another node runs one.
     pub async fn collect_garbage(&self, how: &Collect) -> StoreResult<Collected> {
+        let Some(_lease) = self.gc_lease().await? else {
+            return Ok(Collected { elsewhere: true, ..Default::default() });
+        };
+        self.collect_garbage_now(how).await
+    }
+
+    /// The cluster's collection lock: `Some` when taken (or outside a cluster), `None` while
+    /// another node holds it.
+    async fn gc_lease(&self) -> StoreResult<Option<Option<tessera_store::ClusterGuard>>> {
+        match &self.cluster {
+            None => Ok(Some(None)),
+            Some(cluster) => Ok(cluster.try_lock(GC_LOCK).await?.map(Some)),
+        }
+    }
+
+    async fn collect_garbage_now(&self, how: &Collect) -> StoreResult<Collected> {
         let cutoff = SystemTime::now() - how.grace;
         let mut done = Collected::default();
         if how.untagged {
@@ -72,6 +91,8 @@ impl Registry {
     /// Finishes what an interrupted pass doomed (its blobs cannot be held meanwhile).
     /// Run at start-up.
     pub async fn finish_interrupted_collection(&self) -> StoreResult<u64> {
+        // A node collecting now finishes them itself.
+        let Some(_lease) = self.gc_lease().await? else { return Ok(0) };
         // Dooms nothing new: only the leftovers are returned.
         let doomed = self.meta.doom_unlinked(SystemTime::UNIX_EPOCH, &[], 0).await?;
         let mut done = Collected::default();

@@ -15,7 +15,7 @@ use tessera_spec::manifest::{ManifestKind, media};
 use tessera_spec::{
     Accept, ByteRange, Digest, ErrorCode, OciError, Paging, ParsedManifest, RangeRequest, Reference, RepoName,
 };
-use tessera_store::{BlobRead, BlobStore, ManifestRecord, MetaStore, Page, StoreError, UploadId};
+use tessera_store::{BlobRead, BlobStore, ClusterLocks, ManifestRecord, MetaStore, Page, StoreError, UploadId};
 
 use uploads::UploadState;
 
@@ -43,6 +43,9 @@ pub struct Registry {
     settings: Settings,
     /// Per upload session: a lock serialising its requests, holding the running hash.
     sessions: Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<Option<UploadState>>>>>,
+    /// With other nodes on the same stores: the locks they respect too (upload sessions,
+    /// garbage collection).
+    cluster: Option<Arc<dyn ClusterLocks>>,
 }
 
 /// A blob ready to send: the part to send (if ranged) and the bytes.
@@ -139,7 +142,34 @@ fn deletes_disabled() -> OciError {
 
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, settings: Settings) -> Self {
-        Registry { blobs, meta, settings, sessions: Mutex::new(HashMap::new()) }
+        Registry { blobs, meta, settings, sessions: Mutex::new(HashMap::new()), cluster: None }
+    }
+
+    /// The registry as one node of a cluster: requests of an upload session, and garbage
+    /// collection passes, are serialised across every node through `locks`.
+    pub fn in_cluster(mut self, locks: Arc<dyn ClusterLocks>) -> Self {
+        self.cluster = Some(locks);
+        self
+    }
+
+    /// Whether both stores answer now (for a load balancer's readiness probe): `Err` names
+    /// the one that does not.
+    pub async fn check_stores(&self) -> Result<(), String> {
+        let absent = Digest::sha256_of(b"");
+        let (meta, blobs) = tokio::join!(self.meta.catalog(None, 1), self.blobs.stat(&absent));
+        meta.map_err(|e| format!("metadata store: {e}"))?;
+        blobs.map_err(|e| format!("blob store: {e}"))?;
+        Ok(())
+    }
+
+    /// The locks of the cluster this node is one of, if any.
+    pub fn cluster(&self) -> Option<&Arc<dyn ClusterLocks>> {
+        self.cluster.as_ref()
+    }
+
+    /// Statements and transactions sent to the metadata database so far, if it is a server.
+    pub fn metadata_queries(&self) -> Option<u64> {
+        self.meta.queries_sent()
     }
 
     pub fn settings(&self) -> &Settings {

@@ -1,9 +1,12 @@
 //! Upload sessions: POST/PATCH/PUT/GET/DELETE on `/blobs/uploads/`. Bytes are hashed while
 //! they stream to the store; the digest is checked before the blob becomes visible.
 //!
-//! The running hash lives in memory beside the session lock. After a restart (or on a node
-//! that did not see the earlier chunks) it is rebuilt by reading the session's bytes back,
-//! so a session is fully described by what the stores hold: its record and its bytes.
+//! The running hash lives in memory beside the session lock, and is saved to the blob store
+//! after every chunk. After a restart, or on another node of a cluster, it is restored
+//! from there (or, lacking that, rebuilt by reading the session's bytes back), so a session
+//! is fully described by what the shared stores hold. In a cluster, a session's requests
+//! are serialised across nodes by a cluster lock, which a node that dies releases with its
+//! connection to the database.
 
 use std::io;
 use std::sync::Arc;
@@ -13,11 +16,33 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde_json::json;
 use tessera_spec::{Algorithm, ByteRange, Digest, Digester, ErrorCode, OciError, RepoName};
-use tessera_store::{AppendError, ByteStream, StoreResult, UploadId};
+use tessera_store::{AppendError, ByteStream, ClusterGuard, StoreResult, UploadId, lock_within};
 
 use crate::{Registry, UploadStart, store_failure};
 
-type SessionGuard = tokio::sync::OwnedMutexGuard<Option<UploadState>>;
+/// One request's hold of a session: this node's lock (with the running hash) and, in a
+/// cluster, the cluster's.
+struct SessionGuard {
+    state: tokio::sync::OwnedMutexGuard<Option<UploadState>>,
+    _cluster: Option<ClusterGuard>,
+}
+
+impl std::ops::Deref for SessionGuard {
+    type Target = Option<UploadState>;
+    fn deref(&self) -> &Self::Target {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for SessionGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.state
+    }
+}
+
+/// How long a request waits for another request of its session running on another node (a
+/// client retrying a chunk whose first try is still streaming there).
+const SESSION_WAIT: Duration = Duration::from_secs(30);
 
 /// The hash of a session's first `offset` bytes.
 pub struct UploadState {
@@ -50,10 +75,25 @@ impl Registry {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
+    /// Takes the session's cluster lock, if this node is one of a cluster; `None` outside one.
+    async fn cluster_session_lock(&self, id: &UploadId, wait: Duration) -> Result<Option<ClusterGuard>, OciError> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        match lock_within(cluster.as_ref(), &format!("upload/{id}"), wait).await {
+            Ok(Some(guard)) => Ok(Some(guard)),
+            Ok(None) => Err(OciError::new(
+                ErrorCode::Unavailable,
+                "another request of this upload is still running on another node; ask for its offset and retry",
+            )
+            .with_header("retry-after", "1")),
+            Err(e) => Err(store_failure("upload lock", e)),
+        }
+    }
+
     /// Locks the session `id` of `repo` for one request and returns its size. An id that
     /// names no session leaves no lock entry behind, so probing random ids costs no memory.
     async fn open_session(&self, repo: &RepoName, id: &UploadId) -> Result<(SessionGuard, u64), OciError> {
-        let guard = self.session_lock(id).lock_owned().await;
+        let state = self.session_lock(id).lock_owned().await;
+        let guard = SessionGuard { state, _cluster: self.cluster_session_lock(id, SESSION_WAIT).await? };
         let owner = self.meta.upload_repo(id).await.map_err(|e| store_failure("upload lookup", e))?;
         let size = match &owner {
             Some(owner) if owner == repo => {
@@ -320,21 +360,32 @@ impl Registry {
     pub async fn sweep_uploads(&self, expiry: Duration, orphan_after: Duration, dry_run: bool) -> StoreResult<usize> {
         let mut removed = 0;
         let now = SystemTime::now();
-        for (id, modified) in self.blobs.upload_list().await? {
-            let age = now.duration_since(modified).unwrap_or_default();
-            let orphan = age >= orphan_after && self.meta.upload_repo(&id).await?.is_none();
+        let listed = self.blobs.upload_list().await?;
+        for (id, modified) in &listed {
+            let age = now.duration_since(*modified).unwrap_or_default();
+            let orphan = age >= orphan_after && self.meta.upload_repo(id).await?.is_none();
             let stale = age > expiry;
             if orphan || stale {
                 if !dry_run {
                     // Under the session's lock, so no request of it is half done; and its
                     // lock and hash state go with it, or abandoned sessions would pile up.
-                    let _guard = self.session_lock(&id).lock_owned().await;
-                    self.blobs.upload_delete(&id).await?;
-                    self.meta.delete_upload(&id).await?;
-                    self.forget_session(&id);
+                    let _guard = self.session_lock(id).lock_owned().await;
+                    // A session a request on another node is writing to right now is not
+                    // abandoned after all.
+                    let Ok(_cluster) = self.cluster_session_lock(id, Duration::ZERO).await else { continue };
+                    self.blobs.upload_delete(id).await?;
+                    self.meta.delete_upload(id).await?;
+                    self.forget_session(id);
                 }
                 removed += 1;
             }
+        }
+        // Sessions this node served that another node finished or cancelled: their lock and
+        // hash state stay here otherwise, as nothing asks for them again.
+        if !dry_run {
+            let listed: std::collections::HashSet<&UploadId> = listed.iter().map(|(id, _)| id).collect();
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.retain(|id, lock| listed.contains(id) || Arc::strong_count(lock) > 1);
         }
         // A commit cut off between starting and completing an object store's multipart
         // copy leaves its parts there: gone with the sessions that expire at the same age.

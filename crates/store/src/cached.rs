@@ -5,7 +5,8 @@
 //! A lookup that misses reads the inner store and fills the cache only if no write happened
 //! meanwhile (a generation counter, checked and bumped under one lock), so a slow reader
 //! can never put back a value a concurrent write just replaced. The cache is per process:
-//! with several nodes on one shared MetaStore, this wrapper must not be used as is.
+//! with several nodes on one shared MetaStore, each node's wrapper must [hear](CachedMetaStore::hear)
+//! the others' changes (see [`crate::cluster`]).
 
 use std::sync::Mutex;
 
@@ -14,7 +15,7 @@ use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{ManifestRecord, MetaStore, Page, StoreResult, UploadId};
+use crate::{ChangeNews, Changed, ManifestRecord, MetaStore, Page, StoreResult, UploadId};
 
 /// Rough fixed cost of an entry beyond its payload (keys, node overhead).
 const ENTRY_OVERHEAD: u64 = 256;
@@ -54,6 +55,11 @@ impl<M: MetaStore> CachedMetaStore<M> {
         }
     }
 
+    /// The wrapped store.
+    pub fn inner(&self) -> &M {
+        &self.inner
+    }
+
     fn generation(&self) -> u64 {
         *self.generation.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -74,6 +80,35 @@ impl<M: MetaStore> CachedMetaStore<M> {
         let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
         *generation += 1;
         f();
+    }
+
+    /// Forgets what changes made elsewhere (another node on the same store) made stale.
+    pub fn hear(&self, news: ChangeNews) {
+        self.invalidate(|| match news {
+            ChangeNews::Keys(keys) => {
+                for key in keys {
+                    match key {
+                        Changed::Tag(repo, tag) => {
+                            self.tags.remove(&(repo, tag));
+                        }
+                        Changed::Manifest(repo, digest) => {
+                            self.manifests.remove(&(repo, digest));
+                        }
+                        Changed::Link(repo, digest) => {
+                            let key = (repo, digest);
+                            self.links.remove(&key);
+                            self.urls.remove(&key);
+                        }
+                    }
+                }
+            }
+            ChangeNews::Unknown => {
+                self.manifests.clear();
+                self.tags.clear();
+                self.links.clear();
+                self.urls.clear();
+            }
+        });
     }
 }
 
@@ -261,6 +296,10 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
 
     async fn forget_doomed(&self, digests: &[Digest]) -> StoreResult<()> {
         self.inner.forget_doomed(digests).await
+    }
+
+    fn queries_sent(&self) -> Option<u64> {
+        self.inner.queries_sent()
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod blob_cache;
 pub mod cached;
+pub mod cluster;
 pub mod conformance;
 pub mod fs;
 pub mod postgres;
@@ -26,6 +27,7 @@ use tessera_spec::{Digest, RepoName, Tag};
 
 pub use blob_cache::CachedBlobStore;
 pub use cached::CachedMetaStore;
+pub use cluster::{ChangeNews, Changed, ClusterGuard, ClusterLocks, PostgresCluster, lock_within};
 pub use fs::FsBlobStore;
 pub use postgres::PostgresMetaStore;
 pub use s3::{S3BlobStore, S3Settings};
@@ -256,6 +258,8 @@ pub struct Collected {
     pub bytes_freed: u64,
     /// Upload sessions left idle past their expiry.
     pub uploads_removed: u64,
+    /// Another node of the cluster was collecting: this pass did nothing.
+    pub elsewhere: bool,
 }
 
 /// One page of a listing, and whether more follows it.
@@ -361,4 +365,10 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn doom_unlinked(&self, cutoff: SystemTime, stored: &[Digest], limit: usize) -> StoreResult<Vec<Digest>>;
     /// Ends the doom of blobs whose bytes are gone.
     async fn forget_doomed(&self, digests: &[Digest]) -> StoreResult<()>;
+
+    /// Statements and transactions sent to a database server so far, for a store that
+    /// talks to one (what a request costs the shared database).
+    fn queries_sent(&self) -> Option<u64> {
+        None
+    }
 }

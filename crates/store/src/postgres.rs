@@ -8,6 +8,8 @@
 //! Reads take no lock and see committed transactions whole.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -17,10 +19,12 @@ use tessera_spec::{Digest, RepoName, Tag};
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 
+use crate::cluster::{ChangeNews, Changed, Connect, PostgresCluster, encode_news};
 use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId, millis, now, now_ms, page};
 
 /// The schema, one step per version; the version is kept in `tessera_schema`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE repos (id BIGSERIAL PRIMARY KEY, name TEXT COLLATE "C" NOT NULL UNIQUE);
 CREATE TABLE blobs (digest TEXT PRIMARY KEY, size BIGINT NOT NULL, held_ms BIGINT NOT NULL DEFAULT 0);
 CREATE TABLE blob_links (
@@ -69,7 +73,12 @@ CREATE TABLE manifest_children (
 );
 CREATE INDEX manifest_children_by_parent ON manifest_children(parent);
 CREATE TABLE blobs_doomed (digest TEXT PRIMARY KEY);
-"#];
+"#,
+    r#"
+CREATE TABLE changes (counter BIGINT NOT NULL);
+INSERT INTO changes(counter) VALUES (0);
+"#,
+];
 
 /// Advisory lock keys (arbitrary, fixed): one for migrations, one taken by every write.
 const MIGRATION_LOCK: i64 = 0x7465_7373_0001;
@@ -79,9 +88,17 @@ const POOL_SIZE: usize = 16;
 
 pub struct PostgresMetaStore {
     pool: Pool,
+    /// A new connection of its own, outside the pool, for cluster coordination.
+    connect: Connect,
+    /// Where this store's change news is sent (see [`crate::cluster`]).
+    channel: String,
+    /// The schema, or "" for the default: what tells this registry's locks from others'.
+    namespace: String,
+    /// Statements and transactions sent to the server (see [`MetaStore::queries_sent`]).
+    queries: AtomicU64,
 }
 
-fn db_err(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn db_err(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(code) if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY => {
             StoreError::Full(io::Error::new(io::ErrorKind::StorageFull, e))
@@ -149,6 +166,17 @@ async fn doomed(tx: &Transaction<'_>, digest: &str) -> StoreResult<bool> {
     Ok(tx.query_opt(&statement, &[&digest]).await.map_err(db_err)?.is_some())
 }
 
+/// Tells every node of the cluster, when `tx` commits, that `changes` were made.
+async fn announce(tx: &Transaction<'_>, channel: &str, changes: &[Changed]) -> StoreResult<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let counter: i64 =
+        tx.query_one("UPDATE changes SET counter = counter + 1 RETURNING counter", &[]).await.map_err(db_err)?.get(0);
+    tx.execute("SELECT pg_notify($1, $2)", &[&channel, &encode_news(counter, changes)]).await.map_err(db_err)?;
+    Ok(())
+}
+
 async fn named(tx: &Transaction<'_>, rows: Vec<(i64, String)>) -> StoreResult<Vec<(RepoName, Digest)>> {
     let statement = tx.prepare_cached("SELECT name FROM repos WHERE id = $1").await.map_err(db_err)?;
     let mut out = Vec::with_capacity(rows.len());
@@ -166,6 +194,7 @@ async fn named(tx: &Transaction<'_>, rows: Vec<(i64, String)>) -> StoreResult<Ve
 /// first, commit at the end, rollback (by drop) on any error.
 macro_rules! write {
     ($self:ident, $tx:ident, $body:block) => {{
+        $self.queries.fetch_add(1, Ordering::Relaxed);
         let mut client = $self.pool.get().await.map_err(pool_err)?;
         let $tx = client.transaction().await.map_err(db_err)?;
         $tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK]).await.map_err(db_err)?;
@@ -200,9 +229,18 @@ impl PostgresMetaStore {
             config.options(format!("-c search_path=\"{schema}\""));
         }
         let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
-        let manager = match (config.get_ssl_mode(), tls) {
+        let (manager, connect) = match (config.get_ssl_mode(), tls) {
             (tokio_postgres::config::SslMode::Require, Some(tls)) => {
-                Manager::from_config(config, tokio_postgres_rustls::MakeRustlsConnect::new(tls), recycling)
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+                let (own, connector) = (config.clone(), tls.clone());
+                let connect: Connect = Arc::new(move || {
+                    let (config, connector) = (own.clone(), connector.clone());
+                    Box::pin(async move {
+                        let (client, connection) = config.connect(connector).await?;
+                        Ok((client, crate::cluster::drive(connection)))
+                    })
+                });
+                (Manager::from_config(config, tls, recycling), connect)
             }
             (tokio_postgres::config::SslMode::Require, None) => {
                 return Err(StoreError::Backend(io::Error::new(
@@ -211,7 +249,17 @@ impl PostgresMetaStore {
                 )));
             }
             // `prefer` (the default) without TLS offered is plain, as `disable` is.
-            _ => Manager::from_config(config, tokio_postgres::NoTls, recycling),
+            _ => {
+                let plain = config.clone();
+                let connect: Connect = Arc::new(move || {
+                    let config = plain.clone();
+                    Box::pin(async move {
+                        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                        Ok((client, crate::cluster::drive(connection)))
+                    })
+                });
+                (Manager::from_config(config, tokio_postgres::NoTls, recycling), connect)
+            }
         };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -220,9 +268,24 @@ impl PostgresMetaStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Backend(io::Error::other(e)))?;
-        let store = PostgresMetaStore { pool };
+        let namespace = schema.unwrap_or("").to_string();
+        // A channel is database-wide, while tables are per schema; the hash keeps the name
+        // short whatever the schema's length.
+        let channel = format!("tessera_changes_{}", &Digest::sha256_of(namespace.as_bytes()).hex()[..16]);
+        let store = PostgresMetaStore { pool, connect, channel, namespace, queries: AtomicU64::new(0) };
         store.migrate(schema).await?;
         Ok(store)
+    }
+
+    /// Starts this node's coordination with the others sharing the database: the locks
+    /// they all respect, and news of their changes for `on_news`, which hears of every
+    /// change within `poll` even when a notification is lost.
+    pub async fn join_cluster(
+        &self,
+        poll: Duration,
+        on_news: Arc<dyn Fn(ChangeNews) + Send + Sync>,
+    ) -> StoreResult<Arc<PostgresCluster>> {
+        PostgresCluster::start(self.connect.clone(), self.channel.clone(), self.namespace.clone(), poll, on_news).await
     }
 
     /// The server and database `url` names, without user or password, for messages.
@@ -274,6 +337,7 @@ impl PostgresMetaStore {
 
     /// Runs one read on a pooled connection.
     async fn query(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> StoreResult<Vec<Row>> {
+        self.queries.fetch_add(1, Ordering::Relaxed);
         let client = self.pool.get().await.map_err(pool_err)?;
         let statement = client.prepare_cached(sql).await.map_err(db_err)?;
         client.query(&statement, params).await.map_err(db_err)
@@ -305,6 +369,7 @@ impl MetaStore for PostgresMetaStore {
     }
 
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> StoreResult<()> {
+        let changed = [Changed::Link(repo.clone(), digest.clone())];
         let digest = digest.to_string();
         write!(self, tx, {
             if doomed(&tx, &digest).await? {
@@ -328,11 +393,12 @@ impl MetaStore for PostgresMetaStore {
             )
             .await
             .map_err(db_err)?;
-            Ok::<_, StoreError>(())
+            announce(&tx, &self.channel, &changed).await
         })
     }
 
     async fn link_external(&self, repo: &RepoName, digest: &Digest, size: u64, urls: &[String]) -> StoreResult<()> {
+        let changed = [Changed::Link(repo.clone(), digest.clone())];
         let digest = digest.to_string();
         let urls = serde_json::to_string(urls).map_err(io::Error::other)?;
         let mismatch: Option<i64> = write!(self, tx, {
@@ -369,6 +435,7 @@ impl MetaStore for PostgresMetaStore {
             )
             .await
             .map_err(db_err)?;
+            announce(&tx, &self.channel, &changed).await?;
             Ok::<_, StoreError>(None)
         })?;
         match mismatch {
@@ -391,6 +458,7 @@ impl MetaStore for PostgresMetaStore {
     }
 
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> StoreResult<bool> {
+        let changed = [Changed::Link(repo.clone(), digest.clone())];
         let digest = digest.to_string();
         write!(self, tx, {
             let Some(id) = repo_id(&tx, repo.as_str()).await? else { return Ok(false) };
@@ -398,6 +466,9 @@ impl MetaStore for PostgresMetaStore {
                 .execute("DELETE FROM blob_links WHERE repo = $1 AND digest = $2", &[&id, &digest])
                 .await
                 .map_err(db_err)?;
+            if n > 0 {
+                announce(&tx, &self.channel, &changed).await?;
+            }
             Ok::<_, StoreError>(n > 0)
         })
     }
@@ -461,6 +532,7 @@ impl MetaStore for PostgresMetaStore {
                 )
                 .await
                 .map_err(db_err)?;
+                announce(&tx, &self.channel, &[Changed::Tag(repo.clone(), tag.clone())]).await?;
             }
             Ok::<_, StoreError>(())
         })
@@ -490,6 +562,7 @@ impl MetaStore for PostgresMetaStore {
     }
 
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<Vec<Tag>>> {
+        let manifest = Changed::Manifest(repo.clone(), digest.clone());
         let digest = digest.to_string();
         write!(self, tx, {
             let Some(id) = repo_id(&tx, repo.as_str()).await? else { return Ok(None) };
@@ -504,7 +577,11 @@ impl MetaStore for PostgresMetaStore {
                 .query("DELETE FROM tags WHERE repo = $1 AND digest = $2 RETURNING tag", &[&id, &digest])
                 .await
                 .map_err(db_err)?;
-            Ok::<_, StoreError>(Some(tags.iter().filter_map(|r| r.get::<_, String>(0).parse().ok()).collect()))
+            let tags: Vec<Tag> = tags.iter().filter_map(|r| r.get::<_, String>(0).parse().ok()).collect();
+            let changed: Vec<Changed> =
+                std::iter::once(manifest).chain(tags.iter().map(|t| Changed::Tag(repo.clone(), t.clone()))).collect();
+            announce(&tx, &self.channel, &changed).await?;
+            Ok::<_, StoreError>(Some(tags))
         })
     }
 
@@ -515,6 +592,9 @@ impl MetaStore for PostgresMetaStore {
                 .execute("DELETE FROM tags WHERE repo = $1 AND tag = $2", &[&id, &tag.as_str()])
                 .await
                 .map_err(db_err)?;
+            if n > 0 {
+                announce(&tx, &self.channel, &[Changed::Tag(repo.clone(), tag.clone())]).await?;
+            }
             Ok::<_, StoreError>(n > 0)
         })
     }
@@ -642,7 +722,10 @@ impl MetaStore for PostgresMetaStore {
                 }
                 deleted.extend(round.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1))));
             }
-            named(&tx, deleted).await
+            let deleted = named(&tx, deleted).await?;
+            let changed: Vec<Changed> = deleted.iter().map(|(r, d)| Changed::Manifest(r.clone(), d.clone())).collect();
+            announce(&tx, &self.channel, &changed).await?;
+            Ok::<_, StoreError>(deleted)
         })
     }
 
@@ -658,7 +741,10 @@ impl MetaStore for PostgresMetaStore {
                 )
                 .await
                 .map_err(db_err)?;
-            named(&tx, removed.iter().map(|r| (r.get(0), r.get(1))).collect()).await
+            let removed = named(&tx, removed.iter().map(|r| (r.get(0), r.get(1))).collect()).await?;
+            let changed: Vec<Changed> = removed.iter().map(|(r, d)| Changed::Link(r.clone(), d.clone())).collect();
+            announce(&tx, &self.channel, &changed).await?;
+            Ok::<_, StoreError>(removed)
         })
     }
 
@@ -704,11 +790,16 @@ impl MetaStore for PostgresMetaStore {
             Ok::<_, StoreError>(())
         })
     }
+
+    fn queries_sent(&self) -> Option<u64> {
+        Some(self.queries.load(Ordering::Relaxed))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::ClusterLocks;
     use tessera_testkit::postgres::Postgres;
 
     #[tokio::test(flavor = "multi_thread")]
@@ -738,6 +829,149 @@ mod tests {
         client.execute("UPDATE tessera_schema SET version = version + 1", &[]).await.unwrap();
         let refused = PostgresMetaStore::connect(&url, None, None).await.err().expect("a newer schema is refused");
         assert!(refused.to_string().contains("newer than this build"), "{refused}");
+    }
+
+    /// A node: its cached store over `url`, hearing the others' changes, and its locks.
+    async fn node(url: &str, poll: Duration) -> (Arc<crate::CachedMetaStore<PostgresMetaStore>>, Arc<PostgresCluster>) {
+        let meta = Arc::new(crate::CachedMetaStore::new(
+            PostgresMetaStore::connect(url, Some("cluster"), None).await.unwrap(),
+            1 << 20,
+        ));
+        let hearing = Arc::downgrade(&meta);
+        let on_news = Arc::new(move |news| {
+            if let Some(m) = hearing.upgrade() {
+                m.hear(news)
+            }
+        });
+        let cluster = meta.inner().join_cluster(poll, on_news).await.unwrap();
+        (meta, cluster)
+    }
+
+    /// Waits up to `within` for `check`; whether it came true.
+    async fn eventually<F: std::future::Future<Output = bool>>(within: Duration, check: impl Fn() -> F) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_node_hears_another_nodes_changes_and_answers_cached_reads_without_queries() {
+        let Some(pg) = Postgres::for_test() else { return };
+        let url = pg.database("news").unwrap();
+        // A poll far longer than the test: only notifications can tell in time.
+        let (a, _a_cluster) = node(&url, Duration::from_secs(3600)).await;
+        let (b, _b_cluster) = node(&url, Duration::from_secs(3600)).await;
+        let repo: RepoName = "team/app".parse().unwrap();
+        let tag: Tag = "v1".parse().unwrap();
+        let manifest = |body: &[u8]| ManifestRecord {
+            digest: Digest::sha256_of(body),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes: Bytes::copy_from_slice(body),
+            subject: None,
+            artifact_type: None,
+            annotations_json: None,
+            blobs: Vec::new(),
+            children: Vec::new(),
+        };
+        let (first, second) = (manifest(b"first"), manifest(b"second"));
+        a.put_manifest(&repo, &first, Some(&tag)).await.unwrap();
+        a.put_manifest(&repo, &second, None).await.unwrap();
+        assert_eq!(b.resolve_tag(&repo, &tag).await.unwrap(), Some(first.digest.clone()));
+        assert!(b.get_manifest(&repo, &first.digest).await.unwrap().is_some());
+        // Cached and still valid: no query at all.
+        let before = b.queries_sent().unwrap();
+        for _ in 0..10 {
+            assert_eq!(b.resolve_tag(&repo, &tag).await.unwrap(), Some(first.digest.clone()));
+            assert!(b.get_manifest(&repo, &first.digest).await.unwrap().is_some());
+        }
+        assert_eq!(b.queries_sent().unwrap(), before, "cached answers cost the database nothing");
+        // The tag moves on A: B's cache forgets it.
+        a.put_manifest(&repo, &second, Some(&tag)).await.unwrap();
+        let moved = eventually(Duration::from_secs(2), || async {
+            b.resolve_tag(&repo, &tag).await.unwrap() == Some(second.digest.clone())
+        });
+        assert!(moved.await, "B sees the moved tag");
+        // A deleted manifest, and a removed tag.
+        a.delete_manifest(&repo, &first.digest).await.unwrap();
+        let gone = eventually(Duration::from_secs(2), || async {
+            b.get_manifest(&repo, &first.digest).await.unwrap().is_none()
+        });
+        assert!(gone.await, "B forgets the deleted manifest");
+        a.delete_tag(&repo, &tag).await.unwrap();
+        let untagged =
+            eventually(Duration::from_secs(2), || async { b.resolve_tag(&repo, &tag).await.unwrap().is_none() });
+        assert!(untagged.await, "B forgets the deleted tag");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn missed_news_is_caught_by_the_counter_within_the_poll() {
+        let Some(pg) = Postgres::for_test() else { return };
+        let url = pg.database("missed").unwrap();
+        let (b, _b_cluster) = node(&url, Duration::from_millis(200)).await;
+        let repo: RepoName = "team/app".parse().unwrap();
+        let tag: Tag = "v1".parse().unwrap();
+        let writer = PostgresMetaStore::connect(&url, Some("cluster"), None).await.unwrap();
+        let (d1, d2) = (Digest::sha256_of(b"1"), Digest::sha256_of(b"2"));
+        let client = writer.pool.get().await.unwrap();
+        // A change made behind the news's back (as if its notification were lost): only
+        // the counter says something changed.
+        let tag_to = |d: &Digest| {
+            format!(
+                "INSERT INTO repos(name) VALUES ('{repo}') ON CONFLICT DO NOTHING;
+                 INSERT INTO tags(repo, tag, digest) SELECT id, '{}', '{d}' FROM repos WHERE name = '{repo}'
+                 ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest;",
+                tag.as_str()
+            )
+        };
+        client.batch_execute(&tag_to(&d1)).await.unwrap();
+        assert_eq!(b.resolve_tag(&repo, &tag).await.unwrap(), Some(d1.clone()));
+        client.batch_execute(&tag_to(&d2)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(b.resolve_tag(&repo, &tag).await.unwrap(), Some(d1.clone()), "no news, no counter: still cached");
+        client.batch_execute("UPDATE changes SET counter = counter + 1").await.unwrap();
+        let caught = eventually(Duration::from_secs(2), || async {
+            b.resolve_tag(&repo, &tag).await.unwrap() == Some(d2.clone())
+        });
+        assert!(caught.await, "the counter moved: B forgot within the poll");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_cluster_lock_is_one_holders_and_goes_with_a_dead_node() {
+        let Some(pg) = Postgres::for_test() else { return };
+        let url = pg.database("locks").unwrap();
+        let (_a, a) = node(&url, Duration::from_secs(1)).await;
+        let (_b, b) = node(&url, Duration::from_secs(1)).await;
+        let held = a.try_lock("upload/1").await.unwrap().expect("free");
+        assert!(a.try_lock("upload/1").await.unwrap().is_none(), "another task of the same node waits");
+        assert!(b.try_lock("upload/1").await.unwrap().is_none(), "another node waits");
+        assert!(b.try_lock("upload/2").await.unwrap().is_some(), "other keys are free");
+        drop(held);
+        let b_took = eventually(Duration::from_secs(2), || async { b.try_lock("upload/1").await.unwrap().is_some() });
+        assert!(b_took.await, "released when dropped");
+        // A node that dies (its connection ends with it) leaves its locks to the others.
+        let kept = a.try_lock("gc").await.unwrap().expect("free");
+        std::mem::forget(kept);
+        assert!(b.try_lock("gc").await.unwrap().is_none());
+        b.with_client(|client| async move {
+            client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND pid != pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        })
+        .await;
+        let handed_over = eventually(Duration::from_secs(5), || async { b.try_lock("gc").await.unwrap().is_some() });
+        assert!(handed_over.await, "the dead holder's lock is taken over");
+        // And the node whose connection died connects again and coordinates as before.
+        let back = eventually(Duration::from_secs(5), || async { matches!(a.try_lock("other").await, Ok(Some(_))) });
+        assert!(back.await, "the node reconnected");
     }
 
     /// A rustls configuration trusting only the certificates in `pem` (none: nothing).

@@ -103,8 +103,22 @@ async fn open_registry(config: &Config, blobs: &BlobHome) -> anyhow::Result<Regi
     let data = &config.data;
     std::fs::create_dir_all(data).with_context(|| format!("cannot create data directory {}", data.display()))?;
     if let Some(pg) = &config.storage.postgres {
-        let meta = open_postgres(pg).await?;
-        return registry_over(config, meta, blobs);
+        // Other nodes may share the database: this one joins them, its cache hearing of
+        // their changes, its upload sessions and collections locked against theirs.
+        let meta = Arc::new(CachedMetaStore::new(open_postgres(pg).await?, config.cache.metadata_bytes));
+        let hearing = Arc::downgrade(&meta);
+        let on_news = Arc::new(move |news| {
+            if let Some(meta) = hearing.upgrade() {
+                meta.hear(news);
+            }
+        });
+        let poll = Duration::from_millis(pg.changes_poll_ms.max(10));
+        let cluster = meta
+            .inner()
+            .join_cluster(poll, on_news)
+            .await
+            .context("cannot start coordinating with other nodes through the metadata database")?;
+        return Ok(Registry::new(blobs.hosted(config)?, meta, registry_settings(config)).in_cluster(Arc::new(cluster)));
     }
     let meta = SqliteMetaStore::open(&data.join("meta.sqlite"))
         .with_context(|| format!("cannot open metadata in {}", data.display()))?;
@@ -130,12 +144,15 @@ async fn open_postgres(pg: &tessera_config::Postgres) -> anyhow::Result<Postgres
 /// The hosted registry over `blobs` and `meta`.
 fn registry_over<M: MetaStore>(config: &Config, meta: M, blobs: &BlobHome) -> anyhow::Result<Registry> {
     let meta = CachedMetaStore::new(meta, config.cache.metadata_bytes);
-    let settings = Settings {
+    Ok(Registry::new(blobs.hosted(config)?, Arc::new(meta), registry_settings(config)))
+}
+
+fn registry_settings(config: &Config) -> Settings {
+    Settings {
         manifest_max_bytes: config.limits.manifest_max_bytes,
         blob_max_bytes: config.limits.blob_max_bytes,
         delete_enabled: config.storage.delete_enabled,
-    };
-    Ok(Registry::new(blobs.hosted(config)?, Arc::new(meta), settings))
+    }
 }
 
 /// Runs at start-up, before any request: what a crash or a stop cut off is finished or
@@ -145,8 +162,14 @@ async fn recover(registry: &Registry, config: &Config) -> anyhow::Result<()> {
     if finished > 0 {
         tracing::info!("deleted {finished} blob(s) an interrupted garbage collection had doomed");
     }
+    // Record-less sessions are monolithic uploads a crash cut off, unless other nodes share
+    // the stores: theirs may be in flight, so they get the grace period.
+    let orphan_after = match config.storage.postgres {
+        Some(_) => Duration::from_secs(config.storage.gc_grace_secs),
+        None => Duration::ZERO,
+    };
     let swept = registry
-        .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs), Duration::ZERO, false)
+        .sweep_uploads(Duration::from_secs(config.storage.upload_expiry_secs), orphan_after, false)
         .await
         .context("cannot sweep upload sessions")?;
     if swept > 0 {
@@ -547,6 +570,7 @@ async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_con
             dry_run: false,
         };
         match state.registry.collect_garbage(&how).await {
+            Ok(done) if done.elsewhere => tracing::debug!("garbage collection pass left to the node running one"),
             Ok(done) => {
                 tracing::info!(
                     manifests_deleted = done.manifests_deleted,

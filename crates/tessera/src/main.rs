@@ -302,6 +302,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.storage.gc_untagged |= args.untagged;
             let grace = std::time::Duration::from_secs(args.grace_secs.unwrap_or(config.storage.gc_grace_secs));
             let done = runtime.block_on(tessera::collect_garbage(&config, grace, args.dry_run))?;
+            if done.elsewhere {
+                println!("another node is collecting garbage now; nothing done");
+                return Ok(());
+            }
             let (delete, remove) = if args.dry_run { ("would delete", "would remove") } else { ("deleted", "removed") };
             println!(
                 "{delete} {} untagged manifest(s); {remove} {} unreferenced link(s) and {} abandoned upload(s); {delete} {} blob(s), {} bytes",

@@ -69,8 +69,13 @@ impl InProcess {
         {
             // A schema of its own in the shared database (see `tessera_testkit::test_storage`).
             let schema = unique.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
-            config.storage.postgres =
-                Some(tessera_config::Postgres { url: Some(url), url_file: None, schema: Some(schema), ca_file: None });
+            config.storage.postgres = Some(tessera_config::Postgres {
+                url: Some(url),
+                url_file: None,
+                schema: Some(schema),
+                ca_file: None,
+                changes_poll_ms: 1000,
+            });
         }
         config.data = dir.path().join("data");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;

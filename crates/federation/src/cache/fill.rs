@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -11,7 +12,9 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tessera_registry::{BlobAnswer, store_failure};
 use tessera_spec::{Digest, Digester, ErrorCode, OciError, RangeRequest, RepoName};
-use tessera_store::{AppendError, BlobRead, BlobStore, ByteStream, MetaStore, StoreError, UploadId};
+use tessera_store::{
+    AppendError, BlobRead, BlobStore, ByteStream, ClusterGuard, ClusterLocks, MetaStore, StoreError, UploadId,
+};
 use tokio::sync::watch;
 
 use crate::upstream::{Upstream, UpstreamError};
@@ -121,6 +124,8 @@ pub(super) enum FillError {
     Status(StatusCode),
     #[error("upstream cannot resume the transfer: {0}")]
     Resume(String),
+    #[error("another node's fetch of it did not finish within {} s", .0.as_secs())]
+    ElsewhereTooLong(Duration),
     #[error("upstream blob does not match its digest (got {0}); not cached")]
     Mismatch(Digest),
     #[error("upstream blob has {got} bytes, it announced {announced}")]
@@ -297,6 +302,7 @@ impl PullThrough {
             fills: self.fills.clone(),
             lru: self.lru.clone(),
             stats: self.stats.clone(),
+            cluster: self.cluster.clone(),
             name: name.clone(),
             digest: digest.clone(),
             upload,
@@ -354,6 +360,7 @@ struct Fill {
     fills: Fills,
     lru: Arc<Mutex<Lru>>,
     stats: Arc<CacheStats>,
+    cluster: Option<Arc<dyn ClusterLocks>>,
     name: RepoName,
     digest: Digest,
     upload: UploadId,
@@ -384,12 +391,15 @@ impl Fill {
     }
 
     async fn fetch(&self, tx: &watch::Sender<FillState>) -> Result<(), FillError> {
+        // In a cluster, one node fetches a blob; the others wait for it to land.
+        let _lease = match self.lease().await? {
+            Lease::Landed(size) => return self.found(tx, size).await,
+            Lease::Held(lease) => lease,
+        };
         // A fetch that finished between this request's look at the cache and its start of a
         // new one left the blob here already.
         if let Some(size) = self.blobs.stat(&self.digest).await? {
-            self.meta.link_blob(&self.name, &self.digest, size).await?;
-            tx.send_modify(|s| s.verified = true);
-            return Ok(());
+            return self.found(tx, size).await;
         }
         self.blobs.upload_create(&self.upload).await?;
         let path = format!("/v2/{}/blobs/{}", self.name, self.digest);
@@ -483,6 +493,50 @@ impl Fill {
         evict(&self.upstream, &self.lru, &self.blobs, &self.stats, &self.digest).await;
         count(&self.stats.blobs_fetched, 1);
         count(&self.stats.blob_bytes_fetched, size);
+        Ok(())
+    }
+}
+
+/// How often a node waiting for another node's fetch looks whether the blob has landed.
+const LANDED_POLL: Duration = Duration::from_millis(200);
+/// How long a node waits for another node's fetch of one blob before giving up (that fetch
+/// is alive all along: its node would have lost the lease otherwise).
+const LANDED_WAIT: Duration = Duration::from_secs(600);
+
+/// A node's right to fetch a blob, or the blob another node fetched.
+enum Lease {
+    /// This node fetches; in a cluster, with the lease held until the fetch ends.
+    Held(Option<ClusterGuard>),
+    /// Another node fetched it meanwhile: it is in the shared store, this size.
+    Landed(u64),
+}
+
+impl Fill {
+    /// Takes the cluster's lease on fetching this blob, waiting while another node holds it
+    /// until the blob lands there or the lease comes free (that node finished without
+    /// storing it, or died: its lease ends with its database connection).
+    async fn lease(&self) -> Result<Lease, FillError> {
+        let Some(cluster) = &self.cluster else { return Ok(Lease::Held(None)) };
+        let key = format!("fill/{}/{}", self.upstream.name(), self.digest);
+        let deadline = tokio::time::Instant::now() + LANDED_WAIT;
+        loop {
+            if let Some(size) = self.blobs.stat(&self.digest).await? {
+                return Ok(Lease::Landed(size));
+            }
+            if let Some(lease) = cluster.try_lock(&key).await? {
+                return Ok(Lease::Held(Some(lease)));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FillError::ElsewhereTooLong(LANDED_WAIT));
+            }
+            tokio::time::sleep(LANDED_POLL).await;
+        }
+    }
+
+    /// The blob is held already: linked, and its readers told.
+    async fn found(&self, tx: &watch::Sender<FillState>, size: u64) -> Result<(), FillError> {
+        self.meta.link_blob(&self.name, &self.digest, size).await?;
+        tx.send_modify(|s| s.verified = true);
         Ok(())
     }
 }

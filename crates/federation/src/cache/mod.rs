@@ -20,7 +20,7 @@ mod tags;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -28,7 +28,7 @@ use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
 use tessera_registry::store_failure;
 use tessera_spec::{Digest, ErrorCode, OciError, ParsedManifest, Reference, RepoName, Tag};
-use tessera_store::{BlobStore, ManifestRecord, MetaStore, StoreError};
+use tessera_store::{BlobStore, ClusterLocks, ManifestRecord, MetaStore, StoreError};
 use tokio::sync::watch;
 
 use crate::upstream::{Upstream, UpstreamError, manifest_accept};
@@ -79,7 +79,14 @@ pub struct PullThrough {
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
     lru: Arc<Mutex<Lru>>,
     stats: Arc<CacheStats>,
+    /// With other nodes on the same stores: the locks that make one of them fetch a blob
+    /// while the others wait for it to land.
+    cluster: Option<Arc<dyn ClusterLocks>>,
 }
+
+/// In a cluster, a fill's upload session idle this long was left by a node that died: no
+/// live fetch pauses that long (its transfer would have timed out).
+pub const ABANDONED_FILL: Duration = Duration::from_secs(3600);
 
 fn unavailable(upstream: &Upstream, why: impl std::fmt::Display) -> OciError {
     tracing::warn!(upstream = upstream.name(), "{why}");
@@ -125,16 +132,23 @@ impl PullThrough {
     /// A cache over `meta` and `blobs`, which belong to this upstream alone: eviction
     /// deletes bytes from `blobs`. Blobs already held are ranked by when they were stored.
     /// At start-up (`sweep`), upload sessions left by fetches a crash cut short are removed;
-    /// not on a reload, where fetches of the previous table may still be writing them.
+    /// not on a reload, where fetches of the previous table may still be writing them. In a
+    /// `cluster`, other nodes' fetches may be writing theirs: only sessions idle for
+    /// [`ABANDONED_FILL`] go.
     pub async fn open(
         upstream: Arc<Upstream>,
         meta: Arc<dyn MetaStore>,
         blobs: Arc<dyn BlobStore>,
         sweep: bool,
+        cluster: Option<Arc<dyn ClusterLocks>>,
     ) -> Result<Self, StoreError> {
         if sweep {
-            for (id, _) in blobs.upload_list().await? {
-                blobs.upload_delete(&id).await?;
+            let idle_for = if cluster.is_some() { ABANDONED_FILL } else { Duration::ZERO };
+            let now = SystemTime::now();
+            for (id, modified) in blobs.upload_list().await? {
+                if now.duration_since(modified).unwrap_or_default() >= idle_for {
+                    blobs.upload_delete(&id).await?;
+                }
             }
         }
         let mut held = blobs.list().await?;
@@ -152,6 +166,7 @@ impl PullThrough {
             fills: Arc::new(Mutex::new(HashMap::new())),
             lru: Arc::new(Mutex::new(lru)),
             stats: Arc::new(CacheStats::default()),
+            cluster,
         };
         if let Some(newest) = held.last() {
             evict(&cache.upstream, &cache.lru, &cache.blobs, &cache.stats, &newest.digest).await;

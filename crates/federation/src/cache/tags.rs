@@ -173,7 +173,7 @@ mod tests {
         let upstream = Arc::new(Upstream::new(&config.upstreams[0]).unwrap());
         let meta = Arc::new(tessera_store::SqliteMetaStore::open(&dir.path().join("meta.sqlite")).unwrap());
         let blobs = Arc::new(tessera_store::FsBlobStore::open(dir.path().join("blobs")).unwrap());
-        let cache = PullThrough::open(upstream, meta, blobs, true).await.unwrap();
+        let cache = PullThrough::open(upstream, meta, blobs, true, None).await.unwrap();
         let name: RepoName = "flood".parse().unwrap();
         for i in 0..3 * MISSING_REMEMBERED {
             cache.remember_missing(&name, &format!("tag{i}"));

@@ -1,4 +1,5 @@
-//! The endpoints outside repositories: the API base, metrics, and the token service.
+//! The endpoints outside repositories: the API base, metrics, the token service, and the
+//! load balancer's probes.
 
 use axum::body::Body;
 use axum::http::request::Parts;
@@ -17,7 +18,7 @@ pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint)
     match (endpoint, &parts.method) {
         (Endpoint::Base, &Method::GET | &Method::HEAD) => Ok(json("{}".into())),
         (Endpoint::Metrics, &Method::GET) => {
-            let text = state.metrics.render(&state.federation.load());
+            let text = state.metrics.render(&state.federation.load(), state.registry.metadata_queries());
             Ok(response(StatusCode::OK, &[("content-type", "text/plain; version=0.0.4".into())], Body::from(text)))
         }
         (Endpoint::Token { scopes }, method) => {
@@ -34,4 +35,24 @@ pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint)
         }
         _ => Err(unsupported_method()),
     }
+}
+
+/// `/healthz`: the process lives and answers.
+pub(super) fn healthz() -> Response {
+    response(StatusCode::OK, &[("content-type", "text/plain".into())], Body::from("ok\n"))
+}
+
+/// How long `/readyz` waits for the stores: a load balancer's probe gives up soon too.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `/readyz`: 200 while the stores answer, 503 naming the one that does not.
+pub(super) async fn readyz(state: &AppState) -> Response {
+    let checked = tokio::time::timeout(READY_WAIT, state.registry.check_stores())
+        .await
+        .unwrap_or_else(|_| Err(format!("the stores did not answer within {} s", READY_WAIT.as_secs())));
+    let (status, text) = match checked {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    };
+    response(status, &[("content-type", "text/plain".into()), ("retry-after", "5".into())], Body::from(text))
 }
