@@ -159,6 +159,9 @@ impl Registry {
         let (meta, blobs) = tokio::join!(self.meta.catalog(None, 1), self.blobs.stat(&absent));
         meta.map_err(|e| format!("metadata store: {e}"))?;
         blobs.map_err(|e| format!("blob store: {e}"))?;
+        if self.cluster.as_ref().is_some_and(|c| !c.connected()) {
+            return Err("cluster coordination: no connection to the metadata database".into());
+        }
         Ok(())
     }
 

@@ -154,9 +154,15 @@ impl Registry {
         result
     }
 
-    /// Bytes received so far.
+    /// Bytes received so far. Takes no lock: a client asking where to resume (after its
+    /// request failed, perhaps on another node still writing) gets the bytes stored now,
+    /// without waiting for a request that may never finish in its eyes.
     pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64, OciError> {
-        self.open_session(repo, id).await.map(|(_, size)| size)
+        let owner = self.meta.upload_repo(id).await.map_err(|e| store_failure("upload lookup", e))?;
+        if owner.as_ref() != Some(repo) {
+            return Err(upload_unknown());
+        }
+        self.blobs.upload_size(id).await.map_err(|e| store_failure("upload size", e))?.ok_or_else(upload_unknown)
     }
 
     /// Appends a chunk. `content_range`, when sent, must start where the session stands.

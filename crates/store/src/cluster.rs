@@ -92,6 +92,8 @@ pub(crate) fn decode_news(payload: &str) -> (Option<i64>, ChangeNews) {
 pub trait ClusterLocks: Send + Sync + 'static {
     /// Takes lock `key` if no task of any node holds it.
     async fn try_lock(&self, key: &str) -> StoreResult<Option<ClusterGuard>>;
+    /// Whether this node can take locks now (its coordination connection is up).
+    fn connected(&self) -> bool;
 }
 
 /// A held cluster lock; dropping it releases the lock.
@@ -119,8 +121,12 @@ pub async fn lock_within(locks: &dyn ClusterLocks, key: &str, wait: Duration) ->
     }
 }
 
-/// How long a node waits before connecting again after its coordination connection failed.
-const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// How long a node waits before connecting again after its coordination connection failed:
+/// briefly at first, then longer while the database stays away.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MOST: Duration = Duration::from_secs(2);
+/// How long a lock request waits for the coordination connection to come back.
+const RECONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// Opens a dedicated connection: the client, and the notifications it receives (the
 /// channel closes when the connection ends).
@@ -174,6 +180,7 @@ impl PostgresCluster {
         tokio::spawn(async move {
             let mut next = Some(first);
             let mut epoch = 0;
+            let mut pause = RECONNECT_FIRST;
             loop {
                 let connected = match next.take() {
                     Some(c) => Ok(c),
@@ -189,6 +196,7 @@ impl PostgresCluster {
                         *cluster.link.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some(Link { client: client.clone(), epoch });
                         drop(cluster);
+                        pause = RECONNECT_FIRST;
                         // Whatever changed while no news came is unknown.
                         on_news(ChangeNews::Unknown);
                         let why = follow(&client, notifications, counter, poll, &*on_news, &running).await;
@@ -201,10 +209,28 @@ impl PostgresCluster {
                     }
                     Err(e) => tracing::warn!("cannot connect for cluster coordination: {e}"),
                 }
-                tokio::time::sleep(RECONNECT_PAUSE).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECONNECT_MOST);
             }
         });
         Ok(cluster)
+    }
+
+    /// The coordination connection, waiting a little for one being made again.
+    async fn current_link(&self) -> StoreResult<(Arc<tokio_postgres::Client>, u64)> {
+        let deadline = tokio::time::Instant::now() + RECONNECT_WAIT;
+        loop {
+            if let Some(link) = self.link.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                return Ok((link.client.clone(), link.epoch));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Unreachable(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "no connection to the database for cluster coordination",
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// A new connection, listening, and the change counter read after it began to.
@@ -317,15 +343,7 @@ impl Drop for Held {
 impl ClusterLocks for Arc<PostgresCluster> {
     async fn try_lock(&self, name: &str) -> StoreResult<Option<ClusterGuard>> {
         let key = self.key(name);
-        let (client, epoch) = match self.link.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(link) => (link.client.clone(), link.epoch),
-            None => {
-                return Err(StoreError::Unreachable(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "no connection for cluster coordination",
-                )));
-            }
-        };
+        let (client, epoch) = self.current_link().await?;
         if !self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
             return Ok(None);
         }
@@ -339,6 +357,10 @@ impl ClusterLocks for Arc<PostgresCluster> {
                 other.map(|_| None).map_err(crate::postgres::db_err)
             }
         }
+    }
+
+    fn connected(&self) -> bool {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|l| !l.client.is_closed())
     }
 }
 

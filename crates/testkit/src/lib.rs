@@ -2,6 +2,7 @@
 //! ephemeral loopback port, make random OCI images, drive the HTTP API, and find the real
 //! client programs (skopeo, podman, ctr, dockerd, python oras).
 
+pub mod balancer;
 pub mod cdn;
 pub mod chaos;
 pub mod clients;
