@@ -49,7 +49,7 @@ impl Cluster {
         );
         let nodes: Vec<Server> = (0..NODES).map(|_| Server::with_config(BIN, &config).expect("node starts")).collect();
         let balancer = Balancer::start(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>()).unwrap();
-        Some(Cluster { balancer, nodes, garage, prefix, pg: pg, _keys: keys })
+        Some(Cluster { balancer, nodes, garage, prefix, pg, _keys: keys })
     }
 
     /// The registry as clients see it: through the balancer.
@@ -288,7 +288,7 @@ async fn a_node_killed_in_the_middle_of_a_patch_leaves_the_upload_to_the_others(
     assert_eq!(r.status(), 204, "the upload lives on");
     let end: usize = r.headers()["range"].to_str().unwrap().rsplit('-').next().unwrap().parse().unwrap();
     let offset = end + 1;
-    assert!(offset >= 16 * 1024 * 1024 && offset <= 20 * 1024 * 1024, "offset {offset}: what reached the bucket");
+    assert!((16 * 1024 * 1024..=20 * 1024 * 1024).contains(&offset), "offset {offset}: what reached the bucket");
     for i in 1..NODES {
         let r = cluster.node(i).http.head(cluster.node(i).url(&format!("/v2/lib/survivor/blobs/{digest}"))).send();
         assert_eq!(r.await.unwrap().status(), 404, "no partial blob is visible on node {i}");
