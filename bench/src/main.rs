@@ -2,6 +2,7 @@
 //! the same blob files, on loopback, in one run. Prints one table with Tessera's ratio to
 //! each, and optionally writes it as JSON. See BENCHMARKS.md.
 
+mod cluster;
 mod load;
 mod servers;
 
@@ -40,9 +41,11 @@ struct Args {
     /// iterating on the cache's path.
     #[arg(long)]
     pulls_only: bool,
-    /// Where Tessera keeps its data: `fs` (the embedded default: the full table) or `s3pg`
-    /// (blobs in Garage, metadata in PostgreSQL, against Distribution on the same Garage).
-    #[arg(long, default_value = "fs", value_parser = ["fs", "s3pg"])]
+    /// Where Tessera keeps its data: `fs` (the embedded default: the full table), `s3pg`
+    /// (blobs in Garage, metadata in PostgreSQL, against Distribution on the same Garage),
+    /// or `cluster` (1, 2 and 3 nodes on Garage and PostgreSQL behind nginx, and what each
+    /// request costs every part).
+    #[arg(long, default_value = "fs", value_parser = ["fs", "s3pg", "cluster"])]
     backend: String,
 }
 
@@ -243,6 +246,10 @@ async fn main() -> Result<()> {
     let mut table = Table(Vec::new());
     if args.backend == "s3pg" {
         on_the_scale_out_engines(&args, root, &mut table, &content).await?;
+        return table.finish(&args);
+    }
+    if args.backend == "cluster" {
+        cluster::on_many_nodes(&args, root, &mut table, &content).await?;
         return table.finish(&args);
     }
 

@@ -40,7 +40,7 @@ impl Metrics {
     }
 
     /// The exposition text for these counters and `federation`'s caches.
-    pub(crate) fn render(&self, federation: &Federation, metadata_queries: Option<u64>) -> String {
+    pub(crate) fn render(&self, federation: &Federation, registry: &tessera_registry::Registry) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP tessera_http_requests_total Requests answered, by status class.");
         let _ = writeln!(out, "# TYPE tessera_http_requests_total counter");
@@ -112,11 +112,24 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
         }
-        if let Some(queries) = metadata_queries {
-            let name = "tessera_metadata_queries_total";
-            let _ = writeln!(out, "# HELP {name} Statements and transactions sent to the metadata database.");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {queries}");
+        // What requests cost the shared stores (a model of scale-out reads these).
+        for (name, help, count) in [
+            (
+                "tessera_metadata_queries_total",
+                "Statements and transactions sent to the metadata database.",
+                registry.metadata_queries(),
+            ),
+            (
+                "tessera_object_store_requests_total",
+                "Requests sent to the object store, retries included.",
+                registry.blob_store_requests(),
+            ),
+        ] {
+            if let Some(count) = count {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} counter");
+                let _ = writeln!(out, "{name} {count}");
+            }
         }
         out
     }

@@ -175,6 +175,11 @@ impl Registry {
         self.meta.queries_sent()
     }
 
+    /// Requests sent to the object store holding the blobs so far, if they are in one.
+    pub fn blob_store_requests(&self) -> Option<u64> {
+        self.blobs.requests_sent()
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }

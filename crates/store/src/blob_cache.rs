@@ -133,6 +133,10 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
     fn presigned_get(&self, digest: &Digest, valid_for: std::time::Duration) -> Option<String> {
         self.inner.presigned_get(digest, valid_for)
     }
+
+    fn requests_sent(&self) -> Option<u64> {
+        self.inner.requests_sent()
+    }
 }
 
 #[cfg(test)]

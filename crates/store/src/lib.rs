@@ -184,6 +184,12 @@ pub trait BlobStore: Send + Sync + 'static {
     fn presigned_get(&self, _digest: &Digest, _valid_for: std::time::Duration) -> Option<String> {
         None
     }
+
+    /// Requests sent to an object store so far, for a store that talks to one (what a
+    /// request costs the shared store).
+    fn requests_sent(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A saved hash state as stored: the offset it covers in decimal, a newline, the state.

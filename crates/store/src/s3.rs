@@ -16,6 +16,8 @@
 //! docs/architecture.md for why not `object_store`).
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -67,6 +69,8 @@ pub struct S3BlobStore {
     credentials: Option<rusty_s3::Credentials>,
     prefix: String,
     http: reqwest::Client,
+    /// Requests sent to the object store (retries included), by every store sharing it.
+    requests: Arc<AtomicU64>,
 }
 
 /// An object as a listing reports it.
@@ -94,7 +98,7 @@ impl S3BlobStore {
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
-        let store = S3BlobStore { bucket, credentials, prefix, http };
+        let store = S3BlobStore { bucket, credentials, prefix, http, requests: Arc::default() };
         store.check_layout().await?;
         Ok(store)
     }
@@ -164,6 +168,7 @@ impl S3BlobStore {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            self.requests.fetch_add(1, Ordering::Relaxed);
             match build().send().await {
                 Ok(r) if r.status().is_server_error() && attempt < ATTEMPTS => {
                     tracing::warn!("object store: {what} {key}: {}; trying again", r.status());
@@ -719,6 +724,10 @@ impl BlobStore for S3BlobStore {
     fn presigned_get(&self, digest: &Digest, valid_for: Duration) -> Option<String> {
         let key = self.blob_key(digest);
         Some(self.bucket.get_object(self.credentials.as_ref(), &key).sign(valid_for).to_string())
+    }
+
+    fn requests_sent(&self) -> Option<u64> {
+        Some(self.requests.load(Ordering::Relaxed))
     }
 
     async fn upload_list(&self) -> io::Result<Vec<(UploadId, SystemTime)>> {

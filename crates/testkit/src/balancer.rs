@@ -20,19 +20,31 @@ pub struct Balancer {
 impl Balancer {
     /// nginx on 127.0.0.1 (a free port) spreading requests over `nodes`.
     pub fn start(nodes: &[SocketAddr]) -> Result<Balancer> {
+        Balancer::start_with(nodes, true)
+    }
+
+    /// Like [`Balancer::start`], logging no request and with a worker per core (for
+    /// benchmarks).
+    pub fn start_quiet(nodes: &[SocketAddr]) -> Result<Balancer> {
+        Balancer::start_with(nodes, false)
+    }
+
+    fn start_with(nodes: &[SocketAddr], log: bool) -> Result<Balancer> {
         let dir = tempfile::Builder::new().prefix("tlb").tempdir()?;
         let addr = free_addr("127.0.0.1")?;
+        let quiet = if log { "" } else { "access_log off;\n    " };
         let servers: String = nodes.iter().map(|n| format!("    server {n} max_fails=1 fail_timeout=2s;\n")).collect();
+        // Connections to the nodes are kept open, as a production balancer keeps them.
         let http = format!(
-            "upstream tessera {{\n{servers}  }}\n  \
+            "upstream tessera {{\n{servers}    keepalive 64;\n  }}\n  \
              server {{\n    listen {addr};\n    client_max_body_size 0;\n    \
              proxy_request_buffering off;\n    proxy_buffering off;\n    proxy_http_version 1.1;\n    \
              proxy_set_header Host $http_host;\n    proxy_set_header Connection \"\";\n    \
              proxy_read_timeout 300s;\n    proxy_send_timeout 300s;\n    \
-             proxy_next_upstream error timeout;\n    \
+             proxy_next_upstream error timeout;\n    {quiet}\
              location / {{ proxy_pass http://tessera; }}\n  }}\n"
         );
-        let child = run_nginx(dir.path(), addr, &http)?;
+        let child = run_nginx(dir.path(), addr, if log { "1" } else { "auto" }, &http)?;
         Ok(Balancer { child: Some(child), addr, dir })
     }
 

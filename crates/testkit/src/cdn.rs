@@ -65,7 +65,7 @@ impl Cdn {
              location / {{\n      {location}    }}\n  }}\n",
             root = root.display()
         );
-        let child = run_nginx(dir.path(), addr, &server)?;
+        let child = run_nginx(dir.path(), addr, "1", &server)?;
         Ok(Cdn { child: Some(child), addr, root, dir })
     }
 
@@ -116,17 +116,18 @@ pub(crate) fn free_addr(ip: &str) -> Result<SocketAddr> {
     Ok(format!("{ip}:{port}").parse()?)
 }
 
-/// Runs nginx in the foreground with everything under `dir` and `http` inside its `http`
+/// Runs nginx in the foreground (`workers` worker processes, or `auto`: one per core)
+/// with everything under `dir` and `http` inside its `http`
 /// block (which logs each request to `dir/access.log` as `method uri "args" status
 /// upstream`), and waits until it answers on `addr`.
-pub(crate) fn run_nginx(dir: &Path, addr: SocketAddr, http: &str) -> Result<Child> {
+pub(crate) fn run_nginx(dir: &Path, addr: SocketAddr, workers: &str, http: &str) -> Result<Child> {
     let user = if running_as_root() { "user root;\n" } else { "" };
     let d = dir.display();
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
-            "{user}worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+            "{user}worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 1024; }}\nhttp {{\n  \
              log_format t '$request_method $uri \"$args\" $status $upstream_addr';\n  \
              access_log {d}/access.log t;\n  \

@@ -18,7 +18,7 @@ pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint)
     match (endpoint, &parts.method) {
         (Endpoint::Base, &Method::GET | &Method::HEAD) => Ok(json("{}".into())),
         (Endpoint::Metrics, &Method::GET) => {
-            let text = state.metrics.render(&state.federation.load(), state.registry.metadata_queries());
+            let text = state.metrics.render(&state.federation.load(), &state.registry);
             Ok(response(StatusCode::OK, &[("content-type", "text/plain; version=0.0.4".into())], Body::from(text)))
         }
         (Endpoint::Token { scopes }, method) => {
