@@ -23,6 +23,10 @@ use crate::{ACCEPT, Args, Better, Content, OCI_MANIFEST, Scale, Table, manifest_
 const MOST_NODES: usize = 3;
 /// Clients pushing at once in the push case.
 const PUSHERS: usize = 8;
+/// Writers at once in the metadata write case.
+const WRITERS: usize = 16;
+/// The layer too large for the nodes' in-memory blob cache: every GET reads the bucket.
+const MIB_BLOB: usize = 1 << 20;
 
 /// CPU seconds a process has used (user + system), from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -48,6 +52,7 @@ fn pids_named(comm: &str) -> Vec<u32> {
 #[derive(Clone, Copy, Default)]
 struct Spent {
     queries: f64,
+    writes: f64,
     object_requests: f64,
     tessera_cpu: f64,
     postgres_cpu: f64,
@@ -63,6 +68,7 @@ impl Spent {
             let metric =
                 |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0);
             spent.queries += metric("tessera_metadata_queries_total ");
+            spent.writes += metric("tessera_metadata_write_transactions_total ");
             spent.object_requests += metric("tessera_object_store_requests_total ");
             spent.tessera_cpu += cpu_seconds(node.pid());
         }
@@ -78,6 +84,7 @@ impl Spent {
         let per = |a: f64, b: f64| (b - a).max(0.0) / requests.max(1.0);
         Spent {
             queries: per(self.queries, later.queries),
+            writes: per(self.writes, later.writes),
             object_requests: per(self.object_requests, later.object_requests),
             tessera_cpu: per(self.tessera_cpu, later.tessera_cpu),
             postgres_cpu: per(self.postgres_cpu, later.postgres_cpu),
@@ -88,6 +95,14 @@ impl Spent {
 
     fn report(&self, table: &mut Table, case: &str) {
         table.add(format!("cost per {case}: metadata queries"), "queries", Better::Lower, self.queries, None, None);
+        table.add(
+            format!("cost per {case}: of which write transactions"),
+            "writes",
+            Better::Lower,
+            self.writes,
+            None,
+            None,
+        );
         table.add(
             format!("cost per {case}: object-store requests"),
             "requests",
@@ -139,6 +154,36 @@ async fn push_for(api: &Api, seconds: u64, round: usize) -> Result<u64> {
     Ok(pushed.load(Ordering::Relaxed))
 }
 
+/// Write transactions per second the metadata database takes, straight through the store
+/// (no HTTP, no object store): [`WRITERS`] at once, each linking new blobs for `seconds`.
+/// Writes take turns on one advisory lock, so this is the ceiling of every write path.
+async fn metadata_writes_per_second(url: &str, seconds: u64) -> Result<f64> {
+    use tessera_store::MetaStore;
+    let store = Arc::new(tessera_store::PostgresMetaStore::connect(url, Some("writes"), None).await?);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (store, done) = (store.clone(), done.clone());
+        writers.push(tokio::spawn(async move {
+            let repo: tessera_spec::RepoName = format!("writes/w{w}").parse()?;
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let digest = Digest::sha256_of(format!("{w}/{i}").as_bytes());
+                store.link_blob(&repo, &digest, 1).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
 pub async fn on_many_nodes(args: &Args, root: &Path, table: &mut Table, content: &Content) -> Result<()> {
     let scale = Scale::of(args);
     let garage_bin = Garage::binary().context("no Garage (cargo install garage --locked --root target/garage)")?;
@@ -148,11 +193,8 @@ pub async fn on_many_nodes(args: &Args, root: &Path, table: &mut Table, content:
     let postgres = Postgres::start(&pg_bin)?;
     let keys = root.join("keys");
     std::fs::create_dir_all(&keys)?;
-    let storage = format!(
-        "{}[storage.postgres]\nurl = \"{}\"\n",
-        garage.storage_toml(&keys, "cluster/")?,
-        postgres.database("tessera")?
-    );
+    let url = postgres.database("tessera")?;
+    let storage = format!("{}[storage.postgres]\nurl = \"{url}\"\n", garage.storage_toml(&keys, "cluster/")?);
     let nodes: Vec<Registry> = (0..MOST_NODES)
         .map(|i| Registry::tessera_with(&args.tessera, &root.join(format!("node{i}")), Some(&storage)))
         .collect::<Result<_>>()?;
@@ -160,10 +202,13 @@ pub async fn on_many_nodes(args: &Args, root: &Path, table: &mut Table, content:
         .api()
         .push_blobs_and_manifest("bench/app", "v1", &[&content.config, &content.small, &content.big], &content.manifest)
         .await?;
+    let mib = Bytes::from(random_bytes(MIB_BLOB, 9));
+    nodes[0].api().push_monolithic("bench/app", mib.clone()).await?;
+    let mib_path = format!("/v2/bench/app/blobs/{}", Digest::sha256_of(&mib));
     let wrk = Wrk { seconds: scale.seconds };
     let tag_path = "/v2/bench/app/manifests/v1";
     let small_path = format!("/v2/bench/app/blobs/{}", Digest::sha256_of(&content.small));
-    let mut one_node: Option<(f64, f64, f64)> = None;
+    let mut one_node: Option<(f64, f64, f64, f64)> = None;
     for n in 1..=MOST_NODES {
         eprintln!("== {n} node(s) behind nginx");
         let addrs: Vec<_> = nodes[..n].iter().map(|r| r.addr).collect();
@@ -179,11 +224,13 @@ pub async fn on_many_nodes(args: &Args, root: &Path, table: &mut Table, content:
         let after_manifests = Spent::now(&nodes).await?;
         let blobs = wrk.get(&balancer.url(&small_path), 64, None, false)?;
         let after_blobs = Spent::now(&nodes).await?;
+        let mibs = wrk.get(&balancer.url(&mib_path), 16, None, false)?;
+        let after_mibs = Spent::now(&nodes).await?;
         let started = Instant::now();
         let pushed = push_for(&api, scale.seconds, n).await?;
         let pushes = pushed as f64 / started.elapsed().as_secs_f64();
         let after_pushes = Spent::now(&nodes).await?;
-        let reference = one_node.unwrap_or((manifests.rps, blobs.rps, pushes));
+        let reference = one_node.unwrap_or((manifests.rps, blobs.rps, mibs.rps, pushes));
         let vs_one = |v: f64| (n > 1).then_some(v);
         table.add(
             format!("{n} node(s): manifest GET by tag, 64 connections"),
@@ -202,11 +249,19 @@ pub async fn on_many_nodes(args: &Args, root: &Path, table: &mut Table, content:
             None,
         );
         table.add(
+            format!("{n} node(s): 1 MiB blob GET (from the bucket), 16 connections"),
+            "req/s",
+            Better::Higher,
+            mibs.rps,
+            vs_one(reference.2),
+            None,
+        );
+        table.add(
             format!("{n} node(s): image pushes, {PUSHERS} clients"),
             "images/s",
             Better::Higher,
             pushes,
-            vs_one(reference.2),
+            vs_one(reference.3),
             None,
         );
         if n == 1 {
@@ -216,8 +271,18 @@ pub async fn on_many_nodes(args: &Args, root: &Path, table: &mut Table, content:
             let seconds = scale.seconds as f64;
             before.per_request(&after_manifests, manifests.rps * seconds).report(table, "manifest GET");
             after_manifests.per_request(&after_blobs, blobs.rps * seconds).report(table, "4 KiB blob GET");
-            after_blobs.per_request(&after_pushes, pushed as f64).report(table, "image push");
+            after_blobs.per_request(&after_mibs, mibs.rps * seconds).report(table, "1 MiB blob GET");
+            after_mibs.per_request(&after_pushes, pushed as f64).report(table, "image push");
         }
     }
+    let writes = metadata_writes_per_second(&url, scale.seconds).await?;
+    table.add(
+        format!("PostgreSQL: metadata write transactions, {WRITERS} writers"),
+        "writes/s",
+        Better::Higher,
+        writes,
+        None,
+        None,
+    );
     Ok(())
 }

@@ -120,6 +120,11 @@ impl Metrics {
                 registry.metadata_queries(),
             ),
             (
+                "tessera_metadata_write_transactions_total",
+                "Write transactions among the metadata queries (they take turns in the database).",
+                registry.metadata_writes(),
+            ),
+            (
                 "tessera_object_store_requests_total",
                 "Requests sent to the object store, retries included.",
                 registry.blob_store_requests(),

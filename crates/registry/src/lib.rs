@@ -175,6 +175,11 @@ impl Registry {
         self.meta.queries_sent()
     }
 
+    /// Write transactions among [`Registry::metadata_queries`].
+    pub fn metadata_writes(&self) -> Option<u64> {
+        self.meta.writes_sent()
+    }
+
     /// Requests sent to the object store holding the blobs so far, if they are in one.
     pub fn blob_store_requests(&self) -> Option<u64> {
         self.blobs.requests_sent()

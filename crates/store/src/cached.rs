@@ -301,6 +301,10 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
     fn queries_sent(&self) -> Option<u64> {
         self.inner.queries_sent()
     }
+
+    fn writes_sent(&self) -> Option<u64> {
+        self.inner.writes_sent()
+    }
 }
 
 #[cfg(test)]

@@ -280,36 +280,51 @@ async fn follow(
         tokio::select! {
             payload = notifications.recv() => {
                 let Some(payload) = payload else { return "the connection ended".into() };
-                let (counter, news) = decode_news(&payload);
-                match counter {
-                    // Changes come in counter order (every write holds the write lock), so
-                    // a gap means news was lost.
-                    Some(c) if c == seen + 1 => { seen = c; on_news(news); }
-                    // Older than a counter already read: the forgetting that read caused
-                    // covered it.
-                    Some(c) if c <= seen => {}
-                    Some(c) => { seen = c; on_news(ChangeNews::Unknown); }
-                    None => on_news(ChangeNews::Unknown),
-                }
+                hear(&payload, &mut seen, on_news);
             }
             _ = ticks.tick() => {
                 if running.strong_count() == 0 {
                     return "the node stopped".into();
                 }
-                match client.query_one("SELECT counter FROM changes", &[]).await {
-                    Ok(row) => {
-                        let counter: i64 = row.get(0);
-                        if counter != seen {
-                            // A change committed without its news having come (yet): forget
-                            // everything rather than wait to learn which.
-                            seen = counter;
-                            on_news(ChangeNews::Unknown);
-                        }
-                    }
+                let counter: i64 = match client.query_one("SELECT counter FROM changes", &[]).await {
+                    Ok(row) => row.get(0),
                     Err(e) => return e.to_string(),
+                };
+                // The server sends the news of what committed before that read ahead of its
+                // answer: whatever of it is still queued here is heard first, so news merely
+                // waiting its turn does not cost every cached entry.
+                while counter > seen {
+                    let Ok(payload) = notifications.try_recv() else { break };
+                    hear(&payload, &mut seen, on_news);
+                }
+                if counter > seen {
+                    // A change committed without its news: forget everything rather than
+                    // wait to learn which.
+                    seen = counter;
+                    on_news(ChangeNews::Unknown);
                 }
             }
         }
+    }
+}
+
+/// Hears one notification, given the last change number heard.
+fn hear(payload: &str, seen: &mut i64, on_news: &(dyn Fn(ChangeNews) + Send + Sync)) {
+    let (counter, news) = decode_news(payload);
+    match counter {
+        // Changes come in counter order (every write holds the write lock), so a gap means
+        // news was lost.
+        Some(c) if c == *seen + 1 => {
+            *seen = c;
+            on_news(news);
+        }
+        // Older than a counter already read: the forgetting that read caused covered it.
+        Some(c) if c <= *seen => {}
+        Some(c) => {
+            *seen = c;
+            on_news(ChangeNews::Unknown);
+        }
+        None => on_news(ChangeNews::Unknown),
     }
 }
 

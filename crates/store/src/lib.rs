@@ -377,4 +377,10 @@ pub trait MetaStore: Send + Sync + 'static {
     fn queries_sent(&self) -> Option<u64> {
         None
     }
+
+    /// Write transactions among [`MetaStore::queries_sent`] (they take turns: see the
+    /// PostgreSQL store).
+    fn writes_sent(&self) -> Option<u64> {
+        None
+    }
 }

@@ -96,6 +96,8 @@ pub struct PostgresMetaStore {
     namespace: String,
     /// Statements and transactions sent to the server (see [`MetaStore::queries_sent`]).
     queries: AtomicU64,
+    /// Write transactions among them (see [`MetaStore::writes_sent`]).
+    writes: AtomicU64,
 }
 
 pub(crate) fn db_err(e: tokio_postgres::Error) -> StoreError {
@@ -195,6 +197,7 @@ async fn named(tx: &Transaction<'_>, rows: Vec<(i64, String)>) -> StoreResult<Ve
 macro_rules! write {
     ($self:ident, $tx:ident, $body:block) => {{
         $self.queries.fetch_add(1, Ordering::Relaxed);
+        $self.writes.fetch_add(1, Ordering::Relaxed);
         let mut client = $self.pool.get().await.map_err(pool_err)?;
         let $tx = client.transaction().await.map_err(db_err)?;
         $tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK]).await.map_err(db_err)?;
@@ -272,7 +275,14 @@ impl PostgresMetaStore {
         // A channel is database-wide, while tables are per schema; the hash keeps the name
         // short whatever the schema's length.
         let channel = format!("tessera_changes_{}", &Digest::sha256_of(namespace.as_bytes()).hex()[..16]);
-        let store = PostgresMetaStore { pool, connect, channel, namespace, queries: AtomicU64::new(0) };
+        let store = PostgresMetaStore {
+            pool,
+            connect,
+            channel,
+            namespace,
+            queries: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        };
         store.migrate(schema).await?;
         Ok(store)
     }
@@ -793,6 +803,10 @@ impl MetaStore for PostgresMetaStore {
 
     fn queries_sent(&self) -> Option<u64> {
         Some(self.queries.load(Ordering::Relaxed))
+    }
+
+    fn writes_sent(&self) -> Option<u64> {
+        Some(self.writes.load(Ordering::Relaxed))
     }
 }
 
