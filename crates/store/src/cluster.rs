@@ -42,26 +42,26 @@ pub enum ChangeNews {
     Unknown,
 }
 
-/// A notification's payload must stay under PostgreSQL's 8000 bytes.
+/// A notification's payload must stay under PostgreSQL's 8000 bytes (with room for the
+/// counter in front).
 const PAYLOAD_MAX: usize = 7900;
 
-/// The payload announcing change number `counter`: the counter, then one line per key
-/// (`t repo tag`, `m repo digest`, `l repo digest`; none of them holds a space), or `*`
-/// when the keys do not fit.
-pub(crate) fn encode_news(counter: i64, changes: &[Changed]) -> String {
-    let mut payload = counter.to_string();
+/// The keys of a payload, after its counter: one line per key (`t repo tag`, `m repo
+/// digest`, `l repo digest`; none of them holds a space), or `*` when they do not fit.
+pub(crate) fn encode_keys(changes: &[Changed]) -> String {
+    let mut keys = String::new();
     for change in changes {
         let line = match change {
             Changed::Tag(repo, tag) => format!("\nt {repo} {}", tag.as_str()),
             Changed::Manifest(repo, digest) => format!("\nm {repo} {digest}"),
             Changed::Link(repo, digest) => format!("\nl {repo} {digest}"),
         };
-        if payload.len() + line.len() > PAYLOAD_MAX {
-            return format!("{counter}\n*");
+        if keys.len() + line.len() > PAYLOAD_MAX {
+            return "\n*".into();
         }
-        payload.push_str(&line);
+        keys.push_str(&line);
     }
-    payload
+    keys
 }
 
 /// The counter and news of a payload; anything unreadable is news of an unknown change.
@@ -420,11 +420,12 @@ mod tests {
             Changed::Manifest(repo.clone(), Digest::sha256_of(b"m")),
             Changed::Link(repo.clone(), Digest::sha256_of(b"l")),
         ];
-        assert_eq!(decode_news(&encode_news(7, &changes)), (Some(7), ChangeNews::Keys(changes)));
+        let payload = |counter: i64, changes: &[Changed]| format!("{counter}{}", encode_keys(changes));
+        assert_eq!(decode_news(&payload(7, &changes)), (Some(7), ChangeNews::Keys(changes)));
         let many: Vec<Changed> = (0..200).map(|i| Changed::Link(repo.clone(), Digest::sha256_of(&[i]))).collect();
-        let payload = encode_news(8, &many);
-        assert!(payload.len() <= PAYLOAD_MAX);
-        assert_eq!(decode_news(&payload), (Some(8), ChangeNews::Unknown));
+        let payload = payload(i64::MAX, &many);
+        assert!(payload.len() < 8000);
+        assert_eq!(decode_news(&payload), (Some(i64::MAX), ChangeNews::Unknown));
         assert_eq!(decode_news("9\nx y z"), (Some(9), ChangeNews::Unknown));
     }
 }

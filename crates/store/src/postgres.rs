@@ -19,7 +19,7 @@ use tessera_spec::{Digest, RepoName, Tag};
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 
-use crate::cluster::{ChangeNews, Changed, Connect, PostgresCluster, encode_news};
+use crate::cluster::{ChangeNews, Changed, Connect, PostgresCluster, encode_keys};
 use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId, millis, now, now_ms, page};
 
 /// The schema, one step per version; the version is kept in `tessera_schema`.
@@ -148,42 +148,92 @@ fn manifest_row(r: &Row) -> StoreResult<ManifestRecord> {
 
 const MANIFEST_COLUMNS: &str = "m.digest, m.media_type, m.bytes, m.subject, m.artifact_type, m.annotations";
 
-async fn repo_id(tx: &Transaction<'_>, repo: &str) -> StoreResult<Option<i64>> {
-    let row = tx
-        .query_opt(&tx.prepare_cached("SELECT id FROM repos WHERE name = $1").await.map_err(db_err)?, &[&repo])
-        .await
-        .map_err(db_err)?;
-    Ok(row.map(|r| r.get(0)))
+/// Statements on a transaction, each prepared once per connection: one round trip where a
+/// statement sent as text costs two (parse, then execute), and the write lock is held for
+/// every round trip of a write.
+/// Three parameters of a statement, bound to a name so they outlive statements sent together.
+type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync); 3];
+
+async fn exec(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.execute(&statement, params).await
 }
 
+async fn rows(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query(&statement, params).await
+}
+
+async fn row(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Row, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query_one(&statement, params).await
+}
+
+async fn row_opt(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query_opt(&statement, params).await
+}
+
+async fn repo_id(tx: &Transaction<'_>, repo: &str) -> StoreResult<Option<i64>> {
+    let found = row_opt(tx, "SELECT id FROM repos WHERE name = $1", &[&repo]).await.map_err(db_err)?;
+    Ok(found.map(|r| r.get(0)))
+}
+
+/// The repository's id, made if it is new, in one round trip (writes hold the write lock,
+/// so nothing inserts it between the two halves).
 async fn ensure_repo(tx: &Transaction<'_>, repo: &str) -> StoreResult<i64> {
-    let insert =
-        tx.prepare_cached("INSERT INTO repos(name) VALUES ($1) ON CONFLICT (name) DO NOTHING").await.map_err(db_err)?;
-    tx.execute(&insert, &[&repo]).await.map_err(db_err)?;
-    repo_id(tx, repo).await?.ok_or_else(|| StoreError::Backend(io::Error::other("a repository vanished")))
+    let found = row_opt(
+        tx,
+        "WITH made AS (INSERT INTO repos(name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id)
+         SELECT id FROM made UNION ALL SELECT id FROM repos WHERE name = $1 LIMIT 1",
+        &[&repo],
+    )
+    .await
+    .map_err(db_err)?;
+    found.map(|r| r.get(0)).ok_or_else(|| StoreError::Backend(io::Error::other("a repository vanished")))
 }
 
 async fn doomed(tx: &Transaction<'_>, digest: &str) -> StoreResult<bool> {
-    let statement = tx.prepare_cached("SELECT 1 FROM blobs_doomed WHERE digest = $1").await.map_err(db_err)?;
-    Ok(tx.query_opt(&statement, &[&digest]).await.map_err(db_err)?.is_some())
+    Ok(row_opt(tx, "SELECT 1 FROM blobs_doomed WHERE digest = $1", &[&digest]).await.map_err(db_err)?.is_some())
 }
 
-/// Tells every node of the cluster, when `tx` commits, that `changes` were made.
+/// Tells every node of the cluster, when `tx` commits, that `changes` were made: the
+/// counter bumped and the news sent in one round trip.
 async fn announce(tx: &Transaction<'_>, channel: &str, changes: &[Changed]) -> StoreResult<()> {
     if changes.is_empty() {
         return Ok(());
     }
-    let counter: i64 =
-        tx.query_one("UPDATE changes SET counter = counter + 1 RETURNING counter", &[]).await.map_err(db_err)?.get(0);
-    tx.execute("SELECT pg_notify($1, $2)", &[&channel, &encode_news(counter, changes)]).await.map_err(db_err)?;
+    exec(
+        tx,
+        "WITH bumped AS (UPDATE changes SET counter = counter + 1 RETURNING counter)
+         SELECT pg_notify($1, bumped.counter::text || $2) FROM bumped",
+        &[&channel, &encode_keys(changes)],
+    )
+    .await
+    .map_err(db_err)?;
     Ok(())
 }
 
 async fn named(tx: &Transaction<'_>, rows: Vec<(i64, String)>) -> StoreResult<Vec<(RepoName, Digest)>> {
-    let statement = tx.prepare_cached("SELECT name FROM repos WHERE id = $1").await.map_err(db_err)?;
     let mut out = Vec::with_capacity(rows.len());
     for (id, digest) in rows {
-        let name: String = tx.query_one(&statement, &[&id]).await.map_err(db_err)?.get(0);
+        let name: String = row(tx, "SELECT name FROM repos WHERE id = $1", &[&id]).await.map_err(db_err)?.get(0);
         // Stored names and digests were validated on the way in.
         if let (Ok(repo), Ok(digest)) = (name.parse(), digest.parse()) {
             out.push((repo, digest));
@@ -200,8 +250,11 @@ macro_rules! write {
         $self.writes.fetch_add(1, Ordering::Relaxed);
         let mut client = $self.pool.get().await.map_err(pool_err)?;
         let $tx = client.transaction().await.map_err(db_err)?;
-        $tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK]).await.map_err(db_err)?;
-        let out = async { $body }.await?;
+        // The lock goes out with the body's first statement right behind it, not waiting
+        // for its answer: the server runs them in order, so the body runs under the lock,
+        // and the lock is held one round trip less.
+        let lock = async { exec(&$tx, "SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK]).await.map_err(db_err) };
+        let ((), out) = tokio::try_join!(async { lock.await.map(|_| ()) }, async { $body })?;
         $tx.commit().await.map_err(db_err)?;
         Ok::<_, StoreError>(out)
     }};
@@ -317,7 +370,7 @@ impl PostgresMetaStore {
         let mut client = self.pool.get().await.map_err(pool_err)?;
         let tx = client.transaction().await.map_err(db_err)?;
         // Two nodes starting together: one migrates, the other then finds it done.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db_err)?;
+        exec(&tx, "SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db_err)?;
         if let Some(schema) = schema {
             // Checked by `is_schema_name` in `connect`.
             tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).await.map_err(db_err)?;
@@ -325,10 +378,10 @@ impl PostgresMetaStore {
         tx.batch_execute("CREATE TABLE IF NOT EXISTS tessera_schema (version INTEGER NOT NULL)")
             .await
             .map_err(db_err)?;
-        let version: i32 = match tx.query_opt("SELECT version FROM tessera_schema", &[]).await.map_err(db_err)? {
+        let version: i32 = match row_opt(&tx, "SELECT version FROM tessera_schema", &[]).await.map_err(db_err)? {
             Some(row) => row.get(0),
             None => {
-                tx.execute("INSERT INTO tessera_schema(version) VALUES (0)", &[]).await.map_err(db_err)?;
+                exec(&tx, "INSERT INTO tessera_schema(version) VALUES (0)", &[]).await.map_err(db_err)?;
                 0
             }
         };
@@ -341,7 +394,7 @@ impl PostgresMetaStore {
         for step in &MIGRATIONS[version as usize..] {
             tx.batch_execute(step).await.map_err(db_err)?;
         }
-        tx.execute("UPDATE tessera_schema SET version = $1", &[&known]).await.map_err(db_err)?;
+        exec(&tx, "UPDATE tessera_schema SET version = $1", &[&known]).await.map_err(db_err)?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -381,27 +434,32 @@ impl MetaStore for PostgresMetaStore {
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> StoreResult<()> {
         let changed = [Changed::Link(repo.clone(), digest.clone())];
         let digest = digest.to_string();
+        // Statements that do not wait on each other's answers go out together (the server
+        // runs them in order): two round trips under the write lock instead of five.
         write!(self, tx, {
-            if doomed(&tx, &digest).await? {
+            let (doomed, id) = tokio::try_join!(doomed(&tx, &digest), ensure_repo(&tx, repo.as_str()))?;
+            if doomed {
                 return Err(StoreError::Missing(format!("{digest} is being garbage collected")));
             }
-            let id = ensure_repo(&tx, repo.as_str()).await?;
-            // The size of bytes that are here is verified: it replaces what a link to bytes
-            // elsewhere may have claimed first.
-            tx.execute(
-                "INSERT INTO blobs(digest, size, held_ms) VALUES ($1, $2, $3)
-                 ON CONFLICT (digest) DO UPDATE SET size = excluded.size WHERE blobs.size != excluded.size",
-                &[&digest, &(size as i64), &now_ms()],
+            let (now, size) = (now_ms(), size as i64);
+            let (blob, link): (Params, Params) = ([&digest, &size, &now], [&id, &digest, &now]);
+            tokio::try_join!(
+                // The size of bytes that are here is verified: it replaces what a link to
+                // bytes elsewhere may have claimed first.
+                exec(
+                    &tx,
+                    "INSERT INTO blobs(digest, size, held_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (digest) DO UPDATE SET size = excluded.size WHERE blobs.size != excluded.size",
+                    &blob,
+                ),
+                // Bytes arriving for a blob that lived elsewhere make the link local.
+                exec(
+                    &tx,
+                    "INSERT INTO blob_links(repo, digest, linked_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (repo, digest) DO UPDATE SET linked_ms = excluded.linked_ms, urls = NULL, size = NULL",
+                    &link,
+                ),
             )
-            .await
-            .map_err(db_err)?;
-            // Bytes arriving for a blob that lived elsewhere make the link local.
-            tx.execute(
-                "INSERT INTO blob_links(repo, digest, linked_ms) VALUES ($1, $2, $3)
-                 ON CONFLICT (repo, digest) DO UPDATE SET linked_ms = excluded.linked_ms, urls = NULL, size = NULL",
-                &[&id, &digest, &now_ms()],
-            )
-            .await
             .map_err(db_err)?;
             announce(&tx, &self.channel, &changed).await
         })
@@ -430,13 +488,15 @@ impl MetaStore for PostgresMetaStore {
             }
             let id = ensure_repo(&tx, repo.as_str()).await?;
             // The row the link needs; its size counts only once bytes arrive.
-            tx.execute(
+            exec(
+                &tx,
                 "INSERT INTO blobs(digest, size, held_ms) VALUES ($1, $2, $3) ON CONFLICT (digest) DO NOTHING",
                 &[&digest, &(size as i64), &now_ms()],
             )
             .await
             .map_err(db_err)?;
-            tx.execute(
+            exec(
+                &tx,
                 "INSERT INTO blob_links(repo, digest, urls, size, linked_ms) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (repo, digest) DO UPDATE SET linked_ms = excluded.linked_ms,
                      urls = CASE WHEN blob_links.urls IS NULL THEN NULL ELSE excluded.urls END,
@@ -509,7 +569,8 @@ impl MetaStore for PostgresMetaStore {
                 if stored.is_none() {
                     return Err(StoreError::Missing(format!("manifest {child} is not stored in {repo}")));
                 }
-                tx.execute(
+                exec(
+                    &tx,
                     "INSERT INTO manifest_children(repo, digest, parent) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                     &[&id, &child, &seq],
                 )
@@ -527,7 +588,8 @@ impl MetaStore for PostgresMetaStore {
                 if linked.is_none() {
                     return Err(StoreError::Missing(format!("{blob} is not linked into {repo}")));
                 }
-                tx.execute(
+                exec(
+                    &tx,
                     "INSERT INTO manifest_blobs(repo, digest, manifest) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                     &[&id, &blob, &seq],
                 )
@@ -535,7 +597,8 @@ impl MetaStore for PostgresMetaStore {
                 .map_err(db_err)?;
             }
             if let Some(tag) = tag {
-                tx.execute(
+                exec(
+                    &tx,
                     "INSERT INTO tags(repo, tag, digest) VALUES ($1, $2, $3)
                      ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest",
                     &[&id, &tag.as_str(), &digest],
@@ -613,7 +676,7 @@ impl MetaStore for PostgresMetaStore {
         let ms = millis(at);
         write!(self, tx, {
             let Some(id) = repo_id(&tx, repo.as_str()).await? else { return Ok(()) };
-            tx.execute("UPDATE tags SET checked_ms = $3 WHERE repo = $1 AND tag = $2", &[&id, &tag.as_str(), &ms])
+            exec(&tx, "UPDATE tags SET checked_ms = $3 WHERE repo = $1 AND tag = $2", &[&id, &tag.as_str(), &ms])
                 .await
                 .map_err(db_err)?;
             Ok::<_, StoreError>(())
@@ -671,7 +734,7 @@ impl MetaStore for PostgresMetaStore {
     async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> StoreResult<()> {
         write!(self, tx, {
             let rid = ensure_repo(&tx, repo.as_str()).await?;
-            tx.execute("INSERT INTO uploads(id, repo, created) VALUES ($1, $2, $3)", &[&id.as_str(), &rid, &now()])
+            exec(&tx, "INSERT INTO uploads(id, repo, created) VALUES ($1, $2, $3)", &[&id.as_str(), &rid, &now()])
                 .await
                 .map_err(db_err)?;
             Ok::<_, StoreError>(())
@@ -687,27 +750,30 @@ impl MetaStore for PostgresMetaStore {
 
     async fn delete_upload(&self, id: &UploadId) -> StoreResult<()> {
         write!(self, tx, {
-            tx.execute("DELETE FROM uploads WHERE id = $1", &[&id.as_str()]).await.map_err(db_err)?;
+            exec(&tx, "DELETE FROM uploads WHERE id = $1", &[&id.as_str()]).await.map_err(db_err)?;
             Ok::<_, StoreError>(())
         })
     }
 
     async fn hold_blob(&self, digest: &Digest, size: u64) -> StoreResult<bool> {
-        let digest = digest.to_string();
+        let (digest, size, now) = (digest.to_string(), size as i64, now_ms());
+        let hold: Params = [&digest, &size, &now];
         write!(self, tx, {
-            // A hold guards a push in flight, which a crash of the database ends anyway.
-            tx.execute("SET LOCAL synchronous_commit = off", &[]).await.map_err(db_err)?;
-            if doomed(&tx, &digest).await? {
-                return Ok(false);
-            }
-            tx.execute(
-                "INSERT INTO blobs(digest, size, held_ms) VALUES ($1, $2, $3)
-                 ON CONFLICT (digest) DO UPDATE SET held_ms = excluded.held_ms",
-                &[&digest, &(size as i64), &now_ms()],
+            let ((), held) = tokio::try_join!(
+                // A hold guards a push in flight, which a crash of the database ends anyway.
+                async { exec(&tx, "SET LOCAL synchronous_commit = off", &[]).await.map(|_| ()) },
+                // Held unless doomed, in one statement: nothing but a collection dooms, and
+                // it waits for the write lock this transaction holds.
+                exec(
+                    &tx,
+                    "INSERT INTO blobs(digest, size, held_ms)
+                     SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM blobs_doomed WHERE digest = $1)
+                     ON CONFLICT (digest) DO UPDATE SET held_ms = excluded.held_ms",
+                    &hold,
+                ),
             )
-            .await
             .map_err(db_err)?;
-            Ok::<_, StoreError>(true)
+            Ok::<_, StoreError>(held > 0)
         })
     }
 
@@ -762,7 +828,8 @@ impl MetaStore for PostgresMetaStore {
         let cutoff = millis(cutoff);
         let stored: Vec<String> = stored.iter().map(|d| d.to_string()).collect();
         write!(self, tx, {
-            tx.execute(
+            exec(
+                &tx,
                 "INSERT INTO blobs_doomed(digest)
                  SELECT digest FROM blobs b WHERE held_ms < $1
                  AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest) LIMIT $2
@@ -771,7 +838,8 @@ impl MetaStore for PostgresMetaStore {
             )
             .await
             .map_err(db_err)?;
-            tx.execute(
+            exec(
+                &tx,
                 "DELETE FROM blobs WHERE digest IN (SELECT digest FROM blobs_doomed)
                  AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = blobs.digest)",
                 &[],
@@ -780,7 +848,8 @@ impl MetaStore for PostgresMetaStore {
             .map_err(db_err)?;
             // Bytes without any record (stored before holds existed, or a hold a crash
             // forgot).
-            tx.execute(
+            exec(
+                &tx,
                 "INSERT INTO blobs_doomed(digest)
                  SELECT d FROM unnest($1::text[]) AS d WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE digest = d)
                  ON CONFLICT DO NOTHING",
@@ -788,7 +857,7 @@ impl MetaStore for PostgresMetaStore {
             )
             .await
             .map_err(db_err)?;
-            let rows = tx.query("SELECT digest FROM blobs_doomed", &[]).await.map_err(db_err)?;
+            let rows = rows(&tx, "SELECT digest FROM blobs_doomed", &[]).await.map_err(db_err)?;
             rows.iter().map(|r| stored_digest(r.get(0))).collect::<StoreResult<Vec<_>>>()
         })
     }
@@ -796,7 +865,7 @@ impl MetaStore for PostgresMetaStore {
     async fn forget_doomed(&self, digests: &[Digest]) -> StoreResult<()> {
         let digests: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
         write!(self, tx, {
-            tx.execute("DELETE FROM blobs_doomed WHERE digest = ANY($1)", &[&digests]).await.map_err(db_err)?;
+            exec(&tx, "DELETE FROM blobs_doomed WHERE digest = ANY($1)", &[&digests]).await.map_err(db_err)?;
             Ok::<_, StoreError>(())
         })
     }
