@@ -138,7 +138,7 @@ mod tests {
     async fn push_blob(r: &Registry, repo: &RepoName, content: &'static [u8]) -> Digest {
         let digest = Digest::sha256_of(content);
         let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(content))]);
-        r.upload_monolithic(repo, &digest, body).await.unwrap();
+        r.upload_monolithic(repo, &digest, None, body).await.unwrap();
         digest
     }
 

@@ -50,6 +50,11 @@ pub struct UploadState {
     digester: Digester,
 }
 
+/// A blob up to this size, sent whole in one request that declares its length, is taken
+/// in memory, verified and stored in one step ([`tessera_store::BlobStore::put_blob`]):
+/// on an object store, one request instead of a session's many.
+pub const SMALL_BLOB: u64 = 4 << 20;
+
 /// How long a commit waits for a collection deleting the same blob: it deletes files, so
 /// seconds at most.
 const HOLD_ATTEMPTS: u32 = 200;
@@ -135,11 +140,21 @@ impl Registry {
         Ok(UploadStart::Session(id))
     }
 
-    /// A whole blob in one request (`POST ?digest=`). Nothing is left behind on failure.
-    pub async fn upload_monolithic<S>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<(), OciError>
+    /// A whole blob in one request (`POST ?digest=`), of `content_length` bytes when the
+    /// request says. Nothing is left behind on failure.
+    pub async fn upload_monolithic<S>(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        content_length: Option<u64>,
+        body: S,
+    ) -> Result<(), OciError>
     where
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
+        if content_length.is_some_and(|n| n <= SMALL_BLOB) {
+            return self.store_whole(repo, digest, body).await;
+        }
         let id = UploadId::random();
         self.blobs.upload_create(&id).await.map_err(|e| store_failure("upload create", e))?;
         let mut state = None;
@@ -205,6 +220,19 @@ impl Registry {
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
         let (mut state, size) = self.open_session(repo, id).await?;
+        let whole = size == 0 && content_length.is_some_and(|n| n > 0 && n <= SMALL_BLOB);
+        if whole && content_range.is_none_or(|r| r.start == 0) {
+            // The whole blob in its closing request (POST, then PUT with the body): stored
+            // in one step, and the empty session dropped.
+            check_chunk(size, content_range, content_length)?;
+            let result = self.store_whole(repo, digest, body).await;
+            if result.as_ref().is_ok() || result.as_ref().is_err_and(|e| e.code == ErrorCode::DigestInvalid) {
+                self.discard(id).await;
+                drop(state);
+                self.forget_session(id);
+            }
+            return result;
+        }
         if content_length != Some(0) {
             check_chunk(size, content_range, content_length)?;
             self.append(id, &mut state, size, body).await?;
@@ -314,6 +342,40 @@ impl Registry {
             .map_err(|e| store_failure("upload rehash", e))
     }
 
+    /// Takes a small blob whole into memory, hashing it, and stores and links it if it is
+    /// `digest` (see [`SMALL_BLOB`]).
+    async fn store_whole<S>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<(), OciError>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Send,
+    {
+        let mut digester = Digester::new(digest.algorithm());
+        let mut bytes = bytes::BytesMut::new();
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                tracing::info!("upload body ended early: {e}");
+                OciError::new(ErrorCode::BlobUploadInvalid, "upload body ended before its declared end; send it again")
+            })?;
+            if bytes.len() as u64 + chunk.len() as u64 > SMALL_BLOB {
+                return Err(OciError::new(ErrorCode::SizeInvalid, "the body is longer than its Content-Length"));
+            }
+            digester.update(&chunk);
+            bytes.extend_from_slice(&chunk);
+        }
+        let limit = self.settings.blob_max_bytes;
+        if limit > 0 && bytes.len() as u64 > limit {
+            return Err(OciError::new(ErrorCode::TooLarge, format!("blob larger than the {limit} byte limit")));
+        }
+        let actual = digester.finish();
+        if &actual != digest {
+            return Err(digest_mismatch(digest, &actual));
+        }
+        let size = bytes.len() as u64;
+        self.hold(digest, size).await?;
+        self.blobs.put_blob(digest, bytes.freeze()).await.map_err(|e| store_failure("blob store", e))?;
+        self.meta.link_blob(repo, digest, size).await.map_err(|e| store_failure("blob link", e))
+    }
+
     async fn commit(
         &self,
         repo: &RepoName,
@@ -332,8 +394,7 @@ impl Registry {
             _ => self.rehash(id, digest.algorithm(), size).await?.finish(),
         };
         if &actual != digest {
-            return Err(OciError::new(ErrorCode::DigestInvalid, "uploaded content does not match the digest")
-                .with_detail(json!({ "expected": digest.to_string(), "actual": actual.to_string() })));
+            return Err(digest_mismatch(digest, &actual));
         }
         self.hold(digest, size).await?;
         self.blobs.upload_commit(id, digest).await.map_err(|e| store_failure("upload commit", e))?;
@@ -403,6 +464,11 @@ impl Registry {
         }
         Ok(removed)
     }
+}
+
+fn digest_mismatch(expected: &Digest, actual: &Digest) -> OciError {
+    OciError::new(ErrorCode::DigestInvalid, "uploaded content does not match the digest")
+        .with_detail(json!({ "expected": expected.to_string(), "actual": actual.to_string() }))
 }
 
 /// A chunk must start where the session stands, and its range and length must agree.
@@ -479,6 +545,43 @@ mod tests {
         assert_eq!(r.upload_patch(&repo, &id, None, None, body).await.unwrap(), 105_000);
         let digest = Digest::sha256_of(&[first, second].concat());
         r.upload_finish(&repo, &id, &digest, None, Some(0), futures_util::stream::empty()).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_small_blob_sent_whole_is_verified_and_stored_in_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        let repo: RepoName = "a".parse().unwrap();
+        let whole = |bytes: &'static [u8]| futures_util::stream::iter(vec![Ok(Bytes::from_static(bytes))]);
+        let right = Digest::sha256_of(b"small");
+
+        // POST ?digest= with the whole body.
+        let wrong = Digest::sha256_of(b"other");
+        let e = r.upload_monolithic(&repo, &wrong, Some(5), whole(b"small")).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::DigestInvalid);
+        assert_eq!(r.blobs.stat(&wrong).await.unwrap(), None);
+        assert_eq!(r.blobs.stat(&right).await.unwrap(), None, "nothing stored under either digest");
+        r.upload_monolithic(&repo, &right, Some(5), whole(b"small")).await.unwrap();
+        assert_eq!(r.blob_size(&repo, &right).await.unwrap(), 5);
+
+        // POST, then PUT with the whole body: the empty session goes with it.
+        let other: RepoName = "b".parse().unwrap();
+        let UploadStart::Session(id) = r.upload_start(&other, None).await.unwrap() else { panic!("a session") };
+        let e = r.upload_finish(&other, &id, &wrong, None, Some(5), whole(b"small")).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::DigestInvalid);
+        assert_eq!(r.upload_status(&other, &id).await.unwrap_err().code, ErrorCode::BlobUploadUnknown);
+        let UploadStart::Session(id) = r.upload_start(&other, None).await.unwrap() else { panic!("a session") };
+        r.upload_finish(&other, &id, &right, None, Some(5), whole(b"small")).await.unwrap();
+        assert_eq!(r.blob_size(&other, &right).await.unwrap(), 5);
+        assert!(r.blobs.upload_list().await.unwrap().is_empty(), "no session is left");
+        assert_eq!(sessions(&r), 0);
+
+        // A body that breaks stores nothing; the session stays for a retry.
+        let UploadStart::Session(id) = r.upload_start(&other, None).await.unwrap() else { panic!("a session") };
+        let broken = futures_util::stream::iter(vec![Ok(Bytes::from_static(b"sm")), Err(io::Error::other("gone"))]);
+        let e = r.upload_finish(&other, &id, &right, None, Some(5), broken).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::BlobUploadInvalid);
+        assert_eq!(r.upload_status(&other, &id).await.unwrap(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread")]

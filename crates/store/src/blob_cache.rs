@@ -110,6 +110,10 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
         self.inner.upload_commit(id, digest).await
     }
 
+    async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> io::Result<()> {
+        self.inner.put_blob(digest, bytes).await
+    }
+
     async fn upload_delete(&self, id: &UploadId) -> io::Result<()> {
         self.inner.upload_delete(id).await
     }

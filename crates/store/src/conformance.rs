@@ -124,6 +124,17 @@ pub async fn blob_store(store: &dyn BlobStore) {
     assert!(!store.delete(&digest).await.unwrap());
     assert_eq!(store.stat(&digest).await.unwrap(), None);
     assert!(store.list().await.unwrap().iter().all(|b| b.digest != digest), "a deleted blob is not listed");
+
+    // A small blob stored in one step: readable whole, no session left, and storing it
+    // again keeps it as it is.
+    let sessions = store.upload_list().await.unwrap().len();
+    let small = Bytes::from_static(b"a small blob stored whole");
+    let small_digest = Digest::sha256_of(&small);
+    store.put_blob(&small_digest, small.clone()).await.unwrap();
+    store.put_blob(&small_digest, small.clone()).await.unwrap();
+    assert_eq!(store.stat(&small_digest).await.unwrap(), Some(small.len() as u64));
+    assert_eq!(collect(store.read(&small_digest, None).await.unwrap().unwrap().body).await, small);
+    assert_eq!(store.upload_list().await.unwrap().len(), sessions, "put_blob leaves no session behind");
 }
 
 fn manifest(n: u8, subject: Option<&Digest>) -> ManifestRecord {

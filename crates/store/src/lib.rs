@@ -160,6 +160,23 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn upload_read(&self, id: &UploadId, start: u64) -> io::Result<ByteStream<'static>>;
     /// Makes the session's bytes the blob `digest` and ends the session.
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> io::Result<()>;
+    /// Stores `bytes`, already verified to be `digest`, as that blob, whole or not at all:
+    /// for a small blob received in one request. By default through a session of its own;
+    /// a store that writes an object in one request does that instead (S3: one `PUT`
+    /// where a session costs a marker, a part, a copy and its deletions).
+    async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> io::Result<()> {
+        let id = UploadId::random();
+        self.upload_create(&id).await?;
+        let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
+        let stored = match self.upload_append(&id, body, true).await {
+            Ok(_) => self.upload_commit(&id, digest).await,
+            Err(AppendError::Source(e) | AppendError::Storage(e)) => Err(e),
+        };
+        if stored.is_err() {
+            let _ = self.upload_delete(&id).await;
+        }
+        stored
+    }
     /// Ends the session and drops its bytes. Missing sessions are fine.
     async fn upload_delete(&self, id: &UploadId) -> io::Result<()>;
     /// All sessions with their last-modified time.

@@ -151,8 +151,19 @@ const MANIFEST_COLUMNS: &str = "m.digest, m.media_type, m.bytes, m.subject, m.ar
 /// Statements on a transaction, each prepared once per connection: one round trip where a
 /// statement sent as text costs two (parse, then execute), and the write lock is held for
 /// every round trip of a write.
-/// Three parameters of a statement, bound to a name so they outlive statements sent together.
-type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync); 3];
+type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+/// Sends two statements one right after the other, without waiting for the first's answer
+/// (the server runs them in this order), and returns their row counts.
+async fn exec_both(
+    tx: &Transaction<'_>,
+    (first, first_params): (&str, Params<'_>),
+    (second, second_params): (&str, Params<'_>),
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    let (first, second) = tokio::try_join!(tx.prepare_cached(first), tx.prepare_cached(second))?;
+    // futures-util's `try_join` polls in order, so the first is sent first.
+    futures_util::future::try_join(tx.execute(&first, first_params), tx.execute(&second, second_params)).await
+}
 
 async fn exec(
     tx: &Transaction<'_>,
@@ -250,11 +261,14 @@ macro_rules! write {
         $self.writes.fetch_add(1, Ordering::Relaxed);
         let mut client = $self.pool.get().await.map_err(pool_err)?;
         let $tx = client.transaction().await.map_err(db_err)?;
-        // The lock goes out with the body's first statement right behind it, not waiting
-        // for its answer: the server runs them in order, so the body runs under the lock,
-        // and the lock is held one round trip less.
-        let lock = async { exec(&$tx, "SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK]).await.map_err(db_err) };
-        let ((), out) = tokio::try_join!(async { lock.await.map(|_| ()) }, async { $body })?;
+        // The lock goes out first and the body's first statement right behind it, without
+        // waiting for the lock's answer: the server runs them in order, so the body runs
+        // under the lock, held one round trip less. The lock is prepared beforehand (once
+        // per connection) so that nothing stands before its sending, and futures-util's
+        // `try_join` polls in order (tokio's rotates which it polls first).
+        let lock = $tx.prepare_cached("SELECT pg_advisory_xact_lock($1)").await.map_err(db_err)?;
+        let locked = async { $tx.execute(&lock, &[&WRITE_LOCK]).await.map(|_| ()).map_err(db_err) };
+        let ((), out) = futures_util::future::try_join(locked, async { $body }).await?;
         $tx.commit().await.map_err(db_err)?;
         Ok::<_, StoreError>(out)
     }};
@@ -437,29 +451,30 @@ impl MetaStore for PostgresMetaStore {
         // Statements that do not wait on each other's answers go out together (the server
         // runs them in order): two round trips under the write lock instead of five.
         write!(self, tx, {
+            // Either order: neither writes what the other reads.
             let (doomed, id) = tokio::try_join!(doomed(&tx, &digest), ensure_repo(&tx, repo.as_str()))?;
             if doomed {
                 return Err(StoreError::Missing(format!("{digest} is being garbage collected")));
             }
             let (now, size) = (now_ms(), size as i64);
-            let (blob, link): (Params, Params) = ([&digest, &size, &now], [&id, &digest, &now]);
-            tokio::try_join!(
+            exec_both(
+                &tx,
                 // The size of bytes that are here is verified: it replaces what a link to
                 // bytes elsewhere may have claimed first.
-                exec(
-                    &tx,
+                (
                     "INSERT INTO blobs(digest, size, held_ms) VALUES ($1, $2, $3)
                      ON CONFLICT (digest) DO UPDATE SET size = excluded.size WHERE blobs.size != excluded.size",
-                    &blob,
+                    &[&digest, &size, &now],
                 ),
-                // Bytes arriving for a blob that lived elsewhere make the link local.
-                exec(
-                    &tx,
+                // Bytes arriving for a blob that lived elsewhere make the link local (after
+                // the blob's row, which it references).
+                (
                     "INSERT INTO blob_links(repo, digest, linked_ms) VALUES ($1, $2, $3)
                      ON CONFLICT (repo, digest) DO UPDATE SET linked_ms = excluded.linked_ms, urls = NULL, size = NULL",
-                    &link,
+                    &[&id, &digest, &now],
                 ),
             )
+            .await
             .map_err(db_err)?;
             announce(&tx, &self.channel, &changed).await
         })
@@ -757,21 +772,21 @@ impl MetaStore for PostgresMetaStore {
 
     async fn hold_blob(&self, digest: &Digest, size: u64) -> StoreResult<bool> {
         let (digest, size, now) = (digest.to_string(), size as i64, now_ms());
-        let hold: Params = [&digest, &size, &now];
         write!(self, tx, {
-            let ((), held) = tokio::try_join!(
+            let (_, held) = exec_both(
+                &tx,
                 // A hold guards a push in flight, which a crash of the database ends anyway.
-                async { exec(&tx, "SET LOCAL synchronous_commit = off", &[]).await.map(|_| ()) },
+                ("SET LOCAL synchronous_commit = off", &[]),
                 // Held unless doomed, in one statement: nothing but a collection dooms, and
                 // it waits for the write lock this transaction holds.
-                exec(
-                    &tx,
+                (
                     "INSERT INTO blobs(digest, size, held_ms)
                      SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM blobs_doomed WHERE digest = $1)
                      ON CONFLICT (digest) DO UPDATE SET held_ms = excluded.held_ms",
-                    &hold,
+                    &[&digest, &size, &now],
                 ),
             )
+            .await
             .map_err(db_err)?;
             Ok::<_, StoreError>(held > 0)
         })

@@ -241,7 +241,7 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             _ => Err(unsupported_method()),
         },
         Endpoint::UploadStart { digest, .. } if *method == Method::POST => {
-            uploads::start(state, &permit, body, digest.as_ref()).await
+            uploads::start(state, &permit, parts, body, digest.as_ref()).await
         }
         Endpoint::Upload { id, digest, .. } => uploads::session(state, &permit, parts, body, id, digest.as_ref()).await,
         Endpoint::BlobLocation { digest, .. } => match (permit.writable()?, method) {

@@ -18,13 +18,15 @@ use crate::policy::Permit;
 pub(super) async fn start(
     state: &AppState,
     permit: &Permit,
+    parts: &Parts,
     body: &mut Option<Body>,
     digest: Option<&Digest>,
 ) -> Result<Response, OciError> {
     let name = permit.writable()?;
     let registry = &state.registry;
     if let Some(digest) = digest {
-        registry.upload_monolithic(name, digest, byte_stream(body, state.limits.body_idle)).await?;
+        let length = content_length(&parts.headers);
+        registry.upload_monolithic(name, digest, length, byte_stream(body, state.limits.body_idle)).await?;
         return Ok(blob_created(name, digest));
     }
     let mount = permit.mount.as_ref().map(|(digest, from)| (digest, from.as_ref()));
