@@ -64,12 +64,16 @@ impl<B: BlobStore> BlobStore for CachedBlobStore<B> {
         if let Some(b) = self.cache.get(digest) {
             return Self::answer(&b, range).map(Some);
         }
-        match self.inner.stat(digest).await? {
-            None => return Ok(None),
-            Some(size) if size > self.max_item => return self.inner.read(digest, range).await,
-            Some(_) => {}
+        // A part is read as asked (parts of small blobs are rare); a whole read tells the
+        // size as it starts, so a large blob streams on with no request spent on a stat
+        // first (a round trip to an object store).
+        if range.is_some() {
+            return self.inner.read(digest, range).await;
         }
         let Some(read) = self.inner.read(digest, None).await? else { return Ok(None) };
+        if read.len > self.max_item {
+            return Ok(Some(read));
+        }
         let mut whole = BytesMut::with_capacity(read.len as usize);
         let mut body = read.body;
         while let Some(chunk) = body.next().await {
