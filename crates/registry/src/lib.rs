@@ -153,14 +153,21 @@ impl Registry {
     }
 
     /// Whether both stores answer now (for a load balancer's readiness probe): `Err` names
-    /// the one that does not.
-    pub async fn check_stores(&self) -> Result<(), String> {
+    /// the one that does not, without the cause (which may name internal addresses, and
+    /// the probe needs no login); the cause is logged at debug level.
+    pub async fn check_stores(&self) -> Result<(), &'static str> {
         let absent = Digest::sha256_of(b"");
         let (meta, blobs) = tokio::join!(self.meta.catalog(None, 1), self.blobs.stat(&absent));
-        meta.map_err(|e| format!("metadata store: {e}"))?;
-        blobs.map_err(|e| format!("blob store: {e}"))?;
+        if let Err(e) = meta {
+            tracing::debug!("not ready: metadata store: {e}");
+            return Err("the metadata store does not answer");
+        }
+        if let Err(e) = blobs {
+            tracing::debug!("not ready: blob store: {e}");
+            return Err("the blob store does not answer");
+        }
         if self.cluster.as_ref().is_some_and(|c| !c.connected()) {
-            return Err("cluster coordination: no connection to the metadata database".into());
+            return Err("no connection to the metadata store for cluster coordination");
         }
         Ok(())
     }

@@ -537,7 +537,9 @@ async fn probes_say_whether_a_node_can_serve_and_a_stopping_node_finishes_its_re
     cluster.pg.stop().unwrap();
     let r = node.get("/readyz").await.unwrap();
     assert_eq!(r.status(), 503, "not ready without its metadata database");
-    assert!(r.text().await.unwrap().contains("metadata store"));
+    let why = r.text().await.unwrap();
+    assert!(why.contains("metadata store"), "{why}");
+    assert!(!why.contains("127.0.0.1"), "no internal address is told to an anonymous prober: {why}");
     assert_eq!(node.get("/healthz").await.unwrap().status(), 200, "but alive");
     cluster.pg.restart().unwrap();
     let ready =
