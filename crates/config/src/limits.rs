@@ -39,6 +39,9 @@ pub struct Limits {
     /// starts; past it, 503 with `Retry-After`. 0: no limit. (Uploads are bounded by the
     /// body timeouts and sizes instead, downloads by `send_idle_timeout_secs`.)
     pub request_timeout_secs: u64,
+    /// On SIGTERM or Ctrl-C, seconds the requests in flight get to finish (no new
+    /// connection is taken meanwhile) before the process exits anyway.
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -55,6 +58,7 @@ impl Default for Limits {
             body_idle_timeout_secs: 60,
             send_idle_timeout_secs: 60,
             request_timeout_secs: 300,
+            drain_timeout_secs: 30,
         }
     }
 }

@@ -32,8 +32,6 @@ use crate::connections::{ConnectionLimits, Connections, Refused, Slot};
 
 /// How long a client may take to send its request head (slow-loris guard).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long in-flight requests get to finish after a shutdown signal.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const HTTP_TO_TLS_CLIENT: &[u8] =
     b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nThis registry speaks plain HTTP; use http:// (or --tls-verify=false).\n";
@@ -48,6 +46,8 @@ pub struct ServerOptions {
     pub trusted_proxies: Arc<[Network]>,
     /// How many connections may be open, in total and per client.
     pub connections: ConnectionLimits,
+    /// How long requests in flight get to finish after the shutdown signal.
+    pub drain: Duration,
 }
 
 /// The client a request is from: the socket's peer, or, when the peer is a trusted proxy,
@@ -255,7 +255,7 @@ pub async fn serve(
     connections.close_all();
     tokio::select! {
         () = connections.all_closed() => {}
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; stopping anyway"),
+        () = tokio::time::sleep(options.drain) => tracing::warn!("requests still running after {:?}; stopping anyway", options.drain),
     }
     Ok(())
 }

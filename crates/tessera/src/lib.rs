@@ -695,6 +695,7 @@ async fn run(
             send_idle: Duration::from_secs(config.limits.send_idle_timeout_secs.max(1)),
             trusted_proxies: config.trusted_proxies.clone().into(),
             connections: connection_limits(&config.limits),
+            drain: Duration::from_secs(config.limits.drain_timeout_secs),
         },
         shutdown,
     )
