@@ -30,6 +30,9 @@ struct Cluster {
     nodes: Vec<Server>,
     garage: Garage,
     prefix: String,
+    /// The configuration every node runs with, and the database's URL in it.
+    config: String,
+    url: String,
     pg: Postgres,
     _keys: tessera_testkit::TempDir,
 }
@@ -42,14 +45,14 @@ impl Cluster {
         let keys = tessera_testkit::tempdir().unwrap();
         let prefix = format!("{name}/");
         let storage = garage.storage_toml(keys.path(), &prefix).unwrap();
+        let url = pg.database("registry").unwrap();
         let config = format!(
-            "{extra}\n{storage}\n[storage.postgres]\nurl = \"{}\"\nchanges_poll_ms = {}\n",
-            pg.database("registry").unwrap(),
+            "{extra}\n{storage}\n[storage.postgres]\nurl = \"{url}\"\nchanges_poll_ms = {}\n",
             CHANGES_POLL.as_millis()
         );
         let nodes: Vec<Server> = (0..NODES).map(|_| Server::with_config(BIN, &config).expect("node starts")).collect();
         let balancer = Balancer::start(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>()).unwrap();
-        Some(Cluster { balancer, nodes, garage, prefix, pg, _keys: keys })
+        Some(Cluster { balancer, nodes, garage, prefix, config, url, pg, _keys: keys })
     }
 
     /// The registry as clients see it: through the balancer.
@@ -525,6 +528,44 @@ async fn garbage_collection_on_one_node_loses_nothing_the_others_push() {
     }
     let passes: usize = cluster.nodes.iter().map(|n| n.log_text().matches("garbage collection pass").count()).sum();
     assert!(passes >= 4, "collection passes ran ({passes}):\n{}", cluster.logs());
+}
+
+#[tokio::test]
+async fn one_node_collects_garbage_at_a_time() {
+    // The nodes collect only when asked, so the test decides who holds the lease.
+    let Some(cluster) = Cluster::start("lease", "[storage]\ngc_interval_secs = 0\n") else { return };
+    let doomed = Image::random(1, 30_000);
+    cluster.api().push_image("team/doomed", "v1", &doomed).await.unwrap();
+    let r = cluster.api().http.delete(cluster.api().url(&format!("/v2/team/doomed/manifests/{}", doomed.digest())));
+    assert_eq!(r.send().await.unwrap().status(), 202);
+
+    // Another node in the middle of a pass: this process takes the lease as a node does.
+    let store = tessera_store::PostgresMetaStore::connect(&cluster.url, None, None).await.unwrap();
+    let other = store.join_cluster(Duration::from_secs(1), std::sync::Arc::new(|_| {})).await.unwrap();
+    let lease = tessera_store::ClusterLocks::try_lock(&other, "gc").await.unwrap().expect("the lease is free");
+    let dir = tessera_testkit::tempdir().unwrap();
+    let config = dir.path().join("tessera.toml");
+    std::fs::write(&config, &cluster.config).unwrap();
+    let gc = {
+        let (config, data) = (p(&config), p(&dir.path().join("data")));
+        move || tessera_testkit::cli(BIN, &["gc", "--config", &config, "--data", &data, "--grace-secs", "0"])
+    };
+    let waited = tokio::task::spawn_blocking(gc.clone()).await.unwrap();
+    assert!(waited.ok, "{}", waited.output());
+    assert!(waited.stdout.contains("another node is collecting garbage now; nothing done"), "{}", waited.output());
+    let layer = Digest::sha256_of(&doomed.layers[0]);
+    assert!(cluster.bucket("").await.stat(&layer).await.unwrap().is_some(), "nothing was collected");
+
+    // The lease given back (as a node that finished or died does), the pass runs.
+    drop(lease);
+    let ran = wait_until_async(Duration::from_secs(10), || {
+        let gc = gc.clone();
+        async move { !tokio::task::spawn_blocking(gc).await.unwrap().stdout.contains("nothing done") }
+    })
+    .await;
+    assert!(ran, "the pass ran once the lease was free");
+    assert!(cluster.bucket("").await.stat(&layer).await.unwrap().is_none(), "the deleted image's layer is gone");
+    assert_eq!(served_digest(&cluster.node(1), "team/doomed", &doomed.digest().to_string()).await, None);
 }
 
 #[tokio::test]
