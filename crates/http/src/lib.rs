@@ -53,17 +53,36 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state, access_log))
 }
 
+/// A new request id: this process's random prefix and a count, so ids are unique within a
+/// process and, but for a one-in-four-billion chance, across the nodes of a cluster.
+fn request_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    // The standard library's hasher keys are random per process: no random crate needed.
+    let prefix = *PREFIX.get_or_init(|| std::collections::hash_map::RandomState::new().build_hasher().finish() as u32);
+    format!("{prefix:08x}{:012x}", COUNT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Gives every request an id (the `X-Request-Id` answer header, and a span around the
+/// request, so every log line of it carries the id) and logs one access line.
 async fn access_log(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     req: Request,
     next: Next,
 ) -> Response {
+    use tracing::Instrument;
+    let id = request_id();
+    let id_header = HeaderValue::from_str(&id).expect("hex digits make a header value");
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         let mut response = next.run(req).await;
         response.headers_mut().insert("docker-distribution-api-version", API_VERSION);
+        response.headers_mut().insert("x-request-id", id_header);
         state.metrics.answered(response.status().as_u16());
         return response;
     }
+    let span = tracing::info_span!("request", id = %id);
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -76,8 +95,9 @@ async fn access_log(
         .chars()
         .take(80)
         .collect::<String>();
-    let mut response = next.run(req).await;
+    let mut response = next.run(req).instrument(span.clone()).await;
     response.headers_mut().insert("docker-distribution-api-version", API_VERSION);
+    response.headers_mut().insert("x-request-id", id_header);
     state.metrics.answered(response.status().as_u16());
     let length = response
         .headers()
@@ -85,12 +105,14 @@ async fn access_log(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
-    tracing::info!(
-        target: "access",
-        "{client} \"{method} {uri}\" {} {length} {:.1}ms \"{agent}\"",
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64() * 1000.0
-    );
+    span.in_scope(|| {
+        tracing::info!(
+            target: "access",
+            "{client} \"{method} {uri}\" {} {length} {:.1}ms \"{agent}\"",
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64() * 1000.0
+        )
+    });
     response
 }
 
