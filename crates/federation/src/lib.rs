@@ -10,7 +10,7 @@ pub mod statics;
 /// The registry client each upstream is reached through, from `tessera-client`.
 pub use tessera_client::upstream;
 
-pub use cache::{CacheStats, Fetched, PullThrough, UpstreamAuth};
+pub use cache::{CacheStats, Fetched, LATENCY_BUCKETS, PullThrough, UPSTREAM_REQUESTS, UpstreamAuth, UpstreamLatency};
 pub use delivery::{Decision, Delivery};
 pub use router::{Matched, Resolved, RoutingTable};
 pub use source::{Answer, Ask, Found, Served, Source};

@@ -28,7 +28,9 @@ pub(crate) fn action_of<'e>(method: &Method, endpoint: &'e Endpoint) -> Option<(
                 _ => (Action::Push, name),
             })
         }
-        Endpoint::UploadStart { name, .. } | Endpoint::Upload { name, .. } => Some((Action::Push, name)),
+        Endpoint::UploadStart { name, .. } | Endpoint::Upload { name, .. } | Endpoint::Copy { name, .. } => {
+            Some((Action::Push, name))
+        }
     }
 }
 

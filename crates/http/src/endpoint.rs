@@ -35,6 +35,19 @@ pub enum Endpoint {
     /// `/tessera/v1/<name>/blobs/<digest>`: where a blob lives; a PUT records a blob that
     /// stays on another server (metadata-only push). Tessera's own API, not the spec's.
     BlobLocation { name: RepoName, digest: Digest },
+    /// `POST /tessera/v1/<name>/copy?from=<name>&reference=<tag or digest>[&tag=<tag>]`
+    /// (or `&all_tags=true` instead of a reference), `&dry_run=true` to only list: a
+    /// promotion within this registry. Tessera's own API.
+    Copy { name: RepoName, from: RepoName, what: CopyWhat, dry_run: bool },
+}
+
+/// What a copy takes from its source repository.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CopyWhat {
+    /// One image, tagged `tag` at the destination (default: the source's tag, if any).
+    One { reference: Reference, tag: Option<tessera_spec::Tag> },
+    /// Every tag, each under the same tag.
+    AllTags,
 }
 
 impl Endpoint {
@@ -48,7 +61,8 @@ impl Endpoint {
             | Endpoint::UploadStart { name, .. }
             | Endpoint::Upload { name, .. }
             | Endpoint::Referrers { name, .. }
-            | Endpoint::BlobLocation { name, .. } => Some(name),
+            | Endpoint::BlobLocation { name, .. }
+            | Endpoint::Copy { name, .. } => Some(name),
         }
     }
 }
@@ -97,8 +111,11 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/tessera/v1/") {
-        let (name, digest) = rest.rsplit_once("/blobs/").ok_or_else(not_found)?;
-        return Ok(Endpoint::BlobLocation { name: name.parse()?, digest: digest.parse()? });
+        if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+            return Ok(Endpoint::BlobLocation { name: name.parse()?, digest: digest.parse()? });
+        }
+        let name = rest.strip_suffix("/copy").ok_or_else(not_found)?;
+        return copy(name.parse()?, &Query::parse(query));
     }
     let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
     if rest.is_empty() || rest == "/" {
@@ -155,6 +172,21 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
         }
         _ => Err(not_found()),
     }
+}
+
+fn copy(name: RepoName, q: &Query) -> Result<Endpoint, OciError> {
+    let invalid = |why: &str| OciError::new(ErrorCode::Unsupported, format!("copy: {why}"));
+    let flag = |key: &str| matches!(q.get(key), Some("true" | "1"));
+    let from = q.get("from").ok_or_else(|| invalid("from=<repository> is required"))?.parse()?;
+    let what = match (flag("all_tags"), q.get("reference")) {
+        (true, None) if q.get("tag").is_none() => CopyWhat::AllTags,
+        (true, _) => return Err(invalid("all_tags copies every tag as it is: no reference or tag with it")),
+        (false, Some(reference)) => {
+            CopyWhat::One { reference: reference.parse()?, tag: q.get("tag").map(str::parse).transpose()? }
+        }
+        (false, None) => return Err(invalid("reference=<tag or digest> (or all_tags=true) is required")),
+    };
+    Ok(Endpoint::Copy { name, from, what, dry_run: flag("dry_run") })
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub struct AppState {
     pub anonymous_writes: bool,
 }
 
-pub use metrics::Metrics;
+pub use metrics::{EndpointFamily, Metrics};
 
 /// The client's address (the socket's peer, or the one a trusted proxy forwarded), put
 /// into request extensions by [`server`].
@@ -66,7 +66,7 @@ fn request_id() -> String {
 }
 
 /// Gives every request an id (the `X-Request-Id` answer header, and a span around the
-/// request, so every log line of it carries the id) and logs one access line.
+/// request, so every log line of it carries the id), measures it, and logs one access line.
 async fn access_log(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     req: Request,
@@ -75,45 +75,77 @@ async fn access_log(
     use tracing::Instrument;
     let id = request_id();
     let id_header = HeaderValue::from_str(&id).expect("hex digits make a header value");
-    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
-        let mut response = next.run(req).await;
-        response.headers_mut().insert("docker-distribution-api-version", API_VERSION);
-        response.headers_mut().insert("x-request-id", id_header);
-        state.metrics.answered(response.status().as_u16());
-        return response;
-    }
-    let span = tracing::info_span!("request", id = %id);
     let started = Instant::now();
     let method = req.method().clone();
-    let uri = req.uri().clone();
-    let client = req.extensions().get::<ClientAddr>().map(|c| c.0.to_string()).unwrap_or_else(|| "-".into());
-    let agent = req
-        .headers()
-        .get(axum::http::header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .chars()
-        .take(80)
-        .collect::<String>();
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let logged = tracing::enabled!(target: "access", tracing::Level::INFO);
+    let uri = logged.then(|| req.uri().clone());
+    let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+    let agent = logged.then(|| {
+        let agent = req.headers().get(axum::http::header::USER_AGENT).and_then(|v| v.to_str().ok());
+        agent.unwrap_or("-").chars().take(80).collect::<String>()
+    });
+    let (req, received) = count_request_body(req);
+    let span = logged.then(|| tracing::info_span!("request", id = %id));
+    let mut response = match &span {
+        Some(span) => next.run(req).instrument(span.clone()).await,
+        None => next.run(req).await,
+    };
+    let took = started.elapsed();
+    let status = response.status().as_u16();
     response.headers_mut().insert("docker-distribution-api-version", API_VERSION);
     response.headers_mut().insert("x-request-id", id_header);
-    state.metrics.answered(response.status().as_u16());
-    let length = response
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    span.in_scope(|| {
-        tracing::info!(
-            target: "access",
-            "{client} \"{method} {uri}\" {} {length} {:.1}ms \"{agent}\"",
-            response.status().as_u16(),
-            started.elapsed().as_secs_f64() * 1000.0
-        )
+    let family = response.extensions().get::<EndpointFamily>().copied().unwrap_or(EndpointFamily::Unknown);
+    let received = received.map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
+    state.metrics.answered(family, &method, status, took, received);
+    if let (Some(span), Some(uri), Some(agent)) = (span, uri, agent) {
+        let length =
+            response.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-");
+        let client = client.map_or_else(|| "-".to_string(), |c| c.to_string());
+        span.in_scope(|| {
+            tracing::info!(
+                target: "access",
+                "{client} \"{method} {uri}\" {status} {length} {:.1}ms \"{agent}\"",
+                took.as_secs_f64() * 1000.0
+            )
+        });
+    }
+    count_response_body(response, state.metrics.sent(family))
+}
+
+/// The request with its body's bytes counted as they are read; `None` for a request that
+/// says it has no body (most of them: they are spared the counting).
+fn count_request_body(req: Request) -> (Request, Option<Arc<std::sync::atomic::AtomicU64>>) {
+    use axum::body::HttpBody as _;
+    use http_body_util::BodyExt as _;
+    if req.body().is_end_stream() {
+        return (req, None);
+    }
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
+    let req = req.map(|body| {
+        axum::body::Body::new(body.inspect_frame(move |frame| {
+            if let Some(data) = frame.data_ref() {
+                counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }))
     });
-    response
+    (req, Some(received))
+}
+
+/// The answer with its body's bytes counted in `sent` as they go out.
+fn count_response_body(response: Response, sent: prometheus_client::metrics::counter::Counter) -> Response {
+    use axum::body::HttpBody as _;
+    use http_body_util::BodyExt as _;
+    if response.body().is_end_stream() {
+        return response;
+    }
+    response.map(|body| {
+        axum::body::Body::new(body.inspect_frame(move |frame| {
+            if let Some(data) = frame.data_ref() {
+                sent.inc_by(data.len() as u64);
+            }
+        }))
+    })
 }
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");

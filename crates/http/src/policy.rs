@@ -28,6 +28,8 @@ pub(crate) struct Permit {
     /// The cross-repository mount this caller may do: the blob, and the repository it may
     /// be read from (`None`: any, which only an open registry allows).
     pub(crate) mount: Option<(Digest, Option<RepoName>)>,
+    /// For a copy, the hosted repository it reads (the caller may pull it).
+    pub(crate) copy_from: Option<RepoName>,
 }
 
 impl Permit {
@@ -60,16 +62,20 @@ impl Permit {
 
 /// Parses the request and decides what it may do: the login, the rights on the name, and
 /// everything that depends on who asks.
-pub(crate) async fn decide(state: &AppState, parts: &Parts) -> Result<Permit, OciError> {
-    let method = &parts.method;
-    let endpoint = endpoint::parse(parts.uri.path(), parts.uri.query()).map_err(|e| {
+/// The endpoint a request asks for.
+pub(crate) fn endpoint_of(parts: &Parts) -> Result<Endpoint, OciError> {
+    endpoint::parse(parts.uri.path(), parts.uri.query()).map_err(|e| {
         // A tag that cannot exist is simply not found, except where a client tries to create it.
-        if e.code == ErrorCode::TagInvalid && method != Method::PUT {
+        if e.code == ErrorCode::TagInvalid && parts.method != Method::PUT {
             OciError::new(ErrorCode::ManifestUnknown, "manifest unknown")
         } else {
             e
         }
-    })?;
+    })
+}
+
+pub(crate) async fn decide(state: &AppState, parts: &Parts, endpoint: Endpoint) -> Result<Permit, OciError> {
+    let method = &parts.method;
     // The name is routed once, on one routing table, for the whole request.
     let federation = state.federation.load();
     let route = endpoint.name().map(|name| {
@@ -93,7 +99,14 @@ pub(crate) async fn decide(state: &AppState, parts: &Parts) -> Result<Permit, Oc
         _ => None,
     };
     let mount = mount_right(state, caller.as_ref(), &endpoint);
-    Ok(Permit { endpoint, route, read_refused, ask, mount })
+    let copy_from = match &endpoint {
+        Endpoint::Copy { from, .. } => {
+            let hosted = federation.table.resolve(host(parts), authority(parts).as_deref(), from)?.write_to;
+            Some(copy_source(state, caller.as_ref(), from, hosted)?)
+        }
+        _ => None,
+    };
+    Ok(Permit { endpoint, route, read_refused, ask, mount, copy_from })
 }
 
 /// The caller, checked against the rights the endpoint needs. `None` when Tessera's own
@@ -155,6 +168,27 @@ fn mount_right(state: &AppState, caller: Option<&Caller>, endpoint: &Endpoint) -
         (_, _, from) => from.clone(),
     };
     (state.auth.is_none() || from.is_some()).then(|| (digest.clone(), from))
+}
+
+/// A copy reads its source: only one the caller may pull, and only one hosted here (its
+/// blobs are mounted, never fetched).
+fn copy_source(
+    state: &AppState,
+    caller: Option<&Caller>,
+    from: &RepoName,
+    hosted: Option<RepoName>,
+) -> Result<RepoName, OciError> {
+    if let Some(auth) = &state.auth
+        && !caller.is_some_and(|c| auth.may_pull(c, from))
+    {
+        return Err(OciError::new(ErrorCode::Denied, format!("copying needs the pull right on {from}")));
+    }
+    hosted.ok_or_else(|| {
+        OciError::new(
+            ErrorCode::Unsupported,
+            format!("{from} is not hosted here: only hosted repositories copy within this registry"),
+        )
+    })
 }
 
 fn host(parts: &Parts) -> Option<&str> {

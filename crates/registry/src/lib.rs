@@ -3,6 +3,7 @@
 //! offsets, manifest references, tags, referrers, deletes). No HTTP here: inputs are typed
 //! values and byte streams, outputs are data or an [`OciError`] from the one error table.
 
+pub mod copy;
 pub mod gc;
 pub mod uploads;
 

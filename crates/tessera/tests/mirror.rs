@@ -76,7 +76,11 @@ async fn pulls_through_and_serves_from_cache_when_the_upstream_is_gone() {
     let metrics = api.get("/metrics").await.unwrap().text().await.unwrap();
     assert!(metrics.contains("tessera_cache_stale_served_total{upstream=\"up\"} 1"), "{metrics}");
     assert!(metrics.contains("tessera_cache_blobs_fetched_total{upstream=\"up\"} 3"), "{metrics}");
-    assert!(metrics.contains("tessera_http_requests_total{class=\"2xx\"}"), "{metrics}");
+    assert!(
+        metrics
+            .contains("tessera_http_request_duration_seconds_count{family=\"manifest\",method=\"GET\",class=\"2xx\"}"),
+        "{metrics}"
+    );
     let r = api.get(&format!("/v2/mirror/up/lib/app/manifests/{}", image.digest())).await.unwrap();
     assert_eq!(r.status(), 200, "by digest: immutable, no upstream needed");
     for b in image.blobs() {

@@ -29,7 +29,7 @@ impl PullThrough {
         headers: HeaderMap,
         auth: &UpstreamAuth,
     ) -> Answer {
-        match send(&self.upstream, auth, method, name, path, headers).await {
+        match send(&self.upstream, &self.stats, auth, method, name, path, headers).await {
             Err(e @ (UpstreamError::Unreachable(_) | UpstreamError::Auth(_))) => {
                 Answer::Failing(unavailable(&self.upstream, tessera_client::error::chain(&e)))
             }

@@ -167,6 +167,7 @@ impl PullThrough {
         if let Some(size) = self.meta.blob_link(name, digest).await.map_err(|e| store_failure("cache", e))?
             && let Some(answer) = self.stored(digest, size, range).await?
         {
+            count(&self.stats.blob_hits, 1);
             return Ok(answer);
         }
         if self.recently_missing(name, &digest.to_string()) {
@@ -182,9 +183,11 @@ impl PullThrough {
             if let Err(e) = self.meta.link_blob(name, digest, size).await {
                 tracing::warn!(upstream = self.upstream.name(), %name, %digest, "cache: cannot link a held blob: {e}");
             }
+            count(&self.stats.blob_hits, 1);
             return Ok(answer);
         }
         let mut rx = self.join_fill(name, digest, auth).await?;
+        count(&self.stats.blob_misses, 1);
         // Wait until the size is known (the upstream answered) or the fill ended. An empty
         // answer has no last byte to hold back: it waits for the digest to verify.
         let state = loop {
@@ -250,7 +253,7 @@ impl PullThrough {
     }
 
     fn direct(&self, name: &RepoName, auth: &UpstreamAuth) -> Direct {
-        Direct { upstream: self.upstream.clone(), auth: auth.clone(), name: name.clone() }
+        Direct { upstream: self.upstream.clone(), stats: self.stats.clone(), auth: auth.clone(), name: name.clone() }
     }
 
     /// The blob straight from the upstream, kept nowhere: the fill could not store it
@@ -415,7 +418,8 @@ impl Fill {
             {
                 headers.insert(reqwest::header::RANGE, v);
             }
-            let response = send(&self.upstream, &self.auth, Method::GET, &self.name, &path, headers).await?;
+            let response =
+                send(&self.upstream, &self.stats, &self.auth, Method::GET, &self.name, &path, headers).await?;
             match response.status() {
                 StatusCode::OK if received == 0 => {
                     expected_size = response.content_length();
@@ -714,6 +718,7 @@ async fn first_polled(mut body: ByteStream<'static>) -> std::io::Result<ByteStre
 /// Where to fetch a blob from when the cache cannot hold it.
 struct Direct {
     upstream: Arc<Upstream>,
+    stats: Arc<CacheStats>,
     auth: UpstreamAuth,
     name: RepoName,
 }
@@ -722,7 +727,8 @@ impl Direct {
     /// GETs the whole blob; returns its body and size.
     async fn fetch(&self, digest: &Digest) -> Result<(ByteStream<'static>, u64), FillError> {
         let path = format!("/v2/{}/blobs/{digest}", self.name);
-        let response = send(&self.upstream, &self.auth, Method::GET, &self.name, &path, HeaderMap::new()).await?;
+        let response =
+            send(&self.upstream, &self.stats, &self.auth, Method::GET, &self.name, &path, HeaderMap::new()).await?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Err(FillError::NotFound),
@@ -924,7 +930,8 @@ mod tests {
                 tessera_config::Config::from_toml("[[upstream]]\nname = \"up\"\nurl = \"http://127.0.0.1:9\"\n")
                     .unwrap();
             let upstream = Arc::new(Upstream::new(&config.upstreams[0]).unwrap());
-            let direct = Direct { upstream, auth: UpstreamAuth::Configured, name: "r".parse().unwrap() };
+            let direct =
+                Direct { upstream, stats: Arc::default(), auth: UpstreamAuth::Configured, name: "r".parse().unwrap() };
             let mut body = follow(blobs, digest.clone(), rx, direct, 0, size, size);
             let mut sent = Vec::new();
             while sent.len() + 1 < blob.len() {

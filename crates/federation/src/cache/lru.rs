@@ -15,7 +15,7 @@ pub(super) struct Lru {
     by_digest: HashMap<Digest, (u64, u64)>,
     by_use: std::collections::BTreeMap<u64, Digest>,
     clock: u64,
-    total: u64,
+    pub(super) total: u64,
 }
 
 impl Lru {

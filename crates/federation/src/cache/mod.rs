@@ -46,6 +46,12 @@ pub struct Fetched {
 /// Counters of one upstream's cache, exported at `/metrics`.
 #[derive(Default)]
 pub struct CacheStats {
+    /// Manifest requests answered from the cache (fresh, or confirmed by the upstream).
+    pub manifest_hits: AtomicU64,
+    /// Blob requests answered from bytes the cache held.
+    pub blob_hits: AtomicU64,
+    /// Blob requests that waited for a fetch from the upstream (their own or one shared).
+    pub blob_misses: AtomicU64,
     pub manifests_fetched: AtomicU64,
     pub blobs_fetched: AtomicU64,
     pub blob_bytes_fetched: AtomicU64,
@@ -54,6 +60,35 @@ pub struct CacheStats {
     pub fetch_failures: AtomicU64,
     pub evictions: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// How long the upstream took to answer (to its status line), by what was asked.
+    pub upstream_latency: UpstreamLatency,
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets: from a loopback answer to a
+/// request that hit its time limit.
+pub const LATENCY_BUCKETS: [f64; 16] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// What a request to an upstream asked for, as the `request` label of its latency.
+pub const UPSTREAM_REQUESTS: [&str; 5] = ["manifest", "blob", "tags", "referrers", "other"];
+
+/// One latency histogram per kind of upstream request ([`UPSTREAM_REQUESTS`]).
+pub struct UpstreamLatency(pub [prometheus_client::metrics::histogram::Histogram; 5]);
+
+impl Default for UpstreamLatency {
+    fn default() -> Self {
+        UpstreamLatency(std::array::from_fn(|_| prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS)))
+    }
+}
+
+impl UpstreamLatency {
+    fn observe(&self, path: &str, took: Duration) {
+        let kind = ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
+            .iter()
+            .position(|part| path.contains(part))
+            .unwrap_or(4);
+        self.0[kind].observe(took.as_secs_f64());
+    }
 }
 
 fn count(counter: &AtomicU64, n: u64) {
@@ -112,20 +147,27 @@ impl UpstreamAuth {
 }
 
 /// Sends `method path` to `upstream` with the credentials `auth` says.
+/// One request to the upstream, its latency counted in `stats`.
 async fn send(
     upstream: &Upstream,
+    stats: &CacheStats,
     auth: &UpstreamAuth,
     method: Method,
     name: &RepoName,
     path: &str,
     headers: HeaderMap,
 ) -> Result<reqwest::Response, UpstreamError> {
-    match auth {
+    let started = Instant::now();
+    let answer = match auth {
         UpstreamAuth::Configured => upstream.send(method, name, path, headers).await,
         UpstreamAuth::Client(authorization) => {
             upstream.send_as_client(method, path, headers, authorization.as_ref()).await
         }
+    };
+    if answer.is_ok() {
+        stats.upstream_latency.observe(path, started.elapsed());
     }
+    answer
 }
 
 impl PullThrough {
@@ -181,6 +223,12 @@ impl PullThrough {
     pub fn stats(&self) -> &CacheStats {
         &self.stats
     }
+
+    /// Bytes of blobs the cache holds, and its bound (`max_bytes`; 0: none).
+    pub fn held_bytes(&self) -> (u64, u64) {
+        let held = self.lru.lock().unwrap_or_else(|p| p.into_inner()).total;
+        (held, self.upstream.cache_settings().max_bytes)
+    }
     /// A manifest, from the cache or the upstream (see the module docs for the rules).
     pub async fn manifest(
         &self,
@@ -203,6 +251,7 @@ impl PullThrough {
         match reference {
             Reference::Digest(d) => {
                 if let Some(m) = self.meta.get_manifest(name, d).await.map_err(store_err)? {
+                    count(&self.stats.manifest_hits, 1);
                     return Ok(Fetched { manifest: m, stale: false });
                 }
                 if self.recently_missing(name, &d.to_string()) {

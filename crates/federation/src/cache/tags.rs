@@ -57,6 +57,7 @@ impl PullThrough {
         if let (Some(m), Some(at), None) = (&cached, checked, &authorised)
             && age(at) < Duration::from_secs(settings.tag_ttl_secs)
         {
+            count(&self.stats.manifest_hits, 1);
             return Ok(Fetched { manifest: m.clone(), stale: false });
         }
         if cached.is_none() && authorised.is_none() && self.recently_missing(name, t.as_str()) {
@@ -75,9 +76,15 @@ impl PullThrough {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<Digest>().ok());
                 match (&cached, upstream_digest) {
-                    (Some(m), Some(d)) if m.digest == d => Ok(m.clone()),
+                    (Some(m), Some(d)) if m.digest == d => {
+                        count(&self.stats.manifest_hits, 1);
+                        Ok(m.clone())
+                    }
                     (_, Some(d)) => match self.meta.get_manifest(name, &d).await.map_err(store_err)? {
-                        Some(m) => Ok(m),
+                        Some(m) => {
+                            count(&self.stats.manifest_hits, 1);
+                            Ok(m)
+                        }
                         None => self.fetch_manifest(name, &d.to_string(), Some(&d), auth).await?.ok_or_else(not_found),
                     },
                     (_, None) => self.fetch_manifest(name, t.as_str(), None, auth).await?.ok_or_else(not_found),

@@ -5,6 +5,7 @@
 mod blobs;
 mod listings;
 mod manifests;
+mod promote;
 mod service;
 mod uploads;
 
@@ -22,16 +23,26 @@ use tessera_spec::{ErrorCode, OciError, RepoName};
 use tessera_store::{Page, UploadId};
 
 use crate::endpoint::{Endpoint, Paging};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, EndpointFamily};
 
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
     // A load balancer's probes pass before limits and login: it asks often, from one
     // address, and never logs in.
-    match req.uri().path() {
-        "/healthz" => return service::healthz(),
-        "/readyz" => return service::readyz(&state).await,
-        _ => {}
-    }
+    let (mut answer, family) = match req.uri().path() {
+        "/healthz" => (service::healthz(), EndpointFamily::Probe),
+        "/readyz" => (service::readyz(&state).await, EndpointFamily::Probe),
+        _ => {
+            let mut family = EndpointFamily::Unknown;
+            (answered(&state, req, &mut family).await, family)
+        }
+    };
+    answer.extensions_mut().insert(family);
+    answer
+}
+
+/// The answer to a request the probes did not take; `family` says what it asked for, as
+/// soon as that is known.
+async fn answered(state: &AppState, req: Request, family: &mut EndpointFamily) -> Response {
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
     let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0);
@@ -45,7 +56,7 @@ pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -
     let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE);
     let result = match (admitted, state.limits.request_timeout) {
         (Ok(_slot), Some(limit)) if bodyless => {
-            match tokio::time::timeout(limit, handle(&state, &parts, &mut body)).await {
+            match tokio::time::timeout(limit, handle(state, &parts, &mut body, family)).await {
                 Ok(result) => result,
                 Err(_) => {
                     tracing::warn!(method = %parts.method, path = parts.uri.path(), "request timed out after {limit:?}");
@@ -57,7 +68,7 @@ pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -
                 }
             }
         }
-        (Ok(_slot), _) => handle(&state, &parts, &mut body).await,
+        (Ok(_slot), _) => handle(state, &parts, &mut body, family).await,
         (Err(e), _) => Err(e),
     };
     match result {
@@ -216,8 +227,15 @@ fn listing(path: &str, key: &str, extra: Option<(&str, &str)>, paging: &Paging, 
 
 /// One request after the dispatcher admitted it: the decision step, then the handler of its
 /// endpoint family.
-async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Result<Response, OciError> {
-    let permit = crate::policy::decide(state, parts).await?;
+async fn handle(
+    state: &AppState,
+    parts: &Parts,
+    body: &mut Option<Body>,
+    family: &mut EndpointFamily,
+) -> Result<Response, OciError> {
+    let endpoint = crate::policy::endpoint_of(parts)?;
+    *family = EndpointFamily::of(&endpoint);
+    let permit = crate::policy::decide(state, parts, endpoint).await?;
     let method = &parts.method;
     match &permit.endpoint {
         Endpoint::Base | Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks => {
@@ -249,8 +267,13 @@ async fn handle(state: &AppState, parts: &Parts, body: &mut Option<Body>) -> Res
             (_, &Method::PUT) => blobs::record_location(state, &permit, body, digest).await,
             _ => Err(unsupported_method()),
         },
-        Endpoint::Catalog(_) | Endpoint::Tags { .. } | Endpoint::Referrers { .. } | Endpoint::UploadStart { .. } => {
-            Err(unsupported_method())
+        Endpoint::Copy { what, dry_run, .. } if *method == Method::POST => {
+            promote::copy(state, &permit, what, *dry_run).await
         }
+        Endpoint::Catalog(_)
+        | Endpoint::Tags { .. }
+        | Endpoint::Referrers { .. }
+        | Endpoint::UploadStart { .. }
+        | Endpoint::Copy { .. } => Err(unsupported_method()),
     }
 }

@@ -19,7 +19,7 @@ pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint)
         (Endpoint::Base, &Method::GET | &Method::HEAD) => Ok(json("{}".into())),
         (Endpoint::Metrics, &Method::GET) => {
             let text = state.metrics.render(&state.federation.load(), &state.registry);
-            Ok(response(StatusCode::OK, &[("content-type", "text/plain; version=0.0.4".into())], Body::from(text)))
+            Ok(response(StatusCode::OK, &[("content-type", crate::metrics::CONTENT_TYPE.into())], Body::from(text)))
         }
         (Endpoint::Token { scopes }, method) => {
             let auth = state.auth.as_ref().ok_or_else(no_tokens)?;
