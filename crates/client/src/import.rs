@@ -73,6 +73,52 @@ pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Resu
     Ok(pushed)
 }
 
+/// Where the bytes of a blob being uploaded come from.
+pub(crate) enum BlobChunks {
+    File(tokio::fs::File, std::path::PathBuf),
+    /// A registry's answer to the blob's GET.
+    Answer(reqwest::Response),
+}
+
+impl BlobChunks {
+    /// Up to `max` bytes; an empty chunk at the end.
+    async fn next(&mut self, max: usize) -> Result<Vec<u8>, ClientError> {
+        use tokio::io::AsyncReadExt as _;
+        let mut chunk = Vec::with_capacity(max.min(1 << 20));
+        match self {
+            BlobChunks::File(file, _) => {
+                chunk.resize(max, 0);
+                let mut filled = 0;
+                while filled < max {
+                    let n = file.read(&mut chunk[filled..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                chunk.truncate(filled);
+            }
+            // HTTP frames are small: gathered into one chunk of `max`, or what is left.
+            BlobChunks::Answer(r) => {
+                while chunk.len() < max {
+                    match r.chunk().await? {
+                        Some(frame) => chunk.extend_from_slice(&frame),
+                        None => break,
+                    }
+                }
+            }
+        }
+        Ok(chunk)
+    }
+
+    fn mismatch(&self, digest: &Digest) -> ClientError {
+        match self {
+            BlobChunks::File(_, path) => ClientError::CorruptUpload { path: path.clone(), digest: digest.clone() },
+            BlobChunks::Answer(_) => ClientError::SourceMismatch(digest.clone()),
+        }
+    }
+}
+
 /// Uploads a file as the blob `digest` in chunks, verifying the digest as it reads.
 async fn upload_file(
     dest: &Upstream,
@@ -81,12 +127,24 @@ async fn upload_file(
     path: &Path,
     bar: &ProgressBar,
 ) -> Result<(), ClientError> {
-    use tokio::io::AsyncReadExt as _;
-    let mut file = tokio::fs::File::open(path).await.map_err(|source| ClientError::MissingBlob {
+    let file = tokio::fs::File::open(path).await.map_err(|source| ClientError::MissingBlob {
         digest: digest.clone(),
         place: "the layout".into(),
         source,
     })?;
+    upload(dest, repo, digest, BlobChunks::File(file, path.to_path_buf()), bar).await
+}
+
+/// Uploads the blob `digest` from `source` in chunks of [`IMPORT_CHUNK`] (a chunk may
+/// outgrow it by one HTTP frame), verifying the digest as it reads: the session is closed
+/// only when the bytes match.
+pub(crate) async fn upload(
+    dest: &Upstream,
+    repo: &RepoName,
+    digest: &Digest,
+    mut source: BlobChunks,
+    bar: &ProgressBar,
+) -> Result<(), ClientError> {
     let start = dest
         .send_push(Method::POST, repo, &format!("/v2/{repo}/blobs/uploads/"), HeaderMap::new(), Bytes::new())
         .await?;
@@ -98,16 +156,7 @@ async fn upload_file(
     let mut digester = Digester::new(digest.algorithm());
     let mut offset = 0u64;
     loop {
-        let mut chunk = vec![0u8; IMPORT_CHUNK];
-        let mut filled = 0;
-        while filled < chunk.len() {
-            let n = file.read(&mut chunk[filled..]).await?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        chunk.truncate(filled);
+        let chunk = source.next(IMPORT_CHUNK).await?;
         if chunk.is_empty() {
             break;
         }
@@ -128,7 +177,8 @@ async fn upload_file(
         bar.set_position(offset);
     }
     if digester.finish() != *digest {
-        return Err(ClientError::CorruptUpload { path: path.to_path_buf(), digest: digest.clone() });
+        let _ = dest.send_push(Method::DELETE, repo, &location, HeaderMap::new(), Bytes::new()).await;
+        return Err(source.mismatch(digest));
     }
     let sep = if location.contains('?') { '&' } else { '?' };
     let r = dest

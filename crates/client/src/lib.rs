@@ -11,6 +11,7 @@
 //! This crate knows no server: it depends on `tessera-spec` and `tessera-config` only.
 
 pub mod archive;
+pub mod copy;
 pub mod error;
 pub mod export;
 pub mod import;
@@ -24,6 +25,7 @@ pub mod upstream;
 
 use std::sync::Arc;
 
+pub use copy::{CopyOptions, CopyReport, copy};
 pub use error::ClientError;
 pub use export::export;
 pub use import::import;

@@ -269,6 +269,18 @@ impl SourceImage {
         Ok(bytes)
     }
 
+    /// The answer to a GET of blob `d` from a registry source, its body still to read.
+    pub(crate) async fn blob_answer(&self, d: &Digest) -> Result<reqwest::Response, ClientError> {
+        let BlobSource::Registry(upstream, name) = &self.blobs else {
+            return Err(ClientError::UnknownBlob(d.clone()));
+        };
+        let r = upstream.send(Method::GET, name, &format!("/v2/{name}/blobs/{d}"), HeaderMap::new()).await?;
+        if !r.status().is_success() {
+            return Err(ClientError::Status { what: format!("{d}: the source registry"), status: r.status() });
+        }
+        Ok(r)
+    }
+
     /// Copies a blob into `path` (through a temporary file, verified, then renamed).
     pub(crate) async fn copy_blob(&self, d: &Digest, path: &Path, bar: &ProgressBar) -> Result<(), ClientError> {
         use tokio::io::AsyncWriteExt as _;

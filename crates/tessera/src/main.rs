@@ -40,6 +40,10 @@ enum Command {
     Export(ExportArgs),
     /// Push every image of an OCI image layout (directory or .tar) written by export.
     Import(ImportArgs),
+    /// Copy an image by digest, with its index children and referrers (signatures, SBOMs):
+    /// within one Tessera the server mounts its blobs (no byte is copied); between
+    /// registries only what the destination lacks is sent.
+    Copy(CopyArgs),
     /// Collect garbage in a data directory no server is using: links no manifest references
     /// and bytes nothing links, older than the grace period. A running server does this
     /// itself every gc_interval_secs.
@@ -60,6 +64,33 @@ struct ExportArgs {
     /// USER:PASSWORD for the registry.
     #[arg(long, value_name = "USER:PASSWORD", env = "TESSERA_CREDS")]
     creds: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct CopyArgs {
+    /// HOST[:PORT]/NAME[:TAG|@DIGEST] to copy (with --all-tags: HOST[:PORT]/NAME).
+    source: String,
+    /// HOST[:PORT]/NAME[:TAG]: the tag the image gets there (`@DIGEST`: none, stored by
+    /// digest only; with --all-tags: HOST[:PORT]/NAME).
+    dest: String,
+    /// Copy every tag of the source repository, each under the same tag.
+    #[arg(long)]
+    all_tags: bool,
+    /// List what would be mounted, sent and stored; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Reach the registries over plain HTTP.
+    #[arg(long)]
+    plain_http: bool,
+    /// USER:PASSWORD for both registries (--src-creds and --dest-creds override it).
+    #[arg(long, value_name = "USER:PASSWORD", env = "TESSERA_CREDS")]
+    creds: Option<String>,
+    /// USER:PASSWORD for the source registry.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    src_creds: Option<String>,
+    /// USER:PASSWORD for the destination registry.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    dest_creds: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -357,6 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("exported {n} image(s) to {}", args.output.display());
             Ok(())
         }),
+        Command::Copy(args) => runtime.block_on(copy(args)),
         Command::Import(args) => runtime.block_on(async {
             let dest = tessera_client::registry_client(&args.dest, args.plain_http, args.creds.as_deref())?;
             for reference in tessera_client::import(&args.input, &dest, args.prefix.as_deref()).await? {
@@ -365,6 +397,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+async fn copy(args: CopyArgs) -> anyhow::Result<()> {
+    let src = RegistryReference::parse(&args.source)?;
+    let dest = RegistryReference::parse(&args.dest)?;
+    let options = tessera_client::CopyOptions {
+        all_tags: args.all_tags,
+        dry_run: args.dry_run,
+        plain_http: args.plain_http,
+        src_creds: args.src_creds.or_else(|| args.creds.clone()),
+        dest_creds: args.dest_creds.or(args.creds),
+    };
+    let report = tessera_client::copy(&src, &dest, &options).await?;
+    for line in &report.lines {
+        println!("{line}");
+    }
+    let how = if report.server_side { "within the registry" } else { "through this client" };
+    let done = if args.dry_run { "dry run, nothing changed" } else { "copied" };
+    println!("{done} {how}: {} bytes mounted, {} bytes sent", report.bytes_mounted, report.bytes_sent);
+    Ok(())
 }
 
 async fn read_source(args: &SourceArgs) -> anyhow::Result<SourceImage> {
