@@ -91,6 +91,7 @@ async fn promotion_within_one_tessera_writes_no_blob_byte_and_brings_children_an
     assert_eq!(manifest_status(&api, "stable/app", "41").await, 404);
 
     let done = copy(&[&source, &format!("{host}/stable/app:41")]);
+    eprintln!("{}", done.stdout);
     let image_bytes: usize = images.iter().flat_map(Image::blobs).map(Vec::len).sum();
     assert!(done.stdout.contains("copied within the registry"), "{}", done.output());
     assert!(done.stdout.contains(" 0 bytes sent"), "{}", done.output());
