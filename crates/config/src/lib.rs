@@ -8,6 +8,7 @@ pub mod collage;
 mod delivery;
 mod limits;
 mod network;
+mod notify;
 mod route;
 mod statics;
 mod storage;
@@ -20,6 +21,7 @@ pub use cache::Cache;
 pub use delivery::{Deliver, Delivery, Mirror, Rewrite, TokenKind, UrlToken};
 pub use limits::Limits;
 pub use network::Network;
+pub use notify::{NOTIFY_EVENTS, Notify};
 pub use route::{Credentials, Fallback, Mode, Route, RouteMember, Target};
 pub use statics::StaticSource;
 pub use storage::{Postgres, S3, Storage};
@@ -99,6 +101,9 @@ pub struct Config {
     /// the address that rate limits, upload limits, mirror choice and the access log use.
     /// Empty (the default): the socket's peer is the client, and the header is ignored.
     pub trusted_proxies: Vec<Network>,
+    /// HTTP endpoints told of pushes, pulls, deletes and promotions (`[[notify]]`).
+    #[serde(rename = "notify")]
+    pub notify: Vec<Notify>,
 }
 
 impl Default for Config {
@@ -119,6 +124,7 @@ impl Default for Config {
             deliveries: Vec::new(),
             statics: Vec::new(),
             trusted_proxies: Vec::new(),
+            notify: Vec::new(),
         }
     }
 }
@@ -290,6 +296,13 @@ impl Config {
             }
             if r.mode == Mode::Redirect && hosted {
                 return Err(format!("route {}: mode = \"redirect\" needs upstream targets only", i + 1));
+            }
+        }
+        let mut notify_names = std::collections::HashSet::new();
+        for (i, n) in self.notify.iter().enumerate() {
+            n.check(i)?;
+            if !notify_names.insert(n.name_at(i)) {
+                return Err(format!("[[notify]] {} is named twice", n.name_at(i)));
             }
         }
         Ok(())

@@ -7,6 +7,7 @@ pub mod endpoint;
 mod handlers;
 pub mod limits;
 mod metrics;
+pub mod notify;
 mod policy;
 mod response;
 mod routed;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub limits: limits::ClientLimits,
     /// Without a login configured, whether anonymous clients may push and delete.
     pub anonymous_writes: bool,
+    /// Where events go (`[[notify]]`); `None` without endpoints.
+    pub notifier: Option<Arc<notify::Notifier>>,
 }
 
 pub use metrics::{EndpointFamily, Metrics};
@@ -84,6 +87,10 @@ async fn access_log(
         let agent = req.headers().get(axum::http::header::USER_AGENT).and_then(|v| v.to_str().ok());
         agent.unwrap_or("-").chars().take(80).collect::<String>()
     });
+    let host_and_agent = state.notifier.as_ref().map(|_| {
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        (header(axum::http::header::HOST), header(axum::http::header::USER_AGENT))
+    });
     let (req, received) = count_request_body(req);
     let span = logged.then(|| tracing::info_span!("request", id = %id));
     let mut response = match &span {
@@ -97,6 +104,20 @@ async fn access_log(
     let family = response.extensions().get::<EndpointFamily>().copied().unwrap_or(EndpointFamily::Unknown);
     let received = received.map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
     state.metrics.answered(family, &method, status, took, received);
+    if let (Some(notifier), Some(happenings)) =
+        (&state.notifier, response.extensions_mut().remove::<notify::Happenings>())
+    {
+        let (host, agent) = host_and_agent.unwrap_or_default();
+        let asked = notify::Asked {
+            id: &id,
+            addr: client,
+            host: host.as_deref(),
+            method: method.as_str(),
+            user_agent: agent.as_deref(),
+            actor: happenings.actor.as_deref(),
+        };
+        notifier.publish(&happenings.events, &asked);
+    }
     if let (Some(span), Some(uri), Some(agent)) = (span, uri, agent) {
         let length =
             response.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-");

@@ -199,7 +199,12 @@ impl Metrics {
     }
 
     /// The exposition text for this process, `federation`'s caches and `registry`'s stores.
-    pub(crate) fn render(&self, federation: &Federation, registry: &tessera_registry::Registry) -> String {
+    pub(crate) fn render(
+        &self,
+        federation: &Federation,
+        registry: &tessera_registry::Registry,
+        notifier: Option<&crate::notify::Notifier>,
+    ) -> String {
         let mut exposition = Registry::default();
         exposition.register(
             "tessera_http_request_duration_seconds",
@@ -225,7 +230,7 @@ impl Metrics {
         ] {
             exposition.register(name, help, counter.clone());
         }
-        exposition.register_collector(Box::new(Snapshot::take(federation, registry)));
+        exposition.register_collector(Box::new(Snapshot::take(federation, registry, notifier)));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &exposition) {
             tracing::error!("cannot encode the metrics: {e}");
@@ -264,7 +269,11 @@ enum Samples {
 }
 
 impl Snapshot {
-    fn take(federation: &Federation, registry: &tessera_registry::Registry) -> Snapshot {
+    fn take(
+        federation: &Federation,
+        registry: &tessera_registry::Registry,
+        notifier: Option<&crate::notify::Notifier>,
+    ) -> Snapshot {
         let mut s = Snapshot::default();
         let mut caches: Vec<_> = federation.caches().collect();
         caches.sort_by_key(|(name, _)| *name);
@@ -355,8 +364,34 @@ impl Snapshot {
                 s.counter(name, help, vec![(Vec::new(), count)]);
             }
         }
+        if let Some(notifier) = notifier {
+            s.notifications(notifier);
+        }
         s.process();
         s
+    }
+
+    fn notifications(&mut self, notifier: &crate::notify::Notifier) {
+        let mut events = Vec::new();
+        let mut failures = Vec::new();
+        let mut waiting = Vec::new();
+        for (name, queued, stats) in notifier.figures() {
+            let endpoint = || vec![("endpoint", name.to_string())];
+            for (result, count) in [("delivered", &stats.delivered), ("dropped", &stats.dropped)] {
+                let mut labels = endpoint();
+                labels.push(("result", result.to_string()));
+                events.push((labels, count.load(Ordering::Relaxed)));
+            }
+            failures.push((endpoint(), stats.failed_attempts.load(Ordering::Relaxed)));
+            waiting.push((endpoint(), gauge(queued as u64)));
+        }
+        self.counter(
+            "tessera_notify_events",
+            "Notification events delivered to an endpoint, or dropped (its queue was full)",
+            events,
+        );
+        self.counter("tessera_notify_failed_attempts", "Deliveries an endpoint did not accept (retried)", failures);
+        self.gauge("tessera_notify_queued_events", "Notification events waiting on disk for an endpoint", waiting);
     }
 
     fn counter(&mut self, name: &'static str, help: &'static str, samples: Vec<(Labels, u64)>) {

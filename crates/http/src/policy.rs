@@ -30,6 +30,8 @@ pub(crate) struct Permit {
     pub(crate) mount: Option<(Digest, Option<RepoName>)>,
     /// For a copy, the hosted repository it reads (the caller may pull it).
     pub(crate) copy_from: Option<RepoName>,
+    /// The logged-in caller's name, for notifications.
+    pub(crate) actor: Option<String>,
 }
 
 impl Permit {
@@ -106,7 +108,11 @@ pub(crate) async fn decide(state: &AppState, parts: &Parts, endpoint: Endpoint) 
         }
         _ => None,
     };
-    Ok(Permit { endpoint, route, read_refused, ask, mount, copy_from })
+    let actor = caller.as_ref().and_then(|c| match &c.identity {
+        Identity::User(name) => Some(name.clone()),
+        Identity::Anonymous => None,
+    });
+    Ok(Permit { endpoint, route, read_refused, ask, mount, copy_from, actor })
 }
 
 /// The caller, checked against the rights the endpoint needs. `None` when Tessera's own

@@ -37,6 +37,7 @@ impl Role {
 pub struct CopiedManifest {
     pub digest: Digest,
     pub media_type: String,
+    pub size: u64,
     pub role: Role,
     /// The destination tag, for the image.
     pub tag: Option<Tag>,
@@ -103,6 +104,7 @@ impl Registry {
             copied.manifests.push(CopiedManifest {
                 digest: record.digest.clone(),
                 media_type: record.media_type.clone(),
+                size: record.bytes.len() as u64,
                 role: *role,
                 tag,
                 present,

@@ -82,6 +82,7 @@ pub enum UploadStart {
 /// A stored manifest pushed successfully.
 pub struct ManifestPut {
     pub digest: Digest,
+    pub media_type: String,
     pub subject: Option<Digest>,
 }
 
@@ -419,7 +420,7 @@ impl Registry {
             ),
             e => store_failure("manifest put", e),
         })?;
-        Ok(ManifestPut { digest, subject: record.subject })
+        Ok(ManifestPut { digest, media_type: record.media_type, subject: record.subject })
     }
 
     pub fn manifest_too_large(&self) -> OciError {

@@ -199,6 +199,8 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         auth,
         limits,
         anonymous_writes: anonymous_writes(config),
+        notifier: tessera_http::notify::Notifier::start(&config.notify, &config.data)
+            .context("cannot open the notification queues")?,
     })
 }
 
@@ -669,6 +671,9 @@ async fn run(
     }
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(notifier) = &state.notifier {
+        notifier.listening(scheme, addr);
+    }
     let blobs = match &config.storage.s3 {
         Some(s3) => format!("blobs in s3://{}/{}", s3.bucket, s3.prefix),
         None => "filesystem blobs".to_string(),

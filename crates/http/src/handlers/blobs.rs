@@ -59,7 +59,16 @@ pub(super) async fn get(permit: &Permit, parts: &Parts, digest: &Digest) -> Resu
 
 pub(super) async fn delete(state: &AppState, permit: &Permit, digest: &Digest) -> Result<Response, OciError> {
     state.registry.blob_delete(permit.writable()?, digest).await?;
-    Ok(StatusCode::ACCEPTED.into_response())
+    let deleted = permit.endpoint.name().map(|name| crate::notify::Happened {
+        action: crate::notify::Action::Delete,
+        repository: name.clone(),
+        digest: Some(digest.clone()),
+        media_type: Some("application/octet-stream".into()),
+        size: None,
+        tag: None,
+        from: None,
+    });
+    Ok(super::telling(state, permit, StatusCode::ACCEPTED.into_response(), deleted.into_iter().collect()))
 }
 
 /// `GET /tessera/v1/<name>/blobs/<digest>`: whether the blob is here, or the URLs it lives at.

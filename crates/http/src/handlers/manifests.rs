@@ -7,13 +7,19 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tessera_spec::{Accept, ErrorCode, OciError, Reference};
 
-use super::{content_length, discard, header_str, redirect, response, take};
+use super::{content_length, discard, header_str, redirect, response, take, telling};
 use crate::AppState;
+use crate::notify::{Action, Happened};
 use crate::policy::Permit;
 use crate::routed::Reply;
 
 /// `GET` and `HEAD`: the manifest from the first source that has it, with its exact bytes.
-pub(super) async fn get(permit: &Permit, parts: &Parts, reference: &Reference) -> Result<Response, OciError> {
+pub(super) async fn get(
+    state: &AppState,
+    permit: &Permit,
+    parts: &Parts,
+    reference: &Reference,
+) -> Result<Response, OciError> {
     let route = permit.readable()?;
     let accept = Accept::parse(parts.headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
     let served = match route.first(|source, name| source.manifest(name, reference, &accept, &permit.ask)).await? {
@@ -21,6 +27,9 @@ pub(super) async fn get(permit: &Permit, parts: &Parts, reference: &Reference) -
         Reply::Redirect(url) => return Ok(redirect(&url)),
     };
     let m = served.manifest;
+    let pulled = (parts.method == Method::GET && state.notifier.as_ref().is_some_and(|n| n.wants(Action::Pull)))
+        .then(|| happened(Action::Pull, permit, reference, &m.digest, &m.media_type, m.bytes.len()))
+        .flatten();
     let headers = [
         ("content-type", m.media_type.clone()),
         ("content-length", m.bytes.len().to_string()),
@@ -33,7 +42,30 @@ pub(super) async fn get(permit: &Permit, parts: &Parts, reference: &Reference) -
         // The answer came from the cache while the upstream could not be asked.
         r.headers_mut().insert(header::WARNING, header::HeaderValue::from_static("110 tessera \"Response is Stale\""));
     }
-    Ok(r)
+    Ok(telling(state, permit, r, pulled.into_iter().collect()))
+}
+
+/// What a manifest request did, for the notifier: by the name the client used.
+fn happened(
+    action: Action,
+    permit: &Permit,
+    reference: &Reference,
+    digest: &tessera_spec::Digest,
+    media_type: &str,
+    size: usize,
+) -> Option<Happened> {
+    Some(Happened {
+        action,
+        repository: permit.endpoint.name()?.clone(),
+        digest: Some(digest.clone()),
+        media_type: Some(media_type.to_string()),
+        size: Some(size as u64),
+        tag: match reference {
+            Reference::Tag(t) => Some(t.clone()),
+            Reference::Digest(_) => None,
+        },
+        from: None,
+    })
 }
 
 /// `PUT`: a manifest of at most the configured size, stored in hosted as sent.
@@ -62,6 +94,7 @@ pub(super) async fn put(
         bytes.extend_from_slice(&chunk);
     }
     let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
+    let size = bytes.len();
     let put = registry.manifest_put(name, reference, content_type, bytes.freeze()).await?;
     let mut out = vec![
         ("location", format!("/v2/{name}/manifests/{}", put.digest)),
@@ -71,10 +104,25 @@ pub(super) async fn put(
     if let Some(subject) = put.subject {
         out.push(("oci-subject", subject.to_string()));
     }
-    Ok(response(StatusCode::CREATED, &out, Body::empty()))
+    let pushed = happened(Action::Push, permit, reference, &put.digest, &put.media_type, size);
+    Ok(telling(state, permit, response(StatusCode::CREATED, &out, Body::empty()), pushed.into_iter().collect()))
 }
 
 pub(super) async fn delete(state: &AppState, permit: &Permit, reference: &Reference) -> Result<Response, OciError> {
     state.registry.manifest_delete(permit.writable()?, reference).await?;
-    Ok(StatusCode::ACCEPTED.into_response())
+    let (digest, tag) = match reference {
+        Reference::Digest(d) => (Some(d.clone()), None),
+        Reference::Tag(t) => (None, Some(t.clone())),
+    };
+    let repository = permit.endpoint.name().cloned();
+    let deleted = repository.map(|repository| Happened {
+        action: Action::Delete,
+        repository,
+        digest,
+        media_type: None,
+        size: None,
+        tag,
+        from: None,
+    });
+    Ok(telling(state, permit, StatusCode::ACCEPTED.into_response(), deleted.into_iter().collect()))
 }

@@ -23,6 +23,8 @@ use tessera_spec::{ErrorCode, OciError, RepoName};
 use tessera_store::{Page, UploadId};
 
 use crate::endpoint::{Endpoint, Paging};
+use crate::notify::{Happened, Happenings};
+use crate::policy::Permit;
 use crate::{ApiError, AppState, EndpointFamily};
 
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
@@ -176,6 +178,14 @@ fn response(status: StatusCode, headers: &[(&str, String)], body: Body) -> Respo
     })
 }
 
+/// `response`, carrying `events` to the notifier when one listens.
+fn telling(state: &AppState, permit: &Permit, mut response: Response, events: Vec<Happened>) -> Response {
+    if state.notifier.is_some() && !events.is_empty() {
+        response.extensions_mut().insert(Happenings { events, actor: permit.actor.clone() });
+    }
+    response
+}
+
 fn redirect(url: &str) -> Response {
     response(
         StatusCode::TEMPORARY_REDIRECT,
@@ -247,7 +257,7 @@ async fn handle(
             listings::referrers(&permit, digest, artifact_type.as_deref()).await
         }
         Endpoint::Manifest { reference, .. } => match *method {
-            Method::GET | Method::HEAD => manifests::get(&permit, parts, reference).await,
+            Method::GET | Method::HEAD => manifests::get(state, &permit, parts, reference).await,
             Method::PUT => manifests::put(state, &permit, parts, body, reference).await,
             Method::DELETE => manifests::delete(state, &permit, reference).await,
             _ => Err(unsupported_method()),

@@ -5,12 +5,13 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::json;
-use tessera_registry::copy::Copied;
+use tessera_registry::copy::{Copied, Role};
 use tessera_spec::{OciError, Reference, RepoName};
 
-use super::response;
+use super::{response, telling};
 use crate::AppState;
-use crate::endpoint::CopyWhat;
+use crate::endpoint::{CopyWhat, Endpoint};
+use crate::notify::{Action, Happened};
 use crate::policy::Permit;
 
 pub(super) async fn copy(
@@ -19,6 +20,9 @@ pub(super) async fn copy(
     what: &CopyWhat,
     dry_run: bool,
 ) -> Result<Response, OciError> {
+    let Endpoint::Copy { name: asked_to, from: asked_from, .. } = &permit.endpoint else {
+        return Err(OciError::internal());
+    };
     let to = permit.writable()?;
     let Some(from) = &permit.copy_from else {
         tracing::error!("a copy reached its handler without a source the decision step checked");
@@ -26,6 +30,7 @@ pub(super) async fn copy(
     };
     let registry = &state.registry;
     let mut images = Vec::new();
+    let mut promoted = Vec::new();
     let mut bytes_mounted = 0;
     let one = |reference: Reference, tag| async move {
         let copied = registry.copy(from, &reference, to, tag, dry_run).await?;
@@ -36,12 +41,14 @@ pub(super) async fn copy(
             let (reference, copied) = one(reference.clone(), tag.as_ref()).await?;
             bytes_mounted += copied.bytes_mounted();
             images.push(image_json(from, &reference, &copied));
+            promoted.extend(happened(asked_from, asked_to, &copied));
         }
         CopyWhat::AllTags => {
             for tag in registry.all_tags(from).await? {
                 let (reference, copied) = one(Reference::Tag(tag), None).await?;
                 bytes_mounted += copied.bytes_mounted();
                 images.push(image_json(from, &reference, &copied));
+                promoted.extend(happened(asked_from, asked_to, &copied));
             }
         }
     }
@@ -55,7 +62,22 @@ pub(super) async fn copy(
         "images": images,
         "bytes_mounted": bytes_mounted,
     });
-    Ok(response(StatusCode::OK, &[("content-type", "application/json".into())], Body::from(body.to_string())))
+    let answer = response(StatusCode::OK, &[("content-type", "application/json".into())], Body::from(body.to_string()));
+    Ok(if dry_run { answer } else { telling(state, permit, answer, promoted) })
+}
+
+/// The promotion of a copy's image, by the names the client used.
+fn happened(from: &RepoName, to: &RepoName, copied: &Copied) -> Option<Happened> {
+    let image = copied.manifests.iter().find(|m| m.role == Role::Image)?;
+    Some(Happened {
+        action: Action::Promote,
+        repository: to.clone(),
+        digest: Some(image.digest.clone()),
+        media_type: Some(image.media_type.clone()),
+        size: Some(image.size),
+        tag: image.tag.clone(),
+        from: Some(from.clone()),
+    })
 }
 
 fn image_json(from: &RepoName, reference: &Reference, copied: &Copied) -> serde_json::Value {

@@ -18,7 +18,7 @@ pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint)
     match (endpoint, &parts.method) {
         (Endpoint::Base, &Method::GET | &Method::HEAD) => Ok(json("{}".into())),
         (Endpoint::Metrics, &Method::GET) => {
-            let text = state.metrics.render(&state.federation.load(), &state.registry);
+            let text = state.metrics.render(&state.federation.load(), &state.registry, state.notifier.as_deref());
             Ok(response(StatusCode::OK, &[("content-type", crate::metrics::CONTENT_TYPE.into())], Body::from(text)))
         }
         (Endpoint::Token { scopes }, method) => {
