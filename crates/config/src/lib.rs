@@ -104,6 +104,18 @@ pub struct Config {
     /// HTTP endpoints told of pushes, pulls, deletes and promotions (`[[notify]]`).
     #[serde(rename = "notify")]
     pub notify: Vec<Notify>,
+    /// Bytes the hosted repositories under a name prefix may store (`[[quota]]`).
+    #[serde(rename = "quota")]
+    pub quotas: Vec<Quota>,
+}
+
+/// `[[quota]]`: at most `max_bytes` stored under `prefix` (each blob counted once).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// A name prefix, by whole components (`team` covers `team/app`, not `teams`).
+    pub prefix: String,
+    pub max_bytes: u64,
 }
 
 impl Default for Config {
@@ -125,6 +137,7 @@ impl Default for Config {
             statics: Vec::new(),
             trusted_proxies: Vec::new(),
             notify: Vec::new(),
+            quotas: Vec::new(),
         }
     }
 }
@@ -296,6 +309,16 @@ impl Config {
             }
             if r.mode == Mode::Redirect && hosted {
                 return Err(format!("route {}: mode = \"redirect\" needs upstream targets only", i + 1));
+            }
+        }
+        let mut quota_prefixes = std::collections::HashSet::new();
+        for q in &self.quotas {
+            let prefix = q.prefix.trim_matches('/');
+            if q.max_bytes == 0 {
+                return Err(format!("[[quota]] {prefix:?}: max_bytes must be positive"));
+            }
+            if !quota_prefixes.insert(prefix) {
+                return Err(format!("[[quota]] {prefix:?} is given twice"));
             }
         }
         let mut notify_names = std::collections::HashSet::new();

@@ -19,7 +19,12 @@ use crate::endpoint::Endpoint;
 /// What a request does to which repository; `None` for endpoints outside repositories.
 pub(crate) fn action_of<'e>(method: &Method, endpoint: &'e Endpoint) -> Option<(Action, &'e RepoName)> {
     match endpoint {
-        Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks | Endpoint::Base | Endpoint::Catalog(_) => None,
+        Endpoint::Metrics
+        | Endpoint::Quotas
+        | Endpoint::Token { .. }
+        | Endpoint::Jwks
+        | Endpoint::Base
+        | Endpoint::Catalog(_) => None,
         Endpoint::Tags { name, .. } | Endpoint::Referrers { name, .. } => Some((Action::Pull, name)),
         Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::BlobLocation { name, .. } => {
             Some(match *method {

@@ -13,6 +13,8 @@ pub enum Endpoint {
     Base,
     /// `/metrics` (Prometheus text format; not part of the distribution API)
     Metrics,
+    /// `/tessera/v1/_quotas`: each quota with its use. Tessera's own API.
+    Quotas,
     /// `/token`: the Docker token flow's token endpoint, with its `scope` values.
     Token { scopes: Vec<String> },
     /// `/.well-known/jwks.json`: the token signing key.
@@ -54,7 +56,12 @@ impl Endpoint {
     /// The repository the endpoint is about, if any.
     pub fn name(&self) -> Option<&RepoName> {
         match self {
-            Endpoint::Base | Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks | Endpoint::Catalog(_) => None,
+            Endpoint::Base
+            | Endpoint::Metrics
+            | Endpoint::Quotas
+            | Endpoint::Token { .. }
+            | Endpoint::Jwks
+            | Endpoint::Catalog(_) => None,
             Endpoint::Tags { name, .. }
             | Endpoint::Manifest { name, .. }
             | Endpoint::Blob { name, .. }
@@ -111,6 +118,9 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/tessera/v1/") {
+        if rest == "_quotas" {
+            return Ok(Endpoint::Quotas);
+        }
         if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
             return Ok(Endpoint::BlobLocation { name: name.parse()?, digest: digest.parse()? });
         }

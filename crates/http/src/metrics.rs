@@ -47,7 +47,7 @@ impl EndpointFamily {
         use crate::endpoint::Endpoint as E;
         match endpoint {
             E::Base => EndpointFamily::Base,
-            E::Metrics => EndpointFamily::Metrics,
+            E::Metrics | E::Quotas => EndpointFamily::Metrics,
             E::Token { .. } | E::Jwks => EndpointFamily::Token,
             E::Catalog(_) => EndpointFamily::Catalog,
             E::Tags { .. } => EndpointFamily::Tags,
@@ -204,6 +204,7 @@ impl Metrics {
         federation: &Federation,
         registry: &tessera_registry::Registry,
         notifier: Option<&crate::notify::Notifier>,
+        quotas: &[tessera_registry::quota::QuotaUse],
     ) -> String {
         let mut exposition = Registry::default();
         exposition.register(
@@ -230,7 +231,7 @@ impl Metrics {
         ] {
             exposition.register(name, help, counter.clone());
         }
-        exposition.register_collector(Box::new(Snapshot::take(federation, registry, notifier)));
+        exposition.register_collector(Box::new(Snapshot::take(federation, registry, notifier, quotas)));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &exposition) {
             tracing::error!("cannot encode the metrics: {e}");
@@ -273,6 +274,7 @@ impl Snapshot {
         federation: &Federation,
         registry: &tessera_registry::Registry,
         notifier: Option<&crate::notify::Notifier>,
+        quotas: &[tessera_registry::quota::QuotaUse],
     ) -> Snapshot {
         let mut s = Snapshot::default();
         let mut caches: Vec<_> = federation.caches().collect();
@@ -366,6 +368,17 @@ impl Snapshot {
         }
         if let Some(notifier) = notifier {
             s.notifications(notifier);
+        }
+        if !quotas.is_empty() {
+            let of = |pick: fn(&tessera_registry::quota::QuotaUse) -> u64| {
+                quotas.iter().map(|q| (vec![("prefix", q.prefix.clone())], gauge(pick(q)))).collect()
+            };
+            s.gauge(
+                "tessera_quota_used_bytes",
+                "Bytes stored under a quota's prefix (each blob once)",
+                of(|q| q.used_bytes),
+            );
+            s.gauge("tessera_quota_max_bytes", "A quota's bound in bytes", of(|q| q.max_bytes));
         }
         s.process();
         s

@@ -5,6 +5,7 @@
 
 pub mod copy;
 pub mod gc;
+pub mod quota;
 pub mod uploads;
 
 use std::collections::HashMap;
@@ -47,6 +48,8 @@ pub struct Registry {
     /// With other nodes on the same stores: the locks they respect too (upload sessions,
     /// garbage collection).
     cluster: Option<Arc<dyn ClusterLocks>>,
+    /// Bytes stored per name prefix, at most.
+    quotas: Vec<quota::Counted>,
 }
 
 /// A blob ready to send: the part to send (if ranged) and the bytes.
@@ -144,7 +147,13 @@ fn deletes_disabled() -> OciError {
 
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, settings: Settings) -> Self {
-        Registry { blobs, meta, settings, sessions: Mutex::new(HashMap::new()), cluster: None }
+        Registry { blobs, meta, settings, sessions: Mutex::new(HashMap::new()), cluster: None, quotas: Vec::new() }
+    }
+
+    /// The registry with `quotas` on what name prefixes store.
+    pub fn with_quotas(mut self, quotas: Vec<quota::Quota>) -> Self {
+        self.quotas = quotas.into_iter().map(quota::Counted::new).collect();
+        self
     }
 
     /// The registry as one node of a cluster: requests of an upload session, and garbage
@@ -315,6 +324,7 @@ impl Registry {
                 return Ok(Some(size));
             }
         }
+        let growing = self.check_quotas(repo, digest, size).await?;
         // Held before the bytes are looked at, so a collection cannot delete them before the
         // link names them; bytes being collected are not mounted, the client uploads them.
         if !self.meta.hold_blob(digest, size).await.map_err(|e| store_failure("mount hold", e))?
@@ -323,6 +333,7 @@ impl Registry {
             return Ok(None);
         }
         self.meta.link_blob(repo, digest, size).await.map_err(|e| store_failure("mount link", e))?;
+        Self::counted(&growing, size);
         Ok(Some(size))
     }
 

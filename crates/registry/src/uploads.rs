@@ -371,9 +371,12 @@ impl Registry {
             return Err(digest_mismatch(digest, &actual));
         }
         let size = bytes.len() as u64;
+        let growing = self.check_quotas(repo, digest, size).await?;
         self.hold(digest, size).await?;
         self.blobs.put_blob(digest, bytes.freeze()).await.map_err(|e| store_failure("blob store", e))?;
-        self.meta.link_blob(repo, digest, size).await.map_err(|e| store_failure("blob link", e))
+        self.meta.link_blob(repo, digest, size).await.map_err(|e| store_failure("blob link", e))?;
+        Self::counted(&growing, size);
+        Ok(())
     }
 
     async fn commit(
@@ -396,10 +399,12 @@ impl Registry {
         if &actual != digest {
             return Err(digest_mismatch(digest, &actual));
         }
+        let growing = self.check_quotas(repo, digest, size).await?;
         self.hold(digest, size).await?;
         self.blobs.upload_commit(id, digest).await.map_err(|e| store_failure("upload commit", e))?;
         *state = None;
         self.meta.link_blob(repo, digest, size).await.map_err(|e| store_failure("blob link", e))?;
+        Self::counted(&growing, size);
         if let Err(e) = self.meta.delete_upload(id).await {
             tracing::warn!(upload = %id, "cannot remove finished upload record: {e}");
         }

@@ -131,6 +131,14 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         self.inner.blob_known(digest).await
     }
 
+    async fn bytes_under(&self, prefix: &str) -> StoreResult<u64> {
+        self.inner.bytes_under(prefix).await
+    }
+
+    async fn linked_under(&self, prefix: &str, digest: &Digest) -> StoreResult<bool> {
+        self.inner.linked_under(prefix, digest).await
+    }
+
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> StoreResult<()> {
         let linked = self.inner.link_blob(repo, digest, size).await;
         // A blob that lived elsewhere is now here, with its verified size.

@@ -272,6 +272,29 @@ pub async fn meta_store(store: &dyn MetaStore) {
     store.delete_upload(&id).await.unwrap();
     assert_eq!(store.upload_repo(&id).await.unwrap(), None);
 
+    // What repositories under a prefix hold: each blob once, bytes held here only, by
+    // whole name components.
+    let (team_a, team_b, beside): (RepoName, RepoName, RepoName) =
+        ("zq/a".parse().unwrap(), "zq/b/sub".parse().unwrap(), "zqx/c".parse().unwrap());
+    let (small, big, far) = (Digest::sha256_of(b"q-small"), Digest::sha256_of(b"q-big"), Digest::sha256_of(b"q-far"));
+    store.link_blob(&team_a, &small, 4).await.unwrap();
+    store.link_blob(&team_b, &small, 4).await.unwrap();
+    store.link_blob(&team_b, &big, 1000).await.unwrap();
+    store.link_blob(&beside, &big, 1000).await.unwrap();
+    store.link_external(&team_a, &far, 9, &["https://cdn.example/q".to_string()]).await.unwrap();
+    assert_eq!(store.bytes_under("zq").await.unwrap(), 1004, "each blob once; bytes elsewhere not counted");
+    assert_eq!(store.bytes_under("/zq/b/").await.unwrap(), 1004);
+    assert_eq!(store.bytes_under("zq/a").await.unwrap(), 4);
+    assert_eq!(store.bytes_under("z").await.unwrap(), 0, "whole components only");
+    assert!(store.bytes_under("").await.unwrap() >= 1004);
+    assert!(store.linked_under("zq", &big).await.unwrap());
+    assert!(!store.linked_under("zq/a", &big).await.unwrap());
+    assert!(!store.linked_under("zq", &far).await.unwrap(), "bytes elsewhere are not held under it");
+    for (repo, digest) in [(&team_a, &small), (&team_b, &small), (&team_b, &big), (&beside, &big), (&team_a, &far)] {
+        assert!(store.unlink_blob(repo, digest).await.unwrap());
+    }
+    assert_eq!(store.bytes_under("zq").await.unwrap(), 0);
+
     garbage_collection(store).await;
 }
 

@@ -335,6 +335,13 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn blob_urls(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<String>>;
     /// Removes the link; returns whether there was one.
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> StoreResult<bool>;
+    /// Bytes of the distinct blobs held here that repositories under `prefix` link (each
+    /// blob once, however many of them link it; blobs living elsewhere not counted). The
+    /// prefix covers whole name components, as [`tessera_spec::name::prefix_covers`]; `""`
+    /// covers every repository.
+    async fn bytes_under(&self, prefix: &str) -> StoreResult<u64>;
+    /// Whether a repository under `prefix` links `digest` to bytes held here.
+    async fn linked_under(&self, prefix: &str, digest: &Digest) -> StoreResult<bool>;
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
     /// transaction. Fails with [`StoreError::Missing`], storing nothing, when a digest of

@@ -421,6 +421,10 @@ impl PostgresMetaStore {
     }
 }
 
+/// `r.name` is `$1` or under it, by whole components (`$1` is the prefix without slashes;
+/// empty covers every name).
+const UNDER_PREFIX: &str = "($1 = '' OR r.name = $1 OR left(r.name, length($1) + 1) = $1 || '/')";
+
 #[async_trait]
 impl MetaStore for PostgresMetaStore {
     async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<u64>> {
@@ -432,6 +436,27 @@ impl MetaStore for PostgresMetaStore {
             )
             .await?;
         Ok(rows.first().map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn bytes_under(&self, prefix: &str) -> StoreResult<u64> {
+        let prefix = prefix.trim_matches('/');
+        let sql = format!(
+            "SELECT COALESCE(SUM(b.size), 0)::BIGINT FROM blobs b WHERE b.digest IN (
+                 SELECT l.digest FROM blob_links l JOIN repos r ON r.id = l.repo
+                 WHERE l.urls IS NULL AND {UNDER_PREFIX})"
+        );
+        let rows = self.query(&sql, &[&prefix]).await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn linked_under(&self, prefix: &str, digest: &Digest) -> StoreResult<bool> {
+        let prefix = prefix.trim_matches('/');
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM blob_links l JOIN repos r ON r.id = l.repo
+                 WHERE l.digest = $2 AND l.urls IS NULL AND {UNDER_PREFIX})"
+        );
+        let rows = self.query(&sql, &[&prefix, &digest.to_string()]).await?;
+        Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
     }
 
     async fn blob_known(&self, digest: &Digest) -> StoreResult<Option<u64>> {

@@ -303,6 +303,10 @@ impl SqliteMetaStore {
     }
 }
 
+/// `r.name` is `?1` or under it, by whole components (`?1` is the prefix without slashes;
+/// empty covers every name).
+const UNDER_PREFIX: &str = "(?1 = '' OR r.name = ?1 OR substr(r.name, 1, length(?1) + 1) = ?1 || '/')";
+
 #[async_trait]
 impl MetaStore for SqliteMetaStore {
     async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Option<u64>> {
@@ -415,6 +419,32 @@ impl MetaStore for SqliteMetaStore {
             Some(t) => Ok(serde_json::from_str(&t).map_err(io::Error::other)?),
             None => Ok(Vec::new()),
         }
+    }
+
+    async fn bytes_under(&self, prefix: &str) -> StoreResult<u64> {
+        let prefix = prefix.trim_matches('/').to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.digest IN (
+                     SELECT l.digest FROM blob_links l JOIN repos r ON r.id = l.repo
+                     WHERE l.urls IS NULL AND {UNDER_PREFIX})"
+            ))?
+            .query_row([prefix], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+        })
+        .await
+    }
+
+    async fn linked_under(&self, prefix: &str, digest: &Digest) -> StoreResult<bool> {
+        let (prefix, digest) = (prefix.trim_matches('/').to_string(), digest.to_string());
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT EXISTS (SELECT 1 FROM blob_links l JOIN repos r ON r.id = l.repo
+                     WHERE l.digest = ?2 AND l.urls IS NULL AND {UNDER_PREFIX})"
+            ))?
+            .query_row(params![prefix, digest], |r| r.get::<_, bool>(0))
+        })
+        .await
     }
 
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> StoreResult<bool> {

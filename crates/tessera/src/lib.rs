@@ -118,7 +118,9 @@ async fn open_registry(config: &Config, blobs: &BlobHome) -> anyhow::Result<Regi
             .join_cluster(poll, on_news)
             .await
             .context("cannot start coordinating with other nodes through the metadata database")?;
-        return Ok(Registry::new(blobs.hosted(config)?, meta, registry_settings(config)).in_cluster(Arc::new(cluster)));
+        return Ok(Registry::new(blobs.hosted(config)?, meta, registry_settings(config))
+            .in_cluster(Arc::new(cluster))
+            .with_quotas(quotas(config)));
     }
     let meta = SqliteMetaStore::open(&data.join("meta.sqlite"))
         .with_context(|| format!("cannot open metadata in {}", data.display()))?;
@@ -144,7 +146,15 @@ async fn open_postgres(pg: &tessera_config::Postgres) -> anyhow::Result<Postgres
 /// The hosted registry over `blobs` and `meta`.
 fn registry_over<M: MetaStore>(config: &Config, meta: M, blobs: &BlobHome) -> anyhow::Result<Registry> {
     let meta = CachedMetaStore::new(meta, config.cache.metadata_bytes);
-    Ok(Registry::new(blobs.hosted(config)?, Arc::new(meta), registry_settings(config)))
+    Ok(Registry::new(blobs.hosted(config)?, Arc::new(meta), registry_settings(config)).with_quotas(quotas(config)))
+}
+
+fn quotas(config: &Config) -> Vec<tessera_registry::quota::Quota> {
+    let quota = |q: &tessera_config::Quota| tessera_registry::quota::Quota {
+        prefix: q.prefix.trim_matches('/').to_string(),
+        max_bytes: q.max_bytes,
+    };
+    config.quotas.iter().map(quota).collect()
 }
 
 fn registry_settings(config: &Config) -> Settings {

@@ -248,7 +248,7 @@ async fn handle(
     let permit = crate::policy::decide(state, parts, endpoint).await?;
     let method = &parts.method;
     match &permit.endpoint {
-        Endpoint::Base | Endpoint::Metrics | Endpoint::Token { .. } | Endpoint::Jwks => {
+        Endpoint::Base | Endpoint::Metrics | Endpoint::Quotas | Endpoint::Token { .. } | Endpoint::Jwks => {
             service::handle(state, parts, &permit.endpoint).await
         }
         Endpoint::Catalog(paging) if *method == Method::GET => listings::catalog(state, paging).await,

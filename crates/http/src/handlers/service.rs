@@ -18,8 +18,23 @@ pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint)
     match (endpoint, &parts.method) {
         (Endpoint::Base, &Method::GET | &Method::HEAD) => Ok(json("{}".into())),
         (Endpoint::Metrics, &Method::GET) => {
-            let text = state.metrics.render(&state.federation.load(), &state.registry, state.notifier.as_deref());
+            // A store that cannot answer leaves the quota figures out, not the rest.
+            let quotas = state.registry.quota_use().await.unwrap_or_default();
+            let notifier = state.notifier.as_deref();
+            let text = state.metrics.render(&state.federation.load(), &state.registry, notifier, &quotas);
             Ok(response(StatusCode::OK, &[("content-type", crate::metrics::CONTENT_TYPE.into())], Body::from(text)))
+        }
+        (Endpoint::Quotas, &Method::GET) => {
+            let quotas: Vec<_> = state
+                .registry
+                .quota_use()
+                .await?
+                .into_iter()
+                .map(
+                    |q| serde_json::json!({ "prefix": q.prefix, "max_bytes": q.max_bytes, "used_bytes": q.used_bytes }),
+                )
+                .collect();
+            Ok(json(serde_json::json!({ "quotas": quotas }).to_string()))
         }
         (Endpoint::Token { scopes }, method) => {
             let auth = state.auth.as_ref().ok_or_else(no_tokens)?;
