@@ -107,6 +107,49 @@ pub struct Config {
     /// Bytes the hosted repositories under a name prefix may store (`[[quota]]`).
     #[serde(rename = "quota")]
     pub quotas: Vec<Quota>,
+    /// Which tags garbage collection passes untag, per name prefix (`[[retention]]`).
+    pub retention: Vec<Retention>,
+}
+
+/// `[[retention]]`: which tags of the repositories under `prefix` go (see
+/// docs/config.md): those matching `tags` and no `protect` pattern that are beyond the
+/// `keep_newest` and older than `older_than`, as far as each is given.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub prefix: String,
+    /// Which tags the rule looks at (`*` and `?` wildcards).
+    #[serde(default = "every_tag")]
+    pub tags: String,
+    pub keep_newest: Option<usize>,
+    /// A duration: a number and `s`, `m`, `h` or `d` (`"30d"`).
+    pub older_than: Option<String>,
+    /// Tags never untagged (`*` and `?` wildcards).
+    #[serde(default)]
+    pub protect: Vec<String>,
+}
+
+fn every_tag() -> String {
+    "*".into()
+}
+
+impl Retention {
+    /// `older_than` in seconds.
+    pub fn older_than_secs(&self) -> Result<Option<u64>, String> {
+        let Some(text) = &self.older_than else { return Ok(None) };
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let scale = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(format!("older_than {text:?}: a number and s, m, h or d (\"30d\")")),
+        };
+        let n: u64 = number.parse().map_err(|_| format!("older_than {text:?}: a number and s, m, h or d (\"30d\")"))?;
+        Ok(Some(n.saturating_mul(scale)))
+    }
 }
 
 /// `[[quota]]`: at most `max_bytes` stored under `prefix` (each blob counted once).
@@ -138,6 +181,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             notify: Vec::new(),
             quotas: Vec::new(),
+            retention: Vec::new(),
         }
     }
 }
@@ -319,6 +363,20 @@ impl Config {
             }
             if !quota_prefixes.insert(prefix) {
                 return Err(format!("[[quota]] {prefix:?} is given twice"));
+            }
+        }
+        let mut retention_prefixes = std::collections::HashSet::new();
+        for r in &self.retention {
+            let prefix = r.prefix.trim_matches('/');
+            let older_than = r.older_than_secs().map_err(|e| format!("[[retention]] {prefix:?}: {e}"))?;
+            if r.keep_newest.is_none() && older_than.is_none() {
+                return Err(format!("[[retention]] {prefix:?}: give keep_newest, older_than or both"));
+            }
+            if r.tags.is_empty() || r.protect.iter().any(String::is_empty) {
+                return Err(format!("[[retention]] {prefix:?}: empty tag pattern"));
+            }
+            if !retention_prefixes.insert(prefix) {
+                return Err(format!("[[retention]] {prefix:?} is given twice"));
             }
         }
         let mut notify_names = std::collections::HashSet::new();

@@ -141,6 +141,7 @@ pub struct Metrics {
     received: Family<FamilyLabel, Counter>,
     sent: Family<FamilyLabel, Counter>,
     gc_passes: Counter,
+    gc_tags_untagged: Counter,
     gc_manifests_deleted: Counter,
     gc_links_removed: Counter,
     gc_blobs_deleted: Counter,
@@ -154,6 +155,7 @@ impl Default for Metrics {
             received: Family::default(),
             sent: Family::default(),
             gc_passes: Counter::default(),
+            gc_tags_untagged: Counter::default(),
             gc_manifests_deleted: Counter::default(),
             gc_links_removed: Counter::default(),
             gc_blobs_deleted: Counter::default(),
@@ -169,6 +171,7 @@ impl Metrics {
             return;
         }
         self.gc_passes.inc();
+        self.gc_tags_untagged.inc_by(done.tags_untagged.len() as u64);
         self.gc_manifests_deleted.inc_by(done.manifests_deleted);
         self.gc_links_removed.inc_by(done.links_removed);
         self.gc_blobs_deleted.inc_by(done.blobs_deleted);
@@ -224,6 +227,7 @@ impl Metrics {
         );
         for (name, help, counter) in [
             ("tessera_gc_passes", "Garbage collection passes finished", &self.gc_passes),
+            ("tessera_retention_tags_untagged", "Tags retention rules untagged", &self.gc_tags_untagged),
             ("tessera_gc_manifests_deleted", "Untagged manifests nothing kept, deleted", &self.gc_manifests_deleted),
             ("tessera_gc_links_removed", "Unreferenced blob links removed", &self.gc_links_removed),
             ("tessera_gc_blobs_deleted", "Blobs whose bytes were deleted", &self.gc_blobs_deleted),

@@ -29,6 +29,8 @@ pub struct Collect {
     pub orphan_uploads_after: Duration,
     /// Also delete manifests nothing keeps (see [`tessera_store::MetaStore::delete_untagged`]).
     pub untagged: bool,
+    /// Retention rules applied first (see [`crate::retention`]).
+    pub retention: Vec<crate::retention::RetentionRule>,
     /// Count what would go without deleting any file: for a pass over a copy of the
     /// metadata, whose changes are thrown away.
     pub dry_run: bool,
@@ -58,6 +60,8 @@ impl Registry {
     async fn collect_garbage_now(&self, how: &Collect) -> StoreResult<Collected> {
         let cutoff = SystemTime::now() - how.grace;
         let mut done = Collected::default();
+        let untagged = self.apply_retention(&how.retention).await?;
+        done.tags_untagged = untagged.iter().map(|t| format!("{}:{}", t.repo, t.tag)).collect();
         if how.untagged {
             done.manifests_deleted = self.meta.delete_untagged(cutoff).await?.len() as u64;
         }
@@ -179,6 +183,7 @@ mod tests {
             upload_expiry: Duration::from_secs(7 * 24 * 3600),
             orphan_uploads_after: grace,
             untagged: false,
+            retention: Vec::new(),
             dry_run: false,
         };
         let kept = r.collect_garbage(&how(Duration::from_secs(3600))).await.unwrap();

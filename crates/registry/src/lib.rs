@@ -6,6 +6,7 @@
 pub mod copy;
 pub mod gc;
 pub mod quota;
+pub mod retention;
 pub mod uploads;
 
 use std::collections::HashMap;

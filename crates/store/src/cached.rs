@@ -15,7 +15,7 @@ use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{ChangeNews, Changed, ManifestRecord, MetaStore, Page, StoreResult, UploadId};
+use crate::{ChangeNews, Changed, ManifestRecord, MetaStore, Page, StoreResult, TagRecord, UploadId};
 
 /// Rough fixed cost of an entry beyond its payload (keys, node overhead).
 const ENTRY_OVERHEAD: u64 = 256;
@@ -137,6 +137,18 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
 
     async fn linked_under(&self, prefix: &str, digest: &Digest) -> StoreResult<bool> {
         self.inner.linked_under(prefix, digest).await
+    }
+
+    async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
+        self.inner.tags_under(prefix).await
+    }
+
+    async fn untag_if(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> StoreResult<bool> {
+        let untagged = self.inner.untag_if(repo, tag, digest).await?;
+        self.invalidate(|| {
+            self.tags.remove(&(repo.clone(), tag.clone()));
+        });
+        Ok(untagged)
     }
 
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> StoreResult<()> {

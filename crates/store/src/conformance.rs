@@ -295,6 +295,30 @@ pub async fn meta_store(store: &dyn MetaStore) {
     }
     assert_eq!(store.bytes_under("zq").await.unwrap(), 0);
 
+    // Tags with when they were pushed; a tag is untagged only while it still points where
+    // it was seen pointing.
+    let (m1, m2) = (manifest(41, None), manifest(42, None));
+    let (old, new): (Tag, Tag) = ("old".parse().unwrap(), "new".parse().unwrap());
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+    store.put_manifest(&team_a, &m1, Some(&old)).await.unwrap();
+    store.put_manifest(&team_b, &m2, Some(&new)).await.unwrap();
+    let tags = store.tags_under("zq").await.unwrap();
+    assert_eq!(
+        tags.iter().map(|t| (t.repo.as_str(), t.tag.as_str(), &t.digest)).collect::<Vec<_>>(),
+        vec![("zq/a", "old", &m1.digest), ("zq/b/sub", "new", &m2.digest)]
+    );
+    assert!(tags.iter().all(|t| t.pushed > before && t.pushed <= std::time::SystemTime::now()));
+    let pushed = tags[0].pushed;
+    store.put_manifest(&team_a, &m1, Some(&old)).await.unwrap();
+    assert_eq!(store.tags_under("zq/a").await.unwrap()[0].pushed, pushed, "the same manifest again is no new push");
+    assert!(store.tags_under("zqx").await.unwrap().is_empty());
+    assert!(!store.untag_if(&team_a, &old, &m2.digest).await.unwrap(), "moved since: kept");
+    assert_eq!(store.resolve_tag(&team_a, &old).await.unwrap(), Some(m1.digest.clone()));
+    assert!(store.untag_if(&team_a, &old, &m1.digest).await.unwrap());
+    assert_eq!(store.resolve_tag(&team_a, &old).await.unwrap(), None);
+    assert!(store.delete_manifest(&team_a, &m1.digest).await.unwrap().is_some());
+    assert!(store.delete_manifest(&team_b, &m2.digest).await.unwrap().is_some());
+
     garbage_collection(store).await;
 }
 

@@ -272,6 +272,8 @@ impl ManifestRecord {
 /// What one garbage collection pass found and did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Collected {
+    /// Tags retention rules untagged (`name:tag`).
+    pub tags_untagged: Vec<String>,
     /// Untagged manifests nothing kept (only when asked to delete them).
     pub manifests_deleted: u64,
     /// Links no manifest of their repository references, made before the grace period.
@@ -315,6 +317,29 @@ fn now_ms() -> i64 {
 
 /// Metadata: repositories, blob links, manifests, tags, referrers and upload records.
 ///
+/// A tag, where it points and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRecord {
+    pub repo: RepoName,
+    pub tag: Tag,
+    pub digest: Digest,
+    /// When the tag was created or last moved to another manifest.
+    pub pushed: SystemTime,
+}
+
+impl TagRecord {
+    /// A record read back from a store's columns.
+    pub(crate) fn parse(repo: &str, tag: &str, digest: &str, pushed_ms: i64) -> StoreResult<TagRecord> {
+        let bad = |what: &str| StoreError::Backend(io::Error::other(format!("stored {what} is invalid")));
+        Ok(TagRecord {
+            repo: repo.parse().map_err(|_| bad("repository name"))?,
+            tag: tag.parse().map_err(|_| bad("tag"))?,
+            digest: digest.parse().map_err(|_| bad("digest"))?,
+            pushed: std::time::UNIX_EPOCH + std::time::Duration::from_millis(pushed_ms.max(0) as u64),
+        })
+    }
+}
+
 /// Contract: every write is one transaction; readers never see half of one. A blob is
 /// visible in a repository only through a link. Repositories come into being with their
 /// first link, manifest or upload.
@@ -342,6 +367,11 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn bytes_under(&self, prefix: &str) -> StoreResult<u64>;
     /// Whether a repository under `prefix` links `digest` to bytes held here.
     async fn linked_under(&self, prefix: &str, digest: &Digest) -> StoreResult<bool>;
+    /// Every tag of the repositories under `prefix` (as [`MetaStore::bytes_under`]), with
+    /// when it was last pointed at a new manifest, by repository and tag.
+    async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>>;
+    /// Deletes `tag` if it still points at `digest` (a push that moved it meanwhile wins).
+    async fn untag_if(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> StoreResult<bool>;
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
     /// transaction. Fails with [`StoreError::Missing`], storing nothing, when a digest of

@@ -20,7 +20,7 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 
 use crate::cluster::{ChangeNews, Changed, Connect, PostgresCluster, encode_keys};
-use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId, millis, now, now_ms, page};
+use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, TagRecord, UploadId, millis, now, now_ms, page};
 
 /// The schema, one step per version; the version is kept in `tessera_schema`.
 const MIGRATIONS: &[&str] = &[
@@ -77,6 +77,12 @@ CREATE TABLE blobs_doomed (digest TEXT PRIMARY KEY);
     r#"
 CREATE TABLE changes (counter BIGINT NOT NULL);
 INSERT INTO changes(counter) VALUES (0);
+"#,
+    // When each tag was last pointed somewhere new (retention rules read it); tags from
+    // before count from the upgrade.
+    r#"
+ALTER TABLE tags ADD COLUMN pushed_ms BIGINT NOT NULL DEFAULT 0;
+UPDATE tags SET pushed_ms = (extract(epoch from now()) * 1000)::BIGINT;
 "#,
 ];
 
@@ -639,9 +645,10 @@ impl MetaStore for PostgresMetaStore {
             if let Some(tag) = tag {
                 exec(
                     &tx,
-                    "INSERT INTO tags(repo, tag, digest) VALUES ($1, $2, $3)
-                     ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest",
-                    &[&id, &tag.as_str(), &digest],
+                    "INSERT INTO tags(repo, tag, digest, pushed_ms) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,
+                         pushed_ms = CASE WHEN tags.digest = excluded.digest THEN tags.pushed_ms ELSE excluded.pushed_ms END",
+                    &[&id, &tag.as_str(), &digest, &now_ms()],
                 )
                 .await
                 .map_err(db_err)?;
@@ -710,6 +717,34 @@ impl MetaStore for PostgresMetaStore {
             }
             Ok::<_, StoreError>(n > 0)
         })
+    }
+
+    async fn untag_if(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> StoreResult<bool> {
+        let digest = digest.to_string();
+        write!(self, tx, {
+            let Some(id) = repo_id(&tx, repo.as_str()).await? else { return Ok(false) };
+            let n = tx
+                .execute(
+                    "DELETE FROM tags WHERE repo = $1 AND tag = $2 AND digest = $3",
+                    &[&id, &tag.as_str(), &digest],
+                )
+                .await
+                .map_err(db_err)?;
+            if n > 0 {
+                announce(&tx, &self.channel, &[Changed::Tag(repo.clone(), tag.clone())]).await?;
+            }
+            Ok::<_, StoreError>(n > 0)
+        })
+    }
+
+    async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
+        let prefix = prefix.trim_matches('/');
+        let sql = format!(
+            "SELECT r.name, t.tag, t.digest, t.pushed_ms FROM tags t JOIN repos r ON r.id = t.repo
+             WHERE {UNDER_PREFIX} ORDER BY r.name, t.tag"
+        );
+        let rows = self.query(&sql, &[&prefix]).await?;
+        rows.iter().map(|r| TagRecord::parse(r.get(0), r.get(1), r.get(2), r.get::<_, i64>(3))).collect()
     }
 
     async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> StoreResult<()> {

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Arc;
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, UploadId, millis, now, now_ms, page};
+use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, TagRecord, UploadId, millis, now, now_ms, page};
 
 /// Schema version kept in `PRAGMA user_version`; each step of `MIGRATIONS` raises it by one.
 const MIGRATIONS: &[&str] = &[
@@ -104,6 +104,12 @@ WITH docs AS MATERIALIZED (
 INSERT OR IGNORE INTO manifest_children(repo, digest, parent)
     SELECT d.repo, json_extract(c.value, '$.digest'), d.seq FROM docs d, json_each(d.doc, '$.manifests') c
         WHERE json_type(c.value, '$.digest') = 'text';
+"#,
+    // When each tag was last pointed somewhere new (retention rules read it); tags from
+    // before count from the upgrade.
+    r#"
+ALTER TABLE tags ADD COLUMN pushed_ms INTEGER NOT NULL DEFAULT 0;
+UPDATE tags SET pushed_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000;
 "#,
 ];
 
@@ -507,9 +513,11 @@ impl MetaStore for SqliteMetaStore {
             }
             if let Some(tag) = tag {
                 tx.prepare_cached(
-                    "INSERT INTO tags(repo, tag, digest) VALUES (?1, ?2, ?3) ON CONFLICT(repo, tag) DO UPDATE SET digest = excluded.digest",
+                    "INSERT INTO tags(repo, tag, digest, pushed_ms) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(repo, tag) DO UPDATE
+                     SET digest = excluded.digest,
+                         pushed_ms = CASE WHEN tags.digest = excluded.digest THEN tags.pushed_ms ELSE excluded.pushed_ms END",
                 )?
-                .execute(params![id, tag, digest])?;
+                .execute(params![id, tag, digest, now_ms()])?;
             }
             Ok(())
         })
@@ -572,6 +580,37 @@ impl MetaStore for SqliteMetaStore {
             Ok(tx.prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2")?.execute(params![id, tag])? > 0)
         })
         .await
+    }
+
+    async fn untag_if(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> StoreResult<bool> {
+        let (repo, tag, digest) = (repo.to_string(), tag.to_string(), digest.to_string());
+        self.write(move |tx| {
+            let Some(id) = repo_id(tx, &repo)? else {
+                return Ok(false);
+            };
+            Ok(tx
+                .prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2 AND digest = ?3")?
+                .execute(params![id, tag, digest])?
+                > 0)
+        })
+        .await
+    }
+
+    async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
+        let prefix = prefix.trim_matches('/').to_string();
+        let rows = self
+            .read(move |c| {
+                c.prepare_cached(&format!(
+                    "SELECT r.name, t.tag, t.digest, t.pushed_ms FROM tags t JOIN repos r ON r.id = t.repo
+                     WHERE {UNDER_PREFIX} ORDER BY r.name, t.tag"
+                ))?
+                .query_map([prefix], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.into_iter().map(|(repo, tag, digest, ms)| TagRecord::parse(&repo, &tag, &digest, ms)).collect()
     }
 
     async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, at: SystemTime) -> StoreResult<()> {

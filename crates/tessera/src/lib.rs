@@ -149,6 +149,18 @@ fn registry_over<M: MetaStore>(config: &Config, meta: M, blobs: &BlobHome) -> an
     Ok(Registry::new(blobs.hosted(config)?, Arc::new(meta), registry_settings(config)).with_quotas(quotas(config)))
 }
 
+/// The `[[retention]]` rules (validated with the configuration).
+fn retention_rules(config: &Config) -> Vec<tessera_registry::retention::RetentionRule> {
+    let rule = |r: &tessera_config::Retention| tessera_registry::retention::RetentionRule {
+        prefix: r.prefix.trim_matches('/').to_string(),
+        matching: r.tags.clone(),
+        keep_newest: r.keep_newest,
+        older_than: r.older_than_secs().ok().flatten().map(Duration::from_secs),
+        protect: r.protect.clone(),
+    };
+    config.retention.iter().map(rule).collect()
+}
+
 fn quotas(config: &Config) -> Vec<tessera_registry::quota::Quota> {
     let quota = |q: &tessera_config::Quota| tessera_registry::quota::Quota {
         prefix: q.prefix.trim_matches('/').to_string(),
@@ -551,6 +563,7 @@ pub async fn collect_garbage(
         // they get the grace period, as a running server gives them.
         orphan_uploads_after: if shared { grace } else { Duration::ZERO },
         untagged: config.storage.gc_untagged,
+        retention: retention_rules(config),
         dry_run,
     };
     // The pass itself finishes what an interrupted one doomed, so a dry run counts it too.
@@ -567,7 +580,11 @@ pub async fn collect_garbage(
 }
 
 /// Collects garbage every `gc_interval_secs` while the server runs.
-async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_config::Storage) {
+async fn collect_garbage_periodically(
+    state: Arc<AppState>,
+    storage: tessera_config::Storage,
+    retention: Vec<tessera_registry::retention::RetentionRule>,
+) {
     let period = Duration::from_secs(storage.gc_interval_secs);
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -579,12 +596,14 @@ async fn collect_garbage_periodically(state: Arc<AppState>, storage: tessera_con
             upload_expiry: Duration::from_secs(storage.upload_expiry_secs),
             orphan_uploads_after: grace,
             untagged: storage.gc_untagged,
+            retention: retention.clone(),
             dry_run: false,
         };
         match state.registry.collect_garbage(&how).await {
             Ok(done) if done.elsewhere => tracing::debug!("garbage collection pass left to the node running one"),
             Ok(done) => {
                 tracing::info!(
+                    tags_untagged = done.tags_untagged.len(),
                     manifests_deleted = done.manifests_deleted,
                     links_removed = done.links_removed,
                     blobs_deleted = done.blobs_deleted,
@@ -677,7 +696,7 @@ async fn run(
     let mut background = tokio::task::JoinSet::new();
     background.spawn(reload_on_hangup(state.clone(), config.clone(), reload, certs));
     if config.storage.gc_interval_secs > 0 {
-        background.spawn(collect_garbage_periodically(state.clone(), config.storage.clone()));
+        background.spawn(collect_garbage_periodically(state.clone(), config.storage.clone(), retention_rules(&config)));
     }
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };

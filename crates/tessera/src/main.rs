@@ -351,9 +351,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let (delete, remove) = if args.dry_run { ("would delete", "would remove") } else { ("deleted", "removed") };
+            let untag = if args.dry_run { "would untag" } else { "untagged" };
+            for tag in &done.tags_untagged {
+                println!("retention: {untag} {tag}");
+            }
             println!(
-                "{delete} {} untagged manifest(s); {remove} {} unreferenced link(s) and {} abandoned upload(s); {delete} {} blob(s), {} bytes",
-                done.manifests_deleted, done.links_removed, done.uploads_removed, done.blobs_deleted, done.bytes_freed
+                "{untag} {} tag(s); {delete} {} untagged manifest(s); {remove} {} unreferenced link(s) and {} abandoned upload(s); {delete} {} blob(s), {} bytes",
+                done.tags_untagged.len(),
+                done.manifests_deleted,
+                done.links_removed,
+                done.uploads_removed,
+                done.blobs_deleted,
+                done.bytes_freed
             );
             Ok(())
         }
