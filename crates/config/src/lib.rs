@@ -12,6 +12,7 @@ mod notify;
 mod route;
 mod statics;
 mod storage;
+mod sync;
 mod tls;
 mod upstream;
 
@@ -25,6 +26,7 @@ pub use notify::{NOTIFY_EVENTS, Notify};
 pub use route::{Credentials, Fallback, Mode, Route, RouteMember, Target};
 pub use statics::StaticSource;
 pub use storage::{Postgres, S3, Storage};
+pub use sync::{Sync, SyncTarget};
 pub use tls::{ClientAuth, TlsConfig};
 pub use upstream::{Upstream, UpstreamCache};
 
@@ -109,6 +111,9 @@ pub struct Config {
     pub quotas: Vec<Quota>,
     /// Which tags garbage collection passes untag, per name prefix (`[[retention]]`).
     pub retention: Vec<Retention>,
+    /// Repositories of upstreams kept mirrored on a schedule (`[[sync]]`).
+    #[serde(rename = "sync")]
+    pub syncs: Vec<Sync>,
 }
 
 /// `[[retention]]`: which tags of the repositories under `prefix` go (see
@@ -182,6 +187,7 @@ impl Default for Config {
             notify: Vec::new(),
             quotas: Vec::new(),
             retention: Vec::new(),
+            syncs: Vec::new(),
         }
     }
 }
@@ -377,6 +383,13 @@ impl Config {
             }
             if !retention_prefixes.insert(prefix) {
                 return Err(format!("[[retention]] {prefix:?} is given twice"));
+            }
+        }
+        let mut sync_names = std::collections::HashSet::new();
+        for (i, s) in self.syncs.iter().enumerate() {
+            s.check(i, &self.upstreams)?;
+            if !sync_names.insert(s.name_at(i)) {
+                return Err(format!("[[sync]] {} is named twice", s.name_at(i)));
             }
         }
         let mut notify_names = std::collections::HashSet::new();

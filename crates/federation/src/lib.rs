@@ -6,6 +6,7 @@ pub mod delivery;
 pub mod router;
 pub mod source;
 pub mod statics;
+pub mod sync;
 
 /// The registry client each upstream is reached through, from `tessera-client`.
 pub use tessera_client::upstream;

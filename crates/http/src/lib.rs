@@ -38,6 +38,8 @@ pub struct AppState {
     pub anonymous_writes: bool,
     /// Where events go (`[[notify]]`); `None` without endpoints.
     pub notifier: Option<Arc<notify::Notifier>>,
+    /// The `[[sync]]` jobs, with their figures.
+    pub syncs: Vec<Arc<tessera_federation::sync::SyncJob>>,
 }
 
 pub use metrics::{EndpointFamily, Metrics};

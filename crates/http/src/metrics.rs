@@ -208,6 +208,7 @@ impl Metrics {
         registry: &tessera_registry::Registry,
         notifier: Option<&crate::notify::Notifier>,
         quotas: &[tessera_registry::quota::QuotaUse],
+        syncs: &[std::sync::Arc<tessera_federation::sync::SyncJob>],
     ) -> String {
         let mut exposition = Registry::default();
         exposition.register(
@@ -235,7 +236,7 @@ impl Metrics {
         ] {
             exposition.register(name, help, counter.clone());
         }
-        exposition.register_collector(Box::new(Snapshot::take(federation, registry, notifier, quotas)));
+        exposition.register_collector(Box::new(Snapshot::take(federation, registry, notifier, quotas, syncs)));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &exposition) {
             tracing::error!("cannot encode the metrics: {e}");
@@ -279,6 +280,7 @@ impl Snapshot {
         registry: &tessera_registry::Registry,
         notifier: Option<&crate::notify::Notifier>,
         quotas: &[tessera_registry::quota::QuotaUse],
+        syncs: &[std::sync::Arc<tessera_federation::sync::SyncJob>],
     ) -> Snapshot {
         let mut s = Snapshot::default();
         let mut caches: Vec<_> = federation.caches().collect();
@@ -384,8 +386,38 @@ impl Snapshot {
             );
             s.gauge("tessera_quota_max_bytes", "A quota's bound in bytes", of(|q| q.max_bytes));
         }
+        if !syncs.is_empty() {
+            s.syncs(syncs);
+        }
         s.process();
         s
+    }
+
+    fn syncs(&mut self, syncs: &[std::sync::Arc<tessera_federation::sync::SyncJob>]) {
+        let job = |j: &tessera_federation::sync::SyncJob| vec![("sync", j.name.clone())];
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let mut images = Vec::new();
+        for j in syncs {
+            let s = &j.stats;
+            for (result, count) in
+                [("synced", &s.images_synced), ("present", &s.images_present), ("failed", &s.images_failed)]
+            {
+                let mut labels = job(j);
+                labels.push(("result", result.to_string()));
+                images.push((labels, load(count)));
+            }
+        }
+        let passes = syncs.iter().map(|j| (job(j), load(&j.stats.passes))).collect();
+        let bytes = syncs.iter().map(|j| (job(j), load(&j.stats.bytes_fetched))).collect();
+        let last = syncs.iter().map(|j| (job(j), gauge(load(&j.stats.last_success)))).collect();
+        self.counter("tessera_sync_passes", "Sync passes finished", passes);
+        self.counter("tessera_sync_images", "Images a sync pass brought, found in place, or failed", images);
+        self.counter("tessera_sync_bytes_fetched", "Blob bytes sync passes fetched from the upstream", bytes);
+        self.gauge(
+            "tessera_sync_last_success_timestamp_seconds",
+            "When the last sync pass without a failure ended (0: never)",
+            last,
+        );
     }
 
     fn notifications(&mut self, notifier: &crate::notify::Notifier) {

@@ -455,6 +455,11 @@ impl Registry {
         if found { Ok(()) } else { Err(manifest_unknown(reference)) }
     }
 
+    /// Where `tag` points in `repo`, if anywhere.
+    pub async fn manifest_digest(&self, repo: &RepoName, tag: &tessera_spec::Tag) -> Result<Option<Digest>, OciError> {
+        self.meta.resolve_tag(repo, tag).await.map_err(|e| store_failure("tag lookup", e))
+    }
+
     pub async fn tags(&self, repo: &RepoName, paging: &Paging) -> Result<Page, OciError> {
         let limit = paging.n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
         self.meta

@@ -223,6 +223,7 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         anonymous_writes: anonymous_writes(config),
         notifier: tessera_http::notify::Notifier::start(&config.notify, &config.data)
             .context("cannot open the notification queues")?,
+        syncs: tessera_federation::sync::jobs(config).map_err(anyhow::Error::msg)?,
     })
 }
 
@@ -579,6 +580,59 @@ pub async fn collect_garbage(
     registry.collect_garbage(&how).await.context("garbage collection (dry run) failed")
 }
 
+/// Runs `job` at start-up and every `interval` while the server runs.
+async fn sync_periodically(state: Arc<AppState>, job: Arc<tessera_federation::sync::SyncJob>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        run_sync(&state, &job).await;
+    }
+}
+
+/// One pass of `job` on the current routing table, logged.
+pub async fn run_sync(
+    state: &AppState,
+    job: &tessera_federation::sync::SyncJob,
+) -> Option<tessera_federation::sync::SyncReport> {
+    let federation = state.federation.load_full();
+    match federation.sync(job, &state.registry).await {
+        Ok(r) => {
+            tracing::info!(
+                sync = job.name,
+                synced = r.synced,
+                present = r.present,
+                failed = r.failed,
+                bytes_fetched = r.bytes_fetched,
+                "sync pass"
+            );
+            Some(r)
+        }
+        Err(e) => {
+            tracing::warn!(sync = job.name, "sync pass failed: {}", e.message);
+            None
+        }
+    }
+}
+
+/// One pass of each `[[sync]]` job of `config` (those named in `only`, if any), with no
+/// server running on its data directory.
+pub async fn sync_once(
+    config: &Config,
+    only: &[String],
+) -> anyhow::Result<Vec<(String, Option<tessera_federation::sync::SyncReport>)>> {
+    let _lock = lock_data_dir(&config.data)?;
+    let state = open_state(config).await?;
+    if let Some(unknown) = only.iter().find(|n| !state.syncs.iter().any(|j| &j.name == *n)) {
+        anyhow::bail!("no [[sync]] named {unknown:?}");
+    }
+    let mut reports = Vec::new();
+    for job in state.syncs.iter().filter(|j| only.is_empty() || only.contains(&j.name)) {
+        reports.push((job.name.clone(), run_sync(&state, job).await));
+    }
+    Ok(reports)
+}
+
 /// Collects garbage every `gc_interval_secs` while the server runs.
 async fn collect_garbage_periodically(
     state: Arc<AppState>,
@@ -695,6 +749,11 @@ async fn run(
     // Dropped (and so aborted) when the server stops.
     let mut background = tokio::task::JoinSet::new();
     background.spawn(reload_on_hangup(state.clone(), config.clone(), reload, certs));
+    for (job, entry) in state.syncs.iter().zip(&config.syncs) {
+        if entry.interval_secs > 0 {
+            background.spawn(sync_periodically(state.clone(), job.clone(), Duration::from_secs(entry.interval_secs)));
+        }
+    }
     if config.storage.gc_interval_secs > 0 {
         background.spawn(collect_garbage_periodically(state.clone(), config.storage.clone(), retention_rules(&config)));
     }

@@ -40,6 +40,9 @@ enum Command {
     Export(ExportArgs),
     /// Push every image of an OCI image layout (directory or .tar) written by export.
     Import(ImportArgs),
+    /// Run one pass of the [[sync]] jobs of a configuration (a running server runs them
+    /// every interval_secs itself) on a data directory no server is using.
+    Sync(SyncArgs),
     /// Copy an image by digest, with its index children and referrers (signatures, SBOMs):
     /// within one Tessera the server mounts its blobs (no byte is copied); between
     /// registries only what the destination lacks is sent.
@@ -64,6 +67,16 @@ struct ExportArgs {
     /// USER:PASSWORD for the registry.
     #[arg(long, value_name = "USER:PASSWORD", env = "TESSERA_CREDS")]
     creds: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    /// TOML configuration file with the [[sync]] jobs and their upstreams.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Only this job (by its name; repeatable) [default: every job].
+    #[arg(long = "name", value_name = "NAME")]
+    names: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -398,6 +411,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Copy(args) => runtime.block_on(copy(args)),
+        Command::Sync(args) => {
+            let config = Config::from_file(&args.config)?;
+            let reports = runtime.block_on(tessera::sync_once(&config, &args.names))?;
+            let mut failed = false;
+            for (name, report) in reports {
+                match report {
+                    Some(r) => {
+                        failed |= r.failed > 0;
+                        println!(
+                            "{name}: {} image(s) synced, {} already in place, {} failed; {} bytes fetched",
+                            r.synced, r.present, r.failed, r.bytes_fetched
+                        );
+                    }
+                    None => {
+                        failed = true;
+                        println!("{name}: the pass failed (see the log)");
+                    }
+                }
+            }
+            if failed {
+                anyhow::bail!("some images were not synced");
+            }
+            Ok(())
+        }
         Command::Import(args) => runtime.block_on(async {
             let dest = tessera_client::registry_client(&args.dest, args.plain_http, args.creds.as_deref())?;
             for reference in tessera_client::import(&args.input, &dest, args.prefix.as_deref()).await? {

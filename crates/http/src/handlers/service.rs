@@ -21,7 +21,7 @@ pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint)
             // A store that cannot answer leaves the quota figures out, not the rest.
             let quotas = state.registry.quota_use().await.unwrap_or_default();
             let notifier = state.notifier.as_deref();
-            let text = state.metrics.render(&state.federation.load(), &state.registry, notifier, &quotas);
+            let text = state.metrics.render(&state.federation.load(), &state.registry, notifier, &quotas, &state.syncs);
             Ok(response(StatusCode::OK, &[("content-type", crate::metrics::CONTENT_TYPE.into())], Body::from(text)))
         }
         (Endpoint::Quotas, &Method::GET) => {
