@@ -595,6 +595,21 @@ pub async fn run_sync(
     state: &AppState,
     job: &tessera_federation::sync::SyncJob,
 ) -> Option<tessera_federation::sync::SyncReport> {
+    // With other nodes on the same stores, one of them runs each job's pass.
+    let _lease = match state.registry.cluster() {
+        Some(cluster) => match cluster.try_lock(&format!("sync/{}", job.name)).await {
+            Ok(Some(guard)) => Some(guard),
+            Ok(None) => {
+                tracing::debug!(sync = job.name, "sync pass left to the node running it");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(sync = job.name, "cannot coordinate the sync pass with other nodes: {e}");
+                return None;
+            }
+        },
+        None => None,
+    };
     let federation = state.federation.load_full();
     match federation.sync(job, &state.registry).await {
         Ok(r) => {

@@ -230,3 +230,39 @@ async fn between_registries_only_what_the_destination_lacks_is_sent() {
     let three = copy(&[&format!("{to}/mirror/app:1"), &format!("{to}/other/app:1")]);
     assert!(three.stdout.contains("within the registry"), "{}", three.output());
 }
+
+#[tokio::test]
+async fn a_layer_living_on_a_cdn_stays_there_when_promoted() {
+    let server =
+        Server::with_config(BIN, "[[delivery]]\nprefix = \"\"\nexternal_allow = [\"https://cdn.example.com/\"]\n")
+            .unwrap();
+    let api = Api::new(&server);
+    let host = server.host();
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    api.push_blob("candidate/app", config).await.unwrap();
+    let layer = Digest::sha256_of(b"a layer that lives on the CDN");
+    let url = format!("https://cdn.example.com/blobs/{}", layer.hex());
+    let located = json!({ "size": 29, "urls": [url], "verify": false }).to_string();
+    let r =
+        api.http.put(api.url(&format!("/tessera/v1/candidate/app/blobs/{layer}"))).body(located).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::sha256_of(config).to_string(), "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.to_string(), "size": 29 }],
+    }))
+    .unwrap();
+    let digest = Digest::sha256_of(&manifest);
+    api.put_manifest("candidate/app", "rc", &Bytes::from(manifest)).await.unwrap();
+
+    copy(&[&format!("{host}/candidate/app@{digest}"), &format!("{host}/stable/app:1")]);
+    let info: serde_json::Value =
+        api.get(&format!("/tessera/v1/stable/app/blobs/{layer}")).await.unwrap().json().await.unwrap();
+    assert_eq!(info["here"], false, "{info}");
+    assert_eq!(info["urls"], json!([url]), "{info}");
+    let r =
+        tessera_testkit::no_redirects().get(server.url(&format!("/v2/stable/app/blobs/{layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], url.as_str());
+}
