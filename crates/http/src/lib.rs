@@ -106,8 +106,8 @@ async fn access_log(
     let family = response.extensions().get::<EndpointFamily>().copied().unwrap_or(EndpointFamily::Unknown);
     let received = received.map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
     state.metrics.answered(family, &method, status, took, received);
-    if let (Some(notifier), Some(happenings)) =
-        (&state.notifier, response.extensions_mut().remove::<notify::Happenings>())
+    if let Some(notifier) = &state.notifier
+        && let Some(happenings) = response.extensions_mut().remove::<notify::Happenings>()
     {
         let (host, agent) = host_and_agent.unwrap_or_default();
         let asked = notify::Asked {
