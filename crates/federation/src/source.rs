@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tessera_registry::signatures::Signature;
 use tessera_registry::{BlobAnswer, BlobAt, Opened, Referrers, Registry};
 use tessera_spec::manifest::media;
 use tessera_spec::{Accept, Descriptor, Digest, ErrorCode, OciError, Paging, RangeRequest, Reference, RepoName};
@@ -114,6 +115,12 @@ pub trait Source: Send + Sync {
     /// Where a client is sent for `blob`, a descriptor in a manifest this source served, in
     /// words (for `tessera explain --live`).
     async fn locate(&self, name: &RepoName, blob: &Descriptor) -> String;
+
+    /// The simple signatures of the manifest `digest` (the signature extension's); absent
+    /// where this source keeps none for it.
+    async fn signatures(&self, _name: &RepoName, _digest: &Digest, _ask: &Ask) -> Answer<Vec<Signature>> {
+        Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures kept here")))
+    }
 }
 
 fn is_manifest(d: &Descriptor) -> bool {
@@ -261,6 +268,14 @@ impl Source for Hosted {
             Ok(BlobAt::Elsewhere { urls, .. }) => self.delivery.describe_external(name, &urls),
             Err(e) => e.message,
         }
+    }
+
+    async fn signatures(&self, name: &RepoName, digest: &Digest, _: &Ask) -> Answer<Vec<Signature>> {
+        let found = self.registry.signatures(name, digest).await?;
+        if found.is_empty() {
+            return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
+        }
+        Ok(Found::Here(found))
     }
 }
 

@@ -26,13 +26,15 @@ pub(crate) fn action_of<'e>(method: &Method, endpoint: &'e Endpoint) -> Option<(
         | Endpoint::Base
         | Endpoint::Catalog(_) => None,
         Endpoint::Tags { name, .. } | Endpoint::Referrers { name, .. } => Some((Action::Pull, name)),
-        Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::BlobLocation { name, .. } => {
-            Some(match *method {
-                Method::GET | Method::HEAD => (Action::Pull, name),
-                Method::DELETE => (Action::Delete, name),
-                _ => (Action::Push, name),
-            })
-        }
+        Endpoint::Lookaside { name, .. } => Some((Action::Pull, name)),
+        Endpoint::Manifest { name, .. }
+        | Endpoint::Blob { name, .. }
+        | Endpoint::BlobLocation { name, .. }
+        | Endpoint::Signatures { name, .. } => Some(match *method {
+            Method::GET | Method::HEAD => (Action::Pull, name),
+            Method::DELETE => (Action::Delete, name),
+            _ => (Action::Push, name),
+        }),
         Endpoint::UploadStart { name, .. } | Endpoint::Upload { name, .. } | Endpoint::Copy { name, .. } => {
             Some((Action::Push, name))
         }

@@ -41,6 +41,12 @@ pub enum Endpoint {
     /// (or `&all_tags=true` instead of a reference), `&dry_run=true` to only list: a
     /// promotion within this registry. Tessera's own API.
     Copy { name: RepoName, from: RepoName, what: CopyWhat, dry_run: bool },
+    /// `/extensions/v2/<name>/signatures/<digest>`: the simple signatures of a manifest
+    /// (the signature extension API, OpenShift's registry's).
+    Signatures { name: RepoName, digest: Digest },
+    /// `/sigstore/<name>@<algorithm>=<hex>/signature-<index>`: one simple signature in the
+    /// lookaside layout (`registries.d`'s `lookaside`), `index` from 1.
+    Lookaside { name: RepoName, digest: Digest, index: usize },
 }
 
 /// What a copy takes from its source repository.
@@ -69,7 +75,9 @@ impl Endpoint {
             | Endpoint::Upload { name, .. }
             | Endpoint::Referrers { name, .. }
             | Endpoint::BlobLocation { name, .. }
-            | Endpoint::Copy { name, .. } => Some(name),
+            | Endpoint::Copy { name, .. }
+            | Endpoint::Signatures { name, .. }
+            | Endpoint::Lookaside { name, .. } => Some(name),
         }
     }
 }
@@ -116,6 +124,13 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
             return Ok(Endpoint::Token { scopes });
         }
         _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/extensions/v2/") {
+        let (name, digest) = rest.rsplit_once("/signatures/").ok_or_else(not_found)?;
+        return Ok(Endpoint::Signatures { name: name.parse()?, digest: digest.parse()? });
+    }
+    if let Some(rest) = path.strip_prefix("/sigstore/") {
+        return lookaside(rest);
     }
     if let Some(rest) = path.strip_prefix("/tessera/v1/") {
         if rest == "_quotas" {
@@ -182,6 +197,16 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
         }
         _ => Err(not_found()),
     }
+}
+
+/// `<name>@<algorithm>=<hex>/signature-<index>`.
+fn lookaside(rest: &str) -> Result<Endpoint, OciError> {
+    let (image, file) = rest.rsplit_once('/').ok_or_else(not_found)?;
+    let index = file.strip_prefix("signature-").and_then(|n| n.parse::<usize>().ok()).filter(|n| *n > 0);
+    let index = index.ok_or_else(not_found)?;
+    let (name, digest) = image.rsplit_once('@').ok_or_else(not_found)?;
+    let (algorithm, hex) = digest.split_once('=').ok_or_else(not_found)?;
+    Ok(Endpoint::Lookaside { name: name.parse()?, digest: format!("{algorithm}:{hex}").parse()?, index })
 }
 
 fn copy(name: RepoName, q: &Query) -> Result<Endpoint, OciError> {

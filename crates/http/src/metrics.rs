@@ -35,6 +35,7 @@ pub enum EndpointFamily {
     Referrers,
     BlobLocation,
     Copy,
+    Signatures,
     Token,
     Metrics,
     Probe,
@@ -57,6 +58,7 @@ impl EndpointFamily {
             E::Referrers { .. } => EndpointFamily::Referrers,
             E::BlobLocation { .. } => EndpointFamily::BlobLocation,
             E::Copy { .. } => EndpointFamily::Copy,
+            E::Signatures { .. } | E::Lookaside { .. } => EndpointFamily::Signatures,
         }
     }
 
@@ -71,6 +73,7 @@ impl EndpointFamily {
             EndpointFamily::Referrers => "referrers",
             EndpointFamily::BlobLocation => "blob_location",
             EndpointFamily::Copy => "copy",
+            EndpointFamily::Signatures => "signatures",
             EndpointFamily::Token => "token",
             EndpointFamily::Metrics => "metrics",
             EndpointFamily::Probe => "probe",

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod gc;
 pub mod quota;
 pub mod retention;
+pub mod signatures;
 pub mod uploads;
 
 use std::collections::HashMap;

@@ -33,6 +33,8 @@ pub enum ErrorCode {
     TooLarge,
     /// A blob location document (Tessera's metadata-only push) that cannot be used.
     LocationInvalid,
+    /// A simple signature (the signature extension's) that cannot be stored as sent.
+    SignatureInvalid,
     Unavailable,
     Unknown,
 }
@@ -63,6 +65,7 @@ impl ErrorCode {
             UploadRangeInvalid => ("BLOB_UPLOAD_INVALID", 416),
             TooLarge => ("SIZE_INVALID", 413),
             LocationInvalid => ("BLOB_LOCATION_INVALID", 400),
+            SignatureInvalid => ("SIGNATURE_INVALID", 400),
             Unavailable => ("UNAVAILABLE", 503),
             Unknown => ("UNKNOWN", 500),
         }

@@ -139,6 +139,14 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         self.inner.linked_under(prefix, digest).await
     }
 
+    async fn add_signature(&self, repo: &RepoName, digest: &Digest, name: &str, content: &[u8]) -> StoreResult<bool> {
+        self.inner.add_signature(repo, digest, name, content).await
+    }
+
+    async fn signatures(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<(String, bytes::Bytes)>> {
+        self.inner.signatures(repo, digest).await
+    }
+
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
         self.inner.tags_under(prefix).await
     }

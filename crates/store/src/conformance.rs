@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{AppendError, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadId};
+use crate::{AppendError, BlobStore, ByteStream, ManifestRecord, MetaStore, StoreError, UploadId};
 
 fn chunks(parts: Vec<Vec<u8>>) -> ByteStream<'static> {
     Box::pin(futures_util::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from(p)))))
@@ -318,6 +318,21 @@ pub async fn meta_store(store: &dyn MetaStore) {
     assert_eq!(store.resolve_tag(&team_a, &old).await.unwrap(), None);
     assert!(store.delete_manifest(&team_a, &m1.digest).await.unwrap().is_some());
     assert!(store.delete_manifest(&team_b, &m2.digest).await.unwrap().is_some());
+
+    // Simple signatures: by repository and digest, in the order added; a name keeps its
+    // content.
+    let signed = Digest::sha256_of(b"signed manifest");
+    assert!(store.signatures(&team_a, &signed).await.unwrap().is_empty());
+    assert!(store.add_signature(&team_a, &signed, "s1", b"first").await.unwrap());
+    assert!(store.add_signature(&team_a, &signed, "s2", b"second").await.unwrap());
+    assert!(!store.add_signature(&team_a, &signed, "s1", b"first").await.unwrap(), "the same again");
+    assert!(matches!(store.add_signature(&team_a, &signed, "s1", b"changed").await, Err(StoreError::Contradicts(_))));
+    let kept = store.signatures(&team_a, &signed).await.unwrap();
+    assert_eq!(
+        kept,
+        vec![("s1".to_string(), Bytes::from_static(b"first")), ("s2".to_string(), Bytes::from_static(b"second"))]
+    );
+    assert!(store.signatures(&team_b, &signed).await.unwrap().is_empty(), "per repository");
 
     garbage_collection(store).await;
 }

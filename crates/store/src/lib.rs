@@ -372,6 +372,13 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>>;
     /// Deletes `tag` if it still points at `digest` (a push that moved it meanwhile wins).
     async fn untag_if(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> StoreResult<bool>;
+    /// Keeps a simple signature of the manifest `digest` under `name`; `false` when that
+    /// name holds it already. Another content under a name already used is refused with
+    /// [`StoreError::Contradicts`]: a signature, once stored, does not change.
+    async fn add_signature(&self, repo: &RepoName, digest: &Digest, name: &str, content: &[u8]) -> StoreResult<bool>;
+    /// The simple signatures of the manifest `digest` in `repo` (name, content), in the
+    /// order they were added.
+    async fn signatures(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<(String, Bytes)>>;
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
     /// transaction. Fails with [`StoreError::Missing`], storing nothing, when a digest of

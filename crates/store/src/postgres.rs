@@ -84,6 +84,17 @@ INSERT INTO changes(counter) VALUES (0);
 ALTER TABLE tags ADD COLUMN pushed_ms BIGINT NOT NULL DEFAULT 0;
 UPDATE tags SET pushed_ms = (extract(epoch from now()) * 1000)::BIGINT;
 "#,
+    // Simple signatures (the signature extension's), by manifest digest.
+    r#"
+CREATE TABLE signatures (
+    seq BIGSERIAL PRIMARY KEY,
+    repo BIGINT NOT NULL REFERENCES repos(id),
+    digest TEXT NOT NULL,
+    name TEXT NOT NULL,
+    content BYTEA NOT NULL,
+    UNIQUE (repo, digest, name)
+);
+"#,
 ];
 
 /// Advisory lock keys (arbitrary, fixed): one for migrations, one taken by every write.
@@ -735,6 +746,45 @@ impl MetaStore for PostgresMetaStore {
             }
             Ok::<_, StoreError>(n > 0)
         })
+    }
+
+    async fn add_signature(&self, repo: &RepoName, digest: &Digest, name: &str, content: &[u8]) -> StoreResult<bool> {
+        let digest = digest.to_string();
+        write!(self, tx, {
+            let id = ensure_repo(&tx, repo.as_str()).await?;
+            let held = row_opt(
+                &tx,
+                "SELECT content FROM signatures WHERE repo = $1 AND digest = $2 AND name = $3",
+                &[&id, &digest, &name],
+            )
+            .await
+            .map_err(db_err)?;
+            match held.map(|r| r.get::<_, Vec<u8>>(0)) {
+                Some(held) if held == content => Ok(false),
+                Some(_) => Err(StoreError::Contradicts(format!("signature {name} holds another content"))),
+                None => {
+                    exec(
+                        &tx,
+                        "INSERT INTO signatures(repo, digest, name, content) VALUES ($1, $2, $3, $4)",
+                        &[&id, &digest, &name, &content],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                    Ok::<_, StoreError>(true)
+                }
+            }
+        })
+    }
+
+    async fn signatures(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<(String, Bytes)>> {
+        let rows = self
+            .query(
+                "SELECT s.name, s.content FROM signatures s JOIN repos r ON r.id = s.repo
+                 WHERE r.name = $1 AND s.digest = $2 ORDER BY s.seq",
+                &[&repo.as_str(), &digest.to_string()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get::<_, String>(0), Bytes::from(r.get::<_, Vec<u8>>(1)))).collect())
     }
 
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {

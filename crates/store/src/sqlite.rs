@@ -111,6 +111,18 @@ INSERT OR IGNORE INTO manifest_children(repo, digest, parent)
 ALTER TABLE tags ADD COLUMN pushed_ms INTEGER NOT NULL DEFAULT 0;
 UPDATE tags SET pushed_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000;
 "#,
+    // Simple signatures (the signature extension's), by manifest digest; kept apart from
+    // the manifests, as clients store them for images they pushed or others did.
+    r#"
+CREATE TABLE signatures (
+    seq INTEGER PRIMARY KEY,
+    repo INTEGER NOT NULL REFERENCES repos(id),
+    digest TEXT NOT NULL,
+    name TEXT NOT NULL,
+    content BLOB NOT NULL,
+    UNIQUE (repo, digest, name)
+);
+"#,
 ];
 
 const READERS: usize = 4;
@@ -592,6 +604,40 @@ impl MetaStore for SqliteMetaStore {
                 .prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2 AND digest = ?3")?
                 .execute(params![id, tag, digest])?
                 > 0)
+        })
+        .await
+    }
+
+    async fn add_signature(&self, repo: &RepoName, digest: &Digest, name: &str, content: &[u8]) -> StoreResult<bool> {
+        let (repo, digest, name, content) = (repo.to_string(), digest.to_string(), name.to_string(), content.to_vec());
+        self.write(move |tx| {
+            let id = ensure_repo(tx, &repo)?;
+            let held: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT content FROM signatures WHERE repo = ?1 AND digest = ?2 AND name = ?3")?
+                .query_row(params![id, digest, name], |r| r.get(0))
+                .optional()?;
+            match held {
+                Some(held) if held == content => Ok(false),
+                Some(_) => Err(refusal(StoreError::Contradicts(format!("signature {name} holds another content")))),
+                None => {
+                    tx.prepare_cached("INSERT INTO signatures(repo, digest, name, content) VALUES (?1, ?2, ?3, ?4)")?
+                        .execute(params![id, digest, name, content])?;
+                    Ok(true)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn signatures(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<(String, Bytes)>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT s.name, s.content FROM signatures s JOIN repos r ON r.id = s.repo
+                 WHERE r.name = ?1 AND s.digest = ?2 ORDER BY s.seq",
+            )?
+            .query_map(params![repo, digest], |r| Ok((r.get::<_, String>(0)?, Bytes::from(r.get::<_, Vec<u8>>(1)?))))?
+            .collect()
         })
         .await
     }

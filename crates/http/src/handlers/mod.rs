@@ -7,6 +7,7 @@ mod listings;
 mod manifests;
 mod promote;
 mod service;
+mod signatures;
 mod uploads;
 
 use std::io;
@@ -277,6 +278,14 @@ async fn handle(
             (_, &Method::PUT) => blobs::record_location(state, &permit, body, digest).await,
             _ => Err(unsupported_method()),
         },
+        Endpoint::Signatures { digest, .. } => match *method {
+            Method::GET => signatures::list(&permit, digest).await,
+            Method::PUT => signatures::add(state, &permit, body, digest).await,
+            _ => Err(unsupported_method()),
+        },
+        Endpoint::Lookaside { digest, index, .. } if *method == Method::GET => {
+            signatures::lookaside(&permit, digest, *index).await
+        }
         Endpoint::Copy { what, dry_run, .. } if *method == Method::POST => {
             promote::copy(state, &permit, what, *dry_run).await
         }
@@ -284,6 +293,7 @@ async fn handle(
         | Endpoint::Tags { .. }
         | Endpoint::Referrers { .. }
         | Endpoint::UploadStart { .. }
+        | Endpoint::Lookaside { .. }
         | Endpoint::Copy { .. } => Err(unsupported_method()),
     }
 }

@@ -16,7 +16,13 @@ pub(super) async fn handle(state: &AppState, parts: &Parts, endpoint: &Endpoint)
         |text: String| response(StatusCode::OK, &[("content-type", "application/json".into())], Body::from(text));
     let no_tokens = || OciError::new(ErrorCode::NotFound, "this registry does not issue tokens");
     match (endpoint, &parts.method) {
-        (Endpoint::Base, &Method::GET | &Method::HEAD) => Ok(json("{}".into())),
+        (Endpoint::Base, &Method::GET | &Method::HEAD) => {
+            let mut answer = json("{}".into());
+            // Simple signatures are kept here (the signature extension API): clients store
+            // and find them through it.
+            answer.headers_mut().insert("x-registry-supports-signatures", axum::http::HeaderValue::from_static("1"));
+            Ok(answer)
+        }
         (Endpoint::Metrics, &Method::GET) => {
             // A store that cannot answer leaves the quota figures out, not the rest.
             let quotas = state.registry.quota_use().await.unwrap_or_default();

@@ -1,0 +1,234 @@
+//! Simple signatures made by skopeo with a throwaway GPG key: stored in Tessera through the
+//! signature extension API, verified by skopeo pulls with `signedBy` policies (the
+//! unsigned, the wrongly signed and a signature replayed onto another name all refused),
+//! and served in the lookaside layout for images another registry holds.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use tessera_spec::Digest;
+use tessera_testkit::clients::{ContainersFiles, Podman, short_tempdir};
+use tessera_testkit::{Api, Distribution, Image, Server, error_code, have_tool};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// A GPG home with one new key: its fingerprint and armored public key file.
+struct Key {
+    home: PathBuf,
+    fingerprint: String,
+    public: PathBuf,
+}
+
+impl Key {
+    fn new(dir: &Path, name: &str) -> Key {
+        let home = dir.join(format!("gnupg-{name}"));
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let gpg = |args: &[&str]| {
+            let out = Command::new("gpg").env("GNUPGHOME", &home).args(["--batch"]).args(args).output().unwrap();
+            assert!(out.status.success(), "gpg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            out.stdout
+        };
+        let uid = format!("{name} <{name}@example.com>");
+        gpg(&["--passphrase", "", "--quick-gen-key", &uid, "default", "default", "never"]);
+        let listing = String::from_utf8(gpg(&["--list-keys", "--with-colons"])).unwrap();
+        let fingerprint = listing.lines().find_map(|l| l.strip_prefix("fpr:")).unwrap().trim_matches(':').to_string();
+        let public = dir.join(format!("{name}.asc"));
+        std::fs::write(&public, gpg(&["--armor", "--export", &fingerprint])).unwrap();
+        Key { home, fingerprint, public }
+    }
+
+    /// A `signedBy` policy trusting this key for every image of `host`.
+    fn policy(&self, dir: &Path, host: &str) -> PathBuf {
+        let path = dir.join(format!("policy-{}.json", &self.fingerprint[..8]));
+        let policy = serde_json::json!({
+            "default": [{ "type": "reject" }],
+            "transports": { "docker": { host: [{ "type": "signedBy", "keyType": "GPGKeys", "keyPath": self.public }] } },
+        });
+        std::fs::write(&path, policy.to_string()).unwrap();
+        path
+    }
+}
+
+/// skopeo with `args`; Ok(stdout) or Err(stderr).
+fn skopeo(gnupg: Option<&Path>, args: &[&str]) -> Result<String, String> {
+    let mut cmd = tessera_testkit::clients::guarded("skopeo");
+    if let Some(home) = gnupg {
+        cmd.env("GNUPGHOME", home);
+    }
+    let out = cmd.args(args).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn pull(policy: &Path, reference: &str, out: &Path, registries_d: Option<&Path>) -> Result<String, String> {
+    let mut args = vec!["--policy", policy.to_str().unwrap()];
+    if let Some(d) = registries_d {
+        args.extend(["--registries.d", d.to_str().unwrap()]);
+    }
+    let dest = format!("oci:{}:pulled", out.display());
+    let source = format!("docker://{reference}");
+    // The policy is checked on the source; an OCI layout cannot keep the signatures.
+    args.extend(["copy", "--remove-signatures", "--src-tls-verify=false", &source, &dest]);
+    skopeo(None, &args)
+}
+
+#[tokio::test]
+async fn skopeo_signs_into_tessera_and_only_a_trusted_signature_for_that_name_verifies() {
+    if !have_tool("skopeo") || !have_tool("podman") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let (trusted, other) = (Key::new(dir.path(), "release"), Key::new(dir.path(), "stranger"));
+    let server = Server::start(BIN, &[]).unwrap();
+    let api = Api::new(&server);
+    let host = server.host();
+    let image = Image::random(1, 20_000);
+    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
+    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
+    let r = api.get("/v2/").await.unwrap();
+    assert_eq!(r.headers()["x-registry-supports-signatures"], "1");
+
+    // Signed by skopeo as it pushes: the signature goes to the extension API.
+    let push = |key: Option<&Key>, dest: &str| {
+        let dest = format!("docker://{host}/{dest}");
+        let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
+        if let Some(key) = key {
+            args.extend(["--sign-by", &key.fingerprint]);
+        }
+        args.extend([layout.as_str(), dest.as_str()]);
+        skopeo(key.map(|k| k.home.as_path()), &args).unwrap();
+    };
+    push(Some(&trusted), "signed/app:v1");
+    push(None, "unsigned/app:v1");
+    push(Some(&other), "stranger/app:v1");
+    let digest = image.digest();
+    let listed: serde_json::Value =
+        api.get(&format!("/extensions/v2/signed/app/signatures/{digest}")).await.unwrap().json().await.unwrap();
+    let signatures = listed["signatures"].as_array().unwrap();
+    assert_eq!(signatures.len(), 1, "{listed}");
+    assert_eq!(signatures[0]["type"], "atomic");
+    assert!(signatures[0]["name"].as_str().unwrap().starts_with(&format!("{digest}@")), "{listed}");
+    let content = base64::engine::general_purpose::STANDARD.decode(signatures[0]["content"].as_str().unwrap()).unwrap();
+    // The same bytes in the lookaside layout.
+    let lookaside = format!("/sigstore/signed/app@sha256={}/signature-1", digest.hex());
+    assert_eq!(api.get(&lookaside).await.unwrap().bytes().await.unwrap(), Bytes::from(content.clone()));
+    let r = api.get(&format!("/sigstore/signed/app@sha256={}/signature-2", digest.hex())).await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Pulls under a policy trusting one key.
+    let policy = trusted.policy(dir.path(), &host);
+    let out = |n: &str| dir.path().join(format!("out-{n}"));
+    pull(&policy, &format!("{host}/signed/app:v1"), &out("signed"), None).expect("signed by the trusted key");
+    let unsigned = pull(&policy, &format!("{host}/unsigned/app:v1"), &out("unsigned"), None).unwrap_err();
+    assert!(unsigned.contains("signature"), "{unsigned}");
+    let stranger = pull(&policy, &format!("{host}/stranger/app:v1"), &out("stranger"), None).unwrap_err();
+    assert!(stranger.contains("signature"), "{stranger}");
+
+    // podman signs as it pushes too, into the same API.
+    let podman_dir = short_tempdir("tsg").unwrap();
+    let podman = Podman::new(podman_dir.path(), ContainersFiles::new(podman_dir.path(), &host).unwrap()).unwrap();
+    podman.use_working_driver().unwrap();
+    // podman names what it pulls from a layout by the layout's path: a lowercase one.
+    image.write_layout(&podman_dir.path().join("img"), "v1").unwrap();
+    let image_id = podman.run(&["pull", "-q", &format!("oci:{}:v1", podman_dir.path().join("img").display())]);
+    let pushed = podman
+        .cmd()
+        .env("GNUPGHOME", &trusted.home)
+        .args(["push", "--tls-verify=false", "--sign-by", &trusted.fingerprint, image_id.trim()])
+        .arg(format!("{host}/podman/app:v1"))
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "podman push --sign-by: {}", String::from_utf8_lossy(&pushed.stderr));
+    pull(&policy, &format!("{host}/podman/app:v1"), &out("podman"), None).expect("podman's signature verifies");
+    drop(podman);
+
+    // The trusted signature copied onto another name is refused: it names signed/app.
+    push(None, "replayed/app:v1");
+    let name = format!("{digest}@replayed");
+    let body = serde_json::json!({
+        "schemaVersion": 2, "type": "atomic", "name": name,
+        "content": base64::engine::general_purpose::STANDARD.encode(&content),
+    });
+    let url = api.url(&format!("/extensions/v2/replayed/app/signatures/{digest}"));
+    let r = api.http.put(&url).body(body.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let replayed = pull(&policy, &format!("{host}/replayed/app:v1"), &out("replayed"), None).unwrap_err();
+    assert!(replayed.contains("signed/app"), "the identity mismatch is named: {replayed}");
+
+    // What the extension refuses.
+    for (body, why) in [
+        (serde_json::json!({"schemaVersion": 2, "type": "atomic", "name": "sha256:0@x", "content": "AA=="}), "name"),
+        (
+            serde_json::json!({"schemaVersion": 1, "type": "atomic", "name": format!("{digest}@x"), "content": "AA=="}),
+            "version",
+        ),
+        (
+            serde_json::json!({"schemaVersion": 2, "type": "atomic", "name": format!("{digest}@x"), "content": "%%"}),
+            "base64",
+        ),
+    ] {
+        let r = api.http.put(&url).body(body.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{why}");
+        assert_eq!(error_code(r).await, "SIGNATURE_INVALID", "{why}");
+    }
+}
+
+#[tokio::test]
+async fn tessera_is_the_lookaside_server_for_images_another_registry_holds() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let key = Key::new(dir.path(), "vendor");
+    let distribution = Distribution::start(None).unwrap();
+    let registry = distribution.addr.to_string();
+    let (signed, unsigned) = (Image::random(1, 10_000), Image::random(1, 10_000));
+    let upstream = Api::at(distribution.addr);
+    upstream.push_image("vendor/app", "1", &signed).await.unwrap();
+    upstream.push_image("vendor/app", "2", &unsigned).await.unwrap();
+
+    // Signed for the name Distribution serves it under, kept in Tessera.
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(&manifest, &signed.manifest).unwrap();
+    let signature = dir.path().join("signature");
+    let reference = format!("{registry}/vendor/app:1");
+    skopeo(
+        Some(&key.home),
+        &[
+            "standalone-sign",
+            manifest.to_str().unwrap(),
+            &reference,
+            &key.fingerprint,
+            "--output",
+            signature.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let server = Server::start(BIN, &[]).unwrap();
+    let api = Api::new(&server);
+    let digest = Digest::sha256_of(&signed.manifest);
+    let body = serde_json::json!({
+        "schemaVersion": 2, "type": "atomic", "name": format!("{digest}@vendor"),
+        "content": base64::engine::general_purpose::STANDARD.encode(std::fs::read(&signature).unwrap()),
+    });
+    let r = api.http.put(api.url(&format!("/extensions/v2/vendor/app/signatures/{digest}"))).body(body.to_string());
+    assert_eq!(r.send().await.unwrap().status(), 201);
+
+    // Clients pull from Distribution and read signatures from Tessera.
+    let registries_d = dir.path().join("registries.d");
+    std::fs::create_dir_all(&registries_d).unwrap();
+    let config = format!("docker:\n  \"{registry}\":\n    lookaside: http://{}/sigstore\n", server.host());
+    std::fs::write(registries_d.join("tessera.yaml"), config).unwrap();
+    let policy = key.policy(dir.path(), &registry);
+    pull(&policy, &reference, &dir.path().join("one"), Some(&registries_d)).expect("verified through the lookaside");
+    let refused = pull(&policy, &format!("{registry}/vendor/app:2"), &dir.path().join("two"), Some(&registries_d));
+    assert!(refused.unwrap_err().contains("signature"));
+    let asked = server.log_text();
+    assert!(asked.contains(&format!("GET /sigstore/vendor/app@sha256={}/signature-1", digest.hex())), "{asked}");
+}
