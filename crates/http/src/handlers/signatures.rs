@@ -5,7 +5,6 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::Response;
 use base64::Engine as _;
-use futures_util::StreamExt;
 use serde_json::json;
 use tessera_registry::signatures::{SIGNATURE_MAX_BYTES, Signature};
 use tessera_spec::{Digest, ErrorCode, OciError};
@@ -51,15 +50,9 @@ pub(super) async fn add(
     let repo = permit.writable()?;
     // Base64 and the JSON around it: a third more than the signature, and a little.
     let limit = SIGNATURE_MAX_BYTES * 4 / 3 + 4096;
-    let mut stream = take(body).into_data_stream();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| invalid("the signature could not be read"))?;
-        if bytes.len() + chunk.len() > limit {
-            return Err(OciError::new(ErrorCode::TooLarge, "the signature document is too large"));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
+    let bytes = axum::body::to_bytes(take(body), limit)
+        .await
+        .map_err(|_| OciError::new(ErrorCode::TooLarge, "the signature document is too large"))?;
     #[derive(serde::Deserialize)]
     struct Sent {
         #[serde(rename = "schemaVersion")]
