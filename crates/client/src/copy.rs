@@ -137,6 +137,14 @@ async fn server_side(
             ));
         }
     }
+    for image in answer["images"].as_array().into_iter().flatten() {
+        let signatures = image["signatures"].as_u64().unwrap_or(0);
+        if signatures > 0 {
+            let source = image["source"].as_str().unwrap_or("?");
+            let done = if options.dry_run { "would copy" } else { "copied" };
+            report.lines.push(format!("{source}: {done} {signatures} signature(s)"));
+        }
+    }
     report.bytes_mounted = answer["bytes_mounted"].as_u64().unwrap_or(0);
     Ok(Some(report))
 }
@@ -268,6 +276,37 @@ async fn stream_image(
             report.lines.push(format!("{from}: {what} {}{shown} {done}", m.digest));
         }
         for m in &image.manifests {
+            let signatures = simple_signatures(&src_client, &src.image.name, &m.digest).await?;
+            let mut copied = 0;
+            for signature in &signatures {
+                if options.dry_run {
+                    continue;
+                }
+                let path = format!("/extensions/v2/{to}/signatures/{}", m.digest);
+                let r = dest_client
+                    .send_push(
+                        Method::PUT,
+                        to,
+                        &path,
+                        content_type("application/json"),
+                        Bytes::from(signature.to_string()),
+                    )
+                    .await?;
+                if r.status().is_success() {
+                    copied += 1;
+                } else {
+                    report.lines.push(format!(
+                        "{from}: signature of {} not kept (the destination answered {})",
+                        m.digest,
+                        r.status()
+                    ));
+                }
+            }
+            if !signatures.is_empty() {
+                let done = if options.dry_run { "would copy" } else { "copied" };
+                let n = if options.dry_run { signatures.len() } else { copied };
+                report.lines.push(format!("{from}: {done} {n} signature(s) of {}", m.digest));
+            }
             for referrer in referrers(&src_client, &src.image.name, &m.digest).await? {
                 if !seen.contains(&referrer) {
                     pending.push((Reference::Digest(referrer), None, "referrer"));
@@ -276,6 +315,22 @@ async fn stream_image(
         }
     }
     Ok(())
+}
+
+/// The simple signatures of `digest` in `name`, as the signature extension API answers
+/// them (none where the registry has no such extension).
+async fn simple_signatures(
+    client: &Upstream,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<Vec<serde_json::Value>, ClientError> {
+    let path = format!("/extensions/v2/{name}/signatures/{digest}");
+    let r = client.send(Method::GET, name, &path, HeaderMap::new()).await?;
+    if !r.status().is_success() {
+        return Ok(Vec::new());
+    }
+    let list: serde_json::Value = r.json().await.unwrap_or_default();
+    Ok(list["signatures"].as_array().cloned().unwrap_or_default())
 }
 
 /// The digests of `subject`'s referrers in `name` (none where the registry has no

@@ -1,7 +1,7 @@
 //! Promotion within one registry: an image copied from one repository to another by
 //! mounting its blobs (no byte is read or written; a layer that lives on a CDN stays
 //! there) and storing its manifests by digest: an index's children first, then the image,
-//! then its referrers (signatures, SBOMs), and theirs.
+//! then its referrers (signatures, SBOMs), and theirs; and the simple signatures of each.
 
 use std::collections::HashSet;
 
@@ -59,6 +59,8 @@ pub struct CopiedBlob {
 pub struct Copied {
     pub manifests: Vec<CopiedManifest>,
     pub blobs: Vec<CopiedBlob>,
+    /// Simple signatures of the copied manifests the destination did not have.
+    pub signatures: usize,
 }
 
 impl Copied {
@@ -110,6 +112,17 @@ impl Registry {
                 present,
             });
         }
+        // Simple signatures come along with the manifests they sign.
+        let mut signatures = Vec::new();
+        for (record, _, _) in &order {
+            let there = self.signatures(to, &record.digest).await?;
+            for signature in self.signatures(from, &record.digest).await? {
+                if !there.contains(&signature) {
+                    signatures.push((record.digest.clone(), signature));
+                }
+            }
+        }
+        copied.signatures = signatures.len();
         if dry_run {
             return Ok(copied);
         }
@@ -131,6 +144,9 @@ impl Registry {
                 None => Reference::Digest(record.digest.clone()),
             };
             self.manifest_put(to, &reference, Some(&record.media_type), record.bytes.clone()).await?;
+        }
+        for (digest, signature) in &signatures {
+            self.add_signature(to, digest, &signature.name, &signature.content).await?;
         }
         Ok(copied)
     }

@@ -161,6 +161,38 @@ async fn skopeo_signs_into_tessera_and_only_a_trusted_signature_for_that_name_ve
     let replayed = pull(&policy, &format!("{host}/replayed/app:v1"), &out("replayed"), None).unwrap_err();
     assert!(replayed.contains("signed/app"), "the identity mismatch is named: {replayed}");
 
+    // Promotion carries the signature, within this registry and to another one; a policy
+    // that maps the promoted name back to the signed one verifies it there.
+    let promoted = tessera_testkit::cli(
+        BIN,
+        &["copy", "--plain-http", &format!("{host}/signed/app@{digest}"), &format!("{host}/stable/app:v1")],
+    );
+    assert!(promoted.ok && promoted.stdout.contains("copied 1 signature(s)"), "{}", promoted.output());
+    let other_server = Server::start(BIN, &[]).unwrap();
+    let far = other_server.host();
+    let carried = tessera_testkit::cli(
+        BIN,
+        &["copy", "--plain-http", &format!("{host}/signed/app@{digest}"), &format!("{far}/signed/app:v1")],
+    );
+    assert!(carried.ok && carried.stdout.contains("copied 1 signature(s)"), "{}", carried.output());
+    for (server_host, name) in [(&host, "stable/app"), (&far, "signed/app")] {
+        let url = format!("http://{server_host}/extensions/v2/{name}/signatures/{digest}");
+        let listed: serde_json::Value = api.http.get(url).send().await.unwrap().json().await.unwrap();
+        let kept =
+            base64::engine::general_purpose::STANDARD.decode(listed["signatures"][0]["content"].as_str().unwrap());
+        assert_eq!(kept.unwrap(), content, "{name} at {server_host}");
+    }
+    let remapped = dir.path().join("policy-remapped.json");
+    let identity = serde_json::json!({ "type": "remapIdentity", "prefix": far, "signedPrefix": host });
+    let policy_json = serde_json::json!({
+        "default": [{ "type": "reject" }],
+        "transports": { "docker": { far.as_str(): [{
+            "type": "signedBy", "keyType": "GPGKeys", "keyPath": trusted.public, "signedIdentity": identity,
+        }] } },
+    });
+    std::fs::write(&remapped, policy_json.to_string()).unwrap();
+    pull(&remapped, &format!("{far}/signed/app:v1"), &out("far"), None).expect("verified on the far registry");
+
     // What the extension refuses.
     for (body, why) in [
         (serde_json::json!({"schemaVersion": 2, "type": "atomic", "name": "sha256:0@x", "content": "AA=="}), "name"),

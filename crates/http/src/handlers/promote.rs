@@ -100,5 +100,10 @@ fn image_json(from: &RepoName, reference: &Reference, copied: &Copied) -> serde_
         .map(|b| json!({ "digest": b.digest.to_string(), "size": b.size, "present": b.present }))
         .collect();
     let separator = if matches!(reference, Reference::Digest(_)) { "@" } else { ":" };
-    json!({ "source": format!("{from}{separator}{reference}"), "manifests": manifests, "blobs": blobs })
+    json!({
+        "source": format!("{from}{separator}{reference}"),
+        "manifests": manifests,
+        "blobs": blobs,
+        "signatures": copied.signatures,
+    })
 }
