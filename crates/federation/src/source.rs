@@ -333,6 +333,14 @@ impl Source for Cached {
         Found::from_result(self.0.referrers(name, subject, artifact_type, &ask.upstream_auth).await)
     }
 
+    async fn signatures(&self, name: &RepoName, digest: &Digest, ask: &Ask) -> Answer<Vec<Signature>> {
+        let found = self.0.signatures(name, digest, &ask.upstream_auth).await?;
+        if found.is_empty() {
+            return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
+        }
+        Ok(Found::Here(found.into_iter().map(|(name, content)| Signature { name, content }).collect()))
+    }
+
     async fn locate(&self, _: &RepoName, blob: &Descriptor) -> String {
         foreign_or(blob, format!("from {} through the cache", self.0.upstream().name()))
     }

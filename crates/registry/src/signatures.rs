@@ -27,6 +27,24 @@ fn invalid(why: impl Into<String>) -> OciError {
     OciError::new(ErrorCode::SignatureInvalid, why)
 }
 
+/// Whether `content` named `name` can be kept as a signature of `digest`: its name is
+/// `<digest>@<unique part>`, and its size within [`SIGNATURE_MAX_BYTES`].
+pub fn check(digest: &Digest, name: &str, content: &[u8]) -> Result<(), OciError> {
+    let unique = name
+        .strip_prefix(&format!("{digest}@"))
+        .ok_or_else(|| invalid(format!("a signature's name is {digest}@<unique part>")))?;
+    if unique.is_empty()
+        || unique.len() > 128
+        || !unique.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(invalid("the unique part of a signature's name is 1 to 128 letters, digits, '-', '_' and '.'"));
+    }
+    if content.is_empty() || content.len() > SIGNATURE_MAX_BYTES {
+        return Err(invalid(format!("a signature is 1 to {SIGNATURE_MAX_BYTES} bytes")));
+    }
+    Ok(())
+}
+
 impl Registry {
     /// The signatures of the manifest `digest` in `repo`, in the order they were added.
     pub async fn signatures(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<Signature>, OciError> {
@@ -44,18 +62,7 @@ impl Registry {
         name: &str,
         content: &[u8],
     ) -> Result<bool, OciError> {
-        let unique = name
-            .strip_prefix(&format!("{digest}@"))
-            .ok_or_else(|| invalid(format!("a signature's name is {digest}@<unique part>")))?;
-        if unique.is_empty()
-            || unique.len() > 128
-            || !unique.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(invalid("the unique part of a signature's name is 1 to 128 letters, digits, '-', '_' and '.'"));
-        }
-        if content.is_empty() || content.len() > SIGNATURE_MAX_BYTES {
-            return Err(invalid(format!("a signature is 1 to {SIGNATURE_MAX_BYTES} bytes")));
-        }
+        check(digest, name, content)?;
         let kept = self.signatures(repo, digest).await?;
         if kept.iter().any(|s| s.name == name && s.content == content) {
             return Ok(false);

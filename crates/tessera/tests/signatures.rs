@@ -264,3 +264,51 @@ async fn tessera_is_the_lookaside_server_for_images_another_registry_holds() {
     let asked = server.log_text();
     assert!(asked.contains(&format!("GET /sigstore/vendor/app@sha256={}/signature-1", digest.hex())), "{asked}");
 }
+
+#[tokio::test]
+async fn signatures_come_through_the_cache_and_stay_when_the_upstream_is_gone() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let key = Key::new(dir.path(), "upstream");
+    let mut upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 20_000);
+    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
+    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
+    let signed = format!("docker://{}/signed/app:v1", upstream.host());
+    let args =
+        ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &signed];
+    skopeo(Some(&key.home), &args).unwrap();
+    let config = format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n",
+        upstream.host()
+    );
+    let mirror = Server::with_config(BIN, &config).unwrap();
+    // The signature names the upstream's name; the policy maps the mirror's name onto it.
+    let policy = dir.path().join("policy-mirror.json");
+    let identity = serde_json::json!({
+        "type": "remapIdentity", "prefix": format!("{}/mirror", mirror.host()), "signedPrefix": upstream.host(),
+    });
+    let policy_json = serde_json::json!({
+        "default": [{ "type": "reject" }],
+        "transports": { "docker": { mirror.host(): [{
+            "type": "signedBy", "keyType": "GPGKeys", "keyPath": key.public, "signedIdentity": identity,
+        }] } },
+    });
+    std::fs::write(&policy, policy_json.to_string()).unwrap();
+    let through = format!("{}/mirror/signed/app:v1", mirror.host());
+    pull(&policy, &through, &dir.path().join("first"), None).expect("verified through the cache");
+    upstream.kill();
+    pull(&policy, &through, &dir.path().join("second"), None)
+        .expect("the kept signature verifies with the upstream gone");
+    let digest = image.digest();
+    let listed: serde_json::Value = Api::new(&mirror)
+        .get(&format!("/extensions/v2/mirror/signed/app/signatures/{digest}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "{listed}");
+}

@@ -384,6 +384,45 @@ impl PullThrough {
     }
 }
 
+impl PullThrough {
+    /// The upstream's simple signatures of the manifest `digest` (its signature extension
+    /// API), kept with the cache's metadata as they arrive; the kept ones when the upstream
+    /// cannot be asked (or has no such API). A signature that could not be a signature of
+    /// `digest` is not kept; clients verify the rest against their own policies.
+    pub async fn signatures(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        auth: &UpstreamAuth,
+    ) -> Result<Vec<(String, Bytes)>, OciError> {
+        let kept =
+            || async { self.meta.signatures(name, digest).await.map_err(|e| store_failure("cache signatures", e)) };
+        let path = format!("/extensions/v2/{name}/signatures/{digest}");
+        let response = match self.ask(Method::GET, name, &path, HeaderMap::new(), auth).await {
+            Answer::Ok(r) => r,
+            Answer::NotFound => return kept().await,
+            Answer::Failing(_) if !auth.passthrough() => return kept().await,
+            Answer::Failing(e) | Answer::Refused(e) => return Err(e),
+        };
+        let body = read_limited(response, 4 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
+        let list: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| unavailable(&self.upstream, format!("signatures: {e}")))?;
+        let engine = base64::engine::general_purpose::STANDARD;
+        for s in list["signatures"].as_array().into_iter().flatten() {
+            let atomic = s["schemaVersion"] == 2 && (s["type"].is_null() || s["type"] == "atomic");
+            let (Some(signature_name), Some(content)) = (s["name"].as_str(), s["content"].as_str()) else { continue };
+            let Ok(content) = base64::Engine::decode(&engine, content) else { continue };
+            if !atomic || tessera_registry::signatures::check(digest, signature_name, &content).is_err() {
+                continue;
+            }
+            if let Err(e) = self.meta.add_signature(name, digest, signature_name, &content).await {
+                tracing::warn!(upstream = self.upstream.name(), %name, %digest, "cannot keep a signature: {e}");
+            }
+        }
+        kept().await
+    }
+}
+
 /// Reads a response body of at most `limit` bytes.
 /// The whole body of `response`, refused once it grows past `limit` bytes.
 pub async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
