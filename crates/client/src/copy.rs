@@ -319,7 +319,7 @@ async fn stream_image(
 
 /// The simple signatures of `digest` in `name`, as the signature extension API answers
 /// them (none where the registry has no such extension).
-async fn simple_signatures(
+pub(crate) async fn simple_signatures(
     client: &Upstream,
     name: &RepoName,
     digest: &Digest,

@@ -49,6 +49,27 @@ pub async fn export(
         for m in &image.manifests {
             std::fs::write(layout::blob_path(&dir, &m.digest), &m.bytes)?;
         }
+        // Simple signatures travel in the layout too, in the lookaside layout under
+        // `sigstore/` (which `import` reads, and any tool can use as a `file://` lookaside).
+        let source = crate::registry_client(&reference.host, plain_http, creds)?;
+        for m in &image.manifests {
+            let found = crate::copy::simple_signatures(&source, name, &m.digest).await?;
+            let engine = base64::engine::general_purpose::STANDARD;
+            let contents: Vec<Vec<u8>> = found
+                .iter()
+                .filter_map(|s| s["content"].as_str())
+                .filter_map(|c| base64::Engine::decode(&engine, c).ok())
+                .collect();
+            if contents.is_empty() {
+                continue;
+            }
+            let at = layout::lookaside_dir(&dir, name, &m.digest);
+            std::fs::create_dir_all(&at)?;
+            for (i, content) in contents.iter().enumerate() {
+                std::fs::write(at.join(format!("signature-{}", i + 1)), content)?;
+            }
+            eprintln!("{name}:{tag} {} signature(s) of {}", contents.len(), m.digest);
+        }
         let top = image.manifests.last().ok_or_else(|| ClientError::NoManifest { what: reference.to_string() })?;
         let size = top.bytes.len() as u64;
         entries.push(IndexEntry::named(&top.media_type, &top.digest, size, &format!("{name}:{tag}")));

@@ -68,9 +68,40 @@ pub async fn import(input: &Path, dest: &Upstream, prefix: Option<&str>) -> Resu
             let r = dest.send_push(Method::PUT, &repo, &path, content_type(&m.media_type), m.bytes.clone()).await?;
             check(format!("manifest {}", m.digest), r).await?;
         }
+        for m in &image.manifests {
+            import_signatures(dest, &dir, &name, &repo, &m.digest).await?;
+        }
         pushed.push(format!("{repo}:{tag}"));
     }
     Ok(pushed)
+}
+
+/// Puts the simple signatures an export kept for `name@digest` (its `sigstore/` files) to
+/// `repo` on `dest`, each named by its content so a repeated import adds none twice.
+async fn import_signatures(
+    dest: &Upstream,
+    dir: &Path,
+    name: &RepoName,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<(), ClientError> {
+    let at = layout::lookaside_dir(dir, name, digest);
+    for n in 1.. {
+        let Ok(content) = std::fs::read(at.join(format!("signature-{n}"))) else { break };
+        let hex = Digest::sha256_of(&content).hex().to_string();
+        let unique = &hex[..32];
+        let engine = base64::engine::general_purpose::STANDARD;
+        let body = serde_json::json!({
+            "schemaVersion": 2, "type": "atomic", "name": format!("{digest}@{unique}"),
+            "content": base64::Engine::encode(&engine, &content),
+        });
+        let path = format!("/extensions/v2/{repo}/signatures/{digest}");
+        let r = dest
+            .send_push(Method::PUT, repo, &path, content_type("application/json"), Bytes::from(body.to_string()))
+            .await?;
+        check(format!("signature {n} of {repo}@{digest}"), r).await?;
+    }
+    Ok(())
 }
 
 /// Where the bytes of a blob being uploaded come from.

@@ -185,6 +185,12 @@ pub fn ensure_slash(base: &str) -> String {
     if base.ends_with('/') { base.to_string() } else { format!("{base}/") }
 }
 
+/// Where the simple signatures of `name@digest` are kept in a layout directory, in the
+/// lookaside layout: `sigstore/<name>@<algorithm>=<hex>/signature-<N>`.
+pub fn lookaside_dir(dir: &Path, name: &RepoName, digest: &Digest) -> PathBuf {
+    dir.join("sigstore").join(format!("{name}@{}={}", digest.algorithm().as_str(), digest.hex()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

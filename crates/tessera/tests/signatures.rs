@@ -312,3 +312,52 @@ async fn signatures_come_through_the_cache_and_stay_when_the_upstream_is_gone() 
         .unwrap();
     assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "{listed}");
 }
+
+#[tokio::test]
+async fn signatures_cross_the_air_gap_with_export_and_import() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let key = Key::new(dir.path(), "connected");
+    let connected = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 20_000);
+    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
+    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
+    let signed = format!("docker://{}/signed/app:v1", connected.host());
+    let args =
+        ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &signed];
+    skopeo(Some(&key.home), &args).unwrap();
+
+    let archive = dir.path().join("carried.tar");
+    let reference = format!("{}/signed/app:v1", connected.host());
+    let exported = tessera_testkit::cli(BIN, &["export", "--plain-http", &reference, "-o", archive.to_str().unwrap()]);
+    assert!(exported.ok, "{}", exported.output());
+    let disconnected = Server::start(BIN, &[]).unwrap();
+    for _ in 0..2 {
+        let imported =
+            tessera_testkit::cli(BIN, &["import", "--plain-http", archive.to_str().unwrap(), &disconnected.host()]);
+        assert!(imported.ok, "{}", imported.output());
+    }
+    let digest = image.digest();
+    let listed: serde_json::Value = Api::new(&disconnected)
+        .get(&format!("/extensions/v2/signed/app/signatures/{digest}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "imported once, twice: {listed}");
+    let policy = dir.path().join("policy-far.json");
+    let identity =
+        serde_json::json!({ "type": "remapIdentity", "prefix": disconnected.host(), "signedPrefix": connected.host() });
+    let policy_json = serde_json::json!({
+        "default": [{ "type": "reject" }],
+        "transports": { "docker": { disconnected.host(): [{
+            "type": "signedBy", "keyType": "GPGKeys", "keyPath": key.public, "signedIdentity": identity,
+        }] } },
+    });
+    std::fs::write(&policy, policy_json.to_string()).unwrap();
+    let far = format!("{}/signed/app:v1", disconnected.host());
+    pull(&policy, &far, &dir.path().join("far"), None).expect("verified on the far side of the air gap");
+}
