@@ -210,8 +210,8 @@ async fn all_tags(cache: &PullThrough, name: &RepoName) -> Result<Vec<Tag>, OciE
 /// the cache to its end (which is what keeps it).
 async fn into_cache(cache: &PullThrough, name: &RepoName, tag: &Tag) -> Result<Brought, OciError> {
     let auth = UpstreamAuth::Configured;
-    let before = cache.stats().blob_bytes_fetched.load(Ordering::Relaxed);
     let top = cache.manifest(name, &Reference::Tag(tag.clone()), &auth).await?.manifest;
+    let mut fetched = 0;
     let mut pending = vec![top];
     while let Some(m) = pending.pop() {
         let parsed = ParsedManifest::parse(Some(&m.media_type), &m.bytes)?;
@@ -221,15 +221,18 @@ async fn into_cache(cache: &PullThrough, name: &RepoName, tag: &Tag) -> Result<B
             }
         }
         for blob in parsed.required_blobs() {
+            let held = cache.holds(name, &blob.digest).await?;
             let answer = cache.blob(name, &blob.digest, None, &auth).await?;
             let mut body = answer.read.body;
             while let Some(chunk) = body.next().await {
                 chunk.map_err(|e| unavailable(&format!("{}: {e}", blob.digest)))?;
             }
+            if !held {
+                fetched += blob.size;
+            }
         }
     }
-    let bytes = cache.stats().blob_bytes_fetched.load(Ordering::Relaxed).saturating_sub(before);
-    Ok(Brought { present: bytes == 0, bytes })
+    Ok(Brought { present: fetched == 0, bytes: fetched })
 }
 
 /// Brings `name:tag` from the upstream into the hosted repository `to`.

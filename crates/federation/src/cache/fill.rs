@@ -232,6 +232,12 @@ impl PullThrough {
         }
     }
 
+    /// Whether the cache holds `digest` for `name` now (linked, and its bytes here).
+    pub async fn holds(&self, name: &RepoName, digest: &Digest) -> Result<bool, OciError> {
+        let linked = self.meta.blob_link(name, digest).await.map_err(|e| store_failure("cache", e))?.is_some();
+        Ok(linked && self.blobs.stat(digest).await.map_err(|e| store_failure("cache", e))?.is_some())
+    }
+
     /// The cached bytes, if still held (and marks them used).
     async fn stored(
         &self,
