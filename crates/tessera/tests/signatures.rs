@@ -42,10 +42,24 @@ impl Key {
 
     /// A `signedBy` policy trusting this key for every image of `host`.
     fn policy(&self, dir: &Path, host: &str) -> PathBuf {
-        let path = dir.join(format!("policy-{}.json", &self.fingerprint[..8]));
+        self.write_policy(dir.join(format!("policy-{}.json", &self.fingerprint[..8])), host, None)
+    }
+
+    /// Like [`Key::policy`], for images whose signatures name them `signed_prefix...` while
+    /// they are pulled as `prefix...` (a mirror, a promoted copy, the far side of an air gap).
+    fn remapped_policy(&self, dir: &Path, host: &str, prefix: &str, signed_prefix: &str) -> PathBuf {
+        let identity = serde_json::json!({ "type": "remapIdentity", "prefix": prefix, "signedPrefix": signed_prefix });
+        self.write_policy(dir.join(format!("policy-{}-remapped.json", &self.fingerprint[..8])), host, Some(identity))
+    }
+
+    fn write_policy(&self, path: PathBuf, host: &str, identity: Option<serde_json::Value>) -> PathBuf {
+        let mut requirement = serde_json::json!({ "type": "signedBy", "keyType": "GPGKeys", "keyPath": self.public });
+        if let Some(identity) = identity {
+            requirement["signedIdentity"] = identity;
+        }
         let policy = serde_json::json!({
             "default": [{ "type": "reject" }],
-            "transports": { "docker": { host: [{ "type": "signedBy", "keyType": "GPGKeys", "keyPath": self.public }] } },
+            "transports": { "docker": { host: [requirement] } },
         });
         std::fs::write(&path, policy.to_string()).unwrap();
         path
@@ -182,15 +196,7 @@ async fn skopeo_signs_into_tessera_and_only_a_trusted_signature_for_that_name_ve
             base64::engine::general_purpose::STANDARD.decode(listed["signatures"][0]["content"].as_str().unwrap());
         assert_eq!(kept.unwrap(), content, "{name} at {server_host}");
     }
-    let remapped = dir.path().join("policy-remapped.json");
-    let identity = serde_json::json!({ "type": "remapIdentity", "prefix": far, "signedPrefix": host });
-    let policy_json = serde_json::json!({
-        "default": [{ "type": "reject" }],
-        "transports": { "docker": { far.as_str(): [{
-            "type": "signedBy", "keyType": "GPGKeys", "keyPath": trusted.public, "signedIdentity": identity,
-        }] } },
-    });
-    std::fs::write(&remapped, policy_json.to_string()).unwrap();
+    let remapped = trusted.remapped_policy(dir.path(), &far, &far, &host);
     pull(&remapped, &format!("{far}/signed/app:v1"), &out("far"), None).expect("verified on the far registry");
 
     // What the extension refuses.
@@ -286,17 +292,8 @@ async fn signatures_come_through_the_cache_and_stay_when_the_upstream_is_gone() 
     );
     let mirror = Server::with_config(BIN, &config).unwrap();
     // The signature names the upstream's name; the policy maps the mirror's name onto it.
-    let policy = dir.path().join("policy-mirror.json");
-    let identity = serde_json::json!({
-        "type": "remapIdentity", "prefix": format!("{}/mirror", mirror.host()), "signedPrefix": upstream.host(),
-    });
-    let policy_json = serde_json::json!({
-        "default": [{ "type": "reject" }],
-        "transports": { "docker": { mirror.host(): [{
-            "type": "signedBy", "keyType": "GPGKeys", "keyPath": key.public, "signedIdentity": identity,
-        }] } },
-    });
-    std::fs::write(&policy, policy_json.to_string()).unwrap();
+    let policy =
+        key.remapped_policy(dir.path(), &mirror.host(), &format!("{}/mirror", mirror.host()), &upstream.host());
     let through = format!("{}/mirror/signed/app:v1", mirror.host());
     pull(&policy, &through, &dir.path().join("first"), None).expect("verified through the cache");
     upstream.kill();
@@ -348,16 +345,7 @@ async fn signatures_cross_the_air_gap_with_export_and_import() {
         .await
         .unwrap();
     assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "imported once, twice: {listed}");
-    let policy = dir.path().join("policy-far.json");
-    let identity =
-        serde_json::json!({ "type": "remapIdentity", "prefix": disconnected.host(), "signedPrefix": connected.host() });
-    let policy_json = serde_json::json!({
-        "default": [{ "type": "reject" }],
-        "transports": { "docker": { disconnected.host(): [{
-            "type": "signedBy", "keyType": "GPGKeys", "keyPath": key.public, "signedIdentity": identity,
-        }] } },
-    });
-    std::fs::write(&policy, policy_json.to_string()).unwrap();
+    let policy = key.remapped_policy(dir.path(), &disconnected.host(), &disconnected.host(), &connected.host());
     let far = format!("{}/signed/app:v1", disconnected.host());
     pull(&policy, &far, &dir.path().join("far"), None).expect("verified on the far side of the air gap");
 }
