@@ -13,18 +13,21 @@ import sys
 ALLOWED = {
     "tessera-spec": set(),
     "tessera-config": set(),
+    "tessera-trust": {"tessera-spec"},
     "tessera-access": {"tessera-spec"},
     "tessera-store": {"tessera-spec"},
     "tessera-registry": {"tessera-spec", "tessera-store"},
     "tessera-client": {"tessera-spec", "tessera-config"},
-    "tessera-federation": {"tessera-spec", "tessera-config", "tessera-store", "tessera-registry", "tessera-client"},
+    "tessera-federation": {
+        "tessera-spec", "tessera-config", "tessera-store", "tessera-registry", "tessera-client", "tessera-trust",
+    },
     "tessera-http": {
         "tessera-spec", "tessera-config", "tessera-store", "tessera-registry", "tessera-client",
-        "tessera-federation", "tessera-access",
+        "tessera-federation", "tessera-access", "tessera-trust",
     },
     "tessera": {
         "tessera-spec", "tessera-config", "tessera-store", "tessera-registry", "tessera-client",
-        "tessera-federation", "tessera-access", "tessera-http",
+        "tessera-federation", "tessera-access", "tessera-http", "tessera-trust",
     },
     "tessera-testkit": {"tessera-spec"},
     # The harness also measures the metadata store on its own (the database's write ceiling).
@@ -38,6 +41,7 @@ IO = {"tokio", "mio", "reqwest", "hyper", "rusqlite", "libsqlite3-sys", "socket2
 FORBIDDEN = {
     "tessera-spec": HTTP_SERVER | IO,
     "tessera-config": HTTP_SERVER | IO,
+    "tessera-trust": HTTP_SERVER | IO,
     "tessera-access": HTTP_SERVER,
     "tessera-store": HTTP_SERVER,
     "tessera-registry": HTTP_SERVER,
