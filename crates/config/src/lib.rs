@@ -10,6 +10,7 @@ mod limits;
 mod network;
 mod notify;
 mod route;
+mod signatures;
 mod statics;
 mod storage;
 mod sync;
@@ -24,6 +25,7 @@ pub use limits::Limits;
 pub use network::Network;
 pub use notify::{NOTIFY_EVENTS, Notify};
 pub use route::{Credentials, Fallback, Mode, Route, RouteMember, Target};
+pub use signatures::{SignatureIdentity, SignaturePolicy};
 pub use statics::StaticSource;
 pub use storage::{Postgres, S3, Storage};
 pub use sync::{Sync, SyncTarget};
@@ -114,6 +116,9 @@ pub struct Config {
     /// Repositories of upstreams kept mirrored on a schedule (`[[sync]]`).
     #[serde(rename = "sync")]
     pub syncs: Vec<Sync>,
+    /// Which keys vouch for the images under a name prefix, and whether pulls of images
+    /// they did not sign are refused (`[[signatures]]`), longest prefix first.
+    pub signatures: Vec<SignaturePolicy>,
 }
 
 /// `[[retention]]`: which tags of the repositories under `prefix` go (see
@@ -188,6 +193,7 @@ impl Default for Config {
             quotas: Vec::new(),
             retention: Vec::new(),
             syncs: Vec::new(),
+            signatures: Vec::new(),
         }
     }
 }
@@ -390,6 +396,13 @@ impl Config {
             s.check(i, &self.upstreams)?;
             if !sync_names.insert(s.name_at(i)) {
                 return Err(format!("[[sync]] {} is named twice", s.name_at(i)));
+            }
+        }
+        let mut signature_prefixes = std::collections::HashSet::new();
+        for p in &self.signatures {
+            p.check()?;
+            if !signature_prefixes.insert(p.prefix()) {
+                return Err(format!("[[signatures]] {:?} is given twice", p.prefix()));
             }
         }
         let mut notify_names = std::collections::HashSet::new();

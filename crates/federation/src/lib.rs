@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod delivery;
 pub mod router;
+pub mod signing;
 pub mod source;
 pub mod statics;
 pub mod sync;
@@ -13,7 +14,7 @@ pub use tessera_client::upstream;
 
 pub use cache::{CacheStats, Fetched, LATENCY_BUCKETS, PullThrough, UPSTREAM_REQUESTS, UpstreamAuth, UpstreamLatency};
 pub use delivery::{Decision, Delivery};
-pub use router::{Matched, Resolved, RoutingTable};
+pub use router::{Matched, Reply, Resolved, RoutingTable};
 pub use source::{Answer, Ask, Found, Served, Source};
 pub use statics::{StaticBlob, StaticManifest, StaticSource};
 pub use upstream::Upstream;
@@ -47,6 +48,8 @@ pub enum FederationError {
     Static(#[from] statics::StaticError),
     #[error(transparent)]
     Delivery(#[from] delivery::DeliveryError),
+    #[error(transparent)]
+    Signing(#[from] signing::SigningError),
 }
 
 /// The routing table with a pull-through cache for each upstream.
@@ -54,6 +57,8 @@ pub struct Federation {
     pub table: RoutingTable,
     /// How blob bytes reach clients (`[[delivery]]`), with the health of the mirrors.
     pub delivery: Arc<Delivery>,
+    /// Which keys vouch for which names, and the checks they passed (`[[signatures]]`).
+    pub signing: signing::Signing,
     caches: HashMap<String, Arc<PullThrough>>,
 }
 
@@ -121,7 +126,9 @@ impl Federation {
                 .collect(),
         };
         let table = RoutingTable::new(config, &sources)?;
-        Ok(Federation { table, delivery, caches })
+        // The counts carry over a reload; the passed checks do not (the keys may differ).
+        let signing = signing::Signing::new(&config.signatures, previous.map(|p| p.signing.stats.clone()))?;
+        Ok(Federation { table, delivery, signing, caches })
     }
 
     /// The static sources of this table.

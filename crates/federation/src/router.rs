@@ -22,6 +22,35 @@ pub struct Resolved {
     pub passthrough: bool,
 }
 
+/// Content from a source, or the URL the client is sent to for it.
+pub enum Reply<T> {
+    Here(T),
+    Redirect(String),
+}
+
+impl Resolved {
+    /// Asks each source in turn (`ask(source, its name for the repository)`) until one has
+    /// the content or says where it is; a failure ends the search. When none has it, the
+    /// last source's not-found is the answer.
+    pub async fn first<'r, T, Fut>(
+        &'r self,
+        ask: impl Fn(&'r dyn Source, &'r RepoName) -> Fut,
+    ) -> Result<Reply<T>, OciError>
+    where
+        Fut: Future<Output = crate::Answer<T>>,
+    {
+        let mut last = None;
+        for (source, name) in &self.sources {
+            match ask(source.as_ref(), name).await? {
+                crate::Found::Here(v) => return Ok(Reply::Here(v)),
+                crate::Found::Redirect(url) => return Ok(Reply::Redirect(url)),
+                crate::Found::Absent(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")))
+    }
+}
+
 /// Which rule of the table answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Matched {

@@ -121,6 +121,10 @@ pub trait Source: Send + Sync {
     async fn signatures(&self, _name: &RepoName, _digest: &Digest, _ask: &Ask) -> Answer<Vec<Signature>> {
         Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures kept here")))
     }
+
+    /// Drops what this source keeps of the manifest `digest` on another's behalf (a cache's
+    /// copy of a manifest a requiring route refused); content it hosts stays.
+    async fn forget(&self, _name: &RepoName, _digest: &Digest) {}
 }
 
 fn is_manifest(d: &Descriptor) -> bool {
@@ -343,6 +347,10 @@ impl Source for Cached {
 
     async fn locate(&self, _: &RepoName, blob: &Descriptor) -> String {
         foreign_or(blob, format!("from {} through the cache", self.0.upstream().name()))
+    }
+
+    async fn forget(&self, name: &RepoName, digest: &Digest) {
+        self.0.forget(name, digest).await;
     }
 }
 

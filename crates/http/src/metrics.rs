@@ -392,6 +392,19 @@ impl Snapshot {
         if !syncs.is_empty() {
             s.syncs(syncs);
         }
+        if !federation.signing.is_empty() {
+            let st = &federation.signing.stats;
+            let outcomes =
+                [("checked", &st.checked), ("refused", &st.refused), ("unsigned_served", &st.unsigned_served)]
+                    .into_iter()
+                    .map(|(outcome, c)| (vec![("outcome", outcome.to_string())], load(c)))
+                    .collect();
+            s.counter(
+                "tessera_signature_checks",
+                "Manifests whose signatures a [[signatures]] rule checked, refused, or found unsigned and served",
+                outcomes,
+            );
+        }
         s.process();
         s
     }

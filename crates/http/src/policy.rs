@@ -82,7 +82,7 @@ pub(crate) async fn decide(state: &AppState, parts: &Parts, endpoint: Endpoint) 
     let federation = state.federation.load();
     let route = endpoint.name().map(|name| {
         let resolved = federation.table.resolve(host(parts), authority(parts).as_deref(), name)?;
-        Ok(Route::new(resolved, federation.delivery.clone()))
+        Ok(Route::new(resolved, std::sync::Arc::clone(&federation)))
     });
     let passthrough = matches!(&route, Some(Ok(r)) if r.resolved().passthrough);
     let action = action_of(method, &endpoint).map(|(action, _)| action);

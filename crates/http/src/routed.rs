@@ -3,25 +3,21 @@
 
 use std::sync::Arc;
 
-use tessera_federation::{Answer, Delivery, Found, Resolved, Source};
+pub(crate) use tessera_federation::Reply;
+use tessera_federation::signing::Signing;
+use tessera_federation::{Answer, Delivery, Federation, Resolved, Source};
 use tessera_spec::{ErrorCode, OciError, RepoName};
-
-/// Content from a source, or the URL the client is sent to for it.
-pub(crate) enum Reply<T> {
-    Here(T),
-    Redirect(String),
-}
 
 pub(crate) struct Route {
     resolved: Resolved,
-    /// The delivery policy of the table this request was resolved with (a reload swaps in
-    /// a new table for later requests; this one keeps its own).
-    delivery: Arc<Delivery>,
+    /// The table this request was resolved with, for its delivery policy and signature
+    /// rules (a reload swaps in a new table for later requests; this one keeps its own).
+    federation: Arc<Federation>,
 }
 
 impl Route {
-    pub(crate) fn new(resolved: Resolved, delivery: Arc<Delivery>) -> Route {
-        Route { resolved, delivery }
+    pub(crate) fn new(resolved: Resolved, federation: Arc<Federation>) -> Route {
+        Route { resolved, federation }
     }
 
     pub(crate) fn resolved(&self) -> &Resolved {
@@ -29,7 +25,11 @@ impl Route {
     }
 
     pub(crate) fn delivery(&self) -> &Delivery {
-        &self.delivery
+        &self.federation.delivery
+    }
+
+    pub(crate) fn signing(&self) -> &Signing {
+        &self.federation.signing
     }
 
     /// The hosted name a write goes to, if this route takes writes.
@@ -47,9 +47,8 @@ impl Route {
         self.resolved.sources.iter().any(|(source, name)| source.protected(name))
     }
 
-    /// Asks each source in turn (`ask(source, its name for the repository)`) until one has
-    /// the content or says where it is; a failure ends the search. When none has it, the
-    /// last source's not-found is the answer.
+    /// Asks each source in turn until one has the content or says where it is (see
+    /// [`Resolved::first`]).
     pub(crate) async fn first<'r, T, Fut>(
         &'r self,
         ask: impl Fn(&'r dyn Source, &'r RepoName) -> Fut,
@@ -57,14 +56,6 @@ impl Route {
     where
         Fut: Future<Output = Answer<T>>,
     {
-        let mut last = None;
-        for (source, name) in &self.resolved.sources {
-            match ask(source.as_ref(), name).await? {
-                Found::Here(v) => return Ok(Reply::Here(v)),
-                Found::Redirect(url) => return Ok(Reply::Redirect(url)),
-                Found::Absent(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")))
+        self.resolved.first(ask).await
     }
 }

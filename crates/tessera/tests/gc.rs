@@ -173,12 +173,8 @@ async fn untagged_manifests_go_when_asked_and_only_those() {
     for image in [&amd, &arm] {
         api.push_image("team/multi", &image.digest().to_string(), image).await.unwrap();
     }
-    let child = |image: &Image, arch: &str| {
-        serde_json::json!({"mediaType": MANIFEST, "digest": image.digest().to_string(), "size": image.manifest.len(),
-            "platform": {"architecture": arch, "os": "linux"}})
-    };
     let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [child(&amd, "amd64"), child(&arm, "arm64")]}))
+        "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [amd.descriptor("amd64"), arm.descriptor("arm64")]}))
     .unwrap();
     let r = api.push_manifest("team/multi", "v1", "application/vnd.oci.image.index.v1+json", &index).await.unwrap();
     assert_eq!(r.status(), 201);

@@ -349,3 +349,253 @@ async fn signatures_cross_the_air_gap_with_export_and_import() {
     let far = format!("{}/signed/app:v1", disconnected.host());
     pull(&policy, &far, &dir.path().join("far"), None).expect("verified on the far side of the air gap");
 }
+
+/// Signs like cosign: an ECDSA P-256 key whose signatures go in a `sha256-<hex>.sig`
+/// manifest (or a referrer) beside the image, one layer per signed payload.
+struct Cosign {
+    key: p256::ecdsa::SigningKey,
+    public: PathBuf,
+}
+
+impl Cosign {
+    fn new(dir: &Path, name: &str) -> Cosign {
+        let seed = Digest::sha256_of(format!("{name} {:?} {:?}", dir, std::time::SystemTime::now()).as_bytes());
+        let key = p256::ecdsa::SigningKey::from_slice(&hex_bytes(seed.hex())).unwrap();
+        let public = dir.join(format!("{name}.pem"));
+        let pem = p256::pkcs8::EncodePublicKey::to_public_key_pem(key.verifying_key(), p256::pkcs8::LineEnding::LF);
+        std::fs::write(&public, pem.unwrap()).unwrap();
+        Cosign { key, public }
+    }
+
+    /// The signature manifest for `digest` claimed as `reference`: pushed under the `.sig`
+    /// tag, or as a referrer of the image when `as_referrer`.
+    async fn sign(&self, api: &Api, name: &str, digest: &Digest, reference: &str, as_referrer: bool) {
+        let payload = serde_json::json!({
+            "critical": {
+                "identity": { "docker-reference": reference },
+                "image": { "docker-manifest-digest": digest.to_string() },
+                "type": "cosign container image signature",
+            },
+            "optional": null,
+        })
+        .to_string();
+        let signature: p256::ecdsa::Signature = p256::ecdsa::signature::Signer::sign(&self.key, payload.as_bytes());
+        let annotation = base64::engine::general_purpose::STANDARD.encode(signature.to_der().as_bytes());
+        let payload_digest = api.push_blob(name, payload.as_bytes()).await.unwrap();
+        let config = serde_json::json!({
+            "architecture": "", "os": "", "config": {},
+            "rootfs": { "type": "layers", "diff_ids": [payload_digest.to_string()] },
+        })
+        .to_string();
+        let config_digest = api.push_blob(name, config.as_bytes()).await.unwrap();
+        let mut manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": config_digest.to_string() },
+            "layers": [{
+                "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+                "size": payload.len(),
+                "digest": payload_digest.to_string(),
+                "annotations": { "dev.cosignproject.cosign/signature": annotation },
+            }],
+        });
+        let bytes = if as_referrer {
+            manifest["artifactType"] = "application/vnd.dev.cosign.artifact.sig.v1+json".into();
+            manifest["subject"] = serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest.to_string(), "size": 0,
+            });
+            manifest.to_string()
+        } else {
+            manifest.to_string()
+        };
+        let at = if as_referrer {
+            Digest::sha256_of(bytes.as_bytes()).to_string()
+        } else {
+            format!("{}-{}.sig", "sha256", digest.hex())
+        };
+        let r = api.push_manifest(name, &at, "application/vnd.oci.image.manifest.v1+json", bytes.as_bytes()).await;
+        assert_eq!(r.unwrap().status(), 201);
+    }
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+}
+
+/// A manifest GET's status, and its error message when refused.
+async fn manifest_answer(api: &Api, name: &str, reference: &str) -> (u16, String) {
+    let r = api.get(&format!("/v2/{name}/manifests/{reference}")).await.unwrap();
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    let message = format!("{} {}", body["errors"][0]["code"].as_str().unwrap_or(""), body["errors"][0]["message"]);
+    (status, message)
+}
+
+#[tokio::test]
+async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let (trusted, stranger) = (Key::new(dir.path(), "release"), Key::new(dir.path(), "stranger"));
+    let (cosign, cosign_stranger) = (Cosign::new(dir.path(), "cosign"), Cosign::new(dir.path(), "cosign-stranger"));
+    let config = format!(
+        "[[signatures]]\nprefix = \"secure\"\nkeys = [{:?}, {:?}]\n\n[[signatures]]\nprefix = \"audit\"\nkeys = [{:?}]\nrequire = false\n",
+        trusted.public, cosign.public, trusted.public
+    );
+    let server = Server::with_config(BIN, &config).unwrap();
+    let api = Api::new(&server);
+    let host = server.host();
+    let image = Image::random(1, 20_000);
+    let digest = image.digest();
+    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
+    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
+    let push = |key: Option<&Key>, dest: &str| {
+        let dest = format!("docker://{host}/{dest}");
+        let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
+        if let Some(key) = key {
+            args.extend(["--sign-by", &key.fingerprint]);
+        }
+        args.extend([layout.as_str(), dest.as_str()]);
+        skopeo(key.map(|k| k.home.as_path()), &args).unwrap();
+    };
+    // Pushes are never refused: a signature arrives after its manifest.
+    push(Some(&trusted), "secure/app:v1");
+    push(None, "secure/unsigned:v1");
+    push(Some(&stranger), "secure/stranger:v1");
+    push(None, "audit/app:v1");
+
+    // A pull with no policy of its own: the registry decides.
+    let insecure_pull = |reference: &str, out: &str| {
+        let dest = format!("oci:{}:pulled", dir.path().join(out).display());
+        let source = format!("docker://{host}/{reference}");
+        skopeo(None, &["--insecure-policy", "copy", "--remove-signatures", "--src-tls-verify=false", &source, &dest])
+    };
+    insecure_pull("secure/app:v1", "signed").expect("signed by a trusted key");
+    assert_eq!(manifest_answer(&api, "secure/app", &digest.to_string()).await.0, 200, "by digest too");
+    let refused = insecure_pull("secure/unsigned:v1", "unsigned").unwrap_err();
+    assert!(refused.contains("is not signed by a key trusted for"), "{refused}");
+    let (status, why) = manifest_answer(&api, "secure/unsigned", "v1").await;
+    assert_eq!((status, why.starts_with("DENIED")), (403, true), "{why}");
+    assert!(why.contains("no signatures were found"), "{why}");
+    let (status, why) = manifest_answer(&api, "secure/stranger", "v1").await;
+    assert_eq!(status, 403);
+    assert!(why.contains("no trusted key made it"), "{why}");
+
+    // The trusted signature is for secure/app:v1: not for another tag, nor another name.
+    let r = api.push_manifest("secure/app", "v2", "application/vnd.oci.image.manifest.v1+json", &image.manifest);
+    assert_eq!(r.await.unwrap().status(), 201);
+    let (status, why) = manifest_answer(&api, "secure/app", "v2").await;
+    assert_eq!(status, 403);
+    assert!(why.contains("another tag"), "{why}");
+    let listed: serde_json::Value =
+        api.get(&format!("/extensions/v2/secure/app/signatures/{digest}")).await.unwrap().json().await.unwrap();
+    let mut replayed = listed["signatures"][0].clone();
+    replayed["name"] = format!("{digest}@replayed").into();
+    push(None, "secure/replayed:v1");
+    let url = api.url(&format!("/extensions/v2/secure/replayed/signatures/{digest}"));
+    assert_eq!(api.http.put(&url).body(replayed.to_string()).send().await.unwrap().status(), 201);
+    let (status, why) = manifest_answer(&api, "secure/replayed", "v1").await;
+    assert_eq!(status, 403);
+    assert!(why.contains("another repository"), "{why}");
+    let refused = insecure_pull("secure/replayed:v1", "replayed").unwrap_err();
+    assert!(refused.contains("another repository"), "skopeo shows the reason: {refused}");
+
+    // Cosign signatures: under the .sig tag and as a referrer, by the trusted key only.
+    for (name, key, as_referrer, expected) in [
+        ("secure/cosigned", &cosign, false, 200),
+        ("secure/cosign-referrer", &cosign, true, 200),
+        ("secure/cosign-stranger", &cosign_stranger, false, 403),
+    ] {
+        let other = Image::random(1, 5_000);
+        api.push_image(name, "v1", &other).await.unwrap();
+        assert_eq!(manifest_answer(&api, name, "v1").await.0, 403, "{name} before it is signed");
+        key.sign(&api, name, &other.digest(), &format!("{host}/{name}"), as_referrer).await;
+        let (status, why) = manifest_answer(&api, name, "v1").await;
+        assert_eq!(status, expected, "{name}: {why}");
+    }
+    // The signature manifests themselves stay readable for the clients that verify.
+    let cosigned = api.get("/v2/secure/cosigned/tags/list").await.unwrap().json::<serde_json::Value>().await.unwrap();
+    let sig_tag = cosigned["tags"].as_array().unwrap().iter().find_map(|t| t.as_str().filter(|t| t.ends_with(".sig")));
+    assert_eq!(manifest_answer(&api, "secure/cosigned", sig_tag.unwrap()).await.0, 200);
+
+    // An index signed as a whole admits its children, once the index itself passed.
+    let (amd, arm) = (Image::random(1, 3_000), Image::random(1, 3_000));
+    api.push_image("secure/multi", "amd", &amd).await.unwrap();
+    api.push_image("secure/multi", "arm", &arm).await.unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [amd.descriptor("amd64"), arm.descriptor("arm64")],
+    })
+    .to_string();
+    let r = api.push_manifest("secure/multi", "all", "application/vnd.oci.image.index.v1+json", index.as_bytes());
+    assert_eq!(r.await.unwrap().status(), 201);
+    let index_digest = Digest::sha256_of(index.as_bytes());
+    cosign.sign(&api, "secure/multi", &index_digest, &format!("{host}/secure/multi"), false).await;
+    let child = amd.digest().to_string();
+    assert_eq!(manifest_answer(&api, "secure/multi", &child).await.0, 403, "a child alone is not signed");
+    assert_eq!(manifest_answer(&api, "secure/multi", "all").await.0, 200);
+    assert_eq!(manifest_answer(&api, "secure/multi", &child).await.0, 200, "admitted by its signed index");
+
+    // A rule that does not require: served, and counted.
+    insecure_pull("audit/app:v1", "audit").expect("an auditing rule serves unsigned images");
+    let metrics = api.get("/metrics").await.unwrap().text().await.unwrap();
+    let count = |outcome: &str| {
+        let line = format!("tessera_signature_checks_total{{outcome=\"{outcome}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&line)).and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(count("unsigned_served"), Some(1), "{metrics}");
+    assert!(count("refused").unwrap() >= 7, "{metrics}");
+}
+
+#[tokio::test]
+async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_not_sign() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let key = Key::new(dir.path(), "vendor");
+    let mut upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 20_000);
+    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
+    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
+    for (dest, sign) in [("signed/app:v1", true), ("unsigned/app:v1", false)] {
+        let dest = format!("docker://{}/{dest}", upstream.host());
+        let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
+        if sign {
+            args.extend(["--sign-by", &key.fingerprint]);
+        }
+        args.extend([layout.as_str(), dest.as_str()]);
+        skopeo(Some(&key.home), &args).unwrap();
+    }
+    let config = format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n[[signatures]]\nprefix = \"mirror\"\nkeys = [{:?}]\n",
+        upstream.host(),
+        key.public
+    );
+    let mirror = Server::with_config(BIN, &config).unwrap();
+    let api = Api::new(&mirror);
+    // The signature names the upstream's repository, which the mirror's name maps to.
+    let pull = |name: &str, out: &str| {
+        let dest = format!("oci:{}:pulled", dir.path().join(out).display());
+        let source = format!("docker://{}/{name}", mirror.host());
+        skopeo(None, &["--insecure-policy", "copy", "--remove-signatures", "--src-tls-verify=false", &source, &dest])
+    };
+    pull("mirror/signed/app:v1", "signed").expect("signed upstream image through the requiring cache");
+    let refused = pull("mirror/unsigned/app:v1", "unsigned").unwrap_err();
+    assert!(refused.contains("is not signed by a key trusted for"), "{refused}");
+
+    // The cache keeps nothing it refused: asked again by digest, it fetches the manifest from
+    // the upstream again (a kept one would be answered from the cache).
+    let digest = image.digest();
+    let fetches = || upstream.log_text().matches(&format!("GET /v2/unsigned/app/manifests/{digest}")).count();
+    let before = fetches();
+    let (status, why) = manifest_answer(&api, "mirror/unsigned/app", &digest.to_string()).await;
+    assert_eq!(status, 403, "{why}");
+    assert_eq!(fetches(), before + 1, "{}", upstream.log_text());
+    // With the upstream gone, what passed is still served from the cache.
+    upstream.kill();
+    assert_eq!(manifest_answer(&api, "mirror/signed/app", "v1").await.0, 200);
+    assert_eq!(manifest_answer(&api, "mirror/unsigned/app", &digest.to_string()).await.0, 503);
+}

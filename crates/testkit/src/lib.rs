@@ -296,6 +296,16 @@ impl Image {
         Digest::sha256_of(&self.manifest)
     }
 
+    /// The image's descriptor in an index, as the linux image for `architecture`.
+    pub fn descriptor(&self, architecture: &str) -> serde_json::Value {
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": self.digest().to_string(),
+            "size": self.manifest.len(),
+            "platform": { "architecture": architecture, "os": "linux" },
+        })
+    }
+
     pub fn blobs(&self) -> impl Iterator<Item = &Vec<u8>> {
         std::iter::once(&self.config).chain(self.layers.iter())
     }

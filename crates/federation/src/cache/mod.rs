@@ -423,6 +423,25 @@ impl PullThrough {
     }
 }
 
+impl PullThrough {
+    /// Drops the cached manifest `digest` of `name` and the tags pointing at it (a manifest
+    /// a requiring route refused is not kept).
+    pub async fn forget(&self, name: &RepoName, digest: &Digest) {
+        match self.meta.delete_manifest(name, digest).await {
+            Ok(Some(tags)) => {
+                for tag in tags {
+                    self.checked.remove(&(name.clone(), tag));
+                }
+                tracing::info!(upstream = self.upstream.name(), %name, %digest, "dropped a refused manifest from the cache");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(upstream = self.upstream.name(), %name, %digest, "cannot drop a refused manifest: {e}")
+            }
+        }
+    }
+}
+
 /// Reads a response body of at most `limit` bytes.
 /// The whole body of `response`, refused once it grows past `limit` bytes.
 pub async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, String> {

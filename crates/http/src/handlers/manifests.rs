@@ -22,11 +22,17 @@ pub(super) async fn get(
 ) -> Result<Response, OciError> {
     let route = permit.readable()?;
     let accept = Accept::parse(parts.headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
+    let name = permit.endpoint.name().ok_or_else(OciError::internal)?;
+    let signing = route.signing();
     let served = match route.first(|source, name| source.manifest(name, reference, &accept, &permit.ask)).await? {
         Reply::Here(served) => served,
-        Reply::Redirect(url) => return Ok(redirect(&url)),
+        Reply::Redirect(url) => {
+            signing.admit_redirect(name)?;
+            return Ok(redirect(&url));
+        }
     };
     let m = served.manifest;
+    signing.admit(route.resolved(), name, reference, &m, &permit.ask).await?;
     let pulled = (parts.method == Method::GET && state.notifier.as_ref().is_some_and(|n| n.wants(Action::Pull)))
         .then(|| happened(Action::Pull, permit, reference, &m.digest, &m.media_type, m.bytes.len()))
         .flatten();

@@ -1,0 +1,387 @@
+//! `[[signatures]]`: routes that demand signed images. Before a manifest is served under a
+//! requiring rule, the signatures of its digest are found through the same sources that
+//! served it (simple signatures from the signature extension, cosign signatures under the
+//! `sha256-<hex>.sig` tag and as OCI referrers), checked against the rule's keys, and their
+//! claims compared with the digest and the name asked for. A pass is remembered per rule,
+//! name, tag and digest, so a signed image costs one cache lookup per pull after its first.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::StreamExt;
+use tessera_config::{SignatureIdentity, SignaturePolicy};
+use tessera_spec::{Accept, Digest, ErrorCode, OciError, ParsedManifest, Reference, RepoName, Tag};
+use tessera_store::ManifestRecord;
+use tessera_trust::{COSIGN_ARTIFACT_TYPE, COSIGN_SIGNATURE_ANNOTATION, Family, Identity, Keyring, Verified};
+
+use crate::router::{Reply, Resolved};
+use crate::source::Ask;
+
+/// How many passed checks (and index children they admit) each table remembers.
+pub const VERDICTS_REMEMBERED: usize = 100_000;
+/// The most cosign signature manifests read for one manifest.
+const COSIGN_MANIFESTS_READ: usize = 16;
+/// The most signature layers read from one cosign signature manifest.
+const COSIGN_LAYERS_READ: usize = 16;
+
+/// One `[[signatures]]` rule, its keys loaded.
+pub struct SigningRule {
+    pub prefix: String,
+    pub keys: Keyring,
+    pub require: bool,
+    pub identity: Identity,
+}
+
+/// Counts for `/metrics`.
+#[derive(Default)]
+pub struct SigningStats {
+    /// Manifests a requiring rule refused.
+    pub refused: AtomicU64,
+    /// Manifests whose signatures were checked (not answered from the remembered passes).
+    pub checked: AtomicU64,
+    /// Manifests a non-requiring rule found unsigned (served all the same).
+    pub unsigned_served: AtomicU64,
+}
+
+/// What was found about one manifest's signatures, for `tessera explain` and refusals.
+pub struct Evidence {
+    pub family: Family,
+    /// The signature as found: `signature-N`, or the cosign manifest and layer.
+    pub origin: String,
+    pub outcome: Result<Verified, String>,
+}
+
+/// The rules of one configuration, with the checks they passed.
+pub struct Signing {
+    rules: Vec<SigningRule>,
+    /// Passed checks: (rule, name, tag pulled by, digest).
+    passed: quick_cache::sync::Cache<(usize, RepoName, Option<Tag>, Digest), ()>,
+    /// Manifests an index that passed lists: served under its rule without signatures of
+    /// their own, as clients verify an index's signature and then fetch its children.
+    admitted: quick_cache::sync::Cache<(usize, RepoName, Digest), ()>,
+    pub stats: Arc<SigningStats>,
+}
+
+/// Why a `[[signatures]]` rule could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("[[signatures]] {prefix:?}: {why}")]
+pub struct SigningError {
+    prefix: String,
+    why: String,
+}
+
+impl Signing {
+    pub fn new(policies: &[SignaturePolicy], stats: Option<Arc<SigningStats>>) -> Result<Signing, SigningError> {
+        let mut rules = Vec::new();
+        for p in policies {
+            let error = |why: String| SigningError { prefix: p.prefix().to_string(), why };
+            let mut keys = Keyring::default();
+            for file in &p.keys {
+                keys.add_file(Path::new(file)).map_err(error)?;
+            }
+            let identity = match p.identity {
+                SignatureIdentity::Exact => Identity::Exact,
+                SignatureIdentity::Repository => Identity::Repository,
+                SignatureIdentity::Any => Identity::Any,
+            };
+            rules.push(SigningRule { prefix: p.prefix().to_string(), keys, require: p.require, identity });
+        }
+        // Longest prefix first: the first covering rule governs.
+        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Ok(Signing {
+            rules,
+            passed: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
+            admitted: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
+            stats: stats.unwrap_or_default(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The rule governing `name` (the longest prefix covering it by whole components).
+    pub fn rule_for(&self, name: &RepoName) -> Option<(usize, &SigningRule)> {
+        let name = name.as_str();
+        self.rules.iter().enumerate().find(|(_, r)| {
+            r.prefix.is_empty()
+                || name.strip_prefix(r.prefix.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+
+    /// Whether `manifest`, served for `name` (the client's name) by `reference` through
+    /// `resolved`, may be served: `DENIED`, saying what was missing, when a requiring rule
+    /// covers the name and no trusted key signed it for this name.
+    pub async fn admit(
+        &self,
+        resolved: &Resolved,
+        name: &RepoName,
+        reference: &Reference,
+        manifest: &ManifestRecord,
+        ask: &Ask,
+    ) -> Result<(), OciError> {
+        let Some((rule_index, rule)) = self.rule_for(name) else { return Ok(()) };
+        let tag = match reference {
+            Reference::Tag(t) => Some(t.clone()),
+            Reference::Digest(_) => None,
+        };
+        let digest = &manifest.digest;
+        let key = (rule_index, name.clone(), tag, digest.clone());
+        if self.passed.get(&key).is_some() || self.admitted.get(&(rule_index, name.clone(), digest.clone())).is_some() {
+            return Ok(());
+        }
+        if is_signature_artifact(manifest) {
+            // Cosign's signature manifests are read by the clients that verify: they carry
+            // signed claims, nothing that runs.
+            self.passed.insert(key, ());
+            return Ok(());
+        }
+        self.stats.checked.fetch_add(1, Ordering::Relaxed);
+        let names: Vec<&str> =
+            std::iter::once(name.as_str()).chain(resolved.sources.iter().map(|(_, n)| n.as_str())).collect();
+        let mut reasons = Vec::new();
+        // Simple signatures first: one that vouches spares the lookups of cosign's.
+        for stage in [Family::Simple, Family::Cosign] {
+            let evidence = match stage {
+                Family::Simple => self.simple_evidence(resolved, rule, digest, ask).await?,
+                Family::Cosign => self.cosign_evidence(resolved, rule, digest, ask).await?,
+            };
+            for e in &evidence {
+                match &e.outcome {
+                    Ok(v) => match vouches(v, digest, rule.identity, &names, key.2.as_ref().map(Tag::as_str)) {
+                        Ok(()) => {
+                            self.passed.insert(key, ());
+                            self.admit_children(rule_index, name, manifest);
+                            return Ok(());
+                        }
+                        Err(why) => reasons.push(format!("{} {} by {}: {why}", e.family, e.origin, v.signer)),
+                    },
+                    Err(why) => reasons.push(format!("{} {}: {why}", e.family, e.origin)),
+                }
+            }
+        }
+        let what = if reasons.is_empty() { "no signatures were found".to_string() } else { reasons.join("; ") };
+        if !rule.require {
+            self.stats.unsigned_served.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%name, %digest, prefix = rule.prefix, "serving a manifest no trusted key signed ({what})");
+            return Ok(());
+        }
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        // What a requiring route refuses, it does not keep either.
+        for (source, source_name) in &resolved.sources {
+            source.forget(source_name, digest).await;
+        }
+        Err(OciError::new(
+            ErrorCode::Denied,
+            format!(
+                "{name}@{digest} is not signed by a key trusted for {}: {what}",
+                if rule.prefix.is_empty() { "every name".to_string() } else { format!("{:?}", rule.prefix) }
+            ),
+        ))
+    }
+
+    /// A manifest a requiring rule covers is served by another server (a redirect-only
+    /// route), where its signatures cannot be checked: refused under a requiring rule.
+    pub fn admit_redirect(&self, name: &RepoName) -> Result<(), OciError> {
+        match self.rule_for(name) {
+            Some((_, rule)) if rule.require => Err(OciError::new(
+                ErrorCode::Denied,
+                format!(
+                    "signatures are required for {name}, and its route sends clients elsewhere for manifests, where they cannot be checked"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn admit_children(&self, rule_index: usize, name: &RepoName, manifest: &ManifestRecord) {
+        let Ok(parsed) = ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes) else { return };
+        for child in parsed.manifests {
+            self.admitted.insert((rule_index, name.clone(), child.digest), ());
+        }
+    }
+
+    /// Every signature of `digest` the route's sources hold, checked against `rule`'s keys.
+    pub async fn evidence(
+        &self,
+        resolved: &Resolved,
+        rule: &SigningRule,
+        digest: &Digest,
+        ask: &Ask,
+    ) -> Result<Vec<Evidence>, OciError> {
+        let mut found = self.simple_evidence(resolved, rule, digest, ask).await?;
+        found.extend(self.cosign_evidence(resolved, rule, digest, ask).await?);
+        Ok(found)
+    }
+
+    async fn simple_evidence(
+        &self,
+        resolved: &Resolved,
+        rule: &SigningRule,
+        digest: &Digest,
+        ask: &Ask,
+    ) -> Result<Vec<Evidence>, OciError> {
+        let simple = resolved.first(|source, n| source.signatures(n, digest, ask)).await;
+        Ok(here_or_none(simple)?
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, s)| Evidence {
+                family: Family::Simple,
+                origin: format!("signature-{}", i + 1),
+                outcome: rule.keys.verify_simple(&s.content),
+            })
+            .collect())
+    }
+
+    async fn cosign_evidence(
+        &self,
+        resolved: &Resolved,
+        rule: &SigningRule,
+        digest: &Digest,
+        ask: &Ask,
+    ) -> Result<Vec<Evidence>, OciError> {
+        let mut found = Vec::new();
+        for (manifest, origin) in self.cosign_manifests(resolved, digest, ask).await? {
+            self.cosign_layers(resolved, rule, &manifest, &origin, ask, &mut found).await?;
+        }
+        Ok(found)
+    }
+
+    /// The cosign signature manifests of `digest`: under its `.sig` tag, and its referrers
+    /// of cosign's artifact type.
+    async fn cosign_manifests(
+        &self,
+        resolved: &Resolved,
+        digest: &Digest,
+        ask: &Ask,
+    ) -> Result<Vec<(ManifestRecord, String)>, OciError> {
+        let mut out = Vec::new();
+        let any = Accept::any();
+        let tag = tessera_trust::cosign_tag(digest);
+        if let Ok(tag_ref) = tag.parse::<Tag>() {
+            let by_tag = Reference::Tag(tag_ref);
+            let served = resolved.first(|source, n| source.manifest(n, &by_tag, &any, ask)).await;
+            if let Some(s) = here_or_none(served)? {
+                out.push((s.manifest, format!("tag {tag}")));
+            }
+        }
+        let referrers = resolved.first(|source, n| source.referrers(n, digest, Some(COSIGN_ARTIFACT_TYPE), ask)).await;
+        let listed = here_or_none(referrers)?
+            .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.index).ok())
+            .and_then(|index| index["manifests"].as_array().cloned())
+            .unwrap_or_default();
+        for d in listed.iter().filter(|d| d["artifactType"] == COSIGN_ARTIFACT_TYPE) {
+            if out.len() >= COSIGN_MANIFESTS_READ {
+                break;
+            }
+            let Some(referrer) = d["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else { continue };
+            if out.iter().any(|(m, _)| m.digest == referrer) {
+                continue;
+            }
+            let by_digest = Reference::Digest(referrer.clone());
+            let served = resolved.first(|source, n| source.manifest(n, &by_digest, &any, ask)).await;
+            if let Some(s) = here_or_none(served)? {
+                out.push((s.manifest, format!("referrer {referrer}")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks each signature layer of a cosign signature manifest.
+    async fn cosign_layers(
+        &self,
+        resolved: &Resolved,
+        rule: &SigningRule,
+        manifest: &ManifestRecord,
+        origin: &str,
+        ask: &Ask,
+        found: &mut Vec<Evidence>,
+    ) -> Result<(), OciError> {
+        let Ok(parsed) = ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes) else {
+            found.push(Evidence {
+                family: Family::Cosign,
+                origin: origin.to_string(),
+                outcome: Err("not a manifest".into()),
+            });
+            return Ok(());
+        };
+        let layers = parsed.layers.iter().filter(|l| l.annotations.contains_key(COSIGN_SIGNATURE_ANNOTATION));
+        for layer in layers.take(COSIGN_LAYERS_READ) {
+            let origin = format!("{origin} layer {}", layer.digest);
+            let outcome = match self.payload(resolved, &layer.digest, layer.size, ask).await? {
+                Ok(payload) => rule.keys.verify_cosign(&payload, &layer.annotations[COSIGN_SIGNATURE_ANNOTATION]),
+                Err(why) => Err(why),
+            };
+            found.push(Evidence { family: Family::Cosign, origin, outcome });
+        }
+        Ok(())
+    }
+
+    /// The bytes of a signature payload blob, read through the route (streamed here
+    /// whatever the delivery policy says) and checked against its digest.
+    async fn payload(
+        &self,
+        resolved: &Resolved,
+        digest: &Digest,
+        size: u64,
+        ask: &Ask,
+    ) -> Result<Result<Vec<u8>, String>, OciError> {
+        if size > tessera_trust::PAYLOAD_MAX_BYTES as u64 {
+            return Ok(Err(format!("its payload is {size} bytes, more than a signed payload can be")));
+        }
+        let streamed = Ask { bypass_delivery: true, ..ask.clone() };
+        let answer = match resolved.first(|source, n| source.blob(n, digest, None, &streamed)).await {
+            Ok(Reply::Here(answer)) => answer,
+            Ok(Reply::Redirect(_)) => return Ok(Err("its payload is only served elsewhere".into())),
+            Err(e) if is_not_found(&e) => return Ok(Err("its payload blob is missing".into())),
+            Err(e) => return Err(e),
+        };
+        let mut body = answer.read.body;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                tracing::warn!(%digest, "reading a signature payload: {e}");
+                OciError::new(ErrorCode::Unavailable, "a signature payload could not be read")
+            })?;
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() > tessera_trust::PAYLOAD_MAX_BYTES {
+                return Ok(Err("its payload is larger than a signed payload can be".into()));
+            }
+        }
+        if Digest::of(digest.algorithm(), &bytes) != *digest {
+            return Ok(Err("its payload does not match its digest".into()));
+        }
+        Ok(Ok(bytes))
+    }
+}
+
+/// Whether `manifest` is a cosign signature manifest: layers, all simple-signing payloads.
+fn is_signature_artifact(manifest: &ManifestRecord) -> bool {
+    ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes).is_ok_and(|p| {
+        !p.layers.is_empty() && p.layers.iter().all(|l| l.media_type == tessera_trust::COSIGN_PAYLOAD_MEDIA_TYPE)
+    })
+}
+
+/// Whether a verified signature vouches for the manifest `digest` under `names`.
+fn vouches(v: &Verified, digest: &Digest, identity: Identity, names: &[&str], tag: Option<&str>) -> Result<(), String> {
+    if v.claim.manifest_digest != *digest {
+        return Err(format!("it signs {}, another manifest", v.claim.manifest_digest));
+    }
+    identity.accepts(v.claim.reference.as_ref(), names, tag)
+}
+
+fn is_not_found(e: &OciError) -> bool {
+    matches!(e.code, ErrorCode::ManifestUnknown | ErrorCode::BlobUnknown | ErrorCode::NameUnknown)
+}
+
+/// A found answer's content; `None` when no source has it or one sends clients elsewhere.
+fn here_or_none<T>(answer: Result<Reply<T>, OciError>) -> Result<Option<T>, OciError> {
+    match answer {
+        Ok(Reply::Here(v)) => Ok(Some(v)),
+        Ok(Reply::Redirect(_)) => Ok(None),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
