@@ -380,6 +380,53 @@ async fn main() -> Result<()> {
     );
     drop(cdn);
 
+    // Signature checks are remembered per rule, name, tag and digest: under a requiring
+    // [[signatures]] rule, a pull of a signed image should cost about what it costs without.
+    eprintln!("== manifest GETs under a requiring [[signatures]] rule");
+    let signer = tessera_testkit::cosign::CosignKey::new("bench");
+    let key = signer.write_public(root, "bench-cosign");
+    let signing = Registry::tessera_with(
+        &args.tessera,
+        &root.join("signing"),
+        Some(&format!(
+            "[[signatures]]\nprefix = \"signed\"\nkeys = [{key:?}]\n\n[[signatures]]\nprefix = \"unsigned\"\nkeys = [{key:?}]\n"
+        )),
+    )?;
+    let small_manifest = manifest_of(&content.config, &[&content.small]);
+    let api = signing.api();
+    for name in ["signed/app", "open/app"] {
+        api.push_blobs_and_manifest(name, "v1", &[&content.config, &content.small], &small_manifest).await?;
+    }
+    let signature = signer.sign(&Digest::sha256_of(&small_manifest), &format!("{}/signed/app", signing.addr), false);
+    let sig_tag = tessera_testkit::cosign::signature_tag(&Digest::sha256_of(&small_manifest));
+    api.push_blobs_and_manifest("signed/app", &sig_tag, &signature.blobs(), &signature.manifest).await?;
+    for (name, expected) in [("signed/app", 200), ("unsigned/app", 403)] {
+        if name == "unsigned/app" {
+            api.push_blobs_and_manifest(name, "v1", &[&content.config, &content.small], &small_manifest).await?;
+        }
+        let status = api.get(&format!("/v2/{name}/manifests/v1")).await?.status();
+        anyhow::ensure!(status == expected, "{name} under the requiring rule answered {status}");
+    }
+    let signed = wrk.get(&signing.url("/v2/signed/app/manifests/v1"), 32, Some(ACCEPT), false)?;
+    let open = wrk.get(&signing.url("/v2/open/app/manifests/v1"), 32, Some(ACCEPT), false)?;
+    table.add(
+        "manifest GET by tag under a requiring [[signatures]] rule, 32 connections",
+        "req/s",
+        Better::Higher,
+        signed.rps,
+        None,
+        None,
+    );
+    table.add(
+        "manifest GET with a requiring rule / without, same server",
+        "x",
+        Better::Higher,
+        signed.rps / open.rps,
+        None,
+        None,
+    );
+    drop(signing);
+
     eprintln!("== pushes");
     let push_blob = Bytes::from(random_bytes(scale.push_blob, 3));
     let mb = scale.push_blob >> 20;

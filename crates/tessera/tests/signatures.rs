@@ -10,6 +10,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use tessera_spec::Digest;
 use tessera_testkit::clients::{ContainersFiles, Podman, short_tempdir};
+use tessera_testkit::cosign::{self, CosignKey};
 use tessera_testkit::{Api, Distribution, Image, Server, error_code, have_tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
@@ -350,76 +351,16 @@ async fn signatures_cross_the_air_gap_with_export_and_import() {
     pull(&policy, &far, &dir.path().join("far"), None).expect("verified on the far side of the air gap");
 }
 
-/// Signs like cosign: an ECDSA P-256 key whose signatures go in a `sha256-<hex>.sig`
-/// manifest (or a referrer) beside the image, one layer per signed payload.
-struct Cosign {
-    key: p256::ecdsa::SigningKey,
-    public: PathBuf,
-}
-
-impl Cosign {
-    fn new(dir: &Path, name: &str) -> Cosign {
-        let seed = Digest::sha256_of(format!("{name} {:?} {:?}", dir, std::time::SystemTime::now()).as_bytes());
-        let key = p256::ecdsa::SigningKey::from_slice(&hex_bytes(seed.hex())).unwrap();
-        let public = dir.join(format!("{name}.pem"));
-        let pem = p256::pkcs8::EncodePublicKey::to_public_key_pem(key.verifying_key(), p256::pkcs8::LineEnding::LF);
-        std::fs::write(&public, pem.unwrap()).unwrap();
-        Cosign { key, public }
+/// Pushes `key`'s signature of `digest`, claimed as `reference`, into `name`: under the
+/// `.sig` tag, or as a referrer of the image when `as_referrer`.
+async fn cosign_sign(api: &Api, name: &str, key: &CosignKey, digest: &Digest, reference: &str, as_referrer: bool) {
+    let signed = key.sign(digest, reference, as_referrer);
+    for blob in signed.blobs() {
+        api.push_blob(name, blob).await.unwrap();
     }
-
-    /// The signature manifest for `digest` claimed as `reference`: pushed under the `.sig`
-    /// tag, or as a referrer of the image when `as_referrer`.
-    async fn sign(&self, api: &Api, name: &str, digest: &Digest, reference: &str, as_referrer: bool) {
-        let payload = serde_json::json!({
-            "critical": {
-                "identity": { "docker-reference": reference },
-                "image": { "docker-manifest-digest": digest.to_string() },
-                "type": "cosign container image signature",
-            },
-            "optional": null,
-        })
-        .to_string();
-        let signature: p256::ecdsa::Signature = p256::ecdsa::signature::Signer::sign(&self.key, payload.as_bytes());
-        let annotation = base64::engine::general_purpose::STANDARD.encode(signature.to_der().as_bytes());
-        let payload_digest = api.push_blob(name, payload.as_bytes()).await.unwrap();
-        let config = serde_json::json!({
-            "architecture": "", "os": "", "config": {},
-            "rootfs": { "type": "layers", "diff_ids": [payload_digest.to_string()] },
-        })
-        .to_string();
-        let config_digest = api.push_blob(name, config.as_bytes()).await.unwrap();
-        let mut manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": config_digest.to_string() },
-            "layers": [{
-                "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
-                "size": payload.len(),
-                "digest": payload_digest.to_string(),
-                "annotations": { "dev.cosignproject.cosign/signature": annotation },
-            }],
-        });
-        let bytes = if as_referrer {
-            manifest["artifactType"] = "application/vnd.dev.cosign.artifact.sig.v1+json".into();
-            manifest["subject"] = serde_json::json!({
-                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest.to_string(), "size": 0,
-            });
-            manifest.to_string()
-        } else {
-            manifest.to_string()
-        };
-        let at = if as_referrer {
-            Digest::sha256_of(bytes.as_bytes()).to_string()
-        } else {
-            format!("{}-{}.sig", "sha256", digest.hex())
-        };
-        let r = api.push_manifest(name, &at, "application/vnd.oci.image.manifest.v1+json", bytes.as_bytes()).await;
-        assert_eq!(r.unwrap().status(), 201);
-    }
-}
-
-fn hex_bytes(hex: &str) -> Vec<u8> {
-    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+    let at = if as_referrer { signed.digest().to_string() } else { cosign::signature_tag(digest) };
+    let r = api.push_manifest(name, &at, "application/vnd.oci.image.manifest.v1+json", &signed.manifest).await;
+    assert_eq!(r.unwrap().status(), 201);
 }
 
 /// A manifest GET's status, and its error message when refused.
@@ -438,10 +379,11 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     }
     let dir = tessera_testkit::tempdir().unwrap();
     let (trusted, stranger) = (Key::new(dir.path(), "release"), Key::new(dir.path(), "stranger"));
-    let (cosign, cosign_stranger) = (Cosign::new(dir.path(), "cosign"), Cosign::new(dir.path(), "cosign-stranger"));
+    let (cosign, cosign_stranger) = (CosignKey::new("cosign"), CosignKey::new("cosign-stranger"));
+    let cosign_public = cosign.write_public(dir.path(), "cosign");
     let config = format!(
         "[[signatures]]\nprefix = \"secure\"\nkeys = [{:?}, {:?}]\n\n[[signatures]]\nprefix = \"audit\"\nkeys = [{:?}]\nrequire = false\n",
-        trusted.public, cosign.public, trusted.public
+        trusted.public, cosign_public, trusted.public
     );
     let server = Server::with_config(BIN, &config).unwrap();
     let api = Api::new(&server);
@@ -510,7 +452,7 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
         let other = Image::random(1, 5_000);
         api.push_image(name, "v1", &other).await.unwrap();
         assert_eq!(manifest_answer(&api, name, "v1").await.0, 403, "{name} before it is signed");
-        key.sign(&api, name, &other.digest(), &format!("{host}/{name}"), as_referrer).await;
+        cosign_sign(&api, name, key, &other.digest(), &format!("{host}/{name}"), as_referrer).await;
         let (status, why) = manifest_answer(&api, name, "v1").await;
         assert_eq!(status, expected, "{name}: {why}");
     }
@@ -532,7 +474,7 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     let r = api.push_manifest("secure/multi", "all", "application/vnd.oci.image.index.v1+json", index.as_bytes());
     assert_eq!(r.await.unwrap().status(), 201);
     let index_digest = Digest::sha256_of(index.as_bytes());
-    cosign.sign(&api, "secure/multi", &index_digest, &format!("{host}/secure/multi"), false).await;
+    cosign_sign(&api, "secure/multi", &cosign, &index_digest, &format!("{host}/secure/multi"), false).await;
     let child = amd.digest().to_string();
     assert_eq!(manifest_answer(&api, "secure/multi", &child).await.0, 403, "a child alone is not signed");
     assert_eq!(manifest_answer(&api, "secure/multi", "all").await.0, 200);

@@ -6,6 +6,7 @@ pub mod balancer;
 pub mod cdn;
 pub mod chaos;
 pub mod clients;
+pub mod cosign;
 pub mod disk;
 pub mod garage;
 pub mod postgres;
