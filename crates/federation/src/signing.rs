@@ -202,6 +202,75 @@ impl Signing {
         }
     }
 
+    /// The rule that governs `name`, in a line (for `tessera explain`).
+    pub fn describe(&self, name: &RepoName) -> String {
+        match self.rule_for(name) {
+            None => "signatures: not checked (no [[signatures]] rule covers this name)".into(),
+            Some((_, rule)) => format!(
+                "signatures: {} by [[signatures]] {:?} (identity {}), trusting {}",
+                if rule.require { "required" } else { "checked, not required," },
+                rule.prefix,
+                format!("{:?}", rule.identity).to_lowercase(),
+                rule.keys.describe().join(", ")
+            ),
+        }
+    }
+
+    /// Each signature of `manifest` the route holds, who made it, what it claims and
+    /// whether it vouches for this pull; then what the rule decides (for `tessera explain
+    /// --live`).
+    pub async fn explain(
+        &self,
+        resolved: &Resolved,
+        name: &RepoName,
+        reference: &Reference,
+        manifest: &ManifestRecord,
+    ) -> Result<Vec<String>, OciError> {
+        let ask = Ask::default();
+        let unchecked =
+            SigningRule { prefix: String::new(), keys: Keyring::default(), require: false, identity: Identity::Any };
+        let covering = self.rule_for(name);
+        let rule = covering.map_or(&unchecked, |(_, r)| r);
+        let names: Vec<&str> =
+            std::iter::once(name.as_str()).chain(resolved.sources.iter().map(|(_, n)| n.as_str())).collect();
+        let tag = match reference {
+            Reference::Tag(t) => Some(t.as_str()),
+            Reference::Digest(_) => None,
+        };
+        let mut lines = Vec::new();
+        for e in self.evidence(resolved, rule, &manifest.digest, &ask).await? {
+            let line = match (&e.outcome, covering) {
+                (_, None) => format!("{} {}: found (no rule checks it)", e.family, e.origin),
+                (Ok(v), Some(_)) => {
+                    let claimed = v.claim.reference.as_ref().map_or("no name".to_string(), ToString::to_string);
+                    match vouches(v, &manifest.digest, rule.identity, &names, tag) {
+                        Ok(()) => format!(
+                            "{} {}: signed by {} for {claimed}; vouches for this pull",
+                            e.family, e.origin, v.signer
+                        ),
+                        Err(why) => format!(
+                            "{} {}: signed by {} for {claimed}; does not vouch: {why}",
+                            e.family, e.origin, v.signer
+                        ),
+                    }
+                }
+                (Err(why), Some(_)) => format!("{} {}: {why}", e.family, e.origin),
+            };
+            lines.push(line);
+        }
+        if lines.is_empty() {
+            lines.push("no signatures found".into());
+        }
+        if covering.is_some() {
+            let verdict = match self.admit(resolved, name, reference, manifest, &ask).await {
+                Ok(()) => "a pull by this reference is served".to_string(),
+                Err(e) => format!("a pull by this reference is refused: {}", e.message),
+            };
+            lines.push(verdict);
+        }
+        Ok(lines)
+    }
+
     /// Every signature of `digest` the route's sources hold, checked against `rule`'s keys.
     pub async fn evidence(
         &self,

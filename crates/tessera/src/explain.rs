@@ -71,6 +71,7 @@ pub async fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, refe
         let step = if numbered { format!("  {}. ", i + 1) } else { "  ".to_string() };
         writeln!(out, "{step}{}", source.describe(n, tag_or_digest))?;
     }
+    writeln!(out, "  {}", inspected.federation.signing.describe(name))?;
     Ok(out)
 }
 
@@ -111,6 +112,12 @@ pub async fn explain_live(
         let needs = needs.chain(parsed.config.iter().map(|d| ("config", d)));
         for (kind, d) in needs.chain(parsed.layers.iter().map(|d| ("layer", d))) {
             writeln!(out, "      {kind} {} {} bytes ({})", d.digest, d.size, source.locate(n, d).await)?;
+        }
+        let signing = &inspected.federation.signing;
+        let signatures = signing.explain(&resolved, &name, &tag_or_digest, &m).await;
+        writeln!(out, "    signatures:")?;
+        for line in signatures.map_err(|e| anyhow::anyhow!("{}", e.message))? {
+            writeln!(out, "      {line}")?;
         }
         // The first source that answers is the one a pull would use.
         break;

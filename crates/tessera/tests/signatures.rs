@@ -480,6 +480,34 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     assert_eq!(manifest_answer(&api, "secure/multi", "all").await.0, 200);
     assert_eq!(manifest_answer(&api, "secure/multi", &child).await.0, 200, "admitted by its signed index");
 
+    // explain shows each image's signatures, who made them, and what the rule decides.
+    let explain_config = dir.path().join("explain.toml");
+    std::fs::write(&explain_config, format!("data = {:?}\n{config}\n{}", server.data, server.storage_tables()))
+        .unwrap();
+    let explain = |reference: &str| {
+        let ran =
+            tessera_testkit::cli(BIN, &["explain", "--config", explain_config.to_str().unwrap(), "--live", reference]);
+        assert!(ran.ok, "{}", ran.output());
+        ran.stdout
+    };
+    let out = explain("secure/app:v1");
+    assert!(out.contains("signatures: required by [[signatures]] \"secure\" (identity exact)"), "{out}");
+    assert!(out.contains(&format!("OpenPGP {}", trusted.fingerprint)), "the trusted keys are listed: {out}");
+    let signed_line = format!(
+        "simple signing (OpenPGP) signature-1: signed by OpenPGP {} (release <release@example.com>) for {host}/secure/app:v1; vouches for this pull",
+        trusted.fingerprint
+    );
+    assert!(out.contains(&signed_line), "{out}");
+    assert!(out.contains("a pull by this reference is served"), "{out}");
+    let out = explain("secure/replayed:v1");
+    assert!(out.contains("does not vouch: it is for"), "{out}");
+    assert!(out.contains("a pull by this reference is refused"), "{out}");
+    let out = explain("secure/cosign-referrer:v1");
+    assert!(out.contains("cosign referrer sha256:"), "{out}");
+    assert!(out.contains("signed by cosign sha256:"), "{out}");
+    let out = explain("other/app:v1");
+    assert!(out.contains("signatures: not checked (no [[signatures]] rule covers this name)"), "{out}");
+
     // A rule that does not require: served, and counted.
     insecure_pull("audit/app:v1", "audit").expect("an auditing rule serves unsigned images");
     let metrics = api.get("/metrics").await.unwrap().text().await.unwrap();
