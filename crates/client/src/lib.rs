@@ -54,6 +54,7 @@ pub fn registry_client(host: &str, plain_http: bool, creds: Option<&str>) -> Res
         library_rule: Some(false),
         timeout_secs: 300,
         cache: Default::default(),
+        lookaside: None,
     };
     let upstream = Upstream::new(&config).map_err(|source| ClientError::Client { target: host.to_string(), source })?;
     Ok(Arc::new(upstream))

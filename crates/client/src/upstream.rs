@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use tessera_config::UpstreamCache;
-use tessera_spec::RepoName;
+use tessera_spec::{Digest, RepoName};
 
 /// An `Accept` header naming every manifest media type this registry serves.
 pub fn manifest_accept() -> HeaderMap {
@@ -255,6 +255,18 @@ impl Upstream {
 
     pub fn cache_settings(&self) -> &UpstreamCache {
         &self.cache
+    }
+
+    /// The URL of signature `n` (from 1) of the manifest `digest` of `name` on this
+    /// upstream's lookaside server, if it has one.
+    pub fn lookaside_url(&self, name: &RepoName, digest: &Digest, n: usize) -> Option<String> {
+        let base = self.config.lookaside.as_deref()?.trim_end_matches('/');
+        Some(format!("{base}/{name}@{}={}/signature-{n}", digest.algorithm().as_str(), digest.hex()))
+    }
+
+    /// GETs `url` (a lookaside signature) with this upstream's TLS trust and timeouts.
+    pub async fn get_url(&self, url: &str) -> Result<reqwest::Response, reqwest::Error> {
+        self.http.get(url).send().await
     }
 
     /// The upstream URL of an API path (`/v2/...`).

@@ -78,6 +78,7 @@ pub fn from_collage(json: &str, mode: Mode) -> Result<(Vec<Upstream>, Vec<Route>
                 library_rule: Some(docker_hub),
                 timeout_secs: 30,
                 cache: UpstreamCache::default(),
+                lookaside: None,
             });
             let mount = mount.trim_matches('/');
             let path = path.trim_matches('/');

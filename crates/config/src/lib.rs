@@ -260,6 +260,9 @@ impl Config {
             if !is_http_url(&u.url) {
                 return Err(format!("upstream {:?}: url must start with https:// or http://", u.name));
             }
+            if u.lookaside.as_deref().is_some_and(|l| !is_http_url(l)) {
+                return Err(format!("upstream {:?}: lookaside must start with https:// or http://", u.name));
+            }
         }
         for rule in &self.access {
             for member in rule.pull.iter().chain(&rule.push).chain(&rule.delete) {

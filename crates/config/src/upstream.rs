@@ -28,6 +28,10 @@ pub struct Upstream {
     pub timeout_secs: u64,
     #[serde(default)]
     pub cache: UpstreamCache,
+    /// Base URL of the server holding this upstream's simple signatures in the lookaside
+    /// layout (`<lookaside>/<name>@sha256=<hex>/signature-N`, as `registries.d` configures
+    /// it), for upstreams without the signature extension.
+    pub lookaside: Option<String>,
 }
 
 fn default_upstream_timeout() -> u64 {

@@ -270,6 +270,30 @@ async fn tessera_is_the_lookaside_server_for_images_another_registry_holds() {
     assert!(refused.unwrap_err().contains("signature"));
     let asked = server.log_text();
     assert!(asked.contains(&format!("GET /sigstore/vendor/app@sha256={}/signature-1", digest.hex())), "{asked}");
+
+    // A cache route over Distribution reads the signatures from the upstream's lookaside,
+    // so a requiring rule passes the signed image, and clients verify it through the mirror.
+    let config = format!(
+        "[[upstream]]\nname = \"dist\"\nurl = \"http://{registry}\"\nlookaside = \"http://{}/sigstore\"\n\n\
+         [[route]]\nprefix = \"mirror\"\nto = \"dist\"\n\n[[signatures]]\nprefix = \"mirror\"\nkeys = [{:?}]\n",
+        server.host(),
+        key.public
+    );
+    let mirror = Server::with_config(BIN, &config).unwrap();
+    let through = format!("{}/mirror/vendor/app:1", mirror.host());
+    let policy = key.remapped_policy(dir.path(), &mirror.host(), &format!("{}/mirror", mirror.host()), &registry);
+    pull(&policy, &through, &dir.path().join("mirrored"), None).expect("verified through the mirror");
+    let refused = pull(&policy, &format!("{}/mirror/vendor/app:2", mirror.host()), &dir.path().join("m2"), None);
+    let refused = refused.unwrap_err();
+    assert!(refused.contains("is not signed by a key trusted for"), "refused by the mirror itself: {refused}");
+    let listed: serde_json::Value = Api::new(&mirror)
+        .get(&format!("/extensions/v2/mirror/vendor/app/signatures/{digest}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "read once from the lookaside: {listed}");
 }
 
 #[tokio::test]

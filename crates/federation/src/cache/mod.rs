@@ -385,10 +385,11 @@ impl PullThrough {
 }
 
 impl PullThrough {
-    /// The upstream's simple signatures of the manifest `digest` (its signature extension
-    /// API), kept with the cache's metadata as they arrive; the kept ones when the upstream
-    /// cannot be asked (or has no such API). A signature that could not be a signature of
-    /// `digest` is not kept; clients verify the rest against their own policies.
+    /// The upstream's simple signatures of the manifest `digest`, from its signature
+    /// extension API and its lookaside server (when configured), kept with the cache's
+    /// metadata as they arrive; the kept ones when the upstream cannot be asked (or has
+    /// neither). A signature that could not be a signature of `digest` is not kept;
+    /// clients and `[[signatures]]` rules verify the rest.
     pub async fn signatures(
         &self,
         name: &RepoName,
@@ -398,28 +399,73 @@ impl PullThrough {
         let kept =
             || async { self.meta.signatures(name, digest).await.map_err(|e| store_failure("cache signatures", e)) };
         let path = format!("/extensions/v2/{name}/signatures/{digest}");
-        let response = match self.ask(Method::GET, name, &path, HeaderMap::new(), auth).await {
-            Answer::Ok(r) => r,
-            Answer::NotFound => return kept().await,
-            Answer::Failing(_) if !auth.passthrough() => return kept().await,
+        let mut arrived = Vec::new();
+        match self.ask(Method::GET, name, &path, HeaderMap::new(), auth).await {
+            Answer::Ok(response) => {
+                let body = read_limited(response, 4 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
+                let list: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| unavailable(&self.upstream, format!("signatures: {e}")))?;
+                let engine = base64::engine::general_purpose::STANDARD;
+                for s in list["signatures"].as_array().into_iter().flatten() {
+                    let atomic = s["schemaVersion"] == 2 && (s["type"].is_null() || s["type"] == "atomic");
+                    let (Some(signature_name), Some(content)) = (s["name"].as_str(), s["content"].as_str()) else {
+                        continue;
+                    };
+                    if let (true, Ok(content)) = (atomic, base64::Engine::decode(&engine, content)) {
+                        arrived.push((signature_name.to_string(), content));
+                    }
+                }
+            }
+            Answer::NotFound => {}
+            Answer::Failing(_) if !auth.passthrough() => {}
             Answer::Failing(e) | Answer::Refused(e) => return Err(e),
-        };
-        let body = read_limited(response, 4 * 1024 * 1024).await.map_err(|e| unavailable(&self.upstream, e))?;
-        let list: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| unavailable(&self.upstream, format!("signatures: {e}")))?;
-        let engine = base64::engine::general_purpose::STANDARD;
-        for s in list["signatures"].as_array().into_iter().flatten() {
-            let atomic = s["schemaVersion"] == 2 && (s["type"].is_null() || s["type"] == "atomic");
-            let (Some(signature_name), Some(content)) = (s["name"].as_str(), s["content"].as_str()) else { continue };
-            let Ok(content) = base64::Engine::decode(&engine, content) else { continue };
-            if !atomic || tessera_registry::signatures::check(digest, signature_name, &content).is_err() {
+        }
+        arrived.extend(self.lookaside_signatures(name, digest).await);
+        let already = kept().await?;
+        for (signature_name, content) in arrived {
+            if tessera_registry::signatures::check(digest, &signature_name, &content).is_err()
+                || already.iter().any(|(_, c)| c.as_ref() == content.as_slice())
+            {
                 continue;
             }
-            if let Err(e) = self.meta.add_signature(name, digest, signature_name, &content).await {
+            if let Err(e) = self.meta.add_signature(name, digest, &signature_name, &content).await {
                 tracing::warn!(upstream = self.upstream.name(), %name, %digest, "cannot keep a signature: {e}");
             }
         }
         kept().await
+    }
+
+    /// The signatures of `digest` on the upstream's lookaside server, read as c/image does
+    /// (`signature-1`, `-2`, ... until one is missing), each named by its content. None when
+    /// no lookaside is configured or it cannot be read (the kept ones are served then).
+    async fn lookaside_signatures(&self, name: &RepoName, digest: &Digest) -> Vec<(String, Vec<u8>)> {
+        let mut found = Vec::new();
+        for n in 1..=tessera_registry::signatures::SIGNATURES_PER_MANIFEST {
+            let Some(url) = self.upstream.lookaside_url(name, digest, n) else { break };
+            let response = match self.upstream.get_url(&url).await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => break,
+                Ok(r) => {
+                    tracing::warn!(upstream = self.upstream.name(), url, status = %r.status(), "lookaside signature not read");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = self.upstream.name(), url, "lookaside signature not read: {e}");
+                    break;
+                }
+            };
+            match read_limited(response, tessera_registry::signatures::SIGNATURE_MAX_BYTES).await {
+                Ok(content) => {
+                    let unique = Digest::sha256_of(&content).hex()[..32].to_string();
+                    found.push((format!("{digest}@{unique}"), content.to_vec()));
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = self.upstream.name(), url, "lookaside signature not read: {e}");
+                    break;
+                }
+            }
+        }
+        found
     }
 }
 
