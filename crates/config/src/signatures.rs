@@ -31,6 +31,11 @@ pub struct SignaturePolicy {
     pub require: bool,
     #[serde(default)]
     pub identity: SignatureIdentity,
+    /// The prefix signatures name these repositories under, when they are copies kept
+    /// under another name (promoted, synced, imported under a prefix): `prefix/rest` is
+    /// also compared as `signed_prefix/rest` (c/image's `remapIdentity`). `""`: the rest
+    /// alone.
+    pub signed_prefix: Option<String>,
 }
 
 fn yes() -> bool {

@@ -28,9 +28,31 @@ const COSIGN_LAYERS_READ: usize = 16;
 /// One `[[signatures]]` rule, its keys loaded.
 pub struct SigningRule {
     pub prefix: String,
+    /// What `prefix` is named as in signatures of copies kept under another name.
+    pub signed_prefix: Option<String>,
     pub keys: Keyring,
     pub require: bool,
     pub identity: Identity,
+}
+
+impl SigningRule {
+    /// The names a signature may claim for `name` served through `resolved`: the client's,
+    /// each source's, and the client's under `signed_prefix`.
+    fn names(&self, name: &RepoName, resolved: &Resolved) -> Vec<String> {
+        let mut names: Vec<String> = std::iter::once(name.as_str().to_string())
+            .chain(resolved.sources.iter().map(|(_, n)| n.as_str().to_string()))
+            .collect();
+        if let Some(signed) = &self.signed_prefix {
+            let rest =
+                name.as_str().strip_prefix(self.prefix.as_str()).unwrap_or(name.as_str()).trim_start_matches('/');
+            names.push(match (signed.is_empty(), rest.is_empty()) {
+                (true, _) => rest.to_string(),
+                (false, true) => signed.clone(),
+                (false, false) => format!("{signed}/{rest}"),
+            });
+        }
+        names
+    }
 }
 
 /// Counts for `/metrics`.
@@ -85,7 +107,13 @@ impl Signing {
                 SignatureIdentity::Repository => Identity::Repository,
                 SignatureIdentity::Any => Identity::Any,
             };
-            rules.push(SigningRule { prefix: p.prefix().to_string(), keys, require: p.require, identity });
+            rules.push(SigningRule {
+                prefix: p.prefix().to_string(),
+                signed_prefix: p.signed_prefix.as_deref().map(|s| s.trim_matches('/').to_string()),
+                keys,
+                require: p.require,
+                identity,
+            });
         }
         // Longest prefix first: the first covering rule governs.
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -138,8 +166,8 @@ impl Signing {
             return Ok(());
         }
         self.stats.checked.fetch_add(1, Ordering::Relaxed);
-        let names: Vec<&str> =
-            std::iter::once(name.as_str()).chain(resolved.sources.iter().map(|(_, n)| n.as_str())).collect();
+        let names = rule.names(name, resolved);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut reasons = Vec::new();
         // Simple signatures first: one that vouches spares the lookups of cosign's.
         for stage in [Family::Simple, Family::Cosign] {
@@ -227,12 +255,17 @@ impl Signing {
         manifest: &ManifestRecord,
     ) -> Result<Vec<String>, OciError> {
         let ask = Ask::default();
-        let unchecked =
-            SigningRule { prefix: String::new(), keys: Keyring::default(), require: false, identity: Identity::Any };
+        let unchecked = SigningRule {
+            prefix: String::new(),
+            signed_prefix: None,
+            keys: Keyring::default(),
+            require: false,
+            identity: Identity::Any,
+        };
         let covering = self.rule_for(name);
         let rule = covering.map_or(&unchecked, |(_, r)| r);
-        let names: Vec<&str> =
-            std::iter::once(name.as_str()).chain(resolved.sources.iter().map(|(_, n)| n.as_str())).collect();
+        let names = rule.names(name, resolved);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let tag = match reference {
             Reference::Tag(t) => Some(t.as_str()),
             Reference::Digest(_) => None,

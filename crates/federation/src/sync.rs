@@ -211,6 +211,10 @@ async fn all_tags(cache: &PullThrough, name: &RepoName) -> Result<Vec<Tag>, OciE
 async fn into_cache(cache: &PullThrough, name: &RepoName, tag: &Tag) -> Result<Brought, OciError> {
     let auth = UpstreamAuth::Configured;
     let top = cache.manifest(name, &Reference::Tag(tag.clone()), &auth).await?.manifest;
+    // The cache keeps the signatures it reads, for the route's clients and rules.
+    if let Err(e) = cache.signatures(name, &top.digest, &auth).await {
+        tracing::warn!(%name, %tag, "signatures not synced: {}", e.message);
+    }
     let mut fetched = 0;
     let mut pending = vec![top];
     while let Some(m) = pending.pop() {
@@ -256,7 +260,11 @@ async fn into_hosted(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<Digest>().ok());
     let here = hosted.manifest_digest(to, tag).await?;
-    if upstream_digest.is_some() && here == upstream_digest {
+    if let Some(digest) = &upstream_digest
+        && here.as_ref() == Some(digest)
+    {
+        // Signatures may have been added since the image was brought.
+        hosted_signatures(cache, hosted, name, to, digest).await;
         return Ok(Brought { present: true, bytes: 0 });
     }
     // Manifests first (verified), children before the index that lists them.
@@ -299,10 +307,31 @@ async fn into_hosted(
     }
     // Stored in reverse discovery order: every child before its index, the tag last.
     for (reference, digest, content_type, bytes, _) in order.into_iter().rev() {
-        let reference = if reference == tag.as_str() { Reference::Tag(tag.clone()) } else { Reference::Digest(digest) };
+        let top = reference == tag.as_str();
+        let reference = if top { Reference::Tag(tag.clone()) } else { Reference::Digest(digest.clone()) };
         hosted.manifest_put(to, &reference, content_type.as_deref(), bytes).await?;
+        if top {
+            hosted_signatures(cache, hosted, name, to, &digest).await;
+        }
     }
     Ok(Brought { present: false, bytes: fetched })
+}
+
+/// Copies the upstream's simple signatures of `digest` (its extension's and its
+/// lookaside's) to the hosted repository `to`; a failure is logged, the image stays.
+async fn hosted_signatures(cache: &PullThrough, hosted: &Registry, name: &RepoName, to: &RepoName, digest: &Digest) {
+    let signatures = match cache.signatures(name, digest, &UpstreamAuth::Configured).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(%name, %digest, "signatures not synced: {}", e.message);
+            return;
+        }
+    };
+    for (signature_name, content) in signatures {
+        if let Err(e) = hosted.add_signature(to, digest, &signature_name, &content).await {
+            tracing::warn!(%to, %digest, "signature not synced: {}", e.message);
+        }
+    }
 }
 
 fn unavailable(why: &str) -> OciError {

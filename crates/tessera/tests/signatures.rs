@@ -593,3 +593,58 @@ async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_
     assert_eq!(manifest_answer(&api, "mirror/signed/app", "v1").await.0, 200);
     assert_eq!(manifest_answer(&api, "mirror/unsigned/app", &digest.to_string()).await.0, 503);
 }
+
+#[tokio::test]
+async fn signatures_come_along_with_sync_into_the_cache_and_into_hosted() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let key = Key::new(dir.path(), "synced");
+    let mut upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 20_000);
+    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
+    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
+    let signed = format!("docker://{}/signed/app:v1", upstream.host());
+    let args =
+        ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &signed];
+    skopeo(Some(&key.home), &args).unwrap();
+
+    let data = dir.path().join("data");
+    let config = format!(
+        "data = {:?}\n\n[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n\
+         [[sync]]\nname = \"cached\"\nupstream = \"up\"\nrepositories = [\"signed/app\"]\ninterval_secs = 0\n\n\
+         [[sync]]\nname = \"hosted\"\nupstream = \"up\"\nrepositories = [\"signed/app\"]\ninto = \"hosted\"\n\
+         hosted_prefix = \"synced\"\ninterval_secs = 0\n\n[[signatures]]\nprefix = \"mirror\"\nkeys = [{:?}]\n\n\
+         [[signatures]]\nprefix = \"synced\"\nsigned_prefix = \"\"\nkeys = [{:?}]\n",
+        data.display().to_string(),
+        upstream.host(),
+        key.public,
+        key.public
+    );
+    let config_file = dir.path().join("tessera.toml");
+    std::fs::write(&config_file, &config).unwrap();
+    for _ in 0..2 {
+        let ran = tessera_testkit::cli(BIN, &["sync", "--config", config_file.to_str().unwrap()]);
+        assert!(ran.ok && ran.stdout.contains("0 failed"), "{}", ran.output());
+    }
+    upstream.kill();
+
+    // With the upstream gone, both copies verify on the synced side, and pass its rule.
+    let server = Server::start_in(BIN, Some(&data), &["--config", config_file.to_str().unwrap()]).unwrap();
+    let host = server.host();
+    let digest = image.digest();
+    for name in ["synced/signed/app", "mirror/signed/app"] {
+        let listed: serde_json::Value = Api::new(&server)
+            .get(&format!("/extensions/v2/{name}/signatures/{digest}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "{name}, synced twice: {listed}");
+        let prefix = name.trim_end_matches("/signed/app");
+        let policy = key.remapped_policy(dir.path(), &host, &format!("{host}/{prefix}"), &upstream.host());
+        pull(&policy, &format!("{host}/{name}:v1"), &dir.path().join(prefix), None).expect(name);
+    }
+}
