@@ -22,6 +22,8 @@ use crate::source::Ask;
 pub const VERDICTS_REMEMBERED: usize = 100_000;
 /// The most cosign signature manifests read for one manifest.
 const COSIGN_MANIFESTS_READ: usize = 16;
+/// The most indexes listing a manifest whose signatures are looked at for it.
+const PARENTS_READ: usize = 8;
 /// The most signature layers read from one cosign signature manifest.
 const COSIGN_LAYERS_READ: usize = 16;
 
@@ -169,25 +171,17 @@ impl Signing {
         let names = rule.names(name, resolved);
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut reasons = Vec::new();
-        // Simple signatures first: one that vouches spares the lookups of cosign's.
-        for stage in [Family::Simple, Family::Cosign] {
-            let evidence = match stage {
-                Family::Simple => self.simple_evidence(resolved, rule, digest, ask).await?,
-                Family::Cosign => self.cosign_evidence(resolved, rule, digest, ask).await?,
-            };
-            for e in &evidence {
-                match &e.outcome {
-                    Ok(v) => match vouches(v, digest, rule.identity, &names, key.2.as_ref().map(Tag::as_str)) {
-                        Ok(()) => {
-                            self.passed.insert(key, ());
-                            self.admit_children(rule_index, name, manifest);
-                            return Ok(());
-                        }
-                        Err(why) => reasons.push(format!("{} {} by {}: {why}", e.family, e.origin, v.signer)),
-                    },
-                    Err(why) => reasons.push(format!("{} {}: {why}", e.family, e.origin)),
-                }
-            }
+        let tag = key.2.as_ref().map(Tag::as_str);
+        if self.vouched(resolved, rule, digest, ask, &names, tag, &mut reasons).await? {
+            self.passed.insert(key, ());
+            self.admit_children(rule_index, name, manifest);
+            return Ok(());
+        }
+        // A platform manifest of a signed index: its index passed on another node, or before
+        // this node's passes were remembered.
+        if reference_is_digest(reference) && self.parent_passes(rule_index, rule, resolved, name, digest, ask).await? {
+            self.passed.insert(key, ());
+            return Ok(());
         }
         let what = if reasons.is_empty() { "no signatures were found".to_string() } else { reasons.join("; ") };
         if !rule.require {
@@ -221,6 +215,66 @@ impl Signing {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// Whether an index listing `digest` in the route's sources passes `rule` (by digest:
+    /// its repository must match, any tag).
+    async fn parent_passes(
+        &self,
+        rule_index: usize,
+        rule: &SigningRule,
+        resolved: &Resolved,
+        name: &RepoName,
+        digest: &Digest,
+        ask: &Ask,
+    ) -> Result<bool, OciError> {
+        let names = rule.names(name, resolved);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        for (source, source_name) in &resolved.sources {
+            for parent in source.parents(source_name, digest, PARENTS_READ).await? {
+                let key = (rule_index, name.clone(), None, parent.clone());
+                if self.passed.get(&key).is_some() {
+                    return Ok(true);
+                }
+                if self.vouched(resolved, rule, &parent, ask, &names, None, &mut Vec::new()).await? {
+                    self.passed.insert(key, ());
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether a signature of `digest` vouches under `rule` for one of `names`, pulled by
+    /// `tag`; why each one found does not goes to `reasons`. Simple signatures are looked
+    /// at first: one that vouches spares the lookups of cosign's.
+    #[allow(clippy::too_many_arguments)]
+    async fn vouched(
+        &self,
+        resolved: &Resolved,
+        rule: &SigningRule,
+        digest: &Digest,
+        ask: &Ask,
+        names: &[&str],
+        tag: Option<&str>,
+        reasons: &mut Vec<String>,
+    ) -> Result<bool, OciError> {
+        for stage in [Family::Simple, Family::Cosign] {
+            let evidence = match stage {
+                Family::Simple => self.simple_evidence(resolved, rule, digest, ask).await?,
+                Family::Cosign => self.cosign_evidence(resolved, rule, digest, ask).await?,
+            };
+            for e in &evidence {
+                match &e.outcome {
+                    Ok(v) => match vouches(v, digest, rule.identity, names, tag) {
+                        Ok(()) => return Ok(true),
+                        Err(why) => reasons.push(format!("{} {} by {}: {why}", e.family, e.origin, v.signer)),
+                    },
+                    Err(why) => reasons.push(format!("{} {}: {why}", e.family, e.origin)),
+                }
+            }
+        }
+        Ok(false)
     }
 
     fn admit_children(&self, rule_index: usize, name: &RepoName, manifest: &ManifestRecord) {
@@ -472,6 +526,10 @@ fn vouches(v: &Verified, digest: &Digest, identity: Identity, names: &[&str], ta
         return Err(format!("it signs {}, another manifest", v.claim.manifest_digest));
     }
     identity.accepts(v.claim.reference.as_ref(), names, tag)
+}
+
+fn reference_is_digest(reference: &Reference) -> bool {
+    matches!(reference, Reference::Digest(_))
 }
 
 fn is_not_found(e: &OciError) -> bool {

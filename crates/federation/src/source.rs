@@ -122,6 +122,12 @@ pub trait Source: Send + Sync {
         Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures kept here")))
     }
 
+    /// The indexes this source holds that list the manifest `digest` (at most `limit`),
+    /// where it records them (hosted does).
+    async fn parents(&self, _name: &RepoName, _digest: &Digest, _limit: usize) -> Result<Vec<Digest>, OciError> {
+        Ok(Vec::new())
+    }
+
     /// Drops what this source keeps of the manifest `digest` on another's behalf (a cache's
     /// copy of a manifest a requiring route refused); content it hosts stays.
     async fn forget(&self, _name: &RepoName, _digest: &Digest) {}
@@ -272,6 +278,10 @@ impl Source for Hosted {
             Ok(BlobAt::Elsewhere { urls, .. }) => self.delivery.describe_external(name, &urls),
             Err(e) => e.message,
         }
+    }
+
+    async fn parents(&self, name: &RepoName, digest: &Digest, limit: usize) -> Result<Vec<Digest>, OciError> {
+        self.registry.parents(name, digest, limit).await
     }
 
     async fn signatures(&self, name: &RepoName, digest: &Digest, _: &Ask) -> Answer<Vec<Signature>> {

@@ -52,6 +52,12 @@ impl Registry {
         Ok(found.into_iter().map(|(name, content)| Signature { name, content }).collect())
     }
 
+    /// The indexes in `repo` that list the manifest `digest` (at most `limit`): a
+    /// platform manifest is vouched for by its index's signatures.
+    pub async fn parents(&self, repo: &RepoName, digest: &Digest, limit: usize) -> Result<Vec<Digest>, OciError> {
+        self.meta.parents(repo, digest, limit).await.map_err(|e| store_failure("parents", e))
+    }
+
     /// Keeps a signature of the manifest `digest` in `repo`; `false` when it was kept
     /// already. The manifest need not be here: a registry may keep the signatures of images
     /// it does not hold (as a lookaside server for another).

@@ -147,6 +147,10 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         self.inner.signatures(repo, digest).await
     }
 
+    async fn parents(&self, repo: &RepoName, digest: &Digest, limit: usize) -> StoreResult<Vec<Digest>> {
+        self.inner.parents(repo, digest, limit).await
+    }
+
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
         self.inner.tags_under(prefix).await
     }

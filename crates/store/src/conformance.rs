@@ -456,6 +456,12 @@ async fn untagged_manifests(store: &dyn MetaStore) {
     store.put_manifest(&repo, &loose_index, None).await.unwrap();
     store.put_manifest(&repo, &tagged_index, Some(&tag("multi"))).await.unwrap();
 
+    // The indexes listing a manifest, for checks that follow an index's signature to it.
+    assert_eq!(store.parents(&repo, &kept_child.digest, 16).await.unwrap(), vec![tagged_index.digest.clone()]);
+    assert_eq!(store.parents(&repo, &tagged.digest, 16).await.unwrap(), Vec::<Digest>::new());
+    let elsewhere: RepoName = "conf/elsewhere".parse().unwrap();
+    assert!(store.parents(&elsewhere, &kept_child.digest, 16).await.unwrap().is_empty(), "per repository");
+
     let in_repo = |deleted: Vec<(RepoName, Digest)>| -> Vec<Digest> {
         let mut d: Vec<Digest> = deleted.into_iter().filter(|(r, _)| r == &repo).map(|(_, d)| d).collect();
         d.sort();

@@ -379,6 +379,8 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The simple signatures of the manifest `digest` in `repo` (name, content), in the
     /// order they were added.
     async fn signatures(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<(String, Bytes)>>;
+    /// The indexes in `repo` that list the manifest `digest`, oldest first, at most `limit`.
+    async fn parents(&self, repo: &RepoName, digest: &Digest, limit: usize) -> StoreResult<Vec<Digest>>;
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
     /// transaction. Fails with [`StoreError::Missing`], storing nothing, when a digest of

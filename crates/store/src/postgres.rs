@@ -787,6 +787,17 @@ impl MetaStore for PostgresMetaStore {
         Ok(rows.iter().map(|r| (r.get::<_, String>(0), Bytes::from(r.get::<_, Vec<u8>>(1)))).collect())
     }
 
+    async fn parents(&self, repo: &RepoName, digest: &Digest, limit: usize) -> StoreResult<Vec<Digest>> {
+        let rows = self
+            .query(
+                "SELECT m.digest FROM manifest_children c JOIN repos r ON r.id = c.repo
+                 JOIN manifests m ON m.seq = c.parent WHERE r.name = $1 AND c.digest = $2 ORDER BY m.seq LIMIT $3",
+                &[&repo.as_str(), &digest.to_string(), &(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(|r| stored_digest(r.get::<_, String>(0))).collect()
+    }
+
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
         let prefix = prefix.trim_matches('/');
         let sql = format!(

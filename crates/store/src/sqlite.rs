@@ -642,6 +642,19 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
+    async fn parents(&self, repo: &RepoName, digest: &Digest, limit: usize) -> StoreResult<Vec<Digest>> {
+        let (repo, digest, limit) = (repo.to_string(), digest.to_string(), limit as i64);
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT m.digest FROM manifest_children c JOIN repos r ON r.id = c.repo
+                 JOIN manifests m ON m.seq = c.parent WHERE r.name = ?1 AND c.digest = ?2 ORDER BY m.seq LIMIT ?3",
+            )?
+            .query_map(params![repo, digest, limit], |r| parse_digest(r.get(0)?))?
+            .collect()
+        })
+        .await
+    }
+
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
         let prefix = prefix.trim_matches('/').to_string();
         let rows = self

@@ -485,7 +485,7 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     let sig_tag = cosigned["tags"].as_array().unwrap().iter().find_map(|t| t.as_str().filter(|t| t.ends_with(".sig")));
     assert_eq!(manifest_answer(&api, "secure/cosigned", sig_tag.unwrap()).await.0, 200);
 
-    // An index signed as a whole admits its children, once the index itself passed.
+    // An index signed as a whole vouches for the manifests it lists.
     let (amd, arm) = (Image::random(1, 3_000), Image::random(1, 3_000));
     api.push_image("secure/multi", "amd", &amd).await.unwrap();
     api.push_image("secure/multi", "arm", &arm).await.unwrap();
@@ -499,10 +499,27 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     assert_eq!(r.await.unwrap().status(), 201);
     let index_digest = Digest::sha256_of(index.as_bytes());
     cosign_sign(&api, "secure/multi", &cosign, &index_digest, &format!("{host}/secure/multi"), false).await;
+    // Asked first, as a node of a cluster that did not serve the index would be: the
+    // stored index that lists it is found, and its signature vouches.
     let child = amd.digest().to_string();
-    assert_eq!(manifest_answer(&api, "secure/multi", &child).await.0, 403, "a child alone is not signed");
+    assert_eq!(manifest_answer(&api, "secure/multi", &child).await.0, 200, "vouched for by its signed index");
     assert_eq!(manifest_answer(&api, "secure/multi", "all").await.0, 200);
-    assert_eq!(manifest_answer(&api, "secure/multi", &child).await.0, 200, "admitted by its signed index");
+    assert_eq!(manifest_answer(&api, "secure/multi", &arm.digest().to_string()).await.0, 200);
+    // A manifest listed only by an unsigned index is refused, by digest as by tag.
+    let lone = Image::random(1, 3_000);
+    api.push_image("secure/multi", "lone", &lone).await.unwrap();
+    let unsigned_index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [lone.descriptor("amd64")]})
+    .to_string();
+    let r = api.push_manifest(
+        "secure/multi",
+        "unsigned",
+        "application/vnd.oci.image.index.v1+json",
+        unsigned_index.as_bytes(),
+    );
+    assert_eq!(r.await.unwrap().status(), 201);
+    assert_eq!(manifest_answer(&api, "secure/multi", &lone.digest().to_string()).await.0, 403);
+    assert_eq!(manifest_answer(&api, "secure/multi", "unsigned").await.0, 403);
 
     // explain shows each image's signatures, who made them, and what the rule decides.
     let explain_config = dir.path().join("explain.toml");
