@@ -17,6 +17,11 @@ pub struct StaticSource {
     pub layout: Option<String>,
     /// With `layout`: the repository name it is served as.
     pub repository: Option<String>,
+    /// Where the simple signatures of its images are, in the lookaside layout
+    /// (`<lookaside>/<name>@sha256=<hex>/signature-N`): a directory or an `http(s)://` base
+    /// URL, as Pulp publishes them beside Crane's files. Absent: a layout's own `sigstore/`
+    /// (what `tessera export` writes); none for a Crane directory.
+    pub lookaside: Option<String>,
     /// Seconds between checks of `crane_dir` (and of a layout URL's `index.json`) for changes.
     #[serde(default = "default_static_poll_secs")]
     pub poll_secs: u64,
@@ -34,6 +39,7 @@ impl StaticSource {
             crane_dir: Some(dir),
             layout: None,
             repository: None,
+            lookaside: None,
             poll_secs: default_static_poll_secs(),
         }
     }

@@ -513,6 +513,14 @@ impl Source for Published {
         Ok(Found::Here(Referrers::empty(artifact_type.is_some())))
     }
 
+    async fn signatures(&self, name: &RepoName, digest: &Digest, _: &Ask) -> Answer<Vec<Signature>> {
+        let found = self.source.signatures(name, digest, &self.delivery).await?;
+        if found.is_empty() {
+            return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
+        }
+        Ok(Found::Here(found))
+    }
+
     async fn locate(&self, name: &RepoName, blob: &Descriptor) -> String {
         if is_manifest(blob) {
             return "fetched, verified, served here".into();

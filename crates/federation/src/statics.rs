@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tessera_client::layout::{self, DEFAULT_BLOB_LAYOUT, ImageIndex, PulpManifests, expand_blob_layout};
 use tessera_registry::BlobAnswer;
+use tessera_registry::signatures::{SIGNATURE_MAX_BYTES, SIGNATURES_PER_MANIFEST, Signature};
 use tessera_spec::manifest::media;
 use tessera_spec::{Accept, Digest, ErrorCode, OciError, ParsedManifest, RangeRequest, Reference, RepoName};
 use tessera_store::ManifestRecord;
@@ -66,9 +67,16 @@ enum LayoutRoot {
     Url(String),
 }
 
+/// Where a static source's signatures are.
+enum Lookaside {
+    Dir(PathBuf),
+    Url(String),
+}
+
 pub struct StaticSource {
     name: String,
     kind: Kind,
+    lookaside: Option<Lookaside>,
     poll: Duration,
     http: reqwest::Client,
     /// Fetched manifests by URL, with when they were fetched.
@@ -85,6 +93,31 @@ fn unknown(reference: &str) -> OciError {
 
 fn unavailable(what: &str) -> OciError {
     OciError::new(ErrorCode::Unavailable, format!("the server publishing this repository {what}"))
+}
+
+/// Signature `n` of `digest` in a layout's `sigstore/`, under whatever name the image was
+/// exported as.
+async fn exported_signature(sigstore: &Path, digest: &Digest, n: usize) -> Option<Vec<u8>> {
+    let suffix = format!("@{}={}", digest.algorithm().as_str(), digest.hex());
+    let mut pending = vec![sigstore.to_path_buf()];
+    // Names have several components: walk the directories, a few levels deep.
+    for _ in 0..8 {
+        let mut next = Vec::new();
+        for dir in pending {
+            let Ok(mut entries) = tokio::fs::read_dir(&dir).await else { continue };
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                let path = entry.path();
+                if path.file_name().is_some_and(|f| f.to_string_lossy().ends_with(&suffix)) {
+                    return tokio::fs::read(path.join(format!("signature-{n}"))).await.ok();
+                }
+                if entry.file_type().await.is_ok_and(|t| t.is_dir()) {
+                    next.push(path);
+                }
+            }
+        }
+        pending = next;
+    }
+    None
 }
 
 /// Reads one Crane/Pulp redirect file: its repository name and description, or why it is
@@ -213,9 +246,17 @@ impl StaticSource {
         };
         let http =
             crate::upstream::content_client(true).map_err(|source| StaticError::Client { name: name(), source })?;
+        let lookaside = match (&config.lookaside, &kind) {
+            (Some(l), _) if tessera_config::is_http_url(l) => Some(Lookaside::Url(crate::delivery::ensure_slash(l))),
+            (Some(l), _) => Some(Lookaside::Dir(PathBuf::from(l))),
+            (None, Kind::Layout { root: LayoutRoot::Dir(d), .. }) => Some(Lookaside::Dir(d.join("sigstore"))),
+            (None, Kind::Layout { root: LayoutRoot::Url(u), .. }) => Some(Lookaside::Url(format!("{u}sigstore/"))),
+            (None, Kind::Crane { .. }) => None,
+        };
         Ok(StaticSource {
             name: config.name.clone(),
             kind,
+            lookaside,
             poll: Duration::from_secs(config.poll_secs.max(1)),
             http,
             manifests: Mutex::new(HashMap::new()),
@@ -301,6 +342,53 @@ impl StaticSource {
                 )
             }
         }
+    }
+
+    /// The simple signatures of the manifest `digest` of `name` on the source's lookaside,
+    /// read as c/image does (`signature-1`, `-2`, ... until one is missing), each named by
+    /// its content. A layout directory's own `sigstore/` is also searched under the name
+    /// the image was exported as.
+    pub async fn signatures(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        delivery: &Delivery,
+    ) -> Result<Vec<Signature>, OciError> {
+        let Some(lookaside) = &self.lookaside else { return Ok(Vec::new()) };
+        let entry = format!("{name}@{}={}", digest.algorithm().as_str(), digest.hex());
+        let mut found = Vec::new();
+        for n in 1..=SIGNATURES_PER_MANIFEST {
+            let content = match lookaside {
+                Lookaside::Dir(dir) => {
+                    let mut read = tokio::fs::read(dir.join(&entry).join(format!("signature-{n}"))).await.ok();
+                    if read.is_none() && matches!(self.kind, Kind::Layout { .. }) {
+                        read = exported_signature(dir, digest, n).await;
+                    }
+                    read.map(Bytes::from)
+                }
+                Lookaside::Url(base) => {
+                    let url = delivery.sign_known(&format!("{base}{entry}/signature-{n}"));
+                    match self.http.get(&url).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            crate::cache::read_limited(r, SIGNATURE_MAX_BYTES).await.ok()
+                        }
+                        Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => None,
+                        Ok(r) => {
+                            tracing::warn!(static_source = %self.name, url, status = %r.status(), "signature not read");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::warn!(static_source = %self.name, url, "signature not read: {}", e.without_url());
+                            None
+                        }
+                    }
+                }
+            };
+            let Some(content) = content.filter(|c| !c.is_empty() && c.len() <= SIGNATURE_MAX_BYTES) else { break };
+            let unique = Digest::sha256_of(&content).hex()[..32].to_string();
+            found.push(Signature { name: format!("{digest}@{unique}"), content });
+        }
+        Ok(found)
     }
 
     /// Tags, sorted.

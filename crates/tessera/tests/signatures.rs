@@ -665,3 +665,102 @@ async fn signatures_come_along_with_sync_into_the_cache_and_into_hosted() {
         pull(&policy, &format!("{host}/{name}:v1"), &dir.path().join(prefix), None).expect(name);
     }
 }
+
+#[tokio::test]
+async fn static_sources_serve_the_signatures_published_beside_them() {
+    if !have_tool("skopeo") || !have_tool("gpg") || !have_tool("nginx") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let key = Key::new(dir.path(), "publisher");
+
+    // A Crane directory whose images nginx serves, and a lookaside directory beside it.
+    let work = short_tempdir("tsc").unwrap();
+    let cdn = tessera_testkit::cdn::Cdn::start("127.0.0.2", None).unwrap();
+    let (signed, unsigned) = (Image::random(1, 20_000), Image::random(1, 20_000));
+    let crane = work.path().join("crane");
+    std::fs::create_dir_all(&crane).unwrap();
+    for (image, name) in [(&signed, "isv/app"), (&unsigned, "isv/other")] {
+        let layout = work.path().join(name.replace('/', "-"));
+        image.write_layout(&layout, "1").unwrap();
+        let published = cdn.root.join("pulp").join(name.replace('/', "-"));
+        let out = tessera_testkit::cli(
+            BIN,
+            &["publish", &format!("oci:{}:1", layout.display()), published.to_str().unwrap()],
+        );
+        assert!(out.ok, "{}", out.output());
+        let file = serde_json::json!({"type": "pulp-docker-redirect", "version": 4, "repo-registry-id": name,
+            "url": cdn.url(&format!("/pulp/{}/", name.replace('/', "-"))), "protected": false,
+            "schema2_data": ["1", image.digest().to_string()], "manifest_list_data": [], "manifest_list_amd64_tags": {}});
+        std::fs::write(crane.join(format!("{}.json", name.replace('/', "-"))), file.to_string()).unwrap();
+    }
+    let lookaside = work.path().join("sigstore");
+    let config = format!(
+        "[[static]]\nname = \"pulp\"\ncrane_dir = {:?}\nlookaside = {:?}\n\n[[signatures]]\nprefix = \"isv\"\nkeys = [{:?}]\n",
+        crane, lookaside, key.public
+    );
+    let server = Server::with_config(BIN, &config).unwrap();
+    let host = server.host();
+    // Signed for this registry's name, as Pulp's signing service does with skopeo.
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(&manifest, &signed.manifest).unwrap();
+    let digest = signed.digest();
+    let at = lookaside.join(format!("isv/app@sha256={}", digest.hex()));
+    std::fs::create_dir_all(&at).unwrap();
+    let reference = format!("{host}/isv/app:1");
+    let signature = at.join("signature-1");
+    let args = [
+        "standalone-sign",
+        manifest.to_str().unwrap(),
+        &reference,
+        &key.fingerprint,
+        "--output",
+        signature.to_str().unwrap(),
+    ];
+    skopeo(Some(&key.home), &args).unwrap();
+
+    let policy = key.policy(dir.path(), &host);
+    pull(&policy, &reference, &dir.path().join("crane-signed"), None).expect("verified from the Crane lookaside");
+    let api = Api::new(&server);
+    let (status, why) = manifest_answer(&api, "isv/other", "1").await;
+    assert_eq!(status, 403, "the unsigned Crane image is refused by the rule: {why}");
+
+    // An exported layout carries its signatures in sigstore/; served as a static layout
+    // under another name, they vouch for it through signed_prefix.
+    let connected = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 20_000);
+    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
+    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
+    let pushed = format!("docker://{}/signed/app:v1", connected.host());
+    let args =
+        ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &pushed];
+    skopeo(Some(&key.home), &args).unwrap();
+    let exported = dir.path().join("exported");
+    let reference = format!("{}/signed/app:v1", connected.host());
+    let ran = tessera_testkit::cli(BIN, &["export", "--plain-http", &reference, "-o", exported.to_str().unwrap()]);
+    assert!(ran.ok, "{}", ran.output());
+    let config = format!(
+        "[[static]]\nname = \"carried\"\nlayout = {:?}\nrepository = \"carried/app\"\n\n\
+         [[signatures]]\nprefix = \"carried\"\nsigned_prefix = \"signed\"\nkeys = [{:?}]\n",
+        exported, key.public
+    );
+    let far = Server::with_config(BIN, &config).unwrap();
+    let far_host = far.host();
+    let digest = image.digest();
+    let listed: serde_json::Value = Api::new(&far)
+        .get(&format!("/extensions/v2/carried/app/signatures/{digest}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "{listed}");
+    let remapped = key.remapped_policy(
+        dir.path(),
+        &far_host,
+        &format!("{far_host}/carried"),
+        &format!("{}/signed", connected.host()),
+    );
+    pull(&remapped, &format!("{far_host}/carried/app@{digest}"), &dir.path().join("far"), None)
+        .expect("verified from the layout's own sigstore");
+}
