@@ -132,7 +132,7 @@ async fn access_log(
             )
         });
     }
-    count_response_body(response, state.metrics.sent(family))
+    count_response_body(response, || state.metrics.sent(family))
 }
 
 /// The request with its body's bytes counted as they are read; `None` for a request that
@@ -155,13 +155,18 @@ fn count_request_body(req: Request) -> (Request, Option<Arc<std::sync::atomic::A
     (req, Some(received))
 }
 
-/// The answer with its body's bytes counted in `sent` as they go out.
-fn count_response_body(response: Response, sent: prometheus_client::metrics::counter::Counter) -> Response {
+/// The answer with its body's bytes counted in `sent` as they go out; an empty answer (a
+/// HEAD, a redirect) looks up no counter.
+fn count_response_body(
+    response: Response,
+    sent: impl FnOnce() -> prometheus_client::metrics::counter::Counter,
+) -> Response {
     use axum::body::HttpBody as _;
     use http_body_util::BodyExt as _;
     if response.body().is_end_stream() {
         return response;
     }
+    let sent = sent();
     response.map(|body| {
         axum::body::Body::new(body.inspect_frame(move |frame| {
             if let Some(data) = frame.data_ref() {
