@@ -333,6 +333,22 @@ pub(crate) async fn simple_signatures(
     Ok(list["signatures"].as_array().cloned().unwrap_or_default())
 }
 
+/// The contents of the simple signatures of `digest` in `name`, decoded (none where the
+/// registry has no signature extension).
+pub(crate) async fn signature_contents(
+    client: &Upstream,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<Vec<Vec<u8>>, ClientError> {
+    let engine = base64::engine::general_purpose::STANDARD;
+    Ok(simple_signatures(client, name, digest)
+        .await?
+        .iter()
+        .filter_map(|s| s["content"].as_str())
+        .filter_map(|c| base64::Engine::decode(&engine, c).ok())
+        .collect())
+}
+
 /// The digests of `subject`'s referrers in `name` (none where the registry has no
 /// referrers API).
 async fn referrers(client: &Upstream, name: &RepoName, subject: &Digest) -> Result<Vec<Digest>, ClientError> {

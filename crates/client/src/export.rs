@@ -53,13 +53,7 @@ pub async fn export(
         // `sigstore/` (which `import` reads, and any tool can use as a `file://` lookaside).
         let source = crate::registry_client(&reference.host, plain_http, creds)?;
         for m in &image.manifests {
-            let found = crate::copy::simple_signatures(&source, name, &m.digest).await?;
-            let engine = base64::engine::general_purpose::STANDARD;
-            let contents: Vec<Vec<u8>> = found
-                .iter()
-                .filter_map(|s| s["content"].as_str())
-                .filter_map(|c| base64::Engine::decode(&engine, c).ok())
-                .collect();
+            let contents = crate::copy::signature_contents(&source, name, &m.digest).await?;
             if contents.is_empty() {
                 continue;
             }

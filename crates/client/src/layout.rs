@@ -188,7 +188,17 @@ pub fn ensure_slash(base: &str) -> String {
 /// Where the simple signatures of `name@digest` are kept in a layout directory, in the
 /// lookaside layout: `sigstore/<name>@<algorithm>=<hex>/signature-<N>`.
 pub fn lookaside_dir(dir: &Path, name: &RepoName, digest: &Digest) -> PathBuf {
-    dir.join("sigstore").join(format!("{name}@{}={}", digest.algorithm().as_str(), digest.hex()))
+    dir.join(lookaside_key(name, digest, None))
+}
+
+/// The path of `digest`'s signatures in the lookaside layout under a tree's `sigstore/`,
+/// or of its signature `n` (from 1).
+pub fn lookaside_key(name: &RepoName, digest: &Digest, n: Option<usize>) -> String {
+    let entry = format!("sigstore/{name}@{}={}", digest.algorithm().as_str(), digest.hex());
+    match n {
+        Some(n) => format!("{entry}/signature-{n}"),
+        None => entry,
+    }
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ pub use copy::{CopyOptions, CopyReport, copy};
 pub use error::ClientError;
 pub use export::export;
 pub use import::import;
-pub use publish::{PublishTarget, publish};
+pub use publish::{PublishTarget, Published, publish};
 pub use push::{PushReport, push_metadata_only};
 pub use reference::{ImageReference, ReferenceError, RegistryReference};
 pub use source::{Source, SourceImage};

@@ -10,7 +10,7 @@ use indicatif::ProgressBar;
 use tessera_spec::{Digest, ParsedManifest, RepoName};
 
 use crate::error::ClientError;
-use crate::layout::{PulpManifests, expand_blob_layout};
+use crate::layout::{PulpManifests, expand_blob_layout, lookaside_key};
 use crate::progress;
 use crate::source::{Blob, SourceImage};
 
@@ -164,7 +164,7 @@ pub async fn publish(
     name: &RepoName,
     layout: &str,
     tag: Option<&str>,
-) -> Result<(usize, usize), ClientError> {
+) -> Result<Published, ClientError> {
     let mut seen = HashSet::new();
     let (mut written, mut kept) = (0, 0);
     let blobs: Vec<&Blob> = image.configs.iter().chain(image.layers.iter()).collect();
@@ -193,5 +193,23 @@ pub async fn publish(
             target.put_bytes(&folder.key(tag), &m.bytes).await?;
         }
     }
-    Ok((written, kept))
+    // The image's simple signatures, in the lookaside layout beside the tree (a
+    // `[[static]] lookaside` or a `registries.d` lookaside reads them there).
+    let mut signatures = 0;
+    if let Some(top) = image.manifests.last() {
+        for (i, content) in image.signatures(name, &top.digest).await?.into_iter().enumerate() {
+            target.put_bytes(&lookaside_key(name, &top.digest, Some(i + 1)), &Bytes::from(content)).await?;
+            signatures += 1;
+        }
+    }
+    Ok(Published { written, kept, signatures })
+}
+
+/// What `publish` wrote.
+pub struct Published {
+    /// Blobs written, and blobs already in the target.
+    pub written: usize,
+    pub kept: usize,
+    /// Simple signatures written under `sigstore/`.
+    pub signatures: usize,
 }

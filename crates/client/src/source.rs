@@ -92,6 +92,21 @@ enum BlobSource {
 }
 
 impl SourceImage {
+    /// The simple signatures of the manifest `digest` where the source keeps them: a
+    /// registry's signature extension, a layout's `sigstore/` under `name`.
+    pub async fn signatures(&self, name: &RepoName, digest: &Digest) -> Result<Vec<Vec<u8>>, ClientError> {
+        match &self.blobs {
+            BlobSource::Registry(client, source_name) => {
+                crate::copy::signature_contents(client, source_name, digest).await
+            }
+            BlobSource::Layout(dir) => {
+                let at = crate::layout::lookaside_dir(dir, name, digest);
+                Ok((1..).map_while(|n| std::fs::read(at.join(format!("signature-{n}"))).ok()).collect())
+            }
+            BlobSource::Files(_) => Ok(Vec::new()),
+        }
+    }
+
     fn empty(blobs: BlobSource, tag: Option<String>, unpacked: Option<tempfile::TempDir>) -> SourceImage {
         SourceImage { manifests: Vec::new(), configs: Vec::new(), layers: Vec::new(), blobs, tag, _unpacked: unpacked }
     }

@@ -52,7 +52,7 @@ impl Resolved {
 }
 
 /// Which rule of the table answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Matched {
     /// A `[[route]]`, 1-based as in the configuration.
     Route(usize),

@@ -15,7 +15,7 @@ use tessera_spec::{Accept, Digest, ErrorCode, OciError, ParsedManifest, Referenc
 use tessera_store::ManifestRecord;
 use tessera_trust::{COSIGN_ARTIFACT_TYPE, COSIGN_SIGNATURE_ANNOTATION, Family, Identity, Keyring, Verified};
 
-use crate::router::{Reply, Resolved};
+use crate::router::{Matched, Reply, Resolved};
 use crate::source::Ask;
 
 /// How many passed checks (and index children they admit) each table remembers.
@@ -79,13 +79,17 @@ pub struct Evidence {
 /// The rules of one configuration, with the checks they passed.
 pub struct Signing {
     rules: Vec<SigningRule>,
-    /// Passed checks: (rule, name, tag pulled by, digest).
-    passed: quick_cache::sync::Cache<(usize, RepoName, Option<Tag>, Digest), ()>,
+    /// Passed checks. A pass holds for the names of the route it was checked through: one
+    /// name may be routed differently by virtual host or `ns`.
+    passed: quick_cache::sync::Cache<PassKey, ()>,
     /// Manifests an index that passed lists: served under its rule without signatures of
     /// their own, as clients verify an index's signature and then fetch its children.
-    admitted: quick_cache::sync::Cache<(usize, RepoName, Digest), ()>,
+    admitted: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), ()>,
     pub stats: Arc<SigningStats>,
 }
+
+/// A passed check: the rule, the route, the name, the tag pulled by, the manifest digest.
+type PassKey = (usize, Matched, RepoName, Option<Tag>, Digest);
 
 /// Why a `[[signatures]]` rule could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -157,8 +161,10 @@ impl Signing {
             Reference::Digest(_) => None,
         };
         let digest = &manifest.digest;
-        let key = (rule_index, name.clone(), tag, digest.clone());
-        if self.passed.get(&key).is_some() || self.admitted.get(&(rule_index, name.clone(), digest.clone())).is_some() {
+        let key = (rule_index, resolved.matched, name.clone(), tag, digest.clone());
+        if self.passed.get(&key).is_some()
+            || self.admitted.get(&(rule_index, resolved.matched, name.clone(), digest.clone())).is_some()
+        {
             return Ok(());
         }
         if is_signature_artifact(manifest) {
@@ -171,10 +177,10 @@ impl Signing {
         let names = rule.names(name, resolved);
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut reasons = Vec::new();
-        let tag = key.2.as_ref().map(Tag::as_str);
+        let tag = key.3.as_ref().map(Tag::as_str);
         if self.vouched(resolved, rule, digest, ask, &names, tag, &mut reasons).await? {
             self.passed.insert(key, ());
-            self.admit_children(rule_index, name, manifest);
+            self.admit_children(rule_index, resolved.matched, name, manifest);
             return Ok(());
         }
         // A platform manifest of a signed index: its index passed on another node, or before
@@ -232,7 +238,7 @@ impl Signing {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         for (source, source_name) in &resolved.sources {
             for parent in source.parents(source_name, digest, PARENTS_READ).await? {
-                let key = (rule_index, name.clone(), None, parent.clone());
+                let key = (rule_index, resolved.matched, name.clone(), None, parent.clone());
                 if self.passed.get(&key).is_some() {
                     return Ok(true);
                 }
@@ -277,10 +283,10 @@ impl Signing {
         Ok(false)
     }
 
-    fn admit_children(&self, rule_index: usize, name: &RepoName, manifest: &ManifestRecord) {
+    fn admit_children(&self, rule_index: usize, matched: Matched, name: &RepoName, manifest: &ManifestRecord) {
         let Ok(parsed) = ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes) else { return };
         for child in parsed.manifests {
-            self.admitted.insert((rule_index, name.clone(), child.digest), ());
+            self.admitted.insert((rule_index, matched, name.clone(), child.digest), ());
         }
     }
 

@@ -178,7 +178,8 @@ struct PublishArgs {
     /// clients or a CDN read anonymously).
     #[arg(long, value_name = "ACL")]
     s3_acl: Option<String>,
-    /// Repository name for a {name} in --layout.
+    /// Repository name for a {name} in --layout, and the name the image's signatures are
+    /// written under in sigstore/ (the lookaside layout).
     #[arg(long, default_value = "image")]
     name: String,
 }
@@ -507,13 +508,15 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let image = read_source(&args.source).await?;
-    let (written, kept) =
-        tessera_client::publish(&image, &target, &name, &args.source.layout, image.tag.as_deref()).await?;
+    let published = tessera_client::publish(&image, &target, &name, &args.source.layout, image.tag.as_deref()).await?;
     println!(
-        "published {} into {}: {written} blob(s) written, {kept} already there, {} manifest(s)",
+        "published {} into {}: {} blob(s) written, {} already there, {} manifest(s), {} signature(s)",
         image.manifests.last().map(|m| m.digest.to_string()).unwrap_or_default(),
         args.dest,
-        image.manifests.len()
+        published.written,
+        published.kept,
+        image.manifests.len(),
+        published.signatures
     );
     Ok(())
 }

@@ -725,8 +725,8 @@ async fn static_sources_serve_the_signatures_published_beside_them() {
     let (status, why) = manifest_answer(&api, "isv/other", "1").await;
     assert_eq!(status, 403, "the unsigned Crane image is refused by the rule: {why}");
 
-    // An exported layout carries its signatures in sigstore/; served as a static layout
-    // under another name, they vouch for it through signed_prefix.
+    // A signed image in a registry, published as Pulp does: its signature goes into the
+    // published tree's sigstore/, which a Crane source reads as its lookaside URL.
     let connected = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 20_000);
     image.write_layout(&dir.path().join("layout"), "v1").unwrap();
@@ -735,6 +735,31 @@ async fn static_sources_serve_the_signatures_published_beside_them() {
     let args =
         ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &pushed];
     skopeo(Some(&key.home), &args).unwrap();
+    let tree = cdn.root.join("pulp").join("published");
+    let source = format!("docker://{}/signed/app:v1", connected.host());
+    let ran = tessera_testkit::cli(
+        BIN,
+        &["publish", "--src-plain-http", "--name", "signed/app", &source, tree.to_str().unwrap()],
+    );
+    assert!(ran.ok && ran.stdout.contains("1 signature(s)"), "{}", ran.output());
+    let crane_file = serde_json::json!({"type": "pulp-docker-redirect", "version": 4, "repo-registry-id": "signed/app",
+        "url": cdn.url("/pulp/published/"), "schema2_data": ["v1", image.digest().to_string()],
+        "manifest_list_data": [], "manifest_list_amd64_tags": {}});
+    let published_crane = work.path().join("published-crane");
+    std::fs::create_dir_all(&published_crane).unwrap();
+    std::fs::write(published_crane.join("app.json"), crane_file.to_string()).unwrap();
+    let config = format!(
+        "[[static]]\nname = \"published\"\ncrane_dir = {:?}\nlookaside = {:?}\n\n\
+         [[signatures]]\nprefix = \"signed\"\nkeys = [{:?}]\n",
+        published_crane,
+        cdn.url("/pulp/published/sigstore/"),
+        key.public
+    );
+    let from_cdn = Server::with_config(BIN, &config).unwrap();
+    let cdn_host = from_cdn.host();
+    let remapped = key.remapped_policy(dir.path(), &cdn_host, &cdn_host, &connected.host());
+    pull(&remapped, &format!("{cdn_host}/signed/app:v1"), &dir.path().join("published"), None)
+        .expect("verified from the published tree's sigstore/");
     let exported = dir.path().join("exported");
     let reference = format!("{}/signed/app:v1", connected.host());
     let ran = tessera_testkit::cli(BIN, &["export", "--plain-http", &reference, "-o", exported.to_str().unwrap()]);
