@@ -88,11 +88,9 @@ async fn import_signatures(
     let at = layout::lookaside_dir(dir, name, digest);
     for n in 1.. {
         let Ok(content) = std::fs::read(at.join(format!("signature-{n}"))) else { break };
-        let hex = Digest::sha256_of(&content).hex().to_string();
-        let unique = &hex[..32];
         let engine = base64::engine::general_purpose::STANDARD;
         let body = serde_json::json!({
-            "schemaVersion": 2, "type": "atomic", "name": format!("{digest}@{unique}"),
+            "schemaVersion": 2, "type": "atomic", "name": layout::signature_name(digest, &content),
             "content": base64::Engine::encode(&engine, &content),
         });
         let path = format!("/extensions/v2/{repo}/signatures/{digest}");

@@ -194,11 +194,23 @@ pub fn lookaside_dir(dir: &Path, name: &RepoName, digest: &Digest) -> PathBuf {
 /// The path of `digest`'s signatures in the lookaside layout under a tree's `sigstore/`,
 /// or of its signature `n` (from 1).
 pub fn lookaside_key(name: &RepoName, digest: &Digest, n: Option<usize>) -> String {
-    let entry = format!("sigstore/{name}@{}={}", digest.algorithm().as_str(), digest.hex());
+    let entry = format!("sigstore/{}", lookaside_entry(name, digest));
     match n {
         Some(n) => format!("{entry}/signature-{n}"),
         None => entry,
     }
+}
+
+/// The directory of `digest`'s signatures in the lookaside layout, below its base:
+/// `<name>@<algorithm>=<hex>`.
+pub fn lookaside_entry(name: &RepoName, digest: &Digest) -> String {
+    format!("{name}@{}={}", digest.algorithm().as_str(), digest.hex())
+}
+
+/// The name a signature of `digest` read from a lookaside (which names none) is kept
+/// under: its content's, so reading it again adds nothing.
+pub fn signature_name(digest: &Digest, content: &[u8]) -> String {
+    format!("{digest}@{}", &Digest::sha256_of(content).hex()[..32])
 }
 
 #[cfg(test)]

@@ -261,7 +261,7 @@ impl Upstream {
     /// upstream's lookaside server, if it has one.
     pub fn lookaside_url(&self, name: &RepoName, digest: &Digest, n: usize) -> Option<String> {
         let base = self.config.lookaside.as_deref()?.trim_end_matches('/');
-        Some(format!("{base}/{name}@{}={}/signature-{n}", digest.algorithm().as_str(), digest.hex()))
+        Some(format!("{base}/{}/signature-{n}", crate::layout::lookaside_entry(name, digest)))
     }
 
     /// GETs `url` (a lookaside signature) with this upstream's TLS trust and timeouts.

@@ -39,15 +39,36 @@ impl Resolved {
     where
         Fut: Future<Output = crate::Answer<T>>,
     {
+        Ok(self.first_answering(ask).await?.0)
+    }
+
+    /// Like [`Resolved::first`], with the position of the source that answered.
+    pub async fn first_answering<'r, T, Fut>(
+        &'r self,
+        ask: impl Fn(&'r dyn Source, &'r RepoName) -> Fut,
+    ) -> Result<(Reply<T>, usize), OciError>
+    where
+        Fut: Future<Output = crate::Answer<T>>,
+    {
         let mut last = None;
-        for (source, name) in &self.sources {
+        for (i, (source, name)) in self.sources.iter().enumerate() {
             match ask(source.as_ref(), name).await? {
-                crate::Found::Here(v) => return Ok(Reply::Here(v)),
-                crate::Found::Redirect(url) => return Ok(Reply::Redirect(url)),
+                crate::Found::Here(v) => return Ok((Reply::Here(v), i)),
+                crate::Found::Redirect(url) => return Ok((Reply::Redirect(url), i)),
                 crate::Found::Absent(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| OciError::new(ErrorCode::NameUnknown, "repository name not known to registry")))
+    }
+
+    /// This route narrowed to its source at `position` (the one that answered).
+    pub fn only(&self, position: usize) -> Resolved {
+        Resolved {
+            sources: self.sources.get(position).cloned().into_iter().collect(),
+            write_to: None,
+            matched: self.matched,
+            passthrough: self.passthrough,
+        }
     }
 }
 

@@ -3,7 +3,9 @@
 //! served it (simple signatures from the signature extension, cosign signatures under the
 //! `sha256-<hex>.sig` tag and as OCI referrers), checked against the rule's keys, and their
 //! claims compared with the digest and the name asked for. A pass is remembered per rule,
-//! name, tag and digest, so a signed image costs one cache lookup per pull after its first.
+//! route, name, tag and digest, so a signed image costs one cache lookup per pull after its
+//! first; a refusal is remembered for [`REFUSAL_REMEMBERED`], so a client pulling an unsigned
+//! image in a loop does not set off a search of every signature place each time.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +22,11 @@ use crate::source::Ask;
 
 /// How many passed checks (and index children they admit) each table remembers.
 pub const VERDICTS_REMEMBERED: usize = 100_000;
+/// How long a refusal (or an unsigned manifest an auditing rule served) is remembered: a
+/// signature pushed meanwhile counts after this long.
+pub const REFUSAL_REMEMBERED: std::time::Duration = std::time::Duration::from_secs(10);
+/// How many refusals each table remembers.
+const REFUSALS_REMEMBERED: usize = 10_000;
 /// The most cosign signature manifests read for one manifest.
 const COSIGN_MANIFESTS_READ: usize = 16;
 /// The most indexes listing a manifest whose signatures are looked at for it.
@@ -82,9 +89,12 @@ pub struct Signing {
     /// Passed checks. A pass holds for the names of the route it was checked through: one
     /// name may be routed differently by virtual host or `ns`.
     passed: quick_cache::sync::Cache<PassKey, ()>,
-    /// Manifests an index that passed lists: served under its rule without signatures of
-    /// their own, as clients verify an index's signature and then fetch its children.
+    /// Manifests an index that passed lists: served by digest under its rule without
+    /// signatures of their own, as clients verify an index's signature and then fetch its
+    /// children.
     admitted: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), ()>,
+    /// Recent refusals, with when they were decided and why.
+    refused: quick_cache::sync::Cache<PassKey, (std::time::Instant, String)>,
     pub stats: Arc<SigningStats>,
 }
 
@@ -127,6 +137,7 @@ impl Signing {
             rules,
             passed: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
             admitted: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
+            refused: quick_cache::sync::Cache::new(REFUSALS_REMEMBERED),
             stats: stats.unwrap_or_default(),
         })
     }
@@ -144,69 +155,92 @@ impl Signing {
         })
     }
 
-    /// Whether `manifest`, served for `name` (the client's name) by `reference` through
-    /// `resolved`, may be served: `DENIED`, saying what was missing, when a requiring rule
-    /// covers the name and no trusted key signed it for this name.
+    /// Whether `manifest`, served for `name` (the client's name) by `reference` by the
+    /// source at position `answered` of `resolved`, may be served: `DENIED`, saying what
+    /// was missing, when a requiring rule covers the name and no trusted key signed it for
+    /// this name. Only the answering source's signatures and name count.
     pub async fn admit(
         &self,
         resolved: &Resolved,
+        answered: usize,
         name: &RepoName,
         reference: &Reference,
         manifest: &ManifestRecord,
         ask: &Ask,
     ) -> Result<(), OciError> {
         let Some((rule_index, rule)) = self.rule_for(name) else { return Ok(()) };
-        let tag = match reference {
-            Reference::Tag(t) => Some(t.clone()),
-            Reference::Digest(_) => None,
-        };
         let digest = &manifest.digest;
-        let key = (rule_index, resolved.matched, name.clone(), tag, digest.clone());
-        if self.passed.get(&key).is_some()
-            || self.admitted.get(&(rule_index, resolved.matched, name.clone(), digest.clone())).is_some()
+        let key = (rule_index, resolved.matched, name.clone(), tag_of(reference).cloned(), digest.clone());
+        if self.passed.get(&key).is_some() {
+            return Ok(());
+        }
+        if key.3.is_none() && self.admitted.get(&(rule_index, resolved.matched, name.clone(), digest.clone())).is_some()
         {
             return Ok(());
         }
-        if is_signature_artifact(manifest) {
-            // Cosign's signature manifests are read by the clients that verify: they carry
-            // signed claims, nothing that runs.
+        let source = resolved.only(answered);
+        if let Some((at, what)) = self.refused.get(&key)
+            && at.elapsed() < REFUSAL_REMEMBERED
+        {
+            return self.refuse(&source, rule, name, digest, what).await;
+        }
+        if is_signature_artifact(manifest, reference) {
             self.passed.insert(key, ());
             return Ok(());
         }
         self.stats.checked.fetch_add(1, Ordering::Relaxed);
-        let names = rule.names(name, resolved);
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let names = rule.names(name, &source);
+        let check = Check { resolved: &source, rule, ask, names: names.iter().map(String::as_str).collect() };
         let mut reasons = Vec::new();
-        let tag = key.3.as_ref().map(Tag::as_str);
-        if self.vouched(resolved, rule, digest, ask, &names, tag, &mut reasons).await? {
+        if self.vouched(&check, digest, key.3.as_ref().map(Tag::as_str), &mut reasons).await? {
             self.passed.insert(key, ());
             self.admit_children(rule_index, resolved.matched, name, manifest);
             return Ok(());
         }
         // A platform manifest of a signed index: its index passed on another node, or before
         // this node's passes were remembered.
-        if reference_is_digest(reference) && self.parent_passes(rule_index, rule, resolved, name, digest, ask).await? {
+        if key.3.is_none() && self.parent_passes(rule_index, &check, name, digest).await? {
             self.passed.insert(key, ());
             return Ok(());
         }
         let what = if reasons.is_empty() { "no signatures were found".to_string() } else { reasons.join("; ") };
+        self.refused.insert(key, (std::time::Instant::now(), what.clone()));
+        self.refuse(&source, rule, name, digest, what).await
+    }
+
+    /// What a rule does with a manifest no trusted key signed for the name: a requiring
+    /// one refuses it and drops it from the source that keeps it for another (a cache); an
+    /// auditing one serves it, said and counted.
+    async fn refuse(
+        &self,
+        source: &Resolved,
+        rule: &SigningRule,
+        name: &RepoName,
+        digest: &Digest,
+        what: String,
+    ) -> Result<(), OciError> {
         if !rule.require {
             self.stats.unsigned_served.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%name, %digest, prefix = rule.prefix, "serving a manifest no trusted key signed ({what})");
             return Ok(());
         }
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        // What a requiring route refuses, it does not keep either.
-        for (source, source_name) in &resolved.sources {
-            source.forget(source_name, digest).await;
+        for (kept_by, source_name) in &source.sources {
+            kept_by.forget(source_name, digest).await;
         }
+        let governed = if rule.prefix.is_empty() { "every name".to_string() } else { format!("{:?}", rule.prefix) };
         Err(OciError::new(
             ErrorCode::Denied,
-            format!(
-                "{name}@{digest} is not signed by a key trusted for {}: {what}",
-                if rule.prefix.is_empty() { "every name".to_string() } else { format!("{:?}", rule.prefix) }
-            ),
+            format!("{name}@{digest} is not signed by a key trusted for {governed}: {what}"),
         ))
+    }
+
+    /// Something that may be a signature arrived for `name` here (a signature, a manifest
+    /// such as a `.sig` one): the refusals remembered are forgotten, so it counts at once.
+    pub fn may_have_signed(&self, name: &RepoName) {
+        if self.rule_for(name).is_some() {
+            self.refused.clear();
+        }
     }
 
     /// A manifest a requiring rule covers is served by another server (a redirect-only
@@ -223,26 +257,22 @@ impl Signing {
         }
     }
 
-    /// Whether an index listing `digest` in the route's sources passes `rule` (by digest:
+    /// Whether an index listing `digest` in the checked source passes its rule (by digest:
     /// its repository must match, any tag).
     async fn parent_passes(
         &self,
         rule_index: usize,
-        rule: &SigningRule,
-        resolved: &Resolved,
+        check: &Check<'_>,
         name: &RepoName,
         digest: &Digest,
-        ask: &Ask,
     ) -> Result<bool, OciError> {
-        let names = rule.names(name, resolved);
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        for (source, source_name) in &resolved.sources {
+        for (source, source_name) in &check.resolved.sources {
             for parent in source.parents(source_name, digest, PARENTS_READ).await? {
-                let key = (rule_index, resolved.matched, name.clone(), None, parent.clone());
+                let key = (rule_index, check.resolved.matched, name.clone(), None, parent.clone());
                 if self.passed.get(&key).is_some() {
                     return Ok(true);
                 }
-                if self.vouched(resolved, rule, &parent, ask, &names, None, &mut Vec::new()).await? {
+                if self.vouched(check, &parent, None, &mut Vec::new()).await? {
                     self.passed.insert(key, ());
                     return Ok(true);
                 }
@@ -251,28 +281,34 @@ impl Signing {
         Ok(false)
     }
 
-    /// Whether a signature of `digest` vouches under `rule` for one of `names`, pulled by
-    /// `tag`; why each one found does not goes to `reasons`. Simple signatures are looked
-    /// at first: one that vouches spares the lookups of cosign's.
-    #[allow(clippy::too_many_arguments)]
+    /// Whether a signature of `digest` vouches under the check's rule for one of its names,
+    /// pulled by `tag`; why each one found does not goes to `reasons`. Simple signatures are
+    /// looked at first: one that vouches spares the lookups of cosign's. A place that cannot
+    /// be read does not hide the other; when neither vouches, its failure is the answer
+    /// (a 503, not a refusal that would blame the image).
     async fn vouched(
         &self,
-        resolved: &Resolved,
-        rule: &SigningRule,
+        check: &Check<'_>,
         digest: &Digest,
-        ask: &Ask,
-        names: &[&str],
         tag: Option<&str>,
         reasons: &mut Vec<String>,
     ) -> Result<bool, OciError> {
+        let mut failure = None;
         for stage in [Family::Simple, Family::Cosign] {
             let evidence = match stage {
-                Family::Simple => self.simple_evidence(resolved, rule, digest, ask).await?,
-                Family::Cosign => self.cosign_evidence(resolved, rule, digest, ask).await?,
+                Family::Simple => self.simple_evidence(check.resolved, check.rule, digest, check.ask).await,
+                Family::Cosign => self.cosign_evidence(check.resolved, check.rule, digest, check.ask).await,
+            };
+            let evidence = match evidence {
+                Ok(evidence) => evidence,
+                Err(e) => {
+                    failure = Some(e);
+                    continue;
+                }
             };
             for e in &evidence {
                 match &e.outcome {
-                    Ok(v) => match vouches(v, digest, rule.identity, names, tag) {
+                    Ok(v) => match vouches(v, digest, check.rule.identity, &check.names, tag) {
                         Ok(()) => return Ok(true),
                         Err(why) => reasons.push(format!("{} {} by {}: {why}", e.family, e.origin, v.signer)),
                     },
@@ -280,7 +316,7 @@ impl Signing {
                 }
             }
         }
-        Ok(false)
+        failure.map_or(Ok(false), Err)
     }
 
     fn admit_children(&self, rule_index: usize, matched: Matched, name: &RepoName, manifest: &ManifestRecord) {
@@ -298,7 +334,11 @@ impl Signing {
                 "signatures: {} by [[signatures]] {:?} (identity {}), trusting {}",
                 if rule.require { "required" } else { "checked, not required," },
                 rule.prefix,
-                format!("{:?}", rule.identity).to_lowercase(),
+                match rule.identity {
+                    Identity::Exact => "exact",
+                    Identity::Repository => "repository",
+                    Identity::Any => "any",
+                },
                 rule.keys.describe().join(", ")
             ),
         }
@@ -310,10 +350,12 @@ impl Signing {
     pub async fn explain(
         &self,
         resolved: &Resolved,
+        answered: usize,
         name: &RepoName,
         reference: &Reference,
         manifest: &ManifestRecord,
     ) -> Result<Vec<String>, OciError> {
+        let source = resolved.only(answered);
         let ask = Ask::default();
         let unchecked = SigningRule {
             prefix: String::new(),
@@ -324,14 +366,11 @@ impl Signing {
         };
         let covering = self.rule_for(name);
         let rule = covering.map_or(&unchecked, |(_, r)| r);
-        let names = rule.names(name, resolved);
+        let names = rule.names(name, &source);
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let tag = match reference {
-            Reference::Tag(t) => Some(t.as_str()),
-            Reference::Digest(_) => None,
-        };
+        let tag = tag_of(reference).map(Tag::as_str);
         let mut lines = Vec::new();
-        for e in self.evidence(resolved, rule, &manifest.digest, &ask).await? {
+        for e in self.evidence(&source, rule, &manifest.digest, &ask).await? {
             let line = match (&e.outcome, covering) {
                 (_, None) => format!("{} {}: found (no rule checks it)", e.family, e.origin),
                 (Ok(v), Some(_)) => {
@@ -355,7 +394,7 @@ impl Signing {
             lines.push("no signatures found".into());
         }
         if covering.is_some() {
-            let verdict = match self.admit(resolved, name, reference, manifest, &ask).await {
+            let verdict = match self.admit(resolved, answered, name, reference, manifest, &ask).await {
                 Ok(()) => "a pull by this reference is served".to_string(),
                 Err(e) => format!("a pull by this reference is refused: {}", e.message),
             };
@@ -519,11 +558,44 @@ impl Signing {
     }
 }
 
-/// Whether `manifest` is a cosign signature manifest: layers, all simple-signing payloads.
-fn is_signature_artifact(manifest: &ManifestRecord) -> bool {
-    ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes).is_ok_and(|p| {
-        !p.layers.is_empty() && p.layers.iter().all(|l| l.media_type == tessera_trust::COSIGN_PAYLOAD_MEDIA_TYPE)
-    })
+/// What one check looks at: the source that served the manifest, the rule, and the names
+/// a signature may claim.
+struct Check<'a> {
+    resolved: &'a Resolved,
+    rule: &'a SigningRule,
+    ask: &'a Ask,
+    names: Vec<&'a str>,
+}
+
+fn tag_of(reference: &Reference) -> Option<&Tag> {
+    match reference {
+        Reference::Tag(t) => Some(t),
+        Reference::Digest(_) => None,
+    }
+}
+
+/// Whether `manifest` is a cosign signature manifest, which the clients that verify must
+/// read, and which carries signed claims and nothing that runs: asked for by its `.sig`
+/// tag (or a referrer of cosign's artifact type, by digest), a small config, and layers
+/// that are all signature payloads small enough to be one, each with its signature.
+fn is_signature_artifact(manifest: &ManifestRecord, reference: &Reference) -> bool {
+    let named_as_one = match reference {
+        Reference::Tag(t) => tessera_trust::is_cosign_tag(t.as_str()),
+        Reference::Digest(_) => {
+            manifest.artifact_type.as_deref() == Some(COSIGN_ARTIFACT_TYPE) && manifest.subject.is_some()
+        }
+    };
+    let small = |size: u64| size <= tessera_trust::PAYLOAD_MAX_BYTES as u64;
+    named_as_one
+        && ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes).is_ok_and(|p| {
+            p.config.as_ref().is_none_or(|c| small(c.size))
+                && !p.layers.is_empty()
+                && p.layers.iter().all(|l| {
+                    l.media_type == tessera_trust::COSIGN_PAYLOAD_MEDIA_TYPE
+                        && small(l.size)
+                        && l.annotations.contains_key(COSIGN_SIGNATURE_ANNOTATION)
+                })
+        })
 }
 
 /// Whether a verified signature vouches for the manifest `digest` under `names`.
@@ -532,10 +604,6 @@ fn vouches(v: &Verified, digest: &Digest, identity: Identity, names: &[&str], ta
         return Err(format!("it signs {}, another manifest", v.claim.manifest_digest));
     }
     identity.accepts(v.claim.reference.as_ref(), names, tag)
-}
-
-fn reference_is_digest(reference: &Reference) -> bool {
-    matches!(reference, Reference::Digest(_))
 }
 
 fn is_not_found(e: &OciError) -> bool {

@@ -133,6 +133,14 @@ pub trait Source: Send + Sync {
     async fn forget(&self, _name: &RepoName, _digest: &Digest) {}
 }
 
+/// Signatures a source keeps; none is absent, so a later source of the route is asked.
+fn kept_signatures(found: Vec<Signature>) -> Answer<Vec<Signature>> {
+    if found.is_empty() {
+        return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
+    }
+    Ok(Found::Here(found))
+}
+
 fn is_manifest(d: &Descriptor) -> bool {
     media::ALL.contains(&d.media_type.as_str())
 }
@@ -286,10 +294,7 @@ impl Source for Hosted {
 
     async fn signatures(&self, name: &RepoName, digest: &Digest, _: &Ask) -> Answer<Vec<Signature>> {
         let found = self.registry.signatures(name, digest).await?;
-        if found.is_empty() {
-            return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
-        }
-        Ok(Found::Here(found))
+        kept_signatures(found)
     }
 }
 
@@ -349,10 +354,7 @@ impl Source for Cached {
 
     async fn signatures(&self, name: &RepoName, digest: &Digest, ask: &Ask) -> Answer<Vec<Signature>> {
         let found = self.0.signatures(name, digest, &ask.upstream_auth).await?;
-        if found.is_empty() {
-            return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
-        }
-        Ok(Found::Here(found.into_iter().map(|(name, content)| Signature { name, content }).collect()))
+        kept_signatures(found.into_iter().map(|(name, content)| Signature { name, content }).collect())
     }
 
     async fn locate(&self, _: &RepoName, blob: &Descriptor) -> String {
@@ -515,10 +517,7 @@ impl Source for Published {
 
     async fn signatures(&self, name: &RepoName, digest: &Digest, _: &Ask) -> Answer<Vec<Signature>> {
         let found = self.source.signatures(name, digest, &self.delivery).await?;
-        if found.is_empty() {
-            return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
-        }
-        Ok(Found::Here(found))
+        kept_signatures(found)
     }
 
     async fn locate(&self, name: &RepoName, blob: &Descriptor) -> String {

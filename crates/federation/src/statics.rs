@@ -95,9 +95,9 @@ fn unavailable(what: &str) -> OciError {
     OciError::new(ErrorCode::Unavailable, format!("the server publishing this repository {what}"))
 }
 
-/// Signature `n` of `digest` in a layout's `sigstore/`, under whatever name the image was
-/// exported as.
-async fn exported_signature(sigstore: &Path, digest: &Digest, n: usize) -> Option<Vec<u8>> {
+/// The directory of `digest`'s signatures in a layout's `sigstore/`, under whatever name
+/// the image was exported as (the first found).
+async fn exported_entry(sigstore: &Path, digest: &Digest) -> Option<PathBuf> {
     let suffix = format!("@{}={}", digest.algorithm().as_str(), digest.hex());
     let mut pending = vec![sigstore.to_path_buf()];
     // Names have several components: walk the directories, a few levels deep.
@@ -108,7 +108,7 @@ async fn exported_signature(sigstore: &Path, digest: &Digest, n: usize) -> Optio
             while let Ok(Some(entry)) = entries.next_entry().await {
                 let path = entry.path();
                 if path.file_name().is_some_and(|f| f.to_string_lossy().ends_with(&suffix)) {
-                    return tokio::fs::read(path.join(format!("signature-{n}"))).await.ok();
+                    return Some(path);
                 }
                 if entry.file_type().await.is_ok_and(|t| t.is_dir()) {
                     next.push(path);
@@ -355,17 +355,19 @@ impl StaticSource {
         delivery: &Delivery,
     ) -> Result<Vec<Signature>, OciError> {
         let Some(lookaside) = &self.lookaside else { return Ok(Vec::new()) };
-        let entry = format!("{name}@{}={}", digest.algorithm().as_str(), digest.hex());
+        let entry = layout::lookaside_entry(name, digest);
+        let dir_entry = match lookaside {
+            Lookaside::Dir(dir) if dir.join(&entry).is_dir() => Some(dir.join(&entry)),
+            Lookaside::Dir(dir) if matches!(self.kind, Kind::Layout { .. }) => exported_entry(dir, digest).await,
+            Lookaside::Dir(_) | Lookaside::Url(_) => None,
+        };
         let mut found = Vec::new();
         for n in 1..=SIGNATURES_PER_MANIFEST {
             let content = match lookaside {
-                Lookaside::Dir(dir) => {
-                    let mut read = tokio::fs::read(dir.join(&entry).join(format!("signature-{n}"))).await.ok();
-                    if read.is_none() && matches!(self.kind, Kind::Layout { .. }) {
-                        read = exported_signature(dir, digest, n).await;
-                    }
-                    read.map(Bytes::from)
-                }
+                Lookaside::Dir(_) => match &dir_entry {
+                    Some(at) => tokio::fs::read(at.join(format!("signature-{n}"))).await.ok().map(Bytes::from),
+                    None => None,
+                },
                 Lookaside::Url(base) => {
                     let url = delivery.sign_known(&format!("{base}{entry}/signature-{n}"));
                     match self.http.get(&url).send().await {
@@ -385,8 +387,7 @@ impl StaticSource {
                 }
             };
             let Some(content) = content.filter(|c| !c.is_empty() && c.len() <= SIGNATURE_MAX_BYTES) else { break };
-            let unique = Digest::sha256_of(&content).hex()[..32].to_string();
-            found.push(Signature { name: format!("{digest}@{unique}"), content });
+            found.push(Signature { name: layout::signature_name(digest, &content), content });
         }
         Ok(found)
     }

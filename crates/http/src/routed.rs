@@ -58,4 +58,15 @@ impl Route {
     {
         self.resolved.first(ask).await
     }
+
+    /// Like [`Route::first`], with the position of the source that answered.
+    pub(crate) async fn first_answering<'r, T, Fut>(
+        &'r self,
+        ask: impl Fn(&'r dyn Source, &'r RepoName) -> Fut,
+    ) -> Result<(Reply<T>, usize), OciError>
+    where
+        Fut: Future<Output = Answer<T>>,
+    {
+        self.resolved.first_answering(ask).await
+    }
 }

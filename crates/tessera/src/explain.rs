@@ -88,7 +88,7 @@ pub async fn explain_live(
     let inspected = inspect(config).await?;
     let resolved = resolve(&inspected.federation, host, ns, &name)?;
     let mut out = String::from("  live:\n");
-    for (source, n) in &resolved.sources {
+    for (position, (source, n)) in resolved.sources.iter().enumerate() {
         let label = source.label();
         let m = match source.manifest(n, &tag_or_digest, &Accept::any(), &Ask::default()).await {
             Ok(Found::Here(served)) => served.manifest,
@@ -114,7 +114,7 @@ pub async fn explain_live(
             writeln!(out, "      {kind} {} {} bytes ({})", d.digest, d.size, source.locate(n, d).await)?;
         }
         let signing = &inspected.federation.signing;
-        let signatures = signing.explain(&resolved, &name, &tag_or_digest, &m).await;
+        let signatures = signing.explain(&resolved, position, &name, &tag_or_digest, &m).await;
         writeln!(out, "    signatures:")?;
         for line in signatures.map_err(|e| anyhow::anyhow!("{}", e.message))? {
             writeln!(out, "      {line}")?;

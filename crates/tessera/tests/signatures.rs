@@ -549,6 +549,29 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     let out = explain("other/app:v1");
     assert!(out.contains("signatures: not checked (no [[signatures]] rule covers this name)"), "{out}");
 
+    // What only looks like a signature manifest is checked like any other: its layers
+    // claim the payload type but it is not asked for by a .sig tag, or carries no signature.
+    let disguised = Image::random(1, 3_000);
+    for b in disguised.blobs() {
+        api.push_blob("secure/disguised", b).await.unwrap();
+    }
+    let mut manifest: serde_json::Value = serde_json::from_slice(&disguised.manifest).unwrap();
+    manifest["layers"][0]["mediaType"] = "application/vnd.dev.cosign.simplesigning.v1+json".into();
+    let as_tag = manifest.to_string();
+    manifest["layers"][0]["annotations"] = serde_json::json!({"dev.cosignproject.cosign/signature": "AAAA"});
+    let annotated = manifest.to_string();
+    let sig_tag = cosign::signature_tag(&Digest::sha256_of(b"elsewhere"));
+    for (tag, bytes) in [("evil", &as_tag), ("evil2", &annotated), (sig_tag.as_str(), &as_tag)] {
+        let r =
+            api.push_manifest("secure/disguised", tag, "application/vnd.oci.image.manifest.v1+json", bytes.as_bytes());
+        assert_eq!(r.await.unwrap().status(), 201);
+        assert_eq!(manifest_answer(&api, "secure/disguised", tag).await.0, 403, "{tag}");
+    }
+    // A child of a signed index is admitted by digest, not under a tag of its own.
+    let r = api.push_manifest("secure/multi", "child-tag", "application/vnd.oci.image.manifest.v1+json", &amd.manifest);
+    assert_eq!(r.await.unwrap().status(), 201);
+    assert_eq!(manifest_answer(&api, "secure/multi", "child-tag").await.0, 403);
+
     // A rule that does not require: served, and counted.
     insecure_pull("audit/app:v1", "audit").expect("an auditing rule serves unsigned images");
     let metrics = api.get("/metrics").await.unwrap().text().await.unwrap();

@@ -72,6 +72,9 @@ impl Keyring {
         for cert in certs {
             // A subkey whose binding does not verify must not vouch for its primary key.
             cert.verify_bindings().map_err(|e| format!("an OpenPGP key's self-signatures do not verify: {e}"))?;
+            if !cert.details.revocation_signatures.is_empty() {
+                return Err("an OpenPGP key in it is revoked".into());
+            }
             let fingerprint = hex::encode_upper(cert.primary_key.fingerprint().as_bytes());
             let user = cert.details.users.first().map(|u| String::from_utf8_lossy(u.id.id()).into_owned());
             self.openpgp.push(OpenPgpKey { cert, fingerprint, user });
@@ -112,7 +115,7 @@ impl Keyring {
             .iter()
             .find(|k| {
                 message.verify(&k.cert.primary_key).is_ok()
-                    || k.cert.public_subkeys.iter().any(|sub| message.verify(&sub.key).is_ok())
+                    || k.cert.public_subkeys.iter().filter(|sub| signs(sub)).any(|sub| message.verify(&sub.key).is_ok())
             })
             .ok_or_else(|| "no trusted key made it".to_string())?;
         let claim = parse_claim(&payload, Family::Simple)?;
@@ -136,6 +139,11 @@ impl Keyring {
         let claim = parse_claim(payload, Family::Cosign)?;
         Ok(Verified { family: Family::Cosign, signer: format!("cosign {}", signer.id), claim })
     }
+}
+
+/// Whether a subkey may sign for its primary key: its binding gives it the signing flag.
+fn signs(subkey: &pgp::composed::SignedPublicSubKey) -> bool {
+    subkey.signatures.iter().any(|binding| binding.key_flags().sign())
 }
 
 fn openpgp_signer(key: &OpenPgpKey) -> String {

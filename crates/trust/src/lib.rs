@@ -33,6 +33,15 @@ pub fn cosign_tag(digest: &Digest) -> String {
     format!("{}-{}.sig", digest.algorithm().as_str(), digest.hex())
 }
 
+/// Whether `tag` is one cosign keeps signatures under (`<algorithm>-<hex>.sig`).
+pub fn is_cosign_tag(tag: &str) -> bool {
+    let Some(rest) = tag.strip_suffix(".sig") else { return false };
+    let Some((algorithm, hex)) = rest.split_once('-') else { return false };
+    matches!(algorithm, "sha256" | "sha512")
+        && hex.len() >= 64
+        && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Which family a signature belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -118,6 +127,20 @@ fn parse_claim(payload: &[u8], family: Family) -> Result<Claim, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cosign_tags_are_an_algorithm_and_a_digest() {
+        let digest: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+        assert!(is_cosign_tag(&cosign_tag(&digest)));
+        for not in [
+            "v1",
+            "sha256-abc.sig",
+            &format!("sha256-{}.att", "ab".repeat(32)),
+            &format!("md5-{}.sig", "ab".repeat(32)),
+        ] {
+            assert!(!is_cosign_tag(not), "{not}");
+        }
+    }
 
     #[test]
     fn claims_are_read_only_from_their_own_family_s_payloads() {

@@ -422,12 +422,19 @@ impl PullThrough {
         }
         arrived.extend(self.lookaside_signatures(name, digest).await);
         let already = kept().await?;
+        let mut room = tessera_registry::signatures::SIGNATURES_PER_MANIFEST.saturating_sub(already.len());
         for (signature_name, content) in arrived {
             if tessera_registry::signatures::check(digest, &signature_name, &content).is_err()
                 || already.iter().any(|(_, c)| c.as_ref() == content.as_slice())
             {
                 continue;
             }
+            // An upstream cannot grow what is kept past what a push may store.
+            if room == 0 {
+                tracing::warn!(upstream = self.upstream.name(), %name, %digest, "more signatures than are kept; the rest skipped");
+                break;
+            }
+            room -= 1;
             if let Err(e) = self.meta.add_signature(name, digest, &signature_name, &content).await {
                 tracing::warn!(upstream = self.upstream.name(), %name, %digest, "cannot keep a signature: {e}");
             }
@@ -455,10 +462,7 @@ impl PullThrough {
                 }
             };
             match read_limited(response, tessera_registry::signatures::SIGNATURE_MAX_BYTES).await {
-                Ok(content) => {
-                    let unique = Digest::sha256_of(&content).hex()[..32].to_string();
-                    found.push((format!("{digest}@{unique}"), content.to_vec()));
-                }
+                Ok(content) => found.push((tessera_client::layout::signature_name(digest, &content), content.to_vec())),
                 Err(e) => {
                     tracing::warn!(upstream = self.upstream.name(), url, "lookaside signature not read: {e}");
                     break;

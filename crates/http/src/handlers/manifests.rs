@@ -24,15 +24,16 @@ pub(super) async fn get(
     let accept = Accept::parse(parts.headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
     let name = permit.endpoint.name().ok_or_else(OciError::internal)?;
     let signing = route.signing();
-    let served = match route.first(|source, name| source.manifest(name, reference, &accept, &permit.ask)).await? {
-        Reply::Here(served) => served,
-        Reply::Redirect(url) => {
+    let answered = route.first_answering(|source, name| source.manifest(name, reference, &accept, &permit.ask));
+    let (served, source) = match answered.await? {
+        (Reply::Here(served), source) => (served, source),
+        (Reply::Redirect(url), _) => {
             signing.admit_redirect(name)?;
             return Ok(redirect(&url));
         }
     };
     let m = served.manifest;
-    signing.admit(route.resolved(), name, reference, &m, &permit.ask).await?;
+    signing.admit(route.resolved(), source, name, reference, &m, &permit.ask).await?;
     let pulled = (parts.method == Method::GET && state.notifier.as_ref().is_some_and(|n| n.wants(Action::Pull)))
         .then(|| happened(Action::Pull, permit, reference, &m.digest, &m.media_type, m.bytes.len()))
         .flatten();
@@ -102,6 +103,7 @@ pub(super) async fn put(
     let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
     let size = bytes.len();
     let put = registry.manifest_put(name, reference, content_type, bytes.freeze()).await?;
+    permit.route()?.signing().may_have_signed(name);
     let mut out = vec![
         ("location", format!("/v2/{name}/manifests/{}", put.digest)),
         ("docker-content-digest", put.digest.to_string()),

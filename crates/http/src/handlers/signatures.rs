@@ -72,6 +72,7 @@ pub(super) async fn add(
         .decode(sent.content.as_bytes())
         .map_err(|_| invalid("the content is not base64"))?;
     state.registry.add_signature(repo, digest, &sent.name, &content).await?;
+    permit.route()?.signing().may_have_signed(repo);
     Ok(response(StatusCode::CREATED, &[("content-length", "0".into())], Body::empty()))
 }
 
