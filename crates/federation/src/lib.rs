@@ -103,6 +103,7 @@ impl Federation {
         for s in &statics {
             s.start_polling();
         }
+        let single_node = hosted.cluster().is_none();
         // The one place each kind of source is made.
         let sources = SourceSet {
             hosted: Arc::new(Hosted { registry: hosted, delivery: delivery.clone() }),
@@ -127,7 +128,8 @@ impl Federation {
         };
         let table = RoutingTable::new(config, &sources)?;
         // The counts carry over a reload; the passed checks do not (the keys may differ).
-        let signing = signing::Signing::new(&config.signatures, previous.map(|p| p.signing.stats.clone()))?;
+        let signing =
+            signing::Signing::new(&config.signatures, previous.map(|p| p.signing.stats.clone()), single_node)?;
         Ok(Federation { table, delivery, signing, caches })
     }
 

@@ -93,6 +93,11 @@ pub struct Signing {
     /// signatures of their own, as clients verify an index's signature and then fetch its
     /// children.
     admitted: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), ()>,
+    /// Blobs of manifests that passed: what a requiring rule lets a cache fetch.
+    admitted_blobs: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), ()>,
+    /// Whether blob fetches through caches are held to `admitted_blobs` (not in a cluster,
+    /// where another node may have checked the manifest).
+    gates_blobs: bool,
     /// Recent refusals, with when they were decided and why.
     refused: quick_cache::sync::Cache<PassKey, (std::time::Instant, String)>,
     pub stats: Arc<SigningStats>,
@@ -110,7 +115,13 @@ pub struct SigningError {
 }
 
 impl Signing {
-    pub fn new(policies: &[SignaturePolicy], stats: Option<Arc<SigningStats>>) -> Result<Signing, SigningError> {
+    /// The rules of `policies`; `gates_blobs`: hold blob fetches through caches to the
+    /// blobs of manifests that passed here (a single node, which sees every check).
+    pub fn new(
+        policies: &[SignaturePolicy],
+        stats: Option<Arc<SigningStats>>,
+        gates_blobs: bool,
+    ) -> Result<Signing, SigningError> {
         let mut rules = Vec::new();
         for p in policies {
             let error = |why: String| SigningError { prefix: p.prefix().to_string(), why };
@@ -138,6 +149,8 @@ impl Signing {
             passed: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
             admitted: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
             refused: quick_cache::sync::Cache::new(REFUSALS_REMEMBERED),
+            admitted_blobs: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
+            gates_blobs,
             stats: stats.unwrap_or_default(),
         })
     }
@@ -176,6 +189,7 @@ impl Signing {
         }
         if key.3.is_none() && self.admitted.get(&(rule_index, resolved.matched, name.clone(), digest.clone())).is_some()
         {
+            self.admit_children(rule_index, resolved.matched, name, manifest);
             return Ok(());
         }
         let source = resolved.only(answered);
@@ -186,6 +200,7 @@ impl Signing {
         }
         if is_signature_artifact(manifest, reference) {
             self.passed.insert(key, ());
+            self.admit_children(rule_index, resolved.matched, name, manifest);
             return Ok(());
         }
         self.stats.checked.fetch_add(1, Ordering::Relaxed);
@@ -201,6 +216,7 @@ impl Signing {
         // this node's passes were remembered.
         if key.3.is_none() && self.parent_passes(rule_index, &check, name, digest).await? {
             self.passed.insert(key, ());
+            self.admit_children(rule_index, resolved.matched, name, manifest);
             return Ok(());
         }
         let what = if reasons.is_empty() { "no signatures were found".to_string() } else { reasons.join("; ") };
@@ -319,11 +335,58 @@ impl Signing {
         failure.map_or(Ok(false), Err)
     }
 
+    /// What a manifest that passed lets through after it: the manifests an index lists, and
+    /// the blobs an image needs.
     fn admit_children(&self, rule_index: usize, matched: Matched, name: &RepoName, manifest: &ManifestRecord) {
         let Ok(parsed) = ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes) else { return };
-        for child in parsed.manifests {
-            self.admitted.insert((rule_index, matched, name.clone(), child.digest), ());
+        for child in &parsed.manifests {
+            self.admitted.insert((rule_index, matched, name.clone(), child.digest.clone()), ());
         }
+        if self.gates_blobs {
+            for blob in parsed.required_blobs() {
+                self.admitted_blobs.insert((rule_index, matched, name.clone(), blob.digest.clone()), ());
+            }
+        }
+    }
+
+    /// Whether a blob GET of `name` may go on: under a requiring rule, a pull-through cache
+    /// fetches (and keeps) only the blobs of manifests that passed, so nothing a signature
+    /// did not vouch for is cached or served by digest alone. Blobs a cache already holds,
+    /// and blobs of other sources, are not held back.
+    pub async fn admit_blob(
+        &self,
+        resolved: &Resolved,
+        name: &RepoName,
+        digest: &Digest,
+        ask: &Ask,
+    ) -> Result<(), OciError> {
+        if !self.gates_blobs || !resolved.sources.iter().any(|(source, _)| source.caches()) {
+            return Ok(());
+        }
+        let Some((rule_index, rule)) = self.rule_for(name) else { return Ok(()) };
+        if !rule.require
+            || self.admitted_blobs.get(&(rule_index, resolved.matched, name.clone(), digest.clone())).is_some()
+        {
+            return Ok(());
+        }
+        for (source, source_name) in &resolved.sources {
+            if source.caches() {
+                if source.holds(source_name, digest).await? {
+                    return Ok(());
+                }
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(OciError::new(
+                    ErrorCode::Denied,
+                    format!(
+                        "{name}@{digest} is not a blob of an image whose signature was checked here; pull the image's manifest first"
+                    ),
+                ));
+            }
+            if matches!(source.blob_size(source_name, digest, ask).await?, crate::Found::Here(_)) {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// The rule that governs `name`, in a line (for `tessera explain`).

@@ -122,6 +122,17 @@ pub trait Source: Send + Sync {
         Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures kept here")))
     }
 
+    /// Whether this source keeps what it fetches from elsewhere (a pull-through cache):
+    /// what a requiring `[[signatures]]` rule must not let it fetch unchecked.
+    fn caches(&self) -> bool {
+        false
+    }
+
+    /// Whether a cache holds the blob `digest` of `name` already.
+    async fn holds(&self, _name: &RepoName, _digest: &Digest) -> Result<bool, OciError> {
+        Ok(false)
+    }
+
     /// The indexes this source holds that list the manifest `digest` (at most `limit`),
     /// where it records them (hosted does).
     async fn parents(&self, _name: &RepoName, _digest: &Digest, _limit: usize) -> Result<Vec<Digest>, OciError> {
@@ -363,6 +374,14 @@ impl Source for Cached {
 
     async fn forget(&self, name: &RepoName, digest: &Digest) {
         self.0.forget(name, digest).await;
+    }
+
+    fn caches(&self) -> bool {
+        true
+    }
+
+    async fn holds(&self, name: &RepoName, digest: &Digest) -> Result<bool, OciError> {
+        self.0.holds(name, digest).await
     }
 }
 

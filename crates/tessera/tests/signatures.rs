@@ -591,10 +591,13 @@ async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_
     let dir = tessera_testkit::tempdir().unwrap();
     let key = Key::new(dir.path(), "vendor");
     let mut upstream = Server::start(BIN, &[]).unwrap();
-    let image = Image::random(1, 20_000);
-    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
-    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
-    for (dest, sign) in [("signed/app:v1", true), ("unsigned/app:v1", false)] {
+    let (image, other) = (Image::random(1, 20_000), Image::random(1, 20_000));
+    for (dest, sign, from) in
+        [("signed/app:v1", true, &image), ("unsigned/app:v1", false, &image), ("other/app:v1", false, &other)]
+    {
+        let at = dir.path().join(format!("layout-{}", dest.replace(['/', ':'], "-")));
+        from.write_layout(&at, "v1").unwrap();
+        let layout = format!("oci:{}:v1", at.display());
         let dest = format!("docker://{}/{dest}", upstream.host());
         let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
         if sign {
@@ -603,10 +606,19 @@ async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_
         args.extend([layout.as_str(), dest.as_str()]);
         skopeo(Some(&key.home), &args).unwrap();
     }
+    // A cosign-signed image upstream: its .sig tag is read through the cache.
+    let cosign_key = CosignKey::new("vendor-cosign");
+    let cosign_public = cosign_key.write_public(dir.path(), "vendor-cosign");
+    let cosigned = Image::random(1, 10_000);
+    let upstream_api = Api::new(&upstream);
+    upstream_api.push_image("cosigned/app", "v1", &cosigned).await.unwrap();
+    let signed_for = format!("{}/cosigned/app", upstream.host());
+    cosign_sign(&upstream_api, "cosigned/app", &cosign_key, &cosigned.digest(), &signed_for, false).await;
     let config = format!(
-        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n[[signatures]]\nprefix = \"mirror\"\nkeys = [{:?}]\n",
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n[[signatures]]\nprefix = \"mirror\"\nkeys = [{:?}, {:?}]\n",
         upstream.host(),
-        key.public
+        key.public,
+        cosign_public
     );
     let mirror = Server::with_config(BIN, &config).unwrap();
     let api = Api::new(&mirror);
@@ -619,6 +631,16 @@ async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_
     pull("mirror/signed/app:v1", "signed").expect("signed upstream image through the requiring cache");
     let refused = pull("mirror/unsigned/app:v1", "unsigned").unwrap_err();
     assert!(refused.contains("is not signed by a key trusted for"), "{refused}");
+
+    pull("mirror/cosigned/app:v1", "cosigned").expect("cosign-signed upstream image through the requiring cache");
+
+    // Nor is a blob of an image no signature vouched for fetched into the cache by digest.
+    let layer = Digest::sha256_of(&other.layers[0]);
+    let r = api.get(&format!("/v2/mirror/other/app/blobs/{layer}")).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let fetched = format!("\"GET /v2/other/app/blobs/{layer}");
+    assert!(!upstream.log_text().contains(&fetched), "the upstream was not asked for it");
+    assert_eq!(manifest_answer(&api, "mirror/other/app", "v1").await.0, 403);
 
     // The cache keeps nothing it refused: asked again by digest, it fetches the manifest from
     // the upstream again (a kept one would be answered from the cache).

@@ -35,6 +35,9 @@ pub(super) async fn head(permit: &Permit, digest: &Digest) -> Result<Response, O
 /// `GET`: the bytes (all, or the one range asked for), or a redirect to where they are.
 pub(super) async fn get(permit: &Permit, parts: &Parts, digest: &Digest) -> Result<Response, OciError> {
     let route = permit.readable()?;
+    if let Some(name) = permit.endpoint.name() {
+        route.signing().admit_blob(route.resolved(), name, digest, &permit.ask).await?;
+    }
     let range = header_str(&parts.headers, header::RANGE).and_then(RangeRequest::parse);
     let answer = match route.first(|source, name| source.blob(name, digest, range.as_ref(), &permit.ask)).await? {
         Reply::Here(answer) => answer,
