@@ -403,8 +403,8 @@ impl Config {
         }
         let mut signature_prefixes = std::collections::HashSet::new();
         for p in &self.signatures {
-            p.check()?;
-            if !signature_prefixes.insert(p.prefix()) {
+            p.check(&self.upstreams)?;
+            if !signature_prefixes.insert((p.prefix(), p.upstream.as_deref())) {
                 return Err(format!("[[signatures]] {:?} is given twice", p.prefix()));
             }
         }
@@ -549,6 +549,23 @@ to = ["hosted", "dockerhub", "quay"]
         assert!(Config::from_toml("trusted_proxies = [\"0.0.0.0/0\"]\n").is_err());
         assert!(Config::from_toml("trusted_proxies = [\"::/0\"]\n").is_err());
         assert!(Config::from_toml("trusted_proxies = [\"proxy.example\"]\n").is_err());
+    }
+
+    #[test]
+    fn signature_rules_name_keys_and_known_upstreams_once() {
+        let base = "[[upstream]]\nname = \"up\"\nurl = \"https://up\"\n";
+        let with = |rules: &str| Config::from_toml(&format!("{base}{rules}")).map_err(|e| e.to_string());
+        let c = with("[[signatures]]\nprefix = \"/team/\"\nkeys = [\"k.asc\"]\n").unwrap();
+        assert_eq!((c.signatures[0].prefix(), c.signatures[0].require), ("team", true));
+        assert_eq!(c.signatures[0].identity, SignatureIdentity::Exact);
+        let c = with("[[signatures]]\nupstream = \"up\"\nkeys = [\"k.pem\"]\nidentity = \"any\"\nrequire = false\n")
+            .unwrap();
+        assert_eq!((c.signatures[0].prefix(), c.signatures[0].upstream.as_deref()), ("", Some("up")));
+        assert!(with("[[signatures]]\nprefix = \"a\"\nkeys = []\n").unwrap_err().contains("no keys"));
+        assert!(with("[[signatures]]\nupstream = \"nope\"\nkeys = [\"k\"]\n").unwrap_err().contains("no [[upstream]]"));
+        let twice = "[[signatures]]\nprefix = \"a\"\nkeys = [\"k\"]\n";
+        assert!(with(&format!("{twice}{twice}")).unwrap_err().contains("twice"));
+        assert!(with("[[signatures]]\nprefix = \"a\"\nkeys = [\"k\"]\nidentity = \"loose\"\n").is_err());
     }
 
     #[test]

@@ -21,8 +21,13 @@ pub enum SignatureIdentity {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SignaturePolicy {
-    /// A name prefix, by whole components, as clients name repositories (`""`: every name).
+    /// A name prefix, by whole components, as clients name repositories (`""`, the
+    /// default: every name).
+    #[serde(default)]
     pub prefix: String,
+    /// An `[[upstream]]`: the rule covers what that upstream serves (through its cache or
+    /// a redirect), whichever route, virtual host or `ns` reaches it.
+    pub upstream: Option<String>,
     /// Files of trusted public keys: OpenPGP certificates (armored or binary) and PEM
     /// public keys (cosign's ECDSA P-256).
     pub keys: Vec<PathBuf>,
@@ -43,10 +48,15 @@ fn yes() -> bool {
 }
 
 impl SignaturePolicy {
-    pub(crate) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self, upstreams: &[crate::Upstream]) -> Result<(), String> {
         let prefix = self.prefix.trim_matches('/');
         if self.keys.is_empty() {
             return Err(format!("[[signatures]] {prefix:?}: no keys"));
+        }
+        if let Some(u) = &self.upstream
+            && !upstreams.iter().any(|known| &known.name == u)
+        {
+            return Err(format!("[[signatures]] {prefix:?}: no [[upstream]] named {u:?}"));
         }
         Ok(())
     }

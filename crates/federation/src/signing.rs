@@ -37,6 +37,8 @@ const COSIGN_LAYERS_READ: usize = 16;
 /// One `[[signatures]]` rule, its keys loaded.
 pub struct SigningRule {
     pub prefix: String,
+    /// The upstream whose content the rule covers, whatever reaches it.
+    pub upstream: Option<String>,
     /// What `prefix` is named as in signatures of copies kept under another name.
     pub signed_prefix: Option<String>,
     pub keys: Keyring,
@@ -45,6 +47,16 @@ pub struct SigningRule {
 }
 
 impl SigningRule {
+    /// What the rule covers, in words: `"team"`, `every name`, `upstream "vendor"`.
+    fn covering(&self) -> String {
+        match (&self.upstream, self.prefix.is_empty()) {
+            (None, true) => "every name".into(),
+            (None, false) => format!("{:?}", self.prefix),
+            (Some(u), true) => format!("upstream {u:?}"),
+            (Some(u), false) => format!("upstream {u:?} under {:?}", self.prefix),
+        }
+    }
+
     /// The names a signature may claim for `name` served through `resolved`: the client's,
     /// each source's, and the client's under `signed_prefix`.
     fn names(&self, name: &RepoName, resolved: &Resolved) -> Vec<String> {
@@ -136,14 +148,16 @@ impl Signing {
             };
             rules.push(SigningRule {
                 prefix: p.prefix().to_string(),
+                upstream: p.upstream.clone(),
                 signed_prefix: p.signed_prefix.as_deref().map(|s| s.trim_matches('/').to_string()),
                 keys,
                 require: p.require,
                 identity,
             });
         }
-        // Longest prefix first: the first covering rule governs.
-        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        // Rules naming an upstream first, then the longest prefix: the first covering rule
+        // governs.
+        rules.sort_by_key(|r| (r.upstream.is_none(), std::cmp::Reverse(r.prefix.len())));
         Ok(Signing {
             rules,
             passed: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
@@ -159,12 +173,12 @@ impl Signing {
         self.rules.is_empty()
     }
 
-    /// The rule governing `name` (the longest prefix covering it by whole components).
-    pub fn rule_for(&self, name: &RepoName) -> Option<(usize, &SigningRule)> {
-        let name = name.as_str();
+    /// The rule governing `name` routed to `resolved`: one naming an upstream the route
+    /// serves from, else the longest prefix covering the name by whole components.
+    pub fn rule_for(&self, name: &RepoName, resolved: &Resolved) -> Option<(usize, &SigningRule)> {
         self.rules.iter().enumerate().find(|(_, r)| {
-            r.prefix.is_empty()
-                || name.strip_prefix(r.prefix.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            covers(&r.prefix, name)
+                && r.upstream.as_deref().is_none_or(|u| resolved.sources.iter().any(|(s, _)| s.upstream() == Some(u)))
         })
     }
 
@@ -181,7 +195,7 @@ impl Signing {
         manifest: &ManifestRecord,
         ask: &Ask,
     ) -> Result<(), OciError> {
-        let Some((rule_index, rule)) = self.rule_for(name) else { return Ok(()) };
+        let Some((rule_index, rule)) = self.rule_for(name, resolved) else { return Ok(()) };
         let digest = &manifest.digest;
         let key = (rule_index, resolved.matched, name.clone(), tag_of(reference).cloned(), digest.clone());
         if self.passed.get(&key).is_some() {
@@ -244,25 +258,24 @@ impl Signing {
         for (kept_by, source_name) in &source.sources {
             kept_by.forget(source_name, digest).await;
         }
-        let governed = if rule.prefix.is_empty() { "every name".to_string() } else { format!("{:?}", rule.prefix) };
         Err(OciError::new(
             ErrorCode::Denied,
-            format!("{name}@{digest} is not signed by a key trusted for {governed}: {what}"),
+            format!("{name}@{digest} is not signed by a key trusted for {}: {what}", rule.covering()),
         ))
     }
 
     /// Something that may be a signature arrived for `name` here (a signature, a manifest
     /// such as a `.sig` one): the refusals remembered are forgotten, so it counts at once.
     pub fn may_have_signed(&self, name: &RepoName) {
-        if self.rule_for(name).is_some() {
+        if self.rules.iter().any(|r| covers(&r.prefix, name)) {
             self.refused.clear();
         }
     }
 
     /// A manifest a requiring rule covers is served by another server (a redirect-only
     /// route), where its signatures cannot be checked: refused under a requiring rule.
-    pub fn admit_redirect(&self, name: &RepoName) -> Result<(), OciError> {
-        match self.rule_for(name) {
+    pub fn admit_redirect(&self, resolved: &Resolved, name: &RepoName) -> Result<(), OciError> {
+        match self.rule_for(name, resolved) {
             Some((_, rule)) if rule.require => Err(OciError::new(
                 ErrorCode::Denied,
                 format!(
@@ -363,7 +376,7 @@ impl Signing {
         if !self.gates_blobs || !resolved.sources.iter().any(|(source, _)| source.caches()) {
             return Ok(());
         }
-        let Some((rule_index, rule)) = self.rule_for(name) else { return Ok(()) };
+        let Some((rule_index, rule)) = self.rule_for(name, resolved) else { return Ok(()) };
         if !rule.require
             || self.admitted_blobs.get(&(rule_index, resolved.matched, name.clone(), digest.clone())).is_some()
         {
@@ -390,13 +403,13 @@ impl Signing {
     }
 
     /// The rule that governs `name`, in a line (for `tessera explain`).
-    pub fn describe(&self, name: &RepoName) -> String {
-        match self.rule_for(name) {
+    pub fn describe(&self, name: &RepoName, resolved: &Resolved) -> String {
+        match self.rule_for(name, resolved) {
             None => "signatures: not checked (no [[signatures]] rule covers this name)".into(),
             Some((_, rule)) => format!(
-                "signatures: {} by [[signatures]] {:?} (identity {}), trusting {}",
+                "signatures: {} by [[signatures]] {} (identity {}), trusting {}",
                 if rule.require { "required" } else { "checked, not required," },
-                rule.prefix,
+                rule.covering(),
                 match rule.identity {
                     Identity::Exact => "exact",
                     Identity::Repository => "repository",
@@ -422,12 +435,13 @@ impl Signing {
         let ask = Ask::default();
         let unchecked = SigningRule {
             prefix: String::new(),
+            upstream: None,
             signed_prefix: None,
             keys: Keyring::default(),
             require: false,
             identity: Identity::Any,
         };
-        let covering = self.rule_for(name);
+        let covering = self.rule_for(name, resolved);
         let rule = covering.map_or(&unchecked, |(_, r)| r);
         let names = rule.names(name, &source);
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -628,6 +642,11 @@ struct Check<'a> {
     rule: &'a SigningRule,
     ask: &'a Ask,
     names: Vec<&'a str>,
+}
+
+/// Whether `prefix` covers `name` by whole components (`""` covers every name).
+fn covers(prefix: &str, name: &RepoName) -> bool {
+    prefix.is_empty() || name.as_str().strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 fn tag_of(reference: &Reference) -> Option<&Tag> {

@@ -122,6 +122,11 @@ pub trait Source: Send + Sync {
         Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures kept here")))
     }
 
+    /// The `[[upstream]]` this source serves from, if it does (its cache or redirects).
+    fn upstream(&self) -> Option<&str> {
+        None
+    }
+
     /// Whether this source keeps what it fetches from elsewhere (a pull-through cache):
     /// what a requiring `[[signatures]]` rule must not let it fetch unchecked.
     fn caches(&self) -> bool {
@@ -380,6 +385,10 @@ impl Source for Cached {
         true
     }
 
+    fn upstream(&self) -> Option<&str> {
+        Some(self.0.upstream().name())
+    }
+
     async fn holds(&self, name: &RepoName, digest: &Digest) -> Result<bool, OciError> {
         self.0.holds(name, digest).await
     }
@@ -403,6 +412,10 @@ impl RedirectOnly {
 impl Source for RedirectOnly {
     fn label(&self) -> String {
         format!("upstream {}", self.0.name())
+    }
+
+    fn upstream(&self) -> Option<&str> {
+        Some(self.0.name())
     }
 
     fn describe(&self, name: &RepoName, reference: &Reference) -> String {

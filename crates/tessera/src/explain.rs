@@ -71,7 +71,7 @@ pub async fn explain(config: &Config, host: Option<&str>, ns: Option<&str>, refe
         let step = if numbered { format!("  {}. ", i + 1) } else { "  ".to_string() };
         writeln!(out, "{step}{}", source.describe(n, tag_or_digest))?;
     }
-    writeln!(out, "  {}", inspected.federation.signing.describe(name))?;
+    writeln!(out, "  {}", inspected.federation.signing.describe(name, &resolved))?;
     Ok(out)
 }
 

@@ -615,7 +615,8 @@ async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_
     let signed_for = format!("{}/cosigned/app", upstream.host());
     cosign_sign(&upstream_api, "cosigned/app", &cosign_key, &cosigned.digest(), &signed_for, false).await;
     let config = format!(
-        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n[[signatures]]\nprefix = \"mirror\"\nkeys = [{:?}, {:?}]\n",
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\nauthority = [\"vendor.example\"]\n\n\
+         [[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n[[signatures]]\nupstream = \"up\"\nkeys = [{:?}, {:?}]\n",
         upstream.host(),
         key.public,
         cosign_public
@@ -633,6 +634,12 @@ async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_
     assert!(refused.contains("is not signed by a key trusted for"), "{refused}");
 
     pull("mirror/cosigned/app:v1", "cosigned").expect("cosign-signed upstream image through the requiring cache");
+    // The rule names the upstream: it holds however the upstream is reached, here by
+    // containerd's ?ns= with the upstream's own names.
+    for (name, expected) in [("signed/app", 200), ("unsigned/app", 403)] {
+        let r = api.get(&format!("/v2/{name}/manifests/v1?ns=vendor.example")).await.unwrap();
+        assert_eq!(r.status(), expected, "{name} by ns");
+    }
 
     // Nor is a blob of an image no signature vouched for fetched into the cache by digest.
     let layer = Digest::sha256_of(&other.layers[0]);

@@ -28,7 +28,7 @@ pub(super) async fn get(
     let (served, source) = match answered.await? {
         (Reply::Here(served), source) => (served, source),
         (Reply::Redirect(url), _) => {
-            signing.admit_redirect(name)?;
+            signing.admit_redirect(route.resolved(), name)?;
             return Ok(redirect(&url));
         }
     };
