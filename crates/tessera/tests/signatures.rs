@@ -81,6 +81,20 @@ fn skopeo(gnupg: Option<&Path>, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Writes `image` as an OCI layout under `dir` and copies it with skopeo to `dest`
+/// (`HOST/NAME:TAG`, plain HTTP), signing it with `key` as it goes when one is given.
+fn skopeo_push(dir: &Path, image: &Image, key: Option<&Key>, dest: &str) {
+    let at = dir.join(format!("layout-{}", &image.digest().hex()[..16]));
+    image.write_layout(&at, "v1").unwrap();
+    let (layout, dest) = (format!("oci:{}:v1", at.display()), format!("docker://{dest}"));
+    let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
+    if let Some(key) = key {
+        args.extend(["--sign-by", &key.fingerprint]);
+    }
+    args.extend([layout.as_str(), dest.as_str()]);
+    skopeo(key.map(|k| k.home.as_path()), &args).unwrap();
+}
+
 fn pull(policy: &Path, reference: &str, out: &Path, registries_d: Option<&Path>) -> Result<String, String> {
     let mut args = vec!["--policy", policy.to_str().unwrap()];
     if let Some(d) = registries_d {
@@ -104,21 +118,11 @@ async fn skopeo_signs_into_tessera_and_only_a_trusted_signature_for_that_name_ve
     let api = Api::new(&server);
     let host = server.host();
     let image = Image::random(1, 20_000);
-    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
-    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
     let r = api.get("/v2/").await.unwrap();
     assert_eq!(r.headers()["x-registry-supports-signatures"], "1");
 
     // Signed by skopeo as it pushes: the signature goes to the extension API.
-    let push = |key: Option<&Key>, dest: &str| {
-        let dest = format!("docker://{host}/{dest}");
-        let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
-        if let Some(key) = key {
-            args.extend(["--sign-by", &key.fingerprint]);
-        }
-        args.extend([layout.as_str(), dest.as_str()]);
-        skopeo(key.map(|k| k.home.as_path()), &args).unwrap();
-    };
+    let push = |key: Option<&Key>, dest: &str| skopeo_push(dir.path(), &image, key, &format!("{host}/{dest}"));
     push(Some(&trusted), "signed/app:v1");
     push(None, "unsigned/app:v1");
     push(Some(&other), "stranger/app:v1");
@@ -305,12 +309,7 @@ async fn signatures_come_through_the_cache_and_stay_when_the_upstream_is_gone() 
     let key = Key::new(dir.path(), "upstream");
     let mut upstream = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 20_000);
-    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
-    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
-    let signed = format!("docker://{}/signed/app:v1", upstream.host());
-    let args =
-        ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &signed];
-    skopeo(Some(&key.home), &args).unwrap();
+    skopeo_push(dir.path(), &image, Some(&key), &format!("{}/signed/app:v1", upstream.host()));
     let config = format!(
         "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n",
         upstream.host()
@@ -344,12 +343,7 @@ async fn signatures_cross_the_air_gap_with_export_and_import() {
     let key = Key::new(dir.path(), "connected");
     let connected = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 20_000);
-    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
-    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
-    let signed = format!("docker://{}/signed/app:v1", connected.host());
-    let args =
-        ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &signed];
-    skopeo(Some(&key.home), &args).unwrap();
+    skopeo_push(dir.path(), &image, Some(&key), &format!("{}/signed/app:v1", connected.host()));
 
     let archive = dir.path().join("carried.tar");
     let reference = format!("{}/signed/app:v1", connected.host());
@@ -414,17 +408,7 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     let host = server.host();
     let image = Image::random(1, 20_000);
     let digest = image.digest();
-    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
-    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
-    let push = |key: Option<&Key>, dest: &str| {
-        let dest = format!("docker://{host}/{dest}");
-        let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
-        if let Some(key) = key {
-            args.extend(["--sign-by", &key.fingerprint]);
-        }
-        args.extend([layout.as_str(), dest.as_str()]);
-        skopeo(key.map(|k| k.home.as_path()), &args).unwrap();
-    };
+    let push = |key: Option<&Key>, dest: &str| skopeo_push(dir.path(), &image, key, &format!("{host}/{dest}"));
     // Pushes are never refused: a signature arrives after its manifest.
     push(Some(&trusted), "secure/app:v1");
     push(None, "secure/unsigned:v1");
@@ -592,19 +576,10 @@ async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_
     let key = Key::new(dir.path(), "vendor");
     let mut upstream = Server::start(BIN, &[]).unwrap();
     let (image, other) = (Image::random(1, 20_000), Image::random(1, 20_000));
-    for (dest, sign, from) in
-        [("signed/app:v1", true, &image), ("unsigned/app:v1", false, &image), ("other/app:v1", false, &other)]
+    for (dest, signer, from) in
+        [("signed/app:v1", Some(&key), &image), ("unsigned/app:v1", None, &image), ("other/app:v1", None, &other)]
     {
-        let at = dir.path().join(format!("layout-{}", dest.replace(['/', ':'], "-")));
-        from.write_layout(&at, "v1").unwrap();
-        let layout = format!("oci:{}:v1", at.display());
-        let dest = format!("docker://{}/{dest}", upstream.host());
-        let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
-        if sign {
-            args.extend(["--sign-by", &key.fingerprint]);
-        }
-        args.extend([layout.as_str(), dest.as_str()]);
-        skopeo(Some(&key.home), &args).unwrap();
+        skopeo_push(dir.path(), from, signer, &format!("{}/{dest}", upstream.host()));
     }
     // A cosign-signed image upstream: its .sig tag is read through the cache.
     let cosign_key = CosignKey::new("vendor-cosign");
@@ -672,12 +647,7 @@ async fn signatures_come_along_with_sync_into_the_cache_and_into_hosted() {
     let key = Key::new(dir.path(), "synced");
     let mut upstream = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 20_000);
-    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
-    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
-    let signed = format!("docker://{}/signed/app:v1", upstream.host());
-    let args =
-        ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &signed];
-    skopeo(Some(&key.home), &args).unwrap();
+    skopeo_push(dir.path(), &image, Some(&key), &format!("{}/signed/app:v1", upstream.host()));
 
     let data = dir.path().join("data");
     let config = format!(
@@ -781,12 +751,7 @@ async fn static_sources_serve_the_signatures_published_beside_them() {
     // published tree's sigstore/, which a Crane source reads as its lookaside URL.
     let connected = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 20_000);
-    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
-    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
-    let pushed = format!("docker://{}/signed/app:v1", connected.host());
-    let args =
-        ["--insecure-policy", "copy", "--dest-tls-verify=false", "--sign-by", &key.fingerprint, &layout, &pushed];
-    skopeo(Some(&key.home), &args).unwrap();
+    skopeo_push(dir.path(), &image, Some(&key), &format!("{}/signed/app:v1", connected.host()));
     let tree = cdn.root.join("pulp").join("published");
     let source = format!("docker://{}/signed/app:v1", connected.host());
     let ran = tessera_testkit::cli(
