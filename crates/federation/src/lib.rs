@@ -103,8 +103,8 @@ impl Federation {
         for s in &statics {
             s.start_polling();
         }
-        let single_node = hosted.cluster().is_none();
         // The one place each kind of source is made.
+        let vouches = hosted.meta().clone();
         let sources = SourceSet {
             hosted: Arc::new(Hosted { registry: hosted, delivery: delivery.clone() }),
             upstreams: config
@@ -128,8 +128,7 @@ impl Federation {
         };
         let table = RoutingTable::new(config, &sources)?;
         // The counts carry over a reload; the passed checks do not (the keys may differ).
-        let signing =
-            signing::Signing::new(&config.signatures, previous.map(|p| p.signing.stats.clone()), single_node)?;
+        let signing = signing::Signing::new(&config.signatures, previous.map(|p| p.signing.stats.clone()), vouches)?;
         Ok(Federation { table, delivery, signing, caches })
     }
 

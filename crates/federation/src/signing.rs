@@ -6,15 +6,21 @@
 //! route, name, tag and digest, so a signed image costs one cache lookup per pull after its
 //! first; a refusal is remembered for [`REFUSAL_REMEMBERED`], so a client pulling an unsigned
 //! image in a loop does not set off a search of every signature place each time.
+//!
+//! What a pass lets through after it (the manifests a signed index lists, the blobs of a
+//! signed image, fetched by digest alone) is also recorded in the metadata store as
+//! vouches, so that in a cluster every node admits them, not only the one a balancer sent
+//! the index or manifest to.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tessera_config::{SignatureIdentity, SignaturePolicy};
 use tessera_spec::{Accept, Digest, ErrorCode, OciError, ParsedManifest, Reference, RepoName, Tag};
-use tessera_store::ManifestRecord;
+use tessera_store::{ManifestRecord, MetaStore};
 use tessera_trust::{COSIGN_ARTIFACT_TYPE, COSIGN_SIGNATURE_ANNOTATION, Family, Identity, Keyring, Verified};
 
 use crate::router::{Matched, Reply, Resolved};
@@ -24,7 +30,12 @@ use crate::source::Ask;
 pub const VERDICTS_REMEMBERED: usize = 100_000;
 /// How long a refusal (or an unsigned manifest an auditing rule served) is remembered: a
 /// signature pushed meanwhile counts after this long.
-pub const REFUSAL_REMEMBERED: std::time::Duration = std::time::Duration::from_secs(10);
+pub const REFUSAL_REMEMBERED: Duration = Duration::from_secs(10);
+/// How long a recorded vouch counts (and is kept) in the metadata store.
+pub const VOUCHES_KEPT: Duration = Duration::from_secs(24 * 3600);
+/// How often a pass remembered here records its vouches again, so that they stay within
+/// [`VOUCHES_KEPT`] on every node for as long as this node keeps serving it.
+pub const VOUCHES_RENEWED: Duration = Duration::from_secs(3600);
 /// How many refusals each table remembers.
 const REFUSALS_REMEMBERED: usize = 10_000;
 /// The most cosign signature manifests read for one manifest.
@@ -44,6 +55,9 @@ pub struct SigningRule {
     pub keys: Keyring,
     pub require: bool,
     pub identity: Identity,
+    /// What the rule is, keys included, as a digest: the vouches it recorded count only for
+    /// a rule with the same keys and names (after a reload, or on another node).
+    fingerprint: String,
 }
 
 impl SigningRule {
@@ -98,21 +112,32 @@ pub struct Evidence {
 /// The rules of one configuration, with the checks they passed.
 pub struct Signing {
     rules: Vec<SigningRule>,
-    /// Passed checks. A pass holds for the names of the route it was checked through: one
-    /// name may be routed differently by virtual host or `ns`.
-    passed: quick_cache::sync::Cache<PassKey, ()>,
+    /// Passed checks, with when their vouches were last recorded. A pass holds for the
+    /// names of the route it was checked through: one name may be routed differently by
+    /// virtual host or `ns`.
+    passed: quick_cache::sync::Cache<PassKey, Instant>,
     /// Manifests an index that passed lists: served by digest under its rule without
     /// signatures of their own, as clients verify an index's signature and then fetch its
     /// children.
     admitted: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), ()>,
     /// Blobs of manifests that passed: what a requiring rule lets a cache fetch.
     admitted_blobs: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), ()>,
-    /// Whether blob fetches through caches are held to `admitted_blobs` (not in a cluster,
-    /// where another node may have checked the manifest).
-    gates_blobs: bool,
+    /// Where vouches are recorded for every node sharing it (the hosted metadata store).
+    vouches: Arc<dyn MetaStore>,
+    /// When vouches older than [`VOUCHES_KEPT`] were last deleted.
+    vouches_pruned: Mutex<Option<Instant>>,
     /// Recent refusals, with when they were decided and why.
-    refused: quick_cache::sync::Cache<PassKey, (std::time::Instant, String)>,
+    refused: quick_cache::sync::Cache<PassKey, (Instant, String)>,
     pub stats: Arc<SigningStats>,
+}
+
+/// What a vouch admits.
+#[derive(Clone, Copy)]
+enum Vouch {
+    /// A manifest, by digest (a child of an index that passed).
+    Manifest,
+    /// A blob of a manifest that passed.
+    Blob,
 }
 
 /// A passed check: the rule, the route, the name, the tag pulled by, the manifest digest.
@@ -127,12 +152,11 @@ pub struct SigningError {
 }
 
 impl Signing {
-    /// The rules of `policies`; `gates_blobs`: hold blob fetches through caches to the
-    /// blobs of manifests that passed here (a single node, which sees every check).
+    /// The rules of `policies`, recording what passes let through in `vouches`.
     pub fn new(
         policies: &[SignaturePolicy],
         stats: Option<Arc<SigningStats>>,
-        gates_blobs: bool,
+        vouches: Arc<dyn MetaStore>,
     ) -> Result<Signing, SigningError> {
         let mut rules = Vec::new();
         for p in policies {
@@ -146,13 +170,21 @@ impl Signing {
                 SignatureIdentity::Repository => Identity::Repository,
                 SignatureIdentity::Any => Identity::Any,
             };
+            let signed_prefix = p.signed_prefix.as_deref().map(|s| s.trim_matches('/').to_string());
+            let fingerprint = Digest::sha256_of(
+                format!("{:?}", (p.prefix(), &p.upstream, &signed_prefix, p.require, identity, keys.describe()))
+                    .as_bytes(),
+            )
+            .hex()
+            .to_string();
             rules.push(SigningRule {
                 prefix: p.prefix().to_string(),
                 upstream: p.upstream.clone(),
-                signed_prefix: p.signed_prefix.as_deref().map(|s| s.trim_matches('/').to_string()),
+                signed_prefix,
                 keys,
                 require: p.require,
                 identity,
+                fingerprint,
             });
         }
         // Rules naming an upstream first, then the longest prefix: the first covering rule
@@ -164,7 +196,8 @@ impl Signing {
             admitted: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
             refused: quick_cache::sync::Cache::new(REFUSALS_REMEMBERED),
             admitted_blobs: quick_cache::sync::Cache::new(VERDICTS_REMEMBERED),
-            gates_blobs,
+            vouches,
+            vouches_pruned: Mutex::new(None),
             stats: stats.unwrap_or_default(),
         })
     }
@@ -198,12 +231,14 @@ impl Signing {
         let Some((rule_index, rule)) = self.rule_for(name, resolved) else { return Ok(()) };
         let digest = &manifest.digest;
         let key = (rule_index, resolved.matched, name.clone(), tag_of(reference).cloned(), digest.clone());
-        if self.passed.get(&key).is_some() {
+        if let Some(recorded) = self.passed.get(&key) {
+            if recorded.elapsed() > VOUCHES_RENEWED {
+                self.pass(key, resolved, name, manifest).await;
+            }
             return Ok(());
         }
-        if key.3.is_none() && self.admitted.get(&(rule_index, resolved.matched, name.clone(), digest.clone())).is_some()
-        {
-            self.admit_children(rule_index, resolved.matched, name, manifest);
+        if key.3.is_none() && self.was_vouched(Vouch::Manifest, rule_index, resolved, name, digest).await {
+            self.pass(key, resolved, name, manifest).await;
             return Ok(());
         }
         let source = resolved.only(answered);
@@ -213,8 +248,7 @@ impl Signing {
             return self.refuse(&source, rule, name, digest, what).await;
         }
         if is_signature_artifact(manifest, reference) {
-            self.passed.insert(key, ());
-            self.admit_children(rule_index, resolved.matched, name, manifest);
+            self.pass(key, resolved, name, manifest).await;
             return Ok(());
         }
         self.stats.checked.fetch_add(1, Ordering::Relaxed);
@@ -222,19 +256,17 @@ impl Signing {
         let check = Check { resolved: &source, rule, ask, names: names.iter().map(String::as_str).collect() };
         let mut reasons = Vec::new();
         if self.vouched(&check, digest, key.3.as_ref().map(Tag::as_str), &mut reasons).await? {
-            self.passed.insert(key, ());
-            self.admit_children(rule_index, resolved.matched, name, manifest);
+            self.pass(key, resolved, name, manifest).await;
             return Ok(());
         }
-        // A platform manifest of a signed index: its index passed on another node, or before
-        // this node's passes were remembered.
+        // A hosted platform manifest of a signed index, its index not pulled through this
+        // route lately.
         if key.3.is_none() && self.parent_passes(rule_index, &check, name, digest).await? {
-            self.passed.insert(key, ());
-            self.admit_children(rule_index, resolved.matched, name, manifest);
+            self.pass(key, resolved, name, manifest).await;
             return Ok(());
         }
         let what = if reasons.is_empty() { "no signatures were found".to_string() } else { reasons.join("; ") };
-        self.refused.insert(key, (std::time::Instant::now(), what.clone()));
+        self.refused.insert(key, (Instant::now(), what.clone()));
         self.refuse(&source, rule, name, digest, what).await
     }
 
@@ -302,7 +334,6 @@ impl Signing {
                     return Ok(true);
                 }
                 if self.vouched(check, &parent, None, &mut Vec::new()).await? {
-                    self.passed.insert(key, ());
                     return Ok(true);
                 }
             }
@@ -348,18 +379,91 @@ impl Signing {
         failure.map_or(Ok(false), Err)
     }
 
-    /// What a manifest that passed lets through after it: the manifests an index lists, and
-    /// the blobs an image needs.
-    fn admit_children(&self, rule_index: usize, matched: Matched, name: &RepoName, manifest: &ManifestRecord) {
+    /// Remembers a pass, and admits what it lets through after it (the manifests an index
+    /// lists, the blobs an image needs) here and, recorded as vouches, on every node.
+    async fn pass(&self, key: PassKey, resolved: &Resolved, name: &RepoName, manifest: &ManifestRecord) {
+        let (rule_index, matched) = (key.0, key.1);
+        self.passed.insert(key, Instant::now());
         let Ok(parsed) = ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes) else { return };
-        for child in &parsed.manifests {
-            self.admitted.insert((rule_index, matched, name.clone(), child.digest.clone()), ());
+        let children: Vec<Digest> = parsed.manifests.iter().map(|m| m.digest.clone()).collect();
+        let blobs: Vec<Digest> = parsed.required_blobs().map(|b| b.digest.clone()).collect();
+        for child in &children {
+            self.admitted.insert((rule_index, matched, name.clone(), child.clone()), ());
         }
-        if self.gates_blobs {
-            for blob in parsed.required_blobs() {
-                self.admitted_blobs.insert((rule_index, matched, name.clone(), blob.digest.clone()), ());
+        for blob in &blobs {
+            self.admitted_blobs.insert((rule_index, matched, name.clone(), blob.clone()), ());
+        }
+        for (vouch, digests) in [(Vouch::Manifest, children), (Vouch::Blob, blobs)] {
+            if digests.is_empty() {
+                continue;
+            }
+            let scope = self.scope(vouch, rule_index, resolved);
+            if let Err(e) = self.vouches.record_vouches(&scope, name, &digests).await {
+                tracing::warn!(%name, digest = %manifest.digest, "signature pass not recorded for other nodes: {e}");
             }
         }
+        self.prune_vouches();
+    }
+
+    /// Whether a pass here or on another node let `digest` through for `name` on this route.
+    async fn was_vouched(
+        &self,
+        vouch: Vouch,
+        rule_index: usize,
+        resolved: &Resolved,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> bool {
+        let key = (rule_index, resolved.matched, name.clone(), digest.clone());
+        let admitted = match vouch {
+            Vouch::Manifest => &self.admitted,
+            Vouch::Blob => &self.admitted_blobs,
+        };
+        if admitted.get(&key).is_some() {
+            return true;
+        }
+        let scope = self.scope(vouch, rule_index, resolved);
+        match self.vouches.vouched(&scope, name, digest, VOUCHES_KEPT).await {
+            Ok(true) => {
+                admitted.insert(key, ());
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(%name, %digest, "recorded signature passes not read: {e}");
+                false
+            }
+        }
+    }
+
+    /// Where the vouches of a rule on a route are recorded: the same on every node running
+    /// the same rules and routes, whatever their order.
+    fn scope(&self, vouch: Vouch, rule_index: usize, resolved: &Resolved) -> String {
+        let route: Vec<(String, bool)> = resolved.sources.iter().map(|(s, _)| (s.label(), s.caches())).collect();
+        let what = match vouch {
+            Vouch::Manifest => "manifest",
+            Vouch::Blob => "blob",
+        };
+        let rule = &self.rules[rule_index].fingerprint;
+        Digest::sha256_of(format!("{what} {rule} {:?} {route:?}", resolved.matched).as_bytes()).hex().to_string()
+    }
+
+    /// Deletes the vouches too old to count, at most once per [`VOUCHES_RENEWED`] per node.
+    fn prune_vouches(&self) {
+        {
+            let mut pruned = self.vouches_pruned.lock().unwrap_or_else(|p| p.into_inner());
+            if pruned.is_some_and(|at| at.elapsed() < VOUCHES_RENEWED) {
+                return;
+            }
+            *pruned = Some(Instant::now());
+        }
+        let vouches = self.vouches.clone();
+        tokio::spawn(async move {
+            match vouches.forget_vouches(VOUCHES_KEPT).await {
+                Ok(n) => tracing::debug!("{n} signature vouches expired"),
+                Err(e) => tracing::warn!("expired signature vouches not deleted: {e}"),
+            }
+        });
     }
 
     /// Whether a blob GET of `name` may go on: under a requiring rule, a pull-through cache
@@ -373,13 +477,11 @@ impl Signing {
         digest: &Digest,
         ask: &Ask,
     ) -> Result<(), OciError> {
-        if !self.gates_blobs || !resolved.sources.iter().any(|(source, _)| source.caches()) {
+        if !resolved.sources.iter().any(|(source, _)| source.caches()) {
             return Ok(());
         }
         let Some((rule_index, rule)) = self.rule_for(name, resolved) else { return Ok(()) };
-        if !rule.require
-            || self.admitted_blobs.get(&(rule_index, resolved.matched, name.clone(), digest.clone())).is_some()
-        {
+        if !rule.require || self.was_vouched(Vouch::Blob, rule_index, resolved, name, digest).await {
             return Ok(());
         }
         for (source, source_name) in &resolved.sources {
@@ -440,6 +542,7 @@ impl Signing {
             keys: Keyring::default(),
             require: false,
             identity: Identity::Any,
+            fingerprint: String::new(),
         };
         let covering = self.rule_for(name, resolved);
         let rule = covering.map_or(&unchecked, |(_, r)| r);

@@ -185,6 +185,11 @@ impl Registry {
         Ok(())
     }
 
+    /// The metadata store, shared by every node of a cluster.
+    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+        &self.meta
+    }
+
     /// The locks of the cluster this node is one of, if any.
     pub fn cluster(&self) -> Option<&Arc<dyn ClusterLocks>> {
         self.cluster.as_ref()

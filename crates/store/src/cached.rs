@@ -9,6 +9,7 @@
 //! the others' changes (see [`crate::cluster`]).
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use quick_cache::Weighter;
@@ -149,6 +150,18 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
 
     async fn parents(&self, repo: &RepoName, digest: &Digest, limit: usize) -> StoreResult<Vec<Digest>> {
         self.inner.parents(repo, digest, limit).await
+    }
+
+    async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()> {
+        self.inner.record_vouches(scope, repo, digests).await
+    }
+
+    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest, max_age: Duration) -> StoreResult<bool> {
+        self.inner.vouched(scope, repo, digest, max_age).await
+    }
+
+    async fn forget_vouches(&self, max_age: Duration) -> StoreResult<u64> {
+        self.inner.forget_vouches(max_age).await
     }
 
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {

@@ -334,6 +334,28 @@ pub async fn meta_store(store: &dyn MetaStore) {
     );
     assert!(store.signatures(&team_b, &signed).await.unwrap().is_empty(), "per repository");
 
+    // Vouches: by scope, name and digest, within an age; recording again renews them.
+    let (scope, day) = ("rule-1 route-2 blobs", std::time::Duration::from_secs(86_400));
+    let (vouched, other) = (Digest::sha256_of(b"vouched blob"), Digest::sha256_of(b"another blob"));
+    assert!(!store.vouched(scope, &team_a, &vouched, day).await.unwrap());
+    store.record_vouches(scope, &team_a, &[vouched.clone(), signed.clone()]).await.unwrap();
+    store.record_vouches(scope, &team_a, std::slice::from_ref(&vouched)).await.unwrap();
+    assert!(store.vouched(scope, &team_a, &vouched, day).await.unwrap());
+    assert!(store.vouched(scope, &team_a, &signed, day).await.unwrap());
+    assert!(!store.vouched(scope, &team_a, &other, day).await.unwrap());
+    assert!(!store.vouched(scope, &team_b, &vouched, day).await.unwrap(), "per name");
+    assert!(!store.vouched("rule-1 route-3 blobs", &team_a, &vouched, day).await.unwrap(), "per scope");
+    assert_eq!(store.forget_vouches(day).await.unwrap(), 0, "none is a day old");
+    // Long enough that a slow machine renews within it.
+    let moment = std::time::Duration::from_millis(500);
+    tokio::time::sleep(moment * 2).await;
+    assert!(!store.vouched(scope, &team_a, &vouched, moment).await.unwrap(), "older than max_age");
+    store.record_vouches(scope, &team_a, std::slice::from_ref(&vouched)).await.unwrap();
+    assert!(store.vouched(scope, &team_a, &vouched, moment).await.unwrap(), "renewed");
+    assert_eq!(store.forget_vouches(moment).await.unwrap(), 1, "the one not renewed");
+    assert!(!store.vouched(scope, &team_a, &signed, day).await.unwrap());
+    assert!(store.vouched(scope, &team_a, &vouched, day).await.unwrap());
+
     garbage_collection(store).await;
 }
 

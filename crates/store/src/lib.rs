@@ -18,7 +18,7 @@ use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -315,6 +315,11 @@ fn now_ms() -> i64 {
     millis(SystemTime::now())
 }
 
+/// The time `age` before now, in milliseconds since the epoch.
+fn ms_ago(age: Duration) -> i64 {
+    now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Metadata: repositories, blob links, manifests, tags, referrers and upload records.
 ///
 /// A tag, where it points and since when.
@@ -381,6 +386,17 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn signatures(&self, repo: &RepoName, digest: &Digest) -> StoreResult<Vec<(String, Bytes)>>;
     /// The indexes in `repo` that list the manifest `digest`, oldest first, at most `limit`.
     async fn parents(&self, repo: &RepoName, digest: &Digest, limit: usize) -> StoreResult<Vec<Digest>>;
+
+    /// Records, now, that a signature rule vouched for `digests` of `repo` under `scope`
+    /// (the rule, the route and what they are: the manifests a signed index lists, the
+    /// blobs of a signed image), so that every node sharing this store admits them, not
+    /// only the one that checked the signature. Recording one again renews it. Not
+    /// durable: a crash may forget the last ones, which costs a signature check again.
+    async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()>;
+    /// Whether `digest` of `repo` was vouched for under `scope` within the last `max_age`.
+    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest, max_age: Duration) -> StoreResult<bool>;
+    /// Forgets the vouches recorded longer than `max_age` ago; returns how many.
+    async fn forget_vouches(&self, max_age: Duration) -> StoreResult<u64>;
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
     /// transaction. Fails with [`StoreError::Missing`], storing nothing, when a digest of

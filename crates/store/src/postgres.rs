@@ -20,7 +20,9 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 
 use crate::cluster::{ChangeNews, Changed, Connect, PostgresCluster, encode_keys};
-use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, TagRecord, UploadId, millis, now, now_ms, page};
+use crate::{
+    ManifestRecord, MetaStore, Page, StoreError, StoreResult, TagRecord, UploadId, millis, ms_ago, now, now_ms, page,
+};
 
 /// The schema, one step per version; the version is kept in `tessera_schema`.
 const MIGRATIONS: &[&str] = &[
@@ -94,6 +96,18 @@ CREATE TABLE signatures (
     content BYTEA NOT NULL,
     UNIQUE (repo, digest, name)
 );
+"#,
+    // What signature rules vouched for (see `MetaStore::record_vouches`); the names are
+    // the clients', not hosted repositories.
+    r#"
+CREATE TABLE vouches (
+    scope TEXT NOT NULL,
+    repo TEXT COLLATE "C" NOT NULL,
+    digest TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (scope, repo, digest)
+);
+CREATE INDEX vouches_by_age ON vouches(at_ms);
 "#,
 ];
 
@@ -796,6 +810,34 @@ impl MetaStore for PostgresMetaStore {
             )
             .await?;
         rows.iter().map(|r| stored_digest(r.get::<_, String>(0))).collect()
+    }
+
+    // Vouches are written outside the write lock: no other write depends on them.
+    async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()> {
+        let digests: Vec<String> = digests.iter().map(Digest::to_string).collect();
+        self.query(
+            "INSERT INTO vouches(scope, repo, digest, at_ms) SELECT $1::text, $2::text, d, $4::bigint FROM unnest($3::text[]) AS d
+             ON CONFLICT (scope, repo, digest) DO UPDATE SET at_ms = excluded.at_ms",
+            &[&scope, &repo.as_str(), &digests, &now_ms()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest, max_age: Duration) -> StoreResult<bool> {
+        let rows = self
+            .query(
+                "SELECT 1 FROM vouches WHERE scope = $1 AND repo = $2 AND digest = $3 AND at_ms >= $4",
+                &[&scope, &repo.as_str(), &digest.to_string(), &ms_ago(max_age)],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn forget_vouches(&self, max_age: Duration) -> StoreResult<u64> {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        let client = self.pool.get().await.map_err(pool_err)?;
+        client.execute("DELETE FROM vouches WHERE at_ms < $1", &[&ms_ago(max_age)]).await.map_err(db_err)
     }
 
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {

@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -13,7 +13,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Arc;
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{ManifestRecord, MetaStore, Page, StoreError, StoreResult, TagRecord, UploadId, millis, now, now_ms, page};
+use crate::{
+    ManifestRecord, MetaStore, Page, StoreError, StoreResult, TagRecord, UploadId, millis, ms_ago, now, now_ms, page,
+};
 
 /// Schema version kept in `PRAGMA user_version`; each step of `MIGRATIONS` raises it by one.
 const MIGRATIONS: &[&str] = &[
@@ -122,6 +124,18 @@ CREATE TABLE signatures (
     content BLOB NOT NULL,
     UNIQUE (repo, digest, name)
 );
+"#,
+    // What signature rules vouched for (see `MetaStore::record_vouches`); the names are
+    // the clients', not hosted repositories.
+    r#"
+CREATE TABLE vouches (
+    scope TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (scope, repo, digest)
+) WITHOUT ROWID;
+CREATE INDEX vouches_by_age ON vouches(at_ms);
 "#,
 ];
 
@@ -651,6 +665,40 @@ impl MetaStore for SqliteMetaStore {
             )?
             .query_map(params![repo, digest, limit], |r| parse_digest(r.get(0)?))?
             .collect()
+        })
+        .await
+    }
+
+    async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()> {
+        let (scope, repo) = (scope.to_string(), repo.to_string());
+        let digests: Vec<String> = digests.iter().map(Digest::to_string).collect();
+        let at = now_ms();
+        self.write_with(false, move |tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO vouches(scope, repo, digest, at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (scope, repo, digest) DO UPDATE SET at_ms = excluded.at_ms",
+            )?;
+            for digest in &digests {
+                insert.execute(params![scope, repo, digest, at])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest, max_age: Duration) -> StoreResult<bool> {
+        let (scope, repo, digest, since) = (scope.to_string(), repo.to_string(), digest.to_string(), ms_ago(max_age));
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM vouches WHERE scope = ?1 AND repo = ?2 AND digest = ?3 AND at_ms >= ?4")?
+                .exists(params![scope, repo, digest, since])
+        })
+        .await
+    }
+
+    async fn forget_vouches(&self, max_age: Duration) -> StoreResult<u64> {
+        let before = ms_ago(max_age);
+        self.write_with(false, move |tx| {
+            Ok(tx.prepare_cached("DELETE FROM vouches WHERE at_ms < ?1")?.execute(params![before])? as u64)
         })
         .await
     }

@@ -14,6 +14,7 @@ use tessera_store::{BlobStore, S3BlobStore, S3Settings};
 use tessera_testkit::balancer::Balancer;
 use tessera_testkit::cdn::Cdn;
 use tessera_testkit::clients::{ContainersFiles, DOCKER, Dockerd, Podman, short_tempdir};
+use tessera_testkit::cosign::CosignKey;
 use tessera_testkit::garage::Garage;
 use tessera_testkit::postgres::Postgres;
 use tessera_testkit::{Api, Image, Server, have_tool, random_bytes, wait_until_async};
@@ -608,4 +609,63 @@ async fn probes_say_whether_a_node_can_serve_and_a_stopping_node_finishes_its_re
     for _ in 0..6 {
         assert_eq!(api.get("/v2/").await.unwrap().status(), 200);
     }
+}
+
+/// A requiring cache route in a cluster, behind a balancer that is not sticky: what a
+/// signature vouched for through one node (the platform manifests a signed index lists,
+/// fetched by digest; the blobs of a manifest that passed) every other node serves; a blob
+/// no signature vouched for, none fetches.
+#[tokio::test]
+async fn what_a_signature_vouched_for_through_one_node_every_node_serves() {
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let up = Api::new(&upstream);
+    let (amd, arm, unsigned) = (Image::random(2, 5_000), Image::random(1, 5_000), Image::random(1, 5_000));
+    up.push_image("vendor/app", "amd", &amd).await.unwrap();
+    up.push_image("vendor/app", "arm", &arm).await.unwrap();
+    up.push_image("vendor/other", "v1", &unsigned).await.unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [amd.descriptor("amd64"), arm.descriptor("arm64")],
+    })
+    .to_string();
+    let r = up.push_manifest("vendor/app", "v1", "application/vnd.oci.image.index.v1+json", index.as_bytes());
+    assert_eq!(r.await.unwrap().status(), 201);
+    let key = CosignKey::new("vendor");
+    let signed_as = format!("{}/vendor/app", upstream.host());
+    key.push_signature(&up, "vendor/app", &Digest::sha256_of(index.as_bytes()), &signed_as, false).await;
+    let keys = tessera_testkit::tempdir().unwrap();
+    let routes = format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n\
+         [[signatures]]\nupstream = \"up\"\nkeys = [{:?}]\n",
+        upstream.host(),
+        key.write_public(keys.path(), "vendor")
+    );
+    let Some(cluster) = Cluster::start("vouch", &routes) else { return };
+
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let index_answer = cluster.node(0).get("/v2/mirror/vendor/app/manifests/v1").await.unwrap();
+    assert_eq!(status(index_answer), 200, "the signed index:\n{}", cluster.logs());
+    // Each platform manifest is asked for, by digest, of a node that never saw the index;
+    // its blobs of a node that saw neither.
+    for (i, image) in [(1, &amd), (2, &arm)] {
+        let r = cluster.node(i).get(&format!("/v2/mirror/vendor/app/manifests/{}", image.digest())).await.unwrap();
+        assert_eq!(r.status(), 200, "node {i} serves a manifest of the signed index:\n{}", cluster.logs());
+        assert_eq!(r.bytes().await.unwrap(), image.manifest);
+        let other = cluster.node((i + 1) % NODES);
+        for blob in image.blobs() {
+            let r = other.get(&format!("/v2/mirror/vendor/app/blobs/{}", Digest::sha256_of(blob))).await.unwrap();
+            assert_eq!(r.status(), 200, "a blob of a vouched manifest:\n{}", cluster.logs());
+            assert!(r.bytes().await.unwrap() == blob[..], "served whole");
+        }
+    }
+
+    // Nothing vouched for the other image: refused by every node, its blob never fetched.
+    let layer = Digest::sha256_of(&unsigned.layers[0]);
+    for i in 0..NODES {
+        let node = cluster.node(i);
+        assert_eq!(status(node.get("/v2/mirror/vendor/other/manifests/v1").await.unwrap()), 403);
+        assert_eq!(status(node.get(&format!("/v2/mirror/vendor/other/blobs/{layer}")).await.unwrap()), 403);
+    }
+    assert!(!upstream.log_text().contains(&format!("/v2/vendor/other/blobs/{layer}")), "never fetched");
 }

@@ -369,18 +369,6 @@ async fn signatures_cross_the_air_gap_with_export_and_import() {
     pull(&policy, &far, &dir.path().join("far"), None).expect("verified on the far side of the air gap");
 }
 
-/// Pushes `key`'s signature of `digest`, claimed as `reference`, into `name`: under the
-/// `.sig` tag, or as a referrer of the image when `as_referrer`.
-async fn cosign_sign(api: &Api, name: &str, key: &CosignKey, digest: &Digest, reference: &str, as_referrer: bool) {
-    let signed = key.sign(digest, reference, as_referrer);
-    for blob in signed.blobs() {
-        api.push_blob(name, blob).await.unwrap();
-    }
-    let at = if as_referrer { signed.digest().to_string() } else { cosign::signature_tag(digest) };
-    let r = api.push_manifest(name, &at, "application/vnd.oci.image.manifest.v1+json", &signed.manifest).await;
-    assert_eq!(r.unwrap().status(), 201);
-}
-
 /// A manifest GET's status, and its error message when refused.
 async fn manifest_answer(api: &Api, name: &str, reference: &str) -> (u16, String) {
     let r = api.get(&format!("/v2/{name}/manifests/{reference}")).await.unwrap();
@@ -460,7 +448,7 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
         let other = Image::random(1, 5_000);
         api.push_image(name, "v1", &other).await.unwrap();
         assert_eq!(manifest_answer(&api, name, "v1").await.0, 403, "{name} before it is signed");
-        cosign_sign(&api, name, key, &other.digest(), &format!("{host}/{name}"), as_referrer).await;
+        key.push_signature(&api, name, &other.digest(), &format!("{host}/{name}"), as_referrer).await;
         let (status, why) = manifest_answer(&api, name, "v1").await;
         assert_eq!(status, expected, "{name}: {why}");
     }
@@ -482,7 +470,7 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     let r = api.push_manifest("secure/multi", "all", "application/vnd.oci.image.index.v1+json", index.as_bytes());
     assert_eq!(r.await.unwrap().status(), 201);
     let index_digest = Digest::sha256_of(index.as_bytes());
-    cosign_sign(&api, "secure/multi", &cosign, &index_digest, &format!("{host}/secure/multi"), false).await;
+    cosign.push_signature(&api, "secure/multi", &index_digest, &format!("{host}/secure/multi"), false).await;
     // Asked first, as a node of a cluster that did not serve the index would be: the
     // stored index that lists it is found, and its signature vouches.
     let child = amd.digest().to_string();
@@ -588,7 +576,7 @@ async fn a_requiring_cache_route_neither_serves_nor_keeps_what_its_upstream_did_
     let upstream_api = Api::new(&upstream);
     upstream_api.push_image("cosigned/app", "v1", &cosigned).await.unwrap();
     let signed_for = format!("{}/cosigned/app", upstream.host());
-    cosign_sign(&upstream_api, "cosigned/app", &cosign_key, &cosigned.digest(), &signed_for, false).await;
+    cosign_key.push_signature(&upstream_api, "cosigned/app", &cosigned.digest(), &signed_for, false).await;
     let config = format!(
         "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\nauthority = [\"vendor.example\"]\n\n\
          [[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n[[signatures]]\nupstream = \"up\"\nkeys = [{:?}, {:?}]\n",

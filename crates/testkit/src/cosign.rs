@@ -9,6 +9,8 @@ use bytes::Bytes;
 use p256::ecdsa::signature::Signer as _;
 use tessera_spec::Digest;
 
+use crate::Api;
+
 pub const ARTIFACT_TYPE: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
 
 pub struct CosignKey {
@@ -97,6 +99,18 @@ impl CosignKey {
             config: Bytes::from(config),
             manifest: Bytes::from(manifest.to_string()),
         }
+    }
+
+    /// Pushes the signature of `digest`, claimed as `reference`, into `name` at `api`:
+    /// under the `.sig` tag, or as a referrer of the image when `as_referrer`.
+    pub async fn push_signature(&self, api: &Api, name: &str, digest: &Digest, reference: &str, as_referrer: bool) {
+        let signed = self.sign(digest, reference, as_referrer);
+        for blob in signed.blobs() {
+            api.push_blob(name, blob).await.expect("signature blob pushed");
+        }
+        let at = if as_referrer { signed.digest().to_string() } else { signature_tag(digest) };
+        let r = api.push_manifest(name, &at, "application/vnd.oci.image.manifest.v1+json", &signed.manifest).await;
+        assert_eq!(r.expect("signature manifest pushed").status(), 201, "signature manifest pushed");
     }
 }
 
