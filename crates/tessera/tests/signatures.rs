@@ -24,16 +24,29 @@ struct Key {
 
 impl Key {
     fn new(dir: &Path, name: &str) -> Key {
+        Key::made(dir, name, "never", None)
+    }
+
+    /// A key made on 1 January 2020 that expired a day later. Its GPG home lives in that
+    /// day for good (`faked-system-time`), so it still signs.
+    fn expired(dir: &Path, name: &str) -> Key {
+        Key::made(dir, name, "1d", Some("20200101T000000"))
+    }
+
+    fn made(dir: &Path, name: &str, expire: &str, faked_time: Option<&str>) -> Key {
         let home = dir.join(format!("gnupg-{name}"));
         std::fs::create_dir_all(&home).unwrap();
         std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        if let Some(time) = faked_time {
+            std::fs::write(home.join("gpg.conf"), format!("faked-system-time {time}\n")).unwrap();
+        }
         let gpg = |args: &[&str]| {
             let out = Command::new("gpg").env("GNUPGHOME", &home).args(["--batch"]).args(args).output().unwrap();
             assert!(out.status.success(), "gpg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
             out.stdout
         };
         let uid = format!("{name} <{name}@example.com>");
-        gpg(&["--passphrase", "", "--quick-gen-key", &uid, "default", "default", "never"]);
+        gpg(&["--passphrase", "", "--quick-gen-key", &uid, "default", "default", expire]);
         let listing = String::from_utf8(gpg(&["--list-keys", "--with-colons"])).unwrap();
         let fingerprint = listing.lines().find_map(|l| l.strip_prefix("fpr:")).unwrap().trim_matches(':').to_string();
         let public = dir.join(format!("{name}.asc"));
@@ -553,6 +566,31 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     };
     assert_eq!(count("unsigned_served"), Some(1), "{metrics}");
     assert!(count("refused").unwrap() >= 7, "{metrics}");
+}
+
+#[tokio::test]
+async fn a_key_that_expired_vouches_for_nothing_it_signed() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let (old, current) = (Key::expired(dir.path(), "old"), Key::new(dir.path(), "current"));
+    let config = format!("[[signatures]]\nprefix = \"secure\"\nkeys = [{:?}, {:?}]\n", old.public, current.public);
+    let server = Server::with_config(BIN, &config).unwrap();
+    let api = Api::new(&server);
+    let (by_old, by_current) = (Image::random(1, 4_000), Image::random(1, 4_000));
+    skopeo_push(dir.path(), &by_old, Some(&old), &format!("{}/secure/old:v1", server.host()));
+    skopeo_push(dir.path(), &by_current, Some(&current), &format!("{}/secure/current:v1", server.host()));
+    let (status, why) = manifest_answer(&api, "secure/old", "v1").await;
+    assert_eq!(status, 403, "{why}");
+    assert!(why.contains("whose key expired on Thu, 02 Jan 2020"), "{why}");
+    assert_eq!(manifest_answer(&api, "secure/current", "v1").await.0, 200, "the same rule's other key");
+    // skopeo, trusting the old key by its policy.json, judges the same where no rule stops it.
+    skopeo_push(dir.path(), &by_old, Some(&old), &format!("{}/open/old:v1", server.host()));
+    let policy = old.policy(dir.path(), &server.host());
+    let refused = pull(&policy, &format!("{}/open/old:v1", server.host()), &dir.path().join("out"), None).unwrap_err();
+    // Summary 32 is gpgme's GPGME_SIGSUM_KEY_EXPIRED.
+    assert!(refused.contains("Source image rejected") && refused.contains("Summary:32,"), "{refused}");
 }
 
 #[tokio::test]

@@ -6,8 +6,9 @@ use std::path::Path;
 use base64::Engine as _;
 use p256::ecdsa::signature::Verifier as _;
 use p256::pkcs8::{DecodePublicKey as _, EncodePublicKey as _};
-use pgp::composed::{Deserializable as _, Message, SignedPublicKey};
-use pgp::types::KeyDetails as _;
+use pgp::composed::{Deserializable as _, Message, SignedPublicKey, SignedPublicSubKey};
+use pgp::packet::{Signature, SignatureType};
+use pgp::types::{KeyDetails as _, Timestamp};
 use sha2::Digest as _;
 
 use crate::{Family, PAYLOAD_MAX_BYTES, Verified, parse_claim};
@@ -92,7 +93,9 @@ impl Keyring {
     }
 
     /// The claim of a simple signature (an OpenPGP message wrapping the payload), if one
-    /// of the keys (a primary key or one of its subkeys) made it.
+    /// of the keys (a primary key or one of its signing subkeys, not revoked) made it and
+    /// has not expired: as gpg judges a signature valid, an expired key vouches for nothing,
+    /// whenever it signed.
     pub fn verify_simple(&self, signature: &[u8]) -> Result<Verified, String> {
         let message = Message::from_bytes(signature)
             .and_then(Message::decompress)
@@ -110,14 +113,29 @@ impl Keyring {
         }
         // The signature is checked only once the whole message was read.
         std::io::copy(&mut message, &mut std::io::sink()).map_err(|e| format!("not an OpenPGP signed message: {e}"))?;
-        let signer = self
+        let (signer, expires) = self
             .openpgp
             .iter()
-            .find(|k| {
-                message.verify(&k.cert.primary_key).is_ok()
-                    || k.cert.public_subkeys.iter().filter(|sub| signs(sub)).any(|sub| message.verify(&sub.key).is_ok())
+            .find_map(|k| {
+                if message.verify(&k.cert.primary_key).is_ok() {
+                    return Some((k, primary_expires(&k.cert)));
+                }
+                k.cert
+                    .public_subkeys
+                    .iter()
+                    .filter(|sub| signs(sub))
+                    .find(|sub| message.verify(&sub.key).is_ok())
+                    // A subkey lives no longer than its primary key.
+                    .map(|sub| (k, subkey_expires(sub).into_iter().chain(primary_expires(&k.cert)).min()))
             })
             .ok_or_else(|| "no trusted key made it".to_string())?;
+        if let Some(expired) = expires.filter(|at| *at <= std::time::SystemTime::now()) {
+            return Err(format!(
+                "made by {}, whose key expired on {}",
+                openpgp_signer(signer),
+                httpdate::fmt_http_date(expired)
+            ));
+        }
         let claim = parse_claim(&payload, Family::Simple)?;
         Ok(Verified { family: Family::Simple, signer: openpgp_signer(signer), claim })
     }
@@ -141,9 +159,33 @@ impl Keyring {
     }
 }
 
-/// Whether a subkey may sign for its primary key: its binding gives it the signing flag.
-fn signs(subkey: &pgp::composed::SignedPublicSubKey) -> bool {
-    subkey.signatures.iter().any(|binding| binding.key_flags().sign())
+/// Whether a subkey may sign for its primary key: its binding gives it the signing flag,
+/// and the primary key has not revoked it.
+fn signs(subkey: &SignedPublicSubKey) -> bool {
+    let revoked = subkey.signatures.iter().any(|s| s.typ() == Some(SignatureType::SubkeyRevocation));
+    !revoked && subkey.signatures.iter().any(|binding| binding.key_flags().sign())
+}
+
+/// When a primary key expires, as its newest self-signature (direct, or on a user id) says.
+fn primary_expires(cert: &SignedPublicKey) -> Option<std::time::SystemTime> {
+    let self_signatures =
+        cert.details.direct_signatures.iter().chain(cert.details.users.iter().flat_map(|u| &u.signatures));
+    expires(cert.primary_key.created_at(), self_signatures)
+}
+
+/// When a subkey expires, as its newest binding says.
+fn subkey_expires(subkey: &SignedPublicSubKey) -> Option<std::time::SystemTime> {
+    let bindings = subkey.signatures.iter().filter(|s| s.typ() == Some(SignatureType::SubkeyBinding));
+    expires(subkey.key.created_at(), bindings)
+}
+
+/// When a key made at `created` expires by the newest of `signatures` (a key expiration
+/// time counts from the key's creation; none, or zero, is never).
+fn expires<'a>(created: Timestamp, signatures: impl Iterator<Item = &'a Signature>) -> Option<std::time::SystemTime> {
+    let newest = signatures.max_by_key(|s| s.created().map(Timestamp::as_secs))?;
+    let lifetime = std::time::Duration::from(newest.key_expiration_time()?);
+    (!lifetime.is_zero())
+        .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(created.as_secs())) + lifetime)
 }
 
 fn openpgp_signer(key: &OpenPgpKey) -> String {
