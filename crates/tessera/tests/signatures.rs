@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -24,34 +25,53 @@ struct Key {
 
 impl Key {
     fn new(dir: &Path, name: &str) -> Key {
-        Key::made(dir, name, "never", None)
+        Key::made(dir, name, "never", None, false)
+    }
+
+    /// A primary key that only certifies, and signs through a subkey made to sign.
+    fn signing_by_subkey(dir: &Path, name: &str) -> Key {
+        Key::made(dir, name, "never", None, true)
     }
 
     /// A key made on 1 January 2020 that expired a day later. Its GPG home lives in that
     /// day for good (`faked-system-time`), so it still signs.
     fn expired(dir: &Path, name: &str) -> Key {
-        Key::made(dir, name, "1d", Some("20200101T000000"))
+        Key::made(dir, name, "1d", Some("20200101T000000"), false)
     }
 
-    fn made(dir: &Path, name: &str, expire: &str, faked_time: Option<&str>) -> Key {
+    fn made(dir: &Path, name: &str, expire: &str, faked_time: Option<&str>, subkey_signs: bool) -> Key {
         let home = dir.join(format!("gnupg-{name}"));
         std::fs::create_dir_all(&home).unwrap();
         std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
         if let Some(time) = faked_time {
             std::fs::write(home.join("gpg.conf"), format!("faked-system-time {time}\n")).unwrap();
         }
-        let gpg = |args: &[&str]| {
-            let out = Command::new("gpg").env("GNUPGHOME", &home).args(["--batch"]).args(args).output().unwrap();
-            assert!(out.status.success(), "gpg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            out.stdout
-        };
         let uid = format!("{name} <{name}@example.com>");
-        gpg(&["--passphrase", "", "--quick-gen-key", &uid, "default", "default", expire]);
-        let listing = String::from_utf8(gpg(&["--list-keys", "--with-colons"])).unwrap();
+        let (algorithm, usage) = if subkey_signs { ("ed25519", "cert") } else { ("default", "default") };
+        gpg_in(&home, None, &["--passphrase", "", "--quick-gen-key", &uid, algorithm, usage, expire]);
+        let listing = String::from_utf8(gpg_in(&home, None, &["--list-keys", "--with-colons"])).unwrap();
         let fingerprint = listing.lines().find_map(|l| l.strip_prefix("fpr:")).unwrap().trim_matches(':').to_string();
-        let public = dir.join(format!("{name}.asc"));
-        std::fs::write(&public, gpg(&["--armor", "--export", &fingerprint])).unwrap();
-        Key { home, fingerprint, public }
+        if subkey_signs {
+            gpg_in(&home, None, &["--passphrase", "", "--quick-add-key", &fingerprint, "ed25519", "sign", "never"]);
+        }
+        let key = Key { home, fingerprint, public: dir.join(format!("{name}.asc")) };
+        key.export(&key.public);
+        key
+    }
+
+    fn export(&self, to: &Path) {
+        std::fs::write(to, gpg_in(&self.home, None, &["--armor", "--export", &self.fingerprint])).unwrap();
+    }
+
+    /// Revokes the first subkey, and writes the public key with its revocation to `to`.
+    fn revoke_subkey(&self, to: &Path) {
+        // gpg's dialogue: select subkey 1, revoke it, confirm, reason 0, no comment, confirm.
+        gpg_in(
+            &self.home,
+            Some("key 1\nrevkey\ny\n0\n\ny\nsave\n"),
+            &["--command-fd", "0", "--edit-key", &self.fingerprint],
+        );
+        self.export(to);
     }
 
     /// A `signedBy` policy trusting this key for every image of `host`.
@@ -78,6 +98,23 @@ impl Key {
         std::fs::write(&path, policy.to_string()).unwrap();
         path
     }
+}
+
+/// gpg in `home` with `args`, fed `input`; its output.
+fn gpg_in(home: &Path, input: Option<&str>, args: &[&str]) -> Vec<u8> {
+    let mut child = Command::new("gpg")
+        .env("GNUPGHOME", home)
+        .args(["--batch", "--yes"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.unwrap_or("").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "gpg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
 }
 
 /// skopeo with `args`; Ok(stdout) or Err(stderr).
@@ -591,6 +628,38 @@ async fn a_key_that_expired_vouches_for_nothing_it_signed() {
     let refused = pull(&policy, &format!("{}/open/old:v1", server.host()), &dir.path().join("out"), None).unwrap_err();
     // Summary 32 is gpgme's GPGME_SIGSUM_KEY_EXPIRED.
     assert!(refused.contains("Source image rejected") && refused.contains("Summary:32,"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_signing_subkey_vouches_for_its_primary_key_until_revoked() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    let key = Key::signing_by_subkey(dir.path(), "subkeyed");
+    let revoked = dir.path().join("subkeyed-revoked.asc");
+    let config = format!(
+        "[[signatures]]\nprefix = \"before\"\nkeys = [{:?}]\n\n[[signatures]]\nprefix = \"after\"\nkeys = [{:?}]\n",
+        key.public, revoked
+    );
+    // Signed by the subkey (the primary key cannot sign), before its revocation; the
+    // revocation reaches the rule by a reload.
+    key.export(&revoked);
+    let config_file = dir.path().join("tessera.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let server = Server::start(BIN, &["--config", config_file.to_str().unwrap()]).unwrap();
+    let image = Image::random(1, 4_000);
+    for name in ["before/app:v1", "after/app:v1"] {
+        skopeo_push(dir.path(), &image, Some(&key), &format!("{}/{name}", server.host()));
+    }
+    key.revoke_subkey(&revoked);
+    server.hangup();
+    assert!(server.wait_for_log("configuration reloaded", Duration::from_secs(10)), "{}", server.log_text());
+    let api = Api::new(&server);
+    assert_eq!(manifest_answer(&api, "before/app", "v1").await.0, 200, "the subkey signs for its primary key");
+    let (status, why) = manifest_answer(&api, "after/app", "v1").await;
+    assert_eq!(status, 403, "{why}");
+    assert!(why.contains("no trusted key made it"), "{why}");
 }
 
 #[tokio::test]
