@@ -198,6 +198,10 @@ async fn skopeo_signs_into_tessera_and_only_a_trusted_signature_for_that_name_ve
     assert!(unsigned.contains("signature"), "{unsigned}");
     let stranger = pull(&policy, &format!("{host}/stranger/app:v1"), &out("stranger"), None).unwrap_err();
     assert!(stranger.contains("signature"), "{stranger}");
+    // podman, with the same policy, judges the same.
+    podman_pull(&policy, &host, &format!("{host}/signed/app:v1")).expect("podman verifies the trusted signature");
+    let stranger = podman_pull(&policy, &host, &format!("{host}/stranger/app:v1")).unwrap_err();
+    assert!(stranger.contains("signature"), "{stranger}");
 
     // podman signs as it pushes too, into the same API.
     let podman_dir = short_tempdir("tsg").unwrap();
@@ -352,7 +356,7 @@ async fn tessera_is_the_lookaside_server_for_images_another_registry_holds() {
 
 #[tokio::test]
 async fn signatures_come_through_the_cache_and_stay_when_the_upstream_is_gone() {
-    if !have_tool("skopeo") || !have_tool("gpg") {
+    if !have_tool("skopeo") || !have_tool("podman") || !have_tool("gpg") {
         return;
     }
     let dir = tessera_testkit::tempdir().unwrap();
@@ -373,6 +377,7 @@ async fn signatures_come_through_the_cache_and_stay_when_the_upstream_is_gone() 
     upstream.kill();
     pull(&policy, &through, &dir.path().join("second"), None)
         .expect("the kept signature verifies with the upstream gone");
+    podman_pull(&policy, &mirror.host(), &through).expect("podman verifies it through the cache too");
     let digest = image.digest();
     let listed: serde_json::Value = Api::new(&mirror)
         .get(&format!("/extensions/v2/mirror/signed/app/signatures/{digest}"))
@@ -386,7 +391,7 @@ async fn signatures_come_through_the_cache_and_stay_when_the_upstream_is_gone() 
 
 #[tokio::test]
 async fn signatures_cross_the_air_gap_with_export_and_import() {
-    if !have_tool("skopeo") || !have_tool("gpg") {
+    if !have_tool("skopeo") || !have_tool("podman") || !have_tool("gpg") {
         return;
     }
     let dir = tessera_testkit::tempdir().unwrap();
@@ -417,6 +422,19 @@ async fn signatures_cross_the_air_gap_with_export_and_import() {
     let policy = key.remapped_policy(dir.path(), &disconnected.host(), &disconnected.host(), &connected.host());
     let far = format!("{}/signed/app:v1", disconnected.host());
     pull(&policy, &far, &dir.path().join("far"), None).expect("verified on the far side of the air gap");
+    podman_pull(&policy, &disconnected.host(), &far).expect("podman verifies it on the far side too");
+}
+
+/// podman pulling `reference` (plain HTTP to `host`) under the signature policy `policy`:
+/// Ok, or what it said.
+fn podman_pull(policy: &Path, host: &str, reference: &str) -> Result<(), String> {
+    let dir = short_tempdir("tsp").unwrap();
+    let files = ContainersFiles::new(dir.path(), host).unwrap();
+    std::fs::copy(policy, &files.policy).unwrap();
+    let podman = Podman::new(dir.path(), files).unwrap();
+    podman.use_working_driver().unwrap();
+    let out = podman.cmd().args(["pull", "-q", reference]).output().unwrap();
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
 }
 
 /// A manifest GET's status, and its error message when refused.
