@@ -161,6 +161,18 @@ pub struct Upstream {
     basic: std::sync::atomic::AtomicBool,
     /// After a 429: not before this instant (its `Retry-After` is respected).
     quiet_until: Mutex<Option<Instant>>,
+    /// How the last request to the upstream went: its health as traffic sees it.
+    last_contact: Mutex<Option<Contact>>,
+}
+
+/// How one request to an upstream went.
+#[derive(Debug, Clone)]
+pub struct Contact {
+    pub at: std::time::SystemTime,
+    /// Whether it answered, with a status short of a server error.
+    pub answered: bool,
+    /// What happened, in words: `200`, `503`, or why it could not be reached.
+    pub what: String,
 }
 
 /// Seconds from a `Retry-After` header (delta-seconds form; an HTTP date or nothing: 60).
@@ -233,7 +245,24 @@ impl Upstream {
             tokens: quick_cache::sync::Cache::new(TOKENS_REMEMBERED),
             basic: std::sync::atomic::AtomicBool::new(false),
             quiet_until: Mutex::new(None),
+            last_contact: Mutex::new(None),
         })
+    }
+
+    /// How the last request to this upstream went (`None`: none was sent since start).
+    pub fn last_contact(&self) -> Option<Contact> {
+        self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records how a request went, and passes its outcome on.
+    fn contact(&self, outcome: Result<reqwest::Response, reqwest::Error>) -> Result<reqwest::Response, UpstreamError> {
+        let (answered, what) = match &outcome {
+            Ok(r) => (!r.status().is_server_error(), r.status().as_u16().to_string()),
+            Err(e) => (false, format!("unreachable: {}", crate::error::chain(e))),
+        };
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Contact { at: std::time::SystemTime::now(), answered, what });
+        outcome.map_err(UpstreamError::Unreachable)
     }
 
     pub fn name(&self) -> &str {
@@ -333,13 +362,7 @@ impl Upstream {
         if let Some(a) = authorization {
             headers.insert(AUTHORIZATION, a.clone());
         }
-        let response = self
-            .http
-            .request(method, self.url(path))
-            .headers(headers)
-            .send()
-            .await
-            .map_err(UpstreamError::Unreachable)?;
+        let response = self.contact(self.http.request(method, self.url(path)).headers(headers).send().await)?;
         // A 429 for one client's credentials is that client's: it goes back to them and
         // does not quiet the upstream for everyone else.
         Ok(response)
@@ -384,7 +407,7 @@ impl Upstream {
             req.send()
         };
         self.check_quiet()?;
-        let response = attempt(self.authorization(&scope)).await.map_err(UpstreamError::Unreachable)?;
+        let response = self.contact(attempt(self.authorization(&scope)).await)?;
         let response = if response.status() == StatusCode::UNAUTHORIZED {
             self.answer_challenge(response, &scope, attempt).await?
         } else {
@@ -418,7 +441,7 @@ impl Upstream {
             "bearer" => Some(self.fetch_token(&challenge, scope).await?),
             _ => return Ok(response),
         };
-        attempt(auth).await.map_err(UpstreamError::Unreachable)
+        self.contact(attempt(auth).await)
     }
 
     /// GETs a manifest as any supported media type: status, Content-Type and body.

@@ -306,8 +306,8 @@ mod tests {
         async fn referrers(&self, _: &RepoName, _: &Digest, _: Option<&str>, _: &Ask) -> Answer<Referrers> {
             absent()
         }
-        async fn locate(&self, _: &RepoName, _: &Descriptor) -> String {
-            self.0.clone()
+        async fn locate(&self, _: &RepoName, _: &Descriptor) -> crate::Located {
+            crate::Located::new(crate::Via::ThisServer, self.0.clone())
         }
     }
 

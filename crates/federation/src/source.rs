@@ -112,9 +112,9 @@ pub trait Source: Send + Sync {
         ask: &Ask,
     ) -> Answer<Referrers>;
 
-    /// Where a client is sent for `blob`, a descriptor in a manifest this source served, in
-    /// words (for `tessera explain --live`).
-    async fn locate(&self, name: &RepoName, blob: &Descriptor) -> String;
+    /// Where a client is sent for `blob`, a descriptor in a manifest this source served
+    /// (for `tessera explain --live` and the pages).
+    async fn locate(&self, name: &RepoName, blob: &Descriptor) -> Located;
 
     /// The simple signatures of the manifest `digest` (the signature extension's); absent
     /// where this source keeps none for it.
@@ -155,6 +155,92 @@ fn kept_signatures(found: Vec<Signature>) -> Answer<Vec<Signature>> {
         return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
     }
     Ok(Found::Here(found))
+}
+
+/// Where a client is sent for a blob: the kind, and the whole answer in words.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located {
+    pub via: Via,
+    pub words: String,
+}
+
+impl Located {
+    pub fn new(via: Via, words: impl Into<String>) -> Located {
+        Located { via, words: words.into() }
+    }
+}
+
+impl std::fmt::Display for Located {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.words)
+    }
+}
+
+/// The kinds of places a client is sent for bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Via {
+    /// Streamed by this server (hosted, or a layout's files).
+    ThisServer,
+    /// A CDN redirect.
+    Cdn,
+    /// A presigned URL of the blob store.
+    Presigned,
+    /// The nearest healthy mirror.
+    Mirror,
+    /// A URL the blob lives at (a foreign layer, a metadata-only push, a Crane redirect).
+    Elsewhere,
+    /// An upstream's cache, which holds it.
+    Cached,
+    /// An upstream, through the cache, which fetches it when first asked.
+    Fetched,
+    /// A redirect to an upstream.
+    Upstream,
+    /// Nowhere this server may send a client.
+    Unavailable,
+}
+
+impl Via {
+    pub const ALL: [Via; 9] = [
+        Via::ThisServer,
+        Via::Cdn,
+        Via::Presigned,
+        Via::Mirror,
+        Via::Elsewhere,
+        Via::Cached,
+        Via::Fetched,
+        Via::Upstream,
+        Via::Unavailable,
+    ];
+
+    /// The kind in a few words.
+    pub fn name(self) -> &'static str {
+        match self {
+            Via::ThisServer => "this server",
+            Via::Cdn => "CDN",
+            Via::Presigned => "presigned store URL",
+            Via::Mirror => "mirror",
+            Via::Elsewhere => "external URL",
+            Via::Cached => "upstream cache (held)",
+            Via::Fetched => "upstream cache (fetched when asked)",
+            Via::Upstream => "redirect to upstream",
+            Via::Unavailable => "unavailable",
+        }
+    }
+
+    /// A short stable key (CSS classes, test ids).
+    pub fn key(self) -> &'static str {
+        match self {
+            Via::ThisServer => "here",
+            Via::Cdn => "cdn",
+            Via::Presigned => "presigned",
+            Via::Mirror => "mirror",
+            Via::Elsewhere => "external",
+            Via::Cached => "cached",
+            Via::Fetched => "fetched",
+            Via::Upstream => "upstream",
+            Via::Unavailable => "unavailable",
+        }
+    }
 }
 
 fn is_manifest(d: &Descriptor) -> bool {
@@ -293,14 +379,14 @@ impl Source for Hosted {
         Found::from_result(self.registry.referrers(name, subject, artifact_type).await)
     }
 
-    async fn locate(&self, name: &RepoName, blob: &Descriptor) -> String {
+    async fn locate(&self, name: &RepoName, blob: &Descriptor) -> Located {
         if is_manifest(blob) {
-            return "from this server".into();
+            return Located::new(Via::ThisServer, "from this server");
         }
         match self.registry.blob_at(name, &blob.digest).await {
             Ok(BlobAt::Here(_)) => self.delivery.describe_local(name, Some(&blob.digest)),
             Ok(BlobAt::Elsewhere { urls, .. }) => self.delivery.describe_external(name, &urls),
-            Err(e) => e.message,
+            Err(e) => Located::new(Via::Unavailable, e.message),
         }
     }
 
@@ -373,8 +459,17 @@ impl Source for Cached {
         kept_signatures(found.into_iter().map(|(name, content)| Signature { name, content }).collect())
     }
 
-    async fn locate(&self, _: &RepoName, blob: &Descriptor) -> String {
-        foreign_or(blob, format!("from {} through the cache", self.0.upstream().name()))
+    async fn locate(&self, name: &RepoName, blob: &Descriptor) -> Located {
+        let upstream = self.0.upstream().name();
+        let held = !is_manifest(blob) && self.0.holds(name, &blob.digest).await.unwrap_or(false);
+        foreign_or(
+            blob,
+            if held {
+                Located::new(Via::Cached, format!("held in the cache of {upstream}"))
+            } else {
+                Located::new(Via::Fetched, format!("from {upstream} through the cache"))
+            },
+        )
     }
 
     async fn forget(&self, name: &RepoName, digest: &Digest) {
@@ -395,8 +490,12 @@ impl Source for Cached {
 }
 
 /// Where a layer naming its own URLs (a foreign layer) is, else `otherwise`.
-fn foreign_or(blob: &Descriptor, otherwise: String) -> String {
-    if blob.urls.is_empty() { otherwise } else { format!("foreign layer at {}", blob.urls.join(", ")) }
+fn foreign_or(blob: &Descriptor, otherwise: Located) -> Located {
+    if blob.urls.is_empty() {
+        otherwise
+    } else {
+        Located::new(Via::Elsewhere, format!("foreign layer at {}", blob.urls.join(", ")))
+    }
 }
 
 /// An upstream the client is sent to (307) for everything: no bytes pass through here.
@@ -456,8 +555,8 @@ impl Source for RedirectOnly {
         self.to(format!("/v2/{name}/referrers/{subject}{query}"))
     }
 
-    async fn locate(&self, _: &RepoName, blob: &Descriptor) -> String {
-        foreign_or(blob, format!("redirect to {}", self.0.name()))
+    async fn locate(&self, _: &RepoName, blob: &Descriptor) -> Located {
+        foreign_or(blob, Located::new(Via::Upstream, format!("redirect to {}", self.0.name())))
     }
 }
 
@@ -552,14 +651,16 @@ impl Source for Published {
         kept_signatures(found)
     }
 
-    async fn locate(&self, name: &RepoName, blob: &Descriptor) -> String {
+    async fn locate(&self, name: &RepoName, blob: &Descriptor) -> Located {
         if is_manifest(blob) {
-            return "fetched, verified, served here".into();
+            return Located::new(Via::ThisServer, "fetched, verified, served here");
         }
         match self.blob_answer(name, &blob.digest, None).await {
-            Ok(Found::Redirect(url)) => format!("307 to {}", url.split('?').next().unwrap_or_default()),
-            Ok(Found::Here(_)) => "served from the layout's files".to_string(),
-            Ok(Found::Absent(e)) | Err(e) => e.message,
+            Ok(Found::Redirect(url)) => {
+                Located::new(Via::Elsewhere, format!("307 to {}", url.split('?').next().unwrap_or_default()))
+            }
+            Ok(Found::Here(_)) => Located::new(Via::ThisServer, "served from the layout's files"),
+            Ok(Found::Absent(e)) | Err(e) => Located::new(Via::Unavailable, e.message),
         }
     }
 }

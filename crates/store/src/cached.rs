@@ -16,7 +16,7 @@ use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 use tessera_spec::{Digest, RepoName, Tag};
 
-use crate::{ChangeNews, Changed, ManifestRecord, MetaStore, Page, StoreResult, TagRecord, UploadId};
+use crate::{ChangeNews, Changed, ManifestRecord, MetaStore, Page, RepoSummary, StoreResult, TagRecord, UploadId};
 
 /// Rough fixed cost of an entry beyond its payload (keys, node overhead).
 const ENTRY_OVERHEAD: u64 = 256;
@@ -166,6 +166,19 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
 
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
         self.inner.tags_under(prefix).await
+    }
+
+    async fn repository_summaries(
+        &self,
+        last: Option<&str>,
+        containing: &str,
+        limit: usize,
+    ) -> StoreResult<(Vec<RepoSummary>, bool)> {
+        self.inner.repository_summaries(last, containing, limit).await
+    }
+
+    async fn recent_tags(&self, repo: &RepoName, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
+        self.inner.recent_tags(repo, skip, limit).await
     }
 
     async fn untag_if(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> StoreResult<bool> {

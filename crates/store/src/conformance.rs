@@ -356,7 +356,46 @@ pub async fn meta_store(store: &dyn MetaStore) {
     assert!(!store.vouched(scope, &team_a, &signed, day).await.unwrap());
     assert!(store.vouched(scope, &team_a, &vouched, day).await.unwrap());
 
+    summaries(store).await;
     garbage_collection(store).await;
+}
+
+/// Repository summaries (paged, searched, with tag counts and bytes held) and tags by
+/// recency, as the pages read them.
+async fn summaries(store: &dyn MetaStore) {
+    let (x, xy, z): (RepoName, RepoName, RepoName) =
+        ("sum/x".parse().unwrap(), "sum/xy".parse().unwrap(), "sum/z".parse().unwrap());
+    let (held, far) = (Digest::sha256_of(b"held by x"), Digest::sha256_of(b"far from x"));
+    store.link_blob(&x, &held, 1000).await.unwrap();
+    store.link_external(&x, &far, 5000, &["https://cdn.example/far".to_string()]).await.unwrap();
+    let m = manifest(40, None);
+    for tag in ["old", "mid", "new"] {
+        store.put_manifest(&x, &m, Some(&tag.parse().unwrap())).await.unwrap();
+        // Pushes a few milliseconds apart are told apart.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    store.put_manifest(&xy, &m, Some(&"only".parse().unwrap())).await.unwrap();
+    store.link_blob(&z, &held, 1000).await.unwrap();
+
+    let (first, more) = store.repository_summaries(None, "sum/", 2).await.unwrap();
+    assert!(more);
+    let names: Vec<&str> = first.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["sum/x", "sum/xy"]);
+    assert_eq!((first[0].tags, first[0].bytes), (3, 1000), "bytes held here, not those elsewhere");
+    assert_eq!((first[1].tags, first[1].bytes), (1, 0));
+    assert!(first[0].pushed.is_some() && first[1].pushed.is_some());
+    let (rest, more) = store.repository_summaries(Some("sum/xy"), "sum/", 2).await.unwrap();
+    assert!(!more);
+    assert_eq!(rest.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["sum/z"]);
+    assert_eq!((rest[0].tags, rest[0].pushed), (0, None), "a repository without tags");
+    let (found, _) = store.repository_summaries(None, "m/x", 10).await.unwrap();
+    assert_eq!(found.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["sum/x", "sum/xy"], "contained anywhere");
+
+    let recent = store.recent_tags(&x, 0, 2).await.unwrap();
+    assert_eq!(recent.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(), ["new", "mid"]);
+    let recent = store.recent_tags(&x, 2, 2).await.unwrap();
+    assert_eq!(recent.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(), ["old"]);
+    assert!(store.recent_tags(&"sum/none".parse().unwrap(), 0, 2).await.unwrap().is_empty());
 }
 
 /// The promises garbage collection rests on (see [`MetaStore::hold_blob`]).

@@ -294,6 +294,17 @@ pub struct Page {
     pub more: bool,
 }
 
+/// A repository with what the pages say of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepoSummary {
+    pub name: RepoName,
+    pub tags: u64,
+    /// Bytes of the distinct blobs it links that are held here (not those living elsewhere).
+    pub bytes: u64,
+    /// When one of its tags was last pointed at a new manifest.
+    pub pushed: Option<SystemTime>,
+}
+
 /// The first `limit` of `items` (one more was asked for), and whether more follow.
 fn page(mut items: Vec<String>, limit: usize) -> Page {
     let more = items.len() > limit;
@@ -330,6 +341,20 @@ pub struct TagRecord {
     pub digest: Digest,
     /// When the tag was created or last moved to another manifest.
     pub pushed: SystemTime,
+}
+
+impl RepoSummary {
+    /// A summary read back from a store's columns.
+    pub(crate) fn parse(name: &str, tags: i64, bytes: i64, pushed_ms: Option<i64>) -> StoreResult<RepoSummary> {
+        Ok(RepoSummary {
+            name: name
+                .parse()
+                .map_err(|_| StoreError::Backend(io::Error::other("stored repository name is invalid")))?,
+            tags: tags.max(0) as u64,
+            bytes: bytes.max(0) as u64,
+            pushed: pushed_ms.map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)),
+        })
+    }
 }
 
 impl TagRecord {
@@ -375,6 +400,17 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Every tag of the repositories under `prefix` (as [`MetaStore::bytes_under`]), with
     /// when it was last pointed at a new manifest, by repository and tag.
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>>;
+    /// At most `limit` repositories in name order after `last` whose names contain
+    /// `containing` (every one when empty), with their figures; and whether more follow.
+    async fn repository_summaries(
+        &self,
+        last: Option<&str>,
+        containing: &str,
+        limit: usize,
+    ) -> StoreResult<(Vec<RepoSummary>, bool)>;
+    /// The tags of `repo`, the most recently pushed first (then by name), skipping `skip`,
+    /// at most `limit`.
+    async fn recent_tags(&self, repo: &RepoName, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>>;
     /// Deletes `tag` if it still points at `digest` (a push that moved it meanwhile wins).
     async fn untag_if(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> StoreResult<bool>;
     /// Keeps a simple signature of the manifest `digest` under `name`; `false` when that

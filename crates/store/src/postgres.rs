@@ -21,7 +21,8 @@ use tokio_postgres::error::SqlState;
 
 use crate::cluster::{ChangeNews, Changed, Connect, PostgresCluster, encode_keys};
 use crate::{
-    ManifestRecord, MetaStore, Page, StoreError, StoreResult, TagRecord, UploadId, millis, ms_ago, now, now_ms, page,
+    ManifestRecord, MetaStore, Page, RepoSummary, StoreError, StoreResult, TagRecord, UploadId, millis, ms_ago, now,
+    now_ms, page,
 };
 
 /// The schema, one step per version; the version is kept in `tessera_schema`.
@@ -847,6 +848,39 @@ impl MetaStore for PostgresMetaStore {
              WHERE {UNDER_PREFIX} ORDER BY r.name, t.tag"
         );
         let rows = self.query(&sql, &[&prefix]).await?;
+        rows.iter().map(|r| TagRecord::parse(r.get(0), r.get(1), r.get(2), r.get::<_, i64>(3))).collect()
+    }
+
+    async fn repository_summaries(
+        &self,
+        last: Option<&str>,
+        containing: &str,
+        limit: usize,
+    ) -> StoreResult<(Vec<RepoSummary>, bool)> {
+        let rows = self
+            .query(
+                "SELECT r.name,
+                    (SELECT COUNT(*) FROM tags t WHERE t.repo = r.id),
+                    (SELECT COALESCE(SUM(b.size), 0)::BIGINT FROM blob_links l JOIN blobs b ON b.digest = l.digest
+                        WHERE l.repo = r.id AND l.urls IS NULL),
+                    (SELECT MAX(t.pushed_ms) FROM tags t WHERE t.repo = r.id)
+                 FROM repos r WHERE r.name > $1 AND strpos(r.name, $2) > 0 ORDER BY r.name LIMIT $3",
+                &[&last.unwrap_or(""), &containing, &(limit.saturating_add(1).min(i64::MAX as usize) as i64)],
+            )
+            .await?;
+        let more = rows.len() > limit;
+        let summaries = rows.iter().take(limit).map(|r| RepoSummary::parse(r.get(0), r.get(1), r.get(2), r.get(3)));
+        Ok((summaries.collect::<StoreResult<_>>()?, more))
+    }
+
+    async fn recent_tags(&self, repo: &RepoName, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
+        let rows = self
+            .query(
+                "SELECT r.name, t.tag, t.digest, t.pushed_ms FROM tags t JOIN repos r ON r.id = t.repo
+                 WHERE r.name = $1 ORDER BY t.pushed_ms DESC, t.tag LIMIT $2 OFFSET $3",
+                &[&repo.as_str(), &(limit.min(i64::MAX as usize) as i64), &(skip.min(i64::MAX as usize) as i64)],
+            )
+            .await?;
         rows.iter().map(|r| TagRecord::parse(r.get(0), r.get(1), r.get(2), r.get::<_, i64>(3))).collect()
     }
 

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use tessera_spec::{Digest, RepoName, Tag};
 
 use crate::{
-    ManifestRecord, MetaStore, Page, StoreError, StoreResult, TagRecord, UploadId, millis, ms_ago, now, now_ms, page,
+    ManifestRecord, MetaStore, Page, RepoSummary, StoreError, StoreResult, TagRecord, UploadId, millis, ms_ago, now,
+    now_ms, page,
 };
 
 /// Schema version kept in `PRAGMA user_version`; each step of `MIGRATIONS` raises it by one.
@@ -712,6 +713,51 @@ impl MetaStore for SqliteMetaStore {
                      WHERE {UNDER_PREFIX} ORDER BY r.name, t.tag"
                 ))?
                 .query_map([prefix], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.into_iter().map(|(repo, tag, digest, ms)| TagRecord::parse(&repo, &tag, &digest, ms)).collect()
+    }
+
+    async fn repository_summaries(
+        &self,
+        last: Option<&str>,
+        containing: &str,
+        limit: usize,
+    ) -> StoreResult<(Vec<RepoSummary>, bool)> {
+        let (last, containing) = (last.unwrap_or("").to_string(), containing.to_string());
+        let rows = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT r.name,
+                    (SELECT COUNT(*) FROM tags t WHERE t.repo = r.id),
+                    (SELECT COALESCE(SUM(b.size), 0) FROM blob_links l JOIN blobs b ON b.digest = l.digest
+                        WHERE l.repo = r.id AND l.urls IS NULL),
+                    (SELECT MAX(t.pushed_ms) FROM tags t WHERE t.repo = r.id)
+                 FROM repos r WHERE r.name > ?1 AND instr(r.name, ?2) > 0 ORDER BY r.name LIMIT ?3",
+                )?
+                .query_map(params![last, containing, limit.saturating_add(1) as i64], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<i64>>(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        let more = rows.len() > limit;
+        let summaries = rows.into_iter().take(limit).map(|(n, t, b, p)| RepoSummary::parse(&n, t, b, p));
+        Ok((summaries.collect::<StoreResult<_>>()?, more))
+    }
+
+    async fn recent_tags(&self, repo: &RepoName, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
+        let repo = repo.to_string();
+        let rows = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT r.name, t.tag, t.digest, t.pushed_ms FROM tags t JOIN repos r ON r.id = t.repo
+                     WHERE r.name = ?1 ORDER BY t.pushed_ms DESC, t.tag LIMIT ?2 OFFSET ?3",
+                )?
+                .query_map(params![repo, limit as i64, skip as i64], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
