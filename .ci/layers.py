@@ -15,6 +15,8 @@ ALLOWED = {
     "tessera-config": set(),
     "tessera-trust": {"tessera-spec"},
     "tessera-access": {"tessera-spec"},
+    # Renders pages from what it is handed: no other crate of ours, no server, no I/O.
+    "tessera-ui": set(),
     "tessera-store": {"tessera-spec"},
     "tessera-registry": {"tessera-spec", "tessera-store"},
     "tessera-client": {"tessera-spec", "tessera-config"},
@@ -23,11 +25,11 @@ ALLOWED = {
     },
     "tessera-http": {
         "tessera-spec", "tessera-config", "tessera-store", "tessera-registry", "tessera-client",
-        "tessera-federation", "tessera-access", "tessera-trust",
+        "tessera-federation", "tessera-access", "tessera-trust", "tessera-ui",
     },
     "tessera": {
         "tessera-spec", "tessera-config", "tessera-store", "tessera-registry", "tessera-client",
-        "tessera-federation", "tessera-access", "tessera-http", "tessera-trust",
+        "tessera-federation", "tessera-access", "tessera-http", "tessera-trust", "tessera-ui",
     },
     "tessera-testkit": {"tessera-spec"},
     # The harness also measures the metadata store on its own (the database's write ceiling).
@@ -42,6 +44,7 @@ FORBIDDEN = {
     "tessera-spec": HTTP_SERVER | IO,
     "tessera-config": HTTP_SERVER | IO,
     "tessera-trust": HTTP_SERVER | IO,
+    "tessera-ui": HTTP_SERVER | IO,
     "tessera-access": HTTP_SERVER,
     "tessera-store": HTTP_SERVER,
     "tessera-registry": HTTP_SERVER,

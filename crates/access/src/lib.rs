@@ -3,6 +3,7 @@
 //! the http crate turns requests into an [`Action`] on a name and asks [`Access::decide`].
 
 pub mod htpasswd;
+pub mod session;
 pub mod token;
 
 use std::collections::HashMap;

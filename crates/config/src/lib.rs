@@ -15,6 +15,7 @@ mod statics;
 mod storage;
 mod sync;
 mod tls;
+mod ui;
 mod upstream;
 
 pub use access::AccessRule;
@@ -30,6 +31,7 @@ pub use statics::StaticSource;
 pub use storage::{Postgres, S3, Storage};
 pub use sync::{Sync, SyncTarget};
 pub use tls::{ClientAuth, TlsConfig};
+pub use ui::Ui;
 pub use upstream::{Upstream, UpstreamCache};
 
 use std::net::SocketAddr;
@@ -119,6 +121,8 @@ pub struct Config {
     /// Which keys vouch for the images under a name prefix, and whether pulls of images
     /// they did not sign are refused (`[[signatures]]`), longest prefix first.
     pub signatures: Vec<SignaturePolicy>,
+    /// The web pages (`[ui]`).
+    pub ui: Ui,
 }
 
 /// `[[retention]]`: which tags of the repositories under `prefix` go (see
@@ -194,6 +198,7 @@ impl Default for Config {
             retention: Vec::new(),
             syncs: Vec::new(),
             signatures: Vec::new(),
+            ui: Ui::default(),
         }
     }
 }

@@ -14,8 +14,8 @@ pub use tessera_client::upstream;
 
 pub use cache::{CacheStats, Fetched, LATENCY_BUCKETS, PullThrough, UPSTREAM_REQUESTS, UpstreamAuth, UpstreamLatency};
 pub use delivery::{Decision, Delivery};
-pub use router::{Matched, Reply, Resolved, RoutingTable};
-pub use source::{Answer, Ask, Found, Located, Served, Source, Via};
+pub use router::{Matched, Reply, Resolved, RouteInfo, RoutingTable};
+pub use source::{Answer, Ask, Found, Located, Served, Source, SourceKind, Via};
 pub use statics::{StaticBlob, StaticManifest, StaticSource};
 pub use upstream::Upstream;
 

@@ -112,6 +112,18 @@ struct CompiledRoute {
     passthrough: bool,
 }
 
+/// One route, as the pages show it.
+pub struct RouteInfo {
+    /// Its place in the configuration, from 1.
+    pub number: usize,
+    pub host: Option<String>,
+    pub authority: Option<String>,
+    pub prefix: Option<String>,
+    pub members: Vec<Arc<dyn Source>>,
+    pub push: bool,
+    pub passthrough: bool,
+}
+
 pub struct RoutingTable {
     routes: Vec<CompiledRoute>,
     hosted: Arc<dyn Source>,
@@ -186,6 +198,58 @@ impl RoutingTable {
     /// The static sources of this table.
     pub fn statics(&self) -> impl Iterator<Item = &Arc<StaticSource>> {
         self.statics.iter().map(|(s, _)| s)
+    }
+
+    /// The routes, in order (for the pages).
+    pub fn routes(&self) -> Vec<RouteInfo> {
+        self.routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RouteInfo {
+                number: i + 1,
+                host: r.host.clone(),
+                authority: r.authority.clone(),
+                prefix: r.prefix.clone(),
+                members: r.members.iter().map(|m| m.source.clone()).collect(),
+                push: r.push,
+                passthrough: r.passthrough,
+            })
+            .collect()
+    }
+
+    /// Where names no route or static source takes go.
+    pub fn fallback(&self) -> Fallback {
+        self.fallback
+    }
+
+    /// The upstreams that answer containerd's `?ns=` for their authorities, with the
+    /// source that does.
+    pub fn authorities(&self) -> impl Iterator<Item = (&Arc<Upstream>, &Arc<dyn Source>)> {
+        self.upstreams.iter().filter(|(u, _)| !u.config().authority.is_empty()).map(|(u, s)| (u, s))
+    }
+
+    /// The name a client pulls to reach `name` of `upstream` through the first route (with
+    /// no host or `ns` condition) that mounts its cache, if one does.
+    pub fn client_name(&self, upstream: &str, name: &RepoName) -> Option<RepoName> {
+        self.routes.iter().filter(|r| r.host.is_none() && r.authority.is_none()).find_map(|r| {
+            r.members.iter().find_map(|m| {
+                let Rename::Upstream { path, library_rule } = &m.rename else { return None };
+                if m.source.upstream() != Some(upstream) || !m.source.caches() {
+                    return None;
+                }
+                let rest = match path {
+                    Some(p) => strip_prefix(name.as_str(), p)?,
+                    None if *library_rule => name.as_str().strip_prefix("library/").unwrap_or(name.as_str()),
+                    None => name.as_str(),
+                };
+                let joined = match (r.prefix.as_deref(), rest) {
+                    (Some(p), "") => p.to_string(),
+                    (Some(p), rest) => format!("{p}/{rest}"),
+                    (None, rest) => rest.to_string(),
+                };
+                joined.parse().ok()
+            })
+        })
     }
 
     /// Finds the route for a request. `host` is the `Host` header, `authority` the `ns`
@@ -287,6 +351,9 @@ mod tests {
     impl Source for Named {
         fn label(&self) -> String {
             self.0.clone()
+        }
+        fn kind(&self) -> crate::SourceKind {
+            crate::SourceKind::Hosted
         }
         fn describe(&self, _: &RepoName, _: &Reference) -> String {
             self.0.clone()

@@ -122,6 +122,9 @@ pub trait Source: Send + Sync {
         Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures kept here")))
     }
 
+    /// What kind of source this is.
+    fn kind(&self) -> SourceKind;
+
     /// The `[[upstream]]` this source serves from, if it does (its cache or redirects).
     fn upstream(&self) -> Option<&str> {
         None
@@ -155,6 +158,18 @@ fn kept_signatures(found: Vec<Signature>) -> Answer<Vec<Signature>> {
         return Ok(Found::Absent(OciError::new(ErrorCode::ManifestUnknown, "no signatures")));
     }
     Ok(Found::Here(found))
+}
+
+/// The kinds of sources a route is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Hosted,
+    /// An upstream through its pull-through cache.
+    Cache,
+    /// An upstream clients are redirected to.
+    Redirect,
+    /// A `[[static]]` source.
+    Static,
 }
 
 /// Where a client is sent for a blob: the kind, and the whole answer in words.
@@ -328,6 +343,10 @@ impl Source for Hosted {
         "hosted".into()
     }
 
+    fn kind(&self) -> SourceKind {
+        SourceKind::Hosted
+    }
+
     fn describe(&self, name: &RepoName, _: &Reference) -> String {
         format!(
             "hosted repository {name}: manifest from this server's stores; blobs: {}",
@@ -407,6 +426,10 @@ pub struct Cached(pub Arc<PullThrough>);
 impl Source for Cached {
     fn label(&self) -> String {
         format!("upstream {}", self.0.upstream().name())
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Cache
     }
 
     fn describe(&self, name: &RepoName, reference: &Reference) -> String {
@@ -513,6 +536,10 @@ impl Source for RedirectOnly {
         format!("upstream {}", self.0.name())
     }
 
+    fn kind(&self) -> SourceKind {
+        SourceKind::Redirect
+    }
+
     fn upstream(&self) -> Option<&str> {
         Some(self.0.name())
     }
@@ -594,6 +621,10 @@ impl Published {
 impl Source for Published {
     fn label(&self) -> String {
         format!("static {}", self.source.name())
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Static
     }
 
     fn describe(&self, name: &RepoName, _: &Reference) -> String {

@@ -316,6 +316,28 @@ impl StaticSource {
         }
     }
 
+    /// The repositories this source has, in name order.
+    pub fn repositories(&self) -> Vec<RepoName> {
+        match &self.kind {
+            Kind::Crane { repos, .. } => {
+                let mut names: Vec<RepoName> =
+                    repos.read().unwrap_or_else(|p| p.into_inner()).keys().filter_map(|n| n.parse().ok()).collect();
+                names.sort();
+                names
+            }
+            Kind::Layout { repository, .. } => vec![repository.clone()],
+        }
+    }
+
+    /// Where it is published: the Crane directory, the layout's directory or URL.
+    pub fn location(&self) -> String {
+        match &self.kind {
+            Kind::Crane { dir, .. } => dir.display().to_string(),
+            Kind::Layout { root: LayoutRoot::Dir(d), .. } => d.display().to_string(),
+            Kind::Layout { root: LayoutRoot::Url(u), .. } => u.to_string(),
+        }
+    }
+
     /// Whether `name` is a protected repository (served only to admitted clients).
     pub fn protected(&self, name: &RepoName) -> bool {
         self.crane(name).is_some_and(|r| r.protected)

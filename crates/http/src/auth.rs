@@ -24,7 +24,8 @@ pub(crate) fn action_of<'e>(method: &Method, endpoint: &'e Endpoint) -> Option<(
         | Endpoint::Token { .. }
         | Endpoint::Jwks
         | Endpoint::Base
-        | Endpoint::Catalog(_) => None,
+        | Endpoint::Catalog(_)
+        | Endpoint::Page(_) => None,
         Endpoint::Tags { name, .. } | Endpoint::Referrers { name, .. } => Some((Action::Pull, name)),
         Endpoint::Lookaside { name, .. } => Some((Action::Pull, name)),
         Endpoint::Manifest { name, .. }
@@ -155,6 +156,13 @@ pub struct Caller {
     token: Option<Verified>,
 }
 
+impl Caller {
+    /// A caller known by a page login (or anonymous), without a token.
+    pub fn by_login(identity: Identity) -> Caller {
+        Caller { identity, token: None }
+    }
+}
+
 impl Auth {
     pub fn new(
         logins: Logins,
@@ -247,6 +255,12 @@ impl Auth {
             .ok_or_else(|| self.challenge(parts, "malformed credentials", None))?;
         let (user, password) =
             decoded.split_once(':').ok_or_else(|| self.challenge(parts, "malformed credentials", None))?;
+        self.password_user(parts, user, password).await
+    }
+
+    /// The user whose password this is, counted against the client's failed logins like
+    /// any login; a wrong one is the 401 a registry client expects.
+    pub async fn password_user(&self, parts: &Parts, user: &str, password: &str) -> Result<Identity, OciError> {
         if self.logins.remembered(user, password) {
             return Ok(Identity::User(user.to_string()));
         }

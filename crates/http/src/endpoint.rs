@@ -47,6 +47,37 @@ pub enum Endpoint {
     /// `/sigstore/<name>@<algorithm>=<hex>/signature-<index>`: one simple signature in the
     /// lookaside layout (`registries.d`'s `lookaside`), `index` from 1.
     Lookaside { name: RepoName, digest: Digest, index: usize },
+    /// `/` and `/ui/...`: a web page (`[ui]`). Not part of the distribution API; pages
+    /// decide who sees what themselves, repository by repository.
+    Page(Page),
+}
+
+/// The web pages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Page {
+    /// `/`: the routing table.
+    Home,
+    /// `/ui/repositories?q=<text>&after=<name>`
+    Repositories { query: String, after: Option<String> },
+    /// `/ui/r/<name>?page=<n>`: its tags, newest first.
+    Repository { name: RepoName, page: usize },
+    /// `/ui/r/<name>/-/<tag or digest>`
+    Image { name: RepoName, reference: Reference },
+    /// `/ui/operations`
+    Operations,
+    /// `/ui/login` (GET: the form; POST: logging in)
+    Login,
+    /// `POST /ui/logout`
+    Logout,
+    /// `/ui/assets/tessera.css`, `/ui/assets/tessera.js`, `/ui/assets/icon.svg`
+    Asset(Asset),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asset {
+    Stylesheet,
+    Script,
+    Icon,
 }
 
 /// What a copy takes from its source repository.
@@ -67,7 +98,8 @@ impl Endpoint {
             | Endpoint::Quotas
             | Endpoint::Token { .. }
             | Endpoint::Jwks
-            | Endpoint::Catalog(_) => None,
+            | Endpoint::Catalog(_)
+            | Endpoint::Page(_) => None,
             Endpoint::Tags { name, .. }
             | Endpoint::Manifest { name, .. }
             | Endpoint::Blob { name, .. }
@@ -80,6 +112,32 @@ impl Endpoint {
             | Endpoint::Lookaside { name, .. } => Some(name),
         }
     }
+}
+
+/// A page under `/ui/`.
+fn page(rest: &str, q: &Query) -> Result<Page, OciError> {
+    Ok(match rest {
+        "repositories" => Page::Repositories {
+            query: q.get("q").unwrap_or("").trim().to_string(),
+            after: q.get("after").filter(|a| !a.is_empty()).map(str::to_string),
+        },
+        "operations" => Page::Operations,
+        "login" => Page::Login,
+        "logout" => Page::Logout,
+        "assets/tessera.css" => Page::Asset(Asset::Stylesheet),
+        "assets/tessera.js" => Page::Asset(Asset::Script),
+        "assets/icon.svg" => Page::Asset(Asset::Icon),
+        _ => {
+            let rest = rest.strip_prefix("r/").ok_or_else(not_found)?;
+            match rest.split_once("/-/") {
+                Some((name, reference)) => Page::Image { name: name.parse()?, reference: reference.parse()? },
+                None => Page::Repository {
+                    name: rest.parse()?,
+                    page: q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1),
+                },
+            }
+        }
+    })
 }
 
 fn not_found() -> OciError {
@@ -116,6 +174,12 @@ impl Query {
 /// Parses a request target. `path` is the raw (still percent-encoded) path: names are
 /// matched against the spec grammar as sent, so encoded traversal never decodes into one.
 pub fn parse(path: &str, query: Option<&str>) -> Result<Endpoint, OciError> {
+    if path == "/" {
+        return Ok(Endpoint::Page(Page::Home));
+    }
+    if let Some(rest) = path.strip_prefix("/ui/") {
+        return page(rest, &Query::parse(query)).map(Endpoint::Page);
+    }
     match path {
         "/metrics" => return Ok(Endpoint::Metrics),
         "/.well-known/jwks.json" => return Ok(Endpoint::Jwks),

@@ -4,7 +4,7 @@
 pub mod auth;
 pub mod connections;
 pub mod endpoint;
-mod handlers;
+pub mod handlers;
 pub mod limits;
 mod metrics;
 pub mod notify;
@@ -40,7 +40,11 @@ pub struct AppState {
     pub notifier: Option<Arc<notify::Notifier>>,
     /// The `[[sync]]` jobs, with their figures.
     pub syncs: Vec<Arc<tessera_federation::sync::SyncJob>>,
+    /// The web pages' settings; `None` when they are off.
+    pub ui: Option<UiSettings>,
 }
+
+pub use handlers::pages::UiSettings;
 
 pub use metrics::{EndpointFamily, Metrics};
 

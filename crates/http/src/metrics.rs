@@ -39,6 +39,8 @@ pub enum EndpointFamily {
     Token,
     Metrics,
     Probe,
+    /// The web pages and their assets.
+    Page,
     /// A path that is no endpoint (answered 404) or could not be parsed.
     Unknown,
 }
@@ -59,6 +61,7 @@ impl EndpointFamily {
             E::BlobLocation { .. } => EndpointFamily::BlobLocation,
             E::Copy { .. } => EndpointFamily::Copy,
             E::Signatures { .. } | E::Lookaside { .. } => EndpointFamily::Signatures,
+            E::Page(_) => EndpointFamily::Page,
         }
     }
 
@@ -77,6 +80,7 @@ impl EndpointFamily {
             EndpointFamily::Token => "token",
             EndpointFamily::Metrics => "metrics",
             EndpointFamily::Probe => "probe",
+            EndpointFamily::Page => "page",
             EndpointFamily::Unknown => "unknown",
         }
     }
@@ -149,6 +153,81 @@ pub struct Metrics {
     gc_links_removed: Counter,
     gc_blobs_deleted: Counter,
     gc_bytes_freed: Counter,
+    /// Requests and latency over the last minutes, for the operations page's chart.
+    pub(crate) recent: RecentRate,
+}
+
+/// How often [`RecentRate`] takes a sample, and how many it keeps (ten minutes).
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const SAMPLES_KEPT: usize = 120;
+
+/// Requests answered and their summed latency, sampled every [`SAMPLE_EVERY`] by the
+/// requests themselves (no timer task: an idle server takes no samples, and the next
+/// sample spans the quiet time).
+pub(crate) struct RecentRate {
+    started: std::time::Instant,
+    count: std::sync::atomic::AtomicU64,
+    latency_us: std::sync::atomic::AtomicU64,
+    /// Milliseconds after `started` when the next sample is due.
+    due_ms: std::sync::atomic::AtomicU64,
+    samples: std::sync::Mutex<std::collections::VecDeque<RateSample>>,
+}
+
+/// One sample: the interval ending at `at`, what was answered in it.
+#[derive(Clone, Copy)]
+pub(crate) struct RateSample {
+    pub at: std::time::Instant,
+    pub span: std::time::Duration,
+    pub count: u64,
+    pub latency_us: u64,
+}
+
+impl Default for RecentRate {
+    fn default() -> Self {
+        RecentRate {
+            started: std::time::Instant::now(),
+            count: Default::default(),
+            latency_us: Default::default(),
+            due_ms: std::sync::atomic::AtomicU64::new(SAMPLE_EVERY.as_millis() as u64),
+            samples: Default::default(),
+        }
+    }
+}
+
+impl RecentRate {
+    fn add(&self, took: std::time::Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.latency_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.sample_if_due();
+    }
+
+    /// Takes a sample if one is due (one caller wins the race to take it).
+    fn sample_if_due(&self) {
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let due = self.due_ms.load(Ordering::Relaxed);
+        if now_ms < due
+            || self
+                .due_ms
+                .compare_exchange(due, now_ms + SAMPLE_EVERY.as_millis() as u64, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let (count, latency_us) = (self.count.swap(0, Ordering::AcqRel), self.latency_us.swap(0, Ordering::AcqRel));
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let since = samples.back().map_or(self.started, |s| s.at);
+        samples.push_back(RateSample { at: now, span: now - since, count, latency_us });
+        while samples.len() > SAMPLES_KEPT {
+            samples.pop_front();
+        }
+    }
+
+    /// The samples kept, oldest first (a sample due now is taken first).
+    pub(crate) fn samples(&self) -> Vec<RateSample> {
+        self.sample_if_due();
+        self.samples.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+    }
 }
 
 impl Default for Metrics {
@@ -163,11 +242,23 @@ impl Default for Metrics {
             gc_links_removed: Counter::default(),
             gc_blobs_deleted: Counter::default(),
             gc_bytes_freed: Counter::default(),
+            recent: RecentRate::default(),
         }
     }
 }
 
 impl Metrics {
+    /// Garbage collection's figures since start, in words (for the operations page).
+    pub(crate) fn collection_figures(&self) -> Vec<(String, String)> {
+        vec![
+            ("Collection passes since start".into(), self.gc_passes.get().to_string()),
+            ("Bytes freed by them".into(), tessera_ui::bytes(self.gc_bytes_freed.get())),
+            ("Blobs deleted".into(), self.gc_blobs_deleted.get().to_string()),
+            ("Manifests deleted".into(), self.gc_manifests_deleted.get().to_string()),
+            ("Tags untagged by retention".into(), self.gc_tags_untagged.get().to_string()),
+        ]
+    }
+
     /// Counts a finished garbage collection pass.
     pub fn collected(&self, done: &tessera_registry::gc::Collected) {
         if done.elsewhere {
@@ -193,6 +284,7 @@ impl Metrics {
     ) {
         let labels = RequestLabels { family, method: method_label(method), class: status_class(status) };
         self.durations.get_or_create(&labels).observe(took.as_secs_f64());
+        self.recent.add(took);
         if body_bytes > 0 {
             self.received.get_or_create(&FamilyLabel { family }).inc_by(body_bytes);
         }

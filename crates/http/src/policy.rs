@@ -197,7 +197,7 @@ fn copy_source(
     })
 }
 
-fn host(parts: &Parts) -> Option<&str> {
+pub(crate) fn host(parts: &Parts) -> Option<&str> {
     parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| parts.uri.host())
 }
 

@@ -177,7 +177,7 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         self.inner.repository_summaries(last, containing, limit).await
     }
 
-    async fn recent_tags(&self, repo: &RepoName, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
+    async fn recent_tags(&self, repo: Option<&RepoName>, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
         self.inner.recent_tags(repo, skip, limit).await
     }
 

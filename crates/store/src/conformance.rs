@@ -391,11 +391,15 @@ async fn summaries(store: &dyn MetaStore) {
     let (found, _) = store.repository_summaries(None, "m/x", 10).await.unwrap();
     assert_eq!(found.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["sum/x", "sum/xy"], "contained anywhere");
 
-    let recent = store.recent_tags(&x, 0, 2).await.unwrap();
+    let recent = store.recent_tags(Some(&x), 0, 2).await.unwrap();
     assert_eq!(recent.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(), ["new", "mid"]);
-    let recent = store.recent_tags(&x, 2, 2).await.unwrap();
+    let recent = store.recent_tags(Some(&x), 2, 2).await.unwrap();
     assert_eq!(recent.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(), ["old"]);
-    assert!(store.recent_tags(&"sum/none".parse().unwrap(), 0, 2).await.unwrap().is_empty());
+    assert!(store.recent_tags(Some(&"sum/none".parse().unwrap()), 0, 2).await.unwrap().is_empty());
+    store.put_manifest(&z, &m, Some(&"latest".parse().unwrap())).await.unwrap();
+    let everywhere = store.recent_tags(None, 0, 2).await.unwrap();
+    let seen: Vec<String> = everywhere.iter().map(|t| format!("{}:{}", t.repo, t.tag)).collect();
+    assert_eq!(seen[0], "sum/z:latest", "every repository's, the newest first: {seen:?}");
 }
 
 /// The promises garbage collection rests on (see [`MetaStore::hold_blob`]).

@@ -408,9 +408,9 @@ pub trait MetaStore: Send + Sync + 'static {
         containing: &str,
         limit: usize,
     ) -> StoreResult<(Vec<RepoSummary>, bool)>;
-    /// The tags of `repo`, the most recently pushed first (then by name), skipping `skip`,
-    /// at most `limit`.
-    async fn recent_tags(&self, repo: &RepoName, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>>;
+    /// The tags of `repo` (of every repository when `None`), the most recently pushed first
+    /// (then by repository and tag), skipping `skip`, at most `limit`.
+    async fn recent_tags(&self, repo: Option<&RepoName>, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>>;
     /// Deletes `tag` if it still points at `digest` (a push that moved it meanwhile wins).
     async fn untag_if(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> StoreResult<bool>;
     /// Keeps a simple signature of the manifest `digest` under `name`; `false` when that

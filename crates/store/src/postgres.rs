@@ -873,12 +873,16 @@ impl MetaStore for PostgresMetaStore {
         Ok((summaries.collect::<StoreResult<_>>()?, more))
     }
 
-    async fn recent_tags(&self, repo: &RepoName, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
+    async fn recent_tags(&self, repo: Option<&RepoName>, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
         let rows = self
             .query(
                 "SELECT r.name, t.tag, t.digest, t.pushed_ms FROM tags t JOIN repos r ON r.id = t.repo
-                 WHERE r.name = $1 ORDER BY t.pushed_ms DESC, t.tag LIMIT $2 OFFSET $3",
-                &[&repo.as_str(), &(limit.min(i64::MAX as usize) as i64), &(skip.min(i64::MAX as usize) as i64)],
+                 WHERE $1::text IS NULL OR r.name = $1 ORDER BY t.pushed_ms DESC, r.name, t.tag LIMIT $2 OFFSET $3",
+                &[
+                    &repo.map(RepoName::as_str),
+                    &(limit.min(i64::MAX as usize) as i64),
+                    &(skip.min(i64::MAX as usize) as i64),
+                ],
             )
             .await?;
         rows.iter().map(|r| TagRecord::parse(r.get(0), r.get(1), r.get(2), r.get::<_, i64>(3))).collect()

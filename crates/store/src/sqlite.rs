@@ -749,13 +749,13 @@ impl MetaStore for SqliteMetaStore {
         Ok((summaries.collect::<StoreResult<_>>()?, more))
     }
 
-    async fn recent_tags(&self, repo: &RepoName, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
-        let repo = repo.to_string();
+    async fn recent_tags(&self, repo: Option<&RepoName>, skip: usize, limit: usize) -> StoreResult<Vec<TagRecord>> {
+        let repo = repo.map(ToString::to_string);
         let rows = self
             .read(move |c| {
                 c.prepare_cached(
                     "SELECT r.name, t.tag, t.digest, t.pushed_ms FROM tags t JOIN repos r ON r.id = t.repo
-                     WHERE r.name = ?1 ORDER BY t.pushed_ms DESC, t.tag LIMIT ?2 OFFSET ?3",
+                     WHERE ?1 IS NULL OR r.name = ?1 ORDER BY t.pushed_ms DESC, r.name, t.tag LIMIT ?2 OFFSET ?3",
                 )?
                 .query_map(params![repo, limit as i64, skip as i64], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))

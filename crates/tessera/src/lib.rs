@@ -224,7 +224,27 @@ pub async fn open_state(config: &Config) -> anyhow::Result<AppState> {
         notifier: tessera_http::notify::Notifier::start(&config.notify, &config.data)
             .context("cannot open the notification queues")?,
         syncs: tessera_federation::sync::jobs(config).map_err(anyhow::Error::msg)?,
+        ui: open_ui(config)?,
     })
+}
+
+/// The web pages' settings, when they are on: as configured, else on loopback listeners
+/// only (elsewhere they would show any visitor what the registry holds before an operator
+/// chose to).
+fn open_ui(config: &Config) -> anyhow::Result<Option<tessera_http::UiSettings>> {
+    if !config.ui.enabled.unwrap_or_else(|| config.listen.ip().is_loopback()) {
+        return Ok(None);
+    }
+    let lifetime = Duration::from_secs(config.ui.session_hours.max(1) * 3600);
+    let session = match &config.ui.session_key_file {
+        Some(file) => {
+            let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            tessera_access::session::SessionKey::from_bytes(&bytes, lifetime)
+                .map_err(|e| anyhow::anyhow!("[ui] session_key_file {}: {e}", file.display()))?
+        }
+        None => tessera_access::session::SessionKey::random(lifetime),
+    };
+    Ok(Some(tessera_http::UiSettings { session, tls: config.tls.is_some() }))
 }
 
 /// Whether anonymous clients may write when no login is configured: as configured, else

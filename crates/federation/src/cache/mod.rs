@@ -216,6 +216,11 @@ impl PullThrough {
         Ok(cache)
     }
 
+    /// What this cache holds, by the upstream's names.
+    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+        &self.meta
+    }
+
     pub fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
     }

@@ -19,6 +19,11 @@ pub struct MirrorState {
 }
 
 impl MirrorState {
+    /// The URL blobs are fetched under.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }

@@ -5,6 +5,7 @@
 mod blobs;
 mod listings;
 mod manifests;
+pub mod pages;
 mod promote;
 mod service;
 mod signatures;
@@ -246,6 +247,9 @@ async fn handle(
 ) -> Result<Response, OciError> {
     let endpoint = crate::policy::endpoint_of(parts)?;
     *family = EndpointFamily::of(&endpoint);
+    if let Endpoint::Page(page) = endpoint {
+        return Ok(pages::answer(state, parts, body, page).await);
+    }
     let permit = crate::policy::decide(state, parts, endpoint).await?;
     let method = &parts.method;
     match &permit.endpoint {
@@ -289,6 +293,8 @@ async fn handle(
         Endpoint::Copy { what, dry_run, .. } if *method == Method::POST => {
             promote::copy(state, &permit, what, *dry_run).await
         }
+        // Answered before the decision step, above.
+        Endpoint::Page(_) => Err(OciError::new(ErrorCode::NotFound, "no such endpoint")),
         Endpoint::Catalog(_)
         | Endpoint::Tags { .. }
         | Endpoint::Referrers { .. }

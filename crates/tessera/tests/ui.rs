@@ -1,0 +1,343 @@
+//! The web pages, on a registry that holds every kind of content: hosted images (one
+//! delivered from a CDN, one from a mirror, one only a logged-in user may pull), a Crane
+//! source with a protected repository, and a pull-through cache of another Tessera. The
+//! pages are read as a browser would (plain HTTP, a login form, a cookie) and, when
+//! Chromium is installed, in headless Chromium through Selenium, which writes a screenshot
+//! of each page.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_spec::Digest;
+use tessera_testkit::cdn::Cdn;
+use tessera_testkit::clients::short_tempdir;
+use tessera_testkit::{Api, Image, Server, have_tool};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// The registry the pages are tested on, and what it holds.
+struct Federated {
+    server: Server,
+    upstream: Server,
+    _cdn: Cdn,
+    _work: tessera_testkit::TempDir,
+    public: Image,
+    secret: Image,
+    base: Image,
+    upstream_image: Image,
+    /// An index of `public` and another image, tagged `multi` in `public/app`.
+    index_digest: Digest,
+}
+
+fn p(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+impl Federated {
+    /// `None` where nginx (the CDN and mirror) is not installed.
+    async fn start() -> Option<Federated> {
+        if !have_tool("nginx") {
+            return None;
+        }
+        let work = short_tempdir("tui").unwrap();
+        let cdn = Cdn::start("127.0.0.2", None).unwrap();
+        // The Crane source: an image Pulp published to the CDN, and a protected repository.
+        let base = Image::random(2, 40_000);
+        let layout = work.path().join("layout");
+        base.write_layout(&layout, "9").unwrap();
+        let out =
+            tessera_testkit::cli(BIN, &["publish", &format!("oci:{}:9", p(&layout)), &p(&cdn.root.join("pulp/base"))]);
+        assert!(out.ok, "{}", out.stderr);
+        let crane = work.path().join("crane");
+        std::fs::create_dir_all(&crane).unwrap();
+        for (file, repo, protected) in [("base.json", "vendor/base", false), ("private.json", "vendor/private", true)] {
+            let body = json!({"repository": repo, "repo-registry-id": repo, "url": cdn.url("/pulp/base/"),
+                              "version": 3, "protected": protected, "schema2_data": ["9", base.digest().to_string()]});
+            std::fs::write(crane.join(file), body.to_string()).unwrap();
+        }
+        // The upstream behind the cache.
+        let upstream = Server::start(BIN, &[]).unwrap();
+        let upstream_image = Image::random(2, 30_000);
+        Api::new(&upstream).push_image("library/base", "v1", &upstream_image).await.unwrap();
+
+        let htpasswd = tessera_testkit::htpasswd_file(work.path(), &[("alice", "wonder land")]);
+        let config = format!(
+            "[auth]\nhtpasswd = \"{}\"\n\n\
+             [[access]]\nprefix = \"\"\npull = [\"anonymous\"]\npush = [\"anonymous\"]\n\n\
+             [[access]]\nprefix = \"secret\"\npull = [\"alice\"]\npush = [\"anonymous\"]\n\n\
+             [[upstream]]\nname = \"hub\"\nurl = \"http://{}\"\n\n\
+             [[route]]\nprefix = \"mirror\"\nto = \"hub\"\n\n\
+             [[static]]\nname = \"crane\"\ncrane_dir = \"{}\"\n\n\
+             [[delivery]]\nprefix = \"public\"\ndeliver = \"cdn\"\ncdn = \"{}\"\n\n\
+             [[delivery]]\nprefix = \"nearby\"\ndeliver = \"mirrors\"\nhealth_interval_secs = 1\n\
+             [[delivery.mirror]]\nurl = \"{}\"\n",
+            p(&htpasswd),
+            upstream.host(),
+            p(&crane),
+            cdn.url("/cdn/"),
+            cdn.url("/mirror/"),
+        );
+        let server = Server::with_config(BIN, &config).unwrap();
+        let api = Api::new(&server);
+        let (public, secret, nearby) = (Image::random(2, 50_000), Image::random(1, 20_000), Image::random(1, 10_000));
+        api.push_image("public/app", "v1", &public).await.unwrap();
+        api.push_image("secret/app", "v1", &secret).await.unwrap();
+        api.push_image("nearby/app", "v1", &nearby).await.unwrap();
+        let other = Image::random(1, 5_000);
+        api.push_image("public/app", "other", &other).await.unwrap();
+        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                           "manifests": [public.descriptor("amd64"), other.descriptor("arm64")]})
+        .to_string();
+        let r = api.push_manifest("public/app", "multi", OCI_INDEX, index.as_bytes()).await.unwrap();
+        assert_eq!(r.status(), 201);
+        // Sixty tags, for paging (pushed a moment apart, so newest first is defined).
+        for blob in other.blobs() {
+            api.push_blob("public/many", blob).await.unwrap();
+        }
+        for i in 0..60 {
+            let tag = format!("t{i:02}");
+            let r =
+                api.push_manifest("public/many", &tag, "application/vnd.oci.image.manifest.v1+json", &other.manifest);
+            assert_eq!(r.await.unwrap().status(), 201);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Some(Federated {
+            server,
+            upstream,
+            _cdn: cdn,
+            _work: work,
+            public,
+            secret,
+            base,
+            upstream_image,
+            index_digest: Digest::sha256_of(index.as_bytes()),
+        })
+    }
+
+    /// A page as `cookie`'s holder (anonymous without one): status, headers, body.
+    async fn page(&self, path: &str, cookie: Option<&str>) -> (u16, reqwest::header::HeaderMap, String) {
+        let mut req = tessera_testkit::no_redirects().get(self.server.url(path));
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        let r = req.send().await.unwrap();
+        let (status, headers) = (r.status().as_u16(), r.headers().clone());
+        (status, headers, r.text().await.unwrap())
+    }
+
+    /// Logs in through the form; the session cookie (`name=value`).
+    async fn log_in(&self, user: &str, password: &str) -> Result<String, u16> {
+        let r = tessera_testkit::no_redirects()
+            .post(self.server.url("/ui/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("username={user}&password={}&next=%2Fui%2Frepositories", password.replace(' ', "+")))
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 303 {
+            return Err(r.status().as_u16());
+        }
+        assert_eq!(r.headers()["location"], "/ui/repositories");
+        let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+        for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(set.contains(attribute), "{set}");
+        }
+        assert!(!set.contains("Secure"), "not over plain HTTP: {set}");
+        Ok(set.split(';').next().unwrap().to_string())
+    }
+}
+
+#[tokio::test]
+async fn the_pages_show_routes_repositories_tags_and_where_each_layer_comes_from() {
+    let Some(f) = Federated::start().await else { return };
+
+    // Home: every route and source, with the upstream's URL and health.
+    let (status, headers, home) = f.page("/", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline") && csp.contains("frame-ancestors 'none'")
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    for expected in [
+        "Route 1",
+        "mirror/…",
+        "hub",
+        &format!("http://{}", f.upstream.host()),
+        "not asked yet",
+        "crane",
+        "Every other name",
+    ] {
+        assert!(home.contains(expected), "home shows {expected:?}");
+    }
+    assert!(!home.contains("<script>"), "no inline script");
+    // The API stays where clients look for it.
+    let api = Api::new(&f.server);
+    assert_eq!(api.get("/v2/").await.unwrap().status(), 401, "the API still challenges");
+
+    // Repositories: hosted with figures, the Crane source's, none that are hidden.
+    let (status, _, list) = f.page("/ui/repositories", None).await;
+    assert_eq!(status, 200);
+    for expected in ["public/app", "public/many", "nearby/app", "vendor/base", "static source crane"] {
+        assert!(list.contains(expected), "listed: {expected}");
+    }
+    assert!(!list.contains("secret/app"), "an anonymous viewer does not see what it may not pull");
+    assert!(!list.contains("vendor/private"), "nor a protected static repository");
+    let (_, _, found) = f.page("/ui/repositories?q=many", None).await;
+    assert!(found.contains("public/many") && !found.contains("public/app<"), "search");
+
+    // A repository: tags newest first, fifty a page, the index's platforms, sizes.
+    let (status, _, many) = f.page("/ui/r/public/many", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(many.matches("<tr><th scope=\"row\"><a href=\"/ui/r/public/many/-/t").count(), 50);
+    let (newest, oldest) = (many.find(">t59<").unwrap(), many.find(">t10<").unwrap());
+    assert!(newest < oldest, "newest first");
+    assert!(!many.contains(">t09<") && many.contains("href=\"/ui/r/public/many?page=2\""));
+    let (_, _, second) = f.page("/ui/r/public/many?page=2", None).await;
+    assert_eq!(second.matches("<a href=\"/ui/r/public/many/-/t").count(), 10);
+    assert!(second.contains(">t00<") && second.contains("href=\"/ui/r/public/many?page=1\""));
+    let (_, _, app) = f.page("/ui/r/public/app", None).await;
+    assert!(app.contains("linux/amd64, linux/arm64"), "an index's platforms");
+    assert!(app.contains(&f.index_digest.to_string()[..19]));
+
+    // An image: every blob with where a client is sent, the bar, and pull commands.
+    let (status, _, image) = f.page("/ui/r/public/app/-/v1", None).await;
+    assert_eq!(status, 200);
+    assert!(image.contains(&f.public.digest().to_string()));
+    assert!(image.contains("<dt>Platform</dt><dd>linux/amd64</dd>"), "the config's summary");
+    assert!(image.contains("via via-cdn") && image.contains("307 to CDN"), "CDN-delivered layers");
+    assert!(image.contains("<svg class=\"bar\"") && image.contains("Bytes by source: CDN 100%"));
+    let host = f.server.host();
+    for line in [format!("docker pull {host}/public/app:v1"), format!("podman pull {host}/public/app:v1")] {
+        assert!(image.contains(&line), "{line}");
+    }
+    let (_, _, nearby) = f.page("/ui/r/nearby/app/-/v1", None).await;
+    assert!(nearby.contains("via via-mirror") || nearby.contains("via via-here"), "a mirror rule");
+    let (_, _, crane) = f.page("/ui/r/vendor/base/-/9", None).await;
+    assert!(crane.contains("via via-external") && crane.contains(&f.base.digest().to_string()), "Crane blobs");
+    // Through the cache: not held until pulled, then held.
+    let (status, _, cached) = f.page("/ui/r/mirror/library/base/-/v1", None).await;
+    assert_eq!(status, 200, "{cached}");
+    assert!(cached.contains("via via-fetched"), "not in the cache yet");
+    for blob in f.upstream_image.blobs() {
+        assert_eq!(
+            api.get(&format!("/v2/mirror/library/base/blobs/{}", Digest::sha256_of(blob))).await.unwrap().status(),
+            200
+        );
+    }
+    // The cache keeps what it streamed once the fill is done, a moment after the client has it.
+    let mut held = false;
+    for _ in 0..50 {
+        let (_, _, cached) = f.page("/ui/r/mirror/library/base/-/v1", None).await;
+        held = cached.contains("via via-cached") && !cached.contains("via via-fetched");
+        if held {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(held, "held now");
+    let (_, _, home) = f.page("/", None).await;
+    assert!(home.contains("health ok"), "the upstream answered");
+    let (_, _, list) = f.page("/ui/repositories", None).await;
+    assert!(list.contains("cached from upstream hub") && list.contains("mirror/library/base"), "what the cache holds");
+
+    // Operations: storage, the cache against its bound, recent pushes.
+    let (status, _, ops) = f.page("/ui/operations", None).await;
+    assert_eq!(status, 200);
+    for expected in ["Hosted blobs", "Cache of hub", "Recent pushes", "public/many:t59", "Collection passes"] {
+        assert!(ops.contains(expected), "operations: {expected}");
+    }
+    assert!(!ops.contains("secret/app"), "recent pushes only of what the viewer may pull");
+    let (_, _, css) = f.page("/ui/assets/tessera.css", None).await;
+    assert!(css.contains(".via-cdn"));
+}
+
+#[tokio::test]
+async fn a_login_shows_what_that_user_may_pull_and_nothing_else_changes() {
+    let Some(f) = Federated::start().await else { return };
+    // Hidden from anonymous viewers exactly as a name that does not exist.
+    let (hidden, _, hidden_page) = f.page("/ui/r/secret/app", None).await;
+    let (missing, _, missing_page) = f.page("/ui/r/no/such", None).await;
+    assert_eq!((hidden, missing), (404, 404));
+    assert_eq!(hidden_page.replace("secret/app", ""), missing_page.replace("no/such", ""));
+    assert_eq!(f.page("/ui/r/secret/app/-/v1", None).await.0, 404);
+    assert_eq!(f.page("/ui/r/vendor/private", None).await.0, 404);
+
+    assert_eq!(f.log_in("alice", "wrong").await, Err(401));
+    let cookie = f.log_in("alice", "wonder land").await.unwrap();
+    let (_, _, list) = f.page("/ui/repositories", Some(&cookie)).await;
+    assert!(list.contains("secret/app") && list.contains("vendor/private") && list.contains("Signed in as"));
+    let (status, _, secret) = f.page("/ui/r/secret/app/-/v1", Some(&cookie)).await;
+    assert_eq!(status, 200);
+    assert!(secret.contains(&f.secret.digest().to_string()));
+    // A cookie that was altered is no login.
+    let forged = format!("{}x", cookie);
+    assert!(!f.page("/ui/repositories", Some(&forged)).await.2.contains("secret/app"));
+    // Logging out clears the cookie.
+    let r = tessera_testkit::no_redirects().post(f.server.url("/ui/logout")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    // No page changes anything: writes to page paths are refused.
+    for path in ["/", "/ui/repositories", "/ui/r/public/app"] {
+        let r = tessera_testkit::no_redirects().post(f.server.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 405, "{path}");
+    }
+    // After login, a path on this server only.
+    let r = tessera_testkit::no_redirects()
+        .post(f.server.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("username=alice&password=wonder+land&next=https%3A%2F%2Fevil.example%2F")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/");
+}
+
+#[tokio::test]
+async fn the_pages_are_off_where_configured_and_by_default_off_loopback() {
+    let server = Server::with_config(BIN, "[ui]\nenabled = false\n").unwrap();
+    let api = Api::new(&server);
+    assert_eq!(api.get("/").await.unwrap().status(), 404);
+    assert_eq!(api.get("/ui/repositories").await.unwrap().status(), 404);
+    assert_eq!(api.get("/v2/").await.unwrap().status(), 200, "the API is unchanged");
+    let on = Server::start(BIN, &[]).unwrap();
+    assert_eq!(Api::new(&on).get("/").await.unwrap().status(), 200, "on by default on loopback");
+}
+
+/// The pages in headless Chromium (Selenium drives it): each loads without console errors,
+/// shows what it should, paging works, an anonymous viewer does not see a protected
+/// repository and a logged-in one does; a screenshot of each page goes to
+/// `target/ui-screenshots/`.
+#[tokio::test]
+async fn the_pages_work_in_a_real_browser() {
+    let Some(python) = tessera_testkit::clients::python_with_module("selenium", "TESSERA_SELENIUM_PYTHON") else {
+        return;
+    };
+    if !have_tool("chromium") || !have_tool("chromedriver") {
+        return;
+    }
+    let Some(f) = Federated::start().await else { return };
+    // The cache holds the upstream image, as after a pull.
+    Api::new(&f.server).get("/v2/mirror/library/base/manifests/v1").await.unwrap();
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui_browser.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .env("TESSERA_URL", format!("http://{}", f.server.host()))
+        .env("TESSERA_SHOTS", &shots)
+        .env("TESSERA_USER", "alice")
+        .env("TESSERA_PASSWORD", "wonder land")
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the browser checks failed:\n{said}");
+    for page in ["home", "repositories", "repository", "image", "cached-image", "operations", "login"] {
+        let shot = shots.join(format!("{page}.png"));
+        assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000), "a screenshot of {page}: {said}");
+    }
+}
