@@ -41,6 +41,9 @@ struct Args {
     /// iterating on the cache's path.
     #[arg(long)]
     pulls_only: bool,
+    /// Only the web pages of a registry of 10,000 repositories and 10,000 tags in one.
+    #[arg(long)]
+    pages_only: bool,
     /// Where Tessera keeps its data: `fs` (the embedded default: the full table), `s3pg`
     /// (blobs in Garage, metadata in PostgreSQL, against Distribution on the same Garage),
     /// or `cluster` (1, 2 and 3 nodes on Garage and PostgreSQL behind nginx, and what each
@@ -253,6 +256,11 @@ async fn main() -> Result<()> {
         return table.finish(&args);
     }
 
+    if args.pages_only {
+        pages_at_scale(&args, root, &mut table, &content, &Wrk { seconds: scale.seconds }).await?;
+        return table.finish(&args);
+    }
+
     eprintln!("== start-up to first 200 on /v2/ (median of 5)");
     let t_start = servers::median_startup(|i| Registry::tessera(&args.tessera, &root.join(format!("start-t{i}"))), 5)?;
     let d_start =
@@ -426,6 +434,8 @@ async fn main() -> Result<()> {
         None,
     );
     drop(signing);
+
+    pages_at_scale(&args, root, &mut table, &content, &wrk).await?;
 
     eprintln!("== pushes");
     let push_blob = Bytes::from(random_bytes(scale.push_blob, 3));
@@ -860,4 +870,66 @@ async fn timed(f: impl Future<Output = Result<()>>) -> Result<f64> {
 
 fn tempfile_dir() -> Result<tessera_testkit::TempDir> {
     Ok(tessera_testkit::tempdir()?)
+}
+
+/// The web pages of a registry of 10,000 repositories, one of which has 10,000 tags: the
+/// time to each page (one connection, so the mean time per request is the server's time
+/// to render it plus loopback), against the bound of 100 ms.
+async fn pages_at_scale(
+    args: &Args,
+    root: &std::path::Path,
+    table: &mut Table,
+    content: &Content,
+    wrk: &Wrk,
+) -> Result<()> {
+    const REPOSITORIES: usize = 10_000;
+    const TAGS: usize = 10_000;
+    eprintln!("== pages of {REPOSITORIES} repositories and {TAGS} tags in one");
+    let pages = Registry::tessera(&args.tessera, &root.join("pages"))?;
+    let api = pages.api();
+    let manifest = manifest_of(&content.config, &[&content.small]);
+    api.push_blobs_and_manifest("seed/app", "v1", &[&content.config, &content.small], &manifest).await?;
+    let (config, small) = (Digest::sha256_of(&content.config), Digest::sha256_of(&content.small));
+    // Sixteen at a time: each repository mounts the two blobs and gets the manifest.
+    let work: Vec<_> = (0..REPOSITORIES).collect();
+    for chunk in work.chunks(16) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let (api, manifest, config, small) = (api.clone(), manifest.clone(), config.clone(), small.clone());
+            tasks.spawn(async move {
+                let name = format!("team{:02}/app{i:05}", i % 50);
+                api.mount(&name, &config, "seed/app").await?;
+                api.mount(&name, &small, "seed/app").await?;
+                api.put_manifest(&name, "v1", &manifest).await
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+    }
+    let tags: Vec<_> = (0..TAGS).collect();
+    for chunk in tags.chunks(16) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let (api, manifest) = (api.clone(), manifest.clone());
+            tasks.spawn(async move { api.put_manifest("seed/app", &format!("build-{i:05}"), &manifest).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+    }
+    let last_page = TAGS.div_ceil(50);
+    for (what, path) in [
+        ("page: routes (/)", "/".to_string()),
+        ("page: repositories, first of 10,000", "/ui/repositories".to_string()),
+        ("page: repositories, a name searched among 10,000", "/ui/repositories?q=app04321".to_string()),
+        ("page: a repository of 10,000 tags, newest 50", "/ui/r/seed/app".to_string()),
+        ("page: a repository of 10,000 tags, oldest page", format!("/ui/r/seed/app?page={last_page}")),
+        ("page: an image with where each blob comes from", "/ui/r/seed/app/-/v1".to_string()),
+        ("page: operations", "/ui/operations".to_string()),
+    ] {
+        let r = wrk.get(&pages.url(&path), 1, None, false)?;
+        table.add(what, "ms", Better::Lower, 1000.0 / r.rps, None, None);
+    }
+    Ok(())
 }

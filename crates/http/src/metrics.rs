@@ -158,8 +158,8 @@ pub struct Metrics {
 }
 
 /// How often [`RecentRate`] takes a sample, and how many it keeps (ten minutes).
-const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-const SAMPLES_KEPT: usize = 120;
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const SAMPLES_KEPT: usize = 300;
 
 /// Requests answered and their summed latency, sampled every [`SAMPLE_EVERY`] by the
 /// requests themselves (no timer task: an idle server takes no samples, and the next

@@ -321,8 +321,19 @@ async fn the_pages_work_in_a_real_browser() {
         return;
     }
     let Some(f) = Federated::start().await else { return };
-    // The cache holds the upstream image, as after a pull.
-    Api::new(&f.server).get("/v2/mirror/library/base/manifests/v1").await.unwrap();
+    // The cache holds part of the upstream image, as after a pull cut short: its config
+    // and first layer are held, the other layer is fetched when asked.
+    let api = Api::new(&f.server);
+    api.get("/v2/mirror/library/base/manifests/v1").await.unwrap();
+    for blob in [&f.upstream_image.config, &f.upstream_image.layers[0]] {
+        let r = api.get(&format!("/v2/mirror/library/base/blobs/{}", Digest::sha256_of(blob))).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let held = || async {
+        let (_, _, page) = f.page("/ui/r/mirror/library/base/-/v1", None).await;
+        page.matches("via via-cached").count() == 2
+    };
+    assert!(tessera_testkit::wait_until_async(Duration::from_secs(10), held).await, "the cache holds two blobs");
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui_browser.py");
@@ -336,7 +347,17 @@ async fn the_pages_work_in_a_real_browser() {
         .unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the browser checks failed:\n{said}");
-    for page in ["home", "repositories", "repository", "image", "cached-image", "operations", "login"] {
+    for page in [
+        "home",
+        "repositories",
+        "repository",
+        "image",
+        "mirrored-image",
+        "static-image",
+        "cached-image",
+        "operations",
+        "login",
+    ] {
         let shot = shots.join(format!("{page}.png"));
         assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000), "a screenshot of {page}: {said}");
     }

@@ -7,6 +7,7 @@ what failed."""
 import base64
 import os
 import sys
+import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -115,13 +116,17 @@ def main():
         settled(driver, "copying")
         shoot(driver, "image")
 
+        visit(driver, "/ui/r/nearby/app/-/v1")
+        check(driver.find_elements(By.CSS_SELECTOR, "table.blobs span.via"), "mirrored image blobs listed")
+        shoot(driver, "mirrored-image")
+
+        visit(driver, "/ui/r/vendor/base/-/9")
+        check(driver.find_elements(By.CSS_SELECTOR, "svg.bar rect.via-external"), "Crane blobs on their CDN")
+        shoot(driver, "static-image")
+
         visit(driver, "/ui/r/mirror/library/base/-/v1")
         check(driver.find_elements(By.CSS_SELECTOR, "table.blobs span.via"), "cached image blobs listed")
         shoot(driver, "cached-image")
-
-        visit(driver, "/ui/operations")
-        check("Recent pushes" in text(driver) and "Cache of hub" in text(driver), "operations")
-        shoot(driver, "operations")
 
         visit(driver, "/ui/r/secret/app", status=404)
         check("Not found" in text(driver), "anonymous: secret/app is not found")
@@ -144,6 +149,13 @@ def main():
         follow(driver, driver.find_element(By.CSS_SELECTOR, ".viewer button"), "after logout")
         visit(driver, "/ui/repositories")
         check("secret/app" not in text(driver), "logged out: hidden again")
+
+        # Last, once the server has answered for a few seconds: the chart has points.
+        time.sleep(2.5)
+        visit(driver, "/ui/operations")
+        check("Recent pushes" in text(driver) and "Cache of hub" in text(driver), "operations")
+        check(driver.find_elements(By.CSS_SELECTOR, "figure.chart polyline.rate"), "the request chart")
+        shoot(driver, "operations")
     finally:
         driver.quit()
     print("browser checks passed")

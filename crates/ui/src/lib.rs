@@ -395,6 +395,7 @@ pub fn image(frame: &Frame<'_>, image: &Image) -> String {
         }
         section aria-labelledby="signatures" {
             h2 #signatures { "Signatures and referrers" }
+            @if image.signatures.is_empty() && image.referrers.is_empty() { p { "None found." } }
             ul {
                 @for line in &image.signatures { li { (line) } }
                 @for r in &image.referrers {

@@ -448,7 +448,8 @@ fn served_by(resolved: &Resolved) -> Vec<String> {
         .enumerate()
         .map(|(i, (source, n))| {
             let step = if numbered { format!("{}. ", i + 1) } else { String::new() };
-            format!("{step}{}", source.describe(n, &Reference::Tag("latest".parse().expect("a tag"))))
+            // Any tag: the words show where a tag's manifest comes from.
+            format!("{step}{}", source.describe(n, &Reference::Tag("TAG".parse().expect("a tag"))))
         })
         .collect()
 }
