@@ -623,17 +623,10 @@ async fn what_a_signature_vouched_for_through_one_node_every_node_serves() {
     up.push_image("vendor/app", "amd", &amd).await.unwrap();
     up.push_image("vendor/app", "arm", &arm).await.unwrap();
     up.push_image("vendor/other", "v1", &unsigned).await.unwrap();
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [amd.descriptor("amd64"), arm.descriptor("arm64")],
-    })
-    .to_string();
-    let r = up.push_manifest("vendor/app", "v1", "application/vnd.oci.image.index.v1+json", index.as_bytes());
-    assert_eq!(r.await.unwrap().status(), 201);
+    let index = up.push_index("vendor/app", "v1", &[(&amd, "amd64"), (&arm, "arm64")]).await.unwrap();
     let key = CosignKey::new("vendor");
     let signed_as = format!("{}/vendor/app", upstream.host());
-    key.push_signature(&up, "vendor/app", &Digest::sha256_of(index.as_bytes()), &signed_as, false).await;
+    key.push_signature(&up, "vendor/app", &index, &signed_as, false).await;
     let keys = tessera_testkit::tempdir().unwrap();
     let routes = format!(
         "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"up\"\n\n\

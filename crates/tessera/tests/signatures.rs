@@ -529,15 +529,7 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     let (amd, arm) = (Image::random(1, 3_000), Image::random(1, 3_000));
     api.push_image("secure/multi", "amd", &amd).await.unwrap();
     api.push_image("secure/multi", "arm", &arm).await.unwrap();
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [amd.descriptor("amd64"), arm.descriptor("arm64")],
-    })
-    .to_string();
-    let r = api.push_manifest("secure/multi", "all", "application/vnd.oci.image.index.v1+json", index.as_bytes());
-    assert_eq!(r.await.unwrap().status(), 201);
-    let index_digest = Digest::sha256_of(index.as_bytes());
+    let index_digest = api.push_index("secure/multi", "all", &[(&amd, "amd64"), (&arm, "arm64")]).await.unwrap();
     cosign.push_signature(&api, "secure/multi", &index_digest, &format!("{host}/secure/multi"), false).await;
     // Asked first, as a node of a cluster that did not serve the index would be: the
     // stored index that lists it is found, and its signature vouches.

@@ -15,7 +15,6 @@ use tessera_testkit::clients::short_tempdir;
 use tessera_testkit::{Api, Image, Server, have_tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// The registry the pages are tested on, and what it holds.
 struct Federated {
@@ -87,11 +86,8 @@ impl Federated {
         api.push_image("nearby/app", "v1", &nearby).await.unwrap();
         let other = Image::random(1, 5_000);
         api.push_image("public/app", "other", &other).await.unwrap();
-        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                           "manifests": [public.descriptor("amd64"), other.descriptor("arm64")]})
-        .to_string();
-        let r = api.push_manifest("public/app", "multi", OCI_INDEX, index.as_bytes()).await.unwrap();
-        assert_eq!(r.status(), 201);
+        let index_digest =
+            api.push_index("public/app", "multi", &[(&public, "amd64"), (&other, "arm64")]).await.unwrap();
         // Sixty tags, for paging (pushed a moment apart, so newest first is defined).
         for blob in other.blobs() {
             api.push_blob("public/many", blob).await.unwrap();
@@ -103,17 +99,7 @@ impl Federated {
             assert_eq!(r.await.unwrap().status(), 201);
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Some(Federated {
-            server,
-            upstream,
-            _cdn: cdn,
-            _work: work,
-            public,
-            secret,
-            base,
-            upstream_image,
-            index_digest: Digest::sha256_of(index.as_bytes()),
-        })
+        Some(Federated { server, upstream, _cdn: cdn, _work: work, public, secret, base, upstream_image, index_digest })
     }
 
     /// A page as `cookie`'s holder (anonymous without one): status, headers, body.

@@ -408,6 +408,22 @@ impl Api {
         Ok(image.digest())
     }
 
+    /// Pushes an OCI index listing `images` (each the linux image for its architecture,
+    /// pushed already) as `name:tag`; returns the index's digest.
+    pub async fn push_index(&self, name: &str, tag: &str, images: &[(&Image, &str)]) -> Result<Digest> {
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": images.iter().map(|(image, arch)| image.descriptor(arch)).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let r = self.push_manifest(name, tag, "application/vnd.oci.image.index.v1+json", index.as_bytes()).await?;
+        if r.status() != 201 {
+            bail!("push index: {} {}", r.status(), r.text().await?);
+        }
+        Ok(Digest::sha256_of(index.as_bytes()))
+    }
+
     pub async fn get(&self, path: &str) -> Result<reqwest::Response> {
         Ok(self.http.get(self.url(path)).send().await?)
     }

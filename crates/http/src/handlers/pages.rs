@@ -611,6 +611,14 @@ async fn image(
     if !may_see(state, viewer, name, &resolved) {
         return Err(PageError::NotFound);
     }
+    if resolved.passthrough {
+        // Its upstream decides who may pull, from the client's own credentials, which a
+        // page does not have.
+        return Err(PageError::Failed(OciError::new(
+            tessera_spec::ErrorCode::Unsupported,
+            "this route passes clients' credentials to its upstream; pull the image to see it",
+        )));
+    }
     let ask = Ask { client: parts.extensions.get::<crate::ClientAddr>().map(|c| c.0), ..Ask::default() };
     for (position, (source, source_name)) in resolved.sources.iter().enumerate() {
         let manifest = match source.manifest(source_name, reference, &Accept::any(), &ask).await? {
