@@ -258,7 +258,11 @@ impl Upstream {
     fn contact(&self, outcome: Result<reqwest::Response, reqwest::Error>) -> Result<reqwest::Response, UpstreamError> {
         let (answered, what) = match &outcome {
             Ok(r) => (!r.status().is_server_error(), r.status().as_u16().to_string()),
-            Err(e) => (false, format!("unreachable: {}", crate::error::chain(e))),
+            // The kind of failure only: reqwest's words carry the URL, which names the
+            // repository asked for, and this is shown to anyone on the pages.
+            Err(e) if e.is_timeout() => (false, "unreachable: timed out".to_string()),
+            Err(e) if e.is_connect() => (false, "unreachable: could not connect".to_string()),
+            Err(_) => (false, "unreachable: the connection failed".to_string()),
         };
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(Contact { at: std::time::SystemTime::now(), answered, what });

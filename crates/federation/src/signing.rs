@@ -172,7 +172,7 @@ impl Signing {
             };
             let signed_prefix = p.signed_prefix.as_deref().map(|s| s.trim_matches('/').to_string());
             let fingerprint = Digest::sha256_of(
-                format!("{:?}", (p.prefix(), &p.upstream, &signed_prefix, p.require, identity, keys.describe()))
+                format!("{:?}", (p.prefix(), &p.upstream, &signed_prefix, p.require, identity, keys.digest()))
                     .as_bytes(),
             )
             .hex()

@@ -817,7 +817,7 @@ impl MetaStore for PostgresMetaStore {
     async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()> {
         let digests: Vec<String> = digests.iter().map(Digest::to_string).collect();
         self.query(
-            "INSERT INTO vouches(scope, repo, digest, at_ms) SELECT $1::text, $2::text, d, $4::bigint FROM unnest($3::text[]) AS d
+            "INSERT INTO vouches(scope, repo, digest, at_ms) SELECT $1::text, $2::text, d, $4::bigint FROM (SELECT DISTINCT unnest($3::text[]) AS d) AS listed
              ON CONFLICT (scope, repo, digest) DO UPDATE SET at_ms = excluded.at_ms",
             &[&scope, &repo.as_str(), &digests, &now_ms()],
         )

@@ -173,6 +173,28 @@ async fn the_pages_show_routes_repositories_tags_and_where_each_layer_comes_from
     }
     assert!(!list.contains("secret/app"), "an anonymous viewer does not see what it may not pull");
     assert!(!list.contains("vendor/private"), "nor a protected static repository");
+    // The page after: fifty repositories the viewer may see, and a link that names only
+    // one of them. With 46 more names before them, the 50th name in store order is hidden.
+    let filler = Image::random(1, 1_000);
+    for i in 0..46 {
+        api.push_image(&format!("aaa/r{i:02}"), "v1", &filler).await.unwrap();
+    }
+    for name in ["secret/a00", "secret/a01", "zzz/r00"] {
+        api.push_image(name, "v1", &filler).await.unwrap();
+    }
+    let (_, _, first) = f.page("/ui/repositories", None).await;
+    assert!(
+        !first.contains("secret/") && !first.contains("secret%2F"),
+        "no hidden name, not even in the next page's link"
+    );
+    assert!(first.contains("href=\"/ui/r/zzz/r00\"") && first.contains("after=zzz%2Fr00"), "paged past them");
+    let (_, _, second) = f.page("/ui/repositories?after=zzz%2Fr00", None).await;
+    assert!(!second.contains("secret/") && !second.contains("aaa/r"));
+    // Answers on page paths carry the pages' headers, errors too.
+    let (status, headers, _) = f.page("/ui/r/Not..Valid", None).await;
+    assert!(status >= 400);
+    assert!(headers["content-security-policy"].to_str().unwrap().contains("default-src 'none'"));
+    assert_eq!(headers["x-frame-options"], "DENY");
     let (_, _, found) = f.page("/ui/repositories?q=many", None).await;
     assert!(found.contains("public/many") && !found.contains("public/app<"), "search");
 
@@ -234,10 +256,10 @@ async fn the_pages_show_routes_repositories_tags_and_where_each_layer_comes_from
     // Operations: storage, the cache against its bound, recent pushes.
     let (status, _, ops) = f.page("/ui/operations", None).await;
     assert_eq!(status, 200);
-    for expected in ["Hosted blobs", "Cache of hub", "Recent pushes", "public/many:t59", "Collection passes"] {
+    for expected in ["Hosted blobs", "Cache of hub", "Recent pushes", "zzz/r00:v1", "Collection passes"] {
         assert!(ops.contains(expected), "operations: {expected}");
     }
-    assert!(!ops.contains("secret/app"), "recent pushes only of what the viewer may pull");
+    assert!(!ops.contains("secret/"), "recent pushes only of what the viewer may pull");
     let (_, _, css) = f.page("/ui/assets/tessera.css", None).await;
     assert!(css.contains(".via-cdn"));
 }

@@ -31,6 +31,8 @@ struct CosignKey {
 pub struct Keyring {
     openpgp: Vec<OpenPgpKey>,
     cosign: Vec<CosignKey>,
+    /// Every file's bytes as added, hashed: what the keys are, to their last signature.
+    material: sha2::Sha256,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -50,6 +52,8 @@ impl Keyring {
 
     /// Adds the keys in `bytes` (as [`Keyring::add_file`] reads them).
     pub fn add(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.material.update((bytes.len() as u64).to_be_bytes());
+        self.material.update(bytes);
         let text = std::str::from_utf8(bytes).ok();
         if let Some(pem) = text.filter(|t| t.contains("-----BEGIN PUBLIC KEY-----")) {
             let key = p256::ecdsa::VerifyingKey::from_public_key_pem(pem.trim())
@@ -81,6 +85,12 @@ impl Keyring {
             self.openpgp.push(OpenPgpKey { cert, fingerprint, user });
         }
         Ok(())
+    }
+
+    /// A digest of the keys as given (hex): it changes with any change to them, a new
+    /// revocation or binding included.
+    pub fn digest(&self) -> String {
+        hex::encode(self.material.clone().finalize())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -228,6 +238,16 @@ mod tests {
         let (_, other_keys) = cosign_key(9);
         assert!(other_keys.verify_cosign(PAYLOAD, &signature).is_err());
         assert!(keys.verify_cosign(PAYLOAD, "!!").unwrap_err().contains("base64"));
+    }
+
+    #[test]
+    fn the_keyring_digest_follows_the_keys_to_the_byte() {
+        let (_, seven) = cosign_key(7);
+        let (_, again) = cosign_key(7);
+        let (_, nine) = cosign_key(9);
+        assert_eq!(seven.digest(), again.digest());
+        assert_ne!(seven.digest(), nine.digest());
+        assert_ne!(seven.digest(), Keyring::default().digest());
     }
 
     #[test]

@@ -547,7 +547,8 @@ fn slug(text: &str) -> String {
 
 fn short_digest(digest: &str) -> &str {
     let hex_at = digest.find(':').map_or(0, |i| i + 1);
-    &digest[..(hex_at + 12).min(digest.len())]
+    // Digests are ASCII; text that is not (from a careless upstream) is shown whole.
+    digest.get(..(hex_at + 12).min(digest.len())).unwrap_or(digest)
 }
 
 /// A media type in a word or two.
@@ -619,6 +620,8 @@ mod tests {
         assert_eq!(bytes(999), "999 B");
         assert_eq!(bytes(1_500), "1.5 kB");
         assert_eq!(bytes(12_300_000), "12.3 MB");
+        assert_eq!(short_digest("sha256:0123456789abcdef"), "sha256:0123456789ab");
+        assert_eq!(short_digest("sha256:a€€€€"), "sha256:a€€€€", "not cut inside a character");
         let now = SystemTime::now();
         assert_eq!(ago(now - Duration::from_secs(130), now), "2 min ago");
         assert_eq!(ago(now - Duration::from_secs(3 * 86_400), now), "3 days ago");

@@ -32,6 +32,9 @@ use crate::{ApiError, AppState, EndpointFamily};
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
     // A load balancer's probes pass before limits and login: it asks often, from one
     // address, and never logs in.
+    // Every answer on a page path carries the pages' security headers, errors (a name
+    // that does not parse, a rate limit, a time limit) included.
+    let page_path = req.uri().path() == "/" || req.uri().path().starts_with("/ui/");
     let (mut answer, family) = match req.uri().path() {
         "/healthz" => (service::healthz(), EndpointFamily::Probe),
         "/readyz" => (service::readyz(&state).await, EndpointFamily::Probe),
@@ -41,7 +44,7 @@ pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -
         }
     };
     answer.extensions_mut().insert(family);
-    answer
+    if page_path { pages::secured(answer) } else { answer }
 }
 
 /// The answer to a request the probes did not take; `family` says what it asked for, as

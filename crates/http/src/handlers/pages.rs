@@ -26,6 +26,13 @@ use crate::endpoint::{Asset, Page};
 const SESSION_COOKIE: &str = "tessera_session";
 /// Rows per page of repositories and of tags.
 const ROWS: usize = 50;
+/// How many store pages one page of repositories reads at most to find ROWS the viewer
+/// may see.
+const SCANS: usize = 20;
+/// The most pages of tags (a bound on the offset a query skips).
+const PAGES_MAX: usize = 100_000;
+/// The most blobs of one image located and listed.
+const BLOBS_SHOWN: usize = 500;
 /// The most repositories listed of each static source and each cache.
 const OTHER_ROWS: usize = 100;
 /// The largest login form read.
@@ -366,33 +373,48 @@ async fn repositories(
 ) -> Result<ui::Repositories, PageError> {
     let visible = |name: &RepoName| resolve(federation, parts, name).is_some_and(|r| may_see(state, viewer, name, &r));
     let mut groups = Vec::new();
-    let (summaries, more) = state.registry.meta().repository_summaries(after, query, ROWS).await?;
-    let next = (more && !summaries.is_empty()).then(|| {
-        let last = summaries.last().map(|s| s.name.to_string()).unwrap_or_default();
-        format!("/ui/repositories?{}", encode(&[("q", query), ("after", &last)]))
-    });
-    groups.push(ui::RepoGroup {
-        title: "on this server".into(),
-        kind: ui::SourceKind::Hosted,
-        rows: summaries
-            .into_iter()
-            .filter(|s| visible(&s.name))
-            .map(|s| ui::RepoRow {
-                name: s.name.to_string(),
-                link: true,
-                tags: Some(s.tags),
-                bytes: Some(s.bytes),
-                pushed: s.pushed,
-            })
-            .collect(),
-        next,
-        note: None,
-    });
+    // A page holds the first ROWS repositories the viewer may see after `after`; the next
+    // page starts after the last of those, so no hidden name ever appears in a link.
+    let mut rows = Vec::new();
+    let mut cursor = after.map(str::to_string);
+    let mut more = true;
+    for _ in 0..SCANS {
+        let (summaries, more_stored) =
+            state.registry.meta().repository_summaries(cursor.as_deref(), query, ROWS).await?;
+        more = more_stored;
+        for s in summaries {
+            cursor = Some(s.name.to_string());
+            if rows.len() < ROWS && visible(&s.name) {
+                rows.push(ui::RepoRow {
+                    name: s.name.to_string(),
+                    link: true,
+                    tags: Some(s.tags),
+                    bytes: Some(s.bytes),
+                    pushed: s.pushed,
+                });
+            }
+            if rows.len() == ROWS {
+                more = true;
+                break;
+            }
+        }
+        if rows.len() == ROWS || !more {
+            break;
+        }
+    }
+    let next = match (more, rows.last()) {
+        (true, Some(last)) => Some(format!("/ui/repositories?{}", encode(&[("q", query), ("after", &last.name)]))),
+        _ => None,
+    };
+    let note = (more && rows.is_empty())
+        .then(|| "Many repositories here are not ones you may see; search for a name to find yours.".to_string());
+    groups.push(ui::RepoGroup { title: "on this server".into(), kind: ui::SourceKind::Hosted, rows, next, note });
     for source in federation.statics() {
         let names: Vec<RepoName> = source.repositories();
+        let anonymous = viewer.user().is_none();
         let shown: Vec<ui::RepoRow> = names
             .iter()
-            .filter(|n| n.as_str().contains(query) && visible(n))
+            .filter(|n| n.as_str().contains(query) && visible(n) && !(anonymous && source.protected(n)))
             .take(OTHER_ROWS)
             .map(|n| ui::RepoRow { name: n.to_string(), link: true, tags: None, bytes: None, pushed: None })
             .collect();
@@ -466,6 +488,7 @@ async fn repository(
     if !may_see(state, viewer, name, &resolved) {
         return Err(PageError::NotFound);
     }
+    let page = page.min(PAGES_MAX);
     let skip = (page - 1) * ROWS;
     let page_link = |p: usize| format!("/ui/r/{name}?page={p}");
     let mut tags = Vec::new();
@@ -502,9 +525,10 @@ async fn repository(
         }
         Some((source, source_name)) => {
             // A static source or a redirect: its tags in name order, without push times.
-            let paging = tessera_spec::Paging { n: Some(ROWS), last: None };
+            let paging = tessera_spec::Paging { n: Some(skip + ROWS + 1), last: None };
             match source.tags(source_name, &paging, &Ask::default()).await? {
                 Found::Here(listed) => {
+                    more = listed.more || listed.items.len() > skip + ROWS;
                     for tag in listed.items.iter().skip(skip).take(ROWS) {
                         tags.push(ui::TagRow {
                             tag: tag.clone(),
@@ -516,7 +540,6 @@ async fn repository(
                             referrers: Vec::new(),
                         });
                     }
-                    more = listed.more;
                 }
                 Found::Redirect(_) => {
                     empty =
@@ -630,7 +653,12 @@ async fn image(
         };
         let parsed = ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes)?;
         let mut blobs = Vec::new();
-        let roles = parsed.config.iter().map(|d| ("config", d)).chain(parsed.layers.iter().map(|d| ("layer", d)));
+        let roles = parsed
+            .config
+            .iter()
+            .map(|d| ("config", d))
+            .chain(parsed.layers.iter().map(|d| ("layer", d)))
+            .take(BLOBS_SHOWN);
         for (role, d) in roles {
             let located = source.locate(source_name, d).await;
             blobs.push(ui::Blob {
@@ -651,9 +679,14 @@ async fn image(
         by_via.sort_by_key(|v| std::cmp::Reverse(v.2));
         // The config's bytes are read where they are kept, whatever a client would be sent to.
         let reading = Ask { bypass_delivery: true, ..ask.clone() };
+        // A cache's config is read only when the cache holds it already: a page fetches
+        // nothing from an upstream a pull would not, and nothing a signature rule holds back.
         let config = match &parsed.config {
-            Some(d) => config_summary(source.as_ref(), source_name, &d.digest, &reading).await,
-            None => None,
+            Some(d) if d.size <= CONFIG_MAX as u64 => {
+                let held = !source.caches() || source.holds(source_name, &d.digest).await.unwrap_or(false);
+                if held { config_summary(source.as_ref(), source_name, &d.digest, &reading).await } else { None }
+            }
+            _ => None,
         };
         let signatures = match federation.signing.rule_for(name, &resolved) {
             Some(_) => federation
@@ -842,7 +875,13 @@ fn next_of(query: Option<&str>) -> String {
 
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.chars().any(|c| c == '\\' || c.is_control() || c.is_whitespace()) =>
+        {
+            n.to_string()
+        }
         _ => "/".to_string(),
     }
 }
@@ -899,7 +938,7 @@ fn session_cookie(settings: &UiSettings, value: &str, max_age: u64) -> String {
 
 /// Headers every page answer carries: no script or style but this server's, no framing,
 /// no sniffing, and no caching of what depends on who is looking.
-fn secured(mut response: Response) -> Response {
+pub(super) fn secured(mut response: Response) -> Response {
     let headers = response.headers_mut();
     let set = |headers: &mut axum::http::HeaderMap, name: &'static str, value: &'static str| {
         headers.insert(name, axum::http::HeaderValue::from_static(value));
@@ -963,9 +1002,15 @@ mod tests {
     #[test]
     fn after_logging_in_a_client_goes_only_somewhere_on_this_server() {
         assert_eq!(safe_next(Some("/ui/r/team/app")), "/ui/r/team/app");
-        for elsewhere in
-            [None, Some("https://evil.example/"), Some("//evil.example/"), Some("/\\evil.example"), Some("ui")]
-        {
+        for elsewhere in [
+            None,
+            Some("https://evil.example/"),
+            Some("//evil.example/"),
+            Some("/\\evil.example"),
+            Some("/\t/evil.example"),
+            Some("/ui\r\nSet-Cookie: x=y"),
+            Some("ui"),
+        ] {
             assert_eq!(safe_next(elsewhere), "/", "{elsewhere:?}");
         }
     }
