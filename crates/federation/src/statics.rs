@@ -120,6 +120,18 @@ async fn exported_entry(sigstore: &Path, digest: &Digest) -> Option<PathBuf> {
     None
 }
 
+/// `url` without the user name and password it may carry (for showing it).
+fn without_user_info(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => "(a URL that does not parse)".to_string(),
+    }
+}
+
 /// Reads one Crane/Pulp redirect file: its repository name and description, or why it is
 /// not used.
 pub fn parse_crane_file(text: &str) -> Result<(RepoName, CraneRepo), String> {
@@ -334,7 +346,7 @@ impl StaticSource {
         match &self.kind {
             Kind::Crane { dir, .. } => dir.display().to_string(),
             Kind::Layout { root: LayoutRoot::Dir(d), .. } => d.display().to_string(),
-            Kind::Layout { root: LayoutRoot::Url(u), .. } => u.to_string(),
+            Kind::Layout { root: LayoutRoot::Url(u), .. } => without_user_info(u),
         }
     }
 
@@ -683,6 +695,12 @@ fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shown_location_keeps_no_password() {
+        assert_eq!(without_user_info("https://bob:secret@files.example/layout/"), "https://files.example/layout/");
+        assert_eq!(without_user_info("http://127.0.0.1:8080/x/"), "http://127.0.0.1:8080/x/");
+    }
 
     #[test]
     fn crane_files_of_each_version() {

@@ -234,6 +234,7 @@ pub fn repositories(frame: &Frame<'_>, list: &Repositories) -> String {
                 } @else {
                     div.scroll {
                         table.repos {
+                            caption { "Repositories " (group.title) }
                             thead { tr {
                                 th scope="col" { "Repository" } th scope="col" { "Tags" }
                                 th scope="col" { "Size" } th scope="col" { "Last push" }
@@ -345,6 +346,7 @@ pub fn image(frame: &Frame<'_>, image: &Image) -> String {
             section aria-labelledby="platforms" {
                 h2 #platforms { "Platforms" }
                 table {
+                    caption { "The manifest of each platform" }
                     thead { tr { th scope="col" { "Platform" } th scope="col" { "Manifest" } th scope="col" { "Size" } } }
                     tbody {
                         @for p in &image.platforms {
@@ -369,6 +371,7 @@ pub fn image(frame: &Frame<'_>, image: &Image) -> String {
                 }
                 div.scroll {
                     table.blobs {
+                        caption { "Each blob, and where a client is sent for it" }
                         thead { tr {
                             th scope="col" { "Blob" } th scope="col" { "Digest" } th scope="col" { "Size" }
                             th scope="col" { "A client is sent to" }
@@ -452,6 +455,7 @@ pub fn operations(frame: &Frame<'_>, ops: &Operations) -> String {
             h2 #recent { "Recent pushes" }
             @if ops.recent.is_empty() { p { "None yet." } } @else {
                 table {
+                    caption { "The most recent pushes you may see" }
                     thead { tr { th scope="col" { "Image" } th scope="col" { "Digest" } th scope="col" { "Pushed" } } }
                     tbody {
                         @for p in &ops.recent {
