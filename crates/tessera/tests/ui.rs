@@ -179,7 +179,7 @@ async fn the_pages_show_routes_repositories_tags_and_where_each_layer_comes_from
     for i in 0..46 {
         api.push_image(&format!("aaa/r{i:02}"), "v1", &filler).await.unwrap();
     }
-    for name in ["secret/a00", "secret/a01", "zzz/r00"] {
+    for name in ["secret/a00", "secret/a01", "zzz/r00", "zzz/r01"] {
         api.push_image(name, "v1", &filler).await.unwrap();
     }
     let (_, _, first) = f.page("/ui/repositories", None).await;
@@ -189,7 +189,10 @@ async fn the_pages_show_routes_repositories_tags_and_where_each_layer_comes_from
     );
     assert!(first.contains("href=\"/ui/r/zzz/r00\"") && first.contains("after=zzz%2Fr00"), "paged past them");
     let (_, _, second) = f.page("/ui/repositories?after=zzz%2Fr00", None).await;
-    assert!(!second.contains("secret/") && !second.contains("aaa/r"));
+    assert!(second.contains("href=\"/ui/r/zzz/r01\"") && !second.contains("secret/") && !second.contains("aaa/r"));
+    // Exactly fifty visible, the last of them the last stored: no link to an empty page.
+    let (_, _, exact) = f.page("/ui/repositories?after=aaa%2Fr00", None).await;
+    assert!(exact.contains("href=\"/ui/r/zzz/r01\"") && !exact.contains("rel=\"next\""), "no next page");
     // Answers on page paths carry the pages' headers, errors too.
     let (status, headers, _) = f.page("/ui/r/Not..Valid", None).await;
     assert!(status >= 400);
@@ -256,7 +259,7 @@ async fn the_pages_show_routes_repositories_tags_and_where_each_layer_comes_from
     // Operations: storage, the cache against its bound, recent pushes.
     let (status, _, ops) = f.page("/ui/operations", None).await;
     assert_eq!(status, 200);
-    for expected in ["Hosted blobs", "Cache of hub", "Recent pushes", "zzz/r00:v1", "Collection passes"] {
+    for expected in ["Hosted blobs", "Cache of hub", "Recent pushes", "zzz/r01:v1", "Collection passes"] {
         assert!(ops.contains(expected), "operations: {expected}");
     }
     assert!(!ops.contains("secret/"), "recent pushes only of what the viewer may pull");

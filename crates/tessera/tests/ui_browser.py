@@ -112,6 +112,8 @@ def main():
         check("CDN" in text(driver), "layers sent to the CDN")
         copy = driver.find_element(By.CSS_SELECTOR, "button.copy")
         copy.click()
+        # The clipboard answers asynchronously: wait for the button to say how it went.
+        WebDriverWait(driver, 5).until(lambda d: copy.text != "Copy")
         check(copy.text in ("Copied", "Select and copy"), f"the copy button answers ({copy.text!r}): the script ran")
         settled(driver, "copying")
         shoot(driver, "image")

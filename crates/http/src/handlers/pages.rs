@@ -381,10 +381,11 @@ async fn repositories(
     for _ in 0..SCANS {
         let (summaries, more_stored) =
             state.registry.meta().repository_summaries(cursor.as_deref(), query, ROWS).await?;
+        let read = summaries.len();
         more = more_stored;
-        for s in summaries {
+        for (i, s) in summaries.into_iter().enumerate() {
             cursor = Some(s.name.to_string());
-            if rows.len() < ROWS && visible(&s.name) {
+            if visible(&s.name) {
                 rows.push(ui::RepoRow {
                     name: s.name.to_string(),
                     link: true,
@@ -394,7 +395,8 @@ async fn repositories(
                 });
             }
             if rows.len() == ROWS {
-                more = true;
+                // More follow if this read left some, or the store has more.
+                more = more_stored || i + 1 < read;
                 break;
             }
         }
