@@ -49,6 +49,14 @@ impl Htpasswd {
         }
     }
 
+    /// A short fingerprint of `user`'s current hash, if the file lists them: a page login
+    /// carries it, so changing the password or removing the user ends the login.
+    pub fn stamp(&self, user: &str) -> Option<String> {
+        let hash = self.users.get(user)?;
+        use base64::Engine as _;
+        Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&sha2::Sha256::digest(hash.as_bytes())[..9]))
+    }
+
     pub fn len(&self) -> usize {
         self.users.len()
     }
@@ -114,6 +122,11 @@ impl Logins {
             self.remembered.insert(self.key(user, password), Instant::now());
         }
         ok
+    }
+
+    /// See [`Htpasswd::stamp`].
+    pub fn stamp(&self, user: &str) -> Option<String> {
+        self.htpasswd.stamp(user)
     }
 
     /// Whether `password` is `user`'s: remembered, or verified now.

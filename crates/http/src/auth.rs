@@ -139,7 +139,8 @@ impl PasswordChecks {
 }
 
 pub struct Auth {
-    logins: Arc<Logins>,
+    /// The htpasswd file's users; a reload (SIGHUP) swaps in the file as it is then.
+    logins: ArcSwap<Logins>,
     checks: PasswordChecks,
     failed: FailedLogins,
     access: Access,
@@ -173,7 +174,7 @@ impl Auth {
         tls: bool,
     ) -> Auth {
         Auth {
-            logins: Arc::new(logins),
+            logins: ArcSwap::from_pointee(logins),
             checks: PasswordChecks::for_this_machine(),
             failed: FailedLogins::new(0),
             access,
@@ -182,6 +183,18 @@ impl Auth {
             trusted,
             scheme: if tls { "https" } else { "http" },
         }
+    }
+
+    /// Serves the users of `logins` from now on: a removed user's next request, and any page
+    /// login of a user whose password changed, is refused; remembered logins are forgotten.
+    pub fn replace_users(&self, logins: Logins) {
+        self.logins.store(Arc::new(logins));
+    }
+
+    /// The stamp of `user`'s current password hash (page logins carry it); `None` for a
+    /// user the htpasswd file no longer lists.
+    pub fn login_stamp(&self, user: &str) -> Option<String> {
+        self.logins.load().stamp(user)
     }
 
     /// Refuses a client's logins for a while once it has failed `per_minute` times (0: never).
@@ -261,7 +274,8 @@ impl Auth {
     /// The user whose password this is, counted against the client's failed logins like
     /// any login; a wrong one is the 401 a registry client expects.
     pub async fn password_user(&self, parts: &Parts, user: &str, password: &str) -> Result<Identity, OciError> {
-        if self.logins.remembered(user, password) {
+        let logins = self.logins.load_full();
+        if logins.remembered(user, password) {
             return Ok(Identity::User(user.to_string()));
         }
         let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0);
@@ -273,7 +287,6 @@ impl Auth {
             )
             .with_header("retry-after", seconds.to_string()));
         }
-        let logins = self.logins.clone();
         let (u, p) = (user.to_string(), password.to_string());
         if self.checks.run(move || logins.verify(&u, &p)).await? {
             Ok(Identity::User(user.to_string()))

@@ -256,7 +256,7 @@ fn anonymous_writes(config: &Config) -> bool {
 
 /// The login step: users from the htpasswd file, rights from the `[[access]]` rules.
 fn open_auth(config: &Config) -> anyhow::Result<(Option<tessera_http::auth::Auth>, Vec<JwksSource>)> {
-    use tessera_access::{Access, Action, Htpasswd, Logins, Rule};
+    use tessera_access::{Access, Action, Logins, Rule};
     let Some(auth) = &config.auth else {
         if !config.listen.ip().is_loopback() {
             if anonymous_writes(config) {
@@ -273,10 +273,7 @@ fn open_auth(config: &Config) -> anyhow::Result<(Option<tessera_http::auth::Auth
         }
         return Ok((None, Vec::new()));
     };
-    let htpasswd = Htpasswd::from_file(&auth.htpasswd).map_err(anyhow::Error::msg)?;
-    if htpasswd.is_empty() {
-        anyhow::bail!("{} lists no users", auth.htpasswd.display());
-    }
+    let htpasswd = read_users(&auth.htpasswd)?;
     let rules = config
         .access
         .iter()
@@ -339,6 +336,15 @@ fn open_auth(config: &Config) -> anyhow::Result<(Option<tessera_http::auth::Auth
     )
     .with_failed_logins_per_minute(config.limits.failed_logins_per_minute_per_client);
     Ok((Some(auth), fetched))
+}
+
+/// The users of an htpasswd file, which must list at least one.
+fn read_users(path: &std::path::Path) -> anyhow::Result<tessera_access::Htpasswd> {
+    let htpasswd = tessera_access::Htpasswd::from_file(path).map_err(anyhow::Error::msg)?;
+    if htpasswd.is_empty() {
+        anyhow::bail!("{} lists no users", path.display());
+    }
+    Ok(htpasswd)
 }
 
 /// A trusted issuer's JWKS to keep fetching.
@@ -461,8 +467,8 @@ async fn reload_on_hangup(
     }
 }
 
-/// One reload (SIGHUP): the TLS certificate, then the routing table; what fails to load is
-/// logged and the previous one keeps serving.
+/// One reload (SIGHUP): the TLS certificate, the htpasswd file's users, then the routing
+/// table; what fails to load is logged and the previous one keeps serving.
 fn reload_once(
     runtime: &tokio::runtime::Handle,
     state: &Arc<AppState>,
@@ -474,6 +480,16 @@ fn reload_once(
         match certs.reload() {
             Ok(()) => tracing::info!("TLS certificate reloaded"),
             Err(e) => tracing::error!("TLS certificate not reloaded; the previous one keeps serving: {e}"),
+        }
+    }
+    if let (Some(auth), Some(configured)) = (&state.auth, &running.auth) {
+        match read_users(&configured.htpasswd) {
+            Ok(htpasswd) => {
+                let count = htpasswd.len();
+                auth.replace_users(tessera_access::Logins::new(htpasswd));
+                tracing::info!("users reloaded: {count} from {}", configured.htpasswd.display());
+            }
+            Err(e) => tracing::error!("users not reloaded; the previous ones keep their logins: {e:#}"),
         }
     }
     let Some(reload) = reload else { return };

@@ -21,7 +21,7 @@ struct Federated {
     server: Server,
     upstream: Server,
     _cdn: Cdn,
-    _work: tessera_testkit::TempDir,
+    work: tessera_testkit::TempDir,
     public: Image,
     secret: Image,
     base: Image,
@@ -99,7 +99,7 @@ impl Federated {
             assert_eq!(r.await.unwrap().status(), 201);
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Some(Federated { server, upstream, _cdn: cdn, _work: work, public, secret, base, upstream_image, index_digest })
+        Some(Federated { server, upstream, _cdn: cdn, work, public, secret, base, upstream_image, index_digest })
     }
 
     /// A page as `cookie`'s holder (anonymous without one): status, headers, body.
@@ -288,6 +288,32 @@ async fn a_login_shows_what_that_user_may_pull_and_nothing_else_changes() {
     // A cookie that was altered is no login.
     let forged = format!("{}x", cookie);
     assert!(!f.page("/ui/repositories", Some(&forged)).await.2.contains("secret/app"));
+    // A reload (SIGHUP) reads the htpasswd file again: alice's new password ends her page
+    // login and her old password's API access; a file that does not parse changes nothing.
+    let sees_secret = |cookie: String| {
+        let f = &f;
+        async move { f.page("/ui/repositories", Some(&cookie)).await.2.contains("secret/app") }
+    };
+    let api_pull = |password: &'static str| {
+        let url = f.server.url("/v2/secret/app/manifests/v1");
+        async move {
+            let r = reqwest::Client::new().get(url).basic_auth("alice", Some(password)).send().await.unwrap();
+            r.status().as_u16()
+        }
+    };
+    assert_eq!(api_pull("wonder land").await, 200);
+    tessera_testkit::htpasswd_file(f.work.path(), &[("alice", "looking glass")]);
+    f.server.hangup();
+    assert!(f.server.wait_for_log("users reloaded: 1", Duration::from_secs(10)), "{}", f.server.log_text());
+    assert!(!sees_secret(cookie.clone()).await, "a login made with the old password");
+    assert_eq!(api_pull("wonder land").await, 401);
+    assert_eq!(api_pull("looking glass").await, 200);
+    let renewed = f.log_in("alice", "looking glass").await.unwrap();
+    assert!(sees_secret(renewed.clone()).await);
+    std::fs::write(f.work.path().join("htpasswd"), "alice:not-bcrypt\n").unwrap();
+    f.server.hangup();
+    assert!(f.server.wait_for_log("users not reloaded", Duration::from_secs(10)), "{}", f.server.log_text());
+    assert!(sees_secret(renewed).await, "the previous users keep their logins");
     // Logging out clears the cookie.
     let r = tessera_testkit::no_redirects().post(f.server.url("/ui/logout")).send().await.unwrap();
     assert_eq!(r.status(), 303);
@@ -301,7 +327,7 @@ async fn a_login_shows_what_that_user_may_pull_and_nothing_else_changes() {
     let r = tessera_testkit::no_redirects()
         .post(f.server.url("/ui/login"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body("username=alice&password=wonder+land&next=https%3A%2F%2Fevil.example%2F")
+        .body("username=alice&password=looking+glass&next=https%3A%2F%2Fevil.example%2F")
         .send()
         .await
         .unwrap();

@@ -152,8 +152,10 @@ fn no_logins(state: &AppState) -> Option<&'static str> {
 /// token), else anonymous. Credentials that do not check out make an anonymous viewer.
 async fn viewer(state: &AppState, settings: &UiSettings, parts: &Parts) -> Viewer {
     let Some(auth) = &state.auth else { return Viewer { caller: None } };
-    if let Some(user) = cookie(parts, SESSION_COOKIE).and_then(|v| settings.session.verify(v, SystemTime::now())) {
-        return Viewer { caller: Some(Caller::by_login(Identity::User(user))) };
+    if let Some(login) = cookie(parts, SESSION_COOKIE).and_then(|v| settings.session.verify(v, SystemTime::now()))
+        && auth.login_stamp(&login.user).as_deref() == Some(login.stamp.as_str())
+    {
+        return Viewer { caller: Some(Caller::by_login(Identity::User(login.user))) };
     }
     let caller = auth.identify(parts).await.unwrap_or_else(|_| Caller::by_login(Identity::Anonymous));
     Viewer { caller: Some(caller) }
@@ -913,7 +915,10 @@ async fn log_in(
     };
     match auth.password_user(parts, user, password).await {
         Ok(Identity::User(user)) => {
-            let value = settings.session.issue(&user, SystemTime::now());
+            // The stamp is read after the password checked out; a reload in between leaves
+            // no stamp or another one, and the login then simply does not hold.
+            let stamp = auth.login_stamp(&user).unwrap_or_default();
+            let value = settings.session.issue(&user, &stamp, SystemTime::now());
             let cookie = session_cookie(settings, &value, settings.session.lifetime().as_secs());
             see_other(&next, Some(cookie))
         }
