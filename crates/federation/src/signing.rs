@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use tessera_config::{SignatureIdentity, SignaturePolicy};
@@ -31,7 +31,8 @@ pub const VERDICTS_REMEMBERED: usize = 100_000;
 /// How long a refusal (or an unsigned manifest an auditing rule served) is remembered: a
 /// signature pushed meanwhile counts after this long.
 pub const REFUSAL_REMEMBERED: Duration = Duration::from_secs(10);
-/// How long a recorded vouch counts (and is kept) in the metadata store.
+/// How long a recorded vouch counts (and is kept) in the metadata store, unless its pass
+/// ends sooner (the signer's key expires).
 pub const VOUCHES_KEPT: Duration = Duration::from_secs(24 * 3600);
 /// How often a pass remembered here records its vouches again, so that they stay within
 /// [`VOUCHES_KEPT`] on every node for as long as this node keeps serving it.
@@ -112,16 +113,15 @@ pub struct Evidence {
 /// The rules of one configuration, with the checks they passed.
 pub struct Signing {
     rules: Vec<SigningRule>,
-    /// Passed checks, with when their vouches were last recorded. A pass holds for the
-    /// names of the route it was checked through: one name may be routed differently by
-    /// virtual host or `ns`.
-    passed: quick_cache::sync::Cache<PassKey, Instant>,
-    /// Manifests an index that passed lists: served by digest under its rule without
-    /// signatures of their own, as clients verify an index's signature and then fetch its
-    /// children.
-    admitted: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), ()>,
-    /// Blobs of manifests that passed: what a requiring rule lets a cache fetch.
-    admitted_blobs: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), ()>,
+    /// Passed checks. A pass holds for the names of the route it was checked through: one
+    /// name may be routed differently by virtual host or `ns`.
+    passed: quick_cache::sync::Cache<PassKey, Pass>,
+    /// Manifests an index that passed lists, until when: served by digest under its rule
+    /// without signatures of their own, as clients verify an index's signature and then
+    /// fetch its children.
+    admitted: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), SystemTime>,
+    /// Blobs of manifests that passed, until when: what a requiring rule lets a cache fetch.
+    admitted_blobs: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), SystemTime>,
     /// Where vouches are recorded for every node sharing it (the hosted metadata store).
     vouches: Arc<dyn MetaStore>,
     /// When vouches older than [`VOUCHES_KEPT`] were last deleted.
@@ -142,6 +142,24 @@ enum Vouch {
 
 /// A passed check: the rule, the route, the name, the tag pulled by, the manifest digest.
 type PassKey = (usize, Matched, RepoName, Option<Tag>, Digest);
+
+/// When a pass ends by itself: the signer's key expires, or the vouch it was admitted by
+/// ends. `None`: it does not (it is checked again only once forgotten).
+type Ends = Option<SystemTime>;
+
+/// A pass remembered here.
+#[derive(Clone, Copy)]
+struct Pass {
+    /// When its vouches were last recorded.
+    recorded: Instant,
+    ends: Ends,
+}
+
+/// Until when what a pass ending at `ends` lets through is vouched for, from now.
+fn vouched_until(ends: Ends) -> SystemTime {
+    let kept = SystemTime::now() + VOUCHES_KEPT;
+    ends.map_or(kept, |ends| ends.min(kept))
+}
 
 /// Why a `[[signatures]]` rule could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -231,14 +249,20 @@ impl Signing {
         let Some((rule_index, rule)) = self.rule_for(name, resolved) else { return Ok(()) };
         let digest = &manifest.digest;
         let key = (rule_index, resolved.matched, name.clone(), tag_of(reference).cloned(), digest.clone());
-        if let Some(recorded) = self.passed.get(&key) {
-            if recorded.elapsed() > VOUCHES_RENEWED {
-                self.pass(key, resolved, name, manifest).await;
+        if let Some(pass) = self.passed.get(&key) {
+            if pass.ends.is_none_or(|ends| ends > SystemTime::now()) {
+                if pass.recorded.elapsed() > VOUCHES_RENEWED {
+                    self.pass(key, resolved, name, manifest, pass.ends).await;
+                }
+                return Ok(());
             }
-            return Ok(());
+            // Its key expired, or the vouch it came by ended: checked again as if new.
+            self.passed.remove(&key);
         }
-        if key.3.is_none() && self.was_vouched(Vouch::Manifest, rule_index, resolved, name, digest).await {
-            self.pass(key, resolved, name, manifest).await;
+        if key.3.is_none()
+            && let Some(until) = self.was_vouched(Vouch::Manifest, rule_index, resolved, name, digest).await
+        {
+            self.pass(key, resolved, name, manifest, Some(until)).await;
             return Ok(());
         }
         let source = resolved.only(answered);
@@ -248,21 +272,23 @@ impl Signing {
             return self.refuse(&source, rule, name, digest, what).await;
         }
         if is_signature_artifact(manifest, reference) {
-            self.pass(key, resolved, name, manifest).await;
+            self.pass(key, resolved, name, manifest, None).await;
             return Ok(());
         }
         self.stats.checked.fetch_add(1, Ordering::Relaxed);
         let names = rule.names(name, &source);
         let check = Check { resolved: &source, rule, ask, names: names.iter().map(String::as_str).collect() };
         let mut reasons = Vec::new();
-        if self.vouched(&check, digest, key.3.as_ref().map(Tag::as_str), &mut reasons).await? {
-            self.pass(key, resolved, name, manifest).await;
+        if let Some(ends) = self.vouched(&check, digest, key.3.as_ref().map(Tag::as_str), &mut reasons).await? {
+            self.pass(key, resolved, name, manifest, ends).await;
             return Ok(());
         }
         // A hosted platform manifest of a signed index, its index not pulled through this
         // route lately.
-        if key.3.is_none() && self.parent_passes(rule_index, &check, name, digest).await? {
-            self.pass(key, resolved, name, manifest).await;
+        if key.3.is_none()
+            && let Some(ends) = self.parent_passes(rule_index, &check, name, digest).await?
+        {
+            self.pass(key, resolved, name, manifest, ends).await;
             return Ok(());
         }
         let what = if reasons.is_empty() { "no signatures were found".to_string() } else { reasons.join("; ") };
@@ -319,30 +345,33 @@ impl Signing {
     }
 
     /// Whether an index listing `digest` in the checked source passes its rule (by digest:
-    /// its repository must match, any tag).
+    /// its repository must match, any tag), and when that pass ends.
     async fn parent_passes(
         &self,
         rule_index: usize,
         check: &Check<'_>,
         name: &RepoName,
         digest: &Digest,
-    ) -> Result<bool, OciError> {
+    ) -> Result<Option<Ends>, OciError> {
         for (source, source_name) in &check.resolved.sources {
             for parent in source.parents(source_name, digest, PARENTS_READ).await? {
                 let key = (rule_index, check.resolved.matched, name.clone(), None, parent.clone());
-                if self.passed.get(&key).is_some() {
-                    return Ok(true);
+                if let Some(pass) = self.passed.get(&key)
+                    && pass.ends.is_none_or(|ends| ends > SystemTime::now())
+                {
+                    return Ok(Some(pass.ends));
                 }
-                if self.vouched(check, &parent, None, &mut Vec::new()).await? {
-                    return Ok(true);
+                if let Some(ends) = self.vouched(check, &parent, None, &mut Vec::new()).await? {
+                    return Ok(Some(ends));
                 }
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Whether a signature of `digest` vouches under the check's rule for one of its names,
-    /// pulled by `tag`; why each one found does not goes to `reasons`. Simple signatures are
+    /// pulled by `tag`, and until when (its key's expiry); why each one found does not goes
+    /// to `reasons`. Simple signatures are
     /// looked at first: one that vouches spares the lookups of cosign's. A place that cannot
     /// be read does not hide the other; when neither vouches, its failure is the answer
     /// (a 503, not a refusal that would blame the image).
@@ -352,7 +381,7 @@ impl Signing {
         digest: &Digest,
         tag: Option<&str>,
         reasons: &mut Vec<String>,
-    ) -> Result<bool, OciError> {
+    ) -> Result<Option<Ends>, OciError> {
         let mut failure = None;
         for stage in [Family::Simple, Family::Cosign] {
             let evidence = match stage {
@@ -369,43 +398,46 @@ impl Signing {
             for e in &evidence {
                 match &e.outcome {
                     Ok(v) => match vouches(v, digest, check.rule.identity, &check.names, tag) {
-                        Ok(()) => return Ok(true),
+                        Ok(()) => return Ok(Some(v.key_expires)),
                         Err(why) => reasons.push(format!("{} {} by {}: {why}", e.family, e.origin, v.signer)),
                     },
                     Err(why) => reasons.push(format!("{} {}: {why}", e.family, e.origin)),
                 }
             }
         }
-        failure.map_or(Ok(false), Err)
+        failure.map_or(Ok(None), Err)
     }
 
-    /// Remembers a pass, and admits what it lets through after it (the manifests an index
-    /// lists, the blobs an image needs) here and, recorded as vouches, on every node.
-    async fn pass(&self, key: PassKey, resolved: &Resolved, name: &RepoName, manifest: &ManifestRecord) {
+    /// Remembers a pass ending at `ends`, and admits what it lets through after it (the
+    /// manifests an index lists, the blobs an image needs) here and, recorded as vouches,
+    /// on every node; never past the pass's end.
+    async fn pass(&self, key: PassKey, resolved: &Resolved, name: &RepoName, manifest: &ManifestRecord, ends: Ends) {
         let (rule_index, matched) = (key.0, key.1);
-        self.passed.insert(key, Instant::now());
+        self.passed.insert(key, Pass { recorded: Instant::now(), ends });
         let Ok(parsed) = ParsedManifest::parse(Some(&manifest.media_type), &manifest.bytes) else { return };
         let children: Vec<Digest> = parsed.manifests.iter().map(|m| m.digest.clone()).collect();
         let blobs: Vec<Digest> = parsed.required_blobs().map(|b| b.digest.clone()).collect();
+        let until = vouched_until(ends);
         for child in &children {
-            self.admitted.insert((rule_index, matched, name.clone(), child.clone()), ());
+            self.admitted.insert((rule_index, matched, name.clone(), child.clone()), until);
         }
         for blob in &blobs {
-            self.admitted_blobs.insert((rule_index, matched, name.clone(), blob.clone()), ());
+            self.admitted_blobs.insert((rule_index, matched, name.clone(), blob.clone()), until);
         }
         for (vouch, digests) in [(Vouch::Manifest, children), (Vouch::Blob, blobs)] {
             if digests.is_empty() {
                 continue;
             }
             let scope = self.scope(vouch, rule_index, resolved);
-            if let Err(e) = self.vouches.record_vouches(&scope, name, &digests).await {
+            if let Err(e) = self.vouches.record_vouches(&scope, name, &digests, until).await {
                 tracing::warn!(%name, digest = %manifest.digest, "signature pass not recorded for other nodes: {e}");
             }
         }
         self.prune_vouches();
     }
 
-    /// Whether a pass here or on another node let `digest` through for `name` on this route.
+    /// Until when a pass here or on another node lets `digest` through for `name` on this
+    /// route, if one does.
     async fn was_vouched(
         &self,
         vouch: Vouch,
@@ -413,25 +445,28 @@ impl Signing {
         resolved: &Resolved,
         name: &RepoName,
         digest: &Digest,
-    ) -> bool {
+    ) -> Option<SystemTime> {
         let key = (rule_index, resolved.matched, name.clone(), digest.clone());
         let admitted = match vouch {
             Vouch::Manifest => &self.admitted,
             Vouch::Blob => &self.admitted_blobs,
         };
-        if admitted.get(&key).is_some() {
-            return true;
+        if let Some(until) = admitted.get(&key) {
+            if until > SystemTime::now() {
+                return Some(until);
+            }
+            admitted.remove(&key);
         }
         let scope = self.scope(vouch, rule_index, resolved);
-        match self.vouches.vouched(&scope, name, digest, VOUCHES_KEPT).await {
-            Ok(true) => {
-                admitted.insert(key, ());
-                true
+        match self.vouches.vouched(&scope, name, digest).await {
+            Ok(Some(until)) => {
+                admitted.insert(key, until);
+                Some(until)
             }
-            Ok(false) => false,
+            Ok(None) => None,
             Err(e) => {
                 tracing::warn!(%name, %digest, "recorded signature passes not read: {e}");
-                false
+                None
             }
         }
     }
@@ -448,7 +483,7 @@ impl Signing {
         Digest::sha256_of(format!("{what} {rule} {:?} {route:?}", resolved.matched).as_bytes()).hex().to_string()
     }
 
-    /// Deletes the vouches too old to count, at most once per [`VOUCHES_RENEWED`] per node.
+    /// Deletes the vouches that ended, at most once per [`VOUCHES_RENEWED`] per node.
     fn prune_vouches(&self) {
         {
             let mut pruned = self.vouches_pruned.lock().unwrap_or_else(|p| p.into_inner());
@@ -459,7 +494,7 @@ impl Signing {
         }
         let vouches = self.vouches.clone();
         tokio::spawn(async move {
-            match vouches.forget_vouches(VOUCHES_KEPT).await {
+            match vouches.forget_vouches().await {
                 Ok(n) => tracing::debug!("{n} signature vouches expired"),
                 Err(e) => tracing::warn!("expired signature vouches not deleted: {e}"),
             }
@@ -481,7 +516,7 @@ impl Signing {
             return Ok(());
         }
         let Some((rule_index, rule)) = self.rule_for(name, resolved) else { return Ok(()) };
-        if !rule.require || self.was_vouched(Vouch::Blob, rule_index, resolved, name, digest).await {
+        if !rule.require || self.was_vouched(Vouch::Blob, rule_index, resolved, name, digest).await.is_some() {
             return Ok(());
         }
         for (source, source_name) in &resolved.sources {

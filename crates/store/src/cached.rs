@@ -9,7 +9,7 @@
 //! the others' changes (see [`crate::cluster`]).
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use quick_cache::Weighter;
@@ -152,16 +152,22 @@ impl<M: MetaStore> MetaStore for CachedMetaStore<M> {
         self.inner.parents(repo, digest, limit).await
     }
 
-    async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()> {
-        self.inner.record_vouches(scope, repo, digests).await
+    async fn record_vouches(
+        &self,
+        scope: &str,
+        repo: &RepoName,
+        digests: &[Digest],
+        until: SystemTime,
+    ) -> StoreResult<()> {
+        self.inner.record_vouches(scope, repo, digests, until).await
     }
 
-    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest, max_age: Duration) -> StoreResult<bool> {
-        self.inner.vouched(scope, repo, digest, max_age).await
+    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest) -> StoreResult<Option<SystemTime>> {
+        self.inner.vouched(scope, repo, digest).await
     }
 
-    async fn forget_vouches(&self, max_age: Duration) -> StoreResult<u64> {
-        self.inner.forget_vouches(max_age).await
+    async fn forget_vouches(&self) -> StoreResult<u64> {
+        self.inner.forget_vouches().await
     }
 
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {

@@ -3,6 +3,7 @@
 //! They panic with a message on the first broken promise.
 
 use std::io;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -334,28 +335,31 @@ pub async fn meta_store(store: &dyn MetaStore) {
     );
     assert!(store.signatures(&team_b, &signed).await.unwrap().is_empty(), "per repository");
 
-    // Vouches: by scope, name and digest, within an age; recording again renews them.
-    let (scope, day) = ("rule-1 route-2 blobs", std::time::Duration::from_secs(86_400));
+    // Vouches: by scope, name and digest, until their end; recording again sets a new end.
+    let scope = "rule-1 route-2 blobs";
+    let in_a_day = SystemTime::now() + Duration::from_secs(86_400);
     let (vouched, other) = (Digest::sha256_of(b"vouched blob"), Digest::sha256_of(b"another blob"));
-    assert!(!store.vouched(scope, &team_a, &vouched, day).await.unwrap());
+    assert_eq!(store.vouched(scope, &team_a, &vouched).await.unwrap(), None);
     // A digest listed twice (an image repeating a layer) is recorded once.
-    store.record_vouches(scope, &team_a, &[vouched.clone(), signed.clone(), vouched.clone()]).await.unwrap();
-    store.record_vouches(scope, &team_a, std::slice::from_ref(&vouched)).await.unwrap();
-    assert!(store.vouched(scope, &team_a, &vouched, day).await.unwrap());
-    assert!(store.vouched(scope, &team_a, &signed, day).await.unwrap());
-    assert!(!store.vouched(scope, &team_a, &other, day).await.unwrap());
-    assert!(!store.vouched(scope, &team_b, &vouched, day).await.unwrap(), "per name");
-    assert!(!store.vouched("rule-1 route-3 blobs", &team_a, &vouched, day).await.unwrap(), "per scope");
-    assert_eq!(store.forget_vouches(day).await.unwrap(), 0, "none is a day old");
-    // Long enough that a slow machine renews within it.
-    let moment = std::time::Duration::from_millis(500);
+    store.record_vouches(scope, &team_a, &[vouched.clone(), signed.clone(), vouched.clone()], in_a_day).await.unwrap();
+    let until = store.vouched(scope, &team_a, &vouched).await.unwrap().expect("vouched");
+    let off = until.duration_since(in_a_day).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_millis(2), "kept to the millisecond: {off:?}");
+    assert!(store.vouched(scope, &team_a, &signed).await.unwrap().is_some());
+    assert_eq!(store.vouched(scope, &team_a, &other).await.unwrap(), None);
+    assert_eq!(store.vouched(scope, &team_b, &vouched).await.unwrap(), None, "per name");
+    assert_eq!(store.vouched("rule-1 route-3 blobs", &team_a, &vouched).await.unwrap(), None, "per scope");
+    assert_eq!(store.forget_vouches().await.unwrap(), 0, "none has ended");
+    // A later record sets the end, sooner (a key that expires) as well as later. Long
+    // enough that a slow machine reads it before it ends.
+    let moment = Duration::from_millis(500);
+    store.record_vouches(scope, &team_a, std::slice::from_ref(&signed), SystemTime::now() + moment).await.unwrap();
+    assert!(store.vouched(scope, &team_a, &signed).await.unwrap().is_some_and(|u| u < in_a_day));
     tokio::time::sleep(moment * 2).await;
-    assert!(!store.vouched(scope, &team_a, &vouched, moment).await.unwrap(), "older than max_age");
-    store.record_vouches(scope, &team_a, std::slice::from_ref(&vouched)).await.unwrap();
-    assert!(store.vouched(scope, &team_a, &vouched, moment).await.unwrap(), "renewed");
-    assert_eq!(store.forget_vouches(moment).await.unwrap(), 1, "the one not renewed");
-    assert!(!store.vouched(scope, &team_a, &signed, day).await.unwrap());
-    assert!(store.vouched(scope, &team_a, &vouched, day).await.unwrap());
+    assert_eq!(store.vouched(scope, &team_a, &signed).await.unwrap(), None, "ended");
+    assert!(store.vouched(scope, &team_a, &vouched).await.unwrap().is_some());
+    assert_eq!(store.forget_vouches().await.unwrap(), 1, "the one that ended");
+    assert!(store.vouched(scope, &team_a, &vouched).await.unwrap().is_some());
 
     summaries(store).await;
     garbage_collection(store).await;

@@ -326,9 +326,9 @@ fn now_ms() -> i64 {
     millis(SystemTime::now())
 }
 
-/// The time `age` before now, in milliseconds since the epoch.
-fn ms_ago(age: Duration) -> i64 {
-    now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+/// The time a stored millisecond count stands for.
+fn time_of_ms(ms: i64) -> SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
 /// Metadata: repositories, blob links, manifests, tags, referrers and upload records.
@@ -352,7 +352,7 @@ impl RepoSummary {
                 .map_err(|_| StoreError::Backend(io::Error::other("stored repository name is invalid")))?,
             tags: tags.max(0) as u64,
             bytes: bytes.max(0) as u64,
-            pushed: pushed_ms.map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)),
+            pushed: pushed_ms.map(time_of_ms),
         })
     }
 }
@@ -365,7 +365,7 @@ impl TagRecord {
             repo: repo.parse().map_err(|_| bad("repository name"))?,
             tag: tag.parse().map_err(|_| bad("tag"))?,
             digest: digest.parse().map_err(|_| bad("digest"))?,
-            pushed: std::time::UNIX_EPOCH + std::time::Duration::from_millis(pushed_ms.max(0) as u64),
+            pushed: time_of_ms(pushed_ms),
         })
     }
 }
@@ -423,16 +423,24 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The indexes in `repo` that list the manifest `digest`, oldest first, at most `limit`.
     async fn parents(&self, repo: &RepoName, digest: &Digest, limit: usize) -> StoreResult<Vec<Digest>>;
 
-    /// Records, now, that a signature rule vouched for `digests` of `repo` under `scope`
-    /// (the rule, the route and what they are: the manifests a signed index lists, the
-    /// blobs of a signed image), so that every node sharing this store admits them, not
-    /// only the one that checked the signature. Recording one again renews it. Not
-    /// durable: a crash may forget the last ones, which costs a signature check again.
-    async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()>;
-    /// Whether `digest` of `repo` was vouched for under `scope` within the last `max_age`.
-    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest, max_age: Duration) -> StoreResult<bool>;
-    /// Forgets the vouches recorded longer than `max_age` ago; returns how many.
-    async fn forget_vouches(&self, max_age: Duration) -> StoreResult<u64>;
+    /// Records that a signature rule vouches for `digests` of `repo` under `scope` (the
+    /// rule, the route and what they are: the manifests a signed index lists, the blobs of
+    /// a signed image) until `until`, so that every node sharing this store admits them,
+    /// not only the one that checked the signature. Recording one again sets its end anew
+    /// (a later check knows best, an expiring key included). Not durable: a crash may
+    /// forget the last ones, which costs a signature check again.
+    async fn record_vouches(
+        &self,
+        scope: &str,
+        repo: &RepoName,
+        digests: &[Digest],
+        until: SystemTime,
+    ) -> StoreResult<()>;
+    /// Until when `digest` of `repo` is vouched for under `scope`; `None` when it is not,
+    /// or no longer.
+    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest) -> StoreResult<Option<SystemTime>>;
+    /// Forgets the vouches that have ended; returns how many.
+    async fn forget_vouches(&self) -> StoreResult<u64>;
 
     /// Stores a manifest (idempotent by digest) and, if given, points `tag` at it, in one
     /// transaction. Fails with [`StoreError::Missing`], storing nothing, when a digest of

@@ -10,7 +10,7 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -21,8 +21,8 @@ use tokio_postgres::error::SqlState;
 
 use crate::cluster::{ChangeNews, Changed, Connect, PostgresCluster, encode_keys};
 use crate::{
-    ManifestRecord, MetaStore, Page, RepoSummary, StoreError, StoreResult, TagRecord, UploadId, millis, ms_ago, now,
-    now_ms, page,
+    ManifestRecord, MetaStore, Page, RepoSummary, StoreError, StoreResult, TagRecord, UploadId, millis, now, now_ms,
+    page, time_of_ms,
 };
 
 /// The schema, one step per version; the version is kept in `tessera_schema`.
@@ -109,6 +109,20 @@ CREATE TABLE vouches (
     PRIMARY KEY (scope, repo, digest)
 );
 CREATE INDEX vouches_by_age ON vouches(at_ms);
+"#,
+    // A vouch ends at a time of its own: its signer's key may expire before the usual
+    // lifetime. Vouches only spare signature checks, so the old ones are dropped, not
+    // converted: what they admitted is checked again.
+    r#"
+DROP TABLE vouches;
+CREATE TABLE vouches (
+    scope TEXT NOT NULL,
+    repo TEXT COLLATE "C" NOT NULL,
+    digest TEXT NOT NULL,
+    until_ms BIGINT NOT NULL,
+    PRIMARY KEY (scope, repo, digest)
+);
+CREATE INDEX vouches_by_end ON vouches(until_ms);
 "#,
 ];
 
@@ -814,31 +828,37 @@ impl MetaStore for PostgresMetaStore {
     }
 
     // Vouches are written outside the write lock: no other write depends on them.
-    async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()> {
+    async fn record_vouches(
+        &self,
+        scope: &str,
+        repo: &RepoName,
+        digests: &[Digest],
+        until: SystemTime,
+    ) -> StoreResult<()> {
         let digests: Vec<String> = digests.iter().map(Digest::to_string).collect();
         self.query(
-            "INSERT INTO vouches(scope, repo, digest, at_ms) SELECT $1::text, $2::text, d, $4::bigint FROM (SELECT DISTINCT unnest($3::text[]) AS d) AS listed
-             ON CONFLICT (scope, repo, digest) DO UPDATE SET at_ms = excluded.at_ms",
-            &[&scope, &repo.as_str(), &digests, &now_ms()],
+            "INSERT INTO vouches(scope, repo, digest, until_ms) SELECT $1::text, $2::text, d, $4::bigint FROM (SELECT DISTINCT unnest($3::text[]) AS d) AS listed
+             ON CONFLICT (scope, repo, digest) DO UPDATE SET until_ms = excluded.until_ms",
+            &[&scope, &repo.as_str(), &digests, &millis(until)],
         )
         .await?;
         Ok(())
     }
 
-    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest, max_age: Duration) -> StoreResult<bool> {
+    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest) -> StoreResult<Option<SystemTime>> {
         let rows = self
             .query(
-                "SELECT 1 FROM vouches WHERE scope = $1 AND repo = $2 AND digest = $3 AND at_ms >= $4",
-                &[&scope, &repo.as_str(), &digest.to_string(), &ms_ago(max_age)],
+                "SELECT until_ms FROM vouches WHERE scope = $1 AND repo = $2 AND digest = $3 AND until_ms > $4",
+                &[&scope, &repo.as_str(), &digest.to_string(), &now_ms()],
             )
             .await?;
-        Ok(!rows.is_empty())
+        Ok(rows.first().map(|r| time_of_ms(r.get(0))))
     }
 
-    async fn forget_vouches(&self, max_age: Duration) -> StoreResult<u64> {
+    async fn forget_vouches(&self) -> StoreResult<u64> {
         self.queries.fetch_add(1, Ordering::Relaxed);
         let client = self.pool.get().await.map_err(pool_err)?;
-        client.execute("DELETE FROM vouches WHERE at_ms < $1", &[&ms_ago(max_age)]).await.map_err(db_err)
+        client.execute("DELETE FROM vouches WHERE until_ms <= $1", &[&now_ms()]).await.map_err(db_err)
     }
 
     async fn tags_under(&self, prefix: &str) -> StoreResult<Vec<TagRecord>> {
@@ -906,10 +926,7 @@ impl MetaStore for PostgresMetaStore {
                 &[&repo.as_str(), &tag.as_str()],
             )
             .await?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.get::<_, Option<i64>>(0))
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)))
+        Ok(rows.first().and_then(|r| r.get::<_, Option<i64>>(0)).map(time_of_ms))
     }
 
     async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> StoreResult<Option<Page>> {

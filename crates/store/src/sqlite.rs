@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -14,8 +14,8 @@ use std::sync::Arc;
 use tessera_spec::{Digest, RepoName, Tag};
 
 use crate::{
-    ManifestRecord, MetaStore, Page, RepoSummary, StoreError, StoreResult, TagRecord, UploadId, millis, ms_ago, now,
-    now_ms, page,
+    ManifestRecord, MetaStore, Page, RepoSummary, StoreError, StoreResult, TagRecord, UploadId, millis, now, now_ms,
+    page, time_of_ms,
 };
 
 /// Schema version kept in `PRAGMA user_version`; each step of `MIGRATIONS` raises it by one.
@@ -137,6 +137,20 @@ CREATE TABLE vouches (
     PRIMARY KEY (scope, repo, digest)
 ) WITHOUT ROWID;
 CREATE INDEX vouches_by_age ON vouches(at_ms);
+"#,
+    // A vouch ends at a time of its own: its signer's key may expire before the usual
+    // lifetime. Vouches only spare signature checks, so the old ones are dropped, not
+    // converted: what they admitted is checked again.
+    r#"
+DROP TABLE vouches;
+CREATE TABLE vouches (
+    scope TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (scope, repo, digest)
+) WITHOUT ROWID;
+CREATE INDEX vouches_by_end ON vouches(until_ms);
 "#,
 ];
 
@@ -670,36 +684,47 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn record_vouches(&self, scope: &str, repo: &RepoName, digests: &[Digest]) -> StoreResult<()> {
+    async fn record_vouches(
+        &self,
+        scope: &str,
+        repo: &RepoName,
+        digests: &[Digest],
+        until: SystemTime,
+    ) -> StoreResult<()> {
         let (scope, repo) = (scope.to_string(), repo.to_string());
         let digests: Vec<String> = digests.iter().map(Digest::to_string).collect();
-        let at = now_ms();
+        let until = millis(until);
         self.write_with(false, move |tx| {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO vouches(scope, repo, digest, at_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (scope, repo, digest) DO UPDATE SET at_ms = excluded.at_ms",
+                "INSERT INTO vouches(scope, repo, digest, until_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (scope, repo, digest) DO UPDATE SET until_ms = excluded.until_ms",
             )?;
             for digest in &digests {
-                insert.execute(params![scope, repo, digest, at])?;
+                insert.execute(params![scope, repo, digest, until])?;
             }
             Ok(())
         })
         .await
     }
 
-    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest, max_age: Duration) -> StoreResult<bool> {
-        let (scope, repo, digest, since) = (scope.to_string(), repo.to_string(), digest.to_string(), ms_ago(max_age));
+    async fn vouched(&self, scope: &str, repo: &RepoName, digest: &Digest) -> StoreResult<Option<SystemTime>> {
+        let (scope, repo, digest, now) = (scope.to_string(), repo.to_string(), digest.to_string(), now_ms());
         self.read(move |c| {
-            c.prepare_cached("SELECT 1 FROM vouches WHERE scope = ?1 AND repo = ?2 AND digest = ?3 AND at_ms >= ?4")?
-                .exists(params![scope, repo, digest, since])
+            let until: Option<i64> = c
+                .prepare_cached(
+                    "SELECT until_ms FROM vouches WHERE scope = ?1 AND repo = ?2 AND digest = ?3 AND until_ms > ?4",
+                )?
+                .query_row(params![scope, repo, digest, now], |r| r.get(0))
+                .optional()?;
+            Ok(until.map(time_of_ms))
         })
         .await
     }
 
-    async fn forget_vouches(&self, max_age: Duration) -> StoreResult<u64> {
-        let before = ms_ago(max_age);
+    async fn forget_vouches(&self) -> StoreResult<u64> {
+        let now = now_ms();
         self.write_with(false, move |tx| {
-            Ok(tx.prepare_cached("DELETE FROM vouches WHERE at_ms < ?1")?.execute(params![before])? as u64)
+            Ok(tx.prepare_cached("DELETE FROM vouches WHERE until_ms <= ?1")?.execute(params![now])? as u64)
         })
         .await
     }
@@ -787,7 +812,7 @@ impl MetaStore for SqliteMetaStore {
                 )?
                 .query_row(params![repo, tag], |r| r.get(0))
                 .optional()?;
-            Ok(ms.flatten().map(|ms| UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)))
+            Ok(ms.flatten().map(time_of_ms))
         })
         .await
     }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -638,6 +638,38 @@ async fn a_key_that_expired_vouches_for_nothing_it_signed() {
     let refused = pull(&policy, &format!("{}/open/old:v1", server.host()), &dir.path().join("out"), None).unwrap_err();
     // Summary 32 is gpgme's GPGME_SIGSUM_KEY_EXPIRED.
     assert!(refused.contains("Source image rejected") && refused.contains("Summary:32,"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_pass_ends_when_its_key_expires() {
+    if !have_tool("skopeo") || !have_tool("gpg") {
+        return;
+    }
+    let dir = tessera_testkit::tempdir().unwrap();
+    // Long enough to push a signed image and pull it before it expires on a slow machine.
+    let key = Key::made(dir.path(), "brief", "seconds=20", None, false);
+    let listing = String::from_utf8(gpg_in(&key.home, None, &["--list-keys", "--with-colons"])).unwrap();
+    let expires: u64 =
+        listing.lines().find(|l| l.starts_with("pub:")).unwrap().split(':').nth(6).unwrap().parse().unwrap();
+    let config = format!("[[signatures]]\nprefix = \"secure\"\nkeys = [{:?}]\n", key.public);
+    let server = Server::with_config(BIN, &config).unwrap();
+    let api = Api::new(&server);
+    let image = Image::random(1, 4_000);
+    skopeo_push(dir.path(), &image, Some(&key), &format!("{}/secure/app:v1", server.host()));
+    let by_digest = image.digest().to_string();
+    for reference in ["v1", by_digest.as_str()] {
+        let (status, why) = manifest_answer(&api, "secure/app", reference).await;
+        assert_eq!(status, 200, "{reference} before the key expires: {why}");
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    assert!(now < expires, "the image was pulled only after its key expired; give the key longer");
+    tokio::time::sleep(Duration::from_secs(expires - now + 1)).await;
+    // The passes remembered from the pulls above end with the key.
+    for reference in ["v1", by_digest.as_str()] {
+        let (status, why) = manifest_answer(&api, "secure/app", reference).await;
+        assert_eq!(status, 403, "{reference} after the key expired: {why}");
+        assert!(why.contains("whose key expired on"), "{why}");
+    }
 }
 
 #[tokio::test]

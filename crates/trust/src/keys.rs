@@ -147,7 +147,7 @@ impl Keyring {
             ));
         }
         let claim = parse_claim(&payload, Family::Simple)?;
-        Ok(Verified { family: Family::Simple, signer: openpgp_signer(signer), claim })
+        Ok(Verified { family: Family::Simple, signer: openpgp_signer(signer), claim, key_expires: expires })
     }
 
     /// The claim of a cosign signature: `payload` (the layer's bytes) and `signature` (its
@@ -165,7 +165,8 @@ impl Keyring {
             .find(|k| k.key.verify(payload, &signature).is_ok())
             .ok_or_else(|| "no trusted key made it".to_string())?;
         let claim = parse_claim(payload, Family::Cosign)?;
-        Ok(Verified { family: Family::Cosign, signer: format!("cosign {}", signer.id), claim })
+        // A cosign public key carries no expiry of its own.
+        Ok(Verified { family: Family::Cosign, signer: format!("cosign {}", signer.id), claim, key_expires: None })
     }
 }
 

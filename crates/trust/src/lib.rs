@@ -73,6 +73,8 @@ pub struct Verified {
     /// The key, as `OpenPGP <fingerprint> (<user id>)` or `cosign <key id>`.
     pub signer: String,
     pub claim: Claim,
+    /// When the signer's key expires, if it does: the signature vouches until then.
+    pub key_expires: Option<std::time::SystemTime>,
 }
 
 /// The claim in a simple-signing payload of `family` (its `critical.type` must be the one
