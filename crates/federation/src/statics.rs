@@ -328,6 +328,14 @@ impl StaticSource {
         }
     }
 
+    /// How many repositories it serves (without listing them).
+    pub fn repository_count(&self) -> usize {
+        match &self.kind {
+            Kind::Crane { repos, .. } => repos.read().unwrap_or_else(|p| p.into_inner()).len(),
+            Kind::Layout { .. } => 1,
+        }
+    }
+
     /// The repositories this source has, in name order.
     pub fn repositories(&self) -> Vec<RepoName> {
         match &self.kind {

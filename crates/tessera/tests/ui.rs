@@ -156,6 +156,7 @@ async fn the_pages_show_routes_repositories_tags_and_where_each_layer_comes_from
         &format!("http://{}", f.upstream.host()),
         "not asked yet",
         "crane",
+        "(2 repositories)",
         "Every other name",
     ] {
         assert!(home.contains(expected), "home shows {expected:?}");

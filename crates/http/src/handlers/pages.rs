@@ -261,7 +261,7 @@ fn home(federation: &Federation) -> ui::Home {
                 .map(|s| ui::SourceCard {
                     kind: ui::SourceKind::Static,
                     name: s.name().to_string(),
-                    detail: Some(format!("{} ({} repositories)", s.location(), s.repositories().len())),
+                    detail: Some(format!("{} ({} repositories)", s.location(), s.repository_count())),
                     health: None,
                 })
                 .collect(),
