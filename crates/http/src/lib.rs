@@ -122,7 +122,7 @@ async fn access_log(
             user_agent: agent.as_deref(),
             actor: happenings.actor.as_deref(),
         };
-        notifier.publish(&happenings.events, &asked);
+        notifier.publish(&happenings.events, &asked).await;
     }
     if let (Some(span), Some(uri), Some(agent)) = (span, uri, agent) {
         let length =

@@ -166,19 +166,32 @@ impl Notifier {
         self.endpoints.iter().any(|e| e.wants(action))
     }
 
-    /// Queues an event for each of `happened` at every endpoint that wants it.
-    pub(crate) fn publish(&self, happened: &[Happened], asked: &Asked<'_>) {
+    /// Queues an event for each of `happened` at every endpoint that wants it, before the
+    /// answer goes out. The queue files are written on the blocking pool, so a slow disk
+    /// holds up this answer only, never the requests sharing its thread.
+    pub(crate) async fn publish(&self, happened: &[Happened], asked: &Asked<'_>) {
         let timestamp = jiff::Timestamp::now().to_string();
+        let mut queued: Vec<(Arc<Endpoint>, Arc<str>)> = Vec::new();
         for (i, h) in happened.iter().enumerate() {
-            let wanting: Vec<&Arc<Endpoint>> = self.endpoints.iter().filter(|e| e.wants(h.action)).collect();
-            if wanting.is_empty() {
-                continue;
-            }
-            let event = self.event(h, asked, &format!("{}-{i}", asked.id), &timestamp);
-            let bytes = event.to_string();
+            let wanting = self.endpoints.iter().filter(|e| e.wants(h.action));
+            let mut event = None;
             for endpoint in wanting {
+                let bytes = event.get_or_insert_with(|| {
+                    Arc::<str>::from(self.event(h, asked, &format!("{}-{i}", asked.id), &timestamp).to_string())
+                });
+                queued.push((endpoint.clone(), bytes.clone()));
+            }
+        }
+        if queued.is_empty() {
+            return;
+        }
+        let written = tokio::task::spawn_blocking(move || {
+            for (endpoint, bytes) in queued {
                 endpoint.enqueue(&bytes);
             }
+        });
+        if let Err(e) = written.await {
+            tracing::error!("notifications not queued: {e}");
         }
     }
 
