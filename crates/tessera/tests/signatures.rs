@@ -100,6 +100,13 @@ impl Key {
     }
 }
 
+/// The signature extension's answer listing `digest`'s simple signatures in `name`.
+async fn listed_signatures(api: &Api, name: &str, digest: &Digest) -> serde_json::Value {
+    let r = api.get(&format!("/extensions/v2/{name}/signatures/{digest}")).await.unwrap();
+    assert_eq!(r.status(), 200, "signatures of {name}@{digest}");
+    r.json().await.unwrap()
+}
+
 /// gpg in `home` with `args`, fed `input`; its output.
 fn gpg_in(home: &Path, input: Option<&str>, args: &[&str]) -> Vec<u8> {
     let mut child = Command::new("gpg")
@@ -177,8 +184,7 @@ async fn skopeo_signs_into_tessera_and_only_a_trusted_signature_for_that_name_ve
     push(None, "unsigned/app:v1");
     push(Some(&other), "stranger/app:v1");
     let digest = image.digest();
-    let listed: serde_json::Value =
-        api.get(&format!("/extensions/v2/signed/app/signatures/{digest}")).await.unwrap().json().await.unwrap();
+    let listed = listed_signatures(&api, "signed/app", &digest).await;
     let signatures = listed["signatures"].as_array().unwrap();
     assert_eq!(signatures.len(), 1, "{listed}");
     assert_eq!(signatures[0]["type"], "atomic");
@@ -344,13 +350,7 @@ async fn tessera_is_the_lookaside_server_for_images_another_registry_holds() {
     let refused = pull(&policy, &format!("{}/mirror/vendor/app:2", mirror.host()), &dir.path().join("m2"), None);
     let refused = refused.unwrap_err();
     assert!(refused.contains("is not signed by a key trusted for"), "refused by the mirror itself: {refused}");
-    let listed: serde_json::Value = Api::new(&mirror)
-        .get(&format!("/extensions/v2/mirror/vendor/app/signatures/{digest}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = listed_signatures(&Api::new(&mirror), "mirror/vendor/app", &digest).await;
     assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "read once from the lookaside: {listed}");
 }
 
@@ -379,13 +379,7 @@ async fn signatures_come_through_the_cache_and_stay_when_the_upstream_is_gone() 
         .expect("the kept signature verifies with the upstream gone");
     podman_pull(&policy, &mirror.host(), &through).expect("podman verifies it through the cache too");
     let digest = image.digest();
-    let listed: serde_json::Value = Api::new(&mirror)
-        .get(&format!("/extensions/v2/mirror/signed/app/signatures/{digest}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = listed_signatures(&Api::new(&mirror), "mirror/signed/app", &digest).await;
     assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "{listed}");
 }
 
@@ -411,13 +405,7 @@ async fn signatures_cross_the_air_gap_with_export_and_import() {
         assert!(imported.ok, "{}", imported.output());
     }
     let digest = image.digest();
-    let listed: serde_json::Value = Api::new(&disconnected)
-        .get(&format!("/extensions/v2/signed/app/signatures/{digest}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = listed_signatures(&Api::new(&disconnected), "signed/app", &digest).await;
     assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "imported once, twice: {listed}");
     let policy = key.remapped_policy(dir.path(), &disconnected.host(), &disconnected.host(), &connected.host());
     let far = format!("{}/signed/app:v1", disconnected.host());
@@ -494,8 +482,7 @@ async fn requiring_routes_serve_only_what_a_trusted_key_signed_for_that_name() {
     let (status, why) = manifest_answer(&api, "secure/app", "v2").await;
     assert_eq!(status, 403);
     assert!(why.contains("another tag"), "{why}");
-    let listed: serde_json::Value =
-        api.get(&format!("/extensions/v2/secure/app/signatures/{digest}")).await.unwrap().json().await.unwrap();
+    let listed = listed_signatures(&api, "secure/app", &digest).await;
     let mut replayed = listed["signatures"][0].clone();
     replayed["name"] = format!("{digest}@replayed").into();
     push(None, "secure/replayed:v1");
@@ -811,13 +798,7 @@ async fn signatures_come_along_with_sync_into_the_cache_and_into_hosted() {
     let host = server.host();
     let digest = image.digest();
     for name in ["synced/signed/app", "mirror/signed/app"] {
-        let listed: serde_json::Value = Api::new(&server)
-            .get(&format!("/extensions/v2/{name}/signatures/{digest}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed = listed_signatures(&Api::new(&server), name, &digest).await;
         assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "{name}, synced twice: {listed}");
         let prefix = name.trim_end_matches("/signed/app");
         let policy = key.remapped_policy(dir.path(), &host, &format!("{host}/{prefix}"), &upstream.host());
@@ -926,13 +907,7 @@ async fn static_sources_serve_the_signatures_published_beside_them() {
     let far = Server::with_config(BIN, &config).unwrap();
     let far_host = far.host();
     let digest = image.digest();
-    let listed: serde_json::Value = Api::new(&far)
-        .get(&format!("/extensions/v2/carried/app/signatures/{digest}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = listed_signatures(&Api::new(&far), "carried/app", &digest).await;
     assert_eq!(listed["signatures"].as_array().map(Vec::len), Some(1), "{listed}");
     let remapped = key.remapped_policy(
         dir.path(),
