@@ -418,11 +418,17 @@ impl Signing {
         let children: Vec<Digest> = parsed.manifests.iter().map(|m| m.digest.clone()).collect();
         let blobs: Vec<Digest> = parsed.required_blobs().map(|b| b.digest.clone()).collect();
         let until = vouched_until(ends);
+        // As in the store, the later end holds: another pass may need the same blob longer.
+        let admit = |admitted: &quick_cache::sync::Cache<_, SystemTime>, digest: &Digest| {
+            let key = (rule_index, matched, name.clone(), digest.clone());
+            let later = admitted.get(&key).map_or(until, |known: SystemTime| known.max(until));
+            admitted.insert(key, later);
+        };
         for child in &children {
-            self.admitted.insert((rule_index, matched, name.clone(), child.clone()), until);
+            admit(&self.admitted, child);
         }
         for blob in &blobs {
-            self.admitted_blobs.insert((rule_index, matched, name.clone(), blob.clone()), until);
+            admit(&self.admitted_blobs, blob);
         }
         for (vouch, digests) in [(Vouch::Manifest, children), (Vouch::Blob, blobs)] {
             if digests.is_empty() {

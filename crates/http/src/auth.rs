@@ -151,6 +151,12 @@ pub struct Auth {
     scheme: &'static str,
 }
 
+/// A user whose password checked out, and the stamp of the hash it checked against.
+pub struct PasswordLogin {
+    pub user: String,
+    pub stamp: String,
+}
+
 /// Who sent a request, and the token they presented, if any.
 pub struct Caller {
     pub identity: Identity,
@@ -274,9 +280,19 @@ impl Auth {
     /// The user whose password this is, counted against the client's failed logins like
     /// any login; a wrong one is the 401 a registry client expects.
     pub async fn password_user(&self, parts: &Parts, user: &str, password: &str) -> Result<Identity, OciError> {
+        self.password_login(parts, user, password).await.map(|login| Identity::User(login.user))
+    }
+
+    /// [`Auth::password_user`], with the stamp of the password hash that checked out, read
+    /// from the same users (a reload meanwhile cannot stamp an old password's login with
+    /// the new hash).
+    pub async fn password_login(&self, parts: &Parts, user: &str, password: &str) -> Result<PasswordLogin, OciError> {
         let logins = self.logins.load_full();
-        if logins.remembered(user, password) {
-            return Ok(Identity::User(user.to_string()));
+        let login = |logins: &Logins| logins.stamp(user).map(|stamp| PasswordLogin { user: user.to_string(), stamp });
+        if logins.remembered(user, password)
+            && let Some(login) = login(&logins)
+        {
+            return Ok(login);
         }
         let client = parts.extensions.get::<crate::ClientAddr>().map(|c| c.0);
         if let Some(wait) = client.and_then(|c| self.failed.refusal(c)) {
@@ -287,9 +303,11 @@ impl Auth {
             )
             .with_header("retry-after", seconds.to_string()));
         }
-        let (u, p) = (user.to_string(), password.to_string());
-        if self.checks.run(move || logins.verify(&u, &p)).await? {
-            Ok(Identity::User(user.to_string()))
+        let (u, p, checking) = (user.to_string(), password.to_string(), logins.clone());
+        if self.checks.run(move || checking.verify(&u, &p)).await?
+            && let Some(login) = login(&logins)
+        {
+            Ok(login)
         } else {
             if let Some(client) = client {
                 self.failed.failed(client);

@@ -426,9 +426,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Records that a signature rule vouches for `digests` of `repo` under `scope` (the
     /// rule, the route and what they are: the manifests a signed index lists, the blobs of
     /// a signed image) until `until`, so that every node sharing this store admits them,
-    /// not only the one that checked the signature. Recording one again sets its end anew
-    /// (a later check knows best, an expiring key included). Not durable: a crash may
-    /// forget the last ones, which costs a signature check again.
+    /// not only the one that checked the signature. Of two records of one, the later end
+    /// holds: each comes from a pass of its own (two images sharing a layer, one signed by
+    /// a key that expires sooner), and a rule with other keys has another scope. Not
+    /// durable: a crash may forget the last ones, which costs a signature check again.
     async fn record_vouches(
         &self,
         scope: &str,

@@ -838,7 +838,7 @@ impl MetaStore for PostgresMetaStore {
         let digests: Vec<String> = digests.iter().map(Digest::to_string).collect();
         self.query(
             "INSERT INTO vouches(scope, repo, digest, until_ms) SELECT $1::text, $2::text, d, $4::bigint FROM (SELECT DISTINCT unnest($3::text[]) AS d) AS listed
-             ON CONFLICT (scope, repo, digest) DO UPDATE SET until_ms = excluded.until_ms",
+             ON CONFLICT (scope, repo, digest) DO UPDATE SET until_ms = GREATEST(vouches.until_ms, excluded.until_ms)",
             &[&scope, &repo.as_str(), &digests, &millis(until)],
         )
         .await?;

@@ -697,7 +697,7 @@ impl MetaStore for SqliteMetaStore {
         self.write_with(false, move |tx| {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO vouches(scope, repo, digest, until_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (scope, repo, digest) DO UPDATE SET until_ms = excluded.until_ms",
+                 ON CONFLICT (scope, repo, digest) DO UPDATE SET until_ms = max(until_ms, excluded.until_ms)",
             )?;
             for digest in &digests {
                 insert.execute(params![scope, repo, digest, until])?;

@@ -74,6 +74,33 @@ impl Key {
         self.export(to);
     }
 
+    /// Signs `digest` for `reference` as skopeo does (a simple signature) and stores the
+    /// signature in `api`'s signature extension under `name`.
+    async fn sign_into(&self, api: &Api, name: &str, reference: &str, digest: &Digest) {
+        let payload = serde_json::json!({
+            "critical": {
+                "type": "atomic container signature",
+                "image": { "docker-manifest-digest": digest.to_string() },
+                "identity": { "docker-reference": reference },
+            },
+            "optional": {},
+        });
+        let signed = gpg_in(
+            &self.home,
+            Some(&payload.to_string()),
+            &["--pinentry-mode", "loopback", "--passphrase", "", "--local-user", &self.fingerprint, "--sign"],
+        );
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "type": "atomic",
+            "name": format!("{digest}@{}", &Digest::sha256_of(&signed).hex()[..32]),
+            "content": base64::engine::general_purpose::STANDARD.encode(&signed),
+        });
+        let url = api.url(&format!("/extensions/v2/{name}/signatures/{digest}"));
+        let r = api.http.put(&url).body(body.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+
     /// A `signedBy` policy trusting this key for every image of `host`.
     fn policy(&self, dir: &Path, host: &str) -> PathBuf {
         self.write_policy(dir.join(format!("policy-{}.json", &self.fingerprint[..8])), host, None)
@@ -633,30 +660,39 @@ async fn a_pass_ends_when_its_key_expires() {
         return;
     }
     let dir = tessera_testkit::tempdir().unwrap();
-    // Long enough to push a signed image and pull it before it expires on a slow machine.
-    let key = Key::made(dir.path(), "brief", "seconds=20", None, false);
+    // Long enough to push and pull before it expires on a slow machine.
+    let key = Key::made(dir.path(), "brief", "seconds=40", None, false);
     let listing = String::from_utf8(gpg_in(&key.home, None, &["--list-keys", "--with-colons"])).unwrap();
     let expires: u64 =
         listing.lines().find(|l| l.starts_with("pub:")).unwrap().split(':').nth(6).unwrap().parse().unwrap();
     let config = format!("[[signatures]]\nprefix = \"secure\"\nkeys = [{:?}]\n", key.public);
     let server = Server::with_config(BIN, &config).unwrap();
     let api = Api::new(&server);
+    // A signed image, and a signed index listing an unsigned one, which the index's pass
+    // admits by digest.
     let image = Image::random(1, 4_000);
     skopeo_push(dir.path(), &image, Some(&key), &format!("{}/secure/app:v1", server.host()));
-    let by_digest = image.digest().to_string();
-    for reference in ["v1", by_digest.as_str()] {
+    let child = Image::random(1, 3_000);
+    api.push_image("secure/app", "unsigned", &child).await.unwrap();
+    let index = api.push_index("secure/app", "multi", &[(&child, "arm64")]).await.unwrap();
+    key.sign_into(&api, "secure/app", &format!("{}/secure/app:multi", server.host()), &index).await;
+    let (by_digest, child_by_digest) = (image.digest().to_string(), child.digest().to_string());
+    assert_eq!(manifest_answer(&api, "secure/app", "unsigned").await.0, 403, "the child has no signature of its own");
+    for reference in ["v1", by_digest.as_str(), "multi", child_by_digest.as_str()] {
         let (status, why) = manifest_answer(&api, "secure/app", reference).await;
         assert_eq!(status, 200, "{reference} before the key expires: {why}");
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    assert!(now < expires, "the image was pulled only after its key expired; give the key longer");
+    assert!(now < expires, "the images were pulled only after the key expired; give the key longer");
     tokio::time::sleep(Duration::from_secs(expires - now + 1)).await;
-    // The passes remembered from the pulls above end with the key.
-    for reference in ["v1", by_digest.as_str()] {
+    // The passes remembered from the pulls above, and what they admitted, end with the key.
+    for reference in ["v1", by_digest.as_str(), "multi"] {
         let (status, why) = manifest_answer(&api, "secure/app", reference).await;
         assert_eq!(status, 403, "{reference} after the key expired: {why}");
         assert!(why.contains("whose key expired on"), "{why}");
     }
+    let (status, why) = manifest_answer(&api, "secure/app", &child_by_digest).await;
+    assert_eq!(status, 403, "the index's child after the key expired: {why}");
 }
 
 #[tokio::test]

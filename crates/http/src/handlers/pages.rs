@@ -913,16 +913,13 @@ async fn log_in(
             html(tessera_ui::login(frame, &next, Some("Give a user and a password."))),
         );
     };
-    match auth.password_user(parts, user, password).await {
-        Ok(Identity::User(user)) => {
-            // The stamp is read after the password checked out; a reload in between leaves
-            // no stamp or another one, and the login then simply does not hold.
-            let stamp = auth.login_stamp(&user).unwrap_or_default();
-            let value = settings.session.issue(&user, &stamp, SystemTime::now());
+    match auth.password_login(parts, user, password).await {
+        Ok(login) => {
+            let value = settings.session.issue(&login.user, &login.stamp, SystemTime::now());
             let cookie = session_cookie(settings, &value, settings.session.lifetime().as_secs());
             see_other(&next, Some(cookie))
         }
-        Ok(Identity::Anonymous) | Err(_) => {
+        Err(_) => {
             // Too many failures from this client are refused like any wrong password, here.
             with_status(
                 StatusCode::UNAUTHORIZED,
