@@ -11,44 +11,9 @@ use std::sync::{Arc, Mutex};
 use tessera::testing::InProcess;
 use tessera_spec::Digest;
 use tessera_testkit::clients::ContainersFiles;
-use tessera_testkit::{Distribution, Image, have_tool, htpasswd_file};
+use tessera_testkit::{Api, Distribution, Image, have_tool, htpasswd_file};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-/// Pushes `image` to Distribution at `addr` as `name:tag`, logging in as `user`.
-async fn push_with_login(addr: &str, user: (&str, &str), name: &str, tag: &str, image: &Image) {
-    let http = tessera_testkit::http_client();
-    for blob in image.blobs() {
-        let d = Digest::sha256_of(blob);
-        let r = http
-            .post(format!("http://{addr}/v2/{name}/blobs/uploads/"))
-            .basic_auth(user.0, Some(user.1))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-        let location = r.headers()["location"].to_str().unwrap().to_string();
-        let location = if location.starts_with("http") { location } else { format!("http://{addr}{location}") };
-        let sep = if location.contains('?') { '&' } else { '?' };
-        let r = http
-            .put(format!("{location}{sep}digest={d}"))
-            .basic_auth(user.0, Some(user.1))
-            .body(blob.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-    }
-    let r = http
-        .put(format!("http://{addr}/v2/{name}/manifests/{tag}"))
-        .basic_auth(user.0, Some(user.1))
-        .header("content-type", OCI_MANIFEST)
-        .body(image.manifest.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer() {
@@ -59,7 +24,7 @@ async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer
     let upstream_users = htpasswd_file(dir.path(), &[("alice", "secret")]);
     let dist = Distribution::start(Some(&upstream_users)).unwrap();
     let image = Image::random(2, 40_000);
-    push_with_login(&dist.addr.to_string(), ("alice", "secret"), "team/app", "v1", &image).await;
+    Api::at(dist.addr).logged_in("alice", "secret").push_image("team/app", "v1", &image).await.unwrap();
 
     let ours = dir.path().join("ours");
     std::fs::create_dir_all(&ours).unwrap();
@@ -125,7 +90,7 @@ async fn passed_through_credentials_are_checked_by_the_upstream_for_every_answer
     // The tag moves upstream: the HEAD that authorises the client also revalidates the tag,
     // so the client sees the move at once (one HEAD, not a cached answer within the TTL).
     let moved = Image::random(1, 20_000);
-    push_with_login(&dist.addr.to_string(), ("alice", "secret"), "team/app", "v1", &moved).await;
+    Api::at(dist.addr).logged_in("alice", "secret").push_image("team/app", "v1", &moved).await.unwrap();
     let r = get(manifest, Some(("alice", "secret"))).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], moved.digest().to_string().as_str());

@@ -118,37 +118,9 @@ async fn pulls_through_an_upstream_that_requires_a_login() {
     .unwrap();
     let image = Image::random(1, 20_000);
     // Seed it with an authenticated client.
-    let http = tessera_testkit::http_client();
-    let base = format!("http://{}", upstream.addr);
-    assert_eq!(http.get(format!("{base}/v2/")).send().await.unwrap().status(), 401, "the upstream is locked");
-    for blob in image.blobs() {
-        let d = Digest::sha256_of(blob);
-        let r = http
-            .post(format!("{base}/v2/private/app/blobs/uploads/"))
-            .basic_auth("puller", Some("s3cret pass"))
-            .send()
-            .await
-            .unwrap();
-        let location = r.headers()["location"].to_str().unwrap().to_string();
-        let sep = if location.contains('?') { '&' } else { '?' };
-        let r = http
-            .put(format!("{location}{sep}digest={d}"))
-            .basic_auth("puller", Some("s3cret pass"))
-            .body(blob.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-    }
-    let r = http
-        .put(format!("{base}/v2/private/app/manifests/v1"))
-        .basic_auth("puller", Some("s3cret pass"))
-        .header("content-type", OCI_MANIFEST)
-        .body(image.manifest.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    let locked = Api::at(upstream.addr);
+    assert_eq!(locked.get("/v2/").await.unwrap().status(), 401, "the upstream is locked");
+    locked.logged_in("puller", "s3cret pass").push_image("private/app", "v1", &image).await.unwrap();
 
     let toml = |password: &str| {
         format!(

@@ -352,6 +352,18 @@ impl Api {
         Api { base: format!("http://{addr}"), http: http_client() }
     }
 
+    /// The same registry, sending `user`'s Basic credentials with every request.
+    pub fn logged_in(self, user: &str, password: &str) -> Api {
+        use base64::Engine as _;
+        let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let mut value = reqwest::header::HeaderValue::try_from(format!("Basic {credentials}")).expect("header");
+        value.set_sensitive(true);
+        let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder().default_headers(headers).build().expect("client");
+        Api { http, ..self }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
