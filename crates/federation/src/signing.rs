@@ -124,7 +124,7 @@ pub struct Signing {
     admitted_blobs: quick_cache::sync::Cache<(usize, Matched, RepoName, Digest), SystemTime>,
     /// Where vouches are recorded for every node sharing it (the hosted metadata store).
     vouches: Arc<dyn MetaStore>,
-    /// When vouches older than [`VOUCHES_KEPT`] were last deleted.
+    /// When the vouches that ended were last deleted.
     vouches_pruned: Mutex<Option<Instant>>,
     /// Recent refusals, with when they were decided and why.
     refused: quick_cache::sync::Cache<PassKey, (Instant, String)>,
@@ -371,10 +371,10 @@ impl Signing {
 
     /// Whether a signature of `digest` vouches under the check's rule for one of its names,
     /// pulled by `tag`, and until when (its key's expiry); why each one found does not goes
-    /// to `reasons`. Simple signatures are
-    /// looked at first: one that vouches spares the lookups of cosign's. A place that cannot
-    /// be read does not hide the other; when neither vouches, its failure is the answer
-    /// (a 503, not a refusal that would blame the image).
+    /// to `reasons`. Simple signatures are looked at first: one that vouches spares the
+    /// lookups of cosign's. A place that cannot be read does not hide the other; when
+    /// neither vouches, its failure is the answer (a 503, not a refusal that would blame
+    /// the image).
     async fn vouched(
         &self,
         check: &Check<'_>,
