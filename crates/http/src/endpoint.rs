@@ -58,7 +58,9 @@ pub enum Page {
     /// `/`: the routing table.
     Home,
     /// `/ui/repositories?q=<text>&after=<name>`
-    Repositories { query: String, after: Option<String> },
+    /// `group` (`in=`): one group only, `hosted`, `static:<name>` or `cache:<upstream>`,
+    /// paged by `after`; without it, the first page of every group (`after` pages hosted).
+    Repositories { query: String, after: Option<String>, group: Option<String> },
     /// `/ui/r/<name>?page=<n>`: its tags, newest first.
     Repository { name: RepoName, page: usize },
     /// `/ui/r/<name>/-/<tag or digest>`
@@ -120,6 +122,7 @@ fn page(rest: &str, q: &Query) -> Result<Page, OciError> {
         "repositories" => Page::Repositories {
             query: q.get("q").unwrap_or("").trim().to_string(),
             after: q.get("after").filter(|a| !a.is_empty()).map(str::to_string),
+            group: q.get("in").filter(|g| !g.is_empty()).map(str::to_string),
         },
         "operations" => Page::Operations,
         "login" => Page::Login,

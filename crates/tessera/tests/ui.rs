@@ -335,6 +335,70 @@ async fn a_login_shows_what_that_user_may_pull_and_nothing_else_changes() {
     assert_eq!(r.headers()["location"], "/");
 }
 
+/// The "Next page" links of a page, as a browser follows them.
+fn next_links(html: &str) -> Vec<String> {
+    html.split("rel=\"next\" href=\"")
+        .skip(1)
+        .map(|rest| rest[..rest.find('"').unwrap()].replace("&amp;", "&"))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_group_of_repositories_pages_on_its_own() {
+    let work = short_tempdir("tup").unwrap();
+    // A Crane source of sixty repositories, and a cache holding fifty-five.
+    let crane = work.path().join("crane");
+    std::fs::create_dir_all(&crane).unwrap();
+    let digest = Digest::sha256_of(b"never fetched here").to_string();
+    for i in 0..60 {
+        let repo = format!("team/c{i:02}");
+        let body = json!({"repository": repo, "repo-registry-id": repo, "url": "http://127.0.0.1:9/",
+                          "version": 3, "protected": false, "schema2_data": ["1", digest]});
+        std::fs::write(crane.join(format!("c{i:02}.json")), body.to_string()).unwrap();
+    }
+    let upstream = Server::start(BIN, &[]).unwrap();
+    let image = Image::random(1, 100);
+    for i in 0..55 {
+        Api::new(&upstream).push_image(&format!("lib/r{i:02}"), "v1", &image).await.unwrap();
+    }
+    let config = format!(
+        "[[upstream]]\nname = \"hub\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"hub\"\n\n\
+         [[static]]\nname = \"crane\"\ncrane_dir = \"{}\"\n",
+        upstream.host(),
+        p(&crane)
+    );
+    let server = Server::with_config(BIN, &config).unwrap();
+    let api = Api::new(&server);
+    for i in 0..55 {
+        let r = api.get(&format!("/v2/mirror/lib/r{i:02}/manifests/v1")).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let page = |path: String| {
+        let url = server.url(&path);
+        async move { tessera_testkit::http_client().get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let shows = |html: &str, name: &str| html.contains(&format!(">{name}<"));
+
+    let first = page("/ui/repositories".into()).await;
+    assert!(shows(&first, "team/c49") && !shows(&first, "team/c50"), "fifty of the Crane source's");
+    assert!(shows(&first, "mirror/lib/r49") && !shows(&first, "mirror/lib/r50"), "fifty of the cache's");
+    let links = next_links(&first);
+    assert_eq!(links.len(), 2, "a next page for each group that has one: {links:?}");
+    let crane_next = links.iter().find(|l| l.contains("in=static%3Acrane")).expect("the Crane source's");
+    assert!(crane_next.contains("after=team%2Fc49"), "{crane_next}");
+    let rest = page(crane_next.clone()).await;
+    assert!(shows(&rest, "team/c50") && shows(&rest, "team/c59") && !shows(&rest, "team/c49"));
+    assert!(!rest.contains("on this server") && !rest.contains("cached from upstream"), "only that group");
+    assert!(next_links(&rest).is_empty(), "the last page");
+    let cache_next = links.iter().find(|l| l.contains("in=cache%3Ahub")).expect("the cache's");
+    let rest = page(cache_next.clone()).await;
+    assert!(shows(&rest, "mirror/lib/r50") && shows(&rest, "mirror/lib/r54") && !shows(&rest, "mirror/lib/r49"));
+    assert!(!rest.contains("static source crane") && next_links(&rest).is_empty());
+    // Search within a group, on the names clients pull by.
+    let found = page("/ui/repositories?q=mirror%2Flib%2Fr5&in=cache%3Ahub".into()).await;
+    assert!(shows(&found, "mirror/lib/r50") && shows(&found, "mirror/lib/r54") && !shows(&found, "mirror/lib/r49"));
+}
+
 #[tokio::test]
 async fn the_pages_are_off_where_configured_and_by_default_off_loopback() {
     let server = Server::with_config(BIN, "[ui]\nenabled = false\n").unwrap();

@@ -33,8 +33,6 @@ const SCANS: usize = 20;
 const PAGES_MAX: usize = 100_000;
 /// The most blobs of one image located and listed.
 const BLOBS_SHOWN: usize = 500;
-/// The most repositories listed of each static source and each cache.
-const OTHER_ROWS: usize = 100;
 /// The largest login form read.
 const FORM_MAX: usize = 8 * 1024;
 /// The largest image config read for its summary.
@@ -79,8 +77,9 @@ pub(super) async fn answer(state: &AppState, parts: &Parts, body: &mut Option<Bo
         (Page::Home, &Method::GET | &Method::HEAD) => {
             Ok(html(tessera_ui::home(&frame("Routes", Section::Routes), &home(&federation))))
         }
-        (Page::Repositories { query, after }, &Method::GET | &Method::HEAD) => {
-            let list = repositories(state, &federation, &viewer, parts, query, after.as_deref()).await;
+        (Page::Repositories { query, after, group }, &Method::GET | &Method::HEAD) => {
+            let list =
+                repositories(state, &federation, &viewer, parts, query, after.as_deref(), group.as_deref()).await;
             list.map(|l| html(tessera_ui::repositories(&frame("Repositories", Section::Repositories), &l)))
         }
         (Page::Repository { name, page }, &Method::GET | &Method::HEAD) => {
@@ -365,6 +364,11 @@ fn mirror_rows(federation: &Federation) -> Vec<ui::MirrorRow> {
 
 // ---- Repositories ----
 
+/// The group of hosted repositories, as `in=` names it.
+const HOSTED_GROUP: &str = "hosted";
+
+/// Every group of repositories the viewer may see (hosted, each static source, each
+/// cache), fifty a page, or only `group`, paged by `after`.
 async fn repositories(
     state: &AppState,
     federation: &Federation,
@@ -372,29 +376,108 @@ async fn repositories(
     parts: &Parts,
     query: &str,
     after: Option<&str>,
+    group: Option<&str>,
 ) -> Result<ui::Repositories, PageError> {
     let visible = |name: &RepoName| resolve(federation, parts, name).is_some_and(|r| may_see(state, viewer, name, &r));
+    let shown = |id: &str| group.is_none_or(|g| g == id);
+    // `after` without `in` pages the hosted group, as before groups were paged.
+    let after_in = |id: &str| if group.unwrap_or(HOSTED_GROUP) == id { after } else { None };
+    let next = |id: &str, cursor: Option<String>| {
+        cursor.map(|after| format!("/ui/repositories?{}", encode(&[("q", query), ("in", id), ("after", &after)])))
+    };
     let mut groups = Vec::new();
-    // A page holds the first ROWS repositories the viewer may see after `after`; the next
-    // page starts after the last of those, so no hidden name ever appears in a link.
+    if shown(HOSTED_GROUP) {
+        let (rows, more, cursor) =
+            scan_repositories(state.registry.meta().as_ref(), after_in(HOSTED_GROUP), query, |s| {
+                visible(&s.name).then(|| summary_row(s.name.to_string(), s))
+            })
+            .await?;
+        let note = (more && rows.is_empty())
+            .then(|| "Many repositories here are not ones you may see; search for a name to find yours.".to_string());
+        let next = next(HOSTED_GROUP, cursor);
+        groups.push(ui::RepoGroup { title: "on this server".into(), kind: ui::SourceKind::Hosted, rows, next, note });
+    }
+    for source in federation.statics() {
+        let id = format!("static:{}", source.name());
+        if !shown(&id) {
+            continue;
+        }
+        let start = after_in(&id);
+        let anonymous = viewer.user().is_none();
+        let names = source.repositories();
+        let mut matching = names.iter().filter(|n| {
+            start.is_none_or(|a| n.as_str() > a)
+                && n.as_str().contains(query)
+                && !(anonymous && source.protected(n))
+                && visible(n)
+        });
+        let rows: Vec<ui::RepoRow> = matching
+            .by_ref()
+            .take(ROWS)
+            .map(|n| ui::RepoRow { name: n.to_string(), link: true, tags: None, bytes: None, pushed: None })
+            .collect();
+        let more = rows.len() == ROWS && matching.next().is_some();
+        let next = next(&id, more.then(|| rows.last().map(|r| r.name.clone())).flatten());
+        groups.push(ui::RepoGroup {
+            title: format!("static source {}", source.name()),
+            kind: ui::SourceKind::Static,
+            rows,
+            next,
+            note: Some(format!("Published at {}.", source.location())),
+        });
+    }
+    for (upstream, cache) in federation.caches() {
+        let id = format!("cache:{upstream}");
+        if !shown(&id) {
+            continue;
+        }
+        // The cache keeps upstream names; the query and the viewer's rights apply to the
+        // names clients pull by, so the store is read unfiltered and paged by its own names.
+        let (rows, _, cursor) = scan_repositories(cache.meta().as_ref(), after_in(&id), "", |s| {
+            let client = federation.table.client_name(upstream, &s.name)?;
+            (client.as_str().contains(query) && visible(&client)).then(|| summary_row(client.to_string(), s))
+        })
+        .await?;
+        groups.push(ui::RepoGroup {
+            title: format!("cached from upstream {upstream}"),
+            kind: ui::SourceKind::Cache,
+            rows,
+            next: next(&id, cursor),
+            note: Some("What the cache holds now, under the names clients pull it by; bytes are what it keeps.".into()),
+        });
+    }
+    Ok(ui::Repositories { query: query.to_string(), groups })
+}
+
+fn summary_row(name: String, s: tessera_store::RepoSummary) -> ui::RepoRow {
+    ui::RepoRow { name, link: true, tags: Some(s.tags), bytes: Some(s.bytes), pushed: s.pushed }
+}
+
+/// Up to [`ROWS`] rows that `row` makes of the repositories `meta` holds after `after`
+/// (names containing `query`), read a store page at a time, at most [`SCANS`] pages:
+/// the rows, whether the store holds more, and the store name of the last row when more
+/// follow. The next page starts after that row, so no name the viewer may not see ever
+/// appears in a link.
+async fn scan_repositories(
+    meta: &dyn tessera_store::MetaStore,
+    after: Option<&str>,
+    query: &str,
+    row: impl Fn(tessera_store::RepoSummary) -> Option<ui::RepoRow>,
+) -> Result<(Vec<ui::RepoRow>, bool, Option<String>), PageError> {
     let mut rows = Vec::new();
     let mut cursor = after.map(str::to_string);
+    let mut last_shown = None;
     let mut more = true;
     for _ in 0..SCANS {
-        let (summaries, more_stored) =
-            state.registry.meta().repository_summaries(cursor.as_deref(), query, ROWS).await?;
+        let (summaries, more_stored) = meta.repository_summaries(cursor.as_deref(), query, ROWS).await?;
         let read = summaries.len();
         more = more_stored;
         for (i, s) in summaries.into_iter().enumerate() {
-            cursor = Some(s.name.to_string());
-            if visible(&s.name) {
-                rows.push(ui::RepoRow {
-                    name: s.name.to_string(),
-                    link: true,
-                    tags: Some(s.tags),
-                    bytes: Some(s.bytes),
-                    pushed: s.pushed,
-                });
+            let stored = s.name.to_string();
+            cursor = Some(stored.clone());
+            if let Some(r) = row(s) {
+                rows.push(r);
+                last_shown = Some(stored);
             }
             if rows.len() == ROWS {
                 // More follow if this read left some, or the store has more.
@@ -406,54 +489,8 @@ async fn repositories(
             break;
         }
     }
-    let next = match (more, rows.last()) {
-        (true, Some(last)) => Some(format!("/ui/repositories?{}", encode(&[("q", query), ("after", &last.name)]))),
-        _ => None,
-    };
-    let note = (more && rows.is_empty())
-        .then(|| "Many repositories here are not ones you may see; search for a name to find yours.".to_string());
-    groups.push(ui::RepoGroup { title: "on this server".into(), kind: ui::SourceKind::Hosted, rows, next, note });
-    for source in federation.statics() {
-        let names: Vec<RepoName> = source.repositories();
-        let anonymous = viewer.user().is_none();
-        let shown: Vec<ui::RepoRow> = names
-            .iter()
-            .filter(|n| n.as_str().contains(query) && visible(n) && !(anonymous && source.protected(n)))
-            .take(OTHER_ROWS)
-            .map(|n| ui::RepoRow { name: n.to_string(), link: true, tags: None, bytes: None, pushed: None })
-            .collect();
-        groups.push(ui::RepoGroup {
-            title: format!("static source {}", source.name()),
-            kind: ui::SourceKind::Static,
-            rows: shown,
-            next: None,
-            note: Some(format!("Published at {}; the first {OTHER_ROWS} names shown.", source.location())),
-        });
-    }
-    for (upstream, cache) in federation.caches() {
-        let (held, _) = cache.meta().repository_summaries(None, "", OTHER_ROWS).await?;
-        let rows = held
-            .into_iter()
-            .filter_map(|s| {
-                let client = federation.table.client_name(upstream, &s.name)?;
-                (client.as_str().contains(query) && visible(&client)).then(|| ui::RepoRow {
-                    name: client.to_string(),
-                    link: true,
-                    tags: Some(s.tags),
-                    bytes: Some(s.bytes),
-                    pushed: s.pushed,
-                })
-            })
-            .collect();
-        groups.push(ui::RepoGroup {
-            title: format!("cached from upstream {upstream}"),
-            kind: ui::SourceKind::Cache,
-            rows,
-            next: None,
-            note: Some("What the cache holds now, under the names clients pull it by; bytes are what it keeps.".into()),
-        });
-    }
-    Ok(ui::Repositories { query: query.to_string(), groups })
+    let next = if more { last_shown } else { None };
+    Ok((rows, more, next))
 }
 
 fn encode(pairs: &[(&str, &str)]) -> String {
