@@ -346,7 +346,8 @@ fn next_links(html: &str) -> Vec<String> {
 #[tokio::test]
 async fn every_group_of_repositories_pages_on_its_own() {
     let work = short_tempdir("tup").unwrap();
-    // A Crane source of sixty repositories, and a cache holding fifty-five.
+    // A Crane source of sixty repositories, and a cache holding fifty-five: fifty `lib/r..`
+    // and, after them in name order, five `lib/x..`.
     let crane = work.path().join("crane");
     std::fs::create_dir_all(&crane).unwrap();
     let digest = Digest::sha256_of(b"never fetched here").to_string();
@@ -358,8 +359,10 @@ async fn every_group_of_repositories_pages_on_its_own() {
     }
     let upstream = Server::start(BIN, &[]).unwrap();
     let image = Image::random(1, 100);
-    for i in 0..55 {
-        Api::new(&upstream).push_image(&format!("lib/r{i:02}"), "v1", &image).await.unwrap();
+    let cached: Vec<String> =
+        (0..50).map(|i| format!("lib/r{i:02}")).chain((0..5).map(|i| format!("lib/x{i:02}"))).collect();
+    for name in &cached {
+        Api::new(&upstream).push_image(name, "v1", &image).await.unwrap();
     }
     let config = format!(
         "[[upstream]]\nname = \"hub\"\nurl = \"http://{}\"\n\n[[route]]\nprefix = \"mirror\"\nto = \"hub\"\n\n\
@@ -369,34 +372,44 @@ async fn every_group_of_repositories_pages_on_its_own() {
     );
     let server = Server::with_config(BIN, &config).unwrap();
     let api = Api::new(&server);
-    for i in 0..55 {
-        let r = api.get(&format!("/v2/mirror/lib/r{i:02}/manifests/v1")).await.unwrap();
+    for name in &cached {
+        let r = api.get(&format!("/v2/mirror/{name}/manifests/v1")).await.unwrap();
         assert_eq!(r.status(), 200);
     }
     let page = |path: String| {
         let url = server.url(&path);
-        async move { tessera_testkit::http_client().get(url).send().await.unwrap().text().await.unwrap() }
+        async move {
+            let r = tessera_testkit::http_client().get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
     };
     let shows = |html: &str, name: &str| html.contains(&format!(">{name}<"));
 
-    let first = page("/ui/repositories".into()).await;
+    let (_, first) = page("/ui/repositories".into()).await;
     assert!(shows(&first, "team/c49") && !shows(&first, "team/c50"), "fifty of the Crane source's");
-    assert!(shows(&first, "mirror/lib/r49") && !shows(&first, "mirror/lib/r50"), "fifty of the cache's");
+    assert!(shows(&first, "mirror/lib/r49") && !shows(&first, "mirror/lib/x00"), "fifty of the cache's");
     let links = next_links(&first);
     assert_eq!(links.len(), 2, "a next page for each group that has one: {links:?}");
     let crane_next = links.iter().find(|l| l.contains("in=static%3Acrane")).expect("the Crane source's");
     assert!(crane_next.contains("after=team%2Fc49"), "{crane_next}");
-    let rest = page(crane_next.clone()).await;
+    let (_, rest) = page(crane_next.clone()).await;
     assert!(shows(&rest, "team/c50") && shows(&rest, "team/c59") && !shows(&rest, "team/c49"));
     assert!(!rest.contains("on this server") && !rest.contains("cached from upstream"), "only that group");
+    assert!(rest.contains("Every group"), "and a way back to every group");
     assert!(next_links(&rest).is_empty(), "the last page");
     let cache_next = links.iter().find(|l| l.contains("in=cache%3Ahub")).expect("the cache's");
-    let rest = page(cache_next.clone()).await;
-    assert!(shows(&rest, "mirror/lib/r50") && shows(&rest, "mirror/lib/r54") && !shows(&rest, "mirror/lib/r49"));
+    let (_, rest) = page(cache_next.clone()).await;
+    assert!(shows(&rest, "mirror/lib/x00") && shows(&rest, "mirror/lib/x04") && !shows(&rest, "mirror/lib/r49"));
     assert!(!rest.contains("static source crane") && next_links(&rest).is_empty());
-    // Search within a group, on the names clients pull by.
-    let found = page("/ui/repositories?q=mirror%2Flib%2Fr5&in=cache%3Ahub".into()).await;
-    assert!(shows(&found, "mirror/lib/r50") && shows(&found, "mirror/lib/r54") && !shows(&found, "mirror/lib/r49"));
+    // A search within a group, on the names clients pull by: fifty match and fill the
+    // page, and no link leads to a page of none after them.
+    let (_, found) = page("/ui/repositories?q=mirror%2Flib%2Fr&in=cache%3Ahub".into()).await;
+    assert!(shows(&found, "mirror/lib/r00") && shows(&found, "mirror/lib/r49") && !shows(&found, "mirror/lib/x00"));
+    assert!(next_links(&found).is_empty(), "nothing more matches: {:?}", next_links(&found));
+    let (_, found) = page("/ui/repositories?q=lib%2Fx&in=cache%3Ahub".into()).await;
+    assert!(shows(&found, "mirror/lib/x00") && shows(&found, "mirror/lib/x04") && !shows(&found, "mirror/lib/r49"));
+    // A group this server does not have.
+    assert_eq!(page("/ui/repositories?in=static%3Anone".into()).await.0, 404);
 }
 
 #[tokio::test]

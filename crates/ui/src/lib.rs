@@ -225,6 +225,9 @@ pub fn repositories(frame: &Frame<'_>, list: &Repositories) -> String {
         @if !list.query.is_empty() {
             p.lead { "Names containing " code { (list.query) } ". " a href="/ui/repositories" { "Show all" } }
         }
+        @if let Some(all) = &list.all_groups {
+            p.lead { "One group of repositories. " a href=(all) { "Every group" } }
+        }
         @for group in &list.groups {
             section.group aria-labelledby={ "group-" (slug(&group.title)) } {
                 h2 id={ "group-" (slug(&group.title)) } { span class={ "kind kind-" (group.kind.key()) } { (group.kind.word()) } " " (group.title) }

@@ -129,6 +129,8 @@ pub struct RepoGroup {
 pub struct Repositories {
     pub query: String,
     pub groups: Vec<RepoGroup>,
+    /// Set when one group is shown alone: the page of every group.
+    pub all_groups: Option<String>,
 }
 
 pub struct Referrer {

@@ -366,6 +366,9 @@ fn mirror_rows(federation: &Federation) -> Vec<ui::MirrorRow> {
 
 /// The group of hosted repositories, as `in=` names it.
 const HOSTED_GROUP: &str = "hosted";
+/// How many store pages a cache's group reads for the overview of every group (its own
+/// page, `in=cache:...`, reads up to [`SCANS`]).
+const OVERVIEW_SCANS: usize = 2;
 
 /// Every group of repositories the viewer may see (hosted, each static source, each
 /// cache), fifty a page, or only `group`, paged by `after`.
@@ -387,12 +390,13 @@ async fn repositories(
     };
     let mut groups = Vec::new();
     if shown(HOSTED_GROUP) {
+        // The store applies the search; what is left is shown or hidden.
         let (rows, more, cursor) =
-            scan_repositories(state.registry.meta().as_ref(), after_in(HOSTED_GROUP), query, |s| {
-                visible(&s.name).then(|| summary_row(s.name.to_string(), s))
+            scan_repositories(state.registry.meta().as_ref(), after_in(HOSTED_GROUP), query, SCANS, |s| {
+                if visible(&s.name) { Seen::Shown(summary_row(s.name.to_string(), s)) } else { Seen::Hidden }
             })
             .await?;
-        let note = (more && rows.is_empty())
+        let note = (more && rows.is_empty() && cursor.is_none())
             .then(|| "Many repositories here are not ones you may see; search for a name to find yours.".to_string());
         let next = next(HOSTED_GROUP, cursor);
         groups.push(ui::RepoGroup { title: "on this server".into(), kind: ui::SourceKind::Hosted, rows, next, note });
@@ -431,66 +435,88 @@ async fn repositories(
         if !shown(&id) {
             continue;
         }
-        // The cache keeps upstream names; the query and the viewer's rights apply to the
+        // The cache keeps upstream names; the search and the viewer's rights apply to the
         // names clients pull by, so the store is read unfiltered and paged by its own names.
-        let (rows, _, cursor) = scan_repositories(cache.meta().as_ref(), after_in(&id), "", |s| {
-            let client = federation.table.client_name(upstream, &s.name)?;
-            (client.as_str().contains(query) && visible(&client)).then(|| summary_row(client.to_string(), s))
+        let scans = if group.is_some() { SCANS } else { OVERVIEW_SCANS };
+        let (rows, more, cursor) = scan_repositories(cache.meta().as_ref(), after_in(&id), "", scans, |s| {
+            match federation.table.client_name(upstream, &s.name) {
+                Some(client) if visible(&client) => match client.as_str().contains(query) {
+                    true => Seen::Shown(summary_row(client.to_string(), s)),
+                    false => Seen::Passed,
+                },
+                _ => Seen::Hidden,
+            }
         })
         .await?;
+        let note = match (more && rows.is_empty(), cursor.is_some()) {
+            (true, true) => "None of the names read so far; the next page reads on.",
+            (true, false) => "Many names here are not ones you may see.",
+            (false, _) => "What the cache holds now, under the names clients pull it by; bytes are what it keeps.",
+        };
         groups.push(ui::RepoGroup {
             title: format!("cached from upstream {upstream}"),
             kind: ui::SourceKind::Cache,
             rows,
             next: next(&id, cursor),
-            note: Some("What the cache holds now, under the names clients pull it by; bytes are what it keeps.".into()),
+            note: Some(note.into()),
         });
     }
-    Ok(ui::Repositories { query: query.to_string(), groups })
+    if groups.is_empty() {
+        // `in=` named no group this server has.
+        return Err(PageError::NotFound);
+    }
+    let all_groups = group.map(|_| format!("/ui/repositories?{}", encode(&[("q", query)])));
+    Ok(ui::Repositories { query: query.to_string(), groups, all_groups })
 }
 
 fn summary_row(name: String, s: tessera_store::RepoSummary) -> ui::RepoRow {
     ui::RepoRow { name, link: true, tags: Some(s.tags), bytes: Some(s.bytes), pushed: s.pushed }
 }
 
-/// Up to [`ROWS`] rows that `row` makes of the repositories `meta` holds after `after`
-/// (names containing `query`), read a store page at a time, at most [`SCANS`] pages:
-/// the rows, whether the store holds more, and the store name of the last row when more
-/// follow. The next page starts after that row, so no name the viewer may not see ever
-/// appears in a link.
+/// What one repository a store lists is to the viewer of a page.
+enum Seen {
+    Shown(ui::RepoRow),
+    /// One they may see that the search does not match: a page may start after it.
+    Passed,
+    /// One they may not see: no link may name it.
+    Hidden,
+}
+
+/// Up to [`ROWS`] rows of the repositories `meta` holds after `after` (names containing
+/// `query`), read a store page at a time, at most `scans` pages: the rows, whether more
+/// follow, and where the next page starts when they do: after the last name read that the
+/// viewer may see, so no hidden name ever appears in a link. More follow when a further
+/// row was found, or the reads ran out before the store did.
 async fn scan_repositories(
     meta: &dyn tessera_store::MetaStore,
     after: Option<&str>,
     query: &str,
-    row: impl Fn(tessera_store::RepoSummary) -> Option<ui::RepoRow>,
+    scans: usize,
+    see: impl Fn(tessera_store::RepoSummary) -> Seen,
 ) -> Result<(Vec<ui::RepoRow>, bool, Option<String>), PageError> {
     let mut rows = Vec::new();
     let mut cursor = after.map(str::to_string);
-    let mut last_shown = None;
-    let mut more = true;
-    for _ in 0..SCANS {
+    let mut resume = None;
+    for _ in 0..scans {
         let (summaries, more_stored) = meta.repository_summaries(cursor.as_deref(), query, ROWS).await?;
-        let read = summaries.len();
-        more = more_stored;
-        for (i, s) in summaries.into_iter().enumerate() {
+        for s in summaries {
             let stored = s.name.to_string();
             cursor = Some(stored.clone());
-            if let Some(r) = row(s) {
-                rows.push(r);
-                last_shown = Some(stored);
-            }
-            if rows.len() == ROWS {
-                // More follow if this read left some, or the store has more.
-                more = more_stored || i + 1 < read;
-                break;
+            match see(s) {
+                Seen::Shown(_) if rows.len() == ROWS => return Ok((rows, true, resume)),
+                Seen::Shown(row) => {
+                    rows.push(row);
+                    resume = Some(stored);
+                }
+                Seen::Passed => resume = Some(stored),
+                Seen::Hidden => {}
             }
         }
-        if rows.len() == ROWS || !more {
-            break;
+        if !more_stored {
+            return Ok((rows, false, None));
         }
     }
-    let next = if more { last_shown } else { None };
-    Ok((rows, more, next))
+    Ok((rows, true, resume))
 }
 
 fn encode(pairs: &[(&str, &str)]) -> String {
